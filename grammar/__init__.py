@@ -1,0 +1,1 @@
+"""The recipe grammar (surgery.lark) ships here as package data."""

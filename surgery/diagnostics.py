@@ -1,0 +1,89 @@
+"""Diagnostics that point at the recipe: `file:line:col: error: message`, the line, carets, a hint.
+
+Every stage collects diagnostics instead of stopping at the first; the pipeline raises
+:class:`RecipeError` once a stage has produced at least one error, carrying all of them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from surgery.source import Span
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One finding about a recipe. `span` may be None for problems that have no place in it."""
+
+    severity: Severity
+    message: str
+    span: Span | None = None
+    hint: str | None = None
+
+    def render(self) -> str:
+        """rustc-style text: location, message, the source line with carets, then the hint."""
+        if self.span is None:
+            head = f"{self.severity}: {self.message}"
+            return head + (f"\n  = hint: {self.hint}" if self.hint else "")
+        span = self.span
+        line_no = span.line
+        line_text = span.source.line_text(line_no)
+        col = span.column
+        # Carets stop at the end of the first line of a multi-line span.
+        width = max(1, min(span.end - span.start, len(line_text) - col + 1))
+        gutter = " " * len(str(line_no))
+        out = [
+            f"{span.location()}: {self.severity}: {self.message}",
+            f"{gutter} |",
+            f"{line_no} | {line_text}",
+            f"{gutter} | {' ' * (col - 1)}{'^' * width}",
+        ]
+        if self.hint:
+            out.append(f"{gutter} = hint: {self.hint}")
+        return "\n".join(out)
+
+
+class RecipeError(Exception):
+    """Raised with every error (and warning) a stage found; the CLI renders them and exits 1."""
+
+    def __init__(self, diagnostics: Iterable[Diagnostic]):
+        self.diagnostics = list(diagnostics)
+        super().__init__(render_all(self.diagnostics))
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.severity == "error"]
+
+
+def render_all(diagnostics: Iterable[Diagnostic]) -> str:
+    """All diagnostics, blank-line separated, followed by a count line like a compiler's."""
+    diagnostics = list(diagnostics)
+    if not diagnostics:
+        return ""
+    errors = sum(d.severity == "error" for d in diagnostics)
+    warnings = len(diagnostics) - errors
+    parts = [d.render() for d in diagnostics]
+    summary = []
+    if errors:
+        summary.append(f"{errors} error{'s' if errors != 1 else ''}")
+    if warnings:
+        summary.append(f"{warnings} warning{'s' if warnings != 1 else ''}")
+    return "\n\n".join(parts) + "\n\n" + ", ".join(summary) + " generated"
+
+
+def raise_if_errors(diagnostics: Iterable[Diagnostic]) -> None:
+    """Raise :class:`RecipeError` if any diagnostic is an error."""
+    diagnostics = list(diagnostics)
+    if any(d.severity == "error" for d in diagnostics):
+        raise RecipeError(diagnostics)
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
+    """A `did you mean 'x'?` hint for a misspelt word, or None when nothing is close."""
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"did you mean '{match[0]}'?" if match else None

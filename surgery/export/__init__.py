@@ -1,0 +1,1 @@
+"""Export of the edited decoder graph to ONNX for onnxruntime."""

@@ -1,0 +1,274 @@
+"""Emit the edited decoder graph as an ONNX model built on onnxruntime's fused operators.
+
+Why not trace: the layers of a decoder share their structure, so the graph of a layer is a
+function of its *kind* (attention kept?, MLP kept?, which extras the architecture has) and
+its weights. Emitting that structure directly and stamping each layer's weights into it makes
+export cost linear in the weights alone (a few seconds, no tracer), and lets every layer use
+the fused kernels that make onnxruntime fast on CPU:
+
+- one packed QKV `MatMul`, `RotaryEmbedding` (com.microsoft) on Q and K, and
+  `GroupQueryAttention` (com.microsoft), which concatenates the KV cache and attends with
+  grouped heads without repeat_kv copies;
+- `SkipSimplifiedLayerNormalization`: each residual add is fused with the next RMSNorm;
+- `MatMul` against pre-transposed weights; SwiGLU as Sigmoid*Mul.
+
+Left padding and arbitrary `position_ids` are honoured: `seqlens_k` is the full padded length
+for every row, the padding is an additive `attention_bias`, and RoPE reads `position_ids`.
+(onnxruntime's GroupQueryAttention refuses batch > 1 with both a past and several new tokens;
+prefill and one-token decode, the generation loop's two steps, work at any batch size.)
+A dropped attention emits nothing and has no KV input or output; KV slots are numbered
+compactly over the kept attention layers. Correctness is not assumed: `surgery.verify`
+compares this graph against `DecoderGraph.forward` in PyTorch after every apply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from onnx import TensorProto
+
+from surgery.export.writer import GraphWriter
+from surgery.models.graph import DecoderGraph, DecoderLayer
+
+MS = "com.microsoft"
+MASK_VALUE = -1.0e9  # additive bias of padding keys: exp() of it is exactly 0 in fp32
+DEFAULT_OPSET = 21
+SUPPORTED_OPSETS = range(17, 24)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `export onnx ...` asked for."""
+
+    opset: int = DEFAULT_OPSET
+    kv_cache: bool = True
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What was written: paths, KV layout, and graph statistics for the report."""
+
+    model_path: str
+    data_path: str
+    kv_layers: tuple[int, ...]
+    parameter_count: int
+    op_counts: dict[str, int]
+
+
+def _np(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to(torch.float32).cpu().numpy()
+
+
+def _linear_weight_t(module: torch.nn.Linear) -> np.ndarray:
+    """A Linear's weight as MatMul's right operand: (in_features, out_features)."""
+    return _np(module.weight).T
+
+
+class _Emitter:
+    """Walks the layers once, keeping the residual stream and the pending residual update."""
+
+    def __init__(self, graph: DecoderGraph, writer: GraphWriter, options: ExportOptions):
+        self.graph, self.w, self.options = graph, writer, options
+        self.residual = ""
+        self.pending: str | None = None  # a sub-block's output not yet added to the residual
+
+    # Residual stream bookkeeping: every norm consumes the pending update (Skip* fuses the add).
+
+    def norm(self, module: torch.nn.Module, name: str) -> str:
+        gamma = self.w.weight(f"{name}.weight", _np(module.weight))
+        eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+        if self.pending is None:
+            return self.w.op("SimplifiedLayerNormalization", [self.residual, gamma], name, axis=-1, epsilon=eps, stash_type=1)
+        out, _, _, total = self.w.node(
+            "SkipSimplifiedLayerNormalization", [self.pending, self.residual, gamma], name, 4, MS, epsilon=eps
+        )
+        self.residual, self.pending = total, None
+        return out
+
+    def linear(self, module: torch.nn.Linear, x: str, name: str) -> str:
+        y = self.w.op("MatMul", [x, self.w.weight(f"{name}.weight", _linear_weight_t(module))], f"{name}/MatMul")
+        if module.bias is not None:
+            y = self.w.op("Add", [y, self.w.weight(f"{name}.bias", _np(module.bias))], f"{name}/Add")
+        return y
+
+    # Graph inputs and the pieces every attention layer shares.
+
+    def inputs(self) -> None:
+        w = self.w
+        self.input_ids = w.add_input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+        self.attention_mask = w.add_input(
+            "attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]
+        )
+        self.position_ids = w.add_input("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+        self.kv_layers = self.graph.kv_layers()
+        idx = self.graph.index
+        kv_shape = ["batch_size", idx.num_kv_heads, "past_sequence_length", idx.head_dim]
+        present_shape = ["batch_size", idx.num_kv_heads, "total_sequence_length", idx.head_dim]
+        if self.options.kv_cache:
+            for slot in range(len(self.kv_layers)):
+                for kind in ("key", "value"):
+                    w.add_input(f"past_key_values.{slot}.{kind}", TensorProto.FLOAT, kv_shape)
+            for slot in range(len(self.kv_layers)):
+                for kind in ("key", "value"):
+                    w.add_output(f"present.{slot}.{kind}", TensorProto.FLOAT, present_shape)
+
+    def attention_context(self) -> None:
+        """seqlens_k, total_sequence_length and the padding bias shared by every attention."""
+        w, c = self.w, self.w.constant
+        name = "/model/attention_context"
+        ids_shape = w.op("Shape", [self.input_ids], f"{name}/ids_shape")
+        batch = w.op("Gather", [ids_shape, c([0])], f"{name}/batch")
+        seq = w.op("Gather", [ids_shape, c([1])], f"{name}/seq")
+        mask_shape = w.op("Shape", [self.attention_mask], f"{name}/mask_shape")
+        total = w.op("Gather", [mask_shape, c(1)], f"{name}/total")
+        self.total_len = w.op("Cast", [total], f"{name}/total_int32", to=TensorProto.INT32)
+        # Every row is treated as full length; padding is excluded by the bias instead.
+        last = w.op("Sub", [self.total_len, c(1, np.int32)], f"{name}/last")
+        self.seqlens_k = w.op("Expand", [last, batch], f"{name}/seqlens_k")
+        mask_f = w.op("Cast", [self.attention_mask], f"{name}/mask_float", to=TensorProto.FLOAT)
+        shifted = w.op("Sub", [mask_f, c(1.0, np.float32)], f"{name}/mask_minus_one")
+        bias = w.op("Mul", [shifted, c(-MASK_VALUE, np.float32)], f"{name}/bias_2d")
+        bias = w.op("Unsqueeze", [bias, c([1, 2])], f"{name}/bias_4d")
+        total_1d = w.op("Unsqueeze", [total, c([0])], f"{name}/total_1d")
+        target = w.op("Concat", [batch, c([1]), seq, total_1d], f"{name}/bias_shape", axis=0)
+        self.bias = w.op("Expand", [bias, target], f"{name}/attention_bias")
+        cos, sin = self._rotary_tables()
+        self.cos = w.weight("cos_cache", cos, parameter=False)
+        self.sin = w.weight("sin_cache", sin, parameter=False)
+
+    def _rotary_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """cos/sin for every position, from the model's own rotary module (its scaling included)."""
+        graph = self.graph
+        positions = int(graph.config.max_position_embeddings)
+        probe = torch.zeros(1, 1, dtype=torch.float32)
+        with torch.no_grad():
+            cos, sin = graph.rotary(probe, torch.arange(positions)[None])
+        half = graph.index.head_dim // 2
+        return _np(cos[0, :, :half]), _np(sin[0, :, :half])
+
+    # Sub-blocks.
+
+    def attention(self, layer: DecoderLayer, x: str, slot: int) -> str:
+        attn = layer.attention
+        name = f"model.layers.{layer.index}.self_attn"
+        idx = self.graph.index
+        w = self.w
+        q_size, kv_size = idx.num_heads * idx.head_dim, idx.num_kv_heads * idx.head_dim
+        packed = np.concatenate(
+            [_linear_weight_t(attn.q_proj), _linear_weight_t(attn.k_proj), _linear_weight_t(attn.v_proj)], axis=1
+        )
+        qkv = w.op("MatMul", [x, w.weight(f"{name}.qkv_proj.weight", packed)], f"/{name}/qkv_proj/MatMul")
+        if attn.q_proj.bias is not None:
+            bias = np.concatenate([_np(attn.q_proj.bias), _np(attn.k_proj.bias), _np(attn.v_proj.bias)])
+            qkv = w.op("Add", [qkv, w.weight(f"{name}.qkv_proj.bias", bias)], f"/{name}/qkv_proj/Add")
+        q, k, v = w.node("Split", [qkv, w.constant([q_size, kv_size, kv_size])], f"/{name}/qkv_split", 3, axis=-1)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head of Q and K
+            q = self.head_norm(attn.q_norm, q, f"{name}.q_norm")
+            k = self.head_norm(attn.k_norm, k, f"{name}.k_norm")
+        # RoPE outside GroupQueryAttention: its fused rotary ignores position_ids on the prompt
+        # (it rotates by index), which breaks left-padded batches once decoding starts.
+        q = self.rotary(q, idx.num_heads, f"/{name}/q_rotary")
+        k = self.rotary(k, idx.num_kv_heads, f"/{name}/k_rotary")
+        past_k = past_v = ""
+        present = [f"/{name}/present_key", f"/{name}/present_value"]
+        if self.options.kv_cache:
+            past_k, past_v = f"past_key_values.{slot}.key", f"past_key_values.{slot}.value"
+            present = [f"present.{slot}.key", f"present.{slot}.value"]
+        inputs = [q, k, v, past_k, past_v, self.seqlens_k, self.total_len, "", "", "", self.bias]
+        out = w.node(
+            "GroupQueryAttention",
+            inputs,
+            f"/{name}/GroupQueryAttention",
+            [f"/{name}/output", *present],
+            MS,
+            num_heads=idx.num_heads,
+            kv_num_heads=idx.num_kv_heads,
+            scale=float(attn.scaling),
+            # transformers lets query q see key k when q - k < window; this attribute counts alike.
+            local_window_size=layer.sliding_window if layer.sliding_window else -1,
+        )[0]
+        return self.linear(attn.o_proj, out, f"{name}.o_proj")
+
+    def rotary(self, x: str, heads: int, name: str) -> str:
+        return self.w.op(
+            "RotaryEmbedding", [x, self.position_ids, self.cos, self.sin], name, MS, interleaved=0, num_heads=heads
+        )
+
+    def head_norm(self, module: torch.nn.Module, x: str, name: str) -> str:
+        """RMSNorm over head_dim of a (batch, seq, heads * head_dim) tensor."""
+        head_dim = self.graph.index.head_dim
+        gamma = self.w.weight(f"{name}.weight", _np(module.weight))
+        split = self.w.op("Reshape", [x, self.w.constant([0, 0, -1, head_dim])], f"/{name}/Reshape")
+        normed = self.w.op(
+            "SimplifiedLayerNormalization", [split, gamma], f"/{name}/Norm",
+            axis=-1, epsilon=float(module.variance_epsilon), stash_type=1,
+        )
+        return self.w.op("Reshape", [normed, self.w.constant([0, 0, -1])], f"/{name}/Merge")
+
+    def mlp(self, layer: DecoderLayer, x: str) -> str:
+        mlp = layer.mlp
+        name = f"model.layers.{layer.index}.mlp"
+        gate = self.linear(mlp.gate_proj, x, f"{name}.gate_proj")
+        up = self.linear(mlp.up_proj, x, f"{name}.up_proj")
+        act = self.w.op("Mul", [gate, self.w.op("Sigmoid", [gate], f"/{name}/act/Sigmoid")], f"/{name}/act/Mul")
+        hidden = self.w.op("Mul", [act, up], f"/{name}/Mul")
+        return self.linear(mlp.down_proj, hidden, f"{name}.down_proj")
+
+    # The whole model.
+
+    def emit(self) -> None:
+        graph, w = self.graph, self.w
+        self.inputs()
+        if self.kv_layers:
+            self.attention_context()
+        embed = w.weight("model.embed_tokens.weight", _np(graph.embed.weight))
+        self.residual = w.op("Gather", [embed, self.input_ids], "/model/embed_tokens/Gather")
+        slot = 0
+        for layer in graph.layers:
+            prefix = f"model.layers.{layer.index}"
+            if layer.attention is not None:
+                x = self.norm(layer.input_norm, f"{prefix}.input_layernorm")
+                self.pending = self.attention(layer, x, slot)
+                slot += 1
+            if layer.mlp is not None:
+                x = self.norm(layer.post_norm, f"{prefix}.post_attention_layernorm")
+                self.pending = self.mlp(layer, x)
+        x = self.norm(graph.final_norm, "model.norm")
+        if graph.tied_head:
+            # Stored once; onnxruntime folds the transpose of a constant when the session loads.
+            head = w.op("Transpose", [embed], "/lm_head/Transpose", perm=[1, 0])
+        else:
+            head = w.weight("lm_head.weight", _linear_weight_t(graph.lm_head))
+        w.node("MatMul", [x, head], "/lm_head/MatMul", ["logits"])
+        w.add_output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", graph.index.vocab_size])
+
+
+def export_decoder(graph: DecoderGraph, folder: str, options: ExportOptions = ExportOptions()) -> ExportResult:
+    """Write `model.onnx` and `model.onnx.data` for the graph into `folder`."""
+    model_path = os.path.join(folder, "model.onnx")
+    writer = GraphWriter(os.path.join(folder, "model.onnx.data"))
+    try:
+        emitter = _Emitter(graph, writer, options)
+        emitter.emit()
+    except BaseException:
+        writer.close()
+        raise
+    kv_layers = tuple(graph.kv_layers())
+    metadata = {
+        "surgery.kv_layers": json.dumps(list(kv_layers)),
+        "surgery.layers": json.dumps([layer.index for layer in graph.layers]),
+        "surgery.kv_cache": json.dumps(options.kv_cache),
+    }
+    writer.save(model_path, options.opset, metadata, graph_name=graph.index.name)
+    return ExportResult(
+        model_path=model_path,
+        data_path=writer.data_path,
+        kv_layers=kv_layers,
+        parameter_count=writer.parameter_count,
+        op_counts=dict(Counter(node.op_type for node in writer.nodes)),
+    )

@@ -1,0 +1,116 @@
+"""An ONNX graph builder that streams weights straight into one external data file.
+
+Weights are written as they are added, one tensor at a time, so exporting never holds a
+second copy of the model in memory. Offsets of large tensors are page-aligned, which lets
+onnxruntime memory-map them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import BinaryIO
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+_ALIGN = 4096
+_INLINE_LIMIT = 1024  # bytes; smaller tensors stay inside model.onnx
+
+
+class GraphWriter:
+    """Collects nodes, inputs and outputs; streams initializers to `data_path`."""
+
+    def __init__(self, data_path: str):
+        self.data_path = data_path
+        self.data_location = os.path.basename(data_path)
+        self._data: BinaryIO = open(data_path, "wb")
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.parameter_count = 0
+        self._names = itertools.count()
+        self._constants: dict[tuple, str] = {}
+
+    def close(self) -> None:
+        self._data.close()
+
+    def weight(self, name: str, array: np.ndarray, parameter: bool = True) -> str:
+        """Add an initializer; large ones go to the external data file. Returns its name.
+
+        `parameter=False` marks derived tables (RoPE caches) that are not model parameters.
+        """
+        array = np.ascontiguousarray(array)
+        if parameter:
+            self.parameter_count += array.size
+        if array.nbytes <= _INLINE_LIMIT:
+            self.initializers.append(numpy_helper.from_array(array, name))
+            return name
+        offset = self._data.tell()
+        if offset % _ALIGN:
+            self._data.write(b"\0" * (_ALIGN - offset % _ALIGN))
+            offset = self._data.tell()
+        self._data.write(memoryview(array).cast("B"))
+        tensor = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.data_location), ("offset", offset), ("length", array.nbytes)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        self.initializers.append(tensor)
+        return name
+
+    def constant(self, values, dtype=np.int64) -> str:
+        """A small shared constant initializer (shapes, axes, scalars); not a model parameter."""
+        array = np.asarray(values, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._constants:
+            name = f"/constants/{array.dtype.name}/{'x'.join(map(str, array.shape)) or 'scalar'}/{len(self._constants)}"
+            self.initializers.append(numpy_helper.from_array(array, name))
+            self._constants[key] = name
+        return self._constants[key]
+
+    def node(
+        self,
+        op_type: str,
+        inputs: list[str],
+        name: str,
+        outputs: int | list[str] = 1,
+        domain: str = "",
+        **attributes,
+    ) -> list[str]:
+        """Add a node named `name`; returns its output names (generated unless given)."""
+        if isinstance(outputs, int):
+            outputs = [f"{name}/output_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain or None, **attributes))
+        return outputs
+
+    def op(self, op_type: str, inputs: list[str], name: str, domain: str = "", **attributes) -> str:
+        """Add a single-output node and return that output's name."""
+        return self.node(op_type, inputs, name, 1, domain, **attributes)[0]
+
+    def add_input(self, name: str, elem_type: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def add_output(self, name: str, elem_type: int, shape: list) -> None:
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    def save(self, model_path: str, opset: int, metadata: dict[str, str], graph_name: str) -> onnx.ModelProto:
+        """Write model.onnx (the data file was written as weights came in)."""
+        self.close()
+        graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)],
+            producer_name="surgery",
+        )
+        # The lowest IR version that carries the opset, so older runtimes still load the model.
+        model.ir_version = 10 if opset <= 21 else 11
+        for key, value in metadata.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        with open(model_path, "wb") as handle:
+            handle.write(model.SerializeToString())
+        return model

@@ -1,0 +1,118 @@
+"""The model index: what the checker knows about a model, read from its config alone.
+
+No weights are loaded to build it, so `surgery check` and `surgery plan` are fast even for
+large models. Module paths follow the Hugging Face layout of Llama-family decoders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Llama-family decoders whose layers are: RMSNorm -> GQA attention with RoPE -> residual ->
+# RMSNorm -> SwiGLU MLP -> residual. Per-architecture extras are handled by the exporter.
+SUPPORTED_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+# RoPE variants whose cos/sin tables do not depend on the sequence length, so they can be
+# precomputed into the graph.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class ModelIndex:
+    """Structural facts of a decoder-only model, enough to check and plan a recipe."""
+
+    name: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tied_embeddings: bool
+    hidden_act: str
+    rope_type: str
+    sliding_window: int | None
+    layer_sliding: tuple[bool, ...]
+
+    @classmethod
+    def from_config(cls, name: str, config: Any) -> ModelIndex:
+        """Build the index from a transformers config object."""
+        num_heads = int(config.num_attention_heads)
+        hidden = int(config.hidden_size)
+        head_dim = getattr(config, "head_dim", None) or hidden // num_heads
+        layers = int(config.num_hidden_layers)
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        rope_type = str(rope.get("rope_type", rope.get("type", "default"))) if isinstance(rope, dict) else "default"
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if config.model_type == "mistral":
+            sliding = tuple(window is not None for _ in range(layers))
+        elif layer_types is not None and getattr(config, "use_sliding_window", True):
+            sliding = tuple(t == "sliding_attention" for t in layer_types)
+        else:
+            sliding = tuple(False for _ in range(layers))
+        if not any(sliding):
+            window = None
+        return cls(
+            name=name,
+            architecture=str(config.model_type),
+            num_layers=layers,
+            hidden_size=hidden,
+            num_heads=num_heads,
+            num_kv_heads=int(getattr(config, "num_key_value_heads", None) or num_heads),
+            head_dim=int(head_dim),
+            intermediate_size=int(config.intermediate_size),
+            vocab_size=int(config.vocab_size),
+            tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            hidden_act=str(getattr(config, "hidden_act", "silu")),
+            rope_type=rope_type,
+            sliding_window=int(window) if window is not None else None,
+            layer_sliding=sliding,
+        )
+
+    def layer_path(self, layer: int) -> str:
+        """Module path of decoder layer `layer` (an original layer number)."""
+        return f"model.layers.{layer}"
+
+    def part_path(self, layer: int, part: str) -> str:
+        """Module path of a layer's `attention`, `mlp` or whole `block`."""
+        suffix = {"attention": ".self_attn", "mlp": ".mlp", "block": ""}[part]
+        return self.layer_path(layer) + suffix
+
+    def unsupported_reasons(self) -> list[str]:
+        """Why this model cannot be compiled (empty when it can)."""
+        reasons = []
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            reasons.append(
+                f"architecture '{self.architecture}' is not supported; supported: "
+                + ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+            )
+            return reasons
+        if self.hidden_act != "silu":
+            reasons.append(f"activation '{self.hidden_act}' is not supported (only silu/SwiGLU)")
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            reasons.append(
+                f"RoPE type '{self.rope_type}' is not supported; supported: " + ", ".join(SUPPORTED_ROPE_TYPES)
+            )
+        if self.head_dim % 16:
+            reasons.append(
+                f"head_dim {self.head_dim} is not a multiple of 16, which onnxruntime's "
+                "GroupQueryAttention requires"
+            )
+        return reasons
+
+    def parameter_summary(self) -> dict[str, int]:
+        """Parameter counts by part, computed from the config (no weights needed)."""
+        d, h, i = self.hidden_size, self.head_dim, self.intermediate_size
+        attention = d * h * (self.num_heads * 2 + self.num_kv_heads * 2) + d
+        mlp = 3 * d * i + d
+        embed = self.vocab_size * d
+        head = 0 if self.tied_embeddings else embed
+        return {"attention_per_layer": attention, "mlp_per_layer": mlp, "embedding": embed, "head": head}

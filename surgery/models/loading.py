@@ -1,0 +1,118 @@
+"""Resolving a model spec (built-in name, local folder, .gguf file, hub id) and loading it.
+
+`load_config` reads the config only (for check/plan); `load_model` loads weights in fp32 with
+eager attention (the reference the exported graph is verified against). Remote code is never
+trusted implicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from surgery.models import builtin
+
+SpecKind = Literal["builtin", "folder", "gguf", "hub"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelSpecError(Exception):
+    """A spec that names no loadable model; carries a hint for the diagnostic."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model spec: what kind of source, and where."""
+
+    text: str
+    kind: SpecKind
+    location: str
+
+
+def resolve_spec(text: str, base_dir: str | None = None) -> ModelSpec:
+    """Decide what a spec names. Relative paths are tried against `base_dir` (the recipe's folder)."""
+    if text in builtin.BUILTIN_NAMES:
+        return ModelSpec(text, "builtin", text)
+    candidates = [Path(text).expanduser()]
+    if base_dir and not os.path.isabs(text):
+        candidates.append(Path(base_dir) / text)
+    for path in candidates:
+        if path.is_file() and path.suffix == ".gguf":
+            return ModelSpec(text, "gguf", str(path.resolve()))
+        if path.is_dir():
+            if not (path / "config.json").exists():
+                raise ModelSpecError(
+                    f"folder '{text}' has no config.json", "a Hugging Face model folder holds config.json and weights"
+                )
+            return ModelSpec(text, "folder", str(path.resolve()))
+        if path.exists():
+            raise ModelSpecError(f"'{text}' is neither a model folder nor a .gguf file")
+    if _HUB_ID.match(text) and not text.startswith((".", "/")):
+        return ModelSpec(text, "hub", text)
+    raise ModelSpecError(
+        f"model '{text}' not found",
+        "use a built-in (" + ", ".join(builtin.BUILTIN_NAMES) + "), a local model folder, a .gguf file, "
+        "or a hub id like 'org/name'",
+    )
+
+
+def load_config(spec: ModelSpec) -> Any:
+    """The model's transformers config, without weights."""
+    from transformers import AutoConfig
+
+    if spec.kind == "builtin":
+        if spec.location == "smollm2-135m":
+            return builtin.smollm2_config()
+        return builtin.tiny_config(spec.location)
+    try:
+        if spec.kind == "gguf":
+            path = Path(spec.location)
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoConfig.from_pretrained(spec.location, trust_remote_code=False)
+    except Exception as error:  # transformers raises many kinds for missing or unreachable models
+        hint = "the hub is unreachable offline; download the model and give its folder" if spec.kind == "hub" else None
+        raise ModelSpecError(f"cannot read the config of '{spec.text}': {_first_line(error)}", hint) from error
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_model(spec: ModelSpec, progress=print) -> tuple[Any, Any]:
+    """(model, tokenizer) in fp32 with eager attention, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec.kind == "builtin" and spec.location != "smollm2-135m":
+        return builtin.tiny_model(spec.location), builtin.byte_tokenizer()
+    if spec.kind == "builtin":
+        folder = str(builtin.smollm2_folder(progress))
+    elif spec.kind == "gguf":
+        folder = str(_converted_gguf(Path(spec.location), progress))
+    else:
+        folder = spec.location
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager", trust_remote_code=False
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    return model.eval(), tokenizer
+
+
+def _converted_gguf(path: Path, progress) -> Path:
+    """A GGUF file is dequantized once into the cache, keyed by its path, size and mtime."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = builtin.cache_dir() / "models" / f"{path.stem}-{key}"
+    if not (target / "config.json").exists():
+        progress(f"converting {path.name} to safetensors in {target} (once)")
+        builtin.convert_gguf(path, target)
+    return target

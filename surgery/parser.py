@@ -1,0 +1,276 @@
+"""Recipe text -> typed AST, with every syntax error of the recipe reported at once.
+
+The recipe is first split into statements (one per line; a `{` opens a block that runs to its
+matching `}`), and each statement is parsed on its own by the LALR grammar in
+`grammar/surgery.lark`. A bad statement therefore cannot hide the errors of the next one.
+The lark Transformer only builds AST nodes; meaning is checked later (surgery.check).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+import lark
+from lark import Token, Transformer, v_args
+
+from surgery.diagnostics import Diagnostic, RecipeError, did_you_mean
+from surgery.source import Source, Span
+from surgery.syntax import (
+    AllLayers,
+    DropStmt,
+    EvenlyLayers,
+    ExportStmt,
+    FirstLayers,
+    LastLayers,
+    LayerIndex,
+    LayerList,
+    LayerRange,
+    ModelStmt,
+    Recipe,
+    Statement,
+)
+
+STATEMENT_KEYWORDS = ("model", "drop", "export")
+
+# How expected terminals read in an error message.
+_TERMINAL_WORDS = {
+    "INT": "a number",
+    "SIGNED_INT": "a layer number",
+    "STRING": 'a quoted string like "smollm2-135m"',
+    "PART": "attention, mlp or block",
+    "FORMAT": "onnx",
+    "KV_CACHE": "kv-cache",
+    "$END": "the end of the statement",
+}
+
+
+@cache
+def _parser() -> lark.Lark:
+    grammar = resources.files("surgery.grammar").joinpath("surgery.lark").read_text()
+    return lark.Lark(grammar, parser="lalr", start="statement", propagate_positions=True)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    start: int
+    end: int
+
+
+def _strip_comment(line: str) -> str:
+    """The line up to a `#` that is not inside a string."""
+    in_string = False
+    for i, ch in enumerate(line):
+        if ch == '"':
+            in_string = not in_string
+        elif ch == "#" and not in_string:
+            return line[:i]
+    return line
+
+
+def split_statements(text: str) -> list[tuple[int, int]]:
+    """(start, end) offsets of each statement: a non-blank line, or a `{ ... }` block."""
+    chunks: list[tuple[int, int]] = []
+    offset = 0
+    depth = 0
+    chunk_start = -1
+    for raw in text.splitlines(keepends=True):
+        code = _strip_comment(raw.rstrip("\r\n"))
+        if code.strip():
+            if chunk_start < 0:
+                chunk_start = offset + (len(code) - len(code.lstrip()))
+            depth += code.count("{") - code.count("}")
+            chunk_end = offset + len(code.rstrip())
+            if depth <= 0:
+                chunks.append((chunk_start, chunk_end))
+                chunk_start, depth = -1, 0
+        offset += len(raw)
+    if chunk_start >= 0:
+        chunks.append((chunk_start, len(text.rstrip())))
+    return chunks
+
+
+class _ToAst(Transformer):
+    """Builds AST nodes; attaches spans from lark's propagated positions."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self.source = source
+
+    def _span(self, meta) -> Span:
+        return self.source.span(meta.start_pos, meta.end_pos)
+
+    def _tok(self, token: Token) -> Span:
+        return self.source.span(token.start_pos, token.end_pos)
+
+    @v_args(meta=True)
+    def model_stmt(self, meta, children):
+        (string,) = children
+        return ModelStmt(spec=string[1:-1], span=self._span(meta), spec_span=self._tok(string))
+
+    @v_args(meta=True)
+    def drop_stmt(self, meta, children):
+        part, selector = children
+        return DropStmt(part=str(part), selector=selector, span=self._span(meta))
+
+    @v_args(meta=True)
+    def selector(self, meta, children):
+        (layer_set,) = children
+        # The selector's span covers the `layers` keyword too.
+        return _respan(layer_set, self._span(meta))
+
+    @v_args(meta=True)
+    def all_layers(self, meta, children):
+        return AllLayers(span=self._span(meta))
+
+    @v_args(meta=True)
+    def first_layers(self, meta, children):
+        return FirstLayers(count=int(children[0]), span=self._span(meta))
+
+    @v_args(meta=True)
+    def last_layers(self, meta, children):
+        return LastLayers(count=int(children[0]), span=self._span(meta))
+
+    @v_args(meta=True)
+    def evenly_layers(self, meta, children):
+        return EvenlyLayers(count=int(children[0]), span=self._span(meta))
+
+    @v_args(meta=True)
+    def layer_list(self, meta, children):
+        return LayerList(items=tuple(children), span=self._span(meta))
+
+    @v_args(meta=True)
+    def layer_range(self, meta, children):
+        start, end = children
+        return LayerRange(start=start, end=end, span=self._span(meta))
+
+    @v_args(meta=True)
+    def layer_index(self, meta, children):
+        return LayerIndex(value=int(children[0]), span=self._span(meta))
+
+    @v_args(meta=True)
+    def export_stmt(self, meta, children):
+        options: dict[str, object] = {}
+        for child in children[1:]:
+            options.update(child)
+        return ExportStmt(format=str(children[0]), span=self._span(meta), **options)
+
+    def opset_option(self, children):
+        (token,) = children
+        return {"opset": int(token), "opset_span": self._tok(token)}
+
+    def without_option(self, children):
+        return {"kv_cache": False}
+
+
+def _respan(node, span: Span):
+    from dataclasses import replace
+
+    return replace(node, span=span)
+
+
+def _describe_expected(names: set[str]) -> list[str]:
+    words = []
+    for name in sorted(names):
+        if name in _TERMINAL_WORDS:
+            words.append(_TERMINAL_WORDS[name])
+            continue
+        try:
+            pattern = _parser().get_terminal(name).pattern
+        except KeyError:
+            words.append(name.lower())
+            continue
+        words.append(f"'{pattern.value}'" if pattern.type == "str" else name.lower())
+    return sorted(set(words))
+
+
+def _keywords_in(names: set[str]) -> list[str]:
+    """Literal words a position accepts (expands PART and similar alternations)."""
+    words = []
+    for name in names:
+        try:
+            pattern = _parser().get_terminal(name).pattern
+        except KeyError:
+            continue
+        if pattern.type == "str":
+            words.append(pattern.value)
+        else:
+            words.extend(re.findall(r"[a-z][a-z-]*", pattern.value))
+    return words
+
+
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*|\S")
+
+
+def _syntax_diagnostic(error: lark.exceptions.UnexpectedInput, source: Source, chunk_end: int) -> Diagnostic:
+    """Turn a lark error into a diagnostic that says what was found and what was expected."""
+    pos = min(error.pos_in_stream if error.pos_in_stream is not None else chunk_end, chunk_end)
+    if isinstance(error, lark.exceptions.UnexpectedToken) and error.token.type == "$END":
+        expected = _describe_expected(set(error.expected))
+        span = source.span(max(chunk_end - 1, 0), chunk_end)
+        return Diagnostic(
+            "error",
+            "incomplete statement",
+            span,
+            hint="expected " + _join(expected) + " after this",
+        )
+    match = _WORD.match(source.text, pos)
+    found = match.group(0) if match else source.text[pos : pos + 1]
+    span = source.span(pos, pos + max(len(found), 1))
+    expected_names = set(getattr(error, "expected", None) or getattr(error, "allowed", None) or ())
+    keywords = _keywords_in(expected_names)
+    # Where a statement keyword is expected, a wrong word is an unknown statement keyword.
+    if set(keywords) >= set(STATEMENT_KEYWORDS) and found not in STATEMENT_KEYWORDS:
+        return Diagnostic(
+            "error",
+            f"unknown keyword '{found}'",
+            span,
+            hint=did_you_mean(found, STATEMENT_KEYWORDS)
+            or "a statement starts with one of: " + ", ".join(STATEMENT_KEYWORDS),
+        )
+    hint = did_you_mean(found, keywords) if found.isalpha() else None
+    expected = _describe_expected(expected_names)
+    return Diagnostic(
+        "error",
+        f"unexpected '{found}'" + (f", expected {_join(expected)}" if expected else ""),
+        span,
+        hint=hint,
+    )
+
+
+def _join(words: list[str]) -> str:
+    if len(words) <= 1:
+        return "".join(words)
+    return ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def parse_statement(source: Source, start: int, end: int) -> Statement:
+    """Parse the statement at `source.text[start:end]`; positions stay absolute in `source`."""
+    # Blank out everything before the statement (keeping newlines) so lark's positions are
+    # positions in the whole recipe.
+    prefix = "".join(ch if ch == "\n" else " " for ch in source.text[:start])
+    tree = _parser().parse(prefix + source.text[start:end])
+    return _ToAst(source).transform(tree)
+
+
+def parse(text: str, name: str = "<string>") -> Recipe:
+    """Parse a whole recipe; raises RecipeError carrying every syntax error found."""
+    source = Source(name, text)
+    statements: list[Statement] = []
+    diagnostics: list[Diagnostic] = []
+    for start, end in split_statements(text):
+        try:
+            statements.append(parse_statement(source, start, end))
+        except lark.exceptions.UnexpectedInput as error:
+            diagnostics.append(_syntax_diagnostic(error, source, end))
+    if diagnostics:
+        raise RecipeError(diagnostics)
+    return Recipe(statements=tuple(statements), source=source)
+
+
+def parse_file(path: str) -> Recipe:
+    """Parse the recipe file at `path` (reported under that path)."""
+    with open(path, encoding="utf-8") as handle:
+        return parse(handle.read(), name=path)

@@ -1,0 +1,101 @@
+"""Running an exported model in onnxruntime: one forward step, and greedy generation.
+
+Used by `surgery run`, by verification and by the benchmarks, so all three drive the model
+the same way: inputs `input_ids`, `attention_mask`, `position_ids`, `past_key_values.*`;
+outputs `logits`, `present.*`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """CPU session options; `threads` defaults to the machine's core count."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+@dataclass
+class StepOutput:
+    logits: np.ndarray
+    present: list[np.ndarray]
+
+
+class OnnxCausalLM:
+    """An exported decoder in an onnxruntime session, with its KV layout read from the inputs."""
+
+    def __init__(self, model_path: str, threads: int | None = None, providers: list[str] | None = None):
+        if os.path.isdir(model_path):
+            model_path = os.path.join(model_path, "model.onnx")
+        self.session = ort.InferenceSession(
+            model_path, sess_options=session_options(threads), providers=providers or ["CPUExecutionProvider"]
+        )
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_names = set(inputs)
+        self.past_names = sorted(
+            (n for n in inputs if n.startswith("past_key_values.")),
+            key=lambda n: (int(n.split(".")[1]), n.endswith("value")),
+        )
+        self.kv_slots = len(self.past_names) // 2
+        self.uses_cache = self.kv_slots > 0
+        if self.uses_cache:
+            shape = inputs[self.past_names[0]].shape
+            self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        """Zero-length past keys/values for a first (prefill) step."""
+        shape = (batch, self.kv_heads, 0, self.head_dim) if self.uses_cache else (0,)
+        return [np.zeros(shape, np.float32) for _ in self.past_names]
+
+    def step(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: list[np.ndarray] | None = None,
+    ) -> StepOutput:
+        """One forward call. `past` is ignored by a model exported without a KV cache."""
+        feed = {
+            "input_ids": input_ids.astype(np.int64),
+            "attention_mask": attention_mask.astype(np.int64),
+            "position_ids": position_ids.astype(np.int64),
+        }
+        if self.uses_cache:
+            past = past if past is not None else self.empty_cache(input_ids.shape[0])
+            feed.update(zip(self.past_names, past))
+        outputs = self.session.run(self.output_names, feed)
+        named = dict(zip(self.output_names, outputs))
+        present = [named[n.replace("past_key_values.", "present.")] for n in self.past_names]
+        return StepOutput(logits=named["logits"], present=present)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_token_ids: set[int]) -> list[int]:
+        """Greedy decoding for one prompt; returns the new token ids."""
+        ids = np.array([prompt_ids], np.int64)
+        mask = np.ones_like(ids)
+        positions = np.arange(ids.shape[1])[None]
+        past = None
+        new_tokens: list[int] = []
+        for _ in range(max_new_tokens):
+            out = self.step(ids, mask, positions, past)
+            token = int(out.logits[0, -1].argmax())
+            new_tokens.append(token)
+            if token in eos_token_ids:
+                break
+            mask = np.concatenate([mask, [[1]]], axis=1)
+            if self.uses_cache:
+                past = out.present
+                ids = np.array([[token]], np.int64)
+                positions = positions[:, -1:] + 1
+            else:
+                ids = np.concatenate([ids, [[token]]], axis=1)
+                positions = np.arange(ids.shape[1])[None]
+        return new_tokens
