@@ -62,7 +62,8 @@ class RecipeError(Exception):
 
 def render_all(diagnostics: Iterable[Diagnostic]) -> str:
     """All diagnostics, blank-line separated, followed by a count line like a compiler's."""
-    diagnostics = list(diagnostics)
+    # In recipe order, like a compiler; diagnostics without a place come first.
+    diagnostics = sorted(diagnostics, key=lambda d: (d.span is not None, d.span.start if d.span else 0))
     if not diagnostics:
         return ""
     errors = sum(d.severity == "error" for d in diagnostics)

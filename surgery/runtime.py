@@ -14,9 +14,15 @@ import numpy as np
 import onnxruntime as ort
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """CPU session options; `threads` defaults to the machine's core count."""
+def session_options(threads: int | None = None, low_memory: bool = False) -> ort.SessionOptions:
+    """CPU session options; `threads` defaults to the machine's core count.
+
+    `low_memory` turns off weight prepacking, so the weights stay memory-mapped from the data
+    file instead of being copied into packed buffers (for short runs such as verification).
+    """
     options = ort.SessionOptions()
+    if low_memory:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -32,11 +38,17 @@ class StepOutput:
 class OnnxCausalLM:
     """An exported decoder in an onnxruntime session, with its KV layout read from the inputs."""
 
-    def __init__(self, model_path: str, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+        low_memory: bool = False,
+    ):
         if os.path.isdir(model_path):
             model_path = os.path.join(model_path, "model.onnx")
         self.session = ort.InferenceSession(
-            model_path, sess_options=session_options(threads), providers=providers or ["CPUExecutionProvider"]
+            model_path, sess_options=session_options(threads, low_memory), providers=providers or ["CPUExecutionProvider"]
         )
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = set(inputs)

@@ -1,0 +1,68 @@
+"""The pass contract: `requires` -> `apply` -> `ensures`, checked by the framework.
+
+A pass is a frozen dataclass whose fields are its parameters (so a plan step can be printed
+and rebuilt from plain data). It declares `name` (its recipe keyword) and whether it preserves
+the model's semantics. `run_pass` refuses to apply a pass whose preconditions fail and reports
+a pass whose postconditions fail, naming the pass either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from surgery.models.graph import DecoderGraph
+
+
+class PassContractError(Exception):
+    """A pass's precondition or postcondition does not hold."""
+
+    def __init__(self, pass_name: str, phase: str, problems: list[str]):
+        self.pass_name, self.phase, self.problems = pass_name, phase, problems
+        super().__init__(f"pass '{pass_name}' {phase} failed: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a pass did: whether the graph changed, and a line for the report."""
+
+    modified: bool
+    summary: str
+
+
+@dataclass(frozen=True)
+class GraphPass(ABC):
+    """A rewrite of the decoder graph. Subclasses are frozen dataclasses of their parameters."""
+
+    name: ClassVar[str]
+    preserves_semantics: ClassVar[bool]
+
+    def requires(self, graph: DecoderGraph) -> list[str]:
+        """Preconditions; each returned string is a violated one."""
+        return []
+
+    @abstractmethod
+    def apply(self, graph: DecoderGraph) -> PassResult:
+        """Rewrite the graph in place."""
+
+    def ensures(self, graph: DecoderGraph) -> list[str]:
+        """Postconditions; each returned string is a violated one."""
+        return []
+
+    def parameters(self) -> dict[str, Any]:
+        """The pass's fields as plain data."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def run_pass(graph_pass: GraphPass, graph: DecoderGraph) -> PassResult:
+    """Run one pass under its contract."""
+    problems = graph_pass.requires(graph)
+    if problems:
+        raise PassContractError(graph_pass.name, "precondition", problems)
+    result = graph_pass.apply(graph)
+    problems = graph_pass.ensures(graph)
+    if problems:
+        raise PassContractError(graph_pass.name, "postcondition", problems)
+    return result

@@ -1,0 +1,48 @@
+"""`drop attention <selector>`: remove the attention sub-block of the selected layers.
+
+Graph effect: in each selected layer the input RMSNorm and the attention go away and the
+residual passes straight to the MLP (`m = x`). The layer no longer has a KV cache: the
+exported model has no past/present tensors for it, and the remaining caches are renumbered.
+Why: LLM-Drop shows many attention layers are nearly redundant (their output barely changes
+the residual), and each one dropped saves its compute and its share of KV-cache memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from surgery.models.graph import DecoderGraph
+from surgery.passes.base import GraphPass, PassResult
+
+
+@dataclass(frozen=True)
+class DropAttention(GraphPass):
+    """Remove attention (and its input norm) from the given original layers."""
+
+    name: ClassVar[str] = "drop attention"
+    preserves_semantics: ClassVar[bool] = False
+    layers: tuple[int, ...]
+
+    def requires(self, graph: DecoderGraph) -> list[str]:
+        problems = []
+        for index in self.layers:
+            layer = graph.layer(index)
+            if layer is None:
+                problems.append(f"layer {index} is not in the graph")
+            elif not layer.has_attention:
+                problems.append(f"layer {index} has no attention to drop")
+        if len(graph.kv_layers()) - len(self.layers) < 1:
+            problems.append("the model would have no attention layer left")
+        return problems
+
+    def apply(self, graph: DecoderGraph) -> PassResult:
+        for index in self.layers:
+            layer = graph.layer(index)
+            layer.attention = None
+            layer.input_norm = None
+        return PassResult(True, f"dropped attention in {len(self.layers)} layer(s)")
+
+    def ensures(self, graph: DecoderGraph) -> list[str]:
+        kept = set(graph.kv_layers())
+        return [f"layer {i} still has attention" for i in self.layers if i in kept]

@@ -1,0 +1,47 @@
+"""`drop mlp <selector>`: remove the MLP sub-block of the selected layers.
+
+Graph effect: in each selected layer the post-attention RMSNorm and the MLP go away and the
+residual after attention is the layer's output (`h = m`). The layer's attention and KV cache
+stay. Why: LLM-Drop's MLP similarity finds MLPs whose update barely changes the residual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from surgery.models.graph import DecoderGraph
+from surgery.passes.base import GraphPass, PassResult
+
+
+@dataclass(frozen=True)
+class DropMlp(GraphPass):
+    """Remove the MLP (and its input norm) from the given original layers."""
+
+    name: ClassVar[str] = "drop mlp"
+    preserves_semantics: ClassVar[bool] = False
+    layers: tuple[int, ...]
+
+    def requires(self, graph: DecoderGraph) -> list[str]:
+        problems = []
+        for index in self.layers:
+            layer = graph.layer(index)
+            if layer is None:
+                problems.append(f"layer {index} is not in the graph")
+            elif not layer.has_mlp:
+                problems.append(f"layer {index} has no MLP to drop")
+        return problems
+
+    def apply(self, graph: DecoderGraph) -> PassResult:
+        for index in self.layers:
+            layer = graph.layer(index)
+            layer.mlp = None
+            layer.post_norm = None
+        return PassResult(True, f"dropped the MLP in {len(self.layers)} layer(s)")
+
+    def ensures(self, graph: DecoderGraph) -> list[str]:
+        return [
+            f"layer {i} still has its MLP"
+            for i in self.layers
+            if (layer := graph.layer(i)) is not None and layer.has_mlp
+        ]

@@ -1,0 +1,151 @@
+"""The whole compiler in order: parse -> check -> plan -> passes -> export -> verify -> report.
+
+Everything else hangs off this module. `compile_recipe` does the cheap, weight-free part
+(what `surgery check` and `surgery plan` run); `apply` does the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from surgery.check import CheckedRecipe, check
+from surgery.export.decoder import export_decoder
+from surgery.models.graph import DecoderGraph
+from surgery.models.loading import load_model
+from surgery.output import OutputFolder
+from surgery.parser import parse
+from surgery.passes import PASSES, run_pass
+from surgery.plan import VERIFY_DECODE_STEPS, VERIFY_TOLERANCE, Plan, build_plan
+from surgery.report import build_report, folder_bytes, structure, write_report
+from surgery.verify import Verification, verify
+
+Progress = Callable[[str], None]
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A recipe taken as far as its plan."""
+
+    text: str
+    checked: CheckedRecipe
+    plan: Plan
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """Where the output went and what verification found."""
+
+    output: Path
+    report: dict
+    verification: Verification | None
+
+
+def read_recipe(path: str) -> str:
+    """The recipe text (UTF-8)."""
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def compile_recipe(path: str, model: str | None = None, verify: bool = True) -> Compiled:
+    """Parse, check and plan a recipe file, without loading weights. Raises RecipeError."""
+    text = read_recipe(path)
+    recipe = parse(text, name=path)
+    checked = check(recipe, model_override=model)
+    return Compiled(text, checked, build_plan(checked, verify=verify))
+
+
+def apply(
+    path: str,
+    output: str,
+    model: str | None = None,
+    force: bool = False,
+    run_verification: bool = True,
+    threads: int | None = None,
+    progress: Progress = _quiet,
+) -> ApplyResult:
+    """Run a recipe end to end and write the output folder."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    total_start = clock
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = now - clock
+        clock = now
+
+    compiled = compile_recipe(path, model, verify=run_verification)
+    checked, plan = compiled.checked, compiled.plan
+    protected = [path] + ([checked.spec.location] if checked.spec.kind in ("folder", "gguf") else [])
+    folder = OutputFolder(output, force, protected)
+    lap("parse_check_plan")
+    try:
+        progress(f"loading {checked.spec.text}")
+        hf_model, tokenizer = load_model(checked.spec, progress)
+        graph = DecoderGraph(hf_model, checked.index)
+        before = structure(graph)
+        lap("load")
+
+        passes = []
+        for step in plan.graph_steps():
+            if not step.layers:
+                continue
+            graph_pass = PASSES[step.action](layers=step.layers)
+            result = run_pass(graph_pass, graph)
+            progress(f"{step.action}: {result.summary}")
+            passes.append(
+                {
+                    "action": graph_pass.name,
+                    "parameters": {k: list(v) if isinstance(v, tuple) else v for k, v in graph_pass.parameters().items()},
+                    "preserves_semantics": graph_pass.preserves_semantics,
+                    "summary": result.summary,
+                    "source": step.source.to_json() if step.source else None,
+                }
+            )
+        after = structure(graph)
+        lap("passes")
+
+        progress(f"exporting ONNX (opset {plan.export.opset}, {'with' if plan.export.kv_cache else 'without'} KV cache)")
+        export = export_decoder(graph, str(folder.path), plan.export)
+        tokenizer.save_pretrained(str(folder.path))
+        shutil.copyfile(path, folder.path / "recipe.surg")
+        lap("export")
+
+        verification = None
+        if run_verification:
+            progress("verifying against PyTorch (prefill + decode)")
+            verification = verify(graph, tokenizer, str(folder.path), VERIFY_DECODE_STEPS, VERIFY_TOLERANCE, threads)
+            lap("verify")
+        timings["total"] = time.perf_counter() - total_start
+        report = build_report(
+            recipe_text=compiled.text,
+            plan=plan,
+            before=before,
+            after={**after, "parameters": export.parameter_count},
+            passes=passes,
+            export=export,
+            files=folder_bytes(str(folder.path)),
+            verification=verification,
+            timings=timings,
+            warnings=checked.warnings,
+        )
+        write_report(str(folder.path), report)
+        target = folder.commit()
+    except BaseException:
+        folder.discard()
+        raise
+    return ApplyResult(target, report, verification)
+
+
+def default_output(recipe_path: str) -> str:
+    """`out/<recipe name>` next to the working directory."""
+    return os.path.join("out", Path(recipe_path).stem)

@@ -1,0 +1,77 @@
+"""`surgery.json`: what was asked, what was done, and the proof (figures and timings)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from typing import Any
+
+from surgery import __version__
+from surgery.diagnostics import Diagnostic
+from surgery.export.decoder import ExportResult
+from surgery.models.graph import DecoderGraph
+from surgery.plan import Plan
+from surgery.verify import Verification
+
+
+def structure(graph: DecoderGraph) -> dict[str, Any]:
+    """Layers, attention and MLP layers (original numbers) and the parameter count of a graph."""
+    return {
+        "layers": len(graph.layers),
+        "layer_numbers": [layer.index for layer in graph.layers],
+        "attention_layers": graph.kv_layers(),
+        "mlp_layers": [layer.index for layer in graph.layers if layer.has_mlp],
+        "parameters": graph.parameter_count(),
+    }
+
+
+def folder_bytes(folder: str, names: tuple[str, ...] = ("model.onnx", "model.onnx.data")) -> dict[str, int]:
+    """Sizes of the model files in an output folder."""
+    return {name: os.path.getsize(os.path.join(folder, name)) for name in names if os.path.exists(os.path.join(folder, name))}
+
+
+def build_report(
+    *,
+    recipe_text: str,
+    plan: Plan,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    passes: list[dict[str, Any]],
+    export: ExportResult,
+    files: dict[str, int],
+    verification: Verification | None,
+    timings: dict[str, float],
+    warnings: tuple[Diagnostic, ...],
+) -> dict[str, Any]:
+    """The report as plain data."""
+    dropped_kv = [layer for layer in before["attention_layers"] if layer not in export.kv_layers]
+    return {
+        "surgery_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "recipe": {"path": plan.recipe_name, "text": recipe_text},
+        "plan": plan.to_json(),
+        "model": {
+            "before": {**before, "bytes_fp32": before["parameters"] * 4},
+            "after": {**after, "bytes": sum(files.values()), "files": files},
+        },
+        "kv_cache": {
+            "enabled": plan.export.kv_cache,
+            "slots": {str(slot): layer for slot, layer in enumerate(export.kv_layers)} if plan.export.kv_cache else {},
+            "removed_layers": dropped_kv,
+        },
+        "passes": passes,
+        "export": {"opset": plan.export.opset, "kv_cache": plan.export.kv_cache, "op_counts": export.op_counts},
+        "verification": verification.to_json() if verification else {"skipped": True},
+        "timings_s": {name: round(seconds, 3) for name, seconds in timings.items()},
+        "warnings": [d.render() for d in warnings],
+    }
+
+
+def write_report(folder: str, report: dict[str, Any]) -> str:
+    """Write surgery.json into `folder`; returns its path."""
+    path = os.path.join(folder, "surgery.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)
+        handle.write("\n")
+    return path
