@@ -12,4 +12,13 @@ from surgery.passes.drop_mlp import DropMlp
 
 PASSES: dict[str, type[GraphPass]] = {cls.name: cls for cls in (DropAttention, DropMlp, DropBlock)}
 
-__all__ = ["PASSES", "DropAttention", "DropBlock", "DropMlp", "GraphPass", "PassContractError", "PassResult", "run_pass"]
+__all__ = [
+    "PASSES",
+    "DropAttention",
+    "DropBlock",
+    "DropMlp",
+    "GraphPass",
+    "PassContractError",
+    "PassResult",
+    "run_pass",
+]

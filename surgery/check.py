@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from surgery.diagnostics import Diagnostic, RecipeError, raise_if_errors
 from surgery.export.decoder import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportOptions
 from surgery.layers import evenly_spaced, format_layers
-from surgery.models.index import ModelIndex
+from surgery.models.index import SUPPORTED_ARCHITECTURES, ModelIndex
 from surgery.models.loading import ModelSpec, ModelSpecError, load_config, resolve_spec
 from surgery.source import Span
 from surgery.syntax import (
@@ -24,7 +24,6 @@ from surgery.syntax import (
     FirstLayers,
     LastLayers,
     LayerIndex,
-    LayerRange,
     ModelStmt,
     Recipe,
     Selector,
@@ -70,13 +69,17 @@ class _Checker:
     def model(self) -> tuple[ModelSpec, ModelIndex] | None:
         statements = [s for s in self.recipe.statements if isinstance(s, ModelStmt)]
         for extra in statements[1:]:
-            self.error("a recipe names its model once", extra.span, f"the model is already given on line {statements[0].span.line}")
+            self.error(
+                "a recipe names its model once",
+                extra.span,
+                f"the model is already given on line {statements[0].span.line}",
+            )
         if self.model_override is not None:
             text, span = self.model_override, None
         elif statements:
             text, span = statements[0].spec, statements[0].spec_span
         else:
-            self.error('the recipe names no model', None, 'add a line `model "<spec>"` or pass --model SPEC')
+            self.error("the recipe names no model", None, 'add a line `model "<spec>"` or pass --model SPEC')
             return None
         source = self.recipe.source
         base_dir = os.path.dirname(os.path.abspath(source.name)) if source and source.name != "<string>" else None
@@ -85,6 +88,13 @@ class _Checker:
             config = load_config(spec)
         except ModelSpecError as problem:
             self.error(str(problem), span, problem.hint)
+            return None
+        if config.model_type not in SUPPORTED_ARCHITECTURES:
+            self.error(
+                f"cannot compile '{text}': architecture '{config.model_type}' is not supported",
+                span,
+                "supported architectures: " + ", ".join(sorted(SUPPORTED_ARCHITECTURES)),
+            )
             return None
         index = ModelIndex.from_config(text, config)
         for reason in index.unsupported_reasons():
@@ -183,10 +193,13 @@ class _Checker:
             parts = ("attention", "mlp") if drop.part == "block" else (drop.part,)
             keys = [(part, layer) for layer in drop.layers for part in parts]
             clashes = [key for key in keys if key in removed]
-            if clashes:
-                lines = sorted({removed[key].span.line for key in clashes})
+            for part in ("attention", "mlp"):
+                layers = [layer for p, layer in clashes if p == part]
+                if not layers:
+                    continue
+                lines = sorted({removed[(part, layer)].span.line for layer in layers})
                 self.warning(
-                    f"overlapping selection: layer(s) {format_layers(k[1] for k in clashes)} already dropped "
+                    f"overlapping selection: the {part} of layer(s) {format_layers(layers)} is already dropped "
                     f"on line {', '.join(map(str, lines))}",
                     drop.statement.selector.span,
                     "the overlapping part has no further effect",
@@ -199,7 +212,11 @@ class _Checker:
     def export(self) -> tuple[ExportOptions, ExportStmt | None]:
         statements = [s for s in self.recipe.statements if isinstance(s, ExportStmt)]
         for extra in statements[1:]:
-            self.error("a recipe has at most one export statement", extra.span, f"the export is already given on line {statements[0].span.line}")
+            self.error(
+                "a recipe has at most one export statement",
+                extra.span,
+                f"the export is already given on line {statements[0].span.line}",
+            )
         if not statements:
             return ExportOptions(), None
         statement = statements[0]

@@ -75,7 +75,10 @@ def _cmd_check(args) -> int:
     compiled = compile_recipe(args.recipe, args.model)
     _print_warnings(compiled.checked.warnings)
     index = compiled.checked.index
-    print(f"ok: {args.recipe} checks against {compiled.checked.spec.text} ({index.architecture}, {index.num_layers} layers)")
+    print(
+        f"ok: {args.recipe} checks against {compiled.checked.spec.text} "
+        f"({index.architecture}, {index.num_layers} layers)"
+    )
     return EXIT_OK
 
 
@@ -119,7 +122,8 @@ def _cmd_apply(args) -> int:
         print("  verification skipped (--no-verify)")
         return EXIT_OK
     print(
-        f"  verification: max |logit diff| {verification.max_abs_logit_diff:.2e} (tolerance {verification.tolerance:g}), "
+        f"  verification: max |logit diff| {verification.max_abs_logit_diff:.2e} "
+        f"(tolerance {verification.tolerance:g}), "
         f"greedy tokens agree {verification.greedy_tokens_compared - verification.greedy_tokens_mismatched}/"
         f"{verification.greedy_tokens_compared}"
     )
@@ -175,9 +179,22 @@ class _UserError(Exception):
     pass
 
 
+def _quiet_libraries() -> None:
+    """surgery prints its own progress; transformers' bars and advice would only add noise."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `surgery` command."""
     args = _parser().parse_args(argv)
+    _quiet_libraries()
     from surgery.diagnostics import RecipeError
     from surgery.output import OutputError
 

@@ -105,7 +105,9 @@ def apply(
             passes.append(
                 {
                     "action": graph_pass.name,
-                    "parameters": {k: list(v) if isinstance(v, tuple) else v for k, v in graph_pass.parameters().items()},
+                    "parameters": {
+                        k: list(v) if isinstance(v, tuple) else v for k, v in graph_pass.parameters().items()
+                    },
                     "preserves_semantics": graph_pass.preserves_semantics,
                     "summary": result.summary,
                     "source": step.source.to_json() if step.source else None,
@@ -114,7 +116,9 @@ def apply(
         after = structure(graph)
         lap("passes")
 
-        progress(f"exporting ONNX (opset {plan.export.opset}, {'with' if plan.export.kv_cache else 'without'} KV cache)")
+        progress(
+            f"exporting ONNX (opset {plan.export.opset}, {'with' if plan.export.kv_cache else 'without'} KV cache)"
+        )
         export = export_decoder(graph, str(folder.path), plan.export)
         tokenizer.save_pretrained(str(folder.path))
         shutil.copyfile(path, folder.path / "recipe.surg")

@@ -28,7 +28,11 @@ def structure(graph: DecoderGraph) -> dict[str, Any]:
 
 def folder_bytes(folder: str, names: tuple[str, ...] = ("model.onnx", "model.onnx.data")) -> dict[str, int]:
     """Sizes of the model files in an output folder."""
-    return {name: os.path.getsize(os.path.join(folder, name)) for name in names if os.path.exists(os.path.join(folder, name))}
+    return {
+        name: os.path.getsize(os.path.join(folder, name))
+        for name in names
+        if os.path.exists(os.path.join(folder, name))
+    }
 
 
 def build_report(

@@ -48,7 +48,9 @@ class OnnxCausalLM:
         if os.path.isdir(model_path):
             model_path = os.path.join(model_path, "model.onnx")
         self.session = ort.InferenceSession(
-            model_path, sess_options=session_options(threads, low_memory), providers=providers or ["CPUExecutionProvider"]
+            model_path,
+            sess_options=session_options(threads, low_memory),
+            providers=providers or ["CPUExecutionProvider"],
         )
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = set(inputs)
@@ -83,9 +85,9 @@ class OnnxCausalLM:
         }
         if self.uses_cache:
             past = past if past is not None else self.empty_cache(input_ids.shape[0])
-            feed.update(zip(self.past_names, past))
+            feed.update(zip(self.past_names, past, strict=True))
         outputs = self.session.run(self.output_names, feed)
-        named = dict(zip(self.output_names, outputs))
+        named = dict(zip(self.output_names, outputs, strict=True))
         present = [named[n.replace("past_key_values.", "present.")] for n in self.past_names]
         return StepOutput(logits=named["logits"], present=present)
 

@@ -8,7 +8,7 @@ wherever they were written (this is what the parse -> unparse -> parse round tri
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 from surgery.source import Source, Span
 
@@ -78,7 +78,7 @@ class EvenlyLayers:
     span: Span = _span()
 
 
-Selector = Union[LayerList, AllLayers, FirstLayers, LastLayers, EvenlyLayers]
+Selector = LayerList | AllLayers | FirstLayers | LastLayers | EvenlyLayers
 
 
 # Statements.
@@ -113,7 +113,7 @@ class ExportStmt:
     opset_span: Span | None = _span()
 
 
-Statement = Union[ModelStmt, DropStmt, ExportStmt]
+Statement = ModelStmt | DropStmt | ExportStmt
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,9 @@ class _Emitter:
         gamma = self.w.weight(f"{name}.weight", _np(module.weight))
         eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
         if self.pending is None:
-            return self.w.op("SimplifiedLayerNormalization", [self.residual, gamma], name, axis=-1, epsilon=eps, stash_type=1)
+            return self.w.op(
+                "SimplifiedLayerNormalization", [self.residual, gamma], name, axis=-1, epsilon=eps, stash_type=1
+            )
         out, _, _, total = self.w.node(
             "SkipSimplifiedLayerNormalization", [self.pending, self.residual, gamma], name, 4, MS, epsilon=eps
         )
@@ -101,9 +103,7 @@ class _Emitter:
     def inputs(self) -> None:
         w = self.w
         self.input_ids = w.add_input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
-        self.attention_mask = w.add_input(
-            "attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]
-        )
+        self.attention_mask = w.add_input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
         self.position_ids = w.add_input("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
         self.kv_layers = self.graph.kv_layers()
         idx = self.graph.index
@@ -205,8 +205,12 @@ class _Emitter:
         gamma = self.w.weight(f"{name}.weight", _np(module.weight))
         split = self.w.op("Reshape", [x, self.w.constant([0, 0, -1, head_dim])], f"/{name}/Reshape")
         normed = self.w.op(
-            "SimplifiedLayerNormalization", [split, gamma], f"/{name}/Norm",
-            axis=-1, epsilon=float(module.variance_epsilon), stash_type=1,
+            "SimplifiedLayerNormalization",
+            [split, gamma],
+            f"/{name}/Norm",
+            axis=-1,
+            epsilon=float(module.variance_epsilon),
+            stash_type=1,
         )
         return self.w.op("Reshape", [normed, self.w.constant([0, 0, -1])], f"/{name}/Merge")
 

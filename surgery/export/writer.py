@@ -25,7 +25,8 @@ class GraphWriter:
     def __init__(self, data_path: str):
         self.data_path = data_path
         self.data_location = os.path.basename(data_path)
-        self._data: BinaryIO = open(data_path, "wb")
+        # Held open across many `weight` calls and closed by `save`/`close`, hence no `with`.
+        self._data: BinaryIO = open(data_path, "wb")  # noqa: SIM115
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []

@@ -103,8 +103,7 @@ class ModelIndex:
             )
         if self.head_dim % 16:
             reasons.append(
-                f"head_dim {self.head_dim} is not a multiple of 16, which onnxruntime's "
-                "GroupQueryAttention requires"
+                f"head_dim {self.head_dim} is not a multiple of 16, which onnxruntime's GroupQueryAttention requires"
             )
         return reasons
 

@@ -1,0 +1,55 @@
+"""Shared fixtures: running the CLI in-process and building tiny graphs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from surgery.cli import main
+from surgery.models import builtin
+from surgery.models.graph import DecoderGraph
+from surgery.models.index import ModelIndex
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = tuple(builtin.TINY_MODELS)
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(*argv: str) -> CliResult:
+    """Run `surgery argv...` in-process, capturing its output and exit code."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as exit_:  # argparse usage errors and --version
+            code = int(exit_.code or 0)
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def tiny_graph(name: str) -> DecoderGraph:
+    """A fresh decoder graph over the seeded tiny built-in `name`."""
+    model = builtin.tiny_model(name)
+    return DecoderGraph(model, ModelIndex.from_config(name, model.config))
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Run the test inside a temporary working directory."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return os.fspath(path)

