@@ -6,6 +6,7 @@ Everything else hangs off this module. `compile_recipe` does the cheap, weight-f
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import time
@@ -22,7 +23,7 @@ from surgery.parser import parse
 from surgery.passes import PASSES, run_pass
 from surgery.plan import VERIFY_DECODE_STEPS, VERIFY_TOLERANCE, Plan, build_plan
 from surgery.report import build_report, folder_bytes, structure, write_report
-from surgery.verify import Verification, verify
+from surgery.verify import Verification, compare, trace_reference
 
 Progress = Callable[[str], None]
 
@@ -127,7 +128,12 @@ def apply(
         verification = None
         if run_verification:
             progress("verifying against PyTorch (prefill + decode)")
-            verification = verify(graph, tokenizer, str(folder.path), VERIFY_DECODE_STEPS, VERIFY_TOLERANCE, threads)
+            trace = trace_reference(graph, tokenizer, plan.export.kv_cache, VERIFY_DECODE_STEPS)
+            # The PyTorch weights are not needed past this point; free them before onnxruntime
+            # maps the exported ones, so the two copies never add up.
+            del graph, hf_model
+            gc.collect()
+            verification = compare(trace, str(folder.path), VERIFY_TOLERANCE, threads)
             lap("verify")
         timings["total"] = time.perf_counter() - total_start
         report = build_report(

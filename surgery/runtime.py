@@ -61,8 +61,7 @@ class OnnxCausalLM:
         self.kv_slots = len(self.past_names) // 2
         self.uses_cache = self.kv_slots > 0
         if self.uses_cache:
-            shape = inputs[self.past_names[0]].shape
-            self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+            self.kv_heads, self.head_dim = _kv_dims(inputs[self.past_names[0]].shape, os.path.dirname(model_path))
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
@@ -81,8 +80,10 @@ class OnnxCausalLM:
         feed = {
             "input_ids": input_ids.astype(np.int64),
             "attention_mask": attention_mask.astype(np.int64),
-            "position_ids": position_ids.astype(np.int64),
         }
+        # Models from other exporters (onnxruntime-genai's builder) derive positions themselves.
+        if "position_ids" in self.input_names:
+            feed["position_ids"] = position_ids.astype(np.int64)
         if self.uses_cache:
             past = past if past is not None else self.empty_cache(input_ids.shape[0])
             feed.update(zip(self.past_names, past, strict=True))
@@ -113,3 +114,23 @@ class OnnxCausalLM:
                 ids = np.concatenate([ids, [[token]]], axis=1)
                 positions = np.arange(ids.shape[1])[None]
         return new_tokens
+
+
+def _kv_dims(shape: list, folder: str) -> tuple[int, int]:
+    """(kv_heads, head_dim) of the past tensors: from the graph, else from the folder's config.
+
+    Our exports fix both dimensions; other exporters (onnxruntime-genai) may leave them symbolic.
+    """
+    if isinstance(shape[1], int) and isinstance(shape[3], int):
+        return shape[1], shape[3]
+    import json
+
+    genai = os.path.join(folder, "genai_config.json")
+    if os.path.exists(genai):
+        with open(genai) as handle:
+            decoder = json.load(handle)["model"]["decoder"]
+        return int(decoder["num_key_value_heads"]), int(decoder["head_size"])
+    with open(os.path.join(folder, "config.json")) as handle:
+        config = json.load(handle)
+    heads = int(config["num_attention_heads"])
+    return int(config.get("num_key_value_heads", heads)), int(config.get("head_dim") or config["hidden_size"] // heads)

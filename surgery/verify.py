@@ -5,6 +5,10 @@ Protocol: a batch of two prompts of different lengths, left-padded, is prefilled
 model exported without one). Both sides are fed the same tokens (PyTorch's greedy choice),
 so their logits stay comparable at every step. Recorded: the max absolute logit difference
 over all real (non-padding) positions, and whether the greedy tokens agree everywhere.
+
+It runs in two phases so the PyTorch weights and the onnxruntime session never sit in
+memory together: `trace_reference` records what PyTorch computes, the caller may then release
+the PyTorch model, and `compare` replays the same inputs in onnxruntime.
 """
 
 from __future__ import annotations
@@ -22,6 +26,20 @@ PROMPTS = (
     "The capital of France is",
     "Once upon a time, in a small village by the sea, there lived an old fisherman who",
 )
+
+
+@dataclass(frozen=True)
+class ReferenceTrace:
+    """PyTorch's side of a verification run: inputs, its greedy tokens and its logits."""
+
+    prompts: tuple[str, ...]
+    input_ids: np.ndarray  # (batch, prompt length), left-padded
+    attention_mask: np.ndarray
+    tokens: np.ndarray  # (steps, batch): PyTorch's greedy token at each decode step
+    prefill_logits: np.ndarray  # (batch, prompt length, vocab)
+    step_logits: np.ndarray  # (steps, batch, vocab): logits of the last position after each token
+    kv_cache: bool
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -54,52 +72,72 @@ def _left_padded(tokenizer, prompts: tuple[str, ...]) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def verify(
-    graph: DecoderGraph,
-    tokenizer,
-    model_dir: str,
-    steps: int,
-    tolerance: float,
-    threads: int | None = None,
-    prompts: tuple[str, ...] = PROMPTS,
-) -> Verification:
-    """Run both models on the same inputs and compare; never raises on a mismatch."""
+def trace_reference(
+    graph: DecoderGraph, tokenizer, kv_cache: bool, steps: int, prompts: tuple[str, ...] = PROMPTS
+) -> ReferenceTrace:
+    """Prefill and greedy-decode `steps` tokens with the PyTorch graph, recording everything."""
     started = time.perf_counter()
-    onnx_model = OnnxCausalLM(model_dir, threads=threads, low_memory=True)
     ids, mask = _left_padded(tokenizer, prompts)
     positions = position_ids_from_mask(mask)
-    real = mask.bool().numpy()
-    prompt_lengths = tuple(int(n) for n in mask.sum(1))
-    cache = graph.new_cache() if onnx_model.uses_cache else None
-
-    reference = graph.forward(ids, mask, positions, cache)
-    exported = onnx_model.step(ids.numpy(), mask.numpy(), positions.numpy())
-    max_diff = float(np.abs(reference.numpy() - exported.logits)[real].max())
-    compared = mismatched = 0
-    all_ids = ids
+    cache = graph.new_cache() if kv_cache else None
+    logits = graph.forward(ids, mask, positions, cache)
+    prefill = logits.numpy()
+    tokens, step_logits = [], []
+    all_ids, step_mask = ids, mask
     for _ in range(steps):
-        expected = reference[:, -1].argmax(-1)
-        got = torch.from_numpy(exported.logits[:, -1]).argmax(-1)
-        compared += len(expected)
-        mismatched += int((expected != got).sum())
-        next_ids = expected[:, None]
-        mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
-        if onnx_model.uses_cache:
+        next_ids = logits[:, -1].argmax(-1)[:, None]
+        tokens.append(next_ids[:, 0].numpy())
+        step_mask = torch.cat([step_mask, torch.ones_like(next_ids)], dim=1)
+        if kv_cache:
             positions = positions[:, -1:] + 1
-            reference = graph.forward(next_ids, mask, positions, cache)
-            exported = onnx_model.step(next_ids.numpy(), mask.numpy(), positions.numpy(), exported.present)
-            diff = np.abs(reference.numpy() - exported.logits).max()
+            logits = graph.forward(next_ids, step_mask, positions, cache)
         else:
             all_ids = torch.cat([all_ids, next_ids], dim=1)
-            positions = position_ids_from_mask(mask)
-            reference = graph.forward(all_ids, mask, positions, None)
-            exported = onnx_model.step(all_ids.numpy(), mask.numpy(), positions.numpy())
-            diff = np.abs(reference.numpy() - exported.logits)[mask.bool().numpy()].max()
-        max_diff = max(max_diff, float(diff))
-    finite = bool(np.isfinite(exported.logits).all())
-    passed = finite and max_diff <= tolerance and mismatched == 0
+            logits = graph.forward(all_ids, step_mask, position_ids_from_mask(step_mask), None)
+        step_logits.append(logits[:, -1].numpy())
+    return ReferenceTrace(
+        prompts=prompts,
+        input_ids=ids.numpy(),
+        attention_mask=mask.numpy(),
+        tokens=np.stack(tokens) if tokens else np.zeros((0, len(prompts)), np.int64),
+        prefill_logits=prefill,
+        step_logits=np.stack(step_logits) if step_logits else np.zeros((0, len(prompts), prefill.shape[-1])),
+        kv_cache=kv_cache,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def compare(trace: ReferenceTrace, model_dir: str, tolerance: float, threads: int | None = None) -> Verification:
+    """Replay the trace's inputs in onnxruntime and compare; never raises on a mismatch."""
+    started = time.perf_counter()
+    # Unpacked weights stay memory-mapped from the data file: verification is short.
+    model = OnnxCausalLM(model_dir, threads=threads, low_memory=True)
+    ids, mask = trace.input_ids, trace.attention_mask
+    positions = position_ids_from_mask(torch.from_numpy(mask)).numpy()
+    out = model.step(ids, mask, positions)
+    real = mask.astype(bool)
+    max_diff = float(np.abs(trace.prefill_logits - out.logits)[real].max())
+    finite = bool(np.isfinite(out.logits).all())
+    mismatched = 0
+    all_ids = ids
+    for step, expected in enumerate(trace.tokens):
+        mismatched += int((out.logits[:, -1].argmax(-1) != expected).sum())
+        next_ids = expected[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones_like(next_ids)], axis=1)
+        if model.uses_cache:
+            positions = positions[:, -1:] + 1
+            out = model.step(next_ids, mask, positions, out.present)
+        else:
+            all_ids = np.concatenate([all_ids, next_ids], axis=1)
+            positions = position_ids_from_mask(torch.from_numpy(mask)).numpy()
+            out = model.step(all_ids, mask, positions)
+        finite &= bool(np.isfinite(out.logits).all())
+        max_diff = max(max_diff, float(np.abs(trace.step_logits[step] - out.logits[:, -1]).max()))
+    compared = int(trace.tokens.size)
     if not finite:
         reason = "ONNX Runtime produced non-finite logits"
+    elif model.uses_cache != trace.kv_cache:
+        reason = "the exported model's KV-cache inputs do not match the export options"
     elif max_diff > tolerance:
         reason = f"max |logit diff| {max_diff:.3g} exceeds the tolerance {tolerance:g}"
     elif mismatched:
@@ -107,16 +145,29 @@ def verify(
     else:
         reason = "ok"
     return Verification(
-        passed=passed,
+        passed=reason == "ok",
         max_abs_logit_diff=max_diff,
         tolerance=tolerance,
         greedy_tokens_agree=mismatched == 0,
         greedy_tokens_compared=compared,
         greedy_tokens_mismatched=mismatched,
-        prompts=prompts,
-        prompt_lengths=prompt_lengths,
-        decode_steps=steps,
-        kv_cache=onnx_model.uses_cache,
+        prompts=trace.prompts,
+        prompt_lengths=tuple(int(n) for n in trace.attention_mask.sum(1)),
+        decode_steps=len(trace.tokens),
+        kv_cache=model.uses_cache,
         reason=reason,
-        seconds=round(time.perf_counter() - started, 3),
+        seconds=round(trace.seconds + time.perf_counter() - started, 3),
     )
+
+
+def verify(
+    graph: DecoderGraph,
+    tokenizer,
+    model_dir: str,
+    steps: int,
+    tolerance: float,
+    threads: int | None = None,
+    kv_cache: bool = True,
+) -> Verification:
+    """Both phases in one call (for tests and callers that keep the PyTorch model anyway)."""
+    return compare(trace_reference(graph, tokenizer, kv_cache, steps), model_dir, tolerance, threads)

@@ -46,7 +46,7 @@ def test_parity_with_kv_cache(arch, edit, tmp_path):
 @pytest.mark.parametrize("edit", ["none", "mixed"])
 def test_parity_without_kv_cache(arch, edit, tmp_path):
     graph, _ = _export(arch, edit, tmp_path, kv_cache=False)
-    check = verify(graph, builtin.byte_tokenizer(), str(tmp_path), VERIFY_DECODE_STEPS, 1e-4, threads=1)
+    check = verify(graph, builtin.byte_tokenizer(), str(tmp_path), VERIFY_DECODE_STEPS, 1e-4, threads=1, kv_cache=False)
     assert check.passed, check.reason
     assert not check.kv_cache
 

@@ -1,0 +1,160 @@
+"""Benchmark: `surgery apply` against onnxruntime-genai's model builder on SmolLM2-135M.
+
+Measured in one run, on this machine:
+1. wall time and peak memory (max RSS) of `surgery apply examples/drop-attention.surg`
+   (with its default verification, and with --no-verify) and of
+   `python -m onnxruntime_genai.models.builder -i <hf folder> -o <out> -p fp32 -e cpu`;
+2. decode latency, ms per token after a 256-token prompt, 2 threads, batch 1, of our export of
+   the unmodified model against the builder's fp32 model (and of the drop-attention output).
+Each command runs in a fresh process whose peak RSS is read with getrusage(RUSAGE_CHILDREN).
+Latency rounds alternate between models and the median round is reported.
+
+    python benchmarks/bench_apply.py [--json bench-results/apply.json] [--steps 64] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # noqa: E402  (run from a checkout without installing)
+
+from surgery.models import builtin  # noqa: E402
+from surgery.runtime import OnnxCausalLM  # noqa: E402
+
+_MEASURE = (
+    "import resource, subprocess, sys, time\n"
+    "t = time.perf_counter(); rc = subprocess.run(sys.argv[1:]).returncode\n"
+    "print(rc, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+)
+
+
+def measure(command: list[str]) -> dict:
+    """Wall seconds and peak RSS (GB) of one command, in a fresh measuring process."""
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *command], capture_output=True, text=True, check=True
+    ).stdout.split()
+    rc, seconds, max_rss_kb = int(out[-3]), float(out[-2]), int(out[-1])
+    if rc != 0:
+        raise SystemExit(f"command failed ({rc}): {' '.join(command)}")
+    return {"seconds": round(seconds, 2), "peak_gb": round(max_rss_kb / 1e6, 3)}
+
+
+def decode_ms_per_token(model: OnnxCausalLM, prompt: np.ndarray, steps: int) -> float:
+    """ms/token of one-token decode steps after prefilling `prompt` (batch 1)."""
+    ids = prompt[None]
+    mask = np.ones_like(ids)
+    positions = np.arange(ids.shape[1])[None]
+    out = model.step(ids, mask, positions)
+    warmup = 4
+    start = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        token = np.array([[int(out.logits[0, -1].argmax())]])
+        mask = np.concatenate([mask, [[1]]], axis=1)
+        positions = positions[:, -1:] + 1
+        out = model.step(token, mask, positions, out.present)
+    return (time.perf_counter() - start) / steps * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=str(REPO / "bench-results" / "apply.json"))
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    hf_folder = builtin.smollm2_folder()  # converted once, outside the timed runs
+    work = Path(tempfile.mkdtemp(prefix="surgery-bench-"))
+    surgery = [sys.executable, "-m", "surgery"]
+    example = str(REPO / "examples" / "drop-attention.surg")
+    unmodified = work / "unmodified.surg"
+    unmodified.write_text('model "smollm2-135m"\nexport onnx\n')
+
+    export_rows = {
+        "surgery apply drop-attention (verified)": measure([*surgery, "apply", example, "-o", str(work / "ours")]),
+        "surgery apply drop-attention --no-verify": measure(
+            [*surgery, "apply", example, "-o", str(work / "ours-nv"), "--no-verify"]
+        ),
+        "ort-genai builder fp32 (unmodified)": measure(
+            [
+                sys.executable,
+                "-m",
+                "onnxruntime_genai.models.builder",
+                "-i",
+                str(hf_folder),
+                "-o",
+                str(work / "builder"),
+                "-p",
+                "fp32",
+                "-e",
+                "cpu",
+                "-c",
+                str(work / "builder-cache"),
+            ]
+        ),
+        "surgery apply unmodified --no-verify": measure(
+            [*surgery, "apply", str(unmodified), "-o", str(work / "base"), "--no-verify"]
+        ),
+    }
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_folder)
+    text = (REPO / "benchmarks" / "prompt.txt").read_text()
+    prompt = np.array(tokenizer(text)["input_ids"][: args.prompt_tokens], dtype=np.int64)
+    assert len(prompt) == args.prompt_tokens, "prompt text too short"
+    models = {
+        "surgery export, unmodified": OnnxCausalLM(str(work / "base"), threads=args.threads),
+        "ort-genai builder fp32": OnnxCausalLM(str(work / "builder"), threads=args.threads),
+        "surgery drop-attention (24 attention layers)": OnnxCausalLM(str(work / "ours"), threads=args.threads),
+    }
+    rounds: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            rounds[name].append(decode_ms_per_token(model, prompt, args.steps))
+    latency = {name: round(statistics.median(values), 2) for name, values in rounds.items()}
+
+    print(f"\nSmolLM2-135M-Instruct, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
+    print(f"\n{'export':48} {'wall s':>8} {'peak GB':>8}")
+    for name, row in export_rows.items():
+        print(f"{name:48} {row['seconds']:8.2f} {row['peak_gb']:8.3f}")
+    print(f"\n{'decode (ms/token, 256-token prompt, batch 1)':48} {'ms/tok':>8}   rounds")
+    for name, value in latency.items():
+        print(f"{name:48} {value:8.2f}   {', '.join(f'{v:.2f}' for v in rounds[name])}")
+
+    result = {
+        "model": "smollm2-135m",
+        "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
+        "protocol": {
+            "prompt_tokens": args.prompt_tokens,
+            "decode_steps": args.steps,
+            "rounds": args.rounds,
+            "threads": args.threads,
+            "batch": 1,
+        },
+        "export": export_rows,
+        "decode_ms_per_token": latency,
+        "decode_rounds": {name: [round(v, 3) for v in values] for name, values in rounds.items()},
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
