@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from surgery.diagnostics import Diagnostic, RecipeError, raise_if_errors
-from surgery.export.decoder import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportOptions
+from surgery.export.options import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportOptions
 from surgery.layers import evenly_spaced, format_layers
 from surgery.models.index import SUPPORTED_ARCHITECTURES, ModelIndex
 from surgery.models.loading import ModelSpec, ModelSpecError, load_config, resolve_spec

@@ -13,17 +13,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from surgery.check import CheckedRecipe, check
-from surgery.export.decoder import export_decoder
-from surgery.models.graph import DecoderGraph
-from surgery.models.loading import load_model
 from surgery.output import OutputFolder
 from surgery.parser import parse
-from surgery.passes import PASSES, run_pass
 from surgery.plan import VERIFY_DECODE_STEPS, VERIFY_TOLERANCE, Plan, build_plan
-from surgery.report import build_report, folder_bytes, structure, write_report
-from surgery.verify import Verification, compare, trace_reference
+
+if TYPE_CHECKING:
+    from surgery.verify import Verification
 
 Progress = Callable[[str], None]
 
@@ -74,6 +72,14 @@ def apply(
     progress: Progress = _quiet,
 ) -> ApplyResult:
     """Run a recipe end to end and write the output folder."""
+    # torch, onnx and onnxruntime load here, not at import: `check` and `plan` never need them.
+    from surgery.export.decoder import export_decoder
+    from surgery.models.graph import DecoderGraph
+    from surgery.models.loading import load_model
+    from surgery.passes import PASSES, run_pass
+    from surgery.report import build_report, folder_bytes, structure, write_report
+    from surgery.verify import compare, trace_reference
+
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     total_start = clock

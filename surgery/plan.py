@@ -15,7 +15,7 @@ import networkx as nx
 
 from surgery.check import CheckedRecipe
 from surgery.diagnostics import Diagnostic
-from surgery.export.decoder import ExportOptions
+from surgery.export.options import ExportOptions
 from surgery.layers import format_layers
 from surgery.source import Span
 

@@ -8,7 +8,8 @@ import onnx
 import pytest
 
 from conftest import TINY, tiny_graph
-from surgery.export.decoder import ExportOptions, export_decoder
+from surgery.export.decoder import export_decoder
+from surgery.export.options import ExportOptions
 from surgery.models import builtin
 from surgery.passes import DropAttention, DropBlock, DropMlp, run_pass
 from surgery.plan import VERIFY_DECODE_STEPS

@@ -32,21 +32,12 @@ import numpy as np
 import torch
 from onnx import TensorProto
 
+from surgery.export.options import ExportOptions
 from surgery.export.writer import GraphWriter
 from surgery.models.graph import DecoderGraph, DecoderLayer
 
 MS = "com.microsoft"
 MASK_VALUE = -1.0e9  # additive bias of padding keys: exp() of it is exactly 0 in fp32
-DEFAULT_OPSET = 21
-SUPPORTED_OPSETS = range(17, 24)
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """What `export onnx ...` asked for."""
-
-    opset: int = DEFAULT_OPSET
-    kv_cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -252,8 +243,9 @@ class _Emitter:
         w.add_output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", graph.index.vocab_size])
 
 
-def export_decoder(graph: DecoderGraph, folder: str, options: ExportOptions = ExportOptions()) -> ExportResult:
+def export_decoder(graph: DecoderGraph, folder: str, options: ExportOptions | None = None) -> ExportResult:
     """Write `model.onnx` and `model.onnx.data` for the graph into `folder`."""
+    options = options or ExportOptions()
     model_path = os.path.join(folder, "model.onnx")
     writer = GraphWriter(os.path.join(folder, "model.onnx.data"))
     try:
