@@ -25,6 +25,7 @@ class DropAttention(GraphPass):
     layers: tuple[int, ...]
 
     def requires(self, graph: DecoderGraph) -> list[str]:
+        """Each layer is still in the graph with its attention, and one attention layer stays."""
         problems = []
         for index in self.layers:
             layer = graph.layer(index)
@@ -37,6 +38,7 @@ class DropAttention(GraphPass):
         return problems
 
     def apply(self, graph: DecoderGraph) -> PassResult:
+        """Remove the attention and its input norm from each selected layer."""
         for index in self.layers:
             layer = graph.layer(index)
             layer.attention = None
@@ -44,5 +46,6 @@ class DropAttention(GraphPass):
         return PassResult(True, f"dropped attention in {len(self.layers)} layer(s)")
 
     def ensures(self, graph: DecoderGraph) -> list[str]:
+        """None of the selected layers has attention any more."""
         kept = set(graph.kv_layers())
         return [f"layer {i} still has attention" for i in self.layers if i in kept]

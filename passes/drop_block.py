@@ -25,6 +25,7 @@ class DropBlock(GraphPass):
     layers: tuple[int, ...]
 
     def requires(self, graph: DecoderGraph) -> list[str]:
+        """Each layer is still in the graph, and one attention layer stays."""
         problems = [f"layer {i} is not in the graph" for i in self.layers if graph.layer(i) is None]
         remaining_attention = [i for i in graph.kv_layers() if i not in self.layers]
         if not remaining_attention:
@@ -32,9 +33,11 @@ class DropBlock(GraphPass):
         return problems
 
     def apply(self, graph: DecoderGraph) -> PassResult:
+        """Take the selected layers out of the chain."""
         dropped = set(self.layers)
         graph.layers = [layer for layer in graph.layers if layer.index not in dropped]
         return PassResult(True, f"dropped {len(dropped)} block(s)")
 
     def ensures(self, graph: DecoderGraph) -> list[str]:
+        """None of the selected layers is in the graph any more."""
         return [f"layer {i} is still in the graph" for i in self.layers if graph.layer(i) is not None]

@@ -23,6 +23,7 @@ class DropMlp(GraphPass):
     layers: tuple[int, ...]
 
     def requires(self, graph: DecoderGraph) -> list[str]:
+        """Each layer is still in the graph with its MLP."""
         problems = []
         for index in self.layers:
             layer = graph.layer(index)
@@ -33,6 +34,7 @@ class DropMlp(GraphPass):
         return problems
 
     def apply(self, graph: DecoderGraph) -> PassResult:
+        """Remove the MLP and its norm from each selected layer."""
         for index in self.layers:
             layer = graph.layer(index)
             layer.mlp = None
@@ -40,6 +42,7 @@ class DropMlp(GraphPass):
         return PassResult(True, f"dropped the MLP in {len(self.layers)} layer(s)")
 
     def ensures(self, graph: DecoderGraph) -> list[str]:
+        """None of the selected layers has an MLP any more."""
         return [
             f"layer {i} still has its MLP"
             for i in self.layers

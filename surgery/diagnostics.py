@@ -57,6 +57,7 @@ class RecipeError(Exception):
 
     @property
     def errors(self) -> list[Diagnostic]:
+        """The diagnostics of severity error."""
         return [d for d in self.diagnostics if d.severity == "error"]
 
 

@@ -36,6 +36,7 @@ class PlanStep:
     note: str = ""
 
     def to_json(self) -> dict[str, Any]:
+        """Plain data for `surgery plan --json` and the report."""
         return {
             "action": self.action,
             "phase": self.phase,
@@ -62,9 +63,11 @@ class Plan:
     warnings: tuple[Diagnostic, ...] = ()
 
     def graph_steps(self) -> list[PlanStep]:
+        """The steps that are passes over the decoder graph, in order."""
         return [step for step in self.steps if step.phase == "graph"]
 
     def to_json(self) -> dict[str, Any]:
+        """The whole plan as plain data (`surgery plan --json`, and the report)."""
         return {
             "recipe": self.recipe_name,
             "model": self.model,

@@ -31,6 +31,8 @@ def session_options(threads: int | None = None, low_memory: bool = False) -> ort
 
 @dataclass
 class StepOutput:
+    """Logits of one forward call and the KV cache to feed the next one."""
+
     logits: np.ndarray
     present: list[np.ndarray]
 

@@ -38,14 +38,17 @@ class Span:
 
     @property
     def line(self) -> int:
+        """1-based line of the span's start."""
         return self.source.position(self.start)[0]
 
     @property
     def column(self) -> int:
+        """1-based column of the span's start."""
         return self.source.position(self.start)[1]
 
     @property
     def text(self) -> str:
+        """The source text the span covers."""
         return self.source.text[self.start : self.end]
 
     def location(self) -> str:

@@ -60,6 +60,7 @@ class Verification:
     seconds: float
 
     def to_json(self) -> dict:
+        """Plain data for surgery.json."""
         return asdict(self)
 
 

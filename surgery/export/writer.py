@@ -36,6 +36,7 @@ class GraphWriter:
         self._constants: dict[tuple, str] = {}
 
     def close(self) -> None:
+        """Close the data file (idempotent)."""
         self._data.close()
 
     def weight(self, name: str, array: np.ndarray, parameter: bool = True) -> str:
@@ -92,10 +93,12 @@ class GraphWriter:
         return self.node(op_type, inputs, name, 1, domain, **attributes)[0]
 
     def add_input(self, name: str, elem_type: int, shape: list) -> str:
+        """Declare a graph input; returns its name."""
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
 
     def add_output(self, name: str, elem_type: int, shape: list) -> None:
+        """Declare a graph output."""
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
     def save(self, model_path: str, opset: int, metadata: dict[str, str], graph_name: str) -> onnx.ModelProto:

@@ -34,10 +34,12 @@ class DecoderLayer:
 
     @property
     def has_attention(self) -> bool:
+        """Whether the attention sub-block is still there."""
         return self.attention is not None
 
     @property
     def has_mlp(self) -> bool:
+        """Whether the MLP sub-block is still there."""
         return self.mlp is not None
 
 
@@ -49,6 +51,7 @@ class KVCache:
     values: list[torch.Tensor | None] = field(default_factory=list)
 
     def length(self) -> int:
+        """Number of cached positions (0 before the first step)."""
         for key in self.keys:
             if key is not None:
                 return int(key.shape[2])
