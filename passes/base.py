@@ -56,6 +56,18 @@ class GraphPass(ABC):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+def parts_present(graph: DecoderGraph, layers: tuple[int, ...], part: str) -> list[str]:
+    """Problems unless every layer is in the graph and still has `part` ("attention" or "mlp")."""
+    problems = []
+    for index in layers:
+        layer = graph.layer(index)
+        if layer is None:
+            problems.append(f"layer {index} is not in the graph")
+        elif not (layer.has_attention if part == "attention" else layer.has_mlp):
+            problems.append(f"layer {index} has no {'MLP' if part == 'mlp' else part} to drop")
+    return problems
+
+
 def run_pass(graph_pass: GraphPass, graph: DecoderGraph) -> PassResult:
     """Run one pass under its contract."""
     problems = graph_pass.requires(graph)

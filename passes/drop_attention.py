@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from surgery.models.graph import DecoderGraph
-from surgery.passes.base import GraphPass, PassResult
+from surgery.passes.base import GraphPass, PassResult, parts_present
 
 
 @dataclass(frozen=True)
@@ -26,13 +26,7 @@ class DropAttention(GraphPass):
 
     def requires(self, graph: DecoderGraph) -> list[str]:
         """Each layer is still in the graph with its attention, and one attention layer stays."""
-        problems = []
-        for index in self.layers:
-            layer = graph.layer(index)
-            if layer is None:
-                problems.append(f"layer {index} is not in the graph")
-            elif not layer.has_attention:
-                problems.append(f"layer {index} has no attention to drop")
+        problems = parts_present(graph, self.layers, "attention")
         if len(graph.kv_layers()) - len(self.layers) < 1:
             problems.append("the model would have no attention layer left")
         return problems

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from surgery.models.graph import DecoderGraph
-from surgery.passes.base import GraphPass, PassResult
+from surgery.passes.base import GraphPass, PassResult, parts_present
 
 
 @dataclass(frozen=True)
@@ -24,14 +24,7 @@ class DropMlp(GraphPass):
 
     def requires(self, graph: DecoderGraph) -> list[str]:
         """Each layer is still in the graph with its MLP."""
-        problems = []
-        for index in self.layers:
-            layer = graph.layer(index)
-            if layer is None:
-                problems.append(f"layer {index} is not in the graph")
-            elif not layer.has_mlp:
-                problems.append(f"layer {index} has no MLP to drop")
-        return problems
+        return parts_present(graph, self.layers, "mlp")
 
     def apply(self, graph: DecoderGraph) -> PassResult:
         """Remove the MLP and its norm from each selected layer."""

@@ -64,16 +64,21 @@ class _Checker:
     def warning(self, message: str, span: Span | None, hint: str | None = None) -> None:
         self.diagnostics.append(Diagnostic("warning", message, span, hint))
 
+    def single(self, kind: type, what: str) -> list:
+        """The statements of `kind`; every one after the first is an error."""
+        statements = [s for s in self.recipe.statements if isinstance(s, kind)]
+        for extra in statements[1:]:
+            self.error(
+                f"a recipe has at most one {what} statement",
+                extra.span,
+                f"the {what} is already given on line {statements[0].span.line}",
+            )
+        return statements
+
     # The model.
 
     def model(self) -> tuple[ModelSpec, ModelIndex] | None:
-        statements = [s for s in self.recipe.statements if isinstance(s, ModelStmt)]
-        for extra in statements[1:]:
-            self.error(
-                "a recipe names its model once",
-                extra.span,
-                f"the model is already given on line {statements[0].span.line}",
-            )
+        statements = self.single(ModelStmt, "model")
         if self.model_override is not None:
             text, span = self.model_override, None
         elif statements:
@@ -210,13 +215,7 @@ class _Checker:
     # Export.
 
     def export(self) -> tuple[ExportOptions, ExportStmt | None]:
-        statements = [s for s in self.recipe.statements if isinstance(s, ExportStmt)]
-        for extra in statements[1:]:
-            self.error(
-                "a recipe has at most one export statement",
-                extra.span,
-                f"the export is already given on line {statements[0].span.line}",
-            )
+        statements = self.single(ExportStmt, "export")
         if not statements:
             return ExportOptions(), None
         statement = statements[0]

