@@ -1,5 +1,5 @@
 """`python -m surgery` is the `surgery` command."""
 
-from surgery.cli import main
+from surgery.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -147,8 +148,6 @@ class _Rendered:
 
 
 def _cmd_run(args) -> int:
-    import os
-
     from transformers import AutoTokenizer
 
     from surgery.runtime import OnnxCausalLM
@@ -181,8 +180,6 @@ class _UserError(Exception):
 
 def _quiet_libraries() -> None:
     """surgery prints its own progress; transformers' bars and advice would only add noise."""
-    import os
-
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
@@ -213,3 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def entry() -> None:
+    """The console script: `main`, then exit without interpreter teardown.
+
+    Tearing down torch and onnxruntime at exit takes most of a second for a small model; by
+    the time `main` returns every file surgery wrote is closed and renamed into place, so
+    only the standard streams need flushing.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

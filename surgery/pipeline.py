@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -123,18 +124,25 @@ def apply(
         after = structure(graph)
         lap("passes")
 
-        progress(
-            f"exporting ONNX (opset {plan.export.opset}, {'with' if plan.export.kv_cache else 'without'} KV cache)"
-        )
-        export = export_decoder(graph, str(folder.path), plan.export)
-        tokenizer.save_pretrained(str(folder.path))
-        shutil.copyfile(path, folder.path / "recipe.surg")
-        lap("export")
+        # The graph is final: PyTorch's side of the verification only reads it, so it runs
+        # while the exporter writes the weights (torch and file writes both release the GIL).
+        with ThreadPoolExecutor(max_workers=1) as background:
+            tracing = (
+                background.submit(trace_reference, graph, tokenizer, plan.export.kv_cache, VERIFY_DECODE_STEPS)
+                if run_verification
+                else None
+            )
+            kv = "with" if plan.export.kv_cache else "without"
+            progress(f"exporting ONNX (opset {plan.export.opset}, {kv} KV cache)")
+            export = export_decoder(graph, str(folder.path), plan.export)
+            tokenizer.save_pretrained(str(folder.path))
+            shutil.copyfile(path, folder.path / "recipe.surg")
+            lap("export")
+            trace = tracing.result() if tracing else None
 
         verification = None
-        if run_verification:
+        if trace is not None:
             progress("verifying against PyTorch (prefill + decode)")
-            trace = trace_reference(graph, tokenizer, plan.export.kv_cache, VERIFY_DECODE_STEPS)
             # The PyTorch weights are not needed past this point; free them before onnxruntime
             # maps the exported ones, so the two copies never add up.
             del graph, hf_model
