@@ -78,7 +78,7 @@ def apply(
     from surgery.models.graph import DecoderGraph
     from surgery.models.loading import load_model
     from surgery.passes import PASSES, run_pass
-    from surgery.report import build_report, folder_bytes, structure, write_report
+    from surgery.report import build_report, folder_bytes, pass_record, structure, write_report
     from surgery.verify import compare, trace_reference
 
     timings: dict[str, float] = {}
@@ -110,17 +110,7 @@ def apply(
             graph_pass = PASSES[step.action](layers=step.layers)
             result = run_pass(graph_pass, graph)
             progress(f"{step.action}: {result.summary}")
-            passes.append(
-                {
-                    "action": graph_pass.name,
-                    "parameters": {
-                        k: list(v) if isinstance(v, tuple) else v for k, v in graph_pass.parameters().items()
-                    },
-                    "preserves_semantics": graph_pass.preserves_semantics,
-                    "summary": result.summary,
-                    "source": step.source.to_json() if step.source else None,
-                }
-            )
+            passes.append(pass_record(graph_pass, result, step.source))
         after = structure(graph)
         lap("passes")
 
@@ -171,5 +161,5 @@ def apply(
 
 
 def default_output(recipe_path: str) -> str:
-    """`out/<recipe name>` next to the working directory."""
+    """`out/<recipe name>` under the working directory."""
     return os.path.join("out", Path(recipe_path).stem)

@@ -11,7 +11,9 @@ from surgery import __version__
 from surgery.diagnostics import Diagnostic
 from surgery.export.decoder import ExportResult
 from surgery.models.graph import DecoderGraph
+from surgery.passes import GraphPass, PassResult
 from surgery.plan import Plan
+from surgery.source import Span
 from surgery.verify import Verification
 
 
@@ -23,6 +25,17 @@ def structure(graph: DecoderGraph) -> dict[str, Any]:
         "attention_layers": graph.kv_layers(),
         "mlp_layers": [layer.index for layer in graph.layers if layer.has_mlp],
         "parameters": graph.parameter_count(),
+    }
+
+
+def pass_record(graph_pass: GraphPass, result: PassResult, source: Span | None) -> dict[str, Any]:
+    """One applied pass as the report lists it: what, with which parameters, from which line."""
+    return {
+        "action": graph_pass.name,
+        "parameters": {k: list(v) if isinstance(v, tuple) else v for k, v in graph_pass.parameters().items()},
+        "preserves_semantics": graph_pass.preserves_semantics,
+        "summary": result.summary,
+        "source": source.to_json() if source else None,
     }
 
 
