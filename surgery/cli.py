@@ -157,11 +157,12 @@ def _cmd_run(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.output)
     model = OnnxCausalLM(args.output, threads=args.threads)
     if args.chat:
-        prompt_ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
+        if not getattr(tokenizer, "chat_template", None):
+            raise _UserError(f"the tokenizer in '{args.output}' has no chat template; run without --chat")
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
         )
-        if isinstance(prompt_ids, dict):
-            prompt_ids = prompt_ids["input_ids"]
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         prompt_ids = tokenizer(args.prompt)["input_ids"]
     eos = tokenizer.eos_token_id
@@ -169,7 +170,8 @@ def _cmd_run(args) -> int:
     start = time.perf_counter()
     new_tokens = model.generate(list(prompt_ids), args.max_new_tokens, eos_ids)
     seconds = time.perf_counter() - start
-    print(args.prompt + tokenizer.decode(new_tokens, skip_special_tokens=True))
+    answer = tokenizer.decode(new_tokens, skip_special_tokens=True)
+    print(answer if args.chat else args.prompt + answer)
     print(f"[{len(new_tokens)} tokens in {seconds:.2f}s]", file=sys.stderr)
     return EXIT_OK
 

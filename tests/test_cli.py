@@ -114,6 +114,13 @@ def test_run_generates_text(in_tmp, kv):
     assert "5 tokens" in result.err
 
 
+def test_run_chat_needs_a_chat_template(in_tmp):
+    recipe = write(in_tmp / "r.surg", RECIPE)
+    assert run_cli("apply", recipe, "-o", "out", "--no-verify").code == 0
+    result = run_cli("run", "out", "--prompt", "hi", "--chat")
+    assert result.code == 1 and "no chat template" in result.err
+
+
 def test_run_refuses_a_folder_without_a_model(in_tmp):
     result = run_cli("run", str(in_tmp), "--prompt", "x")
     assert result.code == 1 and "no model.onnx" in result.err

@@ -31,6 +31,9 @@ def test_example_applies_and_runs(example: Path, in_tmp):
     generated = run_cli("run", "out", "--prompt", "The capital of France is", "--max-new-tokens", "8")
     assert generated.code == 0, generated.err
     assert generated.out.startswith("The capital of France is")
+    chat = run_cli("run", "out", "--prompt", "What is the capital of France?", "--chat", "--max-new-tokens", "8")
+    assert chat.code == 0, chat.err
+    assert chat.out.strip()
 
 
 @pytest.mark.slow
