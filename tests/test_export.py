@@ -94,3 +94,65 @@ def test_dynamic_axes_and_external_data(tmp_path):
 def test_parameter_count_matches_the_graph(tmp_path):
     graph, result = _export("tiny-qwen2", "mixed", tmp_path)
     assert result.parameter_count == graph.parameter_count()
+
+
+def _variant(architecture: str, **overrides):
+    """A tiny random model of `architecture` with config fields the built-ins do not cover."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from surgery.models.graph import DecoderGraph
+    from surgery.models.index import ModelIndex
+
+    base = builtin.tiny_config("tiny-llama").to_dict()
+    fields = {
+        k: base[k]
+        for k in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "vocab_size",
+            "initializer_range",
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+            "max_position_embeddings",
+        )
+    }
+    config = AutoConfig.for_model(architecture, **{**fields, **overrides})
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    index = ModelIndex.from_config(architecture, config)
+    assert not index.unsupported_reasons()
+    return DecoderGraph(model, index)
+
+
+VARIANTS = {
+    "llama3-rope": (
+        "llama",
+        {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32}},
+    ),
+    "linear-rope": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}),
+    "llama-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
+    "qwen2-sliding-layers": (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 6,
+         "layer_types": ["full_attention", "sliding_attention"] * 3},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_config_variants(variant, tmp_path):
+    architecture, overrides = VARIANTS[variant]
+    graph = _variant(architecture, **overrides)
+    if variant == "qwen2-sliding-layers":
+        assert [layer.sliding_window for layer in graph.layers] == [None, 6] * 3
+    run_pass(DropAttention(layers=(2,)), graph)
+    export_decoder(graph, str(tmp_path))
+    check = verify(graph, builtin.byte_tokenizer(), str(tmp_path), VERIFY_DECODE_STEPS, 1e-4, threads=1)
+    assert check.passed, check.reason
