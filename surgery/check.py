@@ -50,6 +50,7 @@ class CheckedRecipe:
     export: ExportOptions
     export_statement: ExportStmt | None
     warnings: tuple[Diagnostic, ...]
+    model_span: Span | None = None  # the spec in the recipe; None when it came from --model
 
 
 class _Checker:
@@ -77,7 +78,7 @@ class _Checker:
 
     # The model.
 
-    def model(self) -> tuple[ModelSpec, ModelIndex] | None:
+    def model(self) -> tuple[ModelSpec, ModelIndex, Span | None] | None:
         statements = self.single(ModelStmt, "model")
         if self.model_override is not None:
             text, span = self.model_override, None
@@ -104,7 +105,7 @@ class _Checker:
         index = ModelIndex.from_config(text, config)
         for reason in index.unsupported_reasons():
             self.error(f"cannot compile '{text}': {reason}", span)
-        return spec, index
+        return spec, index, span
 
     # Selectors.
 
@@ -237,9 +238,9 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
     drops = checker.drops(model[1]) if model is not None else []
     raise_if_errors(checker.diagnostics)
     assert model is not None
-    spec, index = model
+    spec, index, model_span = model
     warnings = tuple(d for d in checker.diagnostics if d.severity == "warning")
-    return CheckedRecipe(recipe, spec, index, tuple(drops), export, export_statement, warnings)
+    return CheckedRecipe(recipe, spec, index, tuple(drops), export, export_statement, warnings, model_span)
 
 
 __all__ = ["CheckedRecipe", "RecipeError", "ResolvedDrop", "check"]

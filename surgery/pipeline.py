@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from surgery.check import CheckedRecipe, check
+from surgery.diagnostics import Diagnostic, RecipeError
 from surgery.output import OutputFolder
 from surgery.parser import parse
 from surgery.plan import VERIFY_DECODE_STEPS, VERIFY_TOLERANCE, Plan, build_plan
@@ -76,7 +77,7 @@ def apply(
     # torch, onnx and onnxruntime load here, not at import: `check` and `plan` never need them.
     from surgery.export.decoder import export_decoder
     from surgery.models.graph import DecoderGraph
-    from surgery.models.loading import load_model
+    from surgery.models.loading import ModelSpecError, load_model
     from surgery.passes import PASSES, run_pass
     from surgery.report import build_report, folder_bytes, pass_record, structure, write_report
     from surgery.verify import compare, trace_reference
@@ -98,7 +99,10 @@ def apply(
     lap("parse_check_plan")
     try:
         progress(f"loading {checked.spec.text}")
-        hf_model, tokenizer = load_model(checked.spec, progress)
+        try:
+            hf_model, tokenizer = load_model(checked.spec, progress)
+        except ModelSpecError as problem:
+            raise RecipeError([Diagnostic("error", str(problem), checked.model_span, problem.hint)]) from problem
         graph = DecoderGraph(hf_model, checked.index)
         before = structure(graph)
         lap("load")

@@ -143,3 +143,22 @@ def test_local_model_folder(in_tmp):
     assert sorted(p.name for p in (in_tmp / "my-model").iterdir()) == before
     refused = run_cli("apply", recipe, "-o", "my-model", "--force")
     assert refused.code == 1 and "would replace an input" in refused.err
+
+
+def test_unloadable_weights_point_at_the_model_line(in_tmp):
+    # A folder whose config is fine (so `check` passes) but whose weights are pickled: refused.
+    import torch
+
+    from surgery.models import builtin
+
+    folder = in_tmp / "pickled"
+    builtin.tiny_config("tiny-llama").save_pretrained(folder)
+    torch.save({}, folder / "pytorch_model.bin")
+    recipe = write(in_tmp / "r.surg", '# pickled weights\nmodel "pickled"\ndrop mlp layers 1\n')
+    assert run_cli("check", recipe).code == 0
+    result = run_cli("apply", recipe, "-o", "out")
+    assert result.code == 1
+    assert "r.surg:2:7: error: cannot load the weights of 'pickled'" in result.err
+    assert "safetensors weights only" in result.err
+    assert "Traceback" not in result.err
+    assert not (in_tmp / "out").exists()

@@ -100,10 +100,17 @@ def load_model(spec: ModelSpec, progress=print) -> tuple[Any, Any]:
         folder = str(_converted_gguf(Path(spec.location), progress))
     else:
         folder = spec.location
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, attn_implementation="eager", trust_remote_code=False
-    )
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    try:
+        # safetensors only: pickled .bin checkpoints can run code when loaded.
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation="eager", trust_remote_code=False, use_safetensors=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise ModelSpecError(
+            f"cannot load the weights of '{spec.text}': {_first_line(error)}",
+            "surgery loads safetensors weights only (pickled .bin checkpoints are refused)",
+        ) from error
     return model.eval(), tokenizer
 
 
