@@ -14,7 +14,7 @@ import time
 
 from surgery import __version__
 
-EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_VERIFY_FAILED = 0, 1, 2, 3
+EXIT_OK, EXIT_USER_ERROR, EXIT_VERIFY_FAILED = 0, 1, 3  # 2, usage errors, comes from argparse
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -9,7 +9,6 @@ The lark Transformer only builds AST nodes; meaning is checked later (surgery.ch
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
@@ -51,12 +50,6 @@ _TERMINAL_WORDS = {
 def _parser() -> lark.Lark:
     grammar = resources.files("surgery.grammar").joinpath("surgery.lark").read_text()
     return lark.Lark(grammar, parser="lalr", start="statement", propagate_positions=True)
-
-
-@dataclass(frozen=True)
-class _Chunk:
-    start: int
-    end: int
 
 
 def _strip_comment(line: str) -> str:
@@ -268,9 +261,3 @@ def parse(text: str, name: str = "<string>") -> Recipe:
     if diagnostics:
         raise RecipeError(diagnostics)
     return Recipe(statements=tuple(statements), source=source)
-
-
-def parse_file(path: str) -> Recipe:
-    """Parse the recipe file at `path` (reported under that path)."""
-    with open(path, encoding="utf-8") as handle:
-        return parse(handle.read(), name=path)

@@ -63,7 +63,3 @@ class Span:
             "column": self.column,
             "text": self.source.line_text(self.line).strip(),
         }
-
-    def merge(self, other: Span) -> Span:
-        """The smallest span covering both."""
-        return Span(self.source, min(self.start, other.start), max(self.end, other.end))

@@ -7,7 +7,6 @@ onnxruntime memory-map them.
 
 from __future__ import annotations
 
-import itertools
 import os
 from typing import BinaryIO
 
@@ -32,7 +31,6 @@ class GraphWriter:
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self.parameter_count = 0
-        self._names = itertools.count()
         self._constants: dict[tuple, str] = {}
 
     def close(self) -> None:

@@ -106,12 +106,3 @@ class ModelIndex:
                 f"head_dim {self.head_dim} is not a multiple of 16, which onnxruntime's GroupQueryAttention requires"
             )
         return reasons
-
-    def parameter_summary(self) -> dict[str, int]:
-        """Parameter counts by part, computed from the config (no weights needed)."""
-        d, h, i = self.hidden_size, self.head_dim, self.intermediate_size
-        attention = d * h * (self.num_heads * 2 + self.num_kv_heads * 2) + d
-        mlp = 3 * d * i + d
-        embed = self.vocab_size * d
-        head = 0 if self.tied_embeddings else embed
-        return {"attention_per_layer": attention, "mlp_per_layer": mlp, "embedding": embed, "head": head}
