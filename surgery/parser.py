@@ -9,6 +9,7 @@ The lark Transformer only builds AST nodes; meaning is checked later (surgery.ch
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from functools import cache
 from importlib import resources
 
@@ -112,7 +113,7 @@ class _ToAst(Transformer):
     def selector(self, meta, children):
         (layer_set,) = children
         # The selector's span covers the `layers` keyword too.
-        return _respan(layer_set, self._span(meta))
+        return replace(layer_set, span=self._span(meta))
 
     @v_args(meta=True)
     def all_layers(self, meta, children):
@@ -156,12 +157,6 @@ class _ToAst(Transformer):
 
     def without_option(self, children):
         return {"kv_cache": False}
-
-
-def _respan(node, span: Span):
-    from dataclasses import replace
-
-    return replace(node, span=span)
 
 
 def _describe_expected(names: set[str]) -> list[str]:
