@@ -5,20 +5,25 @@ creates pass instances from it and the pipeline runs them through `run_pass`, wh
 each pass's contract.
 """
 
-from surgery.passes.base import GraphPass, PassContractError, PassResult, run_pass
+from surgery.passes.base import GraphPass, OnnxPass, PassContractError, PassResult, run_pass
 from surgery.passes.drop_attention import DropAttention
 from surgery.passes.drop_block import DropBlock
 from surgery.passes.drop_mlp import DropMlp
+from surgery.passes.quantize import Quantize
 
 PASSES: dict[str, type[GraphPass]] = {cls.name: cls for cls in (DropAttention, DropMlp, DropBlock)}
+ONNX_PASSES: dict[str, type[OnnxPass]] = {cls.name: cls for cls in (Quantize,)}
 
 __all__ = [
+    "ONNX_PASSES",
     "PASSES",
     "DropAttention",
     "DropBlock",
     "DropMlp",
     "GraphPass",
+    "OnnxPass",
     "PassContractError",
     "PassResult",
+    "Quantize",
     "run_pass",
 ]

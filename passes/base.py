@@ -4,6 +4,9 @@ A pass is a frozen dataclass whose fields are its parameters (so a plan step can
 and rebuilt from plain data). It declares `name` (its recipe keyword) and whether it preserves
 the model's semantics. `run_pass` refuses to apply a pass whose preconditions fail and reports
 a pass whose postconditions fail, naming the pass either way.
+
+Two kinds of pass share the contract: `GraphPass` rewrites the decoder graph before export,
+`OnnxPass` rewrites the exported ONNX model (an `onnx.ModelProto`, weights loaded).
 """
 
 from __future__ import annotations
@@ -11,9 +14,12 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery.models.graph import DecoderGraph
+
+if TYPE_CHECKING:
+    import onnx
 
 
 class PassContractError(Exception):
@@ -56,6 +62,30 @@ class GraphPass(ABC):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+@dataclass(frozen=True)
+class OnnxPass(ABC):
+    """A rewrite of the exported ONNX model, in place. Subclasses are frozen dataclasses."""
+
+    name: ClassVar[str]
+    preserves_semantics: ClassVar[bool]
+
+    def requires(self, model: onnx.ModelProto) -> list[str]:
+        """Preconditions; each returned string is a violated one."""
+        return []
+
+    @abstractmethod
+    def apply(self, model: onnx.ModelProto) -> PassResult:
+        """Rewrite the model in place."""
+
+    def ensures(self, model: onnx.ModelProto) -> list[str]:
+        """Postconditions; each returned string is a violated one."""
+        return []
+
+    def parameters(self) -> dict[str, Any]:
+        """The pass's fields as plain data."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
 def parts_present(graph: DecoderGraph, layers: tuple[int, ...], part: str) -> list[str]:
     """Problems unless every layer is in the graph and still has `part` ("attention" or "mlp")."""
     problems = []
@@ -68,8 +98,8 @@ def parts_present(graph: DecoderGraph, layers: tuple[int, ...], part: str) -> li
     return problems
 
 
-def run_pass(graph_pass: GraphPass, graph: DecoderGraph) -> PassResult:
-    """Run one pass under its contract."""
+def run_pass(graph_pass: GraphPass | OnnxPass, graph: Any) -> PassResult:
+    """Run one pass (on a DecoderGraph or an onnx.ModelProto) under its contract."""
     problems = graph_pass.requires(graph)
     if problems:
         raise PassContractError(graph_pass.name, "precondition", problems)

@@ -1,42 +1,95 @@
 """Semantic check of a parsed recipe against the model index (config only, no weights).
 
-Resolves every selector to original layer numbers and reports, all at once: layers out of
-range, reversed or empty ranges, dropping every attention layer, bad model specs, unsupported
-architectures, bad export options; overlapping or duplicate selections are warnings.
+Resolves every layer selector to original layer numbers and checks every importance selector
+(amount, metric, importance file) so that only the ranking remains for the plan. Reports, all
+at once: layers out of range, reversed or empty ranges, dropping every attention layer, bad
+model specs, unsupported architectures, unknown metrics, invalid importance files (pointing
+into the file), bad calibration, quantization and export options; overlapping or duplicate
+selections are warnings.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from surgery.diagnostics import Diagnostic, RecipeError, raise_if_errors
+from surgery.calibration import DEFAULT_LENGTH, DEFAULT_SAMPLES, DEFAULT_SEED, CalibrationSpec
+from surgery.data import TextSourceError, resolve_text
+from surgery.diagnostics import Diagnostic, RecipeError, did_you_mean, raise_if_errors
 from surgery.export.options import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportOptions
+from surgery.importance.file import ImportanceFile, load_importance
+from surgery.importance.metrics import METRICS
 from surgery.layers import evenly_spaced, format_layers
 from surgery.models.index import SUPPORTED_ARCHITECTURES, ModelIndex
 from surgery.models.loading import ModelSpec, ModelSpecError, load_config, resolve_spec
+from surgery.selection import ImportanceQuery, ScoreSource
 from surgery.source import Span
 from surgery.syntax import (
     AllLayers,
+    CalibrateStmt,
     DropStmt,
     EvenlyLayers,
     ExportStmt,
     FirstLayers,
+    ImportanceRank,
+    ImportanceSelector,
+    ImportanceSource,
     LastLayers,
     LayerIndex,
     ModelStmt,
+    QuantizeGroupStmt,
+    QuantizeRule,
+    QuantizeStmt,
     Recipe,
+    RestLayers,
     Selector,
+    VerifyStmt,
 )
+
+DEFAULT_QUANT_BLOCK = 32
+QUANT_BLOCKS = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
+DEFAULT_PERPLEXITY_TOKENS = 4096
+# Which importance scores rank the layers for a statement's part.
+SCORE_PART = {"attention": "attention", "mlp": "mlp", "block": "block", "layers": "block"}
 
 
 @dataclass(frozen=True)
 class ResolvedDrop:
-    """A drop statement with its selector resolved to sorted original layer numbers."""
+    """A drop statement: sorted original layer numbers, or an importance query the plan resolves."""
 
     part: str
     layers: tuple[int, ...]
     statement: DropStmt
+    query: ImportanceQuery | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedQuantize:
+    """One quantize statement, or one rule of a grouped quantize, checked.
+
+    Exactly one of: `layers` (explicit), `query` (by importance), `rest` (the group's
+    leftovers); the head has none of them.
+    """
+
+    part: str  # "layers", "attention", "mlp" or "head"
+    bits: int
+    block: int
+    symmetric: bool
+    span: Span | None
+    layers: tuple[int, ...] = ()
+    query: ImportanceQuery | None = None
+    rest: bool = False
+    group: int | None = None  # rules of one grouped statement share a number
+
+
+@dataclass(frozen=True)
+class PerplexityCheck:
+    """`verify perplexity on <text> max-increase P% [tokens N]`."""
+
+    data: str
+    max_increase: float
+    tokens: int
+    span: Span | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +104,18 @@ class CheckedRecipe:
     export_statement: ExportStmt | None
     warnings: tuple[Diagnostic, ...]
     model_span: Span | None = None  # the spec in the recipe; None when it came from --model
+    quantize: tuple[ResolvedQuantize, ...] = ()
+    calibration: CalibrationSpec = CalibrationSpec()
+    calibration_span: Span | None = None
+    perplexity: PerplexityCheck | None = None
+    importance_files: dict[str, ImportanceFile] | None = None
+    base_dir: str | None = None  # where relative data and file paths resolve (the recipe's folder)
+
+    def metrics_to_compute(self) -> tuple[str, ...]:
+        """Metrics some selector ranks by that are computed (not read from a file), in a fixed order."""
+        queries = [d.query for d in self.drops] + [q.query for q in self.quantize]
+        wanted = {q.source.metric for q in queries if q is not None and q.source.file is None}
+        return tuple(m for m in METRICS if m in wanted)
 
 
 class _Checker:
@@ -58,6 +123,9 @@ class _Checker:
         self.recipe = recipe
         self.model_override = model_override
         self.diagnostics: list[Diagnostic] = []
+        source = recipe.source
+        self.base_dir = os.path.dirname(os.path.abspath(source.name)) if source and source.name != "<string>" else None
+        self.files: dict[str, ImportanceFile | None] = {}
 
     def error(self, message: str, span: Span | None, hint: str | None = None) -> None:
         self.diagnostics.append(Diagnostic("error", message, span, hint))
@@ -87,10 +155,8 @@ class _Checker:
         else:
             self.error("the recipe names no model", None, 'add a line `model "<spec>"` or pass --model SPEC')
             return None
-        source = self.recipe.source
-        base_dir = os.path.dirname(os.path.abspath(source.name)) if source and source.name != "<string>" else None
         try:
-            spec = resolve_spec(text, base_dir)
+            spec = resolve_spec(text, self.base_dir)
             config = load_config(spec)
         except ModelSpecError as problem:
             self.error(str(problem), span, problem.hint)
@@ -110,6 +176,7 @@ class _Checker:
     # Selectors.
 
     def selector(self, selector: Selector, index: ModelIndex) -> tuple[int, ...] | None:
+        """Original layer numbers of a layer selector (importance selectors go to `importance`)."""
         n = index.num_layers
         range_hint = f"model has {n} layers; valid indices 0..{n - 1} (or -{n}..-1 counting from the end)"
         if isinstance(selector, AllLayers):
@@ -169,16 +236,116 @@ class _Checker:
         self.error(f"layer {item.value} is out of range", item.span, hint)
         return None
 
+    # Importance selectors.
+
+    def importance(
+        self, rank: ImportanceRank, source: ImportanceSource, part: str, index: ModelIndex, span: Span | None
+    ) -> ImportanceQuery | None:
+        n = index.num_layers
+        ok = True
+        if rank.count is not None and not 1 <= rank.count <= n:
+            problem = "selects no layers" if rank.count == 0 else "asks for more layers than there are"
+            self.error(
+                f"`{rank.rank} important {rank.count}` {problem}", rank.span, f"model has {n} layers; ask for 1..{n}"
+            )
+            ok = False
+        if rank.percent is not None and not 0 < rank.percent <= 100:
+            self.error(f"{rank.percent:g}% is not a share of the layers", rank.span, "use a percentage in (0, 100]")
+            ok = False
+        score_source = self.score_source(source, part, index)
+        if not ok or score_source is None:
+            return None
+        return ImportanceQuery(rank.rank, rank.count, rank.percent, score_source, part, span)
+
+    def score_source(self, source: ImportanceSource, part: str, index: ModelIndex) -> ScoreSource | None:
+        if source.file is None:
+            metric = source.metric
+            if metric not in METRICS:
+                self.error(
+                    f"unknown importance metric '{metric}'",
+                    source.metric_span,
+                    did_you_mean(metric, METRICS) or "metrics: " + ", ".join(METRICS) + ', or a file: by "imp.json"',
+                )
+                return None
+            if part not in METRICS[metric].parts:
+                self.error(
+                    f"{metric} has no {part} scores (it scores: {', '.join(METRICS[metric].parts)})",
+                    source.metric_span,
+                    "rank attention and MLPs by similarity or zd; lim ranks whole layers (drop block, quantize layers)",
+                )
+                return None
+            return ScoreSource(metric)
+        path = (
+            source.file
+            if os.path.isabs(source.file) or self.base_dir is None
+            else os.path.join(self.base_dir, source.file)
+        )
+        if path not in self.files:
+            self.files[path] = self.importance_file(path, source, index)
+        importance = self.files[path]
+        if importance is None:
+            return None
+        names = list(importance.metrics)
+        metric = source.metric
+        if metric is None:
+            if len(names) > 1:
+                self.error(
+                    f"importance file '{source.file}' has several metrics ({', '.join(names)}); say which",
+                    source.file_span,
+                    f'write: by {names[0]} in "{source.file}"',
+                )
+                return None
+            metric = names[0]
+        elif metric not in importance.metrics:
+            self.error(
+                f"importance file '{source.file}' has no metric '{metric}'",
+                source.metric_span,
+                did_you_mean(metric, names) or "it has: " + ", ".join(names),
+            )
+            return None
+        if part not in importance.metrics[metric].scores:
+            have = ", ".join(importance.metrics[metric].scores)
+            self.error(
+                f"importance file '{source.file}': {metric} has no {part} scores (it has: {have})",
+                source.file_span,
+            )
+            return None
+        return ScoreSource(metric, path, source.file)
+
+    def importance_file(self, path: str, source: ImportanceSource, index: ModelIndex) -> ImportanceFile | None:
+        if not os.path.isfile(path):
+            self.error(
+                f"importance file '{source.file}' not found",
+                source.file_span,
+                "write one with `surgery importance --metric ... -o FILE`; relative paths start at the recipe's folder",
+            )
+            return None
+        importance, problems = load_importance(path, index.num_layers)
+        where = source.file_span.location() if source.file_span else None
+        for problem in problems:
+            hint = (problem.hint + "; " if problem.hint else "") + (f"file read for {where}" if where else "")
+            self.diagnostics.append(Diagnostic(problem.severity, problem.message, problem.span, hint or None))
+        return importance
+
     # Drops.
 
     def drops(self, index: ModelIndex) -> list[ResolvedDrop]:
         resolved: list[ResolvedDrop] = []
         for statement in self.recipe.statements:
-            if isinstance(statement, DropStmt):
-                layers = self.selector(statement.selector, index)
-                if layers is not None:
-                    resolved.append(ResolvedDrop(statement.part, layers, statement))
-        self.overlaps(resolved)
+            if not isinstance(statement, DropStmt):
+                continue
+            selector = statement.selector
+            if isinstance(selector, ImportanceSelector):
+                query = self.importance(
+                    selector.rank, selector.source, SCORE_PART[statement.part], index, selector.span
+                )
+                if query is not None:
+                    resolved.append(ResolvedDrop(statement.part, (), statement, query))
+                continue
+            layers = self.selector(selector, index)
+            if layers is not None:
+                resolved.append(ResolvedDrop(statement.part, layers, statement))
+        self.overlaps([drop for drop in resolved if drop.query is None])
         attention_gone: set[int] = set()
         for drop in resolved:
             if drop.part in ("attention", "block"):
@@ -213,6 +380,122 @@ class _Checker:
             for key in keys:
                 removed.setdefault(key, drop.statement)
 
+    # Calibration, quantization, perplexity.
+
+    def text_exists(self, name: str, span: Span | None) -> bool:
+        try:
+            resolve_text(name, self.base_dir)
+        except TextSourceError as problem:
+            self.error(str(problem), span, problem.hint)
+            return False
+        return True
+
+    def calibration(self, index: ModelIndex) -> tuple[CalibrationSpec, Span | None]:
+        statements = self.single(CalibrateStmt, "calibrate")
+        if not statements:
+            return CalibrationSpec(), None
+        statement = statements[0]
+        self.text_exists(statement.data, statement.data_span)
+        spec = CalibrationSpec(
+            data=statement.data,
+            samples=statement.samples if statement.samples is not None else DEFAULT_SAMPLES,
+            length=statement.length if statement.length is not None else DEFAULT_LENGTH,
+            seed=statement.seed if statement.seed is not None else DEFAULT_SEED,
+        )
+        if spec.samples < 1:
+            self.error("calibration needs at least one sample", statement.span)
+        if not 2 <= spec.length <= index.max_positions:
+            self.error(
+                f"calibration length {spec.length} is out of range",
+                statement.span,
+                f"use 2..{index.max_positions} tokens (the model's context)",
+            )
+        return spec, statement.span
+
+    def quantize(self, index: ModelIndex) -> list[ResolvedQuantize]:
+        resolved: list[ResolvedQuantize] = []
+        groups = 0
+        for statement in self.recipe.statements:
+            if isinstance(statement, QuantizeStmt):
+                block = self.block(statement)
+                if statement.part == "head":
+                    resolved.append(
+                        ResolvedQuantize("head", statement.bits, block, statement.symmetric, statement.span)
+                    )
+                    continue
+                selector = statement.selector or AllLayers(span=statement.span)
+                item = ResolvedQuantize(statement.part, statement.bits, block, statement.symmetric, statement.span)
+                if isinstance(selector, ImportanceSelector):
+                    query = self.importance(
+                        selector.rank, selector.source, SCORE_PART[statement.part], index, selector.span
+                    )
+                    if query is not None:
+                        resolved.append(replace(item, query=query))
+                else:
+                    layers = self.selector(selector, index)
+                    if layers is not None:
+                        resolved.append(replace(item, layers=layers))
+            elif isinstance(statement, QuantizeGroupStmt):
+                resolved.extend(self.quantize_group(statement, groups, index))
+                groups += 1
+        return resolved
+
+    def quantize_group(self, statement: QuantizeGroupStmt, group: int, index: ModelIndex) -> list[ResolvedQuantize]:
+        if not statement.rules:
+            self.error(
+                "a grouped quantize needs at least one rule", statement.span, "e.g. `most important 25% -> int8`"
+            )
+            return []
+        resolved = []
+        part = SCORE_PART[statement.part]
+        for position, rule in enumerate(statement.rules):
+            if isinstance(rule.selector, RestLayers) and position != len(statement.rules) - 1:
+                self.error(
+                    "`rest` must be the last rule",
+                    rule.span,
+                    "rules after `rest` can never match: every layer is taken by then",
+                )
+                continue
+            item = ResolvedQuantize(statement.part, rule.bits, self.block(rule), rule.symmetric, rule.span, group=group)
+            if isinstance(rule.selector, RestLayers):
+                resolved.append(replace(item, rest=True))
+            elif isinstance(rule.selector, ImportanceRank):
+                query = self.importance(rule.selector, statement.source, part, index, rule.selector.span)
+                if query is not None:
+                    resolved.append(replace(item, query=query))
+            else:
+                layers = self.selector(rule.selector, index)
+                if layers is not None:
+                    resolved.append(replace(item, layers=layers))
+        # The group's source must be valid even if no rule ranks by it.
+        if not any(isinstance(rule.selector, ImportanceRank) for rule in statement.rules):
+            self.score_source(statement.source, part, index)
+        return resolved
+
+    def block(self, item: QuantizeStmt | QuantizeRule) -> int:
+        if item.block is None:
+            return DEFAULT_QUANT_BLOCK
+        if item.block not in QUANT_BLOCKS:
+            self.error(
+                f"block size {item.block} is not supported",
+                item.block_span or item.span,
+                "MatMulNBits blocks: " + ", ".join(map(str, QUANT_BLOCKS)) + f" (default {DEFAULT_QUANT_BLOCK})",
+            )
+        return item.block
+
+    def perplexity(self) -> PerplexityCheck | None:
+        statements = self.single(VerifyStmt, "verify")
+        if not statements:
+            return None
+        statement = statements[0]
+        self.text_exists(statement.data, statement.data_span)
+        tokens = statement.tokens if statement.tokens is not None else DEFAULT_PERPLEXITY_TOKENS
+        if tokens < 64:
+            self.error(f"{tokens} tokens is too few for a perplexity", statement.span, "use at least 64 tokens")
+        if statement.max_increase <= 0:
+            self.error("max-increase must be above 0%", statement.span)
+        return PerplexityCheck(statement.data, statement.max_increase, tokens, statement.span)
+
     # Export.
 
     def export(self) -> tuple[ExportOptions, ExportStmt | None]:
@@ -235,12 +518,43 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
     checker = _Checker(recipe, model_override)
     model = checker.model()
     export, export_statement = checker.export()
-    drops = checker.drops(model[1]) if model is not None else []
+    perplexity = checker.perplexity()
+    drops: list[ResolvedDrop] = []
+    quantize: list[ResolvedQuantize] = []
+    calibration, calibration_span = CalibrationSpec(), None
+    if model is not None:
+        index = model[1]
+        calibration, calibration_span = checker.calibration(index)
+        drops = checker.drops(index)
+        quantize = checker.quantize(index)
     raise_if_errors(checker.diagnostics)
     assert model is not None
     spec, index, model_span = model
+    files = {path: found for path, found in checker.files.items() if found is not None}
+    checked = CheckedRecipe(
+        recipe,
+        spec,
+        index,
+        tuple(drops),
+        export,
+        export_statement,
+        (),
+        model_span,
+        tuple(quantize),
+        calibration,
+        calibration_span,
+        perplexity,
+        files,
+        checker.base_dir,
+    )
+    if calibration_span is not None and not any(METRICS[m].needs_data for m in checked.metrics_to_compute()):
+        checker.warning(
+            "calibration is not used: no selector ranks by a metric computed from data",
+            calibration_span,
+            "similarity and lim use it; zd and importance files do not",
+        )
     warnings = tuple(d for d in checker.diagnostics if d.severity == "warning")
-    return CheckedRecipe(recipe, spec, index, tuple(drops), export, export_statement, warnings, model_span)
+    return replace(checked, warnings=warnings)
 
 
-__all__ = ["CheckedRecipe", "RecipeError", "ResolvedDrop", "check"]
+__all__ = ["CheckedRecipe", "PerplexityCheck", "RecipeError", "ResolvedDrop", "ResolvedQuantize", "check"]

@@ -44,6 +44,54 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--model", metavar="SPEC", help="model to use instead of the recipe's `model` statement")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
+    importance = commands.add_parser(
+        "importance",
+        help="score how much each layer matters; write an importance file (JSON) for recipes",
+        description="Compute per-layer importance scores and write them as an importance file "
+        '(format: docs/importance.md). Recipes use it with `by "FILE"`.',
+    )
+    importance.add_argument("--model", metavar="SPEC", default="smollm2-135m", help="model (default: smollm2-135m)")
+    importance.add_argument(
+        "--metric", required=True, metavar="M[,M...]", help="metrics: similarity, lim (need data), zd (data-free)"
+    )
+    importance.add_argument(
+        "--data", metavar="FILE|builtin", default=None, help="calibration text (default: wikitext-2-valid)"
+    )
+    importance.add_argument("--samples", type=int, metavar="N", help="calibration samples (default 64)")
+    importance.add_argument("--seq-len", type=int, metavar="L", help="tokens per sample (default 256)")
+    importance.add_argument("--seed", type=int, metavar="S", help="which samples are drawn (default 0)")
+    importance.add_argument("--zd-threshold", type=float, default=1.0, metavar="Z", help="zd: z-score cut (default 1)")
+    importance.add_argument(
+        "--zd-more-important",
+        choices=("lower", "higher"),
+        default="lower",
+        help="zd: which scores mean more important (default lower: fewer large weights)",
+    )
+    importance.add_argument("-o", "--output", required=True, metavar="FILE.json", help="where to write the file")
+    importance.add_argument("--plot", metavar="FILE.png", help="also plot the scores per layer (needs matplotlib)")
+    importance.add_argument("--no-cache", action="store_true", help="recompute even if cached")
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="perplexity of an output folder in ONNX Runtime, optionally against another model",
+        description="Chunked perplexity: the first --max-tokens tokens of the text, in non-overlapping windows of "
+        "--window tokens, each from an empty context (the first token of a window is not scored).",
+    )
+    evaluate.add_argument("output", metavar="OUT", help="a folder written by `surgery apply`")
+    evaluate.add_argument(
+        "--data", default="wikitext-2-test", metavar="FILE|builtin", help="(default: wikitext-2-test)"
+    )
+    evaluate.add_argument("--max-tokens", type=int, default=8192, metavar="N", help="tokens evaluated (default 8192)")
+    evaluate.add_argument("--window", type=int, default=512, metavar="W", help="tokens per window (default 512)")
+    evaluate.add_argument(
+        "--against",
+        metavar="SPEC",
+        help="also score this model on the same tokens (a model spec, run in PyTorch, or another output folder) and "
+        "report mean KL divergence and top-1 agreement",
+    )
+    evaluate.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+
     run = commands.add_parser("run", help="greedy generation with an output folder in ONNX Runtime")
     run.add_argument("output", metavar="OUT", help="a folder written by `surgery apply`")
     run.add_argument("--prompt", required=True, metavar="TEXT")
@@ -71,23 +119,20 @@ def _print_warnings(warnings) -> None:
 
 
 def _cmd_check(args) -> int:
-    from surgery.pipeline import compile_recipe
+    from surgery.pipeline import check_recipe
 
-    compiled = compile_recipe(args.recipe, args.model)
-    _print_warnings(compiled.checked.warnings)
-    index = compiled.checked.index
-    print(
-        f"ok: {args.recipe} checks against {compiled.checked.spec.text} "
-        f"({index.architecture}, {index.num_layers} layers)"
-    )
+    _, checked = check_recipe(args.recipe, args.model)
+    _print_warnings(checked.warnings)
+    index = checked.index
+    print(f"ok: {args.recipe} checks against {checked.spec.text} ({index.architecture}, {index.num_layers} layers)")
     return EXIT_OK
 
 
 def _cmd_plan(args) -> int:
     from surgery.pipeline import compile_recipe
 
-    compiled = compile_recipe(args.recipe, args.model)
-    _print_warnings(compiled.checked.warnings)
+    compiled = compile_recipe(args.recipe, args.model, progress=_Progress())
+    _print_warnings(compiled.plan.warnings)
     if args.json:
         print(json.dumps(compiled.plan.to_json(), indent=2))
     else:
@@ -118,20 +163,48 @@ def _cmd_apply(args) -> int:
         f"{len(after['attention_layers'])}, parameters {before['parameters']:,} -> {after['parameters']:,}, "
         f"{after['bytes'] / 1e6:.1f} MB"
     )
+    code = EXIT_OK
     verification = result.verification
     if verification is None:
         print("  verification skipped (--no-verify)")
-        return EXIT_OK
-    print(
-        f"  verification: max |logit diff| {verification.max_abs_logit_diff:.2e} "
-        f"(tolerance {verification.tolerance:g}), "
-        f"greedy tokens agree {verification.greedy_tokens_compared - verification.greedy_tokens_mismatched}/"
-        f"{verification.greedy_tokens_compared}"
-    )
-    if not verification.passed:
-        print(f"error: verification failed: {verification.reason} (output kept for inspection)", file=sys.stderr)
-        return EXIT_VERIFY_FAILED
-    return EXIT_OK
+    else:
+        before_q = " (before quantization)" if "quantization" in report else ""
+        print(
+            f"  verification{before_q}: max |logit diff| {verification.max_abs_logit_diff:.2e} "
+            f"(tolerance {verification.tolerance:g}), "
+            f"greedy tokens agree {verification.greedy_tokens_compared - verification.greedy_tokens_mismatched}/"
+            f"{verification.greedy_tokens_compared}"
+        )
+        if not verification.passed:
+            print(f"error: verification failed: {verification.reason} (output kept for inspection)", file=sys.stderr)
+            code = EXIT_VERIFY_FAILED
+    quantization = report.get("quantization")
+    if quantization:
+        widths = ", ".join(f"{w['linears']} linears at {name}" for name, w in quantization["widths"].items())
+        print(
+            f"  quantization: {widths}; average bits per weight {quantization['quantized_linears_nominal_bits']:.3f} "
+            f"({quantization['quantized_linears_storage_bits']:.3f} with scales and zero points), whole model "
+            f"{quantization['model_storage_bits']:.3f}; files {quantization['bytes_before'] / 1e6:.1f} MB -> "
+            f"{quantization['bytes_after'] / 1e6:.1f} MB"
+        )
+        moved = quantization.get("against_pytorch_fp32")
+        if moved:
+            agree = moved["greedy_tokens_compared"] - moved["greedy_tokens_mismatched"]
+            print(
+                f"  quantized vs PyTorch fp32: max |logit diff| {moved['max_abs_logit_diff']:.2f}, "
+                f"greedy tokens agree {agree}/{moved['greedy_tokens_compared']}"
+            )
+    perplexity = report.get("perplexity")
+    if perplexity:
+        before, after = perplexity["original_pytorch"], perplexity["output_onnxruntime"]
+        print(
+            f"  perplexity: {before['perplexity']:.2f} -> {after['perplexity']:.2f} ({perplexity['increase']:+.1%}, "
+            f"allowed +{perplexity['max_increase']:.0%}) on {after['tokens_scored']} tokens"
+        )
+        if not perplexity["passed"]:
+            print("error: the perplexity check failed (output kept for inspection)", file=sys.stderr)
+            code = EXIT_VERIFY_FAILED
+    return code
 
 
 class _Rendered:
@@ -180,6 +253,146 @@ class _UserError(Exception):
     pass
 
 
+def _cmd_importance(args) -> int:
+    from surgery.calibration import CalibrationSpec
+    from surgery.data import DEFAULT_CALIBRATION_TEXT, TextSourceError, resolve_text
+    from surgery.importance.compute import ScoreRequest, compute_importance
+    from surgery.importance.file import save_importance
+    from surgery.importance.metrics import METRICS
+    from surgery.models.graph import DecoderGraph
+    from surgery.models.index import SUPPORTED_ARCHITECTURES, ModelIndex
+    from surgery.models.loading import ModelSpecError, load_config, load_model, resolve_spec
+
+    metrics = tuple(dict.fromkeys(m.strip() for m in args.metric.split(",") if m.strip()))
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise _UserError(f"unknown metric(s) {', '.join(unknown) or '(none)'}; metrics: {', '.join(METRICS)}")
+    defaults = CalibrationSpec()
+    calibration = CalibrationSpec(
+        data=args.data or DEFAULT_CALIBRATION_TEXT,
+        samples=args.samples if args.samples is not None else defaults.samples,
+        length=args.seq_len if args.seq_len is not None else defaults.length,
+        seed=args.seed if args.seed is not None else defaults.seed,
+    )
+    needs_data = any(METRICS[m].needs_data for m in metrics)
+    if not needs_data and (args.data or args.samples or args.seq_len or args.seed is not None):
+        print("warning: zd is data-free; --data/--samples/--seq-len/--seed are not used", file=sys.stderr)
+    if calibration.samples < 1 or calibration.length < 2:
+        raise _UserError("--samples must be at least 1 and --seq-len at least 2")
+    try:
+        if needs_data:
+            resolve_text(calibration.data)
+        spec = resolve_spec(args.model)
+        config = load_config(spec)
+    except (ModelSpecError, TextSourceError) as problem:
+        raise _UserError(str(problem) + (f" ({problem.hint})" if problem.hint else "")) from problem
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise _UserError(f"architecture '{config.model_type}' is not supported")
+    if args.plot:
+        _require_matplotlib()
+    progress = _Progress()
+    progress(f"loading {spec.text}")
+    try:
+        model, tokenizer = load_model(spec, progress)
+    except ModelSpecError as problem:
+        raise _UserError(str(problem)) from problem
+    graph = DecoderGraph(model, ModelIndex.from_config(args.model, config))
+    request = ScoreRequest(metrics, calibration, args.zd_threshold, args.zd_more_important)
+    try:
+        importance = compute_importance(graph, tokenizer, spec, request, progress, use_cache=not args.no_cache)
+    except TextSourceError as problem:
+        raise _UserError(str(problem) + (f" ({problem.hint})" if problem.hint else "")) from problem
+    save_importance(importance, args.output)
+    print(f"wrote {args.output}")
+    for name, scores in importance.metrics.items():
+        for part, values in scores.scores.items():
+            order = sorted(
+                (i for i, v in enumerate(values) if v == v),
+                key=lambda i: values[i],
+                reverse=scores.more_important == "higher",
+            )
+            print(f"  {name} {part}: most important {order[:5]}, least important {order[-5:]}")
+    if args.plot:
+        from surgery.importance.plot import plot_importance
+
+        plot_importance(importance, args.plot)
+        print(f"wrote {args.plot}")
+    return EXIT_OK
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        raise _UserError("--plot needs matplotlib: pip install 'surgery[plot]'") from error
+
+
+def _cmd_eval(args) -> int:
+    from surgery.data import TextSourceError, resolve_text
+    from surgery.evaluate import compare, eval_tokens, onnx_logits, perplexity
+
+    if not os.path.exists(os.path.join(args.output, "model.onnx")):
+        raise _UserError(f"'{args.output}' has no model.onnx; give a folder written by `surgery apply`")
+    if args.max_tokens < 2 or args.window < 2:
+        raise _UserError("--max-tokens and --window must be at least 2")
+    from transformers import AutoTokenizer
+
+    try:
+        text = resolve_text(args.data)
+    except TextSourceError as problem:
+        raise _UserError(f"{problem} ({problem.hint})") from problem
+    tokenizer = AutoTokenizer.from_pretrained(args.output)
+    tokens = eval_tokens(tokenizer, text, args.max_tokens, args.window)
+    candidate = onnx_logits(args.output, args.threads)
+    result: dict = {
+        "output": args.output,
+        "text": text.to_json(),
+        "protocol": f"chunked: {len(tokens.windows())} non-overlapping windows of {args.window} tokens from an empty "
+        "context; the first token of each window is not scored",
+    }
+    if args.against:
+        reference = _reference_logits(args.against, tokenizer, args.threads)
+        comparison = compare(candidate, reference, tokens)
+        result.update(comparison.to_json())
+        result["against"] = args.against
+    else:
+        result["candidate"] = perplexity(candidate, tokens).to_json()
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    own = result["candidate"]
+    print(f"{args.output}: perplexity {own['perplexity']:.3f} on {own['tokens_scored']} tokens of {text.name}")
+    print(f"  ({result['protocol']})")
+    if args.against:
+        ref = result["reference"]
+        print(f"{args.against}: perplexity {ref['perplexity']:.3f} (same tokens)")
+        print(
+            f"  increase {result['perplexity_increase']:+.2%}, mean KL(reference || output) {result['mean_kl']:.4f} "
+            f"nats/token, top-1 agreement {result['top1_agreement']:.2%}"
+        )
+    return EXIT_OK
+
+
+def _reference_logits(spec_text: str, tokenizer, threads: int | None):
+    """Logits of the `--against` model: another output folder in onnxruntime, or a model spec in PyTorch."""
+    from surgery.evaluate import onnx_logits, torch_logits
+    from surgery.models.graph import DecoderGraph
+    from surgery.models.index import ModelIndex
+    from surgery.models.loading import ModelSpecError, load_config, load_model, resolve_spec
+
+    if os.path.exists(os.path.join(spec_text, "model.onnx")):
+        return onnx_logits(spec_text, threads)
+    try:
+        spec = resolve_spec(spec_text)
+        config = load_config(spec)
+        model, reference_tokenizer = load_model(spec, _Progress())
+    except ModelSpecError as problem:
+        raise _UserError(str(problem)) from problem
+    if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise _UserError(f"'{spec_text}' has a different tokenizer than the output; the tokens would not compare")
+    return torch_logits(DecoderGraph(model, ModelIndex.from_config(spec_text, config)))
+
+
 def _quiet_libraries() -> None:
     """surgery prints its own progress; transformers' bars and advice would only add noise."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -197,7 +410,14 @@ def main(argv: list[str] | None = None) -> int:
     from surgery.diagnostics import RecipeError
     from surgery.output import OutputError
 
-    handlers = {"check": _cmd_check, "plan": _cmd_plan, "apply": _cmd_apply, "run": _cmd_run}
+    handlers = {
+        "check": _cmd_check,
+        "plan": _cmd_plan,
+        "apply": _cmd_apply,
+        "importance": _cmd_importance,
+        "eval": _cmd_eval,
+        "run": _cmd_run,
+    }
     try:
         return handlers[args.command](args)
     except RecipeError as error:

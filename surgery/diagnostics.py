@@ -63,8 +63,17 @@ class RecipeError(Exception):
 
 def render_all(diagnostics: Iterable[Diagnostic]) -> str:
     """All diagnostics, blank-line separated, followed by a count line like a compiler's."""
-    # In recipe order, like a compiler; diagnostics without a place come first.
-    diagnostics = sorted(diagnostics, key=lambda d: (d.span is not None, d.span.start if d.span else 0))
+    # In recipe order, like a compiler; diagnostics without a place come first, and those in
+    # other files (an importance file) stay together in the order the files came up.
+    diagnostics = list(diagnostics)
+    files: dict[str, int] = {}
+    for d in diagnostics:
+        if d.span is not None:
+            files.setdefault(d.span.source.name, len(files))
+    diagnostics = sorted(
+        diagnostics,
+        key=lambda d: (d.span is not None, files[d.span.source.name] if d.span else 0, d.span.start if d.span else 0),
+    )
     if not diagnostics:
         return ""
     errors = sum(d.severity == "error" for d in diagnostics)

@@ -34,6 +34,14 @@ class OutputFolder:
 
     def commit(self) -> Path:
         """Move the finished folder into place; an older one is removed only afterwards."""
+        # mkdtemp (and some writers) create owner-only entries; give the result the usual
+        # permissions a folder made by the user would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.path, 0o777 & ~umask)
+        for entry in self.path.iterdir():
+            if entry.is_file():
+                os.chmod(entry, 0o666 & ~umask)
         old = None
         if self.target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent))

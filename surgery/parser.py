@@ -20,20 +20,29 @@ from surgery.diagnostics import Diagnostic, RecipeError, did_you_mean
 from surgery.source import Source, Span
 from surgery.syntax import (
     AllLayers,
+    CalibrateStmt,
     DropStmt,
     EvenlyLayers,
     ExportStmt,
     FirstLayers,
+    ImportanceRank,
+    ImportanceSelector,
+    ImportanceSource,
     LastLayers,
     LayerIndex,
     LayerList,
     LayerRange,
     ModelStmt,
+    QuantizeGroupStmt,
+    QuantizeRule,
+    QuantizeStmt,
     Recipe,
+    RestLayers,
     Statement,
+    VerifyStmt,
 )
 
-STATEMENT_KEYWORDS = ("model", "drop", "export")
+STATEMENT_KEYWORDS = ("model", "calibrate", "drop", "quantize", "verify", "export")
 
 # How expected terminals read in an error message.
 _TERMINAL_WORDS = {
@@ -43,6 +52,10 @@ _TERMINAL_WORDS = {
     "PART": "attention, mlp or block",
     "FORMAT": "onnx",
     "KV_CACHE": "kv-cache",
+    "PERCENT": "a percentage like 25%",
+    "METRIC_NAME": "a metric (similarity, lim, zd)",
+    "WIDTH": "int4 or int8",
+    "SUBLAYER": "attention or mlp",
     "$END": "the end of the statement",
 }
 
@@ -115,6 +128,145 @@ class _ToAst(Transformer):
         # The selector's span covers the `layers` keyword too.
         return replace(layer_set, span=self._span(meta))
 
+    # Importance selectors.
+
+    @v_args(meta=True)
+    def importance_selector(self, meta, children):
+        rank, source = children
+        return ImportanceSelector(rank=rank, source=source, span=self._span(meta))
+
+    @v_args(meta=True)
+    def importance_rank(self, meta, children):
+        rank, amount = children
+        if amount.type == "PERCENT":
+            return ImportanceRank(rank=str(rank), percent=float(amount[:-1]), span=self._span(meta))
+        return ImportanceRank(rank=str(rank), count=int(amount), span=self._span(meta))
+
+    def amount(self, children):
+        return children[0]
+
+    @v_args(meta=True)
+    def metric_source(self, meta, children):
+        (name,) = children
+        return ImportanceSource(metric=str(name), span=self._span(meta), metric_span=self._tok(name))
+
+    @v_args(meta=True)
+    def file_source(self, meta, children):
+        (string,) = children
+        return ImportanceSource(file=string[1:-1], span=self._span(meta), file_span=self._tok(string))
+
+    @v_args(meta=True)
+    def metric_in_file_source(self, meta, children):
+        name, string = children
+        return ImportanceSource(
+            metric=str(name),
+            file=string[1:-1],
+            span=self._span(meta),
+            metric_span=self._tok(name),
+            file_span=self._tok(string),
+        )
+
+    # calibrate, verify.
+
+    @v_args(meta=True)
+    def calibrate_stmt(self, meta, children):
+        string, *options = children
+        fields: dict[str, object] = {}
+        for option in options:
+            fields.update(option)
+        return CalibrateStmt(data=string[1:-1], span=self._span(meta), data_span=self._tok(string), **fields)
+
+    def samples_option(self, children):
+        return {"samples": int(children[0])}
+
+    def length_option(self, children):
+        return {"length": int(children[0])}
+
+    def seed_option(self, children):
+        return {"seed": int(children[0])}
+
+    @v_args(meta=True)
+    def verify_stmt(self, meta, children):
+        string, percent, *options = children
+        fields: dict[str, object] = {}
+        for option in options:
+            fields.update(option)
+        return VerifyStmt(
+            data=string[1:-1],
+            max_increase=float(percent[:-1]),
+            span=self._span(meta),
+            data_span=self._tok(string),
+            **fields,
+        )
+
+    def tokens_option(self, children):
+        return {"tokens": int(children[0])}
+
+    # quantize.
+
+    @v_args(meta=True)
+    def quantize_stmt(self, meta, children):
+        (part, selector), width, *options = children
+        fields: dict[str, object] = {}
+        for option in options:
+            fields.update(option)
+        return QuantizeStmt(part=part, selector=selector, bits=int(width[3:]), span=self._span(meta), **fields)
+
+    @v_args(meta=True)
+    def quantize_layers(self, meta, children):
+        return "layers", replace(children[0], span=self._span(meta))
+
+    @v_args(meta=True)
+    def quantize_layers_by_importance(self, meta, children):
+        rank, source = children
+        return "layers", ImportanceSelector(rank=rank, source=source, span=self._span(meta))
+
+    def quantize_all_layers(self, children):
+        return "layers", None
+
+    def quantize_sublayer(self, children):
+        return str(children[0]), (children[1] if len(children) > 1 else None)
+
+    def quantize_head(self, children):
+        return "head", None
+
+    def block_option(self, children):
+        (token,) = children
+        return {"block": int(token), "block_span": self._tok(token)}
+
+    def symmetric_option(self, children):
+        return {"symmetric": True}
+
+    @v_args(meta=True)
+    def quantize_group_stmt(self, meta, children):
+        part, source, *rules = children
+        return QuantizeGroupStmt(part=part, source=source, rules=tuple(rules), span=self._span(meta))
+
+    def group_layers(self, children):
+        return "layers"
+
+    def group_part(self, children):
+        return str(children[0])
+
+    @v_args(meta=True)
+    def quantize_rule(self, meta, children):
+        selector, width, *options = children
+        fields: dict[str, object] = {}
+        for option in options:
+            fields.update(option)
+        return QuantizeRule(selector=selector, bits=int(width[3:]), span=self._span(meta), **fields)
+
+    def rule_importance(self, children):
+        return children[0]
+
+    @v_args(meta=True)
+    def rule_layers(self, meta, children):
+        return replace(children[0], span=self._span(meta))
+
+    @v_args(meta=True)
+    def rule_rest(self, meta, children):
+        return RestLayers(span=self._span(meta))
+
     @v_args(meta=True)
     def all_layers(self, meta, children):
         return AllLayers(span=self._span(meta))
@@ -170,7 +322,12 @@ def _describe_expected(names: set[str]) -> list[str]:
         except KeyError:
             words.append(name.lower())
             continue
-        words.append(f"'{pattern.value}'" if pattern.type == "str" else name.lower())
+        if pattern.type == "str":
+            words.append(f"'{pattern.value}'")
+        elif re.fullmatch(r"\(\?:[a-z|-]+\)", pattern.value):  # an alternation of keywords
+            words.extend(f"'{word}'" for word in pattern.value[3:-1].split("|"))
+        else:
+            words.append(name.lower())
     return sorted(set(words))
 
 

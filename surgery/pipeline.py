@@ -1,7 +1,9 @@
-"""The whole compiler in order: parse -> check -> plan -> passes -> export -> verify -> report.
+"""The whole compiler in order: parse -> check -> importance -> plan -> passes -> export ->
+verify -> ONNX passes -> perplexity -> report.
 
-Everything else hangs off this module. `compile_recipe` does the cheap, weight-free part
-(what `surgery check` and `surgery plan` run); `apply` does the rest.
+Everything else hangs off this module. `check_recipe` is the weight-free part (`surgery
+check`); `compile_recipe` adds the plan, computing importance scores first when a selector
+ranks by a computed metric (`surgery plan`; results are cached); `apply` does the rest.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +25,8 @@ from surgery.parser import parse
 from surgery.plan import VERIFY_DECODE_STEPS, VERIFY_TOLERANCE, Plan, build_plan
 
 if TYPE_CHECKING:
+    from surgery.importance.compute import ScoreRequest
+    from surgery.importance.file import ImportanceFile
     from surgery.verify import Verification
 
 Progress = Callable[[str], None]
@@ -48,6 +52,7 @@ class ApplyResult:
     output: Path
     report: dict
     verification: Verification | None
+    perplexity_passed: bool | None = None
 
 
 def read_recipe(path: str) -> str:
@@ -56,12 +61,54 @@ def read_recipe(path: str) -> str:
         return handle.read()
 
 
-def compile_recipe(path: str, model: str | None = None, verify: bool = True) -> Compiled:
-    """Parse, check and plan a recipe file, without loading weights. Raises RecipeError."""
+def check_recipe(path: str, model: str | None = None) -> tuple[str, CheckedRecipe]:
+    """Parse and check a recipe file against its model's config. Raises RecipeError."""
     text = read_recipe(path)
     recipe = parse(text, name=path)
-    checked = check(recipe, model_override=model)
-    return Compiled(text, checked, build_plan(checked, verify=verify))
+    return text, check(recipe, model_override=model)
+
+
+def score_request(checked: CheckedRecipe) -> ScoreRequest:
+    """The importance computation a checked recipe needs."""
+    from surgery.importance.compute import ScoreRequest
+
+    return ScoreRequest(checked.metrics_to_compute(), checked.calibration, data_dir=checked.base_dir)
+
+
+def compile_recipe(path: str, model: str | None = None, verify: bool = True, progress: Progress = _quiet) -> Compiled:
+    """Parse, check and plan a recipe file. Raises RecipeError.
+
+    Loads the model only when a selector ranks by a computed metric whose scores are not
+    cached yet; everything else needs the config alone.
+    """
+    text, checked = check_recipe(path, model)
+    computed = None
+    if checked.metrics_to_compute():
+        from surgery.importance.compute import cached_importance
+
+        request = score_request(checked)
+        computed = cached_importance(checked.spec, request, checked.index.num_layers)
+        if computed is None:
+            computed = _compute_with_model(checked, request, progress)
+    return Compiled(text, checked, build_plan(checked, verify=verify, computed=computed))
+
+
+def _compute_with_model(checked: CheckedRecipe, request: ScoreRequest, progress: Progress) -> ImportanceFile:
+    from surgery.importance.compute import compute_importance
+    from surgery.models.graph import DecoderGraph
+
+    hf_model, tokenizer = _load(checked, progress)
+    return compute_importance(DecoderGraph(hf_model, checked.index), tokenizer, checked.spec, request, progress)
+
+
+def _load(checked: CheckedRecipe, progress: Progress):
+    from surgery.models.loading import ModelSpecError, load_model
+
+    progress(f"loading {checked.spec.text}")
+    try:
+        return load_model(checked.spec, progress)
+    except ModelSpecError as problem:
+        raise RecipeError([Diagnostic("error", str(problem), checked.model_span, problem.hint)]) from problem
 
 
 def apply(
@@ -76,8 +123,9 @@ def apply(
     """Run a recipe end to end and write the output folder."""
     # torch, onnx and onnxruntime load here, not at import: `check` and `plan` never need them.
     from surgery.export.decoder import export_decoder
+    from surgery.export.options import ExportOptions
+    from surgery.importance.compute import compute_importance
     from surgery.models.graph import DecoderGraph
-    from surgery.models.loading import ModelSpecError, load_model
     from surgery.passes import PASSES, run_pass
     from surgery.report import build_report, folder_bytes, pass_record, structure, write_report
     from surgery.verify import compare, trace_reference
@@ -92,20 +140,27 @@ def apply(
         timings[name] = now - clock
         clock = now
 
-    compiled = compile_recipe(path, model, verify=run_verification)
-    checked, plan = compiled.checked, compiled.plan
+    text, checked = check_recipe(path, model)
     protected = [path] + ([checked.spec.location] if checked.spec.kind in ("folder", "gguf") else [])
     folder = OutputFolder(output, force, protected)
-    lap("parse_check_plan")
+    lap("parse_check")
     try:
-        progress(f"loading {checked.spec.text}")
-        try:
-            hf_model, tokenizer = load_model(checked.spec, progress)
-        except ModelSpecError as problem:
-            raise RecipeError([Diagnostic("error", str(problem), checked.model_span, problem.hint)]) from problem
+        hf_model, tokenizer = _load(checked, progress)
         graph = DecoderGraph(hf_model, checked.index)
         before = structure(graph)
         lap("load")
+
+        sections: dict = {}
+        computed = None
+        if checked.metrics_to_compute():
+            # On the unmodified model, before any pass: scores mean the original layers.
+            computed = compute_importance(graph, tokenizer, checked.spec, score_request(checked), progress)
+            sections["importance"] = computed.to_json()
+            lap("importance")
+        plan = build_plan(checked, verify=run_verification, computed=computed)
+        reference_perplexity = _reference_perplexity(checked, graph, tokenizer, progress)
+        if reference_perplexity is not None:
+            lap("reference_perplexity")
 
         passes = []
         for step in plan.graph_steps():
@@ -118,6 +173,8 @@ def apply(
         after = structure(graph)
         lap("passes")
 
+        quantization = plan.quantization()
+        options = ExportOptions(plan.export.opset, plan.export.kv_cache, untie_head="lm_head" in quantization)
         # The graph is final: PyTorch's side of the verification only reads it, so it runs
         # while the exporter writes the weights (torch and file writes both release the GIL).
         with ThreadPoolExecutor(max_workers=1) as background:
@@ -128,7 +185,7 @@ def apply(
             )
             kv = "with" if plan.export.kv_cache else "without"
             progress(f"exporting ONNX (opset {plan.export.opset}, {kv} KV cache)")
-            export = export_decoder(graph, str(folder.path), plan.export)
+            export = export_decoder(graph, str(folder.path), options)
             tokenizer.save_pretrained(str(folder.path))
             shutil.copyfile(path, folder.path / "recipe.surg")
             lap("export")
@@ -136,16 +193,36 @@ def apply(
 
         verification = None
         if trace is not None:
-            progress("verifying against PyTorch (prefill + decode)")
+            progress("verifying against PyTorch (prefill + decode)" + (" before quantization" if quantization else ""))
             # The PyTorch weights are not needed past this point; free them before onnxruntime
             # maps the exported ones, so the two copies never add up.
             del graph, hf_model
             gc.collect()
             verification = compare(trace, str(folder.path), VERIFY_TOLERANCE, threads)
             lap("verify")
+        if quantization:
+            sections["quantization"] = _quantize(plan, export, str(folder.path), passes, progress)
+            if trace is not None:
+                # Informational: how far quantization moved the logits (no tolerance applies).
+                moved = compare(trace, str(folder.path), float("inf"), threads)
+                sections["quantization"]["against_pytorch_fp32"] = {
+                    "max_abs_logit_diff": moved.max_abs_logit_diff,
+                    "greedy_tokens_compared": moved.greedy_tokens_compared,
+                    "greedy_tokens_mismatched": moved.greedy_tokens_mismatched,
+                }
+            lap("quantize")
+        perplexity_passed = None
+        if reference_perplexity is not None:
+            sections["perplexity"] = _perplexity_check(
+                checked, reference_perplexity, str(folder.path), threads, progress
+            )
+            perplexity_passed = sections["perplexity"]["passed"]
+            lap("perplexity")
         timings["total"] = time.perf_counter() - total_start
+        if quantization:
+            export = replace(export, op_counts=sections["quantization"].pop("op_counts"))
         report = build_report(
-            recipe_text=compiled.text,
+            recipe_text=text,
             plan=plan,
             before=before,
             after={**after, "parameters": export.parameter_count},
@@ -154,14 +231,96 @@ def apply(
             files=folder_bytes(str(folder.path)),
             verification=verification,
             timings=timings,
-            warnings=checked.warnings,
+            warnings=plan.warnings,
+            sections=sections,
         )
         write_report(str(folder.path), report)
         target = folder.commit()
     except BaseException:
         folder.discard()
         raise
-    return ApplyResult(target, report, verification)
+    return ApplyResult(target, report, verification, perplexity_passed)
+
+
+def _reference_perplexity(checked: CheckedRecipe, graph, tokenizer, progress: Progress):
+    """The original model's perplexity for `verify perplexity`, computed before any pass."""
+    if checked.perplexity is None:
+        return None
+    from surgery.data import resolve_text
+    from surgery.evaluate import eval_tokens, perplexity, torch_logits
+
+    request = checked.perplexity
+    tokens = eval_tokens(tokenizer, resolve_text(request.data, checked.base_dir), request.tokens)
+    progress(f"perplexity of the original model on {tokens.scored()} tokens of {tokens.text.name} (PyTorch)")
+    return tokens, perplexity(torch_logits(graph), tokens)
+
+
+def _perplexity_check(checked: CheckedRecipe, reference, folder: str, threads: int | None, progress: Progress) -> dict:
+    from surgery.evaluate import onnx_logits, perplexity
+
+    tokens, before = reference
+    progress("perplexity of the output (onnxruntime)")
+    after = perplexity(onnx_logits(folder, threads), tokens)
+    increase = after.perplexity / before.perplexity - 1
+    allowed = checked.perplexity.max_increase / 100
+    return {
+        "text": tokens.text.to_json(),
+        "protocol": f"chunked: non-overlapping windows of {tokens.window} tokens, first token of each unscored",
+        "original_pytorch": before.to_json(),
+        "output_onnxruntime": after.to_json(),
+        "increase": increase,
+        "max_increase": allowed,
+        "passed": increase <= allowed,
+    }
+
+
+def _quantize(plan: Plan, export, folder: str, passes: list, progress: Progress) -> dict:
+    """Run the quantize ONNX pass over the exported model and replace its files atomically."""
+    from collections import Counter
+
+    import onnx
+
+    from surgery.passes import Quantize, run_pass
+    from surgery.quantization import bits_summary
+    from surgery.report import folder_bytes, pass_record
+
+    files_before = folder_bytes(folder)
+    model = onnx.load(os.path.join(folder, "model.onnx"))
+    assignment = tuple(
+        (export.linears[linear], config["bits"], config["block"], config["symmetric"])
+        for linear, config in plan.quantization().items()
+    )
+    progress(f"quantizing {len(assignment)} linear layer(s) to MatMulNBits")
+    quantize = Quantize(assignment=assignment)
+    result = run_pass(quantize, model)
+    progress(f"quantize: {result.summary}")
+    steps = [step for step in plan.steps if step.action == "quantize"]
+    record = pass_record(quantize, result, steps[0].source if steps else None)
+    record["parameters"] = {"linears": {linear: config for linear, config in plan.quantization().items()}}
+    passes.append(record)
+    summary = bits_summary(model, export.parameter_count)
+    # Written next to the old files, then swapped in: a crash leaves the fp32 model intact.
+    staging = os.path.join(folder, ".quantized")
+    os.makedirs(staging)
+    onnx.save(
+        model,
+        os.path.join(staging, "model.onnx"),
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=1024,
+    )
+    for name in ("model.onnx.data", "model.onnx"):
+        os.replace(os.path.join(staging, name), os.path.join(folder, name))
+    os.rmdir(staging)
+    files_after = folder_bytes(folder)
+    return {
+        **summary,
+        "files_before": files_before,
+        "files_after": files_after,
+        "bytes_before": sum(files_before.values()),
+        "bytes_after": sum(files_after.values()),
+        "op_counts": dict(Counter(node.op_type for node in model.graph.node)),
+    }
 
 
 def default_output(recipe_path: str) -> str:

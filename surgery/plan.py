@@ -1,22 +1,30 @@
 """The plan: plain data saying what `apply` will do, step by step, before anything heavy runs.
 
 Each step names its action, its parameters, its concrete targets (module paths of the
-original model) and the recipe span it came from. Steps form a dependency graph (passes in
-recipe order, then export, then verification) whose topological order is the execution
-order; later issues add analysis steps that several passes depend on.
+original model) and the recipe span it came from. Steps form a dependency graph whose
+topological order is the execution order: importance analysis (shared by every selector that
+ranks by a computed metric), graph passes in recipe order, export, verification against
+PyTorch, ONNX passes (quantization), and the perplexity check.
+
+Importance selectors are resolved here, so the plan shows which layers they chose and the
+scores that chose them; `build_plan` needs those scores (`surgery plan` computes or reads
+them from the cache first).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import networkx as nx
 
-from surgery.check import CheckedRecipe
+from surgery.check import CheckedRecipe, ResolvedQuantize
 from surgery.diagnostics import Diagnostic
 from surgery.export.options import ExportOptions
+from surgery.importance.file import ImportanceFile
+from surgery.importance.metrics import METRICS, MetricScores
 from surgery.layers import format_layers
+from surgery.selection import ImportanceQuery, ranking, resolve_query
 from surgery.source import Span
 
 VERIFY_TOLERANCE = 1e-3  # max |logit difference| between ONNX Runtime and PyTorch, fp32
@@ -28,7 +36,7 @@ class PlanStep:
     """One step of the plan."""
 
     action: str
-    phase: str  # "graph" (a pass over the decoder graph), "export", or "verify"
+    phase: str  # "analyze", "graph" (a pass over the decoder graph), "export", "verify", "onnx", "evaluate"
     parameters: dict[str, Any] = field(default_factory=dict)
     layers: tuple[int, ...] = ()
     targets: tuple[str, ...] = ()
@@ -66,6 +74,20 @@ class Plan:
         """The steps that are passes over the decoder graph, in order."""
         return [step for step in self.steps if step.phase == "graph"]
 
+    def step(self, action: str) -> PlanStep | None:
+        """The first step with this action, if any."""
+        return next((step for step in self.steps if step.action == action), None)
+
+    def quantization(self) -> dict[str, dict[str, Any]]:
+        """Final width per linear layer: later quantize statements override earlier ones."""
+        final: dict[str, dict[str, Any]] = {}
+        for step in self.steps:
+            if step.action == "quantize":
+                p = step.parameters
+                for linear in step.targets:
+                    final[linear] = {"bits": p["bits"], "block": p["block"], "symmetric": p["symmetric"]}
+        return final
+
     def to_json(self) -> dict[str, Any]:
         """The whole plan as plain data (`surgery plan --json`, and the report)."""
         return {
@@ -79,6 +101,7 @@ class Plan:
                 "kv_cache_slots": {str(slot): layer for slot, layer in enumerate(self.kv_layers_after)}
                 if self.export.kv_cache
                 else {},
+                "quantized_linears": _count_widths(self.quantization()),
             },
         }
 
@@ -89,7 +112,14 @@ class Plan:
         for number, step in enumerate(self.steps, 1):
             where = f"  [{step.source.location()}]" if step.source else "  [default]"
             lines.append(f"  {number}. {_describe(step)}{where}")
-            if step.targets:
+            if step.parameters.get("selected_by"):
+                lines.append(f"       selected: {step.parameters['selected_by']}")
+                scores = step.parameters["scores"]
+                lines.extend(_wrap(" ".join(f"{layer}={value:.4g}" for layer, value in scores.items()), indent=9))
+            if step.action == "quantize" and step.layers:
+                kinds = sorted({t.rsplit(".", 1)[-1] for t in step.targets}, key=_LINEAR_ORDER.index)
+                lines.append(f"       {len(step.targets)} linear layers ({', '.join(kinds)} of each layer)")
+            elif step.targets:
                 lines.extend(_wrap(", ".join(step.targets), indent=7))
             if step.note:
                 lines.append(f"       note: {step.note}")
@@ -100,19 +130,48 @@ class Plan:
         )
         if self.export.kv_cache:
             lines.append(f"  KV cache slots 0..{len(kept) - 1} -> original layers {format_layers(kept)}")
+        widths = _count_widths(self.quantization())
+        if widths:
+            lines.append("  quantized linear layers: " + ", ".join(f"{n} at {w}" for w, n in widths.items()))
         return "\n".join(lines)
 
 
+_LINEAR_ORDER = ["qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+def _count_widths(assignment: dict[str, dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for config in assignment.values():
+        key = f"int{config['bits']}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def _describe(step: PlanStep) -> str:
+    p = step.parameters
+    if step.phase == "analyze":
+        text = "compute importance: " + ", ".join(p["metrics"])
+        if p["calibration"]:
+            c = p["calibration"]
+            text += f' on "{c["data"]}", {c["samples"]} samples x {c["length"]} tokens, seed {c["seed"]}'
+        return text
     if step.phase == "graph":
         return f"{step.action} layers {format_layers(step.layers)}"
     if step.phase == "export":
-        p = step.parameters
         return f"export onnx opset {p['opset']} {'with' if p['kv_cache'] else 'without'} kv-cache"
-    p = step.parameters
+    if step.action == "quantize":
+        part = {"layers": "linears", "attention": "attention linears", "mlp": "MLP linears"}.get(p["part"], "")
+        what = "head" if p["part"] == "head" else f"{part} of layers {format_layers(step.layers) or '(none)'}"
+        kind = "symmetric" if p["symmetric"] else "asymmetric"
+        return f"quantize {what} to int{p['bits']} (MatMulNBits, block {p['block']}, {kind})"
+    if step.action == "verify perplexity":
+        return (
+            f'perplexity on "{p["data"]}" ({p["tokens"]} tokens) in onnxruntime vs the original model '
+            f"in PyTorch: at most +{p['max_increase']:g}%"
+        )
     return (
         f"verify against PyTorch: prefill {p['prompts']} left-padded prompts + {p['decode_steps']} decode steps, "
-        f"max |logit diff| <= {p['tolerance']:g}"
+        f"max |logit diff| <= {p['tolerance']:g}" + (" (before quantization)" if p.get("before_quantization") else "")
     )
 
 
@@ -128,17 +187,68 @@ def _wrap(text: str, indent: int, width: int = 100) -> list[str]:
     return out
 
 
-def build_plan(checked: CheckedRecipe, verify: bool = True) -> Plan:
-    """Resolve the checked recipe into ordered steps with concrete targets."""
+class _Scores:
+    """Scores for importance queries: computed metrics, or metrics read from importance files."""
+
+    def __init__(self, checked: CheckedRecipe, computed: ImportanceFile | None):
+        self.checked, self.computed = checked, computed
+
+    def __call__(self, query: ImportanceQuery) -> MetricScores:
+        source = query.source
+        if source.file is not None:
+            return self.checked.importance_files[source.file].metrics[source.metric]
+        if self.computed is None or source.metric not in self.computed.metrics:
+            raise ValueError(f"the plan needs {source.metric} scores; compute them first")
+        return self.computed.metrics[source.metric]
+
+
+def _selection(query: ImportanceQuery, scores: MetricScores, candidates: list[int]) -> tuple[tuple[int, ...], dict]:
+    """Resolve a query; the step parameters that show how (ranking scores of the chosen layers)."""
+    layers = resolve_query(query, scores, candidates)
+    values = scores.scores[query.part]
+    order = [layer for layer in ranking(scores, query.part, candidates) if layer in layers]
+    more = "higher" if scores.more_important == "higher" else "lower"
+    return layers, {
+        "selected_by": f"{query.describe()}; {more} = more important; {len(layers)} of {len(candidates)} candidates",
+        "scores": {layer: round(values[layer], 6) for layer in order},
+    }
+
+
+def build_plan(checked: CheckedRecipe, verify: bool = True, computed: ImportanceFile | None = None) -> Plan:
+    """Resolve the checked recipe into ordered steps with concrete targets.
+
+    `computed` holds the scores of `checked.metrics_to_compute()`; it may be None when no
+    selector ranks by a computed metric.
+    """
     index = checked.index
+    scores = _Scores(checked, computed)
+    warnings = list(checked.warnings)
     blocks = set(range(index.num_layers))
     attention = set(blocks)
     mlp = set(blocks)
     steps: list[PlanStep] = []
+    metrics = checked.metrics_to_compute()
+    if metrics:
+        needs_data = any(METRICS[m].needs_data for m in metrics)
+        steps.append(
+            PlanStep(
+                action="compute importance",
+                phase="analyze",
+                parameters={
+                    "metrics": list(metrics),
+                    "calibration": asdict(checked.calibration) if needs_data else None,
+                },
+                source=checked.calibration_span,
+            )
+        )
     for drop in checked.drops:
         present = {"attention": attention, "mlp": mlp, "block": blocks}[drop.part]
-        # Only what is still there: earlier statements may already have removed a part.
-        layers = tuple(layer for layer in drop.layers if layer in present)
+        extra: dict[str, Any] = {}
+        if drop.query is not None:
+            layers, extra = _selection(drop.query, scores(drop.query), sorted(present))
+        else:
+            # Only what is still there: earlier statements may already have removed a part.
+            layers = tuple(layer for layer in drop.layers if layer in present)
         if drop.part == "block":
             blocks -= set(layers)
             attention -= set(layers)
@@ -150,7 +260,7 @@ def build_plan(checked: CheckedRecipe, verify: bool = True) -> Plan:
             PlanStep(
                 action=f"drop {drop.part}",
                 phase="graph",
-                parameters={"layers": list(layers)},
+                parameters={"layers": list(layers), **extra},
                 layers=layers,
                 targets=tuple(index.part_path(layer, drop.part) for layer in layers),
                 source=drop.statement.span,
@@ -158,6 +268,7 @@ def build_plan(checked: CheckedRecipe, verify: bool = True) -> Plan:
             )
         )
     export = checked.export
+    quantize_steps = _quantize_steps(checked, scores, blocks, attention, mlp, warnings)
     steps.append(
         PlanStep(
             action="export onnx",
@@ -171,7 +282,23 @@ def build_plan(checked: CheckedRecipe, verify: bool = True) -> Plan:
             PlanStep(
                 action="verify",
                 phase="verify",
-                parameters={"prompts": 2, "decode_steps": VERIFY_DECODE_STEPS, "tolerance": VERIFY_TOLERANCE},
+                parameters={
+                    "prompts": 2,
+                    "decode_steps": VERIFY_DECODE_STEPS,
+                    "tolerance": VERIFY_TOLERANCE,
+                    "before_quantization": bool(quantize_steps),
+                },
+            )
+        )
+    steps.extend(quantize_steps)
+    if checked.perplexity is not None:
+        check = checked.perplexity
+        steps.append(
+            PlanStep(
+                action="verify perplexity",
+                phase="evaluate",
+                parameters={"data": check.data, "max_increase": check.max_increase, "tokens": check.tokens},
+                source=check.span,
             )
         )
     source = checked.recipe.source
@@ -189,11 +316,88 @@ def build_plan(checked: CheckedRecipe, verify: bool = True) -> Plan:
         layers_after=tuple(sorted(blocks)),
         kv_layers_after=tuple(sorted(attention)),
         mlp_layers_after=tuple(sorted(mlp)),
-        warnings=checked.warnings,
+        warnings=tuple(warnings),
     )
 
 
-_PHASES = ("graph", "export", "verify")
+def _quantize_steps(
+    checked: CheckedRecipe,
+    scores: _Scores,
+    blocks: set[int],
+    attention: set[int],
+    mlp: set[int],
+    warnings: list[Diagnostic],
+) -> list[PlanStep]:
+    """One step per quantize statement or rule, targets = the exported linears it converts."""
+    index = checked.index
+    steps: list[PlanStep] = []
+    owner: dict[str, ResolvedQuantize] = {}  # linear -> the statement that last set its width
+    taken: dict[int, set[int]] = {}  # group -> layers its earlier rules matched
+    for item in checked.quantize:
+        parameters: dict[str, Any] = {
+            "part": item.part,
+            "bits": item.bits,
+            "block": item.block,
+            "symmetric": item.symmetric,
+        }
+        if item.part == "head":
+            layers: tuple[int, ...] = ()
+            targets = ["lm_head"]
+        else:
+            present = {"layers": blocks, "attention": attention, "mlp": mlp}[item.part]
+            candidates = sorted(present)
+            if item.group is not None:
+                candidates = [layer for layer in candidates if layer not in taken.get(item.group, set())]
+            if item.query is not None:
+                # A rule ranks over every layer that has the part, so `most important 50%` after
+                # `most important 25%` in one group means the top half, whose top quarter is taken.
+                layers, extra = _selection(item.query, scores(item.query), sorted(present))
+                layers = tuple(layer for layer in layers if layer in candidates)
+                parameters.update(extra)
+            elif item.rest:
+                layers = tuple(candidates)
+            else:
+                layers = tuple(layer for layer in item.layers if layer in candidates)
+            if item.group is not None:
+                taken.setdefault(item.group, set()).update(layers)
+            targets = []
+            for layer in layers:
+                if item.part in ("layers", "attention") and layer in attention:
+                    targets += index.linear_names(layer, "attention")
+                if item.part in ("layers", "mlp") and layer in mlp:
+                    targets += index.linear_names(layer, "mlp")
+        note = ""
+        if item.part != "head" and not layers:
+            reason = "earlier rules of the group took them" if item.group is not None else "they were all dropped"
+            note = f"no effect: no layer left to match ({reason})"
+            warnings.append(Diagnostic("warning", "this quantize selection matches no layers", item.span, reason))
+        overridden = sorted({owner[t].span.line for t in targets if t in owner})
+        if overridden:
+            warnings.append(
+                Diagnostic(
+                    "warning",
+                    f"overrides the quantization set on line {', '.join(map(str, overridden))} for some linear layers",
+                    item.span,
+                    "the later statement wins",
+                )
+            )
+        for target in targets:
+            owner[target] = item
+        steps.append(
+            PlanStep(
+                action="quantize",
+                phase="onnx",
+                parameters={**parameters, "layers": list(layers)},
+                layers=layers,
+                targets=tuple(targets),
+                source=item.span,
+                note=note,
+            )
+        )
+    return steps
+
+
+_PHASES = ("analyze", "graph", "export", "verify", "onnx", "evaluate")
 
 
 def _execution_order(steps: list[PlanStep]) -> list[PlanStep]:

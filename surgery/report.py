@@ -60,8 +60,9 @@ def build_report(
     verification: Verification | None,
     timings: dict[str, float],
     warnings: tuple[Diagnostic, ...],
+    sections: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The report as plain data."""
+    """The report as plain data; `sections` adds importance, quantization and perplexity records."""
     dropped_kv = [layer for layer in before["attention_layers"] if layer not in export.kv_layers]
     return {
         "surgery_version": __version__,
@@ -80,6 +81,7 @@ def build_report(
         "passes": passes,
         "export": {"opset": plan.export.opset, "kv_cache": plan.export.kv_cache, "op_counts": export.op_counts},
         "verification": verification.to_json() if verification else {"skipped": True},
+        **(sections or {}),
         "timings_s": {name: round(seconds, 3) for name, seconds in timings.items()},
         "warnings": [d.render() for d in warnings],
     }

@@ -78,7 +78,44 @@ class EvenlyLayers:
     span: Span = _span()
 
 
-Selector = LayerList | AllLayers | FirstLayers | LastLayers | EvenlyLayers
+@dataclass(frozen=True)
+class ImportanceSource:
+    """`by similarity` (computed from the calibration), `by "file.json"`, or `by lim in "file.json"`."""
+
+    metric: str | None = None
+    file: str | None = None
+    span: Span = _span()
+    metric_span: Span | None = _span()
+    file_span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class ImportanceRank:
+    """`most|least important N` or `... P%`: how many layers, counted from which end."""
+
+    rank: Literal["most", "least"]
+    count: int | None = None
+    percent: float | None = None
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class ImportanceSelector:
+    """`most|least important N|P% by <source>`: layers ranked by importance scores."""
+
+    rank: ImportanceRank
+    source: ImportanceSource
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class RestLayers:
+    """`rest` in a grouped quantize: every layer no earlier rule matched."""
+
+    span: Span = _span()
+
+
+Selector = LayerList | AllLayers | FirstLayers | LastLayers | EvenlyLayers | ImportanceSelector
 
 
 # Statements.
@@ -103,6 +140,67 @@ class DropStmt:
 
 
 @dataclass(frozen=True)
+class CalibrateStmt:
+    """`calibrate on "<text>" [samples N] [length L] [seed S]`; omitted numbers take the defaults."""
+
+    data: str
+    samples: int | None = None
+    length: int | None = None
+    seed: int | None = None
+    span: Span = _span()
+    data_span: Span = _span()
+
+
+QuantizePart = Literal["layers", "attention", "mlp", "head"]
+
+
+@dataclass(frozen=True)
+class QuantizeStmt:
+    """`quantize <part> [<selector>] to int4|int8 [block N] [symmetric]`; no selector = every layer."""
+
+    part: QuantizePart
+    selector: Selector | None
+    bits: int
+    block: int | None = None
+    symmetric: bool = False
+    span: Span = _span()
+    block_span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class QuantizeRule:
+    """One `<rule> -> int4|int8 [block N] [symmetric]` line of a grouped quantize."""
+
+    selector: ImportanceRank | Selector | RestLayers
+    bits: int
+    block: int | None = None
+    symmetric: bool = False
+    span: Span = _span()
+    block_span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class QuantizeGroupStmt:
+    """`quantize <part> by <source> { rules }`: the first rule that matches a layer decides its width."""
+
+    part: QuantizePart
+    source: ImportanceSource
+    rules: tuple[QuantizeRule, ...]
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class VerifyStmt:
+    """`verify perplexity on "<text>" max-increase P% [tokens N]`."""
+
+    data: str
+    max_increase: float
+    tokens: int | None = None
+    span: Span = _span()
+    data_span: Span = _span()
+
+
+@dataclass(frozen=True)
 class ExportStmt:
     """`export onnx [opset N] [without kv-cache]`."""
 
@@ -113,7 +211,7 @@ class ExportStmt:
     opset_span: Span | None = _span()
 
 
-Statement = ModelStmt | DropStmt | ExportStmt
+Statement = ModelStmt | CalibrateStmt | DropStmt | QuantizeStmt | QuantizeGroupStmt | VerifyStmt | ExportStmt
 
 
 @dataclass(frozen=True)
@@ -124,8 +222,29 @@ class Recipe:
     source: Source | None = field(default=None, compare=False, repr=False)
 
 
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def unparse_source(source: ImportanceSource) -> str:
+    """Canonical text of `by ...`."""
+    if source.file is None:
+        return f"by {source.metric}"
+    if source.metric is None:
+        return f'by "{source.file}"'
+    return f'by {source.metric} in "{source.file}"'
+
+
+def unparse_rank(rank: ImportanceRank) -> str:
+    """Canonical text of `most|least important N|P%`."""
+    amount = str(rank.count) if rank.count is not None else f"{_number(rank.percent)}%"
+    return f"{rank.rank} important {amount}"
+
+
 def unparse_selector(selector: Selector) -> str:
     """Canonical text of a selector."""
+    if isinstance(selector, ImportanceSelector):
+        return f"{unparse_rank(selector.rank)} {unparse_source(selector.source)}"
     if isinstance(selector, AllLayers):
         return "layers *"
     if isinstance(selector, FirstLayers):
@@ -149,6 +268,29 @@ def unparse_statement(statement: Statement) -> str:
         return f'model "{statement.spec}"'
     if isinstance(statement, DropStmt):
         return f"drop {statement.part} {unparse_selector(statement.selector)}"
+    if isinstance(statement, CalibrateStmt):
+        text = f'calibrate on "{statement.data}"'
+        for word in ("samples", "length", "seed"):
+            if getattr(statement, word) is not None:
+                text += f" {word} {getattr(statement, word)}"
+        return text
+    if isinstance(statement, QuantizeStmt):
+        if statement.part == "head":
+            target = "head"
+        elif statement.selector is None:
+            target = statement.part
+        elif statement.part == "layers":
+            target = unparse_selector(statement.selector)
+            target = target if target.startswith("layers ") else "layers " + target
+        else:
+            target = f"{statement.part} {unparse_selector(statement.selector)}"
+        return f"quantize {target} to {_width(statement)}"
+    if isinstance(statement, QuantizeGroupStmt):
+        rules = "".join(f"    {_unparse_rule(rule)}\n" for rule in statement.rules)
+        return f"quantize {statement.part} {unparse_source(statement.source)} {{\n{rules}}}"
+    if isinstance(statement, VerifyStmt):
+        text = f'verify perplexity on "{statement.data}" max-increase {_number(statement.max_increase)}%'
+        return text + (f" tokens {statement.tokens}" if statement.tokens is not None else "")
     if isinstance(statement, ExportStmt):
         text = f"export {statement.format}"
         if statement.opset is not None:
@@ -157,6 +299,23 @@ def unparse_statement(statement: Statement) -> str:
             text += " without kv-cache"
         return text
     raise TypeError(f"not a statement: {statement!r}")
+
+
+def _width(item: QuantizeStmt | QuantizeRule) -> str:
+    text = f"int{item.bits}"
+    if item.block is not None:
+        text += f" block {item.block}"
+    return text + (" symmetric" if item.symmetric else "")
+
+
+def _unparse_rule(rule: QuantizeRule) -> str:
+    if isinstance(rule.selector, RestLayers):
+        target = "rest"
+    elif isinstance(rule.selector, ImportanceRank):
+        target = unparse_rank(rule.selector)
+    else:
+        target = unparse_selector(rule.selector)
+    return f"{target} -> {_width(rule)}"
 
 
 def unparse(recipe: Recipe) -> str:

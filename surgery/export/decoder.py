@@ -49,6 +49,7 @@ class ExportResult:
     kv_layers: tuple[int, ...]
     parameter_count: int
     op_counts: dict[str, int]
+    linears: dict[str, str]  # linear layer ("model.layers.3.mlp.up_proj", "lm_head") -> its MatMul node
 
 
 def _np(tensor: torch.Tensor) -> np.ndarray:
@@ -67,6 +68,7 @@ class _Emitter:
         self.graph, self.w, self.options = graph, writer, options
         self.residual = ""
         self.pending: str | None = None  # a sub-block's output not yet added to the residual
+        self.linears: dict[str, str] = {}
 
     # Residual stream bookkeeping: every norm consumes the pending update (Skip* fuses the add).
 
@@ -84,6 +86,7 @@ class _Emitter:
         return out
 
     def linear(self, module: torch.nn.Linear, x: str, name: str) -> str:
+        self.linears[name] = f"{name}/MatMul"
         y = self.w.op("MatMul", [x, self.w.weight(f"{name}.weight", _linear_weight_t(module))], f"{name}/MatMul")
         if module.bias is not None:
             y = self.w.op("Add", [y, self.w.weight(f"{name}.bias", _np(module.bias))], f"{name}/Add")
@@ -153,6 +156,7 @@ class _Emitter:
         packed = np.concatenate(
             [_linear_weight_t(attn.q_proj), _linear_weight_t(attn.k_proj), _linear_weight_t(attn.v_proj)], axis=1
         )
+        self.linears[f"{name}.qkv_proj"] = f"/{name}/qkv_proj/MatMul"
         qkv = w.op("MatMul", [x, w.weight(f"{name}.qkv_proj.weight", packed)], f"/{name}/qkv_proj/MatMul")
         if attn.q_proj.bias is not None:
             bias = np.concatenate([_np(attn.q_proj.bias), _np(attn.k_proj.bias), _np(attn.v_proj.bias)])
@@ -234,11 +238,13 @@ class _Emitter:
                 x = self.norm(layer.post_norm, f"{prefix}.post_attention_layernorm")
                 self.pending = self.mlp(layer, x)
         x = self.norm(graph.final_norm, "model.norm")
-        if graph.tied_head:
+        if graph.tied_head and not self.options.untie_head:
             # Stored once; onnxruntime folds the transpose of a constant when the session loads.
             head = w.op("Transpose", [embed], "/lm_head/Transpose", perm=[1, 0])
         else:
-            head = w.weight("lm_head.weight", _linear_weight_t(graph.lm_head))
+            # A tied head written separately is the same parameters again: not counted twice.
+            head = w.weight("lm_head.weight", _linear_weight_t(graph.lm_head), parameter=not graph.tied_head)
+        self.linears["lm_head"] = "/lm_head/MatMul"
         w.node("MatMul", [x, head], "/lm_head/MatMul", ["logits"])
         w.add_output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", graph.index.vocab_size])
 
@@ -267,4 +273,5 @@ def export_decoder(graph: DecoderGraph, folder: str, options: ExportOptions | No
         kv_layers=kv_layers,
         parameter_count=writer.parameter_count,
         op_counts=dict(Counter(node.op_type for node in writer.nodes)),
+        linears=dict(emitter.linears),
     )

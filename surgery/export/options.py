@@ -14,3 +14,6 @@ class ExportOptions:
 
     opset: int = DEFAULT_OPSET
     kv_cache: bool = True
+    # Write a tied head as its own initializer (transposed embedding), so that an ONNX pass can
+    # replace its MatMul (quantizing the head must not touch the embedding the Gather reads).
+    untie_head: bool = False

@@ -13,12 +13,16 @@ have no cache slot: cache slot k belongs to the k-th kept attention layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from surgery.models.index import ModelIndex
+
+# observer(layer number, x entering the layer, m after attention, h leaving the layer)
+ResidualObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -137,14 +141,22 @@ class DecoderGraph:
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         cache: KVCache | None = None,
+        observer: ResidualObserver | None = None,
+        logits: bool = True,
     ) -> torch.Tensor:
-        """Logits (batch, seq, vocab). `attention_mask` covers past + new tokens (1 = real token)."""
+        """Logits (batch, seq, vocab). `attention_mask` covers past + new tokens (1 = real token).
+
+        `observer(layer, x, m, h)` sees each layer's residual stream: entering the layer (x),
+        after attention (m) and leaving it (h), which is what importance metrics read. With
+        `logits=False` the final norm and head are skipped and the last residual is returned.
+        """
         past = cache.length() if cache is not None else 0
         hidden = self.embed(input_ids)
         position_embeddings = self.rotary(hidden, position_ids)
         masks: dict[int | None, torch.Tensor] = {}
         slot = 0
         for layer in self.layers:
+            entering = hidden
             if layer.attention is not None:
                 if layer.sliding_window not in masks:
                     masks[layer.sliding_window] = attention_bias(
@@ -158,8 +170,13 @@ class DecoderGraph:
                 )
                 hidden = hidden + attn_out
                 slot += 1
+            after_attention = hidden
             if layer.mlp is not None:
                 hidden = hidden + layer.mlp(layer.post_norm(hidden))
+            if observer is not None:
+                observer(layer.index, entering, after_attention, hidden)
+        if not logits:
+            return hidden
         return self.lm_head(self.final_norm(hidden))
 
 

@@ -40,6 +40,7 @@ class ModelIndex:
     rope_type: str
     sliding_window: int | None
     layer_sliding: tuple[bool, ...]
+    max_positions: int = 2048
 
     @classmethod
     def from_config(cls, name: str, config: Any) -> ModelIndex:
@@ -75,6 +76,7 @@ class ModelIndex:
             rope_type=rope_type,
             sliding_window=int(window) if window is not None else None,
             layer_sliding=sliding,
+            max_positions=int(getattr(config, "max_position_embeddings", 2048) or 2048),
         )
 
     def layer_path(self, layer: int) -> str:
@@ -85,6 +87,15 @@ class ModelIndex:
         """Module path of a layer's `attention`, `mlp` or whole `block`."""
         suffix = {"attention": ".self_attn", "mlp": ".mlp", "block": ""}[part]
         return self.layer_path(layer) + suffix
+
+    def linear_names(self, layer: int, part: str) -> list[str]:
+        """The exported linear layers (MatMul weights) of a layer's `attention`, `mlp` or both (`layers`).
+
+        Q, K and V are exported as one packed `qkv_proj`, so attention has two linears.
+        """
+        attention = [f"model.layers.{layer}.self_attn.qkv_proj", f"model.layers.{layer}.self_attn.o_proj"]
+        mlp = [f"model.layers.{layer}.mlp.{name}" for name in ("gate_proj", "up_proj", "down_proj")]
+        return {"attention": attention, "mlp": mlp, "layers": attention + mlp}[part]
 
     def unsupported_reasons(self) -> list[str]:
         """Why this model cannot be compiled (empty when it can)."""

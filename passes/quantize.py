@@ -1,0 +1,109 @@
+"""`quantize <part> <selector> to int4|int8 [block N] [symmetric]`: weight-only MatMulNBits.
+
+Graph effect: each selected linear layer's `MatMul` against a float weight becomes a
+`MatMulNBits` (com.microsoft) node holding the weight in `bits`-wide blocks with per-block
+scales (and zero points unless symmetric), computed with int8 activations on CPU
+(accuracy_level 4). Nothing else changes. Why: weights dominate a small decoder's memory
+traffic, and layers differ in how much precision they need, so widths follow importance.
+
+The conversion is onnxruntime's own `MatMulNBitsQuantizer`. Its `nodes_to_include` does not
+restrict the selection (it only adds to the op-type match), so selection is by exclusion:
+one quantizer run per (bits, block, symmetric) setting, excluding every MatMul not assigned
+that setting. `ensures` checks the outcome node by node: exactly the assigned MatMuls became
+`<name>_Q<bits>` with the right width and block, and every other MatMul is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import ClassVar
+
+import onnx
+
+from surgery.passes.base import OnnxPass, PassResult
+
+ACCURACY_LEVEL = 4  # int8 activations: the fast CPU path
+
+
+@dataclass(frozen=True)
+class Quantize(OnnxPass):
+    """Convert the named MatMul nodes to MatMulNBits; `assignment` is (node, bits, block, symmetric)."""
+
+    name: ClassVar[str] = "quantize"
+    preserves_semantics: ClassVar[bool] = False
+    assignment: tuple[tuple[str, int, int, bool], ...]
+
+    def requires(self, model: onnx.ModelProto) -> list[str]:
+        """Every assigned node is a MatMul whose weight is a 2-D float initializer, assigned once."""
+        nodes = {node.name: node for node in model.graph.node}
+        weights = {init.name: init for init in model.graph.initializer}
+        problems = []
+        seen = set()
+        for node_name, bits, block, _ in self.assignment:
+            if node_name in seen:
+                problems.append(f"{node_name} is assigned twice")
+            seen.add(node_name)
+            node = nodes.get(node_name)
+            if node is None or node.op_type != "MatMul":
+                problems.append(f"{node_name} is not a MatMul of the model")
+                continue
+            weight = weights.get(node.input[1])
+            if weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT:
+                problems.append(f"{node_name}: its weight is not a 2-D float initializer")
+            if bits not in (4, 8) or block < 16 or block & (block - 1):
+                problems.append(f"{node_name}: unsupported int{bits} block {block}")
+        return problems
+
+    def apply(self, model: onnx.ModelProto) -> PassResult:
+        """One MatMulNBitsQuantizer run per setting, excluding every MatMul not assigned to it."""
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            MatMulNBitsQuantizer,
+        )
+
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+        by_setting: dict[tuple[int, int, bool], set[str]] = defaultdict(set)
+        for node_name, bits, block, symmetric in self.assignment:
+            by_setting[(bits, block, symmetric)].add(node_name)
+        for (bits, block, symmetric), chosen in sorted(by_setting.items()):
+            # Recomputed per run: earlier runs renamed their nodes to MatMulNBits.
+            exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in chosen]
+            config = DefaultWeightOnlyQuantConfig(
+                block_size=block, is_symmetric=symmetric, accuracy_level=ACCURACY_LEVEL, bits=bits
+            )
+            quantizer = MatMulNBitsQuantizer(
+                model,
+                bits=bits,
+                block_size=block,
+                is_symmetric=symmetric,
+                accuracy_level=ACCURACY_LEVEL,
+                nodes_to_exclude=exclude,
+                algo_config=config,
+            )
+            quantizer.process()
+            converted = quantizer.model.model
+            if converted is not model:
+                model.CopyFrom(converted)
+        widths = ", ".join(f"{len(v)} to int{k[0]}" for k, v in sorted(by_setting.items()))
+        return PassResult(True, f"quantized {len(self.assignment)} linear layer(s): {widths}")
+
+    def ensures(self, model: onnx.ModelProto) -> list[str]:
+        """Exactly the assigned MatMuls are now MatMulNBits of the assigned width and block."""
+        nodes = {node.name: node for node in model.graph.node}
+        expected = {f"{name}_Q{bits}": (bits, block) for name, bits, block, _ in self.assignment}
+        problems = []
+        for name, (bits, block) in expected.items():
+            node = nodes.get(name)
+            if node is None or node.op_type != "MatMulNBits":
+                problems.append(f"{name} was not created")
+                continue
+            attributes = {a.name: a.i for a in node.attribute}
+            if (attributes.get("bits"), attributes.get("block_size")) != (bits, block):
+                problems.append(f"{name} has bits {attributes.get('bits')} block {attributes.get('block_size')}")
+        extra = [n for n, node in nodes.items() if node.op_type == "MatMulNBits" and n not in expected]
+        problems += [f"{name} was quantized but not selected" for name in extra]
+        assigned = {name for name, *_ in self.assignment}
+        problems += [f"{name} is still a MatMul" for name in assigned if name in nodes]
+        return problems

@@ -1,0 +1,157 @@
+"""Computing importance scores for a model, once per run, with an on-disk cache.
+
+`ScoreRequest` says which metrics are wanted and on which calibration; `compute_importance`
+runs one calibration pass for all data-driven metrics together (similarity and lim read the
+same residuals) plus the data-free ones. Results are cached under
+`$SURGERY_CACHE/importance/`, keyed by everything they depend on (model identity, metric
+parameters, calibration spec and the text's hash, surgery's version), so `surgery plan`
+followed by `surgery apply` computes them once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from surgery import __version__
+from surgery.calibration import CalibrationSpec, calibration_tokens
+from surgery.data import resolve_text
+from surgery.importance.file import ImportanceFile, load_importance, save_importance
+from surgery.importance.metrics import (
+    DEFAULT_ZD_THRESHOLD,
+    METRICS,
+    Direction,
+    MetricScores,
+    lim_scores,
+    residual_statistics,
+    similarity_scores,
+    zd_scores,
+)
+from surgery.models.loading import ModelSpec
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Metrics to compute and the calibration the data-driven ones use."""
+
+    metrics: tuple[str, ...]
+    calibration: CalibrationSpec = CalibrationSpec()
+    zd_threshold: float = DEFAULT_ZD_THRESHOLD
+    zd_more_important: Direction = "lower"
+    data_dir: str | None = None  # where relative data paths are resolved (the recipe's folder)
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether any requested metric reads calibration data."""
+        return any(METRICS[m].needs_data for m in self.metrics)
+
+
+def model_identity(spec: ModelSpec) -> str:
+    """A string that changes whenever the model's weights might have."""
+    if spec.kind in ("folder", "gguf"):
+        path = Path(spec.location)
+        files = sorted(path.glob("*.safetensors")) + [path / "config.json"] if path.is_dir() else [path]
+        stamps = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists()]
+        return f"{spec.kind}:{spec.location}:" + ",".join(stamps)
+    return f"{spec.kind}:{spec.location}"
+
+
+def _cache_path(spec: ModelSpec, request: ScoreRequest, metric: str, data_sha: str | None) -> Path:
+    from surgery.models.builtin import cache_dir
+
+    key = {
+        "model": model_identity(spec),
+        "metric": metric,
+        "version": __version__,
+        "zd": [request.zd_threshold, request.zd_more_important] if metric == "zd" else None,
+        "calibration": asdict(request.calibration) if METRICS[metric].needs_data else None,
+        "data": data_sha if METRICS[metric].needs_data else None,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / "importance" / f"{metric}-{digest}.json"
+
+
+def cached_importance(spec: ModelSpec, request: ScoreRequest, layers: int) -> ImportanceFile | None:
+    """The requested metrics from the cache if every one of them is there, else None."""
+    data_sha = resolve_text(request.calibration.data, request.data_dir).sha256 if request.needs_data else None
+    found: dict[str, MetricScores] = {}
+    provenance: dict[str, Any] = {}
+    for metric in request.metrics:
+        path = _cache_path(spec, request, metric, data_sha)
+        if not path.exists():
+            return None
+        importance, problems = load_importance(str(path), layers)
+        if importance is None or problems or metric not in importance.metrics:
+            return None
+        found[metric] = importance.metrics[metric]
+        provenance.update(importance.provenance)
+        model = importance.model
+    return ImportanceFile(found, model, provenance)
+
+
+def compute_importance(
+    graph: Any,
+    tokenizer: Any,
+    spec: ModelSpec,
+    request: ScoreRequest,
+    progress: Progress = lambda _: None,
+    use_cache: bool = True,
+) -> ImportanceFile:
+    """Scores for every requested metric on the (unmodified) graph; reads and fills the cache."""
+    index = graph.index
+    if use_cache:
+        cached = cached_importance(spec, request, index.num_layers)
+        if cached is not None:
+            progress("importance: " + ", ".join(request.metrics) + " (cached)")
+            return cached
+    metrics: dict[str, MetricScores] = {}
+    provenance: dict[str, Any] = {"tool": f"surgery {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    data_sha = None
+    data_metrics = [m for m in request.metrics if METRICS[m].needs_data]
+    if data_metrics:
+        calibration = request.calibration
+        source = resolve_text(calibration.data, request.data_dir)
+        data_sha = source.sha256
+        tokens = calibration_tokens(tokenizer, calibration, source)
+        progress(f"importance: {', '.join(data_metrics)} on {calibration.describe()} ({tokens.size} tokens)")
+        start = time.perf_counter()
+        statistics = residual_statistics(graph, tokens)
+        provenance["calibration"] = {
+            **source.to_json(),
+            "samples": calibration.samples,
+            "length": calibration.length,
+            "seed": calibration.seed,
+            "tokens": int(tokens.size),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        if "similarity" in data_metrics:
+            metrics["similarity"] = similarity_scores(statistics)
+        if "lim" in data_metrics:
+            metrics["lim"] = lim_scores(statistics)
+    if "zd" in request.metrics:
+        progress(f"importance: zd (threshold {request.zd_threshold:g}, data-free)")
+        metrics["zd"] = zd_scores(graph, request.zd_threshold, request.zd_more_important)
+    model = {"spec": spec.text, "architecture": index.architecture, "layers": index.num_layers}
+    ordered = {m: metrics[m] for m in request.metrics}
+    result = ImportanceFile(ordered, model, provenance)
+    if use_cache:
+        for metric, scores in ordered.items():
+            single = ImportanceFile(
+                {metric: scores},
+                model,
+                provenance
+                if METRICS[metric].needs_data
+                else {k: v for k, v in provenance.items() if k != "calibration"},
+            )
+            path = _cache_path(spec, request, metric, data_sha)
+            os.makedirs(path.parent, exist_ok=True)
+            save_importance(single, str(path))
+    return result

@@ -1,0 +1,137 @@
+"""The importance metrics: what each one measures, and how it is computed on a decoder graph.
+
+Definitions (docs/importance.md has the long form; notation of ../docs: `x` enters layer l,
+`m = x + Attn(Norm1(x))`, `h = m + MLP(Norm2(m))`, `cos` along the hidden dimension per token
+in fp32, means over every calibration token):
+
+- `similarity` (LLM-Drop): S_attn = mean cos(x, m), S_mlp = mean cos(m, h), S_block = mean
+  cos(x, h). A high S means the sub-block barely changes the residual: lower is more important.
+- `lim` (Layer-Wise Quantization): LIM(l) = -mean cos(h_{l-1}, h_l), whole layers only; the
+  input of layer l is h_{l-1}, so LIM = -S_block. Higher is more important.
+- `zd` (data-free): over the linear weights of a layer (or of its attention / MLP), z = (w -
+  mean) / std and ZD = the fraction with z > threshold (default 1). Which direction means
+  "more important" is a parameter; the default, fewer large weights = more important, follows
+  the paper's abstract.
+
+similarity and lim come from one pass over the calibration tokens (`residual_statistics`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from surgery.models.graph import DecoderGraph, position_ids_from_mask
+
+Direction = Literal["higher", "lower"]
+PARTS = ("attention", "mlp", "block")
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """What a metric scores, which direction is more important, and whether it needs data."""
+
+    name: str
+    parts: tuple[str, ...]
+    more_important: Direction
+    needs_data: bool
+    summary: str
+
+
+METRICS: dict[str, MetricInfo] = {
+    "similarity": MetricInfo(
+        "similarity",
+        PARTS,
+        "lower",
+        True,
+        "mean cosine between a sub-block's input and output residual (LLM-Drop); high = redundant",
+    ),
+    "lim": MetricInfo(
+        "lim", ("block",), "higher", True, "layer input modification: -mean cos(h_{l-1}, h_l); high = important"
+    ),
+    "zd": MetricInfo(
+        "zd", PARTS, "lower", False, "fraction of a layer's weights with z-score above a threshold (data-free)"
+    ),
+}
+DEFAULT_ZD_THRESHOLD = 1.0
+
+
+@dataclass(frozen=True)
+class MetricScores:
+    """One metric's per-layer scores for each part it covers, with its direction."""
+
+    metric: str
+    more_important: Direction
+    scores: dict[str, tuple[float, ...]]
+    parameters: dict[str, object]
+
+
+def _batches(tokens: np.ndarray, batch_size: int):
+    for start in range(0, len(tokens), batch_size):
+        yield torch.from_numpy(tokens[start : start + batch_size])
+
+
+@torch.inference_mode()
+def residual_statistics(graph: DecoderGraph, tokens: np.ndarray, batch_size: int = 8) -> dict[str, np.ndarray]:
+    """Mean cos(x, m), cos(m, h), cos(x, h) per layer over all tokens, shape (layers,) each.
+
+    Sums are kept in float64 so the mean does not depend on how tokens are batched.
+    """
+    n = len(graph.layers)
+    sums = {key: np.zeros(n, np.float64) for key in ("attention", "mlp", "block")}
+    position = {layer.index: i for i, layer in enumerate(graph.layers)}
+    count = 0
+
+    def observe(layer: int, x: torch.Tensor, m: torch.Tensor, h: torch.Tensor) -> None:
+        i = position[layer]
+        for key, (a, b) in (("attention", (x, m)), ("mlp", (m, h)), ("block", (x, h))):
+            sums[key][i] += torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).double().sum().item()
+
+    for ids in _batches(tokens, batch_size):
+        mask = torch.ones_like(ids)
+        graph.forward(ids, mask, position_ids_from_mask(mask), observer=observe, logits=False)
+        count += ids.numel()
+    return {key: value / count for key, value in sums.items()}
+
+
+def similarity_scores(statistics: dict[str, np.ndarray]) -> MetricScores:
+    """LLM-Drop similarity from `residual_statistics`."""
+    scores = {part: tuple(float(v) for v in statistics[part]) for part in PARTS}
+    return MetricScores("similarity", "lower", scores, {})
+
+
+def lim_scores(statistics: dict[str, np.ndarray]) -> MetricScores:
+    """LIM from `residual_statistics` (the block cosine, negated)."""
+    return MetricScores("lim", "higher", {"block": tuple(float(-v) for v in statistics["block"])}, {})
+
+
+def _linear_weights(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [m.weight for m in module.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def z_fraction(weights: list[torch.Tensor], threshold: float) -> float:
+    """Fraction of all the given weights whose z-score (over all of them together) exceeds `threshold`."""
+    flat = torch.cat([w.detach().reshape(-1).double() for w in weights])
+    z = (flat - flat.mean()) / flat.std(correction=0)
+    return float((z > threshold).double().mean())
+
+
+@torch.inference_mode()
+def zd_scores(graph: DecoderGraph, threshold: float = DEFAULT_ZD_THRESHOLD, more_important: Direction = "lower"):
+    """ZD of each layer's linear weights: attention (q, k, v, o), MLP, and both together (block)."""
+    scores: dict[str, list[float]] = {part: [] for part in PARTS}
+    for layer in graph.layers:
+        attention = _linear_weights(layer.attention) if layer.attention is not None else []
+        mlp = _linear_weights(layer.mlp) if layer.mlp is not None else []
+        scores["attention"].append(z_fraction(attention, threshold) if attention else float("nan"))
+        scores["mlp"].append(z_fraction(mlp, threshold) if mlp else float("nan"))
+        scores["block"].append(z_fraction(attention + mlp, threshold))
+    return MetricScores(
+        "zd",
+        more_important,
+        {part: tuple(values) for part, values in scores.items()},
+        {"threshold": threshold},
+    )

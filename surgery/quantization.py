@@ -1,0 +1,123 @@
+"""MatMulNBits facts: unpacking a quantized weight, and counting bits exactly.
+
+onnxruntime's `MatMulNBits` (com.microsoft) stores a (K, N) weight transposed and blockwise:
+`B` is uint8 (N, K/block, block*bits/8) with the first element of a byte in its low bits,
+`scales` is (N * K/block) floats, `zero_points` (absent when symmetric, meaning 2^(bits-1))
+is packed like `B`. `dequantize` reverses that, so tests and the report can compare each
+quantized weight with the float weight it replaced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+MS_DOMAIN = "com.microsoft"
+
+
+def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """uint8 bytes -> `count` unsigned `bits`-wide values per row, low bits first."""
+    packed = packed.reshape(packed.shape[0], -1)
+    if bits == 8:
+        return packed[:, :count].astype(np.int32)
+    per_byte = 8 // bits
+    shifts = np.arange(per_byte, dtype=np.uint8) * bits
+    values = (packed[:, :, None] >> shifts) & ((1 << bits) - 1)
+    return values.reshape(packed.shape[0], -1)[:, :count].astype(np.int32)
+
+
+def _attribute(node: onnx.NodeProto, name: str) -> int:
+    return next(int(a.i) for a in node.attribute if a.name == name)
+
+
+def dequantize(node: onnx.NodeProto, initializers: dict[str, np.ndarray]) -> np.ndarray:
+    """The (K, N) float weight a MatMulNBits node computes with."""
+    k, n = _attribute(node, "K"), _attribute(node, "N")
+    bits, block = _attribute(node, "bits"), _attribute(node, "block_size")
+    blocks = -(-k // block)
+    q = _unpack(initializers[node.input[1]], bits, blocks * block).reshape(n, blocks, block)
+    scales = initializers[node.input[2]].reshape(n, blocks, 1).astype(np.float32)
+    if len(node.input) > 3 and node.input[3]:
+        zero = _unpack(initializers[node.input[3]], bits, blocks).reshape(n, blocks, 1)
+    else:
+        zero = np.full((n, blocks, 1), 1 << (bits - 1), np.int32)
+    weight = ((q - zero).astype(np.float32) * scales).reshape(n, blocks * block)[:, :k]
+    return weight.T
+
+
+@dataclass(frozen=True)
+class QuantizedLinear:
+    """One MatMulNBits node: its shape, width and storage."""
+
+    node: str
+    bits: int
+    block: int
+    parameters: int  # K * N
+    storage_bytes: int  # B + scales + zero points
+
+    @property
+    def storage_bits(self) -> float:
+        """Bits per weight including scales and zero points."""
+        return 8 * self.storage_bytes / self.parameters
+
+
+def quantized_linears(model: onnx.ModelProto) -> list[QuantizedLinear]:
+    """Every MatMulNBits node of the model with its exact storage."""
+    sizes = {init.name: _tensor_bytes(init) for init in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        storage = sum(sizes.get(name, 0) for name in node.input[1:4] if name)
+        found.append(
+            QuantizedLinear(
+                node.name,
+                _attribute(node, "bits"),
+                _attribute(node, "block_size"),
+                _attribute(node, "K") * _attribute(node, "N"),
+                storage,
+            )
+        )
+    return found
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    count = int(np.prod(tensor.dims)) if tensor.dims else 1
+    return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+
+
+def bits_summary(model: onnx.ModelProto, total_parameters: int) -> dict[str, object]:
+    """Average bits per weight of the quantized linears and of the whole model.
+
+    `nominal` counts each quantized weight at its width (4 or 8) and every other parameter at
+    32; `storage` counts what is stored: packed weights plus scales and zero points.
+    """
+    linears = quantized_linears(model)
+    quantized = sum(q.parameters for q in linears)
+    if not quantized:
+        return {"quantized_parameters": 0}
+    nominal_bits = sum(q.bits * q.parameters for q in linears)
+    storage_bits = sum(8 * q.storage_bytes for q in linears)
+    rest = total_parameters - quantized
+    widths: dict[str, dict[str, int]] = {}
+    for q in linears:
+        entry = widths.setdefault(f"int{q.bits}", {"linears": 0, "parameters": 0})
+        entry["linears"] += 1
+        entry["parameters"] += q.parameters
+    return {
+        "quantized_parameters": quantized,
+        "float_parameters": rest,
+        "widths": widths,
+        "quantized_linears_nominal_bits": nominal_bits / quantized,
+        "quantized_linears_storage_bits": storage_bits / quantized,
+        "model_nominal_bits": (nominal_bits + 32 * rest) / total_parameters,
+        "model_storage_bits": (storage_bits + 32 * rest) / total_parameters,
+    }
+
+
+def initializer_arrays(model: onnx.ModelProto, names: set[str]) -> dict[str, np.ndarray]:
+    """The named initializers as numpy arrays (weights must be loaded)."""
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer if init.name in names}
