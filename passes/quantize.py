@@ -29,11 +29,16 @@ ACCURACY_LEVEL = 4  # int8 activations: the fast CPU path
 
 @dataclass(frozen=True)
 class Quantize(OnnxPass):
-    """Convert the named MatMul nodes to MatMulNBits; `assignment` is (node, bits, block, symmetric)."""
+    """Convert the named MatMul nodes to MatMulNBits; `assignment` is (node, bits, block, symmetric).
+
+    `accuracy_level` 4 computes with int8 activations (fast on CPU); 0 computes in float with
+    the dequantized weights, which tests use for exact parity with PyTorch.
+    """
 
     name: ClassVar[str] = "quantize"
     preserves_semantics: ClassVar[bool] = False
     assignment: tuple[tuple[str, int, int, bool], ...]
+    accuracy_level: int = ACCURACY_LEVEL
 
     def requires(self, model: onnx.ModelProto) -> list[str]:
         """Every assigned node is a MatMul whose weight is a 2-D float initializer, assigned once."""
@@ -71,14 +76,14 @@ class Quantize(OnnxPass):
             # Recomputed per run: earlier runs renamed their nodes to MatMulNBits.
             exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in chosen]
             config = DefaultWeightOnlyQuantConfig(
-                block_size=block, is_symmetric=symmetric, accuracy_level=ACCURACY_LEVEL, bits=bits
+                block_size=block, is_symmetric=symmetric, accuracy_level=self.accuracy_level, bits=bits
             )
             quantizer = MatMulNBitsQuantizer(
                 model,
                 bits=bits,
                 block_size=block,
                 is_symmetric=symmetric,
-                accuracy_level=ACCURACY_LEVEL,
+                accuracy_level=self.accuracy_level,
                 nodes_to_exclude=exclude,
                 algo_config=config,
             )

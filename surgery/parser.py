@@ -346,7 +346,7 @@ def _keywords_in(names: set[str]) -> list[str]:
     return words
 
 
-_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*|\S")
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*|[0-9]+(?:\.[0-9]+)?%?|\S")
 
 
 def _syntax_diagnostic(error: lark.exceptions.UnexpectedInput, source: Source, chunk_end: int) -> Diagnostic:

@@ -161,7 +161,8 @@ def _describe(step: PlanStep) -> str:
         return f"export onnx opset {p['opset']} {'with' if p['kv_cache'] else 'without'} kv-cache"
     if step.action == "quantize":
         part = {"layers": "linears", "attention": "attention linears", "mlp": "MLP linears"}.get(p["part"], "")
-        what = "head" if p["part"] == "head" else f"{part} of layers {format_layers(step.layers) or '(none)'}"
+        layers = f"layers {format_layers(step.layers)}" if step.layers else "no layer"
+        what = "head" if p["part"] == "head" else f"{part} of {layers}"
         kind = "symmetric" if p["symmetric"] else "asymmetric"
         return f"quantize {what} to int{p['bits']} (MatMulNBits, block {p['block']}, {kind})"
     if step.action == "verify perplexity":

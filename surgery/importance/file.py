@@ -179,6 +179,12 @@ class _Validator:
         return MetricScores(name, direction, parsed, parameters if isinstance(parameters, dict) else {})
 
 
+def _display_path(path: str) -> str:
+    """The path relative to the working directory when it lies below it (shorter messages)."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
 def _json_kind(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -192,7 +198,7 @@ def _json_kind(value: Any) -> str:
 def load_importance(path: str, layers: int | None = None) -> tuple[ImportanceFile | None, list[Diagnostic]]:
     """Read and validate an importance file; diagnostics point into the file itself."""
     with open(path, encoding="utf-8") as handle:
-        source = Source(path, handle.read())
+        source = Source(_display_path(path), handle.read())
     try:
         data, spans = parse_with_positions(source)
     except JsonSyntaxError as problem:

@@ -1,0 +1,179 @@
+"""Quantization: exact node selection per layer and width, the packed weights, and the numbers.
+
+pattern: the grouped recipe of tests/golden/plans/tiny-quantize-groups.surg (overlapping rules,
+a shadowed rule, `rest`, a later statement overriding a group, the head); replacement: the
+applied output folder; comparison: the node set each rule must produce, the float weights
+each MatMulNBits node must reproduce to within half a quantization step, and PyTorch run with
+exactly those dequantized weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import REPO, run_cli, tiny_graph
+from surgery.export.decoder import export_decoder
+from surgery.export.options import ExportOptions
+from surgery.models.graph import position_ids_from_mask
+from surgery.passes import PassContractError, Quantize, run_pass
+from surgery.quantization import dequantize, initializer_arrays, quantized_linears
+from surgery.runtime import OnnxCausalLM
+
+GOLDEN = REPO / "tests" / "golden" / "plans"
+
+
+def _linear_nodes(layer: int, part: str = "layers") -> set[str]:
+    attention = {f"/model.layers.{layer}.self_attn/qkv_proj/MatMul", f"model.layers.{layer}.self_attn.o_proj/MatMul"}
+    mlp = {f"model.layers.{layer}.mlp.{name}/MatMul" for name in ("gate_proj", "up_proj", "down_proj")}
+    return {"attention": attention, "mlp": mlp, "layers": attention | mlp}[part]
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("grouped")
+    for name in ("tiny-quantize-groups.surg", "tiny-importance.json"):
+        shutil.copy(GOLDEN / name, folder / name)
+    result = run_cli("apply", str(folder / "tiny-quantize-groups.surg"), "-o", str(folder / "out"))
+    assert result.code == 0, result.err
+    return folder / "out"
+
+
+def _nodes(folder: Path) -> dict[str, onnx.NodeProto]:
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    return {node.name: node for node in model.graph.node}
+
+
+def test_each_rule_converts_exactly_its_linears(grouped):
+    nodes = _nodes(grouped)
+    attrs = {
+        name: {a.name: a.i for a in node.attribute} for name, node in nodes.items() if node.op_type == "MatMulNBits"
+    }
+    int8 = _linear_nodes(1) | _linear_nodes(4) | {"/lm_head/MatMul"} | _linear_nodes(2, "attention")
+    int4_block16 = _linear_nodes(0) | _linear_nodes(2, "mlp") | _linear_nodes(3)
+    int8_symmetric = _linear_nodes(5, "mlp")  # layer 5's attention was dropped: nothing to quantize there
+    expected = {f"{n}_Q8": (8, 32) for n in int8 | int8_symmetric} | {f"{n}_Q4": (4, 16) for n in int4_block16}
+    assert {name: (a["bits"], a["block_size"]) for name, a in attrs.items()} == expected
+    for name in expected:
+        has_zero_points = len(nodes[name].input) > 3 and bool(nodes[name].input[3])
+        assert has_zero_points == (name.removesuffix("_Q8") not in int8_symmetric), name
+        assert attrs[name]["accuracy_level"] == 4
+    assert not [n for n, node in nodes.items() if node.op_type == "MatMul"]  # everything was selected once
+    assert not any(n.startswith("/model.layers.5.self_attn") for n in nodes)
+
+
+def test_report_counts_bits_exactly(grouped):
+    report = json.loads((grouped / "surgery.json").read_text())
+    q = report["quantization"]
+    graph = tiny_graph("tiny-llama")
+    hidden, inter, vocab = 64, graph.index.intermediate_size, graph.index.vocab_size
+    kv = graph.index.num_kv_heads * graph.index.head_dim
+    attention = hidden * (hidden + 2 * kv) + hidden * hidden
+    mlp = 3 * hidden * inter
+    int8 = 2 * (attention + mlp) + hidden * vocab + attention + mlp  # layers 1, 4, head, layer 2 attention, layer 5 mlp
+    int4 = 2 * (attention + mlp) + mlp  # layers 0, 3 and layer 2's MLP
+    assert q["widths"] == {
+        "int8": {"linears": 10 + 1 + 2 + 3, "parameters": int8},
+        "int4": {"linears": 10 + 3, "parameters": int4},
+    }
+    assert q["quantized_linears_nominal_bits"] == pytest.approx((8 * int8 + 4 * int4) / (int8 + int4))
+    total = report["model"]["after"]["parameters"]
+    assert q["model_nominal_bits"] == pytest.approx((8 * int8 + 4 * int4 + 32 * (total - int8 - int4)) / total)
+    assert q["quantized_linears_storage_bits"] > q["quantized_linears_nominal_bits"]  # scales and zero points
+    assert q["bytes_after"] < q["bytes_before"]
+    assert report["model"]["after"]["bytes"] == q["bytes_after"]
+    assert report["verification"]["passed"] and report["plan"]["steps"][2]["parameters"]["before_quantization"]
+
+
+def _quantized_weights(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    arrays = initializer_arrays(model, {name for n in model.graph.node for name in n.input})
+    return {n.name: dequantize(n, arrays) for n in model.graph.node if n.op_type == "MatMulNBits"}, arrays
+
+
+def test_packed_weights_reproduce_the_float_weights(grouped):
+    model = onnx.load(str(grouped / "model.onnx"))
+    weights, arrays = _quantized_weights(model)
+    graph = tiny_graph("tiny-llama")
+    layer = graph.model.model.layers[3]
+    originals = {
+        "model.layers.3.mlp.down_proj/MatMul_Q4": layer.mlp.down_proj.weight.detach().numpy().T,
+        "/model.layers.3.self_attn/qkv_proj/MatMul_Q4": np.concatenate(
+            [
+                m.weight.detach().numpy().T
+                for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+            ],
+            axis=1,
+        ),
+        "/lm_head/MatMul_Q8": graph.lm_head.weight.detach().numpy().T,
+    }
+    nodes = {n.name: n for n in model.graph.node}
+    for name, original in originals.items():
+        node = nodes[name]
+        block = next(a.i for a in node.attribute if a.name == "block_size")
+        k, n = original.shape
+        scales = arrays[node.input[2]].reshape(n, -1)
+        # Each weight is within half a step (its block's scale) of the float weight; a
+        # mis-packed nibble or block would be off by many steps.
+        step = np.repeat(scales, block, axis=1)[:, :k].T
+        error = np.abs(weights[name] - original)
+        assert error.shape == original.shape
+        assert np.all(error <= 0.5 * step * (1 + 1e-3) + 1e-7), name
+        assert error.max() > 0  # quantization did happen
+
+
+@pytest.mark.parametrize("bits, block, symmetric", [(4, 32, False), (4, 16, True), (8, 32, False), (8, 64, True)])
+def test_onnxruntime_matches_pytorch_with_the_dequantized_weights(tmp_path, bits, block, symmetric):
+    """With float compute (accuracy_level 0) the quantized model is PyTorch with the quantized weights.
+
+    Every linear (and the head, untied) is quantized; PyTorch gets the weights `dequantize`
+    reads back from the packed tensors. Any mistake in selection, packing, the head's untying
+    or the Q/K/V split would show up as a large logit difference.
+    """
+    graph = tiny_graph("tiny-qwen2")  # tied head, QKV biases
+    export = export_decoder(graph, str(tmp_path), ExportOptions(untie_head=True))
+    model = onnx.load(export.model_path)
+    assignment = tuple((node, bits, block, symmetric) for node in export.linears.values())
+    run_pass(Quantize(assignment=assignment, accuracy_level=0), model)
+    weights, _ = _quantized_weights(model)
+    (tmp_path / "q").mkdir()  # (saving moves the weights out of `model`, so read them first)
+    onnx.save(model, str(tmp_path / "q" / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    node_of = {node + f"_Q{bits}": linear for linear, node in export.linears.items()}
+    q_size = graph.index.num_heads * graph.index.head_dim
+    kv_size = graph.index.num_kv_heads * graph.index.head_dim
+    with torch.no_grad():
+        for name, weight in weights.items():
+            linear, w = node_of[name], torch.from_numpy(np.ascontiguousarray(weight.T))
+            if linear == "lm_head":
+                graph.lm_head.weight = torch.nn.Parameter(w)  # untied, as the export wrote it
+            elif linear.endswith("qkv_proj"):
+                attn = graph.model.get_submodule(linear.rsplit(".", 1)[0])
+                for module, part in zip(
+                    (attn.q_proj, attn.k_proj, attn.v_proj), torch.split(w, [q_size, kv_size, kv_size]), strict=True
+                ):
+                    module.weight.copy_(part)
+            else:
+                graph.model.get_submodule(linear).weight.copy_(w)
+    ids = torch.tensor([[72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]])
+    mask = torch.ones_like(ids)
+    positions = position_ids_from_mask(mask)
+    expected = graph.forward(ids, mask, positions).numpy()
+    actual = OnnxCausalLM(str(tmp_path / "q" / "model.onnx")).step(ids.numpy(), mask.numpy(), positions.numpy()).logits
+    assert np.abs(actual - expected).max() < 1e-4
+
+
+def test_quantize_pass_contract(tmp_path):
+    graph = tiny_graph("tiny-qwen2")
+    export = export_decoder(graph, str(tmp_path))
+    model = onnx.load(export.model_path)
+    with pytest.raises(PassContractError, match="not a MatMul"):
+        run_pass(Quantize(assignment=(("/no/such/MatMul", 4, 32, False),)), model)
+    chosen = export.linears["model.layers.2.mlp.up_proj"]
+    result = run_pass(Quantize(assignment=((chosen, 4, 32, False),)), model)
+    assert result.modified
+    assert [q.node for q in quantized_linears(model)] == [f"{chosen}_Q4"]  # and nothing else
