@@ -22,54 +22,20 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # noqa: E402  (run from a checkout without installing)
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import decode_ms_per_token, measure  # noqa: E402
 
 from surgery.models import builtin  # noqa: E402
 from surgery.runtime import OnnxCausalLM  # noqa: E402
-
-_MEASURE = (
-    "import resource, subprocess, sys, time\n"
-    "t = time.perf_counter(); rc = subprocess.run(sys.argv[1:]).returncode\n"
-    "print(rc, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-)
-
-
-def measure(command: list[str]) -> dict:
-    """Wall seconds and peak RSS (GB) of one command, in a fresh measuring process."""
-    out = subprocess.run(
-        [sys.executable, "-c", _MEASURE, *command], capture_output=True, text=True, check=True
-    ).stdout.split()
-    rc, seconds, max_rss_kb = int(out[-3]), float(out[-2]), int(out[-1])
-    if rc != 0:
-        raise SystemExit(f"command failed ({rc}): {' '.join(command)}")
-    return {"seconds": round(seconds, 2), "peak_gb": round(max_rss_kb / 1e6, 3)}
-
-
-def decode_ms_per_token(model: OnnxCausalLM, prompt: np.ndarray, steps: int) -> float:
-    """ms/token of one-token decode steps after prefilling `prompt` (batch 1)."""
-    ids = prompt[None]
-    mask = np.ones_like(ids)
-    positions = np.arange(ids.shape[1])[None]
-    out = model.step(ids, mask, positions)
-    warmup = 4
-    start = 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
-            start = time.perf_counter()
-        token = np.array([[int(out.logits[0, -1].argmax())]])
-        mask = np.concatenate([mask, [[1]]], axis=1)
-        positions = positions[:, -1:] + 1
-        out = model.step(token, mask, positions, out.present)
-    return (time.perf_counter() - start) / steps * 1000
 
 
 def main() -> None:

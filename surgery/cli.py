@@ -1,7 +1,7 @@
 """The `surgery` command line.
 
 Exit codes: 0 ok, 1 user error (recipe, model or output problem), 2 usage error,
-3 verification failed (the output is kept and its report says why).
+3 verification or the recipe's perplexity check failed (the output is kept and its report says why).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="surgery",
         description="Declarative model surgery: compile a .surg recipe into a verified ONNX Runtime model.",
         epilog="Recipe language reference: docs/recipes.md. Exit codes: 0 ok, 1 user error, 2 usage error, "
-        "3 verification failed.",
+        "3 verification or the perplexity check failed.",
     )
     parser.add_argument("--version", action="version", version=f"surgery {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

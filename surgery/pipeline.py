@@ -298,7 +298,7 @@ def _quantize(plan: Plan, export, folder: str, passes: list, progress: Progress)
     record = pass_record(quantize, result, steps[0].source if steps else None)
     record["parameters"] = {"linears": {linear: config for linear, config in plan.quantization().items()}}
     passes.append(record)
-    summary = bits_summary(model, export.parameter_count)
+    summary = bits_summary(model)
     # Written next to the old files, then swapped in: a crash leaves the fp32 model intact.
     staging = os.path.join(folder, ".quantized")
     os.makedirs(staging)

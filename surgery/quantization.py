@@ -89,11 +89,30 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
     return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
-def bits_summary(model: onnx.ModelProto, total_parameters: int) -> dict[str, object]:
-    """Average bits per weight of the quantized linears and of the whole model.
+def float_weights(model: onnx.ModelProto) -> int:
+    """Float parameters stored in the model: every float initializer except derived tables.
 
-    `nominal` counts each quantized weight at its width (4 or 8) and every other parameter at
-    32; `storage` counts what is stored: packed weights plus scales and zero points.
+    RoPE cos/sin caches and small shape constants are not parameters. A tied head written as
+    its own quantized weight next to the float embedding counts as two stored weights.
+    """
+    consumed = set()
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            consumed.update(node.input[1:4])
+    total = 0
+    for init in model.graph.initializer:
+        if init.name in consumed or init.name in ("cos_cache", "sin_cache") or init.name.startswith("/constants/"):
+            continue
+        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+            total += int(np.prod(init.dims)) if init.dims else 1
+    return total
+
+
+def bits_summary(model: onnx.ModelProto) -> dict[str, object]:
+    """Average bits per weight of the quantized linears and of every stored weight of the model.
+
+    `nominal` counts each quantized weight at its width (4 or 8) and every float weight at 32;
+    `storage` counts what is stored: packed weights plus their scales and zero points.
     """
     linears = quantized_linears(model)
     quantized = sum(q.parameters for q in linears)
@@ -101,7 +120,7 @@ def bits_summary(model: onnx.ModelProto, total_parameters: int) -> dict[str, obj
         return {"quantized_parameters": 0}
     nominal_bits = sum(q.bits * q.parameters for q in linears)
     storage_bits = sum(8 * q.storage_bytes for q in linears)
-    rest = total_parameters - quantized
+    rest = float_weights(model)
     widths: dict[str, dict[str, int]] = {}
     for q in linears:
         entry = widths.setdefault(f"int{q.bits}", {"linears": 0, "parameters": 0})
@@ -113,8 +132,8 @@ def bits_summary(model: onnx.ModelProto, total_parameters: int) -> dict[str, obj
         "widths": widths,
         "quantized_linears_nominal_bits": nominal_bits / quantized,
         "quantized_linears_storage_bits": storage_bits / quantized,
-        "model_nominal_bits": (nominal_bits + 32 * rest) / total_parameters,
-        "model_storage_bits": (storage_bits + 32 * rest) / total_parameters,
+        "model_nominal_bits": (nominal_bits + 32 * rest) / (quantized + rest),
+        "model_storage_bits": (storage_bits + 32 * rest) / (quantized + rest),
     }
 
 

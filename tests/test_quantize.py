@@ -83,8 +83,11 @@ def test_report_counts_bits_exactly(grouped):
         "int4": {"linears": 10 + 3, "parameters": int4},
     }
     assert q["quantized_linears_nominal_bits"] == pytest.approx((8 * int8 + 4 * int4) / (int8 + int4))
-    total = report["model"]["after"]["parameters"]
-    assert q["model_nominal_bits"] == pytest.approx((8 * int8 + 4 * int4 + 32 * (total - int8 - int4)) / total)
+    # Every other stored weight is fp32: embedding, norms, and nothing else (layer 5's attention is gone).
+    floats = vocab * hidden + hidden * (2 * 6 - 1 + 1)
+    assert q["float_parameters"] == floats
+    stored = int8 + int4 + floats
+    assert q["model_nominal_bits"] == pytest.approx((8 * int8 + 4 * int4 + 32 * floats) / stored)
     assert q["quantized_linears_storage_bits"] > q["quantized_linears_nominal_bits"]  # scales and zero points
     assert q["bytes_after"] < q["bytes_before"]
     assert report["model"]["after"]["bytes"] == q["bytes_after"]

@@ -1,0 +1,67 @@
+"""Helpers shared by the benchmarks: timing a command in a fresh process, decode latency."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+_MEASURE = (
+    "import resource, subprocess, sys, time\n"
+    "t = time.perf_counter(); rc = subprocess.run(sys.argv[1:]).returncode\n"
+    "print(rc, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+)
+
+
+def measure(command: list[str]) -> dict:
+    """Wall seconds and peak RSS (GB) of one command, in a fresh measuring process."""
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *command], capture_output=True, text=True, check=True
+    ).stdout.split()
+    rc, seconds, max_rss_kb = int(out[-3]), float(out[-2]), int(out[-1])
+    if rc != 0:
+        raise SystemExit(f"command failed ({rc}): {' '.join(command)}")
+    return {"seconds": round(seconds, 2), "peak_gb": round(max_rss_kb / 1e6, 3)}
+
+
+def decode_ms_per_token(model, prompt: np.ndarray, steps: int) -> float:
+    """ms/token of one-token decode steps after prefilling `prompt` (batch 1)."""
+    ids = prompt[None]
+    mask = np.ones_like(ids)
+    positions = np.arange(ids.shape[1])[None]
+    out = model.step(ids, mask, positions)
+    warmup = 4
+    start = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        token = np.array([[int(out.logits[0, -1].argmax())]])
+        mask = np.concatenate([mask, [[1]]], axis=1)
+        positions = positions[:, -1:] + 1
+        out = model.step(token, mask, positions, out.present)
+    return (time.perf_counter() - start) / steps * 1000
+
+
+def paired_latency(models: dict, prompt: np.ndarray, steps: int, rounds: int, baseline: str) -> tuple[dict, dict]:
+    """Decode latency in rounds that visit every model in turn (a shared machine drifts).
+
+    Returns per model: median and best ms/token and the median over rounds of its time
+    relative to `baseline` in the same round; and the raw rounds.
+    """
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            times[name].append(decode_ms_per_token(model, prompt, steps))
+    base = times[baseline]
+    rows = {
+        name: {
+            "median_ms": round(statistics.median(values), 2),
+            "best_ms": round(min(values), 2),
+            f"relative_to_{baseline}": round(statistics.median(v / b for v, b in zip(values, base, strict=True)), 3),
+        }
+        for name, values in times.items()
+    }
+    return rows, {name: [round(v, 3) for v in values] for name, values in times.items()}
