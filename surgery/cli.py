@@ -285,7 +285,7 @@ def _cmd_importance(args) -> int:
         spec = resolve_spec(args.model)
         config = load_config(spec)
     except (ModelSpecError, TextSourceError) as problem:
-        raise _UserError(str(problem) + (f" ({problem.hint})" if problem.hint else "")) from problem
+        raise _UserError(problem.with_hint()) from problem
     if config.model_type not in SUPPORTED_ARCHITECTURES:
         raise _UserError(f"architecture '{config.model_type}' is not supported")
     if args.plot:
@@ -301,7 +301,7 @@ def _cmd_importance(args) -> int:
     try:
         importance = compute_importance(graph, tokenizer, spec, request, progress, use_cache=not args.no_cache)
     except TextSourceError as problem:
-        raise _UserError(str(problem) + (f" ({problem.hint})" if problem.hint else "")) from problem
+        raise _UserError(problem.with_hint()) from problem
     save_importance(importance, args.output)
     print(f"wrote {args.output}")
     for name, scores in importance.metrics.items():
@@ -340,7 +340,7 @@ def _cmd_eval(args) -> int:
     try:
         text = resolve_text(args.data)
     except TextSourceError as problem:
-        raise _UserError(f"{problem} ({problem.hint})") from problem
+        raise _UserError(problem.with_hint()) from problem
     tokenizer = AutoTokenizer.from_pretrained(args.output)
     tokens = eval_tokens(tokenizer, text, args.max_tokens, args.window)
     candidate = onnx_logits(args.output, args.threads)

@@ -48,6 +48,18 @@ class Diagnostic:
         return "\n".join(out)
 
 
+class HintedError(Exception):
+    """An error about an input (a model spec, a text) that carries a hint for its diagnostic."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+    def with_hint(self) -> str:
+        """`message (hint)`, for places that print one line."""
+        return str(self) + (f" ({self.hint})" if self.hint else "")
+
+
 class RecipeError(Exception):
     """Raised with every error (and warning) a stage found; the CLI renders them and exits 1."""
 

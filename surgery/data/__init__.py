@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 
+from surgery.diagnostics import HintedError
+
 BUILTIN_TEXTS = {
     "wikitext-2-valid": "wikitext-2-valid.txt",
     "wikitext-2-test": "wikitext-2-test.txt",
@@ -22,12 +24,8 @@ DEFAULT_CALIBRATION_TEXT = "wikitext-2-valid"
 DEFAULT_EVALUATION_TEXT = "wikitext-2-test"
 
 
-class TextSourceError(Exception):
+class TextSourceError(HintedError):
     """A text that cannot be used: missing file, empty, or not UTF-8."""
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.hint = hint
 
 
 @dataclass(frozen=True)

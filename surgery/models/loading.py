@@ -14,18 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from surgery.diagnostics import HintedError
 from surgery.models import builtin
 
 SpecKind = Literal["builtin", "folder", "gguf", "hub"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class ModelSpecError(Exception):
+class ModelSpecError(HintedError):
     """A spec that names no loadable model; carries a hint for the diagnostic."""
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.hint = hint
 
 
 @dataclass(frozen=True)
