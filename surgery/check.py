@@ -510,7 +510,7 @@ class _Checker:
                 statement.opset_span or statement.span,
                 f"supported opsets: {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})",
             )
-        return ExportOptions(opset=opset, kv_cache=statement.kv_cache), statement
+        return ExportOptions(opset=opset, kv_cache=statement.kv_cache, position_ids=statement.position_ids), statement
 
 
 def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:

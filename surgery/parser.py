@@ -52,6 +52,7 @@ _TERMINAL_WORDS = {
     "PART": "attention, mlp or block",
     "FORMAT": "onnx",
     "KV_CACHE": "kv-cache",
+    "POSITION_IDS": "position-ids",
     "PERCENT": "a percentage like 25%",
     "METRIC_NAME": "a metric (similarity, lim, zd)",
     "WIDTH": "int4 or int8",
@@ -309,6 +310,9 @@ class _ToAst(Transformer):
 
     def without_option(self, children):
         return {"kv_cache": False}
+
+    def with_option(self, children):
+        return {"position_ids": True}
 
 
 def _describe_expected(names: set[str]) -> list[str]:

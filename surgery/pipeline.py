@@ -123,7 +123,6 @@ def apply(
     """Run a recipe end to end and write the output folder."""
     # torch, onnx and onnxruntime load here, not at import: `check` and `plan` never need them.
     from surgery.export.decoder import export_decoder
-    from surgery.export.options import ExportOptions
     from surgery.importance.compute import compute_importance
     from surgery.models.graph import DecoderGraph
     from surgery.passes import PASSES, run_pass
@@ -174,7 +173,7 @@ def apply(
         lap("passes")
 
         quantization = plan.quantization()
-        options = ExportOptions(plan.export.opset, plan.export.kv_cache, untie_head="lm_head" in quantization)
+        options = replace(plan.export, untie_head="lm_head" in quantization)
         # The graph is final: PyTorch's side of the verification only reads it, so it runs
         # while the exporter writes the weights (torch and file writes both release the GIL).
         with ThreadPoolExecutor(max_workers=1) as background:

@@ -158,7 +158,8 @@ def _describe(step: PlanStep) -> str:
     if step.phase == "graph":
         return f"{step.action} layers {format_layers(step.layers)}"
     if step.phase == "export":
-        return f"export onnx opset {p['opset']} {'with' if p['kv_cache'] else 'without'} kv-cache"
+        positions = ", with position-ids" if p.get("position_ids") else ""
+        return f"export onnx opset {p['opset']} {'with' if p['kv_cache'] else 'without'} kv-cache{positions}"
     if step.action == "quantize":
         part = {"layers": "linears", "attention": "attention linears", "mlp": "MLP linears"}.get(p["part"], "")
         layers = f"layers {format_layers(step.layers)}" if step.layers else "no layer"
@@ -274,7 +275,7 @@ def build_plan(checked: CheckedRecipe, verify: bool = True, computed: Importance
         PlanStep(
             action="export onnx",
             phase="export",
-            parameters={"opset": export.opset, "kv_cache": export.kv_cache},
+            parameters={"opset": export.opset, "kv_cache": export.kv_cache, "position_ids": export.position_ids},
             source=checked.export_statement.span if checked.export_statement else None,
         )
     )

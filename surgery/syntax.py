@@ -202,11 +202,12 @@ class VerifyStmt:
 
 @dataclass(frozen=True)
 class ExportStmt:
-    """`export onnx [opset N] [without kv-cache]`."""
+    """`export onnx [opset N] [without kv-cache] [with position-ids]`."""
 
     format: str = "onnx"
     opset: int | None = None
     kv_cache: bool = True
+    position_ids: bool = False
     span: Span = _span()
     opset_span: Span | None = _span()
 
@@ -297,6 +298,8 @@ def unparse_statement(statement: Statement) -> str:
             text += f" opset {statement.opset}"
         if not statement.kv_cache:
             text += " without kv-cache"
+        if statement.position_ids:
+            text += " with position-ids"
         return text
     raise TypeError(f"not a statement: {statement!r}")
 

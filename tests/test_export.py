@@ -24,11 +24,11 @@ EDITS = {
 }
 
 
-def _export(arch: str, edit: str, tmp_path, kv_cache: bool = True):
+def _export(arch: str, edit: str, tmp_path, kv_cache: bool = True, position_ids: bool = False):
     graph = tiny_graph(arch)
     for graph_pass in EDITS[edit]:
         run_pass(graph_pass, graph)
-    result = export_decoder(graph, str(tmp_path), ExportOptions(kv_cache=kv_cache))
+    result = export_decoder(graph, str(tmp_path), ExportOptions(kv_cache=kv_cache, position_ids=position_ids))
     return graph, result
 
 
@@ -41,6 +41,19 @@ def test_parity_with_kv_cache(arch, edit, tmp_path):
     assert check.kv_cache
     assert check.max_abs_logit_diff < 1e-4
     assert check.greedy_tokens_compared == 2 * VERIFY_DECODE_STEPS
+
+
+@pytest.mark.parametrize("arch", TINY)
+@pytest.mark.parametrize("edit", ["none", "mixed"])
+def test_parity_with_explicit_position_ids(arch, edit, tmp_path):
+    """`export onnx with position-ids`: RoPE from the input, outside GroupQueryAttention."""
+    graph, result = _export(arch, edit, tmp_path, position_ids=True)
+    check = verify(graph, builtin.byte_tokenizer(), str(tmp_path), VERIFY_DECODE_STEPS, 1e-4, threads=1)
+    assert check.passed, check.reason
+    kept = len(result.kv_layers)
+    assert result.op_counts["RotaryEmbedding"] == 2 * kept and result.op_counts["Split"] == kept
+    model = onnx.load(result.model_path, load_external_data=False)
+    assert "position_ids" in [i.name for i in model.graph.input]
 
 
 @pytest.mark.parametrize("arch", TINY)
@@ -69,7 +82,8 @@ def test_dropped_parts_leave_nothing_in_the_graph(tmp_path):
     outputs = [o.name for o in model.graph.output]
     kept = [0, 2, 3, 4]
     assert result.kv_layers == tuple(kept)
-    assert inputs == ["input_ids", "attention_mask", "position_ids"] + [
+    # Positions come from the padded index inside GroupQueryAttention (the default export).
+    assert inputs == ["input_ids", "attention_mask"] + [
         f"past_key_values.{slot}.{kind}" for slot in range(len(kept)) for kind in ("key", "value")
     ]
     assert outputs == [f"present.{slot}.{kind}" for slot in range(len(kept)) for kind in ("key", "value")] + ["logits"]
@@ -77,7 +91,7 @@ def test_dropped_parts_leave_nothing_in_the_graph(tmp_path):
     assert json.loads(metadata["surgery.kv_layers"]) == kept
     counts = result.op_counts
     assert counts["GroupQueryAttention"] == len(kept)
-    assert counts["RotaryEmbedding"] == 2 * len(kept)
+    assert "RotaryEmbedding" not in counts and "Split" not in counts  # packed QKV, rotary inside GQA
 
 
 def test_dynamic_axes_and_external_data(tmp_path):

@@ -6,14 +6,21 @@ its weights. Emitting that structure directly and stamping each layer's weights 
 export cost linear in the weights alone (a few seconds, no tracer), and lets every layer use
 the fused kernels that make onnxruntime fast on CPU:
 
-- one packed QKV `MatMul`, `RotaryEmbedding` (com.microsoft) on Q and K, and
-  `GroupQueryAttention` (com.microsoft), which concatenates the KV cache and attends with
-  grouped heads without repeat_kv copies;
+- one packed QKV `MatMul` feeding `GroupQueryAttention` (com.microsoft) directly, which splits
+  it, applies RoPE, concatenates the KV cache and attends with grouped heads without
+  repeat_kv copies;
 - `SkipSimplifiedLayerNormalization`: each residual add is fused with the next RMSNorm;
 - `MatMul` against pre-transposed weights; SwiGLU as Sigmoid*Mul.
 
-Left padding and arbitrary `position_ids` are honoured: `seqlens_k` is the full padded length
-for every row, the padding is an additive `attention_bias`, and RoPE reads `position_ids`.
+Left padding is honoured: `seqlens_k` is the full padded length for every row and the padding
+is an additive `attention_bias`. Rotary positions are the index in the padded sequence
+(prompt: 0..S-1, decode: the past length), which GroupQueryAttention derives itself. For a
+left-padded row the true positions are that index minus the row's padding, a constant shift,
+and RoPE attention depends only on position differences, so the logits are those of the
+model fed true positions (verification checks exactly this case). The model therefore has no
+`position_ids` input. `export onnx with position-ids` adds one for callers with other
+positions (packed sequences, gaps): RoPE is then applied by `RotaryEmbedding` nodes on the
+split Q and K before attention, which costs about 5% of a decode step.
 (onnxruntime's GroupQueryAttention refuses batch > 1 with both a past and several new tokens;
 prefill and one-token decode, the generation loop's two steps, work at any batch size.)
 A dropped attention emits nothing and has no KV input or output; KV slots are numbered
@@ -79,8 +86,14 @@ class _Emitter:
             return self.w.op(
                 "SimplifiedLayerNormalization", [self.residual, gamma], name, axis=-1, epsilon=eps, stash_type=1
             )
+        # Outputs 1 and 2 (mean, inverse std) are for training; left unnamed, they are never computed.
         out, _, _, total = self.w.node(
-            "SkipSimplifiedLayerNormalization", [self.pending, self.residual, gamma], name, 4, MS, epsilon=eps
+            "SkipSimplifiedLayerNormalization",
+            [self.pending, self.residual, gamma],
+            name,
+            [f"{name}/output_0", "", "", f"{name}/output_3"],
+            MS,
+            epsilon=eps,
         )
         self.residual, self.pending = total, None
         return out
@@ -98,7 +111,8 @@ class _Emitter:
         w = self.w
         self.input_ids = w.add_input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
         self.attention_mask = w.add_input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
-        self.position_ids = w.add_input("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+        if self.options.position_ids:
+            self.position_ids = w.add_input("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
         self.kv_layers = self.graph.kv_layers()
         idx = self.graph.index
         kv_shape = ["batch_size", idx.num_kv_heads, "past_sequence_length", idx.head_dim]
@@ -161,20 +175,25 @@ class _Emitter:
         if attn.q_proj.bias is not None:
             bias = np.concatenate([_np(attn.q_proj.bias), _np(attn.k_proj.bias), _np(attn.v_proj.bias)])
             qkv = w.op("Add", [qkv, w.weight(f"{name}.qkv_proj.bias", bias)], f"/{name}/qkv_proj/Add")
-        q, k, v = w.node("Split", [qkv, w.constant([q_size, kv_size, kv_size])], f"/{name}/qkv_split", 3, axis=-1)
-        if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head of Q and K
-            q = self.head_norm(attn.q_norm, q, f"{name}.q_norm")
-            k = self.head_norm(attn.k_norm, k, f"{name}.k_norm")
-        # RoPE outside GroupQueryAttention: its fused rotary ignores position_ids on the prompt
-        # (it rotates by index), which breaks left-padded batches once decoding starts.
-        q = self.rotary(q, idx.num_heads, f"/{name}/q_rotary")
-        k = self.rotary(k, idx.num_kv_heads, f"/{name}/k_rotary")
+        explicit = self.options.position_ids
+        norms = getattr(attn, "q_norm", None) is not None  # Qwen3: RMSNorm over each head of Q and K
+        if norms or explicit:
+            q, k, v = w.node("Split", [qkv, w.constant([q_size, kv_size, kv_size])], f"/{name}/qkv_split", 3, axis=-1)
+            if norms:
+                q = self.head_norm(attn.q_norm, q, f"{name}.q_norm")
+                k = self.head_norm(attn.k_norm, k, f"{name}.k_norm")
+        else:
+            q, k, v = qkv, "", ""  # packed: GroupQueryAttention splits it itself
+        if explicit:
+            q = self.rotary(q, idx.num_heads, f"/{name}/q_rotary")
+            k = self.rotary(k, idx.num_kv_heads, f"/{name}/k_rotary")
         past_k = past_v = ""
         present = [f"/{name}/present_key", f"/{name}/present_value"]
         if self.options.kv_cache:
             past_k, past_v = f"past_key_values.{slot}.key", f"past_key_values.{slot}.value"
             present = [f"present.{slot}.key", f"present.{slot}.value"]
-        inputs = [q, k, v, past_k, past_v, self.seqlens_k, self.total_len, "", "", "", self.bias]
+        rotary = [] if explicit else [self.cos, self.sin]
+        inputs = [q, k, v, past_k, past_v, self.seqlens_k, self.total_len, *(rotary or ["", ""]), "", self.bias]
         out = w.node(
             "GroupQueryAttention",
             inputs,
@@ -186,6 +205,8 @@ class _Emitter:
             scale=float(attn.scaling),
             # transformers lets query q see key k when q - k < window; this attribute counts alike.
             local_window_size=layer.sliding_window if layer.sliding_window else -1,
+            do_rotary=0 if explicit else 1,
+            rotary_interleaved=0,
         )[0]
         return self.linear(attn.o_proj, out, f"{name}.o_proj")
 

@@ -17,3 +17,6 @@ class ExportOptions:
     # Write a tied head as its own initializer (transposed embedding), so that an ONNX pass can
     # replace its MatMul (quantizing the head must not touch the embedding the Gather reads).
     untie_head: bool = False
+    # Rotary positions from an explicit `position_ids` input (RotaryEmbedding nodes before
+    # attention) instead of the padded index inside GroupQueryAttention (see export/decoder.py).
+    position_ids: bool = False
