@@ -13,6 +13,7 @@ import sys
 import time
 
 from surgery import __version__
+from surgery.data import DEFAULT_EVALUATION_TEXT
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_VERIFY_FAILED = 0, 1, 3  # 2, usage errors, comes from argparse
 
@@ -79,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("output", metavar="OUT", help="a folder written by `surgery apply`")
     evaluate.add_argument(
-        "--data", default="wikitext-2-test", metavar="FILE|builtin", help="(default: wikitext-2-test)"
+        "--data", default=DEFAULT_EVALUATION_TEXT, metavar="FILE|builtin", help=f"(default: {DEFAULT_EVALUATION_TEXT})"
     )
     evaluate.add_argument("--max-tokens", type=int, default=8192, metavar="N", help="tokens evaluated (default 8192)")
     evaluate.add_argument("--window", type=int, default=512, metavar="W", help="tokens per window (default 512)")

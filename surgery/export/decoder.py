@@ -129,21 +129,19 @@ class _Emitter:
         """seqlens_k, total_sequence_length and the padding bias shared by every attention."""
         w, c = self.w, self.w.constant
         name = "/model/attention_context"
-        ids_shape = w.op("Shape", [self.input_ids], f"{name}/ids_shape")
-        batch = w.op("Gather", [ids_shape, c([0])], f"{name}/batch")
-        seq = w.op("Gather", [ids_shape, c([1])], f"{name}/seq")
         mask_shape = w.op("Shape", [self.attention_mask], f"{name}/mask_shape")
-        total = w.op("Gather", [mask_shape, c(1)], f"{name}/total")
+        batch = w.op("Gather", [mask_shape, c([0])], f"{name}/batch")
+        total = w.op("Gather", [mask_shape, c([1])], f"{name}/total")
         self.total_len = w.op("Cast", [total], f"{name}/total_int32", to=TensorProto.INT32)
         # Every row is treated as full length; padding is excluded by the bias instead.
         last = w.op("Sub", [self.total_len, c(1, np.int32)], f"{name}/last")
         self.seqlens_k = w.op("Expand", [last, batch], f"{name}/seqlens_k")
-        mask_f = w.op("Cast", [self.attention_mask], f"{name}/mask_float", to=TensorProto.FLOAT)
-        shifted = w.op("Sub", [mask_f, c(1.0, np.float32)], f"{name}/mask_minus_one")
-        bias = w.op("Mul", [shifted, c(-MASK_VALUE, np.float32)], f"{name}/bias_2d")
+        # Padding bias by lookup (mask 0 -> MASK_VALUE, 1 -> 0), as (batch, 1, query, key):
+        # GroupQueryAttention broadcasts over heads but wants every query row.
+        bias = w.op("Gather", [c([MASK_VALUE, 0.0], np.float32), self.attention_mask], f"{name}/bias_2d")
         bias = w.op("Unsqueeze", [bias, c([1, 2])], f"{name}/bias_4d")
-        total_1d = w.op("Unsqueeze", [total, c([0])], f"{name}/total_1d")
-        target = w.op("Concat", [batch, c([1]), seq, total_1d], f"{name}/bias_shape", axis=0)
+        seq = w.op("Gather", [w.op("Shape", [self.input_ids], f"{name}/ids_shape"), c([1])], f"{name}/seq")
+        target = w.op("Concat", [batch, c([1]), seq, total], f"{name}/bias_shape", axis=0)
         self.bias = w.op("Expand", [bias, target], f"{name}/attention_bias")
         cos, sin = self._rotary_tables()
         self.cos = w.weight("cos_cache", cos, parameter=False)
