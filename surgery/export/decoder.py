@@ -20,7 +20,7 @@ and RoPE attention depends only on position differences, so the logits are those
 model fed true positions (verification checks exactly this case). The model therefore has no
 `position_ids` input. `export onnx with position-ids` adds one for callers with other
 positions (packed sequences, gaps): RoPE is then applied by `RotaryEmbedding` nodes on the
-split Q and K before attention, which costs about 5% of a decode step.
+split Q and K before attention, which costs 3-5% of a decode step.
 (onnxruntime's GroupQueryAttention refuses batch > 1 with both a past and several new tokens;
 prefill and one-token decode, the generation loop's two steps, work at any batch size.)
 A dropped attention emits nothing and has no KV input or output; KV slots are numbered
