@@ -9,9 +9,10 @@ from surgery.passes.base import GraphPass, OnnxPass, PassContractError, PassResu
 from surgery.passes.drop_attention import DropAttention
 from surgery.passes.drop_block import DropBlock
 from surgery.passes.drop_mlp import DropMlp
+from surgery.passes.fuse import Fuse
 from surgery.passes.quantize import Quantize
 
-PASSES: dict[str, type[GraphPass]] = {cls.name: cls for cls in (DropAttention, DropMlp, DropBlock)}
+PASSES: dict[str, type[GraphPass]] = {cls.name: cls for cls in (DropAttention, DropMlp, DropBlock, Fuse)}
 ONNX_PASSES: dict[str, type[OnnxPass]] = {cls.name: cls for cls in (Quantize,)}
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "DropAttention",
     "DropBlock",
     "DropMlp",
+    "Fuse",
     "GraphPass",
     "OnnxPass",
     "PassContractError",

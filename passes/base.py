@@ -45,6 +45,11 @@ class GraphPass(ABC):
     name: ClassVar[str]
     preserves_semantics: ClassVar[bool]
 
+    @classmethod
+    def from_step(cls, step: Any) -> GraphPass:
+        """The pass a plan step asks for (most passes take only the step's layers)."""
+        return cls(layers=step.layers)
+
     def requires(self, graph: DecoderGraph) -> list[str]:
         """Preconditions; each returned string is a violated one."""
         return []

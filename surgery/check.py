@@ -31,6 +31,7 @@ from surgery.syntax import (
     EvenlyLayers,
     ExportStmt,
     FirstLayers,
+    FuseStmt,
     ImportanceRank,
     ImportanceSelector,
     ImportanceSource,
@@ -49,6 +50,7 @@ from surgery.syntax import (
 DEFAULT_QUANT_BLOCK = 32
 QUANT_BLOCKS = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
 DEFAULT_PERPLEXITY_TOKENS = 4096
+DEFAULT_FUSE_WEIGHT = 0.25  # chosen by measurement: docs/fusion.md
 # Which importance scores rank the layers for a statement's part.
 SCORE_PART = {"attention": "attention", "mlp": "mlp", "block": "block", "layers": "block"}
 
@@ -83,6 +85,22 @@ class ResolvedQuantize:
 
 
 @dataclass(frozen=True)
+class ResolvedFuse:
+    """A fuse statement: the layer (static), or the candidates (auto, dynamic), and the weight."""
+
+    mode: str  # "static", "auto" or "dynamic"
+    weight: float
+    layer: int | None
+    candidates: tuple[int, ...]
+    statement: FuseStmt
+
+
+def default_fuse_candidates(layers: int) -> tuple[int, ...]:
+    """Even layers of the latter half, never the last (fusing the last layer changes nothing)."""
+    return tuple(layer for layer in range(layers // 2, layers - 1) if layer % 2 == 0)
+
+
+@dataclass(frozen=True)
 class PerplexityCheck:
     """`verify perplexity on <text> max-increase P% [tokens N]`."""
 
@@ -110,11 +128,14 @@ class CheckedRecipe:
     perplexity: PerplexityCheck | None = None
     importance_files: dict[str, ImportanceFile] | None = None
     base_dir: str | None = None  # where relative data and file paths resolve (the recipe's folder)
+    fuse: ResolvedFuse | None = None
 
     def metrics_to_compute(self) -> tuple[str, ...]:
         """Metrics some selector ranks by that are computed (not read from a file), in a fixed order."""
         queries = [d.query for d in self.drops] + [q.query for q in self.quantize]
         wanted = {q.source.metric for q in queries if q is not None and q.source.file is None}
+        if self.fuse is not None and self.fuse.mode == "auto":
+            wanted.add("iks")
         return tuple(m for m in METRICS if m in wanted)
 
 
@@ -496,6 +517,63 @@ class _Checker:
             self.error("max-increase must be above 0%", statement.span)
         return PerplexityCheck(statement.data, statement.max_increase, tokens, statement.span)
 
+    # Layer fusion.
+
+    def fuse(self, index: ModelIndex, drops: list[ResolvedDrop]) -> ResolvedFuse | None:
+        statements = self.single(FuseStmt, "fuse")
+        if not statements:
+            return None
+        statement = statements[0]
+        n = index.num_layers
+        hint = f"model has {n} layers; valid indices 0..{n - 1} (or -{n}..-1 counting from the end)"
+        weight = statement.weight if statement.weight is not None else DEFAULT_FUSE_WEIGHT
+        ok = True
+        if not 0 <= weight <= 1:
+            self.error(
+                f"weight {weight:g} is not in 0..1", statement.weight_span, "0 = the unfused model, 1 = layer only"
+            )
+            ok = False
+        # Drops by explicit layer numbers are known now; drops by importance are checked by the plan.
+        dropped = {layer for d in drops if d.part == "block" and d.query is None for layer in d.layers}
+        layer = None
+        candidates: tuple[int, ...] = ()
+        if statement.mode == "static":
+            layer = self.layer_number(statement.layer, n, hint)
+            if layer is None:
+                return None
+            if layer == n - 1:
+                self.error(
+                    f"layer {statement.layer.value} is the last layer: fusing it into the head changes nothing",
+                    statement.layer.span,
+                    f"fuse an intermediate layer, e.g. one of {format_layers(default_fuse_candidates(n))}",
+                )
+                ok = False
+            elif layer in dropped:
+                self.error(
+                    f"layer {layer} cannot be fused: its block is dropped",
+                    statement.layer.span,
+                    "layer numbers are the original model's; fuse a layer that is kept",
+                )
+                ok = False
+        elif statement.candidates is not None:
+            item = statement.candidates
+            start, end = self.layer_number(item.start, n, hint), self.layer_number(item.end, n, hint)
+            if start is None or end is None:
+                return None
+            if start > end:
+                self.error(f"reversed range {item.start.value}..{item.end.value}", item.span, "write low..high")
+                return None
+            if end == n - 1:
+                self.error("the candidates include the last layer, which cannot be fused", item.span, f"end at {n - 2}")
+                return None
+            candidates = tuple(range(start, end + 1))
+        else:
+            candidates = default_fuse_candidates(n)
+        if statement.mode != "static" and not [c for c in candidates if c not in dropped]:
+            self.error("every candidate layer is dropped", statement.span, "give candidates that are kept")
+            ok = False
+        return ResolvedFuse(statement.mode, weight, layer, candidates, statement) if ok else None
+
     # Export.
 
     def export(self) -> tuple[ExportOptions, ExportStmt | None]:
@@ -522,11 +600,13 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
     drops: list[ResolvedDrop] = []
     quantize: list[ResolvedQuantize] = []
     calibration, calibration_span = CalibrationSpec(), None
+    fuse = None
     if model is not None:
         index = model[1]
         calibration, calibration_span = checker.calibration(index)
         drops = checker.drops(index)
         quantize = checker.quantize(index)
+        fuse = checker.fuse(index, drops)
     raise_if_errors(checker.diagnostics)
     assert model is not None
     spec, index, model_span = model
@@ -546,15 +626,24 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
         perplexity,
         files,
         checker.base_dir,
+        fuse,
     )
     if calibration_span is not None and not any(METRICS[m].needs_data for m in checked.metrics_to_compute()):
         checker.warning(
             "calibration is not used: no selector ranks by a metric computed from data",
             calibration_span,
-            "similarity and lim use it; zd and importance files do not",
+            "similarity, lim and iks (fuse layer auto) use it; zd and importance files do not",
         )
     warnings = tuple(d for d in checker.diagnostics if d.severity == "warning")
     return replace(checked, warnings=warnings)
 
 
-__all__ = ["CheckedRecipe", "PerplexityCheck", "RecipeError", "ResolvedDrop", "ResolvedQuantize", "check"]
+__all__ = [
+    "CheckedRecipe",
+    "PerplexityCheck",
+    "RecipeError",
+    "ResolvedDrop",
+    "ResolvedFuse",
+    "ResolvedQuantize",
+    "check",
+]

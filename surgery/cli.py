@@ -175,6 +175,11 @@ def _cmd_apply(args) -> int:
             f"(tolerance {verification.tolerance:g}), "
             f"greedy tokens agree {verification.greedy_tokens_compared - verification.greedy_tokens_mismatched}/"
             f"{verification.greedy_tokens_compared}"
+            + (
+                f"; {verification.fusion_ties} position(s) fused an equally scored other layer (IKS tie)"
+                if verification.fusion_ties
+                else ""
+            )
         )
         if not verification.passed:
             print(f"error: verification failed: {verification.reason} (output kept for inspection)", file=sys.stderr)

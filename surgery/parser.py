@@ -25,6 +25,7 @@ from surgery.syntax import (
     EvenlyLayers,
     ExportStmt,
     FirstLayers,
+    FuseStmt,
     ImportanceRank,
     ImportanceSelector,
     ImportanceSource,
@@ -42,7 +43,7 @@ from surgery.syntax import (
     VerifyStmt,
 )
 
-STATEMENT_KEYWORDS = ("model", "calibrate", "drop", "quantize", "verify", "export")
+STATEMENT_KEYWORDS = ("model", "calibrate", "drop", "quantize", "verify", "fuse", "export")
 
 # How expected terminals read in an error message.
 _TERMINAL_WORDS = {
@@ -57,6 +58,7 @@ _TERMINAL_WORDS = {
     "METRIC_NAME": "a metric (similarity, lim, zd)",
     "WIDTH": "int4 or int8",
     "SUBLAYER": "attention or mlp",
+    "NUMBER": "a number like 0.5",
     "$END": "the end of the statement",
 }
 
@@ -202,6 +204,34 @@ class _ToAst(Transformer):
 
     def tokens_option(self, children):
         return {"tokens": int(children[0])}
+
+    # fuse.
+
+    @v_args(meta=True)
+    def fuse_stmt(self, meta, children):
+        (mode, layer), *options = children
+        fields: dict[str, object] = {}
+        for option in options:
+            fields.update(option)
+        return FuseStmt(mode=mode, layer=layer, span=self._span(meta), **fields)
+
+    def fuse_static(self, children):
+        return "static", children[0]
+
+    def fuse_auto(self, children):
+        return "auto", None
+
+    def fuse_dynamic(self, children):
+        return "dynamic", None
+
+    def weight_option(self, children):
+        (token,) = children
+        return {"weight": float(token), "weight_span": self._tok(token)}
+
+    @v_args(meta=True)
+    def candidates_option(self, meta, children):
+        start, end = children
+        return {"candidates": LayerRange(start=start, end=end, span=self._span(meta))}
 
     # quantize.
 

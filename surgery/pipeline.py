@@ -165,7 +165,7 @@ def apply(
         for step in plan.graph_steps():
             if not step.layers:
                 continue
-            graph_pass = PASSES[step.action](layers=step.layers)
+            graph_pass = PASSES[step.action].from_step(step)
             result = run_pass(graph_pass, graph)
             progress(f"{step.action}: {result.summary}")
             passes.append(pass_record(graph_pass, result, step.source))

@@ -19,7 +19,7 @@ from typing import Any
 import networkx as nx
 
 from surgery.check import CheckedRecipe, ResolvedQuantize
-from surgery.diagnostics import Diagnostic
+from surgery.diagnostics import Diagnostic, RecipeError
 from surgery.export.options import ExportOptions
 from surgery.importance.file import ImportanceFile
 from surgery.importance.metrics import METRICS, MetricScores
@@ -155,6 +155,13 @@ def _describe(step: PlanStep) -> str:
             c = p["calibration"]
             text += f' on "{c["data"]}", {c["samples"]} samples x {c["length"]} tokens, seed {c["seed"]}'
         return text
+    if step.action == "fuse":
+        if p["mode"] == "dynamic":
+            return (
+                f"fuse into the head, per token, the layer with the lowest IKS among {format_layers(step.layers)}, "
+                f"weight {p['weight']:g}"
+            )
+        return f"fuse layer {step.layers[0]} into the head, weight {p['weight']:g}"
     if step.phase == "graph":
         return f"{step.action} layers {format_layers(step.layers)}"
     if step.phase == "export":
@@ -269,6 +276,8 @@ def build_plan(checked: CheckedRecipe, verify: bool = True, computed: Importance
                 note=note,
             )
         )
+    if checked.fuse is not None:
+        steps.append(_fuse_step(checked, scores, blocks, mlp, warnings))
     export = checked.export
     quantize_steps = _quantize_steps(checked, scores, blocks, attention, mlp, warnings)
     steps.append(
@@ -319,6 +328,50 @@ def build_plan(checked: CheckedRecipe, verify: bool = True, computed: Importance
         kv_layers_after=tuple(sorted(attention)),
         mlp_layers_after=tuple(sorted(mlp)),
         warnings=tuple(warnings),
+    )
+
+
+def _fuse_step(
+    checked: CheckedRecipe, scores: _Scores, blocks: set[int], mlp: set[int], warnings: list[Diagnostic]
+) -> PlanStep:
+    """The fuse step: a static layer (given, or chosen by lowest calibration IKS) or dynamic candidates."""
+    fuse = checked.fuse
+    span = fuse.statement.span
+    parameters: dict[str, Any] = {"mode": "dynamic" if fuse.mode == "dynamic" else "static", "weight": fuse.weight}
+    if fuse.mode == "static":
+        if fuse.layer not in blocks:
+            raise RecipeError(
+                [Diagnostic("error", f"layer {fuse.layer} cannot be fused: its block is dropped", span,
+                            "layer numbers are the original model's; fuse a layer that is kept")]
+            )  # fmt: skip
+        layers: tuple[int, ...] = (fuse.layer,)
+    else:
+        # A dynamic candidate needs its MLP (IKS compares before and after it); auto only a kept block.
+        usable = blocks & mlp if fuse.mode == "dynamic" else blocks
+        layers = tuple(c for c in fuse.candidates if c in usable)
+        gone = [c for c in fuse.candidates if c not in usable]
+        if gone:
+            warnings.append(
+                Diagnostic("warning", f"candidate layer(s) {format_layers(gone)} are dropped and not considered", span)
+            )
+        if not layers:
+            raise RecipeError([Diagnostic("error", "no candidate layer is left after the drops", span)])
+        parameters["candidates"] = list(fuse.candidates)
+        if fuse.mode == "auto":
+            iks = scores.computed.metrics["iks"].scores["block"]
+            ranked = sorted(layers, key=lambda layer: (iks[layer], layer))
+            parameters["selected_by"] = f"lowest mean IKS (calibration) among candidates {format_layers(layers)}"
+            parameters["scores"] = {layer: round(iks[layer], 6) for layer in ranked}
+            layers = (ranked[0],)
+    note = "weight 0: the head is unchanged" if fuse.weight == 0 else ""
+    return PlanStep(
+        action="fuse",
+        phase="graph",
+        parameters={**parameters, "layers": list(layers)},
+        layers=layers,
+        targets=("lm_head",),
+        source=span,
+        note=note,
     )
 
 

@@ -35,6 +35,7 @@ class StepOutput:
 
     logits: np.ndarray
     present: list[np.ndarray]
+    fused_layer: np.ndarray | None = None  # dynamic layer fusion: the layer fused per token
 
 
 class OnnxCausalLM:
@@ -92,7 +93,7 @@ class OnnxCausalLM:
         outputs = self.session.run(self.output_names, feed)
         named = dict(zip(self.output_names, outputs, strict=True))
         present = [named[n.replace("past_key_values.", "present.")] for n in self.past_names]
-        return StepOutput(logits=named["logits"], present=present)
+        return StepOutput(logits=named["logits"], present=present, fused_layer=named.get("fused_layer"))
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_token_ids: set[int]) -> list[int]:
         """Greedy decoding for one prompt; returns the new token ids."""

@@ -201,6 +201,18 @@ class VerifyStmt:
 
 
 @dataclass(frozen=True)
+class FuseStmt:
+    """`fuse layer N|auto|dynamic into head [weight A] [candidates a..b]`."""
+
+    mode: Literal["static", "auto", "dynamic"]
+    layer: LayerIndex | None = None
+    weight: float | None = None
+    candidates: LayerRange | None = None
+    span: Span = _span()
+    weight_span: Span | None = _span()
+
+
+@dataclass(frozen=True)
 class ExportStmt:
     """`export onnx [opset N] [without kv-cache] [with position-ids]`."""
 
@@ -212,7 +224,7 @@ class ExportStmt:
     opset_span: Span | None = _span()
 
 
-Statement = ModelStmt | CalibrateStmt | DropStmt | QuantizeStmt | QuantizeGroupStmt | VerifyStmt | ExportStmt
+Statement = ModelStmt | CalibrateStmt | DropStmt | QuantizeStmt | QuantizeGroupStmt | VerifyStmt | FuseStmt | ExportStmt
 
 
 @dataclass(frozen=True)
@@ -292,6 +304,14 @@ def unparse_statement(statement: Statement) -> str:
     if isinstance(statement, VerifyStmt):
         text = f'verify perplexity on "{statement.data}" max-increase {_number(statement.max_increase)}%'
         return text + (f" tokens {statement.tokens}" if statement.tokens is not None else "")
+    if isinstance(statement, FuseStmt):
+        layer = str(statement.layer.value) if statement.mode == "static" else statement.mode
+        text = f"fuse layer {layer} into head"
+        if statement.weight is not None:
+            text += f" weight {_number(statement.weight)}"
+        if statement.candidates is not None:
+            text += f" candidates {statement.candidates.start.value}..{statement.candidates.end.value}"
+        return text
     if isinstance(statement, ExportStmt):
         text = f"export {statement.format}"
         if statement.opset is not None:

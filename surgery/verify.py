@@ -40,6 +40,17 @@ class ReferenceTrace:
     step_logits: np.ndarray  # (steps, batch, vocab): logits of the last position after each token
     kv_cache: bool
     seconds: float
+    # Dynamic layer fusion: PyTorch's chosen layer and every candidate's IKS, per position.
+    fusion_layers: tuple[int, ...] = ()
+    prefill_choice: np.ndarray | None = None  # (batch, prompt length)
+    prefill_iks: np.ndarray | None = None  # (batch, prompt length, candidates)
+    step_choice: np.ndarray | None = None  # (steps, batch)
+    step_iks: np.ndarray | None = None  # (steps, batch, candidates)
+
+
+# Dynamic fusion takes an argmin over candidates' IKS; where two candidates are within this
+# of each other, onnxruntime and PyTorch may round to different winners, and both are right.
+FUSION_TIE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,7 @@ class Verification:
     kv_cache: bool
     reason: str
     seconds: float
+    fusion_ties: int = 0  # positions where the two sides fused different, equally good layers
 
     def to_json(self) -> dict:
         """Plain data for surgery.json."""
@@ -83,6 +95,8 @@ def trace_reference(
     cache = graph.new_cache() if kv_cache else None
     logits = graph.forward(ids, mask, positions, cache)
     prefill = logits.numpy()
+    prefill_choice = graph.last_choice
+    choices = []
     tokens, step_logits = [], []
     all_ids, step_mask = ids, mask
     for _ in range(steps):
@@ -96,6 +110,17 @@ def trace_reference(
             all_ids = torch.cat([all_ids, next_ids], dim=1)
             logits = graph.forward(all_ids, step_mask, position_ids_from_mask(step_mask), None)
         step_logits.append(logits[:, -1].numpy())
+        if graph.last_choice is not None:
+            choices.append((graph.last_choice.layer[:, -1].numpy(), graph.last_choice.iks[:, -1].numpy()))
+    dynamic = {}
+    if prefill_choice is not None:
+        dynamic = {
+            "fusion_layers": graph.fusion.layers,
+            "prefill_choice": prefill_choice.layer.numpy(),
+            "prefill_iks": prefill_choice.iks.numpy(),
+            "step_choice": np.stack([c for c, _ in choices]) if choices else None,
+            "step_iks": np.stack([s for _, s in choices]) if choices else None,
+        }
     return ReferenceTrace(
         prompts=prompts,
         input_ids=ids.numpy(),
@@ -105,7 +130,24 @@ def trace_reference(
         step_logits=np.stack(step_logits) if step_logits else np.zeros((0, len(prompts), prefill.shape[-1])),
         kv_cache=kv_cache,
         seconds=time.perf_counter() - started,
+        **dynamic,
     )
+
+
+def _fusion_ties(trace: ReferenceTrace, theirs: np.ndarray | None, ours: np.ndarray, scores: np.ndarray):
+    """Positions where onnxruntime fused another layer than PyTorch: (ties, real disagreements).
+
+    A tie is a choice whose IKS (by PyTorch) is within FUSION_TIE of PyTorch's minimum.
+    """
+    if theirs is None:
+        return np.zeros(ours.shape, bool), np.zeros(ours.shape, bool)
+    differ = theirs != ours
+    index = {layer: i for i, layer in enumerate(trace.fusion_layers)}
+    lookup = np.vectorize(lambda layer: index.get(int(layer), 0))
+    their_iks = np.take_along_axis(scores, lookup(theirs)[..., None], axis=-1)[..., 0]
+    our_iks = np.take_along_axis(scores, lookup(ours)[..., None], axis=-1)[..., 0]
+    tie = differ & (np.abs(their_iks - our_iks) <= FUSION_TIE)
+    return tie, differ & ~tie
 
 
 def compare(trace: ReferenceTrace, model_dir: str, tolerance: float, threads: int | None = None) -> Verification:
@@ -117,6 +159,12 @@ def compare(trace: ReferenceTrace, model_dir: str, tolerance: float, threads: in
     positions = position_ids_from_mask(torch.from_numpy(mask)).numpy()
     out = model.step(ids, mask, positions)
     real = mask.astype(bool)
+    dynamic = trace.prefill_choice is not None
+    ties = wrong = 0
+    if dynamic:
+        tie, bad = _fusion_ties(trace, out.fused_layer, trace.prefill_choice, trace.prefill_iks)
+        real = real & ~tie
+        ties, wrong = int((tie & mask.astype(bool)).sum()), int((bad & mask.astype(bool)).sum())
     max_diff = float(np.abs(trace.prefill_logits - out.logits)[real].max())
     finite = bool(np.isfinite(out.logits).all())
     mismatched = 0
@@ -133,10 +181,20 @@ def compare(trace: ReferenceTrace, model_dir: str, tolerance: float, threads: in
             positions = position_ids_from_mask(torch.from_numpy(mask)).numpy()
             out = model.step(all_ids, mask, positions)
         finite &= bool(np.isfinite(out.logits).all())
-        max_diff = max(max_diff, float(np.abs(trace.step_logits[step] - out.logits[:, -1]).max()))
+        rows = np.ones(len(next_ids), bool)
+        if dynamic:
+            theirs = out.fused_layer[:, -1] if out.fused_layer is not None else None
+            tie, bad = _fusion_ties(trace, theirs, trace.step_choice[step], trace.step_iks[step])
+            rows, ties, wrong = ~tie, ties + int(tie.sum()), wrong + int(bad.sum())
+        if rows.any():
+            max_diff = max(max_diff, float(np.abs(trace.step_logits[step] - out.logits[:, -1])[rows].max()))
     compared = int(trace.tokens.size)
     if not finite:
         reason = "ONNX Runtime produced non-finite logits"
+    elif wrong:
+        reason = f"the dynamically fused layer differs from PyTorch's at {wrong} position(s), not at a tie"
+    elif dynamic and out.fused_layer is None:
+        reason = "the exported model has no fused_layer output"
     elif model.uses_cache != trace.kv_cache:
         reason = "the exported model's KV-cache inputs do not match the export options"
     elif max_diff > tolerance:
@@ -158,6 +216,7 @@ def compare(trace: ReferenceTrace, model_dir: str, tolerance: float, threads: in
         kv_cache=model.uses_cache,
         reason=reason,
         seconds=round(trace.seconds + time.perf_counter() - started, 3),
+        fusion_ties=ties,
     )
 
 

@@ -79,8 +79,16 @@ class _Emitter:
 
     # Residual stream bookkeeping: every norm consumes the pending update (Skip* fuses the add).
 
-    def norm(self, module: torch.nn.Module, name: str) -> str:
-        gamma = self.w.weight(f"{name}.weight", _np(module.weight))
+    def norm(self, module: torch.nn.Module, name: str, scale: float | None = None) -> str:
+        """RMSNorm of the residual stream (adding the pending update first, fused).
+
+        `scale` multiplies the gain (a derived weight, not a new parameter): layer fusion
+        folds its mixing weights into the final norm's gain this way.
+        """
+        if scale is None:
+            gamma = self.w.weight(f"{name}.weight", _np(module.weight))
+        else:
+            gamma = self.w.weight(f"{name}.weight_x{scale:g}", _np(module.weight) * scale, parameter=False)
         eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
         if self.pending is None:
             return self.w.op(
@@ -247,16 +255,32 @@ class _Emitter:
         embed = w.weight("model.embed_tokens.weight", _np(graph.embed.weight))
         self.residual = w.op("Gather", [embed, self.input_ids], "/model/embed_tokens/Gather")
         slot = 0
+        fusion = graph.fusion if graph.fusion is not None and graph.fusion.weight > 0 else None
+        fused = set(fusion.layers) if fusion else set()
+        readouts: dict[int, tuple[str | None, str]] = {}  # layer -> FinalNorm(m), FinalNorm(h)
         for layer in graph.layers:
             prefix = f"model.layers.{layer.index}"
             if layer.attention is not None:
                 x = self.norm(layer.input_norm, f"{prefix}.input_layernorm")
                 self.pending = self.attention(layer, x, slot)
                 slot += 1
+            pre = None
             if layer.mlp is not None:
                 x = self.norm(layer.post_norm, f"{prefix}.post_attention_layernorm")
+                if layer.index in fused and fusion.dynamic:
+                    pre = self.norm(graph.final_norm, f"/lm_head/fusion/layer{layer.index}_pre_mlp_norm", scale=1.0)
                 self.pending = self.mlp(layer, x)
-        x = self.norm(graph.final_norm, "model.norm")
+            if layer.index in fused:
+                # Static: the mixing weight folds into the gain, so the head reads a plain sum.
+                scale = 1.0 if fusion.dynamic else fusion.weight
+                readouts[layer.index] = (
+                    pre,
+                    self.norm(graph.final_norm, f"/lm_head/fusion/layer{layer.index}_norm", scale),
+                )
+        if fusion is None:
+            x = self.norm(graph.final_norm, "model.norm")
+        else:
+            x = self.norm(graph.final_norm, "model.norm", scale=1 - fusion.weight)
         if graph.tied_head and not self.options.untie_head:
             # Stored once; onnxruntime folds the transpose of a constant when the session loads.
             head = w.op("Transpose", [embed], "/lm_head/Transpose", perm=[1, 0])
@@ -264,8 +288,54 @@ class _Emitter:
             # A tied head written separately is the same parameters again: not counted twice.
             head = w.weight("lm_head.weight", _linear_weight_t(graph.lm_head), parameter=not graph.tied_head)
         self.linears["lm_head"] = "/lm_head/MatMul"
-        w.node("MatMul", [x, head], "/lm_head/MatMul", ["logits"])
-        w.add_output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", graph.index.vocab_size])
+        vocab = graph.index.vocab_size
+        if fusion is None:
+            w.node("MatMul", [x, head], "/lm_head/MatMul", ["logits"])
+        elif not fusion.dynamic:
+            mixed = w.op("Add", [x, readouts[fusion.layers[0]][1]], "/lm_head/fusion/Add")
+            w.node("MatMul", [mixed, head], "/lm_head/MatMul", ["logits"])
+        else:
+            self.dynamic_fusion(x, head, [readouts[layer] for layer in fusion.layers], fusion)
+        w.add_output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", vocab])
+        if fusion is not None and fusion.dynamic:
+            w.add_output("fused_layer", TensorProto.INT64, ["batch_size", "sequence_length"])
+
+    def dynamic_fusion(self, final: str, head: str, readouts: list[tuple[str, str]], fusion) -> None:
+        """Per token: IKS of every candidate, argmin, and that candidate's readout mixed in.
+
+        All readouts go through the head in one MatMul over a stacked axis, so a decode step
+        reads the vocabulary projection once however many candidates there are. The IKS
+        compared is `sum p log p + q log q - (p+q) log(p+q)`, which is 2 JSD(p||q) - 2 log 2:
+        the same argmin with fewer operations. `final` already carries the weight 1 - a.
+        """
+        w, c = self.w, self.w.constant
+        name = "/lm_head/fusion"
+        k = len(readouts)
+        rows = [final] + [h for _, h in readouts] + [m for m, _ in readouts]
+        stacked = w.op("Concat", [w.op("Unsqueeze", [r, c([2])], f"{name}/stack{i}") for i, r in enumerate(rows)],
+                       f"{name}/stack", axis=2)  # fmt: skip
+        logits = w.op("MatMul", [stacked, head], "/lm_head/MatMul")  # (batch, seq, 1 + 2k, vocab)
+        last, post, pre = w.node("Split", [logits, c([1, k, k])], f"{name}/split", 3, axis=2)
+        log_q = w.op("LogSoftmax", [post], f"{name}/log_post", axis=-1)
+        log_p = w.op("LogSoftmax", [pre], f"{name}/log_pre", axis=-1)
+        p = w.op("Exp", [log_p], f"{name}/p")
+        q = w.op("Exp", [log_q], f"{name}/q")
+        both = w.op("Add", [p, q], f"{name}/p_plus_q")
+        # Where both probabilities underflow, (p+q) log(p+q) is 0: clamp so 0 * log(0) is not NaN.
+        log_both = w.op("Log", [w.op("Max", [both, c(1e-30, np.float32)], f"{name}/clamp")], f"{name}/log_p_plus_q")
+        own = w.op("Add", [w.op("Mul", [p, log_p], f"{name}/p_log_p"), w.op("Mul", [q, log_q], f"{name}/q_log_q")],
+                   f"{name}/own")  # fmt: skip
+        divergence = w.op("Sub", [own, w.op("Mul", [both, log_both], f"{name}/mix")], f"{name}/divergence")
+        iks = w.op("ReduceSum", [divergence, c([-1])], f"{name}/iks", keepdims=0)  # (batch, seq, k)
+        pick = w.op("ArgMin", [iks], f"{name}/argmin", axis=-1, keepdims=1)  # (batch, seq, 1)
+        pick4 = w.op("Unsqueeze", [pick, c([3])], f"{name}/pick4")
+        index = w.op("Expand", [pick4, c([1, 1, 1, self.graph.index.vocab_size])], f"{name}/pick_expand")
+        chosen = w.op("GatherElements", [post, index], f"{name}/chosen", axis=2)
+        weighted = w.op("Mul", [chosen, c(fusion.weight, np.float32)], f"{name}/weighted")
+        mixed = w.op("Add", [last, weighted], f"{name}/Add")
+        w.node("Squeeze", [mixed, c([2])], f"{name}/logits", ["logits"])
+        layers = c(list(fusion.layers))
+        w.node("Gather", [layers, w.op("Squeeze", [pick, c([2])], f"{name}/pick2")], f"{name}/layer", ["fused_layer"])
 
 
 def export_decoder(graph: DecoderGraph, folder: str, options: ExportOptions | None = None) -> ExportResult:

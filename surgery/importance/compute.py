@@ -28,6 +28,7 @@ from surgery.importance.metrics import (
     METRICS,
     Direction,
     MetricScores,
+    iks_scores,
     lim_scores,
     residual_statistics,
     similarity_scores,
@@ -123,7 +124,14 @@ def compute_importance(
         tokens = calibration_tokens(tokenizer, calibration, source)
         progress(f"importance: {', '.join(data_metrics)} on {calibration.describe()} ({tokens.size} tokens)")
         start = time.perf_counter()
-        statistics = residual_statistics(graph, tokens)
+        residual = [m for m in data_metrics if m in ("similarity", "lim")]
+        statistics = residual_statistics(graph, tokens) if residual else {}
+        if "similarity" in data_metrics:
+            metrics["similarity"] = similarity_scores(statistics)
+        if "lim" in data_metrics:
+            metrics["lim"] = lim_scores(statistics)
+        if "iks" in data_metrics:
+            metrics["iks"] = iks_scores(graph, tokens)
         provenance["calibration"] = {
             **source.to_json(),
             "samples": calibration.samples,
@@ -132,10 +140,6 @@ def compute_importance(
             "tokens": int(tokens.size),
             "seconds": round(time.perf_counter() - start, 2),
         }
-        if "similarity" in data_metrics:
-            metrics["similarity"] = similarity_scores(statistics)
-        if "lim" in data_metrics:
-            metrics["lim"] = lim_scores(statistics)
     if "zd" in request.metrics:
         progress(f"importance: zd (threshold {request.zd_threshold:g}, data-free)")
         metrics["zd"] = zd_scores(graph, request.zd_threshold, request.zd_more_important)

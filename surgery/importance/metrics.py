@@ -8,6 +8,9 @@ in fp32, means over every calibration token):
   cos(x, h). A high S means the sub-block barely changes the residual: lower is more important.
 - `lim` (Layer-Wise Quantization): LIM(l) = -mean cos(h_{l-1}, h_l), whole layers only; the
   input of layer l is h_{l-1}, so LIM = -S_block. Higher is more important.
+- `iks` (ours, for Layer Fused Decoding; surgery/fusion.py): JSD between the logit-lens
+  distributions of FinalNorm(m) and FinalNorm(h), mean over at most 512 calibration tokens
+  (the first samples, whole); higher = the MLP injects more parametric knowledge.
 - `zd` (data-free): over the linear weights of a layer (or of its attention / MLP), z = (w -
   mean) / std and ZD = the fraction with z > threshold (default 1). Which direction means
   "more important" is a parameter; the default, fewer large weights = more important, follows
@@ -55,8 +58,16 @@ METRICS: dict[str, MetricInfo] = {
     "zd": MetricInfo(
         "zd", PARTS, "lower", False, "fraction of a layer's weights with z-score above a threshold (data-free)"
     ),
+    "iks": MetricInfo(
+        "iks",
+        ("block",),
+        "higher",
+        True,
+        "internal knowledge score: JSD of the logit-lens distributions before and after the MLP (LFD, ours)",
+    ),
 }
 DEFAULT_ZD_THRESHOLD = 1.0
+DEFAULT_IKS_TOKENS = 512  # each token costs two vocabulary projections per layer
 
 
 @dataclass(frozen=True)
@@ -135,3 +146,23 @@ def zd_scores(graph: DecoderGraph, threshold: float = DEFAULT_ZD_THRESHOLD, more
         {part: tuple(values) for part, values in scores.items()},
         {"threshold": threshold},
     )
+
+
+@torch.inference_mode()
+def iks_scores(graph: DecoderGraph, tokens: np.ndarray, max_tokens: int = DEFAULT_IKS_TOKENS) -> MetricScores:
+    """Mean IKS per layer over the first calibration samples, at most `max_tokens` tokens."""
+    from surgery.fusion import iks
+
+    samples = max(1, min(len(tokens), max_tokens // tokens.shape[1]))
+    chosen = tokens[:samples, :max_tokens]
+    sums = {layer.index: 0.0 for layer in graph.layers}
+
+    def observe(layer: int, x: torch.Tensor, m: torch.Tensor, h: torch.Tensor) -> None:
+        sums[layer] += float(iks(graph, m, h).double().sum())
+
+    for ids in _batches(chosen, 1):
+        mask = torch.ones_like(ids)
+        graph.forward(ids, mask, position_ids_from_mask(mask), observer=observe, logits=False)
+    count = chosen.size
+    scores = tuple(sums[layer.index] / count for layer in graph.layers)
+    return MetricScores("iks", "higher", {"block": scores}, {"tokens": int(count)})

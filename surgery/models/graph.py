@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from surgery.fusion import FusionChoice, HeadFusion, fused_logits
 from surgery.models.index import ModelIndex
 
 # observer(layer number, x entering the layer, m after attention, h leaving the layer)
@@ -90,6 +91,8 @@ class DecoderGraph:
         self.final_norm = core.norm
         self.rotary = core.rotary_emb
         self.lm_head = model.lm_head
+        self.fusion: HeadFusion | None = None  # set by the `fuse` pass
+        self.last_choice: FusionChoice | None = None  # dynamic fusion's choice in the last forward
         self.tied_head = self.lm_head.weight.data_ptr() == self.embed.weight.data_ptr()
         self.layers: list[DecoderLayer] = []
         for i, layer in enumerate(core.layers):
@@ -151,6 +154,8 @@ class DecoderGraph:
         `logits=False` the final norm and head are skipped and the last residual is returned.
         """
         past = cache.length() if cache is not None else 0
+        fused = set(self.fusion.layers) if self.fusion is not None and logits else set()
+        residuals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         hidden = self.embed(input_ids)
         position_embeddings = self.rotary(hidden, position_ids)
         masks: dict[int | None, torch.Tensor] = {}
@@ -175,8 +180,13 @@ class DecoderGraph:
                 hidden = hidden + layer.mlp(layer.post_norm(hidden))
             if observer is not None:
                 observer(layer.index, entering, after_attention, hidden)
+            if layer.index in fused:
+                residuals[layer.index] = (after_attention, hidden)
         if not logits:
             return hidden
+        if self.fusion is not None:
+            fused, self.last_choice = fused_logits(self, self.fusion, hidden, residuals)
+            return fused
         return self.lm_head(self.final_norm(hidden))
 
 
