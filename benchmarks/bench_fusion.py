@@ -62,10 +62,9 @@ def main() -> None:
 
     folders = {"unfused": apply(work, "unfused", "")}
     for weight in WEIGHTS:
-        folders[f"static auto, weight {weight}"] = apply(
-            work, f"static-{weight}", f"fuse layer auto into head weight {weight}\n"
-        )
-        folders[f"dynamic, weight {weight}"] = apply(work, f"dynamic-{weight}", f"fuse layer dynamic into head weight {weight}\n")  # fmt: skip
+        for mode, name in (("auto", "static auto"), ("dynamic", "dynamic")):
+            recipe = f"fuse layer {mode} into head weight {weight}\n"
+            folders[f"{name}, weight {weight}"] = apply(work, f"{mode}-{weight}", recipe)
     plan = json.loads((folders["static auto, weight 0.25"] / "surgery.json").read_text())["plan"]
     fuse_step = next(s for s in plan["steps"] if s["action"] == "fuse")
     chosen, iks = fuse_step["layers"][0], fuse_step["parameters"]["scores"]
