@@ -79,16 +79,16 @@ class _Emitter:
 
     # Residual stream bookkeeping: every norm consumes the pending update (Skip* fuses the add).
 
-    def norm(self, module: torch.nn.Module, name: str, scale: float | None = None) -> str:
+    def norm(self, module: torch.nn.Module, name: str, scale: float | None = None, derived: bool = True) -> str:
         """RMSNorm of the residual stream (adding the pending update first, fused).
 
-        `scale` multiplies the gain (a derived weight, not a new parameter): layer fusion
-        folds its mixing weights into the final norm's gain this way.
+        `scale` multiplies the gain: layer fusion folds its mixing weights into the final norm's
+        gain this way. The scaled copies read for fused layers are `derived` (not parameters).
         """
         if scale is None:
             gamma = self.w.weight(f"{name}.weight", _np(module.weight))
         else:
-            gamma = self.w.weight(f"{name}.weight_x{scale:g}", _np(module.weight) * scale, parameter=False)
+            gamma = self.w.weight(f"{name}.weight_x{scale:g}", _np(module.weight) * scale, parameter=not derived)
         eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
         if self.pending is None:
             return self.w.op(
@@ -280,7 +280,7 @@ class _Emitter:
         if fusion is None:
             x = self.norm(graph.final_norm, "model.norm")
         else:
-            x = self.norm(graph.final_norm, "model.norm", scale=1 - fusion.weight)
+            x = self.norm(graph.final_norm, "model.norm", scale=1 - fusion.weight, derived=False)
         if graph.tied_head and not self.options.untie_head:
             # Stored once; onnxruntime folds the transpose of a constant when the session loads.
             head = w.op("Transpose", [embed], "/lm_head/Transpose", perm=[1, 0])
