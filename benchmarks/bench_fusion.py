@@ -56,16 +56,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--weights", default=",".join(map(str, WEIGHTS)), help="fusion weights, comma-separated")
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency rounds")
     args = parser.parse_args()
+    weights = [float(w) for w in args.weights.split(",")]
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="surgery-bench-fusion-"))
 
     folders = {"unfused": apply(work, "unfused", "")}
-    for weight in WEIGHTS:
+    for weight in weights:
         for mode, name in (("auto", "static auto"), ("dynamic", "dynamic")):
             recipe = f"fuse layer {mode} into head weight {weight}\n"
             folders[f"{name}, weight {weight}"] = apply(work, f"{mode}-{weight}", recipe)
-    plan = json.loads((folders["static auto, weight 0.25"] / "surgery.json").read_text())["plan"]
+    plan = json.loads((folders[f"static auto, weight {weights[0]}"] / "surgery.json").read_text())["plan"]
     fuse_step = next(s for s in plan["steps"] if s["action"] == "fuse")
     chosen, iks = fuse_step["layers"][0], fuse_step["parameters"]["scores"]
     print(f"auto chose layer {chosen}; candidate IKS: {iks}", flush=True)
@@ -92,9 +95,11 @@ def main() -> None:
 
     text = (REPO / "benchmarks" / "prompt.txt").read_text()
     prompt = np.array(tokenizer(text)["input_ids"][:256], dtype=np.int64)
-    models = {name: OnnxCausalLM(str(folders[name]), threads=args.threads)
-              for name in ("unfused", "static auto, weight 0.5", "dynamic, weight 0.5")}  # fmt: skip
-    latency, rounds = paired_latency(models, prompt, args.steps, args.rounds, "unfused")
+    timed = ("unfused", f"static auto, weight {weights[0]}", f"dynamic, weight {weights[0]}")
+    models = {name: OnnxCausalLM(str(folders[name]), threads=args.threads) for name in timed}
+    latency, rounds = (
+        ({}, {}) if args.no_latency else paired_latency(models, prompt, args.steps, args.rounds, "unfused")
+    )
 
     print(f"\nSmolLM2-135M-Instruct, {os.cpu_count()} cores; auto-chosen layer {chosen}")
     print(f"faithfulness: {len(items)} items; perplexity: WikiText-2 test, {tokens.scored()} tokens, windows of 512\n")

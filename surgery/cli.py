@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     importance.add_argument("--model", metavar="SPEC", default="smollm2-135m", help="model (default: smollm2-135m)")
     importance.add_argument(
-        "--metric", required=True, metavar="M[,M...]", help="metrics: similarity, lim (need data), zd (data-free)"
+        "--metric", required=True, metavar="M[,M...]", help="metrics: similarity, lim, iks (need data), zd (data-free)"
     )
     importance.add_argument(
         "--data", metavar="FILE|builtin", default=None, help="calibration text (default: wikitext-2-valid)"
