@@ -18,7 +18,6 @@ and the median over rounds of each model's time relative to the builder's in the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # noqa: E402  (run from a checkout without installing)
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import decode_ms_per_token, measure  # noqa: E402
+from common import decode_ms_per_token, measure, write_result  # noqa: E402
 
 from surgery.models import builtin  # noqa: E402
 from surgery.runtime import OnnxCausalLM  # noqa: E402
@@ -129,9 +128,7 @@ def main() -> None:
         "decode_ms_per_token": latency,
         "decode_rounds": {name: [round(v, 3) for v in values] for name, values in rounds.items()},
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
+    write_result(args.json, result)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # noqa: E402  (run from a checkout without installing)
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import measure, paired_latency  # noqa: E402
+from common import measure, paired_latency, write_result  # noqa: E402
 
 from surgery.data import resolve_text  # noqa: E402
 from surgery.evaluate import eval_tokens, onnx_logits, perplexity  # noqa: E402
@@ -200,9 +200,7 @@ def main() -> None:
         "int4_against_builder": {"models": int4_rows, "decode_ms_per_token": latency, "decode_rounds": rounds},
         "seconds": round(time.perf_counter() - started, 1),
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
+    write_result(args.json, result)
 
 
 if __name__ == "__main__":

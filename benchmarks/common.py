@@ -65,3 +65,13 @@ def paired_latency(models: dict, prompt: np.ndarray, steps: int, rounds: int, ba
         for name, values in times.items()
     }
     return rows, {name: [round(v, 3) for v in values] for name, values in times.items()}
+
+
+def write_result(path: str, result: dict) -> None:
+    """Write a benchmark's result as JSON (creating the folder) and say where."""
+    import json
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {path}")
