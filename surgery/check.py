@@ -444,6 +444,13 @@ class _Checker:
                         ResolvedQuantize("head", statement.bits, block, statement.symmetric, statement.span)
                     )
                     continue
+                if index.is_moe and statement.part in ("layers", "mlp"):
+                    self.error(
+                        "quantizing mixture-of-experts MLPs is not supported yet",
+                        statement.span,
+                        "quantize attention or head on this model",
+                    )
+                    continue
                 selector = statement.selector or AllLayers(span=statement.span)
                 item = ResolvedQuantize(statement.part, statement.bits, block, statement.symmetric, statement.span)
                 if isinstance(selector, ImportanceSelector):
@@ -462,6 +469,13 @@ class _Checker:
         return resolved
 
     def quantize_group(self, statement: QuantizeGroupStmt, group: int, index: ModelIndex) -> list[ResolvedQuantize]:
+        if index.is_moe and statement.part in ("layers", "mlp"):
+            self.error(
+                "quantizing mixture-of-experts MLPs is not supported yet",
+                statement.span,
+                "quantize attention or head on this model",
+            )
+            return []
         if not statement.rules:
             self.error(
                 "a grouped quantize needs at least one rule", statement.span, "e.g. `most important 25% -> int8`"

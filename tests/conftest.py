@@ -16,7 +16,8 @@ from surgery.models.graph import DecoderGraph
 from surgery.models.index import ModelIndex
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = tuple(builtin.TINY_MODELS)
+TINY = tuple(name for name, m in builtin.TINY_MODELS.items() if m.architecture not in builtin.MOE_ARCHITECTURES)
+TINY_MOE = tuple(name for name, m in builtin.TINY_MODELS.items() if m.architecture in builtin.MOE_ARCHITECTURES)
 
 
 @dataclass

@@ -237,13 +237,68 @@ class _Emitter:
         return self.w.op("Reshape", [normed, self.w.constant([0, 0, -1])], f"/{name}/Merge")
 
     def mlp(self, layer: DecoderLayer, x: str) -> str:
-        mlp = layer.mlp
-        name = f"model.layers.{layer.index}.mlp"
+        if hasattr(layer.mlp, "experts"):
+            return self.moe(layer, x)
+        return self.swiglu(layer.mlp, x, f"model.layers.{layer.index}.mlp")
+
+    def swiglu(self, mlp: torch.nn.Module, x: str, name: str) -> str:
+        """A dense SwiGLU MLP (also a Qwen2-MoE shared expert)."""
         gate = self.linear(mlp.gate_proj, x, f"{name}.gate_proj")
         up = self.linear(mlp.up_proj, x, f"{name}.up_proj")
         act = self.w.op("Mul", [gate, self.w.op("Sigmoid", [gate], f"/{name}/act/Sigmoid")], f"/{name}/act/Mul")
         hidden = self.w.op("Mul", [act, up], f"/{name}/Mul")
         return self.linear(mlp.down_proj, hidden, f"{name}.down_proj")
+
+    def moe(self, layer: DecoderLayer, x: str) -> str:
+        """A mixture-of-experts MLP in plain ONNX ops, exact for any routing.
+
+        Router: softmax over the expert logits, top-k, optionally renormalized (Mixtral always,
+        Qwen by `norm_topk_prob`). The chosen weights are scattered into a dense (tokens,
+        experts) matrix, zero elsewhere; every expert runs on every token as one batched
+        MatMul over stacked weights, and the outputs are summed with those weights, so each
+        token gets exactly its top-k experts' mixture.
+        """
+        moe = layer.mlp
+        w, c = self.w, self.w.constant
+        name = f"model.layers.{layer.index}.mlp"
+        experts = moe.experts
+        count = int(experts.gate_up_proj.shape[0])
+        top_k = int(moe.gate.top_k)
+        normalize = bool(getattr(moe.gate, "norm_topk_prob", True))  # Mixtral's router always renormalizes
+        logits = w.op("MatMul", [x, w.weight(f"{name}.gate.weight", _np(moe.gate.weight).T)], f"/{name}/router/MatMul")
+        probs = w.op("Softmax", [logits], f"/{name}/router/Softmax", axis=-1)
+        top, index = w.node("TopK", [probs, c([top_k])], f"/{name}/router/TopK", 2, axis=-1)
+        if normalize:
+            total = w.op("ReduceSum", [top, c([-1])], f"/{name}/router/sum", keepdims=1)
+            top = w.op("Div", [top, total], f"/{name}/router/normalize")
+        dense = w.op("ScatterElements", [w.op("Mul", [probs, c(0.0, np.float32)], f"/{name}/router/zeros"), index, top],
+                     f"/{name}/router/weights", axis=-1)  # fmt: skip
+        # (batch, seq, hidden) -> (batch, 1, seq, hidden) against (experts, hidden, 2I).
+        xs = w.op("Unsqueeze", [x, c([1])], f"/{name}/experts/x")
+        gate_up = w.weight(
+            f"{name}.experts.gate_up_proj", np.ascontiguousarray(_np(experts.gate_up_proj).transpose(0, 2, 1))
+        )
+        hidden = w.op("MatMul", [xs, gate_up], f"/{name}/experts/gate_up")  # (batch, experts, seq, 2I)
+        inter = int(experts.gate_up_proj.shape[1]) // 2
+        gate, up = w.node("Split", [hidden, c([inter, inter])], f"/{name}/experts/split", 2, axis=-1)
+        act = w.op("Mul", [gate, w.op("Sigmoid", [gate], f"/{name}/experts/Sigmoid")], f"/{name}/experts/silu")
+        down = w.weight(f"{name}.experts.down_proj", np.ascontiguousarray(_np(experts.down_proj).transpose(0, 2, 1)))
+        out = w.op("MatMul", [w.op("Mul", [act, up], f"/{name}/experts/Mul"), down], f"/{name}/experts/down")
+        # weights (batch, seq, experts) -> (batch, experts, seq, 1)
+        weights = w.op("Unsqueeze", [w.op("Transpose", [dense], f"/{name}/router/T", perm=[0, 2, 1]), c([3])],
+                       f"/{name}/router/weights4")  # fmt: skip
+        mixed = w.op("ReduceSum", [w.op("Mul", [out, weights], f"/{name}/experts/weighted"), c([1])],
+                     f"/{name}/experts/sum", keepdims=0)  # fmt: skip
+        shared = getattr(moe, "shared_expert", None)
+        if shared is not None:  # Qwen2-MoE: sigmoid(gate(x)) * shared_expert(x), added
+            shared_out = self.swiglu(shared, x, f"{name}.shared_expert")
+            gate_w = w.weight(f"{name}.shared_expert_gate.weight", _np(moe.shared_expert_gate.weight).T)
+            scale = w.op(
+                "Sigmoid", [w.op("MatMul", [x, gate_w], f"/{name}/shared_gate/MatMul")], f"/{name}/shared_gate"
+            )
+            mixed = w.op("Add", [mixed, w.op("Mul", [shared_out, scale], f"/{name}/shared/Mul")], f"/{name}/shared/Add")
+        assert count == self.graph.index.num_experts or self.graph.index.num_experts == 0
+        return mixed
 
     # The whole model.
 

@@ -120,7 +120,8 @@ def lim_scores(statistics: dict[str, np.ndarray]) -> MetricScores:
 
 
 def _linear_weights(module: torch.nn.Module) -> list[torch.Tensor]:
-    return [m.weight for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    """The weight matrices of a sub-block: Linear weights, and stacked expert weights of an MoE."""
+    return [p for p in module.parameters() if p.dim() >= 2]
 
 
 def z_fraction(weights: list[torch.Tensor], threshold: float) -> float:

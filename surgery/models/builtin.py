@@ -83,7 +83,35 @@ TINY_MODELS: dict[str, TinyModel] = {
     ),
     "tiny-qwen2": TinyModel("qwen2", {"tie_word_embeddings": True}, seed=2),
     "tiny-qwen3": TinyModel("qwen3", {}, seed=3),
+    # Mixture-of-experts: 4 experts, 2 per token, so batches route tokens to different experts.
+    "tiny-mixtral": TinyModel(
+        "mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 48}, 4
+    ),
+    "tiny-qwen2-moe": TinyModel(
+        "qwen2_moe",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 48,
+            "shared_expert_intermediate_size": 96,
+            "decoder_sparse_step": 1,
+            "norm_topk_prob": False,
+        },
+        5,
+    ),
+    "tiny-qwen3-moe": TinyModel(
+        "qwen3_moe",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 48,
+            "decoder_sparse_step": 1,
+            "norm_topk_prob": True,
+        },
+        6,
+    ),  # fmt: skip
 }
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 BUILTIN_NAMES = ("smollm2-135m", *TINY_MODELS)
 

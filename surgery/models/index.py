@@ -16,6 +16,10 @@ SUPPORTED_ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    # Mixture-of-experts MLPs (router + experts, Qwen2-MoE with a gated shared expert).
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 # RoPE variants whose cos/sin tables do not depend on the sequence length, so they can be
 # precomputed into the graph.
@@ -41,6 +45,13 @@ class ModelIndex:
     sliding_window: int | None
     layer_sliding: tuple[bool, ...]
     max_positions: int = 2048
+    num_experts: int = 0  # 0 = dense MLPs
+    experts_per_token: int = 0
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the MLPs are mixtures of experts."""
+        return self.num_experts > 0
 
     @classmethod
     def from_config(cls, name: str, config: Any) -> ModelIndex:
@@ -77,6 +88,8 @@ class ModelIndex:
             sliding_window=int(window) if window is not None else None,
             layer_sliding=sliding,
             max_positions=int(getattr(config, "max_position_embeddings", 2048) or 2048),
+            num_experts=int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0),
+            experts_per_token=int(getattr(config, "num_experts_per_tok", 0) or 0),
         )
 
     def layer_path(self, layer: int) -> str:
