@@ -11,8 +11,9 @@ from surgery.passes.drop_block import DropBlock
 from surgery.passes.drop_mlp import DropMlp
 from surgery.passes.fuse import Fuse
 from surgery.passes.quantize import Quantize
+from surgery.passes.split_mlp import SplitMlp
 
-PASSES: dict[str, type[GraphPass]] = {cls.name: cls for cls in (DropAttention, DropMlp, DropBlock, Fuse)}
+PASSES: dict[str, type[GraphPass]] = {cls.name: cls for cls in (DropAttention, DropMlp, DropBlock, SplitMlp, Fuse)}
 ONNX_PASSES: dict[str, type[OnnxPass]] = {cls.name: cls for cls in (Quantize,)}
 
 __all__ = [
@@ -27,5 +28,6 @@ __all__ = [
     "PassContractError",
     "PassResult",
     "Quantize",
+    "SplitMlp",
     "run_pass",
 ]

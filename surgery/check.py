@@ -44,6 +44,7 @@ from surgery.syntax import (
     Recipe,
     RestLayers,
     Selector,
+    SplitStmt,
     VerifyStmt,
 )
 
@@ -82,6 +83,17 @@ class ResolvedQuantize:
     query: ImportanceQuery | None = None
     rest: bool = False
     group: int | None = None  # rules of one grouped statement share a number
+
+
+@dataclass(frozen=True)
+class ResolvedSplit:
+    """A split statement: explicit layers or an importance query, expert count and top-k."""
+
+    layers: tuple[int, ...]
+    experts: int
+    top_k: int
+    statement: SplitStmt
+    query: ImportanceQuery | None = None
 
 
 @dataclass(frozen=True)
@@ -129,10 +141,11 @@ class CheckedRecipe:
     importance_files: dict[str, ImportanceFile] | None = None
     base_dir: str | None = None  # where relative data and file paths resolve (the recipe's folder)
     fuse: ResolvedFuse | None = None
+    splits: tuple[ResolvedSplit, ...] = ()
 
     def metrics_to_compute(self) -> tuple[str, ...]:
         """Metrics some selector ranks by that are computed (not read from a file), in a fixed order."""
-        queries = [d.query for d in self.drops] + [q.query for q in self.quantize]
+        queries = [d.query for d in self.drops] + [q.query for q in self.quantize] + [s.query for s in self.splits]
         wanted = {q.source.metric for q in queries if q is not None and q.source.file is None}
         if self.fuse is not None and self.fuse.mode == "auto":
             wanted.add("iks")
@@ -531,6 +544,39 @@ class _Checker:
             self.error("max-increase must be above 0%", statement.span)
         return PerplexityCheck(statement.data, statement.max_increase, tokens, statement.span)
 
+    # Splitting MLPs into experts.
+
+    def splits(self, index: ModelIndex) -> list[ResolvedSplit]:
+        resolved = []
+        for statement in self.recipe.statements:
+            if not isinstance(statement, SplitStmt):
+                continue
+            if index.is_moe:
+                self.error("this model's MLPs are already mixtures of experts", statement.span)
+                continue
+            ok = True
+            if statement.experts < 2 or index.intermediate_size % statement.experts:
+                self.error(
+                    f"cannot split {index.intermediate_size} MLP neurons into {statement.experts} equal experts",
+                    statement.span,
+                    "the expert count must be at least 2 and divide the MLP width "
+                    f"({', '.join(str(e) for e in range(2, 33) if index.intermediate_size % e == 0)})",
+                )
+                ok = False
+            if not 1 <= statement.top_k <= statement.experts:
+                self.error(f"top {statement.top_k} is not in 1..{statement.experts}", statement.span)
+                ok = False
+            selector = statement.selector
+            if isinstance(selector, ImportanceSelector):
+                query = self.importance(selector.rank, selector.source, "mlp", index, selector.span)
+                if query is not None and ok:
+                    resolved.append(ResolvedSplit((), statement.experts, statement.top_k, statement, query))
+                continue
+            layers = self.selector(selector, index)
+            if layers is not None and ok:
+                resolved.append(ResolvedSplit(layers, statement.experts, statement.top_k, statement))
+        return resolved
+
     # Layer fusion.
 
     def fuse(self, index: ModelIndex, drops: list[ResolvedDrop]) -> ResolvedFuse | None:
@@ -615,12 +661,20 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
     quantize: list[ResolvedQuantize] = []
     calibration, calibration_span = CalibrationSpec(), None
     fuse = None
+    splits: list[ResolvedSplit] = []
     if model is not None:
         index = model[1]
         calibration, calibration_span = checker.calibration(index)
         drops = checker.drops(index)
         quantize = checker.quantize(index)
         fuse = checker.fuse(index, drops)
+        splits = checker.splits(index)
+        if splits and any(q.part in ("layers", "mlp") for q in quantize):
+            checker.error(
+                "quantizing MLPs that are split into experts is not supported yet",
+                next(q.span for q in quantize if q.part in ("layers", "mlp")),
+                "quantize attention or head in a recipe that splits MLPs",
+            )
     raise_if_errors(checker.diagnostics)
     assert model is not None
     spec, index, model_span = model
@@ -641,6 +695,7 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
         files,
         checker.base_dir,
         fuse,
+        tuple(splits),
     )
     if calibration_span is not None and not any(METRICS[m].needs_data for m in checked.metrics_to_compute()):
         checker.warning(
@@ -659,5 +714,6 @@ __all__ = [
     "ResolvedDrop",
     "ResolvedFuse",
     "ResolvedQuantize",
+    "ResolvedSplit",
     "check",
 ]

@@ -39,11 +39,12 @@ from surgery.syntax import (
     QuantizeStmt,
     Recipe,
     RestLayers,
+    SplitStmt,
     Statement,
     VerifyStmt,
 )
 
-STATEMENT_KEYWORDS = ("model", "calibrate", "drop", "quantize", "verify", "fuse", "export")
+STATEMENT_KEYWORDS = ("model", "calibrate", "drop", "quantize", "verify", "fuse", "split", "export")
 
 # How expected terminals read in an error message.
 _TERMINAL_WORDS = {
@@ -204,6 +205,11 @@ class _ToAst(Transformer):
 
     def tokens_option(self, children):
         return {"tokens": int(children[0])}
+
+    @v_args(meta=True)
+    def split_stmt(self, meta, children):
+        selector, experts, top_k = children
+        return SplitStmt(selector=selector, experts=int(experts), top_k=int(top_k), span=self._span(meta))
 
     # fuse.
 

@@ -162,6 +162,9 @@ def _describe(step: PlanStep) -> str:
                 f"weight {p['weight']:g}"
             )
         return f"fuse layer {step.layers[0]} into the head, weight {p['weight']:g}"
+    if step.action == "split mlp":
+        exact = " (all experts: the dense MLP exactly)" if p["top_k"] == p["experts"] else ""
+        return f"split mlp of layers {format_layers(step.layers)} into {p['experts']} experts, top {p['top_k']}{exact}"
     if step.phase == "graph":
         return f"{step.action} layers {format_layers(step.layers)}"
     if step.phase == "export":
@@ -274,6 +277,23 @@ def build_plan(checked: CheckedRecipe, verify: bool = True, computed: Importance
                 targets=tuple(index.part_path(layer, drop.part) for layer in layers),
                 source=drop.statement.span,
                 note=note,
+            )
+        )
+    for split in checked.splits:
+        extra: dict[str, Any] = {}
+        if split.query is not None:
+            layers, extra = _selection(split.query, scores(split.query), sorted(mlp))
+        else:
+            layers = tuple(layer for layer in split.layers if layer in mlp)
+        steps.append(
+            PlanStep(
+                action="split mlp",
+                phase="graph",
+                parameters={"layers": list(layers), "experts": split.experts, "top_k": split.top_k, **extra},
+                layers=layers,
+                targets=tuple(index.part_path(layer, "mlp") for layer in layers),
+                source=split.statement.span,
+                note="" if layers else "no effect: every selected MLP was dropped",
             )
         )
     if checked.fuse is not None:

@@ -213,6 +213,16 @@ class FuseStmt:
 
 
 @dataclass(frozen=True)
+class SplitStmt:
+    """`split mlp <selector> into E experts top K`."""
+
+    selector: Selector
+    experts: int
+    top_k: int
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
 class ExportStmt:
     """`export onnx [opset N] [without kv-cache] [with position-ids]`."""
 
@@ -304,6 +314,9 @@ def unparse_statement(statement: Statement) -> str:
     if isinstance(statement, VerifyStmt):
         text = f'verify perplexity on "{statement.data}" max-increase {_number(statement.max_increase)}%'
         return text + (f" tokens {statement.tokens}" if statement.tokens is not None else "")
+    if isinstance(statement, SplitStmt):
+        selector = unparse_selector(statement.selector)
+        return f"split mlp {selector} into {statement.experts} experts top {statement.top_k}"
     if isinstance(statement, FuseStmt):
         layer = str(statement.layer.value) if statement.mode == "static" else statement.mode
         text = f"fuse layer {layer} into head"

@@ -13,7 +13,8 @@ import torch
 from conftest import TINY_MOE, run_cli, tiny_graph, write
 from surgery.export.decoder import export_decoder
 from surgery.models import builtin
-from surgery.passes import DropAttention, DropBlock, DropMlp, run_pass
+from surgery.moe import SplitMoE, split_mlp
+from surgery.passes import DropAttention, DropBlock, DropMlp, SplitMlp, run_pass
 from surgery.plan import VERIFY_DECODE_STEPS
 from surgery.verify import PROMPTS, _left_padded, verify
 
@@ -53,3 +54,47 @@ def test_quantizing_moe_mlps_is_refused_at_the_line(in_tmp):
     assert result.code == 1
     assert "r.surg:3:1: error: quantizing mixture-of-experts MLPs is not supported yet" in result.err
     assert "r.surg:2" not in result.err
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
+def test_split_with_every_expert_is_the_dense_mlp(arch, tmp_path):
+    dense = tiny_graph(arch)
+    split = tiny_graph(arch)
+    run_pass(SplitMlp(layers=(0, 2, 5), experts=4, top_k=4), split)
+    ids = torch.tensor([[72, 101, 108, 108, 111, 44, 32, 119, 111, 114]])
+    mask = torch.ones_like(ids)
+    positions = torch.arange(ids.shape[1])[None]
+    assert torch.allclose(split.forward(ids, mask, positions), dense.forward(ids, mask, positions), atol=1e-5)
+    assert isinstance(split.layer(2).mlp, SplitMoE)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_split_moe_export_parity(top_k, tmp_path):
+    graph = tiny_graph("tiny-mistral")
+    run_pass(DropMlp(layers=(1,)), graph)
+    run_pass(SplitMlp(layers=(0, 2, 3, 4, 5), experts=4, top_k=top_k), graph)
+    export_decoder(graph, str(tmp_path))
+    check = verify(graph, builtin.byte_tokenizer(), str(tmp_path), VERIFY_DECODE_STEPS, 1e-4, threads=1)
+    assert check.passed, check.reason
+
+
+def test_split_router_is_a_hard_top_k():
+    graph = tiny_graph("tiny-llama")
+    moe = split_mlp(graph.layer(0).mlp, experts=4, top_k=2)
+    x = torch.randn(3, 7, 64)
+    weights, index = moe.gate(x)
+    assert torch.equal(weights, torch.ones(3, 7, 2))
+    scores = x @ moe.gate.weight.T
+    assert torch.equal(index.sort(-1).values, scores.topk(2, dim=-1).indices.sort(-1).values)
+    # the experts partition the neurons: equal sizes, every neuron once
+    assert moe.experts.gate_up_proj.shape == (4, 2 * 40, 64) and moe.experts.down_proj.shape == (4, 64, 40)
+
+
+def test_split_errors_point_at_the_statement(in_tmp):
+    recipe = write(in_tmp / "r.surg", 'model "tiny-llama"\nsplit mlp layers * into 3 experts top 4\n')
+    result = run_cli("check", recipe)
+    assert result.code == 1
+    assert "r.surg:2:1: error: cannot split 160 MLP neurons into 3 equal experts" in result.err
+    assert "top 4 is not in 1..3" in result.err
+    moe = write(in_tmp / "m.surg", 'model "tiny-mixtral"\nsplit mlp layers 0 into 2 experts top 1\n')
+    assert "already mixtures of experts" in run_cli("check", moe).err

@@ -252,23 +252,26 @@ class _Emitter:
     def moe(self, layer: DecoderLayer, x: str) -> str:
         """A mixture-of-experts MLP in plain ONNX ops, exact for any routing.
 
-        Router: softmax over the expert logits, top-k, optionally renormalized (Mixtral always,
-        Qwen by `norm_topk_prob`). The chosen weights are scattered into a dense (tokens,
-        experts) matrix, zero elsewhere; every expert runs on every token as one batched
-        MatMul over stacked weights, and the outputs are summed with those weights, so each
-        token gets exactly its top-k experts' mixture.
+        Router: softmax over the expert logits, top-k, optionally renormalized (Mixtral
+        always, Qwen by `norm_topk_prob`); a split MLP (surgery.moe) gives each chosen expert
+        weight 1. The chosen weights are scattered into a dense (tokens, experts) matrix, zero
+        elsewhere; every expert runs on every token as one batched MatMul over stacked
+        weights, and the outputs are summed with those weights, so each token gets exactly
+        its top-k experts' mixture.
         """
         moe = layer.mlp
         w, c = self.w, self.w.constant
         name = f"model.layers.{layer.index}.mlp"
         experts = moe.experts
-        count = int(experts.gate_up_proj.shape[0])
         top_k = int(moe.gate.top_k)
         normalize = bool(getattr(moe.gate, "norm_topk_prob", True))  # Mixtral's router always renormalizes
         logits = w.op("MatMul", [x, w.weight(f"{name}.gate.weight", _np(moe.gate.weight).T)], f"/{name}/router/MatMul")
         probs = w.op("Softmax", [logits], f"/{name}/router/Softmax", axis=-1)
         top, index = w.node("TopK", [probs, c([top_k])], f"/{name}/router/TopK", 2, axis=-1)
-        if normalize:
+        if getattr(moe.gate, "unit_weights", False):  # a split MLP: each chosen expert counts once
+            top = w.op("Add", [w.op("Mul", [top, c(0.0, np.float32)], f"/{name}/router/zero"), c(1.0, np.float32)],
+                       f"/{name}/router/ones")  # fmt: skip
+        elif normalize:
             total = w.op("ReduceSum", [top, c([-1])], f"/{name}/router/sum", keepdims=1)
             top = w.op("Div", [top, total], f"/{name}/router/normalize")
         dense = w.op("ScatterElements", [w.op("Mul", [probs, c(0.0, np.float32)], f"/{name}/router/zeros"), index, top],
@@ -297,7 +300,6 @@ class _Emitter:
                 "Sigmoid", [w.op("MatMul", [x, gate_w], f"/{name}/shared_gate/MatMul")], f"/{name}/shared_gate"
             )
             mixed = w.op("Add", [mixed, w.op("Mul", [shared_out, scale], f"/{name}/shared/Mul")], f"/{name}/shared/Add")
-        assert count == self.graph.index.num_experts or self.graph.index.num_experts == 0
         return mixed
 
     # The whole model.
