@@ -10,10 +10,13 @@ from surgery.passes.drop_attention import DropAttention
 from surgery.passes.drop_block import DropBlock
 from surgery.passes.drop_mlp import DropMlp
 from surgery.passes.fuse import Fuse
+from surgery.passes.prune_experts import PruneExperts
 from surgery.passes.quantize import Quantize
 from surgery.passes.split_mlp import SplitMlp
 
-PASSES: dict[str, type[GraphPass]] = {cls.name: cls for cls in (DropAttention, DropMlp, DropBlock, SplitMlp, Fuse)}
+PASSES: dict[str, type[GraphPass]] = {
+    cls.name: cls for cls in (DropAttention, DropMlp, DropBlock, SplitMlp, PruneExperts, Fuse)
+}
 ONNX_PASSES: dict[str, type[OnnxPass]] = {cls.name: cls for cls in (Quantize,)}
 
 __all__ = [
@@ -27,6 +30,7 @@ __all__ = [
     "OnnxPass",
     "PassContractError",
     "PassResult",
+    "PruneExperts",
     "Quantize",
     "SplitMlp",
     "run_pass",

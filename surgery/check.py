@@ -38,6 +38,7 @@ from surgery.syntax import (
     LastLayers,
     LayerIndex,
     ModelStmt,
+    PruneStmt,
     QuantizeGroupStmt,
     QuantizeRule,
     QuantizeStmt,
@@ -97,6 +98,15 @@ class ResolvedSplit:
 
 
 @dataclass(frozen=True)
+class ResolvedPrune:
+    """A prune statement: the layers and how many experts each keeps."""
+
+    layers: tuple[int, ...]
+    keep: int
+    statement: PruneStmt
+
+
+@dataclass(frozen=True)
 class ResolvedFuse:
     """A fuse statement: the layer (static), or the candidates (auto, dynamic), and the weight."""
 
@@ -142,6 +152,7 @@ class CheckedRecipe:
     base_dir: str | None = None  # where relative data and file paths resolve (the recipe's folder)
     fuse: ResolvedFuse | None = None
     splits: tuple[ResolvedSplit, ...] = ()
+    prunes: tuple[ResolvedPrune, ...] = ()
 
     def metrics_to_compute(self) -> tuple[str, ...]:
         """Metrics some selector ranks by that are computed (not read from a file), in a fixed order."""
@@ -577,6 +588,34 @@ class _Checker:
                 resolved.append(ResolvedSplit(layers, statement.experts, statement.top_k, statement))
         return resolved
 
+    def prunes(self, index: ModelIndex, splits: list[ResolvedSplit]) -> list[ResolvedPrune]:
+        resolved = []
+        for statement in self.recipe.statements:
+            if not isinstance(statement, PruneStmt):
+                continue
+            if isinstance(statement.selector, ImportanceSelector):
+                self.error("prune experts takes layer numbers", statement.selector.span, "e.g. `layers *`")
+                continue
+            available = index.num_experts or max((s.experts for s in splits), default=0)
+            if not available:
+                self.error(
+                    "this model has no experts to prune",
+                    statement.span,
+                    "prune a mixture-of-experts model, or `split mlp ... into E experts` first",
+                )
+                continue
+            if not 1 <= statement.keep < available:
+                self.error(
+                    f"keeping {statement.keep} experts of {available} prunes nothing or everything",
+                    statement.span,
+                    f"keep 1..{available - 1}",
+                )
+                continue
+            layers = self.selector(statement.selector, index)
+            if layers is not None:
+                resolved.append(ResolvedPrune(layers, statement.keep, statement))
+        return resolved
+
     # Layer fusion.
 
     def fuse(self, index: ModelIndex, drops: list[ResolvedDrop]) -> ResolvedFuse | None:
@@ -662,6 +701,7 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
     calibration, calibration_span = CalibrationSpec(), None
     fuse = None
     splits: list[ResolvedSplit] = []
+    prunes: list[ResolvedPrune] = []
     if model is not None:
         index = model[1]
         calibration, calibration_span = checker.calibration(index)
@@ -669,6 +709,7 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
         quantize = checker.quantize(index)
         fuse = checker.fuse(index, drops)
         splits = checker.splits(index)
+        prunes = checker.prunes(index, splits)
         if splits and any(q.part in ("layers", "mlp") for q in quantize):
             checker.error(
                 "quantizing MLPs that are split into experts is not supported yet",
@@ -696,12 +737,14 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
         checker.base_dir,
         fuse,
         tuple(splits),
+        tuple(prunes),
     )
-    if calibration_span is not None and not any(METRICS[m].needs_data for m in checked.metrics_to_compute()):
+    uses_data = any(METRICS[m].needs_data for m in checked.metrics_to_compute()) or prunes
+    if calibration_span is not None and not uses_data:
         checker.warning(
             "calibration is not used: no selector ranks by a metric computed from data",
             calibration_span,
-            "similarity, lim and iks (fuse layer auto) use it; zd and importance files do not",
+            "similarity, lim, iks (fuse layer auto) and prune experts use it; zd and importance files do not",
         )
     warnings = tuple(d for d in checker.diagnostics if d.severity == "warning")
     return replace(checked, warnings=warnings)
@@ -713,6 +756,7 @@ __all__ = [
     "RecipeError",
     "ResolvedDrop",
     "ResolvedFuse",
+    "ResolvedPrune",
     "ResolvedQuantize",
     "ResolvedSplit",
     "check",

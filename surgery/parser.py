@@ -34,6 +34,7 @@ from surgery.syntax import (
     LayerList,
     LayerRange,
     ModelStmt,
+    PruneStmt,
     QuantizeGroupStmt,
     QuantizeRule,
     QuantizeStmt,
@@ -44,7 +45,7 @@ from surgery.syntax import (
     VerifyStmt,
 )
 
-STATEMENT_KEYWORDS = ("model", "calibrate", "drop", "quantize", "verify", "fuse", "split", "export")
+STATEMENT_KEYWORDS = ("model", "calibrate", "drop", "quantize", "verify", "fuse", "split", "prune", "export")
 
 # How expected terminals read in an error message.
 _TERMINAL_WORDS = {
@@ -210,6 +211,14 @@ class _ToAst(Transformer):
     def split_stmt(self, meta, children):
         selector, experts, top_k = children
         return SplitStmt(selector=selector, experts=int(experts), top_k=int(top_k), span=self._span(meta))
+
+    @v_args(meta=True)
+    def prune_stmt(self, meta, children):
+        selector, keep = children[0], children[1]
+        return PruneStmt(selector=selector, keep=int(keep), span=self._span(meta))
+
+    def prune_rule(self, children):
+        return None
 
     # fuse.
 

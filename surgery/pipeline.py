@@ -165,10 +165,14 @@ def apply(
         for step in plan.graph_steps():
             if not step.layers:
                 continue
-            graph_pass = PASSES[step.action].from_step(step)
+            extra = {}
+            if step.action == "prune experts":
+                graph_pass, extra = _prune_by_frequency(checked, graph, tokenizer, step, progress)
+            else:
+                graph_pass = PASSES[step.action].from_step(step)
             result = run_pass(graph_pass, graph)
             progress(f"{step.action}: {result.summary}")
-            passes.append(pass_record(graph_pass, result, step.source))
+            passes.append({**pass_record(graph_pass, result, step.source), **extra})
         after = structure(graph)
         lap("passes")
 
@@ -239,6 +243,22 @@ def apply(
         folder.discard()
         raise
     return ApplyResult(target, report, verification, perplexity_passed)
+
+
+def _prune_by_frequency(checked: CheckedRecipe, graph, tokenizer, step, progress: Progress):
+    """The prune pass for a step: count expert use on the calibration data, keep the most used."""
+    from surgery.calibration import calibration_tokens
+    from surgery.data import resolve_text
+    from surgery.experts import expert_frequencies, most_used
+    from surgery.passes import PruneExperts
+
+    calibration = checked.calibration
+    tokens = calibration_tokens(tokenizer, calibration, resolve_text(calibration.data, checked.base_dir))
+    progress(f"counting expert use on {calibration.describe()}")
+    frequencies = expert_frequencies(graph, step.layers, tokens)
+    kept = tuple((layer, most_used(frequencies[layer], step.parameters["keep"])) for layer in step.layers)
+    record = {"frequencies": {str(k): [round(f, 6) for f in v] for k, v in frequencies.items()}}
+    return PruneExperts(kept=kept), record
 
 
 def _reference_perplexity(checked: CheckedRecipe, graph, tokenizer, progress: Progress):

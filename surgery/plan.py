@@ -162,6 +162,8 @@ def _describe(step: PlanStep) -> str:
                 f"weight {p['weight']:g}"
             )
         return f"fuse layer {step.layers[0]} into the head, weight {p['weight']:g}"
+    if step.action == "prune experts":
+        return f"prune experts of layers {format_layers(step.layers)} to {p['keep']} by frequency"
     if step.action == "split mlp":
         exact = " (all experts: the dense MLP exactly)" if p["top_k"] == p["experts"] else ""
         return f"split mlp of layers {format_layers(step.layers)} into {p['experts']} experts, top {p['top_k']}{exact}"
@@ -294,6 +296,21 @@ def build_plan(checked: CheckedRecipe, verify: bool = True, computed: Importance
                 targets=tuple(index.part_path(layer, "mlp") for layer in layers),
                 source=split.statement.span,
                 note="" if layers else "no effect: every selected MLP was dropped",
+            )
+        )
+    for prune in checked.prunes:
+        layers = tuple(layer for layer in prune.layers if layer in mlp)
+        c = checked.calibration
+        steps.append(
+            PlanStep(
+                action="prune experts",
+                phase="graph",
+                parameters={"layers": list(layers), "keep": prune.keep, "rule": "frequency"},
+                layers=layers,
+                targets=tuple(index.part_path(layer, "mlp") for layer in layers),
+                source=prune.statement.span,
+                note=f'which experts: the {prune.keep} most used per layer, counted when applied on "{c.data}" '
+                f"({c.samples} x {c.length} tokens) after the steps before",
             )
         )
     if checked.fuse is not None:

@@ -223,6 +223,15 @@ class SplitStmt:
 
 
 @dataclass(frozen=True)
+class PruneStmt:
+    """`prune experts <selector> to M [by frequency]` (frequency is the only rule so far)."""
+
+    selector: Selector
+    keep: int
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
 class ExportStmt:
     """`export onnx [opset N] [without kv-cache] [with position-ids]`."""
 
@@ -317,6 +326,8 @@ def unparse_statement(statement: Statement) -> str:
     if isinstance(statement, SplitStmt):
         selector = unparse_selector(statement.selector)
         return f"split mlp {selector} into {statement.experts} experts top {statement.top_k}"
+    if isinstance(statement, PruneStmt):
+        return f"prune experts {unparse_selector(statement.selector)} to {statement.keep} by frequency"
     if isinstance(statement, FuseStmt):
         layer = str(statement.layer.value) if statement.mode == "static" else statement.mode
         text = f"fuse layer {layer} into head"

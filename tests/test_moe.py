@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from conftest import TINY_MOE, run_cli, tiny_graph, write
+from surgery.calibration import CalibrationSpec, calibration_tokens
+from surgery.experts import expert_frequencies, most_used
 from surgery.export.decoder import export_decoder
 from surgery.models import builtin
 from surgery.moe import SplitMoE, split_mlp
-from surgery.passes import DropAttention, DropBlock, DropMlp, SplitMlp, run_pass
+from surgery.passes import DropAttention, DropBlock, DropMlp, PruneExperts, SplitMlp, run_pass
 from surgery.plan import VERIFY_DECODE_STEPS
 from surgery.verify import PROMPTS, _left_padded, verify
 
@@ -98,3 +100,48 @@ def test_split_errors_point_at_the_statement(in_tmp):
     assert "top 4 is not in 1..3" in result.err
     moe = write(in_tmp / "m.surg", 'model "tiny-mixtral"\nsplit mlp layers 0 into 2 experts top 1\n')
     assert "already mixtures of experts" in run_cli("check", moe).err
+
+
+def _direct_counts(graph, layer: int, tokens) -> list[float]:
+    """Expert use counted by hand: the residual entering the MLP, through the router's softmax and top-k."""
+    seen = []
+    handle = graph.layer(layer).post_norm.register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        for row in tokens:
+            ids = torch.from_numpy(row)[None]
+            graph.forward(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
+    handle.remove()
+    router = graph.layer(layer).mlp.gate
+    counts = torch.zeros(router.weight.shape[0], dtype=torch.float64)
+    for x in seen:
+        chosen = torch.topk(x.reshape(-1, x.shape[-1]) @ router.weight.T, router.top_k, dim=-1).indices
+        counts += torch.bincount(chosen.reshape(-1), minlength=len(counts))
+    return (counts / counts.sum()).tolist()
+
+
+@pytest.mark.parametrize("arch", [*TINY_MOE, "split"])
+def test_frequencies_match_a_direct_count_and_pruning_keeps_parity(arch, tmp_path):
+    graph = tiny_graph("tiny-llama" if arch == "split" else arch)
+    if arch == "split":
+        run_pass(SplitMlp(layers=tuple(range(6)), experts=4, top_k=2), graph)
+    tokens = calibration_tokens(builtin.byte_tokenizer(), CalibrationSpec(samples=3, length=24))
+    frequencies = expert_frequencies(graph, (0, 3), tokens)
+    for layer in (0, 3):
+        assert frequencies[layer] == pytest.approx(_direct_counts(graph, layer, tokens), abs=1e-9)
+    kept = ((0, most_used(frequencies[0], 3)), (3, most_used(frequencies[3], 1)))
+    run_pass(PruneExperts(kept=kept), graph)
+    assert graph.layer(3).mlp.gate.top_k == 1 and graph.layer(0).mlp.gate.weight.shape[0] == 3
+    export_decoder(graph, str(tmp_path))
+    check = verify(graph, builtin.byte_tokenizer(), str(tmp_path), VERIFY_DECODE_STEPS, 1e-4, threads=1)
+    assert check.passed, check.reason
+
+
+def test_prune_checks(in_tmp):
+    dense = write(in_tmp / "d.surg", 'model "tiny-llama"\nprune experts layers * to 2\n')
+    assert "has no experts to prune" in run_cli("check", dense).err
+    many = write(in_tmp / "m.surg", 'model "tiny-mixtral"\nprune experts layers * to 4\n')
+    assert "keeping 4 experts of 4 prunes nothing or everything" in run_cli("check", many).err
+    split = write(
+        in_tmp / "s.surg", 'model "tiny-llama"\nsplit mlp layers * into 4 experts top 2\nprune experts layers 1 to 3\n'
+    )
+    assert run_cli("check", split).code == 0
