@@ -10,6 +10,7 @@ from surgery.passes.drop_attention import DropAttention
 from surgery.passes.drop_block import DropBlock
 from surgery.passes.drop_mlp import DropMlp
 from surgery.passes.fuse import Fuse
+from surgery.passes.merge_experts import MergeExperts
 from surgery.passes.prune_experts import PruneExperts
 from surgery.passes.quantize import Quantize
 from surgery.passes.split_mlp import SplitMlp
@@ -30,6 +31,7 @@ __all__ = [
     "OnnxPass",
     "PassContractError",
     "PassResult",
+    "MergeExperts",
     "PruneExperts",
     "Quantize",
     "SplitMlp",

@@ -37,6 +37,7 @@ from surgery.syntax import (
     ImportanceSource,
     LastLayers,
     LayerIndex,
+    MergeStmt,
     ModelStmt,
     PruneStmt,
     QuantizeGroupStmt,
@@ -107,6 +108,17 @@ class ResolvedPrune:
 
 
 @dataclass(frozen=True)
+class ResolvedMerge:
+    """A merge statement: the layers, how many groups, and how to group and weight."""
+
+    layers: tuple[int, ...]
+    groups: int
+    grouping: str
+    weighting: str
+    statement: MergeStmt
+
+
+@dataclass(frozen=True)
 class ResolvedFuse:
     """A fuse statement: the layer (static), or the candidates (auto, dynamic), and the weight."""
 
@@ -153,6 +165,7 @@ class CheckedRecipe:
     fuse: ResolvedFuse | None = None
     splits: tuple[ResolvedSplit, ...] = ()
     prunes: tuple[ResolvedPrune, ...] = ()
+    merges: tuple[ResolvedMerge, ...] = ()
 
     def metrics_to_compute(self) -> tuple[str, ...]:
         """Metrics some selector ranks by that are computed (not read from a file), in a fixed order."""
@@ -616,6 +629,34 @@ class _Checker:
                 resolved.append(ResolvedPrune(layers, statement.keep, statement))
         return resolved
 
+    def merges(self, index: ModelIndex, splits: list[ResolvedSplit]) -> list[ResolvedMerge]:
+        resolved = []
+        for statement in self.recipe.statements:
+            if not isinstance(statement, MergeStmt):
+                continue
+            if isinstance(statement.selector, ImportanceSelector):
+                self.error("merge experts takes layer numbers", statement.selector.span, "e.g. `layers *`")
+                continue
+            available = index.num_experts or max((s.experts for s in splits), default=0)
+            if not available:
+                self.error(
+                    "this model has no experts to merge",
+                    statement.span,
+                    "merge a mixture-of-experts model, or `split mlp ... into E experts` first",
+                )
+                continue
+            if not 1 <= statement.groups <= available:
+                self.error(
+                    f"cannot merge {available} experts into {statement.groups}", statement.span, f"use 1..{available}"
+                )
+                continue
+            layers = self.selector(statement.selector, index)
+            if layers is not None:
+                resolved.append(
+                    ResolvedMerge(layers, statement.groups, statement.grouping, statement.weighting, statement)
+                )
+        return resolved
+
     # Layer fusion.
 
     def fuse(self, index: ModelIndex, drops: list[ResolvedDrop]) -> ResolvedFuse | None:
@@ -702,6 +743,7 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
     fuse = None
     splits: list[ResolvedSplit] = []
     prunes: list[ResolvedPrune] = []
+    merges: list[ResolvedMerge] = []
     if model is not None:
         index = model[1]
         calibration, calibration_span = checker.calibration(index)
@@ -710,6 +752,7 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
         fuse = checker.fuse(index, drops)
         splits = checker.splits(index)
         prunes = checker.prunes(index, splits)
+        merges = checker.merges(index, splits)
         if splits and any(q.part in ("layers", "mlp") for q in quantize):
             checker.error(
                 "quantizing MLPs that are split into experts is not supported yet",
@@ -738,8 +781,9 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
         fuse,
         tuple(splits),
         tuple(prunes),
+        tuple(merges),
     )
-    uses_data = any(METRICS[m].needs_data for m in checked.metrics_to_compute()) or prunes
+    uses_data = any(METRICS[m].needs_data for m in checked.metrics_to_compute()) or prunes or merges
     if calibration_span is not None and not uses_data:
         checker.warning(
             "calibration is not used: no selector ranks by a metric computed from data",
@@ -756,6 +800,7 @@ __all__ = [
     "RecipeError",
     "ResolvedDrop",
     "ResolvedFuse",
+    "ResolvedMerge",
     "ResolvedPrune",
     "ResolvedQuantize",
     "ResolvedSplit",

@@ -61,3 +61,108 @@ def keep_experts(mlp: torch.nn.Module, kept: tuple[int, ...]) -> None:
     for module in (router, experts):
         if hasattr(module, "num_experts"):
             module.num_experts = len(kept)
+
+
+@torch.inference_mode()
+def expert_mean_outputs(graph: DecoderGraph, layers: tuple[int, ...], tokens: np.ndarray) -> dict[int, np.ndarray]:
+    """Per layer, (experts, hidden): each expert's mean output over all calibration tokens.
+
+    Every expert runs on every token (HC-SMoE's feature), from the residual entering the MLP.
+    """
+    sums: dict[int, torch.Tensor] = {}
+    count = 0
+    handles = []
+    for layer in layers:
+        mlp = graph.layer(layer).mlp
+
+        def collect(module, args, output, layer=layer, mlp=mlp):
+            x = output.reshape(-1, output.shape[-1]).float()
+            gate, up = torch.einsum("th,eih->eti", x, mlp.experts.gate_up_proj.float()).chunk(2, dim=-1)
+            out = torch.einsum("eti,ehi->eth", torch.nn.functional.silu(gate) * up, mlp.experts.down_proj.float())
+            sums[layer] = sums.get(layer, 0) + out.double().sum(1)
+
+        handles.append(graph.layer(layer).post_norm.register_forward_hook(collect))
+    try:
+        for row in tokens:
+            ids = torch.from_numpy(row)[None]
+            graph.forward(ids, torch.ones_like(ids), position_ids_from_mask(torch.ones_like(ids)), logits=False)
+            count += ids.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: (total / count).numpy() for layer, total in sums.items()}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+    return a @ b.T
+
+
+def group_by_outputs(features: np.ndarray, groups: int) -> list[list[int]]:
+    """HC-SMoE: average-linkage agglomerative clustering on cosine distance, to `groups` clusters."""
+    distance = 1 - _cosine(features, features)
+    clusters = [[i] for i in range(len(features))]
+    while len(clusters) > groups:
+        best = None
+        for i in range(len(clusters)):
+            for j in range(i + 1, len(clusters)):
+                d = distance[np.ix_(clusters[i], clusters[j])].mean()
+                if best is None or d < best[0]:
+                    best = (d, i, j)
+        _, i, j = best
+        clusters[i] = sorted(clusters[i] + clusters.pop(j))
+    return sorted(clusters)
+
+
+def group_by_router(router: np.ndarray, frequencies: list[float], groups: int) -> list[list[int]]:
+    """MC-SMoE: the most used experts lead; every other expert joins the leader whose router row is most similar."""
+    leaders = list(most_used(frequencies, groups))
+    similarity = _cosine(router, router[leaders])
+    members: dict[int, list[int]] = {leader: [leader] for leader in leaders}
+    for expert in range(len(router)):
+        if expert not in members:
+            members[leaders[int(np.argmax(similarity[expert]))]].append(expert)
+    return sorted(sorted(group) for group in members.values())
+
+
+class MergedMoE(torch.nn.Module):
+    """Experts merged into groups; the router still scores the N original experts.
+
+    Routing (as the baselines' code): top-k over the N original logits with the router's own
+    weights, each chosen expert mapped to its group, weights landing on one group added.
+    """
+
+    def __init__(self, original: torch.nn.Module, groups: list[list[int]], weights: list[list[float]]):
+        super().__init__()
+        self.gate = original.gate
+        gate_up, down = original.experts.gate_up_proj, original.experts.down_proj
+        merged_gate_up, merged_down = [], []
+        for members, w in zip(groups, weights, strict=True):
+            w = torch.tensor(w, dtype=gate_up.dtype)[:, None, None]
+            merged_gate_up.append((gate_up[members] * w).sum(0))
+            merged_down.append((down[members] * w).sum(0))
+        self.experts = torch.nn.Module()
+        self.experts.gate_up_proj = torch.nn.Parameter(torch.stack(merged_gate_up).detach())
+        self.experts.down_proj = torch.nn.Parameter(torch.stack(merged_down).detach())
+        group_of = torch.zeros(gate_up.shape[0], dtype=torch.long)
+        for g, members in enumerate(groups):
+            group_of[members] = g
+        self.register_buffer("group_of", group_of)
+        for name in ("shared_expert", "shared_expert_gate"):  # Qwen2-MoE's shared expert stays as it is
+            if hasattr(original, name):
+                setattr(self, name, getattr(original, name))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Grouped routing, then the merged experts' weighted sum."""
+        flat = x.reshape(-1, x.shape[-1])
+        routed = self.gate(flat)
+        weights, index = routed[-2], routed[-1]
+        dense = torch.zeros(flat.shape[0], self.experts.gate_up_proj.shape[0], dtype=x.dtype)
+        dense.scatter_add_(-1, self.group_of[index], weights.to(x.dtype))
+        gate, up = torch.einsum("th,eih->tei", flat, self.experts.gate_up_proj).chunk(2, dim=-1)
+        out = torch.einsum("tei,ehi->teh", torch.nn.functional.silu(gate) * up, self.experts.down_proj)
+        result = (out * dense[..., None]).sum(1)
+        if hasattr(self, "shared_expert"):
+            result = result + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        return result.reshape(x.shape)

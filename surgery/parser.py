@@ -33,6 +33,7 @@ from surgery.syntax import (
     LayerIndex,
     LayerList,
     LayerRange,
+    MergeStmt,
     ModelStmt,
     PruneStmt,
     QuantizeGroupStmt,
@@ -45,7 +46,7 @@ from surgery.syntax import (
     VerifyStmt,
 )
 
-STATEMENT_KEYWORDS = ("model", "calibrate", "drop", "quantize", "verify", "fuse", "split", "prune", "export")
+STATEMENT_KEYWORDS = ("model", "calibrate", "drop", "quantize", "verify", "fuse", "split", "prune", "merge", "export")
 
 # How expected terminals read in an error message.
 _TERMINAL_WORDS = {
@@ -61,6 +62,8 @@ _TERMINAL_WORDS = {
     "WIDTH": "int4 or int8",
     "SUBLAYER": "attention or mlp",
     "NUMBER": "a number like 0.5",
+    "GROUPING": "output or router",
+    "WEIGHTING": "frequency or uniform",
     "$END": "the end of the statement",
 }
 
@@ -216,6 +219,20 @@ class _ToAst(Transformer):
     def prune_stmt(self, meta, children):
         selector, keep = children[0], children[1]
         return PruneStmt(selector=selector, keep=int(keep), span=self._span(meta))
+
+    @v_args(meta=True)
+    def merge_stmt(self, meta, children):
+        selector, groups, *options = children
+        fields: dict[str, object] = {}
+        for option in options:
+            fields.update(option)
+        return MergeStmt(selector=selector, groups=int(groups), span=self._span(meta), **fields)
+
+    def grouping_option(self, children):
+        return {"grouping": str(children[0])}
+
+    def weighting_option(self, children):
+        return {"weighting": str(children[0])}
 
     def prune_rule(self, children):
         return None

@@ -168,6 +168,8 @@ def apply(
             extra = {}
             if step.action == "prune experts":
                 graph_pass, extra = _prune_by_frequency(checked, graph, tokenizer, step, progress)
+            elif step.action == "merge experts":
+                graph_pass, extra = _merge_by_statistics(checked, graph, tokenizer, step, progress)
             else:
                 graph_pass = PASSES[step.action].from_step(step)
             result = run_pass(graph_pass, graph)
@@ -245,16 +247,51 @@ def apply(
     return ApplyResult(target, report, verification, perplexity_passed)
 
 
-def _prune_by_frequency(checked: CheckedRecipe, graph, tokenizer, step, progress: Progress):
-    """The prune pass for a step: count expert use on the calibration data, keep the most used."""
+def _calibration_tokens(checked: CheckedRecipe, tokenizer):
     from surgery.calibration import calibration_tokens
     from surgery.data import resolve_text
+
+    calibration = checked.calibration
+    return calibration_tokens(tokenizer, calibration, resolve_text(calibration.data, checked.base_dir))
+
+
+def _merge_by_statistics(checked: CheckedRecipe, graph, tokenizer, step, progress: Progress):
+    """The merge pass for a step: usage and output statistics on the calibration data, then groups."""
+    from surgery.experts import expert_frequencies, expert_mean_outputs, group_by_outputs, group_by_router
+    from surgery.passes import MergeExperts
+
+    p = step.parameters
+    tokens = _calibration_tokens(checked, tokenizer)
+    progress(f"counting expert use and outputs on {checked.calibration.describe()}")
+    frequencies = expert_frequencies(graph, step.layers, tokens)
+    outputs = expert_mean_outputs(graph, step.layers, tokens) if p["grouping"] == "output" else {}
+    merges = []
+    for layer in step.layers:
+        freq = frequencies[layer]
+        if p["grouping"] == "output":
+            groups = group_by_outputs(outputs[layer], p["groups"])
+        else:
+            groups = group_by_router(graph.layer(layer).mlp.gate.weight.detach().float().numpy(), freq, p["groups"])
+        weights = []
+        for members in groups:
+            total = sum(freq[e] for e in members)
+            uniform = p["weighting"] == "uniform" or total == 0
+            weights.append(tuple(1 / len(members) if uniform else freq[e] / total for e in members))
+        merges.append((layer, tuple(tuple(g) for g in groups), tuple(weights)))
+    record = {
+        "frequencies": {str(k): [round(f, 6) for f in v] for k, v in frequencies.items()},
+        "groups": {str(layer): [list(g) for g in groups] for layer, groups, _ in merges},
+    }
+    return MergeExperts(merges=tuple(merges)), record
+
+
+def _prune_by_frequency(checked: CheckedRecipe, graph, tokenizer, step, progress: Progress):
+    """The prune pass for a step: count expert use on the calibration data, keep the most used."""
     from surgery.experts import expert_frequencies, most_used
     from surgery.passes import PruneExperts
 
-    calibration = checked.calibration
-    tokens = calibration_tokens(tokenizer, calibration, resolve_text(calibration.data, checked.base_dir))
-    progress(f"counting expert use on {calibration.describe()}")
+    tokens = _calibration_tokens(checked, tokenizer)
+    progress(f"counting expert use on {checked.calibration.describe()}")
     frequencies = expert_frequencies(graph, step.layers, tokens)
     kept = tuple((layer, most_used(frequencies[layer], step.parameters["keep"])) for layer in step.layers)
     record = {"frequencies": {str(k): [round(f, 6) for f in v] for k, v in frequencies.items()}}

@@ -162,6 +162,11 @@ def _describe(step: PlanStep) -> str:
                 f"weight {p['weight']:g}"
             )
         return f"fuse layer {step.layers[0]} into the head, weight {p['weight']:g}"
+    if step.action == "merge experts":
+        return (
+            f"merge experts of layers {format_layers(step.layers)} into {p['groups']} groups "
+            f"(grouping by {p['grouping']}, {p['weighting']}-weighted)"
+        )
     if step.action == "prune experts":
         return f"prune experts of layers {format_layers(step.layers)} to {p['keep']} by frequency"
     if step.action == "split mlp":
@@ -296,6 +301,26 @@ def build_plan(checked: CheckedRecipe, verify: bool = True, computed: Importance
                 targets=tuple(index.part_path(layer, "mlp") for layer in layers),
                 source=split.statement.span,
                 note="" if layers else "no effect: every selected MLP was dropped",
+            )
+        )
+    for merge in checked.merges:
+        layers = tuple(layer for layer in merge.layers if layer in mlp)
+        c = checked.calibration
+        steps.append(
+            PlanStep(
+                action="merge experts",
+                phase="graph",
+                parameters={
+                    "layers": list(layers),
+                    "groups": merge.groups,
+                    "grouping": merge.grouping,
+                    "weighting": merge.weighting,
+                },
+                layers=layers,
+                targets=tuple(index.part_path(layer, "mlp") for layer in layers),
+                source=merge.statement.span,
+                note=f'groups: from statistics counted when applied on "{c.data}" ({c.samples} x {c.length} tokens) '
+                "after the steps before; listed per layer in the report",
             )
         )
     for prune in checked.prunes:

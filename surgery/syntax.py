@@ -232,6 +232,17 @@ class PruneStmt:
 
 
 @dataclass(frozen=True)
+class MergeStmt:
+    """`merge experts <selector> to M [grouping output|router] [weighting frequency|uniform]`."""
+
+    selector: Selector
+    groups: int
+    grouping: str = "output"
+    weighting: str = "frequency"
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
 class ExportStmt:
     """`export onnx [opset N] [without kv-cache] [with position-ids]`."""
 
@@ -326,6 +337,11 @@ def unparse_statement(statement: Statement) -> str:
     if isinstance(statement, SplitStmt):
         selector = unparse_selector(statement.selector)
         return f"split mlp {selector} into {statement.experts} experts top {statement.top_k}"
+    if isinstance(statement, MergeStmt):
+        return (
+            f"merge experts {unparse_selector(statement.selector)} to {statement.groups} "
+            f"grouping {statement.grouping} weighting {statement.weighting}"
+        )
     if isinstance(statement, PruneStmt):
         return f"prune experts {unparse_selector(statement.selector)} to {statement.keep} by frequency"
     if isinstance(statement, FuseStmt):

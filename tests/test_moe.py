@@ -7,16 +7,19 @@ plus decode, on batches where tokens are routed to different experts.
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
 from conftest import TINY_MOE, run_cli, tiny_graph, write
 from surgery.calibration import CalibrationSpec, calibration_tokens
-from surgery.experts import expert_frequencies, most_used
+from surgery.experts import MergedMoE, expert_frequencies, group_by_outputs, group_by_router, most_used
 from surgery.export.decoder import export_decoder
 from surgery.models import builtin
 from surgery.moe import SplitMoE, split_mlp
-from surgery.passes import DropAttention, DropBlock, DropMlp, PruneExperts, SplitMlp, run_pass
+from surgery.passes import DropAttention, DropBlock, DropMlp, MergeExperts, PruneExperts, SplitMlp, run_pass
 from surgery.plan import VERIFY_DECODE_STEPS
 from surgery.verify import PROMPTS, _left_padded, verify
 
@@ -145,3 +148,61 @@ def test_prune_checks(in_tmp):
         in_tmp / "s.surg", 'model "tiny-llama"\nsplit mlp layers * into 4 experts top 2\nprune experts layers 1 to 3\n'
     )
     assert run_cli("check", split).code == 0
+
+
+@pytest.mark.parametrize("arch", TINY_MOE)
+def test_merging_into_as_many_groups_as_experts_is_the_identity(arch):
+    original, merged = tiny_graph(arch), tiny_graph(arch)
+    singletons = tuple((layer, tuple((e,) for e in range(4)), ((1.0,),) * 4) for layer in range(6))
+    run_pass(MergeExperts(merges=singletons), merged)
+    ids = torch.tensor([[72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]])
+    mask, positions = torch.ones_like(ids), torch.arange(ids.shape[1])[None]
+    assert torch.allclose(merged.forward(ids, mask, positions), original.forward(ids, mask, positions), atol=1e-5)
+
+
+def test_grouped_routing_equals_a_direct_computation():
+    """Top-k over the N original logits, chosen experts mapped to groups, weights on a group added."""
+    graph = tiny_graph("tiny-mixtral")
+    original = graph.layer(0).mlp
+    groups, weights = [[0, 3], [1, 2]], [[0.25, 0.75], [0.5, 0.5]]
+    merged = MergedMoE(original, groups, weights)
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        probs = torch.softmax(x @ original.gate.weight.T, dim=-1)
+        top, index = torch.topk(probs, 2, dim=-1)
+        top = top / top.sum(-1, keepdim=True)  # Mixtral renormalizes
+        expected = torch.zeros(9, 64)
+        for t in range(9):
+            for slot in range(2):
+                g = 0 if int(index[t, slot]) in groups[0] else 1
+                members, w = groups[g], weights[g]
+                gate_up = sum(wi * original.experts.gate_up_proj[e] for e, wi in zip(members, w, strict=True))
+                down = sum(wi * original.experts.down_proj[e] for e, wi in zip(members, w, strict=True))
+                gate, up = (gate_up @ x[t]).chunk(2)
+                expected[t] += top[t, slot] * (down @ (torch.nn.functional.silu(gate) * up))
+        assert torch.allclose(merged(x[None])[0], expected, atol=1e-5)
+
+
+def test_grouping_rules():
+    features = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.95], [-1.0, 0.0]])
+    assert group_by_outputs(features, 3) == [[0, 1], [2, 3], [4]]
+    router = np.array([[1.0, 0.0], [0.0, 1.0], [0.95, 0.1], [0.1, 0.9]])
+    # the two most used experts lead; the others join the leader whose router row is closest
+    assert group_by_router(router, [0.4, 0.3, 0.2, 0.1], 2) == [[0, 2], [1, 3]]
+
+
+@pytest.mark.parametrize("grouping", ["output", "router"])
+def test_merge_recipe_end_to_end(in_tmp, grouping):
+    recipe = write(
+        in_tmp / "r.surg",
+        'model "tiny-qwen2-moe"\ncalibrate on "valid" samples 3 length 32\n'
+        f"merge experts layers * to 2 grouping {grouping}\n",
+    )
+    result = run_cli("apply", recipe, "-o", "out")
+    assert result.code == 0, result.err
+    report = json.loads((in_tmp / "out" / "surgery.json").read_text())
+    merge = next(p for p in report["passes"] if "groups" in p)
+    assert all(
+        sorted(e for g in groups for e in g) == [0, 1, 2, 3] and len(groups) == 2 for groups in merge["groups"].values()
+    )
+    assert report["model"]["after"]["parameters"] < report["model"]["before"]["parameters"]

@@ -274,8 +274,15 @@ class _Emitter:
         elif normalize:
             total = w.op("ReduceSum", [top, c([-1])], f"/{name}/router/sum", keepdims=1)
             top = w.op("Div", [top, total], f"/{name}/router/normalize")
-        dense = w.op("ScatterElements", [w.op("Mul", [probs, c(0.0, np.float32)], f"/{name}/router/zeros"), index, top],
-                     f"/{name}/router/weights", axis=-1)  # fmt: skip
+        zeros = w.op("Mul", [probs, c(0.0, np.float32)], f"/{name}/router/zeros")
+        if hasattr(moe, "group_of"):
+            # Merged experts: each chosen original expert maps to its group; weights on one group add up.
+            groups = int(moe.experts.gate_up_proj.shape[0])
+            index = w.op("Gather", [c(moe.group_of.tolist()), index], f"/{name}/router/group_of")
+            zeros = w.op("Slice", [zeros, c([0]), c([groups]), c([-1])], f"/{name}/router/group_zeros")
+            dense = w.op("ScatterElements", [zeros, index, top], f"/{name}/router/weights", axis=-1, reduction="add")
+        else:
+            dense = w.op("ScatterElements", [zeros, index, top], f"/{name}/router/weights", axis=-1)
         # (batch, seq, hidden) -> (batch, 1, seq, hidden) against (experts, hidden, 2I).
         xs = w.op("Unsqueeze", [x, c([1])], f"/{name}/experts/x")
         gate_up = w.weight(

@@ -1,0 +1,64 @@
+"""`merge experts <selector> to M [grouping output|router] [weighting frequency|uniform]`.
+
+Graph effect: in each selected mixture-of-experts layer the N experts become M merged experts,
+one per group: the members' weights averaged (by usage frequency on the calibration data, or
+uniformly). The router keeps its N rows: it takes top-k over the N original logits, maps each
+chosen expert to its group, and adds the weights that land on one group (as MC-SMoE, HC-SMoE
+and Sub-MoE do). With M = N every group is one expert and the layer is unchanged. Groups and
+weights are decided at apply time from calibration statistics (surgery/experts.py) and
+recorded in the pass parameters and the report. Why: experts dominate an MoE's memory; merging
+similar experts keeps more of their function than deleting them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from surgery.experts import MergedMoE, expert_count
+from surgery.models.graph import DecoderGraph
+from surgery.passes.base import GraphPass, PassResult
+
+
+@dataclass(frozen=True)
+class MergeExperts(GraphPass):
+    """`merges`: per layer, (layer, groups of original experts, each member's weight within its group)."""
+
+    name: ClassVar[str] = "merge experts"
+    preserves_semantics: ClassVar[bool] = False
+    merges: tuple[tuple[int, tuple[tuple[int, ...], ...], tuple[tuple[float, ...], ...]], ...]
+
+    def requires(self, graph: DecoderGraph) -> list[str]:
+        """Each layer has experts, and its groups partition them."""
+        problems = []
+        for index, groups, weights in self.merges:
+            layer = graph.layer(index)
+            count = expert_count(layer.mlp) if layer is not None and layer.mlp is not None else 0
+            if not count:
+                problems.append(f"layer {index} has no experts")
+                continue
+            if sorted(e for g in groups for e in g) != list(range(count)):
+                problems.append(f"layer {index}: the groups do not partition its {count} experts")
+            if [len(g) for g in groups] != [len(w) for w in weights]:
+                problems.append(f"layer {index}: one weight per group member is needed")
+            if isinstance(layer.mlp, MergedMoE):
+                problems.append(f"layer {index} is already merged")
+        return problems
+
+    def apply(self, graph: DecoderGraph) -> PassResult:
+        """Replace each layer's MoE by its merged form."""
+        for index, groups, weights in self.merges:
+            layer = graph.layer(index)
+            layer.mlp = MergedMoE(layer.mlp, [list(g) for g in groups], [list(w) for w in weights]).eval()
+        sizes = sorted({len(groups) for _, groups, _ in self.merges})
+        return PassResult(
+            True, f"merged experts into {', '.join(map(str, sizes))} groups in {len(self.merges)} layer(s)"
+        )
+
+    def ensures(self, graph: DecoderGraph) -> list[str]:
+        """Each layer has as many experts as groups."""
+        return [
+            f"layer {index} does not have {len(groups)} experts"
+            for index, groups, _ in self.merges
+            if expert_count(graph.layer(index).mlp) != len(groups)
+        ]
