@@ -18,14 +18,24 @@ from surgery.verify import Verification
 
 
 def structure(graph: DecoderGraph) -> dict[str, Any]:
-    """Layers, attention and MLP layers (original numbers) and the parameter count of a graph."""
-    return {
+    """Layers, attention and MLP layers (original numbers), experts per MoE layer, and parameters."""
+    from surgery.experts import expert_count
+
+    experts = {str(layer.index): expert_count(layer.mlp) for layer in graph.layers if layer.has_mlp}
+    found = {
         "layers": len(graph.layers),
         "layer_numbers": [layer.index for layer in graph.layers],
         "attention_layers": graph.kv_layers(),
         "mlp_layers": [layer.index for layer in graph.layers if layer.has_mlp],
         "parameters": graph.parameter_count(),
     }
+    if any(experts.values()):
+        found["experts_per_layer"] = {layer: count for layer, count in experts.items() if count}
+        found["expert_parameters"] = sum(
+            p.numel() for layer in graph.layers if layer.has_mlp and expert_count(layer.mlp)
+            for p in layer.mlp.experts.parameters()
+        )  # fmt: skip
+    return found
 
 
 def pass_record(graph_pass: GraphPass, result: PassResult, source: Span | None) -> dict[str, Any]:

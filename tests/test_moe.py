@@ -205,4 +205,8 @@ def test_merge_recipe_end_to_end(in_tmp, grouping):
     assert all(
         sorted(e for g in groups for e in g) == [0, 1, 2, 3] and len(groups) == 2 for groups in merge["groups"].values()
     )
-    assert report["model"]["after"]["parameters"] < report["model"]["before"]["parameters"]
+    before, after = report["model"]["before"], report["model"]["after"]
+    assert after["parameters"] < before["parameters"]
+    assert before["experts_per_layer"] == {str(i): 4 for i in range(6)}
+    assert after["experts_per_layer"] == {str(i): 2 for i in range(6)}
+    assert after["expert_parameters"] * 2 == before["expert_parameters"]
