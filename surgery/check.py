@@ -601,21 +601,28 @@ class _Checker:
                 resolved.append(ResolvedSplit(layers, statement.experts, statement.top_k, statement))
         return resolved
 
+    def expert_total(self, statement: PruneStmt | MergeStmt, verb: str, index: ModelIndex, splits) -> int | None:
+        """How many experts a prune or merge statement acts on; None (with an error) when it cannot act."""
+        if isinstance(statement.selector, ImportanceSelector):
+            self.error(f"{verb} experts takes layer numbers", statement.selector.span, "e.g. `layers *`")
+            return None
+        available = index.num_experts or max((s.experts for s in splits), default=0)
+        if not available:
+            self.error(
+                f"this model has no experts to {verb}",
+                statement.span,
+                f"{verb} a mixture-of-experts model, or `split mlp ... into E experts` first",
+            )
+            return None
+        return available
+
     def prunes(self, index: ModelIndex, splits: list[ResolvedSplit]) -> list[ResolvedPrune]:
         resolved = []
         for statement in self.recipe.statements:
             if not isinstance(statement, PruneStmt):
                 continue
-            if isinstance(statement.selector, ImportanceSelector):
-                self.error("prune experts takes layer numbers", statement.selector.span, "e.g. `layers *`")
-                continue
-            available = index.num_experts or max((s.experts for s in splits), default=0)
-            if not available:
-                self.error(
-                    "this model has no experts to prune",
-                    statement.span,
-                    "prune a mixture-of-experts model, or `split mlp ... into E experts` first",
-                )
+            available = self.expert_total(statement, "prune", index, splits)
+            if available is None:
                 continue
             if not 1 <= statement.keep < available:
                 self.error(
@@ -634,16 +641,8 @@ class _Checker:
         for statement in self.recipe.statements:
             if not isinstance(statement, MergeStmt):
                 continue
-            if isinstance(statement.selector, ImportanceSelector):
-                self.error("merge experts takes layer numbers", statement.selector.span, "e.g. `layers *`")
-                continue
-            available = index.num_experts or max((s.experts for s in splits), default=0)
-            if not available:
-                self.error(
-                    "this model has no experts to merge",
-                    statement.span,
-                    "merge a mixture-of-experts model, or `split mlp ... into E experts` first",
-                )
+            available = self.expert_total(statement, "merge", index, splits)
+            if available is None:
                 continue
             if not 1 <= statement.groups <= available:
                 self.error(

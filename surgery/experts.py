@@ -20,18 +20,31 @@ def expert_count(mlp: torch.nn.Module) -> int:
 
 
 @torch.inference_mode()
-def expert_frequencies(graph: DecoderGraph, layers: tuple[int, ...], tokens: np.ndarray) -> dict[int, list[float]]:
-    """Per layer, the share of routed (token, slot) assignments each expert received."""
+def expert_statistics(
+    graph: DecoderGraph, layers: tuple[int, ...], tokens: np.ndarray, outputs: bool = False
+) -> tuple[dict[int, list[float]], dict[int, np.ndarray]]:
+    """One pass over the calibration tokens: per layer, each expert's share of the routed
+    (token, slot) assignments and, with `outputs`, its mean output over all tokens (every
+    expert run on every token from the residual entering the MLP: HC-SMoE's feature)."""
     counts = {layer: np.zeros(expert_count(graph.layer(layer).mlp)) for layer in layers}
+    sums: dict[int, torch.Tensor] = {}
     handles = []
     for layer in layers:
-        router = graph.layer(layer).mlp.gate
+        mlp = graph.layer(layer).mlp
 
         def count(module, args, output, layer=layer):
             index = output[-1]  # transformers: (logits, weights, index); SplitMoE: (weights, index)
             counts[layer] += np.bincount(index.reshape(-1).numpy(), minlength=len(counts[layer]))
 
-        handles.append(router.register_forward_hook(count))
+        def collect(module, args, output, layer=layer, mlp=mlp):
+            x = output.reshape(-1, output.shape[-1]).float()
+            gate, up = torch.einsum("th,eih->eti", x, mlp.experts.gate_up_proj.float()).chunk(2, dim=-1)
+            out = torch.einsum("eti,ehi->eth", torch.nn.functional.silu(gate) * up, mlp.experts.down_proj.float())
+            sums[layer] = sums.get(layer, 0) + out.double().sum(1)
+
+        handles.append(mlp.gate.register_forward_hook(count))
+        if outputs:
+            handles.append(graph.layer(layer).post_norm.register_forward_hook(collect))
     try:
         for row in tokens:
             ids = torch.from_numpy(row)[None]
@@ -40,7 +53,13 @@ def expert_frequencies(graph: DecoderGraph, layers: tuple[int, ...], tokens: np.
     finally:
         for handle in handles:
             handle.remove()
-    return {layer: (c / c.sum()).tolist() for layer, c in counts.items()}
+    frequencies = {layer: (c / c.sum()).tolist() for layer, c in counts.items()}
+    return frequencies, {layer: (total / tokens.size).numpy() for layer, total in sums.items()}
+
+
+def expert_frequencies(graph: DecoderGraph, layers: tuple[int, ...], tokens: np.ndarray) -> dict[int, list[float]]:
+    """Per layer, the share of routed (token, slot) assignments each expert received."""
+    return expert_statistics(graph, layers, tokens)[0]
 
 
 def most_used(frequencies: list[float], keep: int) -> tuple[int, ...]:
@@ -61,36 +80,6 @@ def keep_experts(mlp: torch.nn.Module, kept: tuple[int, ...]) -> None:
     for module in (router, experts):
         if hasattr(module, "num_experts"):
             module.num_experts = len(kept)
-
-
-@torch.inference_mode()
-def expert_mean_outputs(graph: DecoderGraph, layers: tuple[int, ...], tokens: np.ndarray) -> dict[int, np.ndarray]:
-    """Per layer, (experts, hidden): each expert's mean output over all calibration tokens.
-
-    Every expert runs on every token (HC-SMoE's feature), from the residual entering the MLP.
-    """
-    sums: dict[int, torch.Tensor] = {}
-    count = 0
-    handles = []
-    for layer in layers:
-        mlp = graph.layer(layer).mlp
-
-        def collect(module, args, output, layer=layer, mlp=mlp):
-            x = output.reshape(-1, output.shape[-1]).float()
-            gate, up = torch.einsum("th,eih->eti", x, mlp.experts.gate_up_proj.float()).chunk(2, dim=-1)
-            out = torch.einsum("eti,ehi->eth", torch.nn.functional.silu(gate) * up, mlp.experts.down_proj.float())
-            sums[layer] = sums.get(layer, 0) + out.double().sum(1)
-
-        handles.append(graph.layer(layer).post_norm.register_forward_hook(collect))
-    try:
-        for row in tokens:
-            ids = torch.from_numpy(row)[None]
-            graph.forward(ids, torch.ones_like(ids), position_ids_from_mask(torch.ones_like(ids)), logits=False)
-            count += ids.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {layer: (total / count).numpy() for layer, total in sums.items()}
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -107,6 +107,14 @@ def split_statements(text: str) -> list[tuple[int, int]]:
     return chunks
 
 
+def _options(options) -> dict[str, object]:
+    """Statement options (each transformed into a small dict) as keyword arguments."""
+    fields: dict[str, object] = {}
+    for option in options:
+        fields.update(option)
+    return fields
+
+
 class _ToAst(Transformer):
     """Builds AST nodes; attaches spans from lark's propagated positions."""
 
@@ -179,9 +187,7 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def calibrate_stmt(self, meta, children):
         string, *options = children
-        fields: dict[str, object] = {}
-        for option in options:
-            fields.update(option)
+        fields = _options(options)
         return CalibrateStmt(data=string[1:-1], span=self._span(meta), data_span=self._tok(string), **fields)
 
     def samples_option(self, children):
@@ -196,9 +202,7 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def verify_stmt(self, meta, children):
         string, percent, *options = children
-        fields: dict[str, object] = {}
-        for option in options:
-            fields.update(option)
+        fields = _options(options)
         return VerifyStmt(
             data=string[1:-1],
             max_increase=float(percent[:-1]),
@@ -223,9 +227,7 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def merge_stmt(self, meta, children):
         selector, groups, *options = children
-        fields: dict[str, object] = {}
-        for option in options:
-            fields.update(option)
+        fields = _options(options)
         return MergeStmt(selector=selector, groups=int(groups), span=self._span(meta), **fields)
 
     def grouping_option(self, children):
@@ -242,9 +244,7 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def fuse_stmt(self, meta, children):
         (mode, layer), *options = children
-        fields: dict[str, object] = {}
-        for option in options:
-            fields.update(option)
+        fields = _options(options)
         return FuseStmt(mode=mode, layer=layer, span=self._span(meta), **fields)
 
     def fuse_static(self, children):
@@ -270,9 +270,7 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def quantize_stmt(self, meta, children):
         (part, selector), width, *options = children
-        fields: dict[str, object] = {}
-        for option in options:
-            fields.update(option)
+        fields = _options(options)
         return QuantizeStmt(part=part, selector=selector, bits=int(width[3:]), span=self._span(meta), **fields)
 
     @v_args(meta=True)
@@ -314,9 +312,7 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def quantize_rule(self, meta, children):
         selector, width, *options = children
-        fields: dict[str, object] = {}
-        for option in options:
-            fields.update(option)
+        fields = _options(options)
         return QuantizeRule(selector=selector, bits=int(width[3:]), span=self._span(meta), **fields)
 
     def rule_importance(self, children):
@@ -361,10 +357,7 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def export_stmt(self, meta, children):
-        options: dict[str, object] = {}
-        for child in children[1:]:
-            options.update(child)
-        return ExportStmt(format=str(children[0]), span=self._span(meta), **options)
+        return ExportStmt(format=str(children[0]), span=self._span(meta), **_options(children[1:]))
 
     def opset_option(self, children):
         (token,) = children

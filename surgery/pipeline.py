@@ -161,15 +161,17 @@ def apply(
         if reference_perplexity is not None:
             lap("reference_perplexity")
 
+        # Tokenized once, and only if a step needs them (expert statistics).
+        calibration = _Calibration(checked, tokenizer)
         passes = []
         for step in plan.graph_steps():
             if not step.layers:
                 continue
             extra = {}
             if step.action == "prune experts":
-                graph_pass, extra = _prune_by_frequency(checked, graph, tokenizer, step, progress)
+                graph_pass, extra = _prune_by_frequency(graph, step, calibration, progress)
             elif step.action == "merge experts":
-                graph_pass, extra = _merge_by_statistics(checked, graph, tokenizer, step, progress)
+                graph_pass, extra = _merge_by_statistics(graph, step, calibration, progress)
             else:
                 graph_pass = PASSES[step.action].from_step(step)
             result = run_pass(graph_pass, graph)
@@ -247,24 +249,37 @@ def apply(
     return ApplyResult(target, report, verification, perplexity_passed)
 
 
-def _calibration_tokens(checked: CheckedRecipe, tokenizer):
-    from surgery.calibration import calibration_tokens
-    from surgery.data import resolve_text
+class _Calibration:
+    """The recipe's calibration tokens, tokenized on first use and kept for later steps."""
 
-    calibration = checked.calibration
-    return calibration_tokens(tokenizer, calibration, resolve_text(calibration.data, checked.base_dir))
+    def __init__(self, checked: CheckedRecipe, tokenizer):
+        self.spec, self.base_dir, self.tokenizer = checked.calibration, checked.base_dir, tokenizer
+        self._tokens = None
+
+    def tokens(self):
+        """(samples, length) token ids."""
+        if self._tokens is None:
+            from surgery.calibration import calibration_tokens
+            from surgery.data import resolve_text
+
+            self._tokens = calibration_tokens(self.tokenizer, self.spec, resolve_text(self.spec.data, self.base_dir))
+        return self._tokens
 
 
-def _merge_by_statistics(checked: CheckedRecipe, graph, tokenizer, step, progress: Progress):
+def _rounded(frequencies: dict[int, list[float]]) -> dict[str, list[float]]:
+    return {str(layer): [round(f, 6) for f in values] for layer, values in frequencies.items()}
+
+
+def _merge_by_statistics(graph, step, calibration: _Calibration, progress: Progress):
     """The merge pass for a step: usage and output statistics on the calibration data, then groups."""
-    from surgery.experts import expert_frequencies, expert_mean_outputs, group_by_outputs, group_by_router
+    from surgery.experts import expert_statistics, group_by_outputs, group_by_router
     from surgery.passes import MergeExperts
 
     p = step.parameters
-    tokens = _calibration_tokens(checked, tokenizer)
-    progress(f"counting expert use and outputs on {checked.calibration.describe()}")
-    frequencies = expert_frequencies(graph, step.layers, tokens)
-    outputs = expert_mean_outputs(graph, step.layers, tokens) if p["grouping"] == "output" else {}
+    progress(f"counting expert use and outputs on {calibration.spec.describe()}")
+    frequencies, outputs = expert_statistics(
+        graph, step.layers, calibration.tokens(), outputs=p["grouping"] == "output"
+    )
     merges = []
     for layer in step.layers:
         freq = frequencies[layer]
@@ -279,23 +294,21 @@ def _merge_by_statistics(checked: CheckedRecipe, graph, tokenizer, step, progres
             weights.append(tuple(1 / len(members) if uniform else freq[e] / total for e in members))
         merges.append((layer, tuple(tuple(g) for g in groups), tuple(weights)))
     record = {
-        "frequencies": {str(k): [round(f, 6) for f in v] for k, v in frequencies.items()},
+        "frequencies": _rounded(frequencies),
         "groups": {str(layer): [list(g) for g in groups] for layer, groups, _ in merges},
     }
     return MergeExperts(merges=tuple(merges)), record
 
 
-def _prune_by_frequency(checked: CheckedRecipe, graph, tokenizer, step, progress: Progress):
+def _prune_by_frequency(graph, step, calibration: _Calibration, progress: Progress):
     """The prune pass for a step: count expert use on the calibration data, keep the most used."""
     from surgery.experts import expert_frequencies, most_used
     from surgery.passes import PruneExperts
 
-    tokens = _calibration_tokens(checked, tokenizer)
-    progress(f"counting expert use on {checked.calibration.describe()}")
-    frequencies = expert_frequencies(graph, step.layers, tokens)
+    progress(f"counting expert use on {calibration.spec.describe()}")
+    frequencies = expert_frequencies(graph, step.layers, calibration.tokens())
     kept = tuple((layer, most_used(frequencies[layer], step.parameters["keep"])) for layer in step.layers)
-    record = {"frequencies": {str(k): [round(f, 6) for f in v] for k, v in frequencies.items()}}
-    return PruneExperts(kept=kept), record
+    return PruneExperts(kept=kept), {"frequencies": _rounded(frequencies)}
 
 
 def _reference_perplexity(checked: CheckedRecipe, graph, tokenizer, progress: Progress):

@@ -286,58 +286,27 @@ def build_plan(checked: CheckedRecipe, verify: bool = True, computed: Importance
                 note=note,
             )
         )
+    c = checked.calibration
+    counted = f'counted when applied on "{c.data}" ({c.samples} x {c.length} tokens) after the steps before'
     for split in checked.splits:
         extra: dict[str, Any] = {}
         if split.query is not None:
             layers, extra = _selection(split.query, scores(split.query), sorted(mlp))
         else:
             layers = tuple(layer for layer in split.layers if layer in mlp)
-        steps.append(
-            PlanStep(
-                action="split mlp",
-                phase="graph",
-                parameters={"layers": list(layers), "experts": split.experts, "top_k": split.top_k, **extra},
-                layers=layers,
-                targets=tuple(index.part_path(layer, "mlp") for layer in layers),
-                source=split.statement.span,
-                note="" if layers else "no effect: every selected MLP was dropped",
-            )
-        )
+        parameters = {"experts": split.experts, "top_k": split.top_k, **extra}
+        note = "" if layers else "no effect: every selected MLP was dropped"
+        steps.append(_mlp_step(index, "split mlp", layers, parameters, split.statement.span, note))
     for merge in checked.merges:
         layers = tuple(layer for layer in merge.layers if layer in mlp)
-        c = checked.calibration
-        steps.append(
-            PlanStep(
-                action="merge experts",
-                phase="graph",
-                parameters={
-                    "layers": list(layers),
-                    "groups": merge.groups,
-                    "grouping": merge.grouping,
-                    "weighting": merge.weighting,
-                },
-                layers=layers,
-                targets=tuple(index.part_path(layer, "mlp") for layer in layers),
-                source=merge.statement.span,
-                note=f'groups: from statistics counted when applied on "{c.data}" ({c.samples} x {c.length} tokens) '
-                "after the steps before; listed per layer in the report",
-            )
-        )
+        parameters = {"groups": merge.groups, "grouping": merge.grouping, "weighting": merge.weighting}
+        note = f"groups: from statistics {counted}; listed per layer in the report"
+        steps.append(_mlp_step(index, "merge experts", layers, parameters, merge.statement.span, note))
     for prune in checked.prunes:
         layers = tuple(layer for layer in prune.layers if layer in mlp)
-        c = checked.calibration
-        steps.append(
-            PlanStep(
-                action="prune experts",
-                phase="graph",
-                parameters={"layers": list(layers), "keep": prune.keep, "rule": "frequency"},
-                layers=layers,
-                targets=tuple(index.part_path(layer, "mlp") for layer in layers),
-                source=prune.statement.span,
-                note=f'which experts: the {prune.keep} most used per layer, counted when applied on "{c.data}" '
-                f"({c.samples} x {c.length} tokens) after the steps before",
-            )
-        )
+        parameters = {"keep": prune.keep, "rule": "frequency"}
+        note = f"which experts: the {prune.keep} most used per layer, {counted}"
+        steps.append(_mlp_step(index, "prune experts", layers, parameters, prune.statement.span, note))
     if checked.fuse is not None:
         steps.append(_fuse_step(checked, scores, blocks, mlp, warnings))
     export = checked.export
@@ -390,6 +359,19 @@ def build_plan(checked: CheckedRecipe, verify: bool = True, computed: Importance
         kv_layers_after=tuple(sorted(attention)),
         mlp_layers_after=tuple(sorted(mlp)),
         warnings=tuple(warnings),
+    )
+
+
+def _mlp_step(index, action: str, layers: tuple[int, ...], parameters: dict, source, note: str) -> PlanStep:
+    """A graph step acting on the MLPs of `layers` (split, merge, prune)."""
+    return PlanStep(
+        action=action,
+        phase="graph",
+        parameters={"layers": list(layers), **parameters},
+        layers=layers,
+        targets=tuple(index.part_path(layer, "mlp") for layer in layers),
+        source=source,
+        note=note,
     )
 
 
