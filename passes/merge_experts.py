@@ -1,12 +1,16 @@
-"""`merge experts <selector> to M [grouping output|router] [weighting frequency|uniform]`.
+"""`merge experts <selector> to M [grouping output|router] [weighting frequency|uniform] [rank R|P%]`.
 
 Graph effect: in each selected mixture-of-experts layer the N experts become M merged experts,
-one per group: the members' weights averaged (by usage frequency on the calibration data, or
-uniformly). The router keeps its N rows: it takes top-k over the N original logits, maps each
-chosen expert to its group, and adds the weights that land on one group (as MC-SMoE, HC-SMoE
-and Sub-MoE do). With M = N every group is one expert and the layer is unchanged. Groups and
-weights are decided at apply time from calibration statistics (surgery/experts.py) and
-recorded in the pass parameters and the report. Why: experts dominate an MoE's memory; merging
+one per group: the members' intermediate neurons permuted to match the group's most used
+member (MC-SMoE's alignment; an expert's neuron order is arbitrary), then their weights averaged
+(by usage frequency on the calibration data, or uniformly). With `rank`, each merged expert
+keeps the top-`rank` left singular subspace of its members' weights side by side (Sub-MoE's
+shared subspace) and is stored as two factors, which is what saves bytes. The router keeps
+its N rows: it takes top-k over the N original logits, maps each chosen expert to its group,
+and adds the weights that land on one group (as MC-SMoE, HC-SMoE and Sub-MoE do). With M = N
+every group is one expert and the layer is unchanged. Groups and weights are decided from
+calibration statistics (surgery/experts.py) when the graph steps run (`plan` and `apply`) and
+recorded in the plan, the pass parameters and the report. Why: experts dominate an MoE's memory; merging
 similar experts keeps more of their function than deleting them.
 """
 
@@ -15,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from surgery.experts import MergedMoE, expert_count
+from surgery.experts import MergedMoE, expert_count, full_rank
 from surgery.models.graph import DecoderGraph
 from surgery.passes.base import GraphPass, PassResult
 
@@ -27,6 +31,8 @@ class MergeExperts(GraphPass):
     name: ClassVar[str] = "merge experts"
     preserves_semantics: ClassVar[bool] = False
     merges: tuple[tuple[int, tuple[tuple[int, ...], ...], tuple[tuple[float, ...], ...]], ...]
+    rank: int | None = None  # Sub-MoE shared-subspace truncation of each merged expert
+    align: bool = True  # permute members' neurons to match the group's first member before averaging
 
     def requires(self, graph: DecoderGraph) -> list[str]:
         """Each layer has experts, and its groups partition them."""
@@ -43,13 +49,19 @@ class MergeExperts(GraphPass):
                 problems.append(f"layer {index}: one weight per group member is needed")
             if isinstance(layer.mlp, MergedMoE):
                 problems.append(f"layer {index} is already merged")
+            elif self.rank is not None:
+                limit = full_rank(layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj)
+                if not 1 <= self.rank < limit:
+                    problems.append(f"layer {index}: rank {self.rank} is not below the experts' full rank {limit}")
         return problems
 
     def apply(self, graph: DecoderGraph) -> PassResult:
         """Replace each layer's MoE by its merged form."""
         for index, groups, weights in self.merges:
             layer = graph.layer(index)
-            layer.mlp = MergedMoE(layer.mlp, [list(g) for g in groups], [list(w) for w in weights]).eval()
+            layer.mlp = MergedMoE(
+                layer.mlp, [list(g) for g in groups], [list(w) for w in weights], self.align, self.rank
+            ).eval()
         sizes = sorted({len(groups) for _, groups, _ in self.merges})
         return PassResult(
             True, f"merged experts into {', '.join(map(str, sizes))} groups in {len(self.merges)} layer(s)"

@@ -34,6 +34,8 @@ class PruneExperts(GraphPass):
             count = expert_count(layer.mlp) if layer is not None and layer.mlp is not None else 0
             if not count:
                 problems.append(f"layer {index} has no experts")
+            elif hasattr(layer.mlp, "group_of"):
+                problems.append(f"layer {index}: its experts are merged; prune before merging")
             elif not experts or not all(0 <= e < count for e in experts):
                 problems.append(f"layer {index}: experts {list(experts)} are not a subset of 0..{count - 1}")
         return problems

@@ -116,6 +116,8 @@ class ResolvedMerge:
     grouping: str
     weighting: str
     statement: MergeStmt
+    rank: int | None = None  # Sub-MoE truncation: an absolute rank, or
+    rank_percent: float | None = None  # a share of an expert's full rank
 
 
 @dataclass(frozen=True)
@@ -649,10 +651,28 @@ class _Checker:
                     f"cannot merge {available} experts into {statement.groups}", statement.span, f"use 1..{available}"
                 )
                 continue
+            if statement.rank is not None and statement.rank < 1:
+                self.error("rank 0 keeps nothing", statement.rank_span, "use a rank of at least 1, or a percentage")
+                continue
+            if statement.rank_percent is not None and not 0 < statement.rank_percent < 100:
+                self.error(
+                    f"rank {statement.rank_percent:g}% is not a truncation",
+                    statement.rank_span,
+                    "use a share of the full rank in (0%, 100%); leave `rank` out to keep it",
+                )
+                continue
             layers = self.selector(statement.selector, index)
             if layers is not None:
                 resolved.append(
-                    ResolvedMerge(layers, statement.groups, statement.grouping, statement.weighting, statement)
+                    ResolvedMerge(
+                        layers,
+                        statement.groups,
+                        statement.grouping,
+                        statement.weighting,
+                        statement,
+                        statement.rank,
+                        statement.rank_percent,
+                    )
                 )
         return resolved
 
@@ -752,6 +772,16 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
         splits = checker.splits(index)
         prunes = checker.prunes(index, splits)
         merges = checker.merges(index, splits)
+        for merge in merges:
+            for prune in prunes:
+                shared = sorted(set(merge.layers) & set(prune.layers))
+                if shared and merge.groups > prune.keep:
+                    checker.error(
+                        f"cannot merge into {merge.groups} groups the {prune.keep} experts that pruning keeps",
+                        merge.statement.span,
+                        f"layer(s) {format_layers(shared)} are pruned first (at {prune.statement.span.location()}); "
+                        f"merge to at most {prune.keep}",
+                    )
         if splits and any(q.part in ("layers", "mlp") for q in quantize):
             checker.error(
                 "quantizing MLPs that are split into experts is not supported yet",

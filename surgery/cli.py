@@ -40,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("recipe", metavar="RECIPE")
     check.add_argument("--model", metavar="SPEC", help="model to use instead of the recipe's `model` statement")
 
-    plan = commands.add_parser("plan", help="print the resolved plan: steps, targets, recipe lines")
+    plan = commands.add_parser(
+        "plan",
+        help="print the resolved plan: steps, targets, recipe lines "
+        "(expert groups of merge/prune steps are computed on the calibration data)",
+    )
     plan.add_argument("recipe", metavar="RECIPE")
     plan.add_argument("--model", metavar="SPEC", help="model to use instead of the recipe's `model` statement")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -130,9 +134,9 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from surgery.pipeline import compile_recipe
+    from surgery.pipeline import compile_recipe, resolve_expert_steps
 
-    compiled = compile_recipe(args.recipe, args.model, progress=_Progress())
+    compiled = resolve_expert_steps(compile_recipe(args.recipe, args.model, progress=_Progress()), _Progress())
     _print_warnings(compiled.plan.warnings)
     if args.json:
         print(json.dumps(compiled.plan.to_json(), indent=2))

@@ -75,8 +75,8 @@ def keep_experts(mlp: torch.nn.Module, kept: tuple[int, ...]) -> None:
     router, experts = mlp.gate, mlp.experts
     router.weight = torch.nn.Parameter(router.weight[index].clone())
     router.top_k = min(int(router.top_k), len(kept))
-    experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj[index].clone())
-    experts.down_proj = torch.nn.Parameter(experts.down_proj[index].clone())
+    for name, parameter in list(experts.named_parameters(recurse=False)):
+        setattr(experts, name, torch.nn.Parameter(parameter[index].clone()))
     for module in (router, experts):
         if hasattr(module, "num_experts"):
             module.num_experts = len(kept)
@@ -115,25 +115,108 @@ def group_by_router(router: np.ndarray, frequencies: list[float], groups: int) -
     return sorted(sorted(group) for group in members.values())
 
 
+def align_to_leader(gate_up: torch.Tensor, down: torch.Tensor, leader: int, member: int) -> torch.Tensor:
+    """The permutation of `member`'s intermediate neurons that best matches `leader`'s (MC-SMoE).
+
+    A neuron is its gate row, up row and down column together, unit-normalized; the permutation
+    maximizes the summed cosine similarity of matched neurons (Hungarian assignment). Averaging
+    two experts without it averages unrelated neurons: an expert's neuron order is arbitrary.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    inter = down.shape[-1]
+
+    def neurons(e: int) -> torch.Tensor:
+        rows = torch.cat([gate_up[e, :inter], gate_up[e, inter:], down[e].T], dim=1).double()
+        return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    _, columns = linear_sum_assignment(-(neurons(leader) @ neurons(member).T).numpy())
+    return torch.from_numpy(columns)
+
+
+def shared_subspace(stacked: torch.Tensor, weights: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sub-MoE's joint SVD of one group's weights, truncated: factors (left, right) with
+    left @ right = U_r U_r^T (sum_i w_i W_i), U_r the top-`rank` left singular vectors of the
+    members' weights side by side [W_1 ... W_k]; left is (out, rank), right (rank, in)."""
+    side_by_side = torch.cat(list(stacked.double()), dim=1)
+    left = torch.linalg.svd(side_by_side, full_matrices=False).U[:, :rank]
+    average = (stacked.double() * weights.double()[:, None, None]).sum(0)
+    return left.to(stacked.dtype), (left.T @ average).to(stacked.dtype)
+
+
+class LowRankExperts(torch.nn.Module):
+    """Stacked experts stored as rank-r factors: gate_up = gate_up_left @ gate_up_right, down likewise.
+
+    `gate_up_proj` and `down_proj` give the products, so code reading dense experts still works;
+    the exporter writes the factors (two MatMuls each), which is where the bytes are saved.
+    """
+
+    def __init__(self, gate_up: list[tuple[torch.Tensor, torch.Tensor]], down: list[tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()
+        self.gate_up_left = torch.nn.Parameter(torch.stack([a for a, _ in gate_up]))  # (experts, 2I, r)
+        self.gate_up_right = torch.nn.Parameter(torch.stack([b for _, b in gate_up]))  # (experts, r, hidden)
+        self.down_left = torch.nn.Parameter(torch.stack([a for a, _ in down]))  # (experts, hidden, r)
+        self.down_right = torch.nn.Parameter(torch.stack([b for _, b in down]))  # (experts, r, I)
+
+    @property
+    def gate_up_proj(self) -> torch.Tensor:
+        """(experts, 2I, hidden), the product of the factors."""
+        return self.gate_up_left @ self.gate_up_right
+
+    @property
+    def down_proj(self) -> torch.Tensor:
+        """(experts, hidden, I), the product of the factors."""
+        return self.down_left @ self.down_right
+
+
+def full_rank(gate_up: torch.Tensor, down: torch.Tensor) -> int:
+    """The rank an expert's weights can have: min over its gate_up (2I x hidden) and down (hidden x I)."""
+    return min(min(gate_up.shape[-2:]), min(down.shape[-2:]))
+
+
 class MergedMoE(torch.nn.Module):
     """Experts merged into groups; the router still scores the N original experts.
 
-    Routing (as the baselines' code): top-k over the N original logits with the router's own
-    weights, each chosen expert mapped to its group, weights landing on one group added.
+    Each group's members are first aligned neuron by neuron to its first member (the caller
+    puts the most used one first), then averaged with the given weights; with `rank`, each
+    merged expert keeps only the top-`rank` shared subspace of its members (Sub-MoE) and is
+    stored factored. Routing (as the baselines' code): top-k over the N original logits with the
+    router's own weights, each chosen expert mapped to its group, weights landing on one group added.
     """
 
-    def __init__(self, original: torch.nn.Module, groups: list[list[int]], weights: list[list[float]]):
+    def __init__(
+        self,
+        original: torch.nn.Module,
+        groups: list[list[int]],
+        weights: list[list[float]],
+        align: bool = True,
+        rank: int | None = None,
+    ):
         super().__init__()
         self.gate = original.gate
-        gate_up, down = original.experts.gate_up_proj, original.experts.down_proj
+        gate_up, down = original.experts.gate_up_proj.detach(), original.experts.down_proj.detach()
+        inter = down.shape[-1]
         merged_gate_up, merged_down = [], []
         for members, w in zip(groups, weights, strict=True):
-            w = torch.tensor(w, dtype=gate_up.dtype)[:, None, None]
-            merged_gate_up.append((gate_up[members] * w).sum(0))
-            merged_down.append((down[members] * w).sum(0))
-        self.experts = torch.nn.Module()
-        self.experts.gate_up_proj = torch.nn.Parameter(torch.stack(merged_gate_up).detach())
-        self.experts.down_proj = torch.nn.Parameter(torch.stack(merged_down).detach())
+            member_gate_up, member_down = [gate_up[members[0]]], [down[members[0]]]
+            for member in members[1:]:
+                order = align_to_leader(gate_up, down, members[0], member) if align else torch.arange(inter)
+                member_gate_up.append(torch.cat([gate_up[member, :inter][order], gate_up[member, inter:][order]]))
+                member_down.append(down[member][:, order])
+            w = torch.tensor(w, dtype=gate_up.dtype)
+            stacked_gate_up, stacked_down = torch.stack(member_gate_up), torch.stack(member_down)
+            if rank is None:
+                merged_gate_up.append((stacked_gate_up * w[:, None, None]).sum(0))
+                merged_down.append((stacked_down * w[:, None, None]).sum(0))
+            else:
+                merged_gate_up.append(shared_subspace(stacked_gate_up, w, rank))
+                merged_down.append(shared_subspace(stacked_down, w, rank))
+        if rank is None:
+            self.experts = torch.nn.Module()
+            self.experts.gate_up_proj = torch.nn.Parameter(torch.stack(merged_gate_up))
+            self.experts.down_proj = torch.nn.Parameter(torch.stack(merged_down))
+        else:
+            self.experts = LowRankExperts(merged_gate_up, merged_down)
         group_of = torch.zeros(gate_up.shape[0], dtype=torch.long)
         for g, members in enumerate(groups):
             group_of[members] = g
@@ -147,7 +230,7 @@ class MergedMoE(torch.nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         routed = self.gate(flat)
         weights, index = routed[-2], routed[-1]
-        dense = torch.zeros(flat.shape[0], self.experts.gate_up_proj.shape[0], dtype=x.dtype)
+        dense = torch.zeros(flat.shape[0], len(self.experts.gate_up_proj), dtype=x.dtype)
         dense.scatter_add_(-1, self.group_of[index], weights.to(x.dtype))
         gate, up = torch.einsum("th,eih->tei", flat, self.experts.gate_up_proj).chunk(2, dim=-1)
         out = torch.einsum("tei,ehi->teh", torch.nn.functional.silu(gate) * up, self.experts.down_proj)

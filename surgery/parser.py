@@ -236,6 +236,12 @@ class _ToAst(Transformer):
     def weighting_option(self, children):
         return {"weighting": str(children[0])}
 
+    def rank_option(self, children):
+        (token,) = children
+        if token.type == "PERCENT":
+            return {"rank_percent": float(token[:-1]), "rank_span": self._tok(token)}
+        return {"rank": int(token), "rank_span": self._tok(token)}
+
     def prune_rule(self, children):
         return None
 

@@ -9,6 +9,7 @@ ranks by a computed metric (`surgery plan`; results are cached); `apply` does th
 from __future__ import annotations
 
 import gc
+import math
 import os
 import shutil
 import time
@@ -93,6 +94,23 @@ def compile_recipe(path: str, model: str | None = None, verify: bool = True, pro
     return Compiled(text, checked, build_plan(checked, verify=verify, computed=computed))
 
 
+def resolve_expert_steps(compiled: Compiled, progress: Progress = _quiet) -> Compiled:
+    """The plan with each merge step's groups and each prune step's kept experts filled in.
+
+    They come from calibration statistics on the model as the steps before leave it, so this
+    loads the model and runs the graph passes (the splits, prunes and merges are quick; no
+    export). A plan without merge or prune steps is returned as it is.
+    """
+    if not any(s.action in ("merge experts", "prune experts") and s.layers for s in compiled.plan.steps):
+        return compiled
+    from surgery.models.graph import DecoderGraph
+
+    hf_model, tokenizer = _load(compiled.checked, progress)
+    graph = DecoderGraph(hf_model, compiled.checked.index)
+    plan, _ = run_graph_steps(compiled.plan, graph, _Calibration(compiled.checked, tokenizer), progress)
+    return replace(compiled, plan=plan)
+
+
 def _compute_with_model(checked: CheckedRecipe, request: ScoreRequest, progress: Progress) -> ImportanceFile:
     from surgery.importance.compute import compute_importance
     from surgery.models.graph import DecoderGraph
@@ -125,8 +143,7 @@ def apply(
     from surgery.export.decoder import export_decoder
     from surgery.importance.compute import compute_importance
     from surgery.models.graph import DecoderGraph
-    from surgery.passes import PASSES, run_pass
-    from surgery.report import build_report, folder_bytes, pass_record, structure, write_report
+    from surgery.report import build_report, folder_bytes, structure, write_report
     from surgery.verify import compare, trace_reference
 
     timings: dict[str, float] = {}
@@ -161,22 +178,7 @@ def apply(
         if reference_perplexity is not None:
             lap("reference_perplexity")
 
-        # Tokenized once, and only if a step needs them (expert statistics).
-        calibration = _Calibration(checked, tokenizer)
-        passes = []
-        for step in plan.graph_steps():
-            if not step.layers:
-                continue
-            extra = {}
-            if step.action == "prune experts":
-                graph_pass, extra = _prune_by_frequency(graph, step, calibration, progress)
-            elif step.action == "merge experts":
-                graph_pass, extra = _merge_by_statistics(graph, step, calibration, progress)
-            else:
-                graph_pass = PASSES[step.action].from_step(step)
-            result = run_pass(graph_pass, graph)
-            progress(f"{step.action}: {result.summary}")
-            passes.append({**pass_record(graph_pass, result, step.source), **extra})
+        plan, passes = run_graph_steps(plan, graph, _Calibration(checked, tokenizer), progress)
         after = structure(graph)
         lap("passes")
 
@@ -266,13 +268,43 @@ class _Calibration:
         return self._tokens
 
 
+def run_graph_steps(plan: Plan, graph, calibration: _Calibration, progress: Progress) -> tuple[Plan, list[dict]]:
+    """Run the plan's graph passes in order; returns the plan with the expert groups and kept
+    experts that merge and prune steps resolved from calibration statistics, and the pass records."""
+    from surgery.passes import PASSES, run_pass
+    from surgery.report import pass_record
+
+    passes = []
+    resolved_steps = []
+    for step in plan.steps:
+        if step.phase != "graph" or not step.layers:
+            resolved_steps.append(step)
+            continue
+        extra = {}
+        if step.action == "prune experts":
+            graph_pass, extra = _prune_by_frequency(graph, step, calibration, progress)
+            resolution = {"resolved_kept": {str(layer): list(kept) for layer, kept in graph_pass.kept}}
+        elif step.action == "merge experts":
+            graph_pass, extra = _merge_by_statistics(graph, step, calibration, progress)
+            resolution = {"resolved_groups": extra["groups"]}
+            if graph_pass.rank is not None:
+                resolution["resolved_rank"] = graph_pass.rank
+        else:
+            graph_pass, resolution = PASSES[step.action].from_step(step), {}
+        resolved_steps.append(replace(step, parameters={**step.parameters, **resolution}))
+        result = run_pass(graph_pass, graph)
+        progress(f"{step.action}: {result.summary}")
+        passes.append({**pass_record(graph_pass, result, step.source), **extra})
+    return replace(plan, steps=tuple(resolved_steps)), passes
+
+
 def _rounded(frequencies: dict[int, list[float]]) -> dict[str, list[float]]:
     return {str(layer): [round(f, 6) for f in values] for layer, values in frequencies.items()}
 
 
 def _merge_by_statistics(graph, step, calibration: _Calibration, progress: Progress):
     """The merge pass for a step: usage and output statistics on the calibration data, then groups."""
-    from surgery.experts import expert_statistics, group_by_outputs, group_by_router
+    from surgery.experts import expert_statistics, full_rank, group_by_outputs, group_by_router
     from surgery.passes import MergeExperts
 
     p = step.parameters
@@ -281,12 +313,21 @@ def _merge_by_statistics(graph, step, calibration: _Calibration, progress: Progr
         graph, step.layers, calibration.tokens(), outputs=p["grouping"] == "output"
     )
     merges = []
+    rank = None
     for layer in step.layers:
         freq = frequencies[layer]
         if p["grouping"] == "output":
             groups = group_by_outputs(outputs[layer], p["groups"])
         else:
             groups = group_by_router(graph.layer(layer).mlp.gate.weight.detach().float().numpy(), freq, p["groups"])
+        # The most used member leads: the others' neurons are aligned to it before averaging.
+        groups = [sorted(members, key=lambda e: (-freq[e], e)) for members in groups]
+        if "rank_percent" in p:
+            experts = graph.layer(layer).mlp.experts
+            full = full_rank(experts.gate_up_proj, experts.down_proj)
+            rank = max(1, math.floor(full * p["rank_percent"] / 100 + 0.5))
+        elif "rank" in p:
+            rank = p["rank"]
         weights = []
         for members in groups:
             total = sum(freq[e] for e in members)
@@ -297,7 +338,7 @@ def _merge_by_statistics(graph, step, calibration: _Calibration, progress: Progr
         "frequencies": _rounded(frequencies),
         "groups": {str(layer): [list(g) for g in groups] for layer, groups, _ in merges},
     }
-    return MergeExperts(merges=tuple(merges)), record
+    return MergeExperts(merges=tuple(merges), rank=rank), record
 
 
 def _prune_by_frequency(graph, step, calibration: _Calibration, progress: Progress):

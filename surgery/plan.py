@@ -119,6 +119,15 @@ class Plan:
             if step.action == "quantize" and step.layers:
                 kinds = sorted({t.rsplit(".", 1)[-1] for t in step.targets}, key=_LINEAR_ORDER.index)
                 lines.append(f"       {len(step.targets)} linear layers ({', '.join(kinds)} of each layer)")
+            elif "resolved_groups" in step.parameters:
+                lines.append("       groups of original experts per layer (most used first):")
+                for layer, groups in step.parameters["resolved_groups"].items():
+                    text = " ".join("[" + " ".join(map(str, g)) + "]" for g in groups)
+                    lines.append(f"         layer {layer}: {text}")
+            elif "resolved_kept" in step.parameters:
+                lines.append("       experts kept per layer:")
+                for layer, kept in step.parameters["resolved_kept"].items():
+                    lines.append(f"         layer {layer}: {' '.join(map(str, kept))}")
             elif step.targets:
                 lines.extend(_wrap(", ".join(step.targets), indent=7))
             if step.note:
@@ -163,9 +172,13 @@ def _describe(step: PlanStep) -> str:
             )
         return f"fuse layer {step.layers[0]} into the head, weight {p['weight']:g}"
     if step.action == "merge experts":
+        rank = ""
+        if "rank" in p or "rank_percent" in p:
+            asked = f"{p['rank_percent']:g}% of full rank" if "rank_percent" in p else str(p["rank"])
+            rank = f", shared subspace of rank {asked}" + (f" = {p['resolved_rank']}" if "resolved_rank" in p else "")
         return (
             f"merge experts of layers {format_layers(step.layers)} into {p['groups']} groups "
-            f"(grouping by {p['grouping']}, {p['weighting']}-weighted)"
+            f"(grouping by {p['grouping']}, {p['weighting']}-weighted, neurons aligned{rank})"
         )
     if step.action == "prune experts":
         return f"prune experts of layers {format_layers(step.layers)} to {p['keep']} by frequency"
@@ -297,16 +310,21 @@ def build_plan(checked: CheckedRecipe, verify: bool = True, computed: Importance
         parameters = {"experts": split.experts, "top_k": split.top_k, **extra}
         note = "" if layers else "no effect: every selected MLP was dropped"
         steps.append(_mlp_step(index, "split mlp", layers, parameters, split.statement.span, note))
-    for merge in checked.merges:
-        layers = tuple(layer for layer in merge.layers if layer in mlp)
-        parameters = {"groups": merge.groups, "grouping": merge.grouping, "weighting": merge.weighting}
-        note = f"groups: from statistics {counted}; listed per layer in the report"
-        steps.append(_mlp_step(index, "merge experts", layers, parameters, merge.statement.span, note))
+    # Pruning runs first, so merging groups the experts that are kept.
     for prune in checked.prunes:
         layers = tuple(layer for layer in prune.layers if layer in mlp)
         parameters = {"keep": prune.keep, "rule": "frequency"}
         note = f"which experts: the {prune.keep} most used per layer, {counted}"
         steps.append(_mlp_step(index, "prune experts", layers, parameters, prune.statement.span, note))
+    for merge in checked.merges:
+        layers = tuple(layer for layer in merge.layers if layer in mlp)
+        parameters = {"groups": merge.groups, "grouping": merge.grouping, "weighting": merge.weighting}
+        if merge.rank is not None:
+            parameters["rank"] = merge.rank
+        if merge.rank_percent is not None:
+            parameters["rank_percent"] = merge.rank_percent
+        note = f"groups: from statistics {counted}"
+        steps.append(_mlp_step(index, "merge experts", layers, parameters, merge.statement.span, note))
     if checked.fuse is not None:
         steps.append(_fuse_step(checked, scores, blocks, mlp, warnings))
     export = checked.export

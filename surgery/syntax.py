@@ -233,13 +233,16 @@ class PruneStmt:
 
 @dataclass(frozen=True)
 class MergeStmt:
-    """`merge experts <selector> to M [grouping output|router] [weighting frequency|uniform]`."""
+    """`merge experts <selector> to M [grouping output|router] [weighting frequency|uniform] [rank R|P%]`."""
 
     selector: Selector
     groups: int
     grouping: str = "output"
     weighting: str = "frequency"
+    rank: int | None = None
+    rank_percent: float | None = None
     span: Span = _span()
+    rank_span: Span | None = None
 
 
 @dataclass(frozen=True)
@@ -341,6 +344,8 @@ def unparse_statement(statement: Statement) -> str:
         return (
             f"merge experts {unparse_selector(statement.selector)} to {statement.groups} "
             f"grouping {statement.grouping} weighting {statement.weighting}"
+            + (f" rank {statement.rank}" if statement.rank is not None else "")
+            + (f" rank {statement.rank_percent:g}%" if statement.rank_percent is not None else "")
         )
     if isinstance(statement, PruneStmt):
         return f"prune experts {unparse_selector(statement.selector)} to {statement.keep} by frequency"

@@ -8,6 +8,7 @@ plus decode, on batches where tokens are routed to different experts.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,15 @@ import torch
 
 from conftest import TINY_MOE, run_cli, tiny_graph, write
 from surgery.calibration import CalibrationSpec, calibration_tokens
-from surgery.experts import MergedMoE, expert_frequencies, group_by_outputs, group_by_router, most_used
+from surgery.experts import (
+    LowRankExperts,
+    MergedMoE,
+    expert_frequencies,
+    full_rank,
+    group_by_outputs,
+    group_by_router,
+    most_used,
+)
 from surgery.export.decoder import export_decoder
 from surgery.models import builtin
 from surgery.moe import SplitMoE, split_mlp
@@ -165,7 +174,7 @@ def test_grouped_routing_equals_a_direct_computation():
     graph = tiny_graph("tiny-mixtral")
     original = graph.layer(0).mlp
     groups, weights = [[0, 3], [1, 2]], [[0.25, 0.75], [0.5, 0.5]]
-    merged = MergedMoE(original, groups, weights)
+    merged = MergedMoE(original, groups, weights, align=False)
     x = torch.randn(9, 64)
     with torch.no_grad():
         probs = torch.softmax(x @ original.gate.weight.T, dim=-1)
@@ -181,6 +190,81 @@ def test_grouped_routing_equals_a_direct_computation():
                 gate, up = (gate_up @ x[t]).chunk(2)
                 expected[t] += top[t, slot] * (down @ (torch.nn.functional.silu(gate) * up))
         assert torch.allclose(merged(x[None])[0], expected, atol=1e-5)
+
+
+def test_alignment_undoes_a_neuron_permutation():
+    """Two experts that are the same function with neurons in another order merge into that function."""
+    original = tiny_graph("tiny-mixtral").layer(0).mlp
+    inter = original.experts.down_proj.shape[-1]
+    order = torch.randperm(inter, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gate_up, down = original.experts.gate_up_proj, original.experts.down_proj
+        gate_up[1] = torch.cat([gate_up[0, :inter][order], gate_up[0, inter:][order]])
+        down[1] = down[0][:, order]
+    aligned = MergedMoE(original, [[0, 1], [2], [3]], [[0.5, 0.5], [1.0], [1.0]])
+    plain = MergedMoE(original, [[0, 1], [2], [3]], [[0.5, 0.5], [1.0], [1.0]], align=False)
+    assert torch.allclose(aligned.experts.gate_up_proj[0], original.experts.gate_up_proj[0], atol=1e-6)
+    assert torch.allclose(aligned.experts.down_proj[0], original.experts.down_proj[0], atol=1e-6)
+    assert not torch.allclose(plain.experts.gate_up_proj[0], original.experts.gate_up_proj[0], atol=1e-3)
+
+
+def test_rank_truncation_is_the_shared_subspace_projection():
+    """Sub-MoE: left singular vectors of [W_1 ... W_k], projection of the weighted average, stored factored."""
+    original = tiny_graph("tiny-mixtral").layer(0).mlp
+    groups, weights, rank = [[0, 3], [1, 2]], [[0.25, 0.75], [0.5, 0.5]], 5
+    merged = MergedMoE(original, groups, weights, align=False, rank=rank)
+    full = MergedMoE(original, groups, weights, align=False)
+    assert isinstance(merged.experts, LowRankExperts)
+    for g, members in enumerate(groups):
+        for which in ("gate_up_proj", "down_proj"):
+            stacked = getattr(original.experts, which)[members].detach().double()
+            u = torch.linalg.svd(torch.cat(list(stacked), dim=1), full_matrices=False).U[:, :rank]
+            expected = u @ u.T @ getattr(full.experts, which)[g].double()
+            assert torch.allclose(getattr(merged.experts, which)[g].double(), expected, atol=1e-5)
+    e, two_i, hidden = full.experts.gate_up_proj.shape
+    assert sum(p.numel() for p in merged.experts.parameters()) == e * rank * (two_i + hidden + hidden + two_i // 2)
+    assert full_rank(original.experts.gate_up_proj, original.experts.down_proj) == two_i // 2
+
+
+def test_merge_with_rank_end_to_end_keeps_onnx_parity(in_tmp):
+    recipe = write(
+        in_tmp / "r.surg",
+        'model "tiny-mixtral"\ncalibrate on "valid" samples 3 length 32\nmerge experts layers * to 2 rank 50%\n',
+    )
+    result = run_cli("apply", recipe, "-o", "out")
+    assert result.code == 0, result.err
+    report = json.loads((in_tmp / "out" / "surgery.json").read_text())
+    assert report["verification"]["passed"]
+    step = next(s for s in report["plan"]["steps"] if s["action"] == "merge experts")
+    assert step["parameters"]["resolved_rank"] == 24  # 50% of the experts' full rank 48 (tiny-mixtral: I = 48)
+    before, after = report["model"]["before"], report["model"]["after"]
+    assert after["expert_parameters"] < before["expert_parameters"] // 2  # fewer groups, and factored
+
+
+def test_plan_shows_the_groups_per_layer(in_tmp):
+    recipe = write(
+        in_tmp / "r.surg",
+        'model "tiny-mixtral"\ncalibrate on "valid" samples 3 length 32\n'
+        "prune experts layers 0..1 to 3\nmerge experts layers 2 to 2 grouping router\n",
+    )
+    result = run_cli("plan", recipe)
+    assert result.code == 0, result.err
+    assert "experts kept per layer:" in result.out and "layer 1: " in result.out
+    assert "groups of original experts per layer (most used first):" in result.out
+    assert re.search(r"layer 2: \[[0-3 ]+\] \[[0-3 ]+\]", result.out)
+
+
+def test_merge_rank_and_order_errors(in_tmp):
+    recipe = write(
+        in_tmp / "r.surg",
+        'model "tiny-mixtral"\nmerge experts layers 0 to 2 rank 0\nmerge experts layers 1 to 2 rank 100%\n'
+        "prune experts layers 3 to 2\nmerge experts layers 3 to 3\n",
+    )
+    result = run_cli("check", recipe)
+    assert result.code == 1
+    assert "r.surg:2:34: error: rank 0 keeps nothing" in result.err
+    assert "r.surg:3:34: error: rank 100% is not a truncation" in result.err
+    assert "r.surg:5:1: error: cannot merge into 3 groups the 2 experts that pruning keeps" in result.err
 
 
 def test_grouping_rules():

@@ -63,6 +63,19 @@ def _np(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to(torch.float32).cpu().numpy()
 
 
+def _t(stacked: torch.Tensor) -> np.ndarray:
+    """Stacked (experts, out, in) weights as (experts, in, out) for a batched MatMul."""
+    return np.ascontiguousarray(_np(stacked).transpose(0, 2, 1))
+
+
+def softmax_routed(moe: torch.nn.Module) -> bool:
+    """Whether a MoE layer routes as onnxruntime's MoE operator does: softmax, top-k, optional
+    renormalization, over dense experts (not a split's unit weights, merged groups or factors)."""
+    return not (
+        getattr(moe.gate, "unit_weights", False) or hasattr(moe, "group_of") or hasattr(moe.experts, "gate_up_left")
+    )
+
+
 def _linear_weight_t(module: torch.nn.Linear) -> np.ndarray:
     """A Linear's weight as MatMul's right operand: (in_features, out_features)."""
     return _np(module.weight).T
@@ -182,12 +195,17 @@ class _Emitter:
             bias = np.concatenate([_np(attn.q_proj.bias), _np(attn.k_proj.bias), _np(attn.v_proj.bias)])
             qkv = w.op("Add", [qkv, w.weight(f"{name}.qkv_proj.bias", bias)], f"/{name}/qkv_proj/Add")
         explicit = self.options.position_ids
-        norms = getattr(attn, "q_norm", None) is not None  # Qwen3: RMSNorm over each head of Q and K
-        if norms or explicit:
+        # Qwen3: RMSNorm over each head of Q and K; OLMoE: over the whole Q and K projections.
+        norms = getattr(attn, "q_norm", None) is not None
+        clip = getattr(attn.config, "clip_qkv", None) if hasattr(attn, "config") else None  # OLMoE
+        if norms or explicit or clip is not None:
             q, k, v = w.node("Split", [qkv, w.constant([q_size, kv_size, kv_size])], f"/{name}/qkv_split", 3, axis=-1)
             if norms:
                 q = self.head_norm(attn.q_norm, q, f"{name}.q_norm")
                 k = self.head_norm(attn.k_norm, k, f"{name}.k_norm")
+            if clip is not None:
+                bounds = [w.constant(-float(clip), np.float32), w.constant(float(clip), np.float32)]
+                q, k, v = (w.op("Clip", [t, *bounds], f"/{name}/clip_{n}") for t, n in ((q, "q"), (k, "k"), (v, "v")))
         else:
             q, k, v = qkv, "", ""  # packed: GroupQueryAttention splits it itself
         if explicit:
@@ -222,9 +240,13 @@ class _Emitter:
         )
 
     def head_norm(self, module: torch.nn.Module, x: str, name: str) -> str:
-        """RMSNorm over head_dim of a (batch, seq, heads * head_dim) tensor."""
+        """RMSNorm of a (batch, seq, heads * head_dim) tensor: over each head when its weight has
+        head_dim entries (Qwen3), over the whole projection otherwise (OLMoE)."""
         head_dim = self.graph.index.head_dim
         gamma = self.w.weight(f"{name}.weight", _np(module.weight))
+        if module.weight.shape[0] != head_dim:
+            return self.w.op("SimplifiedLayerNormalization", [x, gamma], f"/{name}/Norm", axis=-1,
+                             epsilon=float(module.variance_epsilon), stash_type=1)  # fmt: skip
         split = self.w.op("Reshape", [x, self.w.constant([0, 0, -1, head_dim])], f"/{name}/Reshape")
         normed = self.w.op(
             "SimplifiedLayerNormalization",
@@ -260,12 +282,45 @@ class _Emitter:
         its top-k experts' mixture.
         """
         moe = layer.mlp
-        w, c = self.w, self.w.constant
+        w = self.w
         name = f"model.layers.{layer.index}.mlp"
-        experts = moe.experts
         top_k = int(moe.gate.top_k)
         normalize = bool(getattr(moe.gate, "norm_topk_prob", True))  # Mixtral's router always renormalizes
         logits = w.op("MatMul", [x, w.weight(f"{name}.gate.weight", _np(moe.gate.weight).T)], f"/{name}/router/MatMul")
+        if self.options.moe_operator == "contrib" and softmax_routed(moe):
+            mixed = self.contrib_moe(moe, x, logits, top_k, normalize, name)
+        else:
+            mixed = self.plain_moe(moe, x, logits, top_k, normalize, name)
+        shared = getattr(moe, "shared_expert", None)
+        if shared is not None:  # Qwen2-MoE: sigmoid(gate(x)) * shared_expert(x), added
+            shared_out = self.swiglu(shared, x, f"{name}.shared_expert")
+            gate_w = w.weight(f"{name}.shared_expert_gate.weight", _np(moe.shared_expert_gate.weight).T)
+            scale = w.op(
+                "Sigmoid", [w.op("MatMul", [x, gate_w], f"/{name}/shared_gate/MatMul")], f"/{name}/shared_gate"
+            )
+            mixed = w.op("Add", [mixed, w.op("Mul", [shared_out, scale], f"/{name}/shared/Mul")], f"/{name}/shared/Add")
+        return mixed
+
+    def contrib_moe(self, moe: torch.nn.Module, x: str, logits: str, top_k: int, normalize: bool, name: str) -> str:
+        """onnxruntime's com.microsoft.MoE: softmax, top-k, (renormalize), and only the chosen
+        experts' SwiGLU per token. Its CPU kernel wants gate and up rows interleaved."""
+        w, c = self.w, self.w.constant
+        gate_up = _np(moe.experts.gate_up_proj)  # (experts, 2I, hidden): gate rows then up rows
+        experts, two_inter, hidden = gate_up.shape
+        pairs = gate_up.reshape(experts, 2, two_inter // 2, hidden).transpose(0, 2, 1, 3)  # (e, I, gate|up, h)
+        interleaved = np.ascontiguousarray(pairs.reshape(experts, two_inter, hidden))
+        rows = w.op("Reshape", [x, c([-1, hidden])], f"/{name}/moe/rows")
+        router = w.op("Reshape", [logits, c([-1, experts])], f"/{name}/moe/router_rows")
+        inputs = [rows, router, w.weight(f"{name}.experts.gate_up_interleaved", interleaved), "",
+                  w.weight(f"{name}.experts.down_proj", _np(moe.experts.down_proj))]  # fmt: skip
+        out = w.op("MoE", inputs, f"/{name}/moe/MoE", domain="com.microsoft", k=top_k,
+                   activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=int(normalize))  # fmt: skip
+        return w.op("Reshape", [out, w.op("Shape", [x], f"/{name}/moe/shape")], f"/{name}/moe/out")
+
+    def plain_moe(self, moe: torch.nn.Module, x: str, logits: str, top_k: int, normalize: bool, name: str) -> str:
+        """Dense routing weights and every expert on every token (see `moe`)."""
+        w, c = self.w, self.w.constant
+        experts = moe.experts
         probs = w.op("Softmax", [logits], f"/{name}/router/Softmax", axis=-1)
         top, index = w.node("TopK", [probs, c([top_k])], f"/{name}/router/TopK", 2, axis=-1)
         if getattr(moe.gate, "unit_weights", False):  # a split MLP: each chosen expert counts once
@@ -285,31 +340,34 @@ class _Emitter:
             dense = w.op("ScatterElements", [zeros, index, top], f"/{name}/router/weights", axis=-1)
         # (batch, seq, hidden) -> (batch, 1, seq, hidden) against (experts, hidden, 2I).
         xs = w.op("Unsqueeze", [x, c([1])], f"/{name}/experts/x")
-        gate_up = w.weight(
-            f"{name}.experts.gate_up_proj", np.ascontiguousarray(_np(experts.gate_up_proj).transpose(0, 2, 1))
-        )
-        hidden = w.op("MatMul", [xs, gate_up], f"/{name}/experts/gate_up")  # (batch, experts, seq, 2I)
+        hidden = self.batched_experts_matmul(experts, "gate_up", xs, name)  # (batch, experts, seq, 2I)
         inter = int(experts.gate_up_proj.shape[1]) // 2
         gate, up = w.node("Split", [hidden, c([inter, inter])], f"/{name}/experts/split", 2, axis=-1)
         act = w.op("Mul", [gate, w.op("Sigmoid", [gate], f"/{name}/experts/Sigmoid")], f"/{name}/experts/silu")
-        down = w.weight(f"{name}.experts.down_proj", np.ascontiguousarray(_np(experts.down_proj).transpose(0, 2, 1)))
-        out = w.op("MatMul", [w.op("Mul", [act, up], f"/{name}/experts/Mul"), down], f"/{name}/experts/down")
+        out = self.batched_experts_matmul(experts, "down", w.op("Mul", [act, up], f"/{name}/experts/Mul"), name)
         # weights (batch, seq, experts) -> (batch, experts, seq, 1)
         weights = w.op("Unsqueeze", [w.op("Transpose", [dense], f"/{name}/router/T", perm=[0, 2, 1]), c([3])],
                        f"/{name}/router/weights4")  # fmt: skip
-        mixed = w.op("ReduceSum", [w.op("Mul", [out, weights], f"/{name}/experts/weighted"), c([1])],
-                     f"/{name}/experts/sum", keepdims=0)  # fmt: skip
-        shared = getattr(moe, "shared_expert", None)
-        if shared is not None:  # Qwen2-MoE: sigmoid(gate(x)) * shared_expert(x), added
-            shared_out = self.swiglu(shared, x, f"{name}.shared_expert")
-            gate_w = w.weight(f"{name}.shared_expert_gate.weight", _np(moe.shared_expert_gate.weight).T)
-            scale = w.op(
-                "Sigmoid", [w.op("MatMul", [x, gate_w], f"/{name}/shared_gate/MatMul")], f"/{name}/shared_gate"
-            )
-            mixed = w.op("Add", [mixed, w.op("Mul", [shared_out, scale], f"/{name}/shared/Mul")], f"/{name}/shared/Add")
-        return mixed
+        return w.op("ReduceSum", [w.op("Mul", [out, weights], f"/{name}/experts/weighted"), c([1])],
+                    f"/{name}/experts/sum", keepdims=0)  # fmt: skip
 
     # The whole model.
+
+    def batched_experts_matmul(self, experts: torch.nn.Module, which: str, x: str, name: str) -> str:
+        """x (batch, experts, seq, in) times each expert's `which` weight (gate_up or down), transposed.
+
+        Experts merged to a rank (LowRankExperts) are written as their two factors, two MatMuls.
+        """
+        w = self.w
+        if hasattr(experts, f"{which}_left"):
+            right = getattr(experts, f"{which}_right")  # (experts, r, in)
+            left = getattr(experts, f"{which}_left")  # (experts, out, r)
+            narrow = w.op("MatMul", [x, w.weight(f"{name}.experts.{which}_right", _t(right))],
+                          f"/{name}/experts/{which}_right")  # fmt: skip
+            return w.op("MatMul", [narrow, w.weight(f"{name}.experts.{which}_left", _t(left))],
+                        f"/{name}/experts/{which}_left")  # fmt: skip
+        weight = getattr(experts, f"{which}_proj")
+        return w.op("MatMul", [x, w.weight(f"{name}.experts.{which}_proj", _t(weight))], f"/{name}/experts/{which}")
 
     def emit(self) -> None:
         graph, w = self.graph, self.w

@@ -20,3 +20,7 @@ class ExportOptions:
     # Rotary positions from an explicit `position_ids` input (RotaryEmbedding nodes before
     # attention) instead of the padded index inside GroupQueryAttention (see export/decoder.py).
     position_ids: bool = False
+    # Mixture-of-experts layers: "plain" ONNX ops (every expert on every token, any routing), or
+    # onnxruntime's "contrib" com.microsoft.MoE where the routing is its softmax top-k (only the
+    # chosen experts run); layers it cannot express stay plain. See docs/moe.md for the timings.
+    moe_operator: str = "contrib"

@@ -110,8 +110,14 @@ TINY_MODELS: dict[str, TinyModel] = {
         },
         6,
     ),  # fmt: skip
+    # clip_qkv is small enough that clipping happens (after the Q/K norms values are ~1).
+    "tiny-olmoe": TinyModel(
+        "olmoe",
+        {"num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 48, "norm_topk_prob": False, "clip_qkv": 0.5},
+        7,
+    ),
 }
-MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 BUILTIN_NAMES = ("smollm2-135m", *TINY_MODELS)
 

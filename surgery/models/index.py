@@ -20,6 +20,7 @@ SUPPORTED_ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",  # RMSNorm over the whole Q and K projections, optional QKV clipping
 }
 # RoPE variants whose cos/sin tables do not depend on the sequence length, so they can be
 # precomputed into the graph.
