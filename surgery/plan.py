@@ -300,7 +300,7 @@ def build_plan(checked: CheckedRecipe, verify: bool = True, computed: Importance
             )
         )
     c = checked.calibration
-    counted = f'counted when applied on "{c.data}" ({c.samples} x {c.length} tokens) after the steps before'
+    counted = f'counted on "{c.data}" ({c.samples} x {c.length} tokens) after the steps before'
     for split in checked.splits:
         extra: dict[str, Any] = {}
         if split.query is not None:

@@ -35,6 +35,7 @@ def structure(graph: DecoderGraph) -> dict[str, Any]:
             p.numel() for layer in graph.layers if layer.has_mlp and expert_count(layer.mlp)
             for p in layer.mlp.experts.parameters()
         )  # fmt: skip
+        found["expert_bytes_fp32"] = found["expert_parameters"] * 4  # experts are exported in fp32
     return found
 
 
