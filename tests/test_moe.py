@@ -26,6 +26,7 @@ from surgery.experts import (
     most_used,
 )
 from surgery.export.decoder import export_decoder
+from surgery.export.options import ExportOptions
 from surgery.models import builtin
 from surgery.moe import SplitMoE, split_mlp
 from surgery.passes import DropAttention, DropBlock, DropMlp, MergeExperts, PruneExperts, SplitMlp, run_pass
@@ -37,14 +38,31 @@ EDITS = {"none": [], "mixed": [DropAttention(layers=(1,)), DropMlp(layers=(3,)),
 
 @pytest.mark.parametrize("arch", TINY_MOE)
 @pytest.mark.parametrize("edit", EDITS)
-def test_moe_parity_with_kv_cache(arch, edit, tmp_path):
+@pytest.mark.parametrize("operator", ["contrib", "plain"])
+def test_moe_parity_with_kv_cache(arch, edit, operator, tmp_path):
     graph = tiny_graph(arch)
     for graph_pass in EDITS[edit]:
         run_pass(graph_pass, graph)
-    export_decoder(graph, str(tmp_path))
+    result = export_decoder(graph, str(tmp_path), ExportOptions(moe_operator=operator))
     check = verify(graph, builtin.byte_tokenizer(), str(tmp_path), VERIFY_DECODE_STEPS, 1e-4, threads=1)
     assert check.passed, check.reason
     assert check.max_abs_logit_diff < 1e-4
+    moe_layers = sum(layer.mlp is not None for layer in graph.layers)
+    assert result.op_counts.get("MoE", 0) == (moe_layers if operator == "contrib" else 0)
+
+
+def test_layers_the_moe_operator_cannot_express_stay_plain(tmp_path):
+    """Split (unit weights) and merged (grouped routing) layers are plain ops; a pruned layer is the operator."""
+    graph = tiny_graph("tiny-mixtral")
+    run_pass(PruneExperts(kept=((0, (0, 1, 3)),)), graph)
+    run_pass(MergeExperts(merges=((1, ((0, 1), (2, 3)), ((0.5, 0.5), (0.5, 0.5))),)), graph)
+    result = export_decoder(graph, str(tmp_path))
+    assert result.op_counts["MoE"] == 5  # layer 1 is merged
+    assert result.op_counts["ScatterElements"] == 1
+    dense = tiny_graph("tiny-llama")
+    run_pass(SplitMlp(layers=(0, 1), experts=4, top_k=2), dense)
+    (tmp_path / "split").mkdir()
+    assert "MoE" not in export_decoder(dense, str(tmp_path / "split")).op_counts
 
 
 @pytest.mark.parametrize("arch", TINY_MOE)

@@ -321,9 +321,12 @@ class _Emitter:
         """Dense routing weights and every expert on every token (see `moe`)."""
         w, c = self.w, self.w.constant
         experts = moe.experts
-        probs = w.op("Softmax", [logits], f"/{name}/router/Softmax", axis=-1)
+        unit = getattr(moe.gate, "unit_weights", False)  # a split MLP: each chosen expert counts once
+        # A split's router ranks raw scores, as PyTorch does; a softmax first could round two
+        # close scores to one probability and break the tie differently.
+        probs = logits if unit else w.op("Softmax", [logits], f"/{name}/router/Softmax", axis=-1)
         top, index = w.node("TopK", [probs, c([top_k])], f"/{name}/router/TopK", 2, axis=-1)
-        if getattr(moe.gate, "unit_weights", False):  # a split MLP: each chosen expert counts once
+        if unit:
             top = w.op("Add", [w.op("Mul", [top, c(0.0, np.float32)], f"/{name}/router/zero"), c(1.0, np.float32)],
                        f"/{name}/router/ones")  # fmt: skip
         elif normalize:
