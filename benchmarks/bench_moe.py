@@ -13,6 +13,7 @@ expert parameters, model file size; then decode latency (ms/token after a 256-to
 batch 1) of the merged 8->4 models against the unmerged split, in alternating rounds.
 
     python benchmarks/bench_moe.py [--json bench-results/moe.json] [--tokens 8192] [--top-k 8,6]
+                                   [--layers "*"|"20..29"] [--no-latency]
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ from surgery.evaluate import eval_tokens, onnx_logits, perplexity  # noqa: E402
 from surgery.runtime import OnnxCausalLM  # noqa: E402
 
 METHODS = {
-    "merge: output grouping, frequency weighting": "merge experts layers * to {m} grouping output weighting frequency",
-    "merge: router grouping, frequency weighting": "merge experts layers * to {m} grouping router weighting frequency",
-    "merge: output grouping, uniform weighting": "merge experts layers * to {m} grouping output weighting uniform",
-    "prune by frequency": "prune experts layers * to {m} by frequency",
+    "merge: output grouping, frequency weighting": "merge experts {at} to {m} grouping output weighting frequency",
+    "merge: router grouping, frequency weighting": "merge experts {at} to {m} grouping router weighting frequency",
+    "merge: output grouping, uniform weighting": "merge experts {at} to {m} grouping output weighting uniform",
+    "prune by frequency": "prune experts {at} to {m} by frequency",
 }
 
 
@@ -66,6 +67,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192, help="evaluation tokens of WikiText-2 test")
     parser.add_argument("--top-k", default="8,6", help="top K values of the split, comma-separated")
     parser.add_argument("--samples", type=int, default=16, help="calibration samples (x 256 tokens) for statistics")
+    parser.add_argument("--layers", default="*", help="layers whose experts are merged or pruned (default: all)")
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency rounds")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=48)
@@ -80,10 +83,11 @@ def main() -> None:
         recipes[f"split 8 top {k}"] = split
         for m in (6, 4):
             for method, statement in METHODS.items():
-                recipes[f"split 8 top {k}, {m} experts, {method}"] = split + statement.format(m=m) + "\n"
+                recipe = split + statement.format(m=m, at=f"layers {args.layers}") + "\n"
+                recipes[f"split 8 top {k}, {m} experts, {method}"] = recipe
         if k == 8:
             recipes["split 8 top 8, 4 experts, merge: output grouping, frequency, rank 50%"] = (
-                split + "merge experts layers * to 4 grouping output rank 50%\n"
+                split + f"merge experts layers {args.layers} to 4 grouping output rank 50%\n"
             )
 
     from transformers import AutoTokenizer
@@ -115,7 +119,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(folders["dense"])
     prompt = np.array(tokenizer(text)["input_ids"][:256], dtype=np.int64)
     models = {name: OnnxCausalLM(str(folders[name]), threads=args.threads) for name in timed}
-    latency, rounds = paired_latency(models, prompt, args.steps, args.rounds, baseline)
+    latency, rounds = ({}, {}) if args.no_latency else paired_latency(models, prompt, args.steps, args.rounds, baseline)
     relative = f"relative_to_{baseline}"
 
     print(f"\nSmolLM2-135M-Instruct, {os.cpu_count()} cores, {args.threads} threads")
@@ -131,6 +135,7 @@ def main() -> None:
         "model": "smollm2-135m",
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "threads": args.threads},
         "perplexity_tokens": tokens.scored(),
+        "merged_or_pruned_layers": args.layers,
         "models": rows,
         "decode_ms_per_token": latency,
         "decode_baseline": baseline,

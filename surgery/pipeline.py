@@ -308,7 +308,8 @@ def _merge_by_statistics(graph, step, calibration: _Calibration, progress: Progr
     from surgery.passes import MergeExperts
 
     p = step.parameters
-    progress(f"counting expert use and outputs on {calibration.spec.describe()}")
+    counted = "expert use and outputs" if p["grouping"] == "output" else "expert use"
+    progress(f"counting {counted} on {calibration.spec.describe()}")
     frequencies, outputs = expert_statistics(
         graph, step.layers, calibration.tokens(), outputs=p["grouping"] == "output"
     )
