@@ -285,6 +285,19 @@ def test_merge_rank_and_order_errors(in_tmp):
     assert "r.surg:5:1: error: cannot merge into 3 groups the 2 experts that pruning keeps" in result.err
 
 
+@pytest.mark.parametrize("arch", TINY_MOE)
+@pytest.mark.parametrize("rank", [None, 8])
+def test_merged_and_pruned_export_parity(arch, rank, tmp_path):
+    """After pruning and merging (uneven groups, optionally rank-factored), ONNX still matches PyTorch."""
+    graph = tiny_graph(arch)
+    run_pass(PruneExperts(kept=((0, (0, 2, 3)),)), graph)
+    groups, weights = ((0, 3), (1,), (2,)), ((0.7, 0.3), (1.0,), (1.0,))
+    run_pass(MergeExperts(merges=tuple((layer, groups, weights) for layer in (1, 2, 5)), rank=rank), graph)
+    export_decoder(graph, str(tmp_path))
+    check = verify(graph, builtin.byte_tokenizer(), str(tmp_path), VERIFY_DECODE_STEPS, 1e-4, threads=1)
+    assert check.passed, check.reason
+
+
 def test_grouping_rules():
     features = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.95], [-1.0, 0.0]])
     assert group_by_outputs(features, 3) == [[0, 1], [2, 3], [4]]
