@@ -76,12 +76,12 @@ def build(architecture: str, fields: dict) -> DecoderGraph:
     return DecoderGraph(model, ModelIndex.from_config(architecture, config))
 
 
-def max_logit_diff(graph: DecoderGraph, folder: str, ids: np.ndarray) -> float:
+def max_logit_diff(graph: DecoderGraph, model: OnnxCausalLM, ids: np.ndarray) -> float:
     """Largest |logit| difference between PyTorch and the export on one prompt."""
     tensor = torch.from_numpy(ids)[None]
     mask = torch.ones_like(tensor)
     expected = graph.forward(tensor, mask, torch.arange(len(ids))[None])[0].numpy()
-    got = OnnxCausalLM(folder, threads=2).step(ids[None], mask.numpy(), np.arange(len(ids))[None]).logits[0]
+    got = model.step(ids[None], mask.numpy(), np.arange(len(ids))[None]).logits[0]
     return float(np.abs(got - expected).max())
 
 
@@ -111,8 +111,8 @@ def main() -> None:
             folder = work / f"{architecture}-{operator}"
             folder.mkdir()
             export_decoder(graph, str(folder), replace(ExportOptions(), moe_operator=operator))
-            parity[operator] = max_logit_diff(graph, str(folder), prompt)
             models[operator] = OnnxCausalLM(str(folder), threads=args.threads)
+            parity[operator] = max_logit_diff(graph, models[operator], prompt)
         decode = {name: [] for name in models}
         prefill = {name: [] for name in models}
         for _ in range(args.rounds):  # alternate, so drift on a shared machine hits both alike

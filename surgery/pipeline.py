@@ -313,8 +313,12 @@ def _merge_by_statistics(graph, step, calibration: _Calibration, progress: Progr
     frequencies, outputs = expert_statistics(
         graph, step.layers, calibration.tokens(), outputs=p["grouping"] == "output"
     )
+    rank = p.get("rank")
+    if "rank_percent" in p:  # every layer's experts have one shape (one model, or one split)
+        experts = graph.layer(step.layers[0]).mlp.experts
+        full = full_rank(experts.gate_up_proj, experts.down_proj)
+        rank = max(1, math.floor(full * p["rank_percent"] / 100 + 0.5))
     merges = []
-    rank = None
     for layer in step.layers:
         freq = frequencies[layer]
         if p["grouping"] == "output":
@@ -323,12 +327,6 @@ def _merge_by_statistics(graph, step, calibration: _Calibration, progress: Progr
             groups = group_by_router(graph.layer(layer).mlp.gate.weight.detach().float().numpy(), freq, p["groups"])
         # The most used member leads: the others' neurons are aligned to it before averaging.
         groups = [sorted(members, key=lambda e: (-freq[e], e)) for members in groups]
-        if "rank_percent" in p:
-            experts = graph.layer(layer).mlp.experts
-            full = full_rank(experts.gate_up_proj, experts.down_proj)
-            rank = max(1, math.floor(full * p["rank_percent"] / 100 + 0.5))
-        elif "rank" in p:
-            rank = p["rank"]
         weights = []
         for members in groups:
             total = sum(freq[e] for e in members)
