@@ -11,12 +11,14 @@ selections are warnings.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, replace
 
 from surgery.calibration import DEFAULT_LENGTH, DEFAULT_SAMPLES, DEFAULT_SEED, CalibrationSpec
-from surgery.data import TextSourceError, resolve_text
+from surgery.data import TextSourceError, resolve_text, text_file
 from surgery.diagnostics import Diagnostic, RecipeError, did_you_mean, raise_if_errors
 from surgery.export.options import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportOptions
+from surgery.files import InputFileError
 from surgery.importance.file import ImportanceFile, load_importance
 from surgery.importance.metrics import METRICS
 from surgery.layers import evenly_spaced, format_layers
@@ -131,6 +133,13 @@ class ResolvedFuse:
     statement: FuseStmt
 
 
+def _exists(path: str) -> bool:
+    try:
+        return os.path.lexists(path)
+    except (OSError, ValueError):  # an overlong name or a NUL byte names nothing
+        return False
+
+
 def default_fuse_candidates(layers: int) -> tuple[int, ...]:
     """Even layers of the latter half, never the last (fusing the last layer changes nothing)."""
     return tuple(layer for layer in range(layers // 2, layers - 1) if layer % 2 == 0)
@@ -168,6 +177,19 @@ class CheckedRecipe:
     splits: tuple[ResolvedSplit, ...] = ()
     prunes: tuple[ResolvedPrune, ...] = ()
     merges: tuple[ResolvedMerge, ...] = ()
+
+    def input_paths(self) -> list[str]:
+        """The files and folders this recipe reads: recipe, model, importance files, texts.
+
+        An output may never replace or lie inside any of them.
+        """
+        paths = [self.recipe.source.name] if self.recipe.source and self.recipe.source.name != "<string>" else []
+        if self.spec.kind in ("folder", "gguf"):
+            paths.append(self.spec.location)
+        paths.extend(self.importance_files or ())
+        texts = [self.calibration.data] + ([self.perplexity.data] if self.perplexity else [])
+        paths.extend(path for path in (text_file(name, self.base_dir) for name in texts) if path is not None)
+        return paths
 
     def metrics_to_compute(self) -> tuple[str, ...]:
         """Metrics some selector ranks by that are computed (not read from a file), in a fixed order."""
@@ -285,7 +307,7 @@ class _Checker:
                 ok = False
                 continue
             chosen.extend(range(start, end + 1))
-        duplicates = sorted({layer for layer in chosen if chosen.count(layer) > 1})
+        duplicates = sorted(layer for layer, times in Counter(chosen).items() if times > 1)
         if duplicates:
             self.warning(f"layer(s) {format_layers(duplicates)} selected more than once", selector.span)
         return tuple(sorted(set(chosen))) if ok else None
@@ -373,18 +395,22 @@ class _Checker:
         return ScoreSource(metric, path, source.file)
 
     def importance_file(self, path: str, source: ImportanceSource, index: ModelIndex) -> ImportanceFile | None:
-        if not os.path.isfile(path):
+        if not _exists(path):
             self.error(
                 f"importance file '{source.file}' not found",
                 source.file_span,
                 "write one with `surgery importance --metric ... -o FILE`; relative paths start at the recipe's folder",
             )
             return None
-        importance, problems = load_importance(path, index.num_layers)
+        try:
+            importance, problems = load_importance(path, index.num_layers)
+        except InputFileError as problem:
+            self.error(str(problem), source.file_span, problem.hint)
+            return None
         where = source.file_span.location() if source.file_span else None
         for problem in problems:
             hint = (problem.hint + "; " if problem.hint else "") + (f"file read for {where}" if where else "")
-            self.diagnostics.append(Diagnostic(problem.severity, problem.message, problem.span, hint or None))
+            self.diagnostics.append(replace(problem, hint=hint or None))
         return importance
 
     # Drops.

@@ -1,7 +1,10 @@
 """The `surgery` command line.
 
-Exit codes: 0 ok, 1 user error (recipe, model or output problem), 2 usage error,
-3 verification or the recipe's perplexity check failed (the output is kept and its report says why).
+Exit codes: 0 ok, 1 user error (recipe, model, input files or output folder; a message says
+what to change), 2 usage error, 3 verification or the recipe's perplexity check failed (the
+output is kept and its report says why), 4 internal error (a bug: one line names the exception
+and where, and a report file has the full traceback). `main(argv)` runs a command in-process
+and returns its exit code; it never raises and never prints a traceback.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import time
 
 from surgery import __version__
 from surgery.data import DEFAULT_EVALUATION_TEXT
+from surgery.diagnostics import HintedError
 
-EXIT_OK, EXIT_USER_ERROR, EXIT_VERIFY_FAILED = 0, 1, 3  # 2, usage errors, comes from argparse
+EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_VERIFY_FAILED, EXIT_INTERNAL_ERROR = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,10 +28,17 @@ def _parser() -> argparse.ArgumentParser:
         prog="surgery",
         description="Declarative model surgery: compile a .surg recipe into a verified ONNX Runtime model.",
         epilog="Recipe language reference: docs/recipes.md. Exit codes: 0 ok, 1 user error, 2 usage error, "
-        "3 verification or the perplexity check failed.",
+        "3 verification or the perplexity check failed, 4 internal error (a bug; a report file is written).",
     )
     parser.add_argument("--version", action="version", version=f"surgery {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument(
+        "-v", "--verbose", dest="verbose_global", action="store_true", help="show the libraries' warnings and logs"
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="also show warnings, logs and progress bars of the libraries"
+    )
+    commands = _Commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True), common)
 
     apply = commands.add_parser("apply", help="run a recipe and write a verified ONNX model folder")
     apply.add_argument("recipe", metavar="RECIPE", help="the .surg recipe file")
@@ -104,6 +116,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     run.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads")
     return parser
+
+
+class _Commands:
+    """The subcommand table; every subcommand takes the common options (--verbose)."""
+
+    def __init__(self, subparsers, common: argparse.ArgumentParser):
+        self.subparsers, self.common = subparsers, common
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        """A subcommand parser with the common options."""
+        return self.subparsers.add_parser(name, parents=[self.common], **kwargs)
 
 
 class _Progress:
@@ -259,8 +282,8 @@ def _cmd_run(args) -> int:
     return EXIT_OK
 
 
-class _UserError(Exception):
-    pass
+class _UserError(HintedError):
+    """A problem with the command's arguments or inputs, told as a message (exit 1)."""
 
 
 def _cmd_importance(args) -> int:
@@ -403,21 +426,26 @@ def _reference_logits(spec_text: str, tokenizer, threads: int | None):
     return torch_logits(DecoderGraph(model, ModelIndex.from_config(spec_text, config)))
 
 
-def _quiet_libraries() -> None:
-    """surgery prints its own progress; transformers' bars and advice would only add noise."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `surgery` command."""
-    args = _parser().parse_args(argv)
-    _quiet_libraries()
-    from surgery.diagnostics import RecipeError
+    """Run one `surgery` command in-process; returns its exit code (never raises).
+
+    0 ok, 1 user error (a message), 2 usage error, 3 verification failed, 4 internal error
+    (one line naming the exception and where, and the path of a report with the traceback).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # --help and --version (0), usage errors (2)
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    from surgery.console import quiet_console
+
+    with quiet_console(args.verbose or args.verbose_global):
+        return _run(args, argv)
+
+
+def _run(args, argv: list[str]) -> int:
+    from surgery.console import print_error, report_internal_error
+    from surgery.diagnostics import HintedError, RecipeError
     from surgery.output import OutputError
 
     handlers = {
@@ -431,17 +459,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except RecipeError as error:
-        print(str(error), file=sys.stderr)
+        print_error(str(error))
         return EXIT_USER_ERROR
-    except (OutputError, _UserError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except OutputError as error:
+        print_error(f"error: {error}")
         return EXIT_USER_ERROR
-    except FileNotFoundError as error:
-        print(f"error: {error.strerror}: {error.filename}", file=sys.stderr)
+    except HintedError as error:  # a model spec, a text, a file, a built-in model that cannot be fetched
+        print_error(f"error: {error}" + (f"\n  = hint: {error.hint}" if error.hint else ""))
+        return EXIT_USER_ERROR
+    except MemoryError:
+        print_error("error: out of memory\n  = hint: close other programs, or use a smaller model or fewer samples")
+        return EXIT_USER_ERROR
+    except OSError as error:
+        if error.filename is None:  # not about a file the user can act on
+            print_error(report_internal_error(error, argv))
+            return EXIT_INTERNAL_ERROR
+        print_error(f"error: {(error.strerror or type(error).__name__).lower()}: {error.filename}")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print_error("interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        print_error(report_internal_error(error, argv))
+        return EXIT_INTERNAL_ERROR
 
 
 def entry() -> None:

@@ -18,34 +18,70 @@ Severity = Literal["error", "warning"]
 
 @dataclass(frozen=True)
 class Diagnostic:
-    """One finding about a recipe. `span` may be None for problems that have no place in it."""
+    """One finding about a recipe. `span` may be None for problems that have no place in it.
+
+    `quote` says whether the rendering may print the source line: False for spans into files
+    that are not ours to show (a file named in a recipe that turned out not to be an importance
+    file could hold anything, such as secrets), which render as a location only.
+    """
 
     severity: Severity
     message: str
     span: Span | None = None
     hint: str | None = None
+    quote: bool = True
 
     def render(self) -> str:
         """rustc-style text: location, message, the source line with carets, then the hint."""
-        if self.span is None:
-            head = f"{self.severity}: {self.message}"
-            return head + (f"\n  = hint: {self.hint}" if self.hint else "")
+        # Messages quote recipe words and file names; neither may carry control characters.
+        message, hint = printable(self.message), printable(self.hint) if self.hint else None
+        if self.span is None or not self.quote:
+            where = f"{printable(self.span.location())}: " if self.span is not None else ""
+            return f"{where}{self.severity}: {message}" + (f"\n  = hint: {hint}" if hint else "")
         span = self.span
         line_no = span.line
-        line_text = span.source.line_text(line_no)
-        col = span.column
-        # Carets stop at the end of the first line of a multi-line span.
+        line_text, col = _clip(printable(span.source.line_text(line_no)), span.column)
+        # Carets stop at the end of the first line of a multi-line span (and of the shown part).
         width = max(1, min(span.end - span.start, len(line_text) - col + 1))
         gutter = " " * len(str(line_no))
         out = [
-            f"{span.location()}: {self.severity}: {self.message}",
+            f"{printable(span.location())}: {self.severity}: {message}",
             f"{gutter} |",
             f"{line_no} | {line_text}",
             f"{gutter} | {' ' * (col - 1)}{'^' * width}",
         ]
-        if self.hint:
-            out.append(f"{gutter} = hint: {self.hint}")
+        if hint:
+            out.append(f"{gutter} = hint: {hint}")
         return "\n".join(out)
+
+
+def printable(line: str) -> str:
+    """A source line safe to print under carets: one visible character per character.
+
+    Tabs become spaces and control or format characters (a vertical tab, U+2028, a stray escape
+    sequence) become U+FFFD, so the terminal shows what the columns count and the carets line
+    up; nothing in a recipe can move the cursor or clear the screen.
+    """
+    if line.isprintable():
+        return line
+    return "".join(" " if ch == "\t" else (ch if ch.isprintable() else "\ufffd") for ch in line)
+
+
+_SHOWN = 160  # characters of a long line shown around the error
+
+
+def _clip(line: str, column: int) -> tuple[str, int]:
+    """At most about `_SHOWN` characters of `line` around `column`, and the column within them.
+
+    A recipe of one very long line must not print that line once per error.
+    """
+    if len(line) <= _SHOWN:
+        return line, column
+    start = max(0, min(column - 1 - _SHOWN // 3, len(line) - _SHOWN))
+    shown = line[start : start + _SHOWN]
+    prefix = "\u2026" if start > 0 else ""
+    suffix = "\u2026" if start + _SHOWN < len(line) else ""
+    return prefix + shown + suffix, column - start + len(prefix)
 
 
 class HintedError(Exception):
@@ -108,5 +144,7 @@ def raise_if_errors(diagnostics: Iterable[Diagnostic]) -> None:
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
     """A `did you mean 'x'?` hint for a misspelt word, or None when nothing is close."""
+    if len(word) > 64:  # no name is that long, and difflib is quadratic in the word's length
+        return None
     match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f"did you mean '{match[0]}'?" if match else None

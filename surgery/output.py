@@ -1,56 +1,270 @@
-"""Output folders that appear only when complete, and never clobber inputs.
+"""Output folders: they appear complete or not at all, one run at a time, and only ours are replaced.
 
-Everything is written into a temporary sibling folder; `commit` renames it into place (an
-existing folder is replaced only with --force, and only after the new one is complete).
+The protocol, for a target `DIR/NAME`:
+
+- **Refusals** (exit 1, nothing written): a target that is, contains or lies inside an input
+  (the recipe, the model folder or file, importance files, texts), the working directory or
+  one of its parents, a target under a file, a symbolic link, a file, or an existing folder
+  without `--force`. With `--force` a folder is replaced only if a previous `surgery apply`
+  wrote it: it holds the marker file `.surgery-output` and `surgery.json`.
+- **Lock**: `DIR/.NAME.lock`, held with `flock` for the whole run. A second run to the same
+  target finds it held and exits 1 naming the holder's process id. The kernel releases the lock
+  when its holder dies, even by `kill -9`, so a crashed run never blocks the next one.
+- **Staging**: everything is written into `DIR/.NAME.partial-XXXX` (marked as ours the moment
+  it is created), then renamed onto the target. An existing target is swapped out atomically
+  (`renameat2(RENAME_EXCHANGE)` on Linux; elsewhere moved aside to `DIR/.NAME.old-XXXX` first,
+  so the target is briefly absent but never partial) and then deleted.
+- **Recovery**: holding the lock, a run removes the `.NAME.partial-*` and `.NAME.old-*` folders
+  that killed runs left (a live run would hold the lock) and says so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from surgery import __version__
+
+MARKER = ".surgery-output"
+REPORT = "surgery.json"
+_RENAME_EXCHANGE = 2  # linux/fs.h
 
 
 class OutputError(Exception):
-    """The output folder cannot be used (exists without --force, or would touch an input)."""
+    """The output cannot be written where asked (exists, not ours, an input, locked by another run)."""
+
+
+def _absolute(path: str | os.PathLike) -> Path:
+    """An absolute path with `..` and symbolic links of the parents resolved, the last part kept."""
+    path = Path(os.path.abspath(os.fspath(path)))
+    return path.parent.resolve() / path.name
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(os.fspath(path)))
+
+
+def is_our_output(folder: Path) -> bool:
+    """Whether `folder` was written by `surgery apply`: it carries our marker and a report."""
+    try:
+        with open(folder / MARKER, encoding="utf-8") as handle:
+            marker = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("written_by") == "surgery" and (folder / REPORT).is_file()
+
+
+def _write_marker(folder: Path) -> None:
+    with open(folder / MARKER, "w", encoding="utf-8") as handle:
+        json.dump({"written_by": "surgery", "version": __version__}, handle)
+        handle.write("\n")
+
+
+def _is_marked(folder: Path) -> bool:
+    try:
+        with open(folder / MARKER, encoding="utf-8") as handle:
+            return json.load(handle).get("written_by") == "surgery"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class _Lock:
+    """An exclusive `flock` on a lock file, removed on release (safe against a racing unlink)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self, what: str) -> None:
+        """Take the lock or raise OutputError naming the process that holds it."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip()
+                os.close(fd)
+                who = f" (process {holder})" if holder.isdigit() else ""
+                raise OutputError(
+                    f"another surgery run{who} is writing '{what}'; wait for it to finish or choose another -o"
+                ) from None
+            # The holder we waited for may have removed the file after we opened it; a lock on
+            # a removed file guards nothing, so make sure the path is still our file.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file and let go of the lock."""
+        if self.fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where the system cannot."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    try:
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # a file system without exchange
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 class OutputFolder:
-    """A temporary folder next to `target`, renamed to `target` on commit."""
+    """A staging folder next to `target`, renamed onto it on `commit`; see the module docstring.
 
-    def __init__(self, target: str | os.PathLike, force: bool, protected: list[str | os.PathLike] = ()):
-        self.target = Path(target).resolve()
-        if self.target.exists() and not force:
-            raise OutputError(f"output folder '{target}' already exists (use --force to replace it)")
-        if self.target.exists() and not self.target.is_dir():
-            raise OutputError(f"output '{target}' exists and is not a folder")
+    `protected` are the run's inputs: the target may not be, contain, or lie inside any of them.
+    `progress` hears about leftovers of killed runs that were removed.
+    """
+
+    def __init__(
+        self,
+        target: str | os.PathLike,
+        force: bool,
+        protected: Iterable[str | os.PathLike] = (),
+        progress: Callable[[str], None] = lambda message: None,
+    ):
+        self.shown = os.fspath(target)
+        self.target = _absolute(target)
+        self.force = force
+        self._refuse_unsafe_target(protected)
+        self.parent = self.target.parent
+        try:
+            self.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputError(f"cannot create the folder for '{self.shown}': {error.strerror}") from None
+        self.lock = _Lock(self.parent / f".{self.target.name}.lock")
+        self.lock.acquire(self.shown)
+        try:
+            self._refuse_existing()
+            self.removed_leftovers = self._remove_leftovers()
+            if self.removed_leftovers:
+                progress(
+                    f"removed {len(self.removed_leftovers)} unfinished folder(s) of an interrupted earlier run: "
+                    + ", ".join(path.name for path in self.removed_leftovers)
+                )
+            self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.parent))
+            _write_marker(self.path)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _refuse_unsafe_target(self, protected: Iterable[str | os.PathLike]) -> None:
+        target, shown = self.target, self.shown
+        if target.name in ("", ".", "..") or target.parent == target:
+            raise OutputError(f"'{shown}' cannot be an output folder; name a new folder, e.g. out/my-model")
+        for ancestor in target.parents:
+            if ancestor.exists() and not ancestor.is_dir():
+                raise OutputError(f"output '{shown}' would be under '{ancestor}', which is a file, not a folder")
+        if target.is_symlink():
+            raise OutputError(f"output '{shown}' is a symbolic link; give the folder itself")
+        if target.exists() and not target.is_dir():
+            raise OutputError(f"output '{shown}' exists and is not a folder")
+        real = _resolved(target)
         for path in protected:
-            path = Path(path).resolve()
-            if path == self.target or self.target in path.parents:
-                raise OutputError(f"output folder '{target}' would replace an input ({path}); choose another -o")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
+            path = _resolved(path)
+            if path == real or real in path.parents:
+                raise OutputError(f"output folder '{shown}' would replace an input ({path}); choose another -o")
+            if path in real.parents:
+                raise OutputError(f"output folder '{shown}' lies inside an input ({path}); choose another -o")
+        cwd = _resolved(os.getcwd())
+        if real == cwd or real in cwd.parents:
+            raise OutputError(f"output '{shown}' is the working folder or contains it; choose another -o")
+
+    def _refuse_existing(self) -> None:
+        if not self.target.exists():
+            return
+        if not self.force:
+            raise OutputError(
+                f"output folder '{self.shown}' already exists (use --force to replace an earlier output of surgery)"
+            )
+        if not is_our_output(self.target):
+            raise OutputError(
+                f"output folder '{self.shown}' exists and was not written by `surgery apply` (it has no {MARKER} "
+                f"and {REPORT}); --force replaces only surgery's own outputs: move it away or choose another -o"
+            )
+
+    def _remove_leftovers(self) -> list[Path]:
+        """Staging and swap folders of killed runs to this target (we hold the lock: no one else's)."""
+        removed = []
+        name = self.target.name
+        for entry in self.parent.iterdir():
+            if not entry.name.startswith((f".{name}.partial-", f".{name}.old-")):
+                continue
+            if entry.is_symlink() or not entry.is_dir():
+                continue
+            # Ours if marked; an unmarked one is empty (killed between creating and marking it).
+            if _is_marked(entry) or not any(entry.iterdir()):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+        return removed
 
     def commit(self) -> Path:
-        """Move the finished folder into place; an older one is removed only afterwards."""
-        # mkdtemp (and some writers) create owner-only entries; give the result the usual
-        # permissions a folder made by the user would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.path, 0o777 & ~umask)
-        for entry in self.path.iterdir():
-            if entry.is_file():
-                os.chmod(entry, 0o666 & ~umask)
-        old = None
-        if self.target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent))
-            os.replace(self.target, old / "previous")
-        os.replace(self.path, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        """Move the finished folder onto the target; an older output is deleted only afterwards."""
+        try:
+            # mkdtemp (and some writers) create owner-only entries; give the result the usual
+            # permissions a folder made by the user would have.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.path, 0o777 & ~umask)
+            for entry in self.path.iterdir():
+                if entry.is_file():
+                    os.chmod(entry, 0o666 & ~umask)
+            if self.target.exists() or self.target.is_symlink():
+                # Something may have appeared there while we ran (not a surgery run: we hold the lock).
+                self._refuse_existing()
+                if self.target.is_symlink() or not self.target.is_dir():
+                    raise OutputError(f"output '{self.shown}' appeared as a file while surgery ran")
+                self._swap_in()
+            else:
+                os.rename(self.path, self.target)
+        finally:
+            self.lock.release()
         return self.target
 
+    def _swap_in(self) -> None:
+        if _exchange(self.path, self.target):
+            shutil.rmtree(self.path, ignore_errors=True)  # now the previous output
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.parent))
+        _write_marker(old)
+        os.replace(self.target, old / "previous")
+        os.replace(self.path, self.target)
+        shutil.rmtree(old, ignore_errors=True)
+
     def discard(self) -> None:
-        """Remove the temporary folder (on failure)."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Remove the staging folder and release the lock (on failure)."""
+        try:
+            shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            self.lock.release()

@@ -86,13 +86,16 @@ def _strip_comment(line: str) -> str:
 
 
 def split_statements(text: str) -> list[tuple[int, int]]:
-    """(start, end) offsets of each statement: a non-blank line, or a `{ ... }` block."""
+    """(start, end) offsets of each statement: a non-blank line, or a `{ ... }` block.
+
+    `text` is a normalized Source text: lines end at `\n` only.
+    """
     chunks: list[tuple[int, int]] = []
     offset = 0
     depth = 0
     chunk_start = -1
-    for raw in text.splitlines(keepends=True):
-        code = _strip_comment(raw.rstrip("\r\n"))
+    for raw in text.split("\n"):
+        code = _strip_comment(raw)
         if code.strip():
             if chunk_start < 0:
                 chunk_start = offset + (len(code) - len(code.lstrip()))
@@ -101,7 +104,7 @@ def split_statements(text: str) -> list[tuple[int, int]]:
             if depth <= 0:
                 chunks.append((chunk_start, chunk_end))
                 chunk_start, depth = -1, 0
-        offset += len(raw)
+        offset += len(raw) + 1
     if chunk_start >= 0:
         chunks.append((chunk_start, len(text.rstrip())))
     return chunks
@@ -118,15 +121,16 @@ def _options(options) -> dict[str, object]:
 class _ToAst(Transformer):
     """Builds AST nodes; attaches spans from lark's propagated positions."""
 
-    def __init__(self, source: Source):
+    def __init__(self, source: Source, offset: int = 0):
         super().__init__()
         self.source = source
+        self.offset = offset  # where the parsed statement starts in the source
 
     def _span(self, meta) -> Span:
-        return self.source.span(meta.start_pos, meta.end_pos)
+        return self.source.span(self.offset + meta.start_pos, self.offset + meta.end_pos)
 
     def _tok(self, token: Token) -> Span:
-        return self.source.span(token.start_pos, token.end_pos)
+        return self.source.span(self.offset + token.start_pos, self.offset + token.end_pos)
 
     @v_args(meta=True)
     def model_stmt(self, meta, children):
@@ -414,9 +418,12 @@ def _keywords_in(names: set[str]) -> list[str]:
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*|[0-9]+(?:\.[0-9]+)?%?|\S")
 
 
-def _syntax_diagnostic(error: lark.exceptions.UnexpectedInput, source: Source, chunk_end: int) -> Diagnostic:
+def _syntax_diagnostic(
+    error: lark.exceptions.UnexpectedInput, source: Source, chunk_start: int, chunk_end: int
+) -> Diagnostic:
     """Turn a lark error into a diagnostic that says what was found and what was expected."""
-    pos = min(error.pos_in_stream if error.pos_in_stream is not None else chunk_end, chunk_end)
+    in_chunk = error.pos_in_stream if error.pos_in_stream is not None else chunk_end - chunk_start
+    pos = min(chunk_start + in_chunk, chunk_end)
     if isinstance(error, lark.exceptions.UnexpectedToken) and error.token.type == "$END":
         expected = _describe_expected(set(error.expected))
         span = source.span(max(chunk_end - 1, 0), chunk_end)
@@ -426,16 +433,17 @@ def _syntax_diagnostic(error: lark.exceptions.UnexpectedInput, source: Source, c
             span,
             hint="expected " + _join(expected) + " after this",
         )
-    match = _WORD.match(source.text, pos)
+    match = _WORD.match(source.text, pos, chunk_end)
     found = match.group(0) if match else source.text[pos : pos + 1]
     span = source.span(pos, pos + max(len(found), 1))
     expected_names = set(getattr(error, "expected", None) or getattr(error, "allowed", None) or ())
     keywords = _keywords_in(expected_names)
+    shown = found if len(found) <= 40 else found[:40] + "\u2026"
     # Where a statement keyword is expected, a wrong word is an unknown statement keyword.
     if set(keywords) >= set(STATEMENT_KEYWORDS) and found not in STATEMENT_KEYWORDS:
         return Diagnostic(
             "error",
-            f"unknown keyword '{found}'",
+            f"unknown keyword '{shown}'",
             span,
             hint=did_you_mean(found, STATEMENT_KEYWORDS)
             or "a statement starts with one of: " + ", ".join(STATEMENT_KEYWORDS),
@@ -444,7 +452,7 @@ def _syntax_diagnostic(error: lark.exceptions.UnexpectedInput, source: Source, c
     expected = _describe_expected(expected_names)
     return Diagnostic(
         "error",
-        f"unexpected '{found}'" + (f", expected {_join(expected)}" if expected else ""),
+        f"unexpected '{shown}'" + (f", expected {_join(expected)}" if expected else ""),
         span,
         hint=hint,
     )
@@ -456,25 +464,64 @@ def _join(words: list[str]) -> str:
     return ", ".join(words[:-1]) + " or " + words[-1]
 
 
+# Numbers are bounded where they are read: nothing a recipe counts (layers, samples, tokens,
+# experts, an opset) comes near a billion, and Python refuses to convert integers of more than
+# 4,300 digits, so a longer literal would otherwise crash the parser instead of being reported.
+MAX_INTEGER_DIGITS = 9
+MAX_NUMBER_LENGTH = 32
+_NUMERIC_TERMINALS = {"INT", "SIGNED_INT", "NUMBER", "PERCENT"}
+
+
+def _number_diagnostics(tree: lark.Tree, source: Source, offset: int) -> list[Diagnostic]:
+    """An error for every number literal of a statement that is beyond any sensible value."""
+    problems = []
+    for token in tree.scan_values(lambda value: isinstance(value, Token) and value.type in _NUMERIC_TERMINALS):
+        integer = token.lstrip("+-").rstrip("%").split(".")[0].lstrip("0")
+        if len(integer) <= MAX_INTEGER_DIGITS and len(token) <= MAX_NUMBER_LENGTH:
+            continue
+        span = source.span(offset + token.start_pos, offset + token.end_pos)
+        shown = token if len(token) <= 20 else token[:12] + f"\u2026 ({len(token)} characters)"
+        problems.append(
+            Diagnostic(
+                "error",
+                f"number {shown} is too large" if len(integer) > MAX_INTEGER_DIGITS else f"number {shown} is too long",
+                span,
+                f"numbers in a recipe have at most {MAX_INTEGER_DIGITS} digits before the point "
+                f"and {MAX_NUMBER_LENGTH} characters in all",
+            )
+        )
+    return problems
+
+
 def parse_statement(source: Source, start: int, end: int) -> Statement:
-    """Parse the statement at `source.text[start:end]`; positions stay absolute in `source`."""
-    # Blank out everything before the statement (keeping newlines) so lark's positions are
-    # positions in the whole recipe.
-    prefix = "".join(ch if ch == "\n" else " " for ch in source.text[:start])
-    tree = _parser().parse(prefix + source.text[start:end])
-    return _ToAst(source).transform(tree)
+    """Parse the statement at `source.text[start:end]`; positions stay absolute in `source`.
+
+    Raises lark's UnexpectedInput for a syntax error (positions relative to `start`), or
+    RecipeError for a number out of bounds.
+    """
+    tree = _parser().parse(source.text[start:end])
+    problems = _number_diagnostics(tree, source, start)
+    if problems:
+        raise RecipeError(problems)
+    return _ToAst(source, start).transform(tree)
 
 
-def parse(text: str, name: str = "<string>") -> Recipe:
+def parse_source(source: Source) -> Recipe:
     """Parse a whole recipe; raises RecipeError carrying every syntax error found."""
-    source = Source(name, text)
     statements: list[Statement] = []
     diagnostics: list[Diagnostic] = []
-    for start, end in split_statements(text):
+    for start, end in split_statements(source.text):
         try:
             statements.append(parse_statement(source, start, end))
         except lark.exceptions.UnexpectedInput as error:
-            diagnostics.append(_syntax_diagnostic(error, source, end))
+            diagnostics.append(_syntax_diagnostic(error, source, start, end))
+        except RecipeError as error:
+            diagnostics.extend(error.diagnostics)
     if diagnostics:
         raise RecipeError(diagnostics)
     return Recipe(statements=tuple(statements), source=source)
+
+
+def parse(text: str, name: str = "<string>") -> Recipe:
+    """Parse recipe text (see `parse_source`)."""
+    return parse_source(Source(name, text))

@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING
 
 from surgery.check import CheckedRecipe, check
 from surgery.diagnostics import Diagnostic, RecipeError
+from surgery.files import RECIPE_LIMIT, InputFileError, read_source
 from surgery.output import OutputFolder
-from surgery.parser import parse
+from surgery.parser import parse_source
 from surgery.plan import VERIFY_DECODE_STEPS, VERIFY_TOLERANCE, Plan, build_plan
+from surgery.source import Source
 
 if TYPE_CHECKING:
     from surgery.importance.compute import ScoreRequest
@@ -56,17 +58,19 @@ class ApplyResult:
     perplexity_passed: bool | None = None
 
 
-def read_recipe(path: str) -> str:
-    """The recipe text (UTF-8)."""
-    with open(path, encoding="utf-8") as handle:
-        return handle.read()
+def read_recipe(path: str) -> Source:
+    """The recipe as a Source: a regular file of at most 1 MiB of UTF-8. Raises RecipeError."""
+    try:
+        return read_source(path, "recipe", RECIPE_LIMIT)
+    except InputFileError as problem:
+        raise RecipeError([Diagnostic("error", str(problem), problem.span, problem.hint)]) from None
 
 
 def check_recipe(path: str, model: str | None = None) -> tuple[str, CheckedRecipe]:
     """Parse and check a recipe file against its model's config. Raises RecipeError."""
-    text = read_recipe(path)
-    recipe = parse(text, name=path)
-    return text, check(recipe, model_override=model)
+    source = read_recipe(path)
+    recipe = parse_source(source)
+    return source.text, check(recipe, model_override=model)
 
 
 def score_request(checked: CheckedRecipe) -> ScoreRequest:
@@ -157,8 +161,7 @@ def apply(
         clock = now
 
     text, checked = check_recipe(path, model)
-    protected = [path] + ([checked.spec.location] if checked.spec.kind in ("folder", "gguf") else [])
-    folder = OutputFolder(output, force, protected)
+    folder = OutputFolder(output, force, [path, *checked.input_paths()], progress)
     lap("parse_check")
     try:
         hf_model, tokenizer = _load(checked, progress)

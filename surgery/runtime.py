@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from surgery.console import onnxruntime_log_level
+
 
 def session_options(threads: int | None = None, low_memory: bool = False) -> ort.SessionOptions:
     """CPU session options; `threads` defaults to the machine's core count.
@@ -21,6 +23,7 @@ def session_options(threads: int | None = None, low_memory: bool = False) -> ort
     file instead of being copied into packed buffers (for short runs such as verification).
     """
     options = ort.SessionOptions()
+    options.log_severity_level = onnxruntime_log_level()
     if low_memory:
         options.add_session_config_entry("session.disable_prepacking", "1")
     options.intra_op_num_threads = threads or os.cpu_count() or 1

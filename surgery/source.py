@@ -1,27 +1,65 @@
-"""Recipe source text and spans into it (positions every later stage reports against)."""
+"""Recipe source text and spans into it (positions every later stage reports against).
+
+Lines end at `\n`, `\r\n` or `\r` and nowhere else (not at form feeds, vertical tabs, U+0085 or
+U+2028, which Python's `str.splitlines` would also break at): `Source` normalizes the three
+line endings to `\n` and drops a leading byte-order mark, so every offset, line and column
+that any stage computes refers to the same text, the one diagnostics print.
+"""
 
 from __future__ import annotations
 
+import re
+from bisect import bisect_right
 from dataclasses import dataclass, field
+from functools import cached_property
+
+_LINE_ENDING = re.compile(r"\r\n?")
+
+
+def normalize_text(text: str) -> str:
+    """The text with a leading BOM removed and `\\r\\n` and `\\r` turned into `\\n`."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    return _LINE_ENDING.sub("\n", text) if "\r" in text else text
 
 
 @dataclass(frozen=True)
 class Source:
-    """A recipe's text and the name it is reported under (a path, or `<string>`)."""
+    """A recipe's (or a side file's) text and the name it is reported under (a path, or `<string>`).
+
+    The text is normalized on construction (see the module docstring).
+    """
 
     name: str
     text: str
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text", normalize_text(self.text))
+
+    @cached_property
+    def _line_starts(self) -> list[int]:
+        # Built once per source, so positions cost a binary search: a recipe with thousands of
+        # errors renders in linear time.
+        return [0, *(match.end() for match in re.finditer("\n", self.text))]
+
+    @property
+    def line_count(self) -> int:
+        """How many lines the text has (a final line without a newline counts)."""
+        starts = self._line_starts
+        return len(starts) - (1 if starts[-1] == len(self.text) and len(starts) > 1 else 0)
+
     def line_text(self, line: int) -> str:
         """The 1-based `line` of the text, without its newline."""
-        lines = self.text.splitlines()
-        return lines[line - 1] if 0 < line <= len(lines) else ""
+        starts = self._line_starts
+        if not 0 < line <= len(starts):
+            return ""
+        end = starts[line] - 1 if line < len(starts) else len(self.text)
+        return self.text[starts[line - 1] : end]
 
     def position(self, offset: int) -> tuple[int, int]:
         """1-based (line, column) of a character offset."""
-        line = self.text.count("\n", 0, offset) + 1
-        line_start = self.text.rfind("\n", 0, offset) + 1
-        return line, offset - line_start + 1
+        line = bisect_right(self._line_starts, offset)
+        return line, offset - self._line_starts[line - 1] + 1
 
     def span(self, start: int, end: int) -> Span:
         """The span covering characters `start` (inclusive) to `end` (exclusive)."""

@@ -57,9 +57,13 @@ def test_existing_output_is_refused_without_force(in_tmp):
     result = run_cli("apply", recipe, "-o", "out")
     assert result.code == 1 and "already exists" in result.err
     assert (in_tmp / "out" / "keep.txt").read_text() == "mine"
-    assert run_cli("apply", recipe, "-o", "out", "--force", "--no-verify").code == 0
-    assert not (in_tmp / "out" / "keep.txt").exists()
-    assert sorted(os.listdir(in_tmp)) == ["out", "r.surg"]
+    # --force replaces only an earlier output of surgery: a folder of someone's files stays.
+    forced = run_cli("apply", recipe, "-o", "out", "--force", "--no-verify")
+    assert forced.code == 1 and "was not written by `surgery apply`" in forced.err
+    assert (in_tmp / "out" / "keep.txt").read_text() == "mine"
+    assert run_cli("apply", recipe, "-o", "ours", "--no-verify").code == 0
+    assert run_cli("apply", recipe, "-o", "ours", "--force", "--no-verify").code == 0
+    assert sorted(os.listdir(in_tmp)) == ["ours", "out", "r.surg"]
 
 
 def test_output_may_not_replace_an_input(in_tmp):

