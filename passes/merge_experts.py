@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from surgery.expert_rules import rank_problem
 from surgery.experts import MergedMoE, expert_count, full_rank
 from surgery.models.graph import DecoderGraph
 from surgery.passes.base import GraphPass, PassResult
@@ -51,8 +52,9 @@ class MergeExperts(GraphPass):
                 problems.append(f"layer {index} is already merged")
             elif self.rank is not None:
                 limit = full_rank(layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj)
-                if not 1 <= self.rank < limit:
-                    problems.append(f"layer {index}: rank {self.rank} is not below the experts' full rank {limit}")
+                problem = rank_problem(limit, self.rank)
+                if problem:
+                    problems.append(f"layer {index}: {problem}")
         return problems
 
     def apply(self, graph: DecoderGraph) -> PassResult:

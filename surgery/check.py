@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from surgery.calibration import DEFAULT_LENGTH, DEFAULT_SAMPLES, DEFAULT_SEED, CalibrationSpec
 from surgery.data import TextSourceError, resolve_text, text_file
 from surgery.diagnostics import Diagnostic, RecipeError, did_you_mean, raise_if_errors
+from surgery.expert_rules import full_rank, merge_problem, merge_rank, prune_problem, rank_problem
 from surgery.export.options import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportOptions
 from surgery.files import InputFileError
 from surgery.importance.file import ImportanceFile, load_importance
@@ -652,12 +653,9 @@ class _Checker:
             available = self.expert_total(statement, "prune", index, splits)
             if available is None:
                 continue
-            if not 1 <= statement.keep < available:
-                self.error(
-                    f"keeping {statement.keep} experts of {available} prunes nothing or everything",
-                    statement.span,
-                    f"keep 1..{available - 1}",
-                )
+            problem = prune_problem(available, statement.keep)
+            if problem:
+                self.error(problem, statement.span, f"keep 1..{available - 1}")
                 continue
             layers = self.selector(statement.selector, index)
             if layers is not None:
@@ -672,10 +670,9 @@ class _Checker:
             available = self.expert_total(statement, "merge", index, splits)
             if available is None:
                 continue
-            if not 1 <= statement.groups <= available:
-                self.error(
-                    f"cannot merge {available} experts into {statement.groups}", statement.span, f"use 1..{available}"
-                )
+            problem = merge_problem(available, statement.groups)
+            if problem:
+                self.error(problem, statement.span, f"use 1..{available}")
                 continue
             if statement.rank is not None and statement.rank < 1:
                 self.error("rank 0 keeps nothing", statement.rank_span, "use a rank of at least 1, or a percentage")
@@ -701,6 +698,25 @@ class _Checker:
                     )
                 )
         return resolved
+
+    def expert_layers(
+        self, index: ModelIndex, splits: list[ResolvedSplit], prunes: list[ResolvedPrune], merges: list[ResolvedMerge]
+    ) -> None:
+        """Per layer, what the prunes and merges find there (see `expert_layer_problems`).
+
+        Layers that a split chooses by importance are decided by the plan, with the same rules.
+        """
+        if index.is_moe:
+            split_layers: dict[int, int] = {}
+        else:
+            split_layers = {}
+            for split in splits:
+                for layer in split.layers:
+                    if layer in split_layers:
+                        self.error(f"layer {layer} is split twice", split.statement.span, "split each MLP once")
+                    split_layers[layer] = split.experts
+        undecided = any(split.query is not None for split in splits)
+        self.diagnostics.extend(expert_layer_problems(index, split_layers, prunes, merges, undecided))
 
     # Layer fusion.
 
@@ -776,6 +792,73 @@ class _Checker:
         return ExportOptions(opset=opset, kv_cache=statement.kv_cache, position_ids=statement.position_ids), statement
 
 
+def expert_layer_problems(
+    index: ModelIndex,
+    split_layers: dict[int, int],
+    prunes: tuple[ResolvedPrune, ...] | list[ResolvedPrune],
+    merges: tuple[ResolvedMerge, ...] | list[ResolvedMerge],
+    undecided: bool = False,
+) -> list[Diagnostic]:
+    """Errors for prunes and merges that a layer's experts cannot take.
+
+    `split_layers` maps each layer split into experts to its expert count (ignored for a MoE
+    model, whose every layer has the config's experts). Each layer is followed through the
+    prunes (which run first) and the merges: a layer without experts, a count to keep or merge
+    to that the layer does not have, a rank its experts cannot have. With `undecided` (splits
+    chosen by importance are not resolved yet), layers without experts are not reported.
+    """
+    if index.is_moe:
+        layout = {layer: (index.num_experts, index.expert_intermediate_size) for layer in range(index.num_layers)}
+    else:
+        layout = {layer: (n, index.intermediate_size // n) for layer, n in split_layers.items()}
+    problems: list[Diagnostic] = []
+    pruned_by: dict[int, Span] = {}
+    for resolved in [*prunes, *merges]:
+        statement, layers = resolved.statement, resolved.layers
+        pruning = isinstance(resolved, ResolvedPrune)
+        missing = [layer for layer in layers if layer not in layout]
+        if missing and not undecided:
+            problems.append(
+                Diagnostic(
+                    "error",
+                    f"layer(s) {format_layers(missing)} have no experts to {'prune' if pruning else 'merge'}",
+                    statement.selector.span,
+                    "split those MLPs into experts first (`split mlp layers ... into E experts top K`)",
+                )
+            )
+        found: dict[tuple[str, Span | None, str | None], list[int]] = {}
+        for layer in layers:
+            if layer not in layout:
+                continue
+            experts, width = layout[layer]
+            hint = None
+            if pruning:
+                problem, span = prune_problem(experts, resolved.keep), statement.span
+            elif layer in pruned_by and resolved.groups > experts:
+                problem = f"cannot merge into {resolved.groups} groups the {experts} experts that pruning keeps"
+                span = statement.span
+                hint = f"pruned first (at {pruned_by[layer].location()}); merge to at most {experts}"
+            else:
+                problem, span = merge_problem(experts, resolved.groups), statement.span
+                if problem is None and (resolved.rank is not None or resolved.rank_percent is not None):
+                    full = full_rank(index.hidden_size, width)
+                    problem = rank_problem(full, merge_rank(full, resolved.rank, resolved.rank_percent))
+                    span = statement.rank_span or statement.span
+            if problem:
+                found.setdefault((problem, span, hint), []).append(layer)
+        for (problem, span, hint), where in found.items():
+            if hint:  # the layers lead the hint: the message is the same for every layer
+                problems.append(Diagnostic("error", problem, span, f"layer(s) {format_layers(where)} are {hint}"))
+            else:
+                problems.append(Diagnostic("error", f"{problem} (layer(s) {format_layers(where)})", span))
+        if pruning:
+            for layer in layers:
+                if layer in layout:
+                    layout[layer] = (resolved.keep, layout[layer][1])
+                    pruned_by[layer] = statement.span
+    return problems
+
+
 def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
     """Check a recipe against its model; raises RecipeError with every error found."""
     checker = _Checker(recipe, model_override)
@@ -798,16 +881,7 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
         splits = checker.splits(index)
         prunes = checker.prunes(index, splits)
         merges = checker.merges(index, splits)
-        for merge in merges:
-            for prune in prunes:
-                shared = sorted(set(merge.layers) & set(prune.layers))
-                if shared and merge.groups > prune.keep:
-                    checker.error(
-                        f"cannot merge into {merge.groups} groups the {prune.keep} experts that pruning keeps",
-                        merge.statement.span,
-                        f"layer(s) {format_layers(shared)} are pruned first (at {prune.statement.span.location()}); "
-                        f"merge to at most {prune.keep}",
-                    )
+        checker.expert_layers(index, splits, prunes, merges)
         if splits and any(q.part in ("layers", "mlp") for q in quantize):
             checker.error(
                 "quantizing MLPs that are split into experts is not supported yet",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -21,6 +22,32 @@ from surgery.diagnostics import HintedError
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_VERIFY_FAILED, EXIT_INTERNAL_ERROR = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
+
+
+def _count(minimum: int):
+    """An argparse type: a whole number from `minimum` to a billion (usage error otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text) if len(text) <= 12 else None
+        except ValueError:
+            value = None
+        if value is None or not minimum <= value <= 10**9:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {minimum} to 1000000000, got {text[:20]!r}")
+        return value
+
+    return parse
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text[:20]!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("-o", "--output", metavar="OUT", help="output folder (default: out/<recipe name>)")
     apply.add_argument("--force", action="store_true", help="replace an existing output folder")
     apply.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch verification")
-    apply.add_argument("--threads", type=int, metavar="N", help="onnxruntime threads for verification")
+    apply.add_argument("--threads", type=_count(1), metavar="N", help="onnxruntime threads for verification")
 
     check = commands.add_parser("check", help="check a recipe against the model's config (no weights loaded)")
     check.add_argument("recipe", metavar="RECIPE")
@@ -74,10 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     importance.add_argument(
         "--data", metavar="FILE|builtin", default=None, help="calibration text (default: wikitext-2-valid)"
     )
-    importance.add_argument("--samples", type=int, metavar="N", help="calibration samples (default 64)")
-    importance.add_argument("--seq-len", type=int, metavar="L", help="tokens per sample (default 256)")
-    importance.add_argument("--seed", type=int, metavar="S", help="which samples are drawn (default 0)")
-    importance.add_argument("--zd-threshold", type=float, default=1.0, metavar="Z", help="zd: z-score cut (default 1)")
+    importance.add_argument("--samples", type=_count(1), metavar="N", help="calibration samples (default 64)")
+    importance.add_argument("--seq-len", type=_count(2), metavar="L", help="tokens per sample (default 256)")
+    importance.add_argument("--seed", type=_count(0), metavar="S", help="which samples are drawn (default 0)")
+    importance.add_argument(
+        "--zd-threshold", type=_finite, default=1.0, metavar="Z", help="zd: z-score cut (default 1)"
+    )
     importance.add_argument(
         "--zd-more-important",
         choices=("lower", "higher"),
@@ -98,23 +127,25 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--data", default=DEFAULT_EVALUATION_TEXT, metavar="FILE|builtin", help=f"(default: {DEFAULT_EVALUATION_TEXT})"
     )
-    evaluate.add_argument("--max-tokens", type=int, default=8192, metavar="N", help="tokens evaluated (default 8192)")
-    evaluate.add_argument("--window", type=int, default=512, metavar="W", help="tokens per window (default 512)")
+    evaluate.add_argument(
+        "--max-tokens", type=_count(2), default=8192, metavar="N", help="tokens evaluated (default 8192)"
+    )
+    evaluate.add_argument("--window", type=_count(2), default=512, metavar="W", help="tokens per window (default 512)")
     evaluate.add_argument(
         "--against",
         metavar="SPEC",
         help="also score this model on the same tokens (a model spec, run in PyTorch, or another output folder) and "
         "report mean KL divergence and top-1 agreement",
     )
-    evaluate.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads")
+    evaluate.add_argument("--threads", type=_count(1), metavar="N", help="onnxruntime intra-op threads")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
 
     run = commands.add_parser("run", help="greedy generation with an output folder in ONNX Runtime")
     run.add_argument("output", metavar="OUT", help="a folder written by `surgery apply`")
     run.add_argument("--prompt", required=True, metavar="TEXT")
-    run.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    run.add_argument("--max-new-tokens", type=_count(1), default=32, metavar="N")
     run.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    run.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads")
+    run.add_argument("--threads", type=_count(1), metavar="N", help="onnxruntime intra-op threads")
     return parser
 
 
@@ -254,14 +285,11 @@ class _Rendered:
 
 
 def _cmd_run(args) -> int:
-    from transformers import AutoTokenizer
-
+    from surgery.model_folder import open_model_folder
     from surgery.runtime import OnnxCausalLM
 
-    if not os.path.exists(os.path.join(args.output, "model.onnx")):
-        raise _UserError(f"'{args.output}' has no model.onnx; give a folder written by `surgery apply`")
-    tokenizer = AutoTokenizer.from_pretrained(args.output)
-    model = OnnxCausalLM(args.output, threads=args.threads)
+    folder = open_model_folder(args.output)
+    tokenizer = folder.tokenizer
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise _UserError(f"the tokenizer in '{args.output}' has no chat template; run without --chat")
@@ -271,6 +299,15 @@ def _cmd_run(args) -> int:
         prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         prompt_ids = tokenizer(args.prompt)["input_ids"]
+    if not prompt_ids:
+        raise _UserError("the prompt is empty after tokenization", "give a prompt with some text")
+    if folder.context_length and len(prompt_ids) + args.max_new_tokens > folder.context_length:
+        raise _UserError(
+            f"the prompt ({len(prompt_ids)} tokens) and --max-new-tokens {args.max_new_tokens} exceed the model's "
+            f"context of {folder.context_length} tokens",
+            "shorten the prompt or ask for fewer new tokens",
+        )
+    model = OnnxCausalLM(args.output, threads=args.threads)
     eos = tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
     start = time.perf_counter()
@@ -361,21 +398,21 @@ def _require_matplotlib() -> None:
 
 
 def _cmd_eval(args) -> int:
-    from surgery.data import TextSourceError, resolve_text
+    from surgery.data import resolve_text
     from surgery.evaluate import compare, eval_tokens, onnx_logits, perplexity
+    from surgery.model_folder import open_model_folder
 
-    if not os.path.exists(os.path.join(args.output, "model.onnx")):
-        raise _UserError(f"'{args.output}' has no model.onnx; give a folder written by `surgery apply`")
-    if args.max_tokens < 2 or args.window < 2:
-        raise _UserError("--max-tokens and --window must be at least 2")
-    from transformers import AutoTokenizer
-
-    try:
-        text = resolve_text(args.data)
-    except TextSourceError as problem:
-        raise _UserError(problem.with_hint()) from problem
-    tokenizer = AutoTokenizer.from_pretrained(args.output)
+    folder = open_model_folder(args.output)
+    if folder.context_length and args.window > folder.context_length:
+        raise _UserError(
+            f"--window {args.window} is longer than the model's context of {folder.context_length} tokens",
+            f"use --window {min(512, folder.context_length)} (at most {folder.context_length})",
+        )
+    text = resolve_text(args.data)
+    tokenizer = folder.tokenizer
     tokens = eval_tokens(tokenizer, text, args.max_tokens, args.window)
+    if tokens.scored() == 0:
+        raise _UserError(f"'{text.name}' has fewer than 2 tokens; there is nothing to score", "give a longer text")
     candidate = onnx_logits(args.output, args.threads)
     result: dict = {
         "output": args.output,
@@ -384,7 +421,7 @@ def _cmd_eval(args) -> int:
         "context; the first token of each window is not scored",
     }
     if args.against:
-        reference = _reference_logits(args.against, tokenizer, args.threads)
+        reference = _reference_logits(args.against, tokenizer, args.threads, args.window)
         comparison = compare(candidate, reference, tokens)
         result.update(comparison.to_json())
         result["against"] = args.against
@@ -406,21 +443,22 @@ def _cmd_eval(args) -> int:
     return EXIT_OK
 
 
-def _reference_logits(spec_text: str, tokenizer, threads: int | None):
+def _reference_logits(spec_text: str, tokenizer, threads: int | None, window: int):
     """Logits of the `--against` model: another output folder in onnxruntime, or a model spec in PyTorch."""
     from surgery.evaluate import onnx_logits, torch_logits
+    from surgery.model_folder import open_model_folder
     from surgery.models.graph import DecoderGraph
     from surgery.models.index import ModelIndex
-    from surgery.models.loading import ModelSpecError, load_config, load_model, resolve_spec
+    from surgery.models.loading import load_config, load_model, resolve_spec
 
     if os.path.exists(os.path.join(spec_text, "model.onnx")):
+        other = open_model_folder(spec_text, tokenizer=False)
+        if other.context_length and window > other.context_length:
+            raise _UserError(f"--window {window} is longer than the context of '{spec_text}' ({other.context_length})")
         return onnx_logits(spec_text, threads)
-    try:
-        spec = resolve_spec(spec_text)
-        config = load_config(spec)
-        model, reference_tokenizer = load_model(spec, _Progress())
-    except ModelSpecError as problem:
-        raise _UserError(str(problem)) from problem
+    spec = resolve_spec(spec_text)
+    config = load_config(spec)
+    model, reference_tokenizer = load_model(spec, _Progress())
     if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise _UserError(f"'{spec_text}' has a different tokenizer than the output; the tokens would not compare")
     return torch_logits(DecoderGraph(model, ModelIndex.from_config(spec_text, config)))

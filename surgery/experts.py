@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from surgery import expert_rules
 from surgery.models.graph import DecoderGraph, position_ids_from_mask
 
 
@@ -170,8 +171,8 @@ class LowRankExperts(torch.nn.Module):
 
 
 def full_rank(gate_up: torch.Tensor, down: torch.Tensor) -> int:
-    """The rank an expert's weights can have: min over its gate_up (2I x hidden) and down (hidden x I)."""
-    return min(min(gate_up.shape[-2:]), min(down.shape[-2:]))
+    """The rank an expert's weights can have, from its gate_up (2I x hidden) and down (hidden x I)."""
+    return expert_rules.full_rank(int(down.shape[-2]), int(down.shape[-1]))
 
 
 class MergedMoE(torch.nn.Module):

@@ -9,7 +9,6 @@ ranks by a computed metric (`surgery plan`; results are cached); `apply` does th
 from __future__ import annotations
 
 import gc
-import math
 import os
 import shutil
 import time
@@ -125,10 +124,16 @@ def _compute_with_model(checked: CheckedRecipe, request: ScoreRequest, progress:
 
 def _load(checked: CheckedRecipe, progress: Progress):
     from surgery.models.loading import ModelSpecError, load_model
+    from surgery.models.weights import WeightsError
 
     progress(f"loading {checked.spec.text}")
     try:
         return load_model(checked.spec, progress)
+    except WeightsError as problem:
+        # Every finding about the weights, each at the `model` line.
+        raise RecipeError(
+            [Diagnostic("error", message, checked.model_span, hint) for message, hint in problem.problems]
+        ) from problem
     except ModelSpecError as problem:
         raise RecipeError([Diagnostic("error", str(problem), checked.model_span, problem.hint)]) from problem
 
@@ -307,6 +312,7 @@ def _rounded(frequencies: dict[int, list[float]]) -> dict[str, list[float]]:
 
 def _merge_by_statistics(graph, step, calibration: _Calibration, progress: Progress):
     """The merge pass for a step: usage and output statistics on the calibration data, then groups."""
+    from surgery.expert_rules import merge_rank
     from surgery.experts import expert_statistics, full_rank, group_by_outputs, group_by_router
     from surgery.passes import MergeExperts
 
@@ -319,8 +325,7 @@ def _merge_by_statistics(graph, step, calibration: _Calibration, progress: Progr
     rank = p.get("rank")
     if "rank_percent" in p:  # every layer's experts have one shape (one model, or one split)
         experts = graph.layer(step.layers[0]).mlp.experts
-        full = full_rank(experts.gate_up_proj, experts.down_proj)
-        rank = max(1, math.floor(full * p["rank_percent"] / 100 + 0.5))
+        rank = merge_rank(full_rank(experts.gate_up_proj, experts.down_proj), None, p["rank_percent"])
     merges = []
     for layer in step.layers:
         freq = frequencies[layer]

@@ -18,8 +18,8 @@ from typing import Any
 
 import networkx as nx
 
-from surgery.check import CheckedRecipe, ResolvedQuantize
-from surgery.diagnostics import Diagnostic, RecipeError
+from surgery.check import CheckedRecipe, ResolvedQuantize, expert_layer_problems
+from surgery.diagnostics import Diagnostic, RecipeError, raise_if_errors
 from surgery.export.options import ExportOptions
 from surgery.importance.file import ImportanceFile
 from surgery.importance.metrics import METRICS, MetricScores
@@ -310,6 +310,13 @@ def build_plan(checked: CheckedRecipe, verify: bool = True, computed: Importance
         parameters = {"experts": split.experts, "top_k": split.top_k, **extra}
         note = "" if layers else "no effect: every selected MLP was dropped"
         steps.append(_mlp_step(index, "split mlp", layers, parameters, split.statement.span, note))
+    if any(split.query is not None for split in checked.splits):
+        # Which layers an importance-ranked split chose is known only now: the rules `check`
+        # applied to explicit splits apply to these layers here.
+        split_layers = {
+            layer: step.parameters["experts"] for step in steps if step.action == "split mlp" for layer in step.layers
+        }
+        raise_if_errors(expert_layer_problems(index, split_layers, checked.prunes, checked.merges))
     # Pruning runs first, so merging groups the experts that are kept.
     for prune in checked.prunes:
         layers = tuple(layer for layer in prune.layers if layer in mlp)

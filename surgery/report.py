@@ -90,7 +90,12 @@ def build_report(
             "removed_layers": dropped_kv,
         },
         "passes": passes,
-        "export": {"opset": plan.export.opset, "kv_cache": plan.export.kv_cache, "op_counts": export.op_counts},
+        "export": {
+            "opset": plan.export.opset,
+            "kv_cache": plan.export.kv_cache,
+            "context_length": export.context_length,
+            "op_counts": export.op_counts,
+        },
         "verification": verification.to_json() if verification else {"skipped": True},
         **(sections or {}),
         "timings_s": {name: round(seconds, 3) for name, seconds in timings.items()},

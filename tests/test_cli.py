@@ -162,7 +162,7 @@ def test_unloadable_weights_point_at_the_model_line(in_tmp):
     assert run_cli("check", recipe).code == 0
     result = run_cli("apply", recipe, "-o", "out")
     assert result.code == 1
-    assert "r.surg:2:7: error: cannot load the weights of 'pickled'" in result.err
+    assert "r.surg:2:7: error: 'pickled' has no safetensors weights" in result.err
     assert "safetensors weights only" in result.err
     assert "Traceback" not in result.err
     assert not (in_tmp / "out").exists()

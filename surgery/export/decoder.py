@@ -57,6 +57,7 @@ class ExportResult:
     parameter_count: int
     op_counts: dict[str, int]
     linears: dict[str, str]  # linear layer ("model.layers.3.mlp.up_proj", "lm_head") -> its MatMul node
+    context_length: int = 0  # positions the rotary tables cover: the longest sequence the model takes
 
 
 def _np(tensor: torch.Tensor) -> np.ndarray:
@@ -488,4 +489,5 @@ def export_decoder(graph: DecoderGraph, folder: str, options: ExportOptions | No
         parameter_count=writer.parameter_count,
         op_counts=dict(Counter(node.op_type for node in writer.nodes)),
         linears=dict(emitter.linears),
+        context_length=int(graph.config.max_position_embeddings),
     )

@@ -48,6 +48,7 @@ class ModelIndex:
     max_positions: int = 2048
     num_experts: int = 0  # 0 = dense MLPs
     experts_per_token: int = 0
+    expert_intermediate_size: int = 0  # neurons of one expert (MoE models)
 
     @property
     def is_moe(self) -> bool:
@@ -91,6 +92,9 @@ class ModelIndex:
             max_positions=int(getattr(config, "max_position_embeddings", 2048) or 2048),
             num_experts=int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0),
             experts_per_token=int(getattr(config, "num_experts_per_tok", 0) or 0),
+            expert_intermediate_size=int(
+                getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", 0) or 0
+            ),
         )
 
     def layer_path(self, layer: int) -> str:

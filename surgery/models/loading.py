@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from surgery.diagnostics import HintedError
 from surgery.models import builtin
+from surgery.models.weights import INDEX, SINGLE, WeightsError, loading_problems, weight_files
 
 SpecKind = Literal["builtin", "folder", "gguf", "hub"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -85,30 +87,73 @@ def _first_line(error: Exception) -> str:
 
 
 def load_model(spec: ModelSpec, progress=print) -> tuple[Any, Any]:
-    """(model, tokenizer) in fp32 with eager attention, in eval mode."""
+    """(model, tokenizer) in fp32 with eager attention, in eval mode.
+
+    The weights are checked first against their files (headers, sizes), then against the config
+    (missing, unexpected, mis-shaped and non-finite tensors); any problem is a WeightsError
+    naming the file and tensor, and nothing random is ever filled in silently.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec.kind == "builtin" and spec.location != "smollm2-135m":
         return builtin.tiny_model(spec.location), builtin.byte_tokenizer()
-    if spec.kind == "builtin":
-        folder = str(builtin.smollm2_folder(progress))
-    elif spec.kind == "gguf":
-        folder = str(_converted_gguf(Path(spec.location), progress))
-    else:
-        folder = spec.location
+    try:
+        if spec.kind == "builtin":
+            folder = str(builtin.smollm2_folder(progress))
+        elif spec.kind == "gguf":
+            folder = str(_converted_gguf(Path(spec.location), progress))
+        else:
+            folder = spec.location
+    except builtin.BuiltinModelError as problem:
+        raise ModelSpecError(str(problem), problem.hint) from problem
+    files = weight_files(folder)
+    if not files:
+        raise ModelSpecError(
+            f"'{spec.text}' has no safetensors weights ({SINGLE} or {INDEX})",
+            "surgery loads safetensors weights only (pickled .bin checkpoints are refused)",
+        )
     try:
         # safetensors only: pickled .bin checkpoints can run code when loaded.
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, attn_implementation="eager", trust_remote_code=False, use_safetensors=True
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=torch.float32,
+            attn_implementation="eager",
+            trust_remote_code=False,
+            use_safetensors=True,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below, with the tensor names
         )
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
         raise ModelSpecError(
             f"cannot load the weights of '{spec.text}': {_first_line(error)}",
             "surgery loads safetensors weights only (pickled .bin checkpoints are refused)",
         ) from error
+    problems = loading_problems(info, files, int(model.config.num_hidden_layers))
+    problems += _non_finite(model, files)
+    if problems:
+        raise WeightsError(problems)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelSpecError(
+            f"cannot load the tokenizer of '{spec.text}': {_first_line(error)}",
+            "a model folder needs its tokenizer files (tokenizer.json and tokenizer_config.json)",
+        ) from error
     return model.eval(), tokenizer
+
+
+def _non_finite(model: Any, files: dict[str, list[str]]) -> list[tuple[str, str | None]]:
+    """A problem for every parameter holding NaN or infinity (which no verification would catch)."""
+    import torch
+
+    problems = []
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if not bool(torch.isfinite(parameter).all()):
+                where = next((file for file, tensors in files.items() if name in tensors), "the weights")
+                problems.append((f"tensor '{name}' in {where} holds NaN or infinite values", "the file is damaged"))
+    return problems
 
 
 def _converted_gguf(path: Path, progress) -> Path:
@@ -118,5 +163,11 @@ def _converted_gguf(path: Path, progress) -> Path:
     target = builtin.cache_dir() / "models" / f"{path.stem}-{key}"
     if not (target / "config.json").exists():
         progress(f"converting {path.name} to safetensors in {target} (once)")
-        builtin.convert_gguf(path, target)
+        try:
+            builtin.convert_gguf(path, target)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, IndexError, struct.error) as error:
+            raise ModelSpecError(
+                f"cannot read the GGUF file '{path.name}': {_first_line(error)}",
+                "the file is damaged or not a GGUF model transformers can read",
+            ) from error
     return target
