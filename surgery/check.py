@@ -14,7 +14,15 @@ import os
 from collections import Counter
 from dataclasses import dataclass, replace
 
-from surgery.calibration import DEFAULT_LENGTH, DEFAULT_SAMPLES, DEFAULT_SEED, CalibrationSpec
+from surgery.calibration import (
+    DEFAULT_LENGTH,
+    DEFAULT_SAMPLES,
+    DEFAULT_SEED,
+    SHORTAGE_HINT,
+    CalibrationSpec,
+    count_tokens,
+    shortage,
+)
 from surgery.data import TextSourceError, resolve_text, text_file
 from surgery.diagnostics import Diagnostic, RecipeError, did_you_mean, raise_if_errors
 from surgery.expert_rules import full_rank, merge_problem, merge_rank, prune_problem, rank_problem
@@ -24,7 +32,7 @@ from surgery.importance.file import ImportanceFile, load_importance
 from surgery.importance.metrics import METRICS
 from surgery.layers import evenly_spaced, format_layers
 from surgery.models.index import SUPPORTED_ARCHITECTURES, ModelIndex
-from surgery.models.loading import ModelSpec, ModelSpecError, load_config, resolve_spec
+from surgery.models.loading import ModelSpec, ModelSpecError, load_config, resolve_spec, tokenizer_without_weights
 from surgery.selection import ImportanceQuery, ScoreSource
 from surgery.source import Span
 from surgery.syntax import (
@@ -56,6 +64,8 @@ from surgery.syntax import (
 DEFAULT_QUANT_BLOCK = 32
 QUANT_BLOCKS = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
 DEFAULT_PERPLEXITY_TOKENS = 4096
+MIN_PERPLEXITY_TOKENS = 64
+DEFAULT_WINDOW = 512  # tokens per perplexity window; less where the model's context is shorter
 DEFAULT_FUSE_WEIGHT = 0.02  # chosen by measurement on smollm2-135m: docs/fusion.md
 # Which importance scores rank the layers for a statement's part.
 SCORE_PART = {"attention": "attention", "mlp": "mlp", "block": "block", "layers": "block"}
@@ -154,6 +164,7 @@ class PerplexityCheck:
     max_increase: float
     tokens: int
     span: Span | None = None
+    window: int = DEFAULT_WINDOW  # the model's context where that is shorter
 
 
 @dataclass(frozen=True)
@@ -251,9 +262,15 @@ class _Checker:
                 "supported architectures: " + ", ".join(sorted(SUPPORTED_ARCHITECTURES)),
             )
             return None
-        index = ModelIndex.from_config(text, config)
+        try:
+            index = ModelIndex.from_config(text, config)
+        except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as problem:
+            self.error(f"cannot compile '{text}': its config is incomplete ({type(problem).__name__})", span)
+            return None
         for reason in index.unsupported_reasons():
             self.error(f"cannot compile '{text}': {reason}", span)
+        if index.implausible_fields():  # the statements cannot be checked against such a model
+            return None
         return spec, index, span
 
     # Selectors.
@@ -591,11 +608,69 @@ class _Checker:
         statement = statements[0]
         self.text_exists(statement.data, statement.data_span)
         tokens = statement.tokens if statement.tokens is not None else DEFAULT_PERPLEXITY_TOKENS
-        if tokens < 64:
-            self.error(f"{tokens} tokens is too few for a perplexity", statement.span, "use at least 64 tokens")
+        if tokens < MIN_PERPLEXITY_TOKENS:
+            self.error(
+                f"{tokens} tokens is too few for a perplexity",
+                statement.span,
+                f"use at least {MIN_PERPLEXITY_TOKENS} tokens",
+            )
         if statement.max_increase <= 0:
             self.error("max-increase must be above 0%", statement.span)
         return PerplexityCheck(statement.data, statement.max_increase, tokens, statement.span)
+
+    def tokenizer(self, spec: ModelSpec):
+        """The model's tokenizer if it loads without weights (see `tokenizer_without_weights`), once."""
+        if not hasattr(self, "_tokenizer"):
+            self._tokenizer = tokenizer_without_weights(spec)
+        return self._tokenizer
+
+    def tokens_in(self, name: str, spec: ModelSpec, enough: int) -> tuple[int, bool] | None:
+        """(tokens, exact) in a text, counted up to `enough`: exactly with the model's tokenizer,
+        else an upper bound (no token is shorter than a byte, bar one leading space marker)."""
+        try:
+            source = resolve_text(name, self.base_dir)
+        except TextSourceError:
+            return None  # reported where the text is named
+        tokenizer = self.tokenizer(spec)
+        if tokenizer is not None:
+            return count_tokens(tokenizer, source.read(), enough), True
+        return os.path.getsize(source.path) + 1, False
+
+    def calibration_fits(self, checked: CheckedRecipe) -> None:
+        """The calibration (the statement's, or the defaults) fits the model and its text is long enough."""
+        spec, index = checked.calibration, checked.index
+        span = checked.calibration_span or checked.model_span
+        what = "calibration" if checked.calibration_span else f"the default calibration ({spec.describe()})"
+        if not 2 <= spec.length <= index.max_positions:
+            if checked.calibration_span is None:  # a statement's length is checked with the statement
+                self.error(
+                    f"{what} is longer than the model's context of {index.max_positions} tokens",
+                    span,
+                    f"add `calibrate on \"{spec.data}\" length {min(DEFAULT_LENGTH, index.max_positions)}`",
+                )
+            return
+        needed = spec.samples * spec.length
+        counted = self.tokens_in(spec.data, checked.spec, needed)
+        if counted is None:
+            return
+        tokens, exact = counted
+        problem = shortage(spec, tokens)
+        if problem:
+            if not exact:
+                problem = problem.replace(f"has {tokens:,} tokens", f"has at most {tokens:,} tokens")
+            self.error(problem, span, SHORTAGE_HINT)
+
+    def evaluation_fits(self, checked: CheckedRecipe) -> None:
+        """`verify perplexity`'s text has enough tokens to score."""
+        check = checked.perplexity
+        counted = self.tokens_in(check.data, checked.spec, MIN_PERPLEXITY_TOKENS)
+        if counted is not None and counted[0] < MIN_PERPLEXITY_TOKENS:
+            at_most = "" if counted[1] else "at most "
+            self.error(
+                f"'{check.data}' has {at_most}{counted[0]} tokens, too few for a perplexity",
+                check.span,
+                f"give a text of at least {MIN_PERPLEXITY_TOKENS} tokens",
+            )
 
     # Splitting MLPs into experts.
 
@@ -888,9 +963,12 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
                 next(q.span for q in quantize if q.part in ("layers", "mlp")),
                 "quantize attention or head in a recipe that splits MLPs",
             )
-    raise_if_errors(checker.diagnostics)
+    if model is None:
+        raise_if_errors(checker.diagnostics)
     assert model is not None
     spec, index, model_span = model
+    if perplexity is not None:
+        perplexity = replace(perplexity, window=min(DEFAULT_WINDOW, index.max_positions))
     files = {path: found for path, found in checker.files.items() if found is not None}
     checked = CheckedRecipe(
         recipe,
@@ -913,15 +991,20 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
         tuple(merges),
     )
     uses_data = any(METRICS[m].needs_data for m in checked.metrics_to_compute()) or prunes or merges
-    if calibration_span is not None and not uses_data:
+    clean = not any(d.severity == "error" for d in checker.diagnostics)  # else selectors may be missing
+    if calibration_span is not None and not uses_data and clean:
         checker.warning(
             "calibration is not used: no selector ranks by a metric computed from data",
             calibration_span,
             "similarity, lim, iks (fuse layer auto) and prune experts use it; zd and importance files do not",
         )
+    if uses_data and clean:
+        checker.calibration_fits(checked)
+    if perplexity is not None and clean:
+        checker.evaluation_fits(checked)
+    raise_if_errors(checker.diagnostics)
     warnings = tuple(d for d in checker.diagnostics if d.severity == "warning")
     return replace(checked, warnings=warnings)
-
 
 __all__ = [
     "CheckedRecipe",

@@ -14,11 +14,12 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from surgery.check import CheckedRecipe, check
+from surgery.check import MIN_PERPLEXITY_TOKENS, CheckedRecipe, check
 from surgery.diagnostics import Diagnostic, RecipeError
 from surgery.files import RECIPE_LIMIT, InputFileError, read_source
 from surgery.output import OutputFolder
@@ -114,12 +115,29 @@ def resolve_expert_steps(compiled: Compiled, progress: Progress = _quiet) -> Com
     return replace(compiled, plan=plan)
 
 
+@contextmanager
+def _calibration_text(checked: CheckedRecipe):
+    """A calibration text found too short once tokenized is an error at the `calibrate` line.
+
+    `check` counts the tokens exactly when the tokenizer loads without the weights; otherwise it
+    can only bound them, and the count is made here.
+    """
+    from surgery.data import TextSourceError
+
+    try:
+        yield
+    except TextSourceError as problem:
+        span = checked.calibration_span or checked.model_span
+        raise RecipeError([Diagnostic("error", str(problem), span, problem.hint)]) from None
+
+
 def _compute_with_model(checked: CheckedRecipe, request: ScoreRequest, progress: Progress) -> ImportanceFile:
     from surgery.importance.compute import compute_importance
     from surgery.models.graph import DecoderGraph
 
     hf_model, tokenizer = _load(checked, progress)
-    return compute_importance(DecoderGraph(hf_model, checked.index), tokenizer, checked.spec, request, progress)
+    with _calibration_text(checked):
+        return compute_importance(DecoderGraph(hf_model, checked.index), tokenizer, checked.spec, request, progress)
 
 
 def _load(checked: CheckedRecipe, progress: Progress):
@@ -178,7 +196,8 @@ def apply(
         computed = None
         if checked.metrics_to_compute():
             # On the unmodified model, before any pass: scores mean the original layers.
-            computed = compute_importance(graph, tokenizer, checked.spec, score_request(checked), progress)
+            with _calibration_text(checked):
+                computed = compute_importance(graph, tokenizer, checked.spec, score_request(checked), progress)
             sections["importance"] = computed.to_json()
             lap("importance")
         plan = build_plan(checked, verify=run_verification, computed=computed)
@@ -263,7 +282,7 @@ class _Calibration:
     """The recipe's calibration tokens, tokenized on first use and kept for later steps."""
 
     def __init__(self, checked: CheckedRecipe, tokenizer):
-        self.spec, self.base_dir, self.tokenizer = checked.calibration, checked.base_dir, tokenizer
+        self.checked, self.spec, self.tokenizer = checked, checked.calibration, tokenizer
         self._tokens = None
 
     def tokens(self):
@@ -272,7 +291,9 @@ class _Calibration:
             from surgery.calibration import calibration_tokens
             from surgery.data import resolve_text
 
-            self._tokens = calibration_tokens(self.tokenizer, self.spec, resolve_text(self.spec.data, self.base_dir))
+            with _calibration_text(self.checked):
+                text = resolve_text(self.spec.data, self.checked.base_dir)
+                self._tokens = calibration_tokens(self.tokenizer, self.spec, text)
         return self._tokens
 
 
@@ -367,7 +388,11 @@ def _reference_perplexity(checked: CheckedRecipe, graph, tokenizer, progress: Pr
     from surgery.evaluate import eval_tokens, perplexity, torch_logits
 
     request = checked.perplexity
-    tokens = eval_tokens(tokenizer, resolve_text(request.data, checked.base_dir), request.tokens)
+    tokens = eval_tokens(tokenizer, resolve_text(request.data, checked.base_dir), request.tokens, request.window)
+    if tokens.scored() < MIN_PERPLEXITY_TOKENS - 1:  # `check` bounded the count without the tokenizer
+        raise RecipeError(
+            [Diagnostic("error", f"'{request.data}' has too few tokens for a perplexity", request.span)]
+        )
     progress(f"perplexity of the original model on {tokens.scored()} tokens of {tokens.text.name} (PyTorch)")
     return tokens, perplexity(torch_logits(graph), tokens)
 

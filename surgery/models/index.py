@@ -25,6 +25,7 @@ SUPPORTED_ARCHITECTURES = {
 # RoPE variants whose cos/sin tables do not depend on the sequence length, so they can be
 # precomputed into the graph.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+MAX_LAYERS = 4096  # far beyond any released decoder; a larger count is a damaged config
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,33 @@ class ModelIndex:
             ),
         )
 
+    def implausible_fields(self) -> list[str]:
+        """Config values no real model has (a corrupt or hand-edited config.json)."""
+        bounds = {
+            "num_hidden_layers": (self.num_layers, 1, MAX_LAYERS),
+            "hidden_size": (self.hidden_size, 1, 1 << 20),
+            "num_attention_heads": (self.num_heads, 1, 1 << 14),
+            "num_key_value_heads": (self.num_kv_heads, 1, 1 << 14),
+            "head_dim": (self.head_dim, 1, 1 << 14),
+            "intermediate_size": (self.intermediate_size, 1, 1 << 22),
+            "vocab_size": (self.vocab_size, 1, 1 << 24),
+            "max_position_embeddings": (self.max_positions, 2, 1 << 24),
+            "num_experts": (self.num_experts, 0, 1 << 14),
+        }
+        problems = [
+            f"config.json: {name} {value} is outside {low}..{high}"
+            for name, (value, low, high) in bounds.items()
+            if not low <= value <= high
+        ]
+        if not problems and self.num_heads % self.num_kv_heads:
+            problems.append(
+                f"config.json: {self.num_heads} attention heads cannot share {self.num_kv_heads} key/value heads evenly"
+            )
+        if len(self.layer_sliding) != self.num_layers:
+            entries = len(self.layer_sliding)
+            problems.append(f"config.json: layer_types has {entries} entries for {self.num_layers} layers")
+        return problems
+
     def layer_path(self, layer: int) -> str:
         """Module path of decoder layer `layer` (an original layer number)."""
         return f"model.layers.{layer}"
@@ -117,7 +145,9 @@ class ModelIndex:
 
     def unsupported_reasons(self) -> list[str]:
         """Why this model cannot be compiled (empty when it can)."""
-        reasons = []
+        reasons = self.implausible_fields()
+        if reasons:
+            return reasons
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             reasons.append(
                 f"architecture '{self.architecture}' is not supported; supported: "

@@ -44,23 +44,34 @@ def resolve_spec(text: str, base_dir: str | None = None) -> ModelSpec:
     if base_dir and not os.path.isabs(text):
         candidates.append(Path(base_dir) / text)
     for path in candidates:
-        if path.is_file() and path.suffix == ".gguf":
-            return ModelSpec(text, "gguf", str(path.resolve()))
-        if path.is_dir():
-            if not (path / "config.json").exists():
-                raise ModelSpecError(
-                    f"folder '{text}' has no config.json", "a Hugging Face model folder holds config.json and weights"
-                )
-            return ModelSpec(text, "folder", str(path.resolve()))
-        if path.exists():
-            raise ModelSpecError(f"'{text}' is neither a model folder nor a .gguf file")
-    if _HUB_ID.match(text) and not text.startswith((".", "/")):
+        try:
+            found = _local_spec(text, path)
+        except (OSError, ValueError):  # a name too long for the file system, a NUL byte: not a path
+            found = None
+        if found is not None:
+            return found
+    if len(text) <= 200 and _HUB_ID.match(text) and not text.startswith((".", "/")):
         return ModelSpec(text, "hub", text)
     raise ModelSpecError(
         f"model '{text}' not found",
         "use a built-in (" + ", ".join(builtin.BUILTIN_NAMES) + "), a local model folder, a .gguf file, "
         "or a hub id like 'org/name'",
     )
+
+
+def _local_spec(text: str, path: Path) -> ModelSpec | None:
+    """The spec when `path` is a local model (folder or .gguf file); None when nothing is there."""
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSpec(text, "gguf", str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(
+                f"folder '{text}' has no config.json", "a Hugging Face model folder holds config.json and weights"
+            )
+        return ModelSpec(text, "folder", str(path.resolve()))
+    if path.exists():
+        raise ModelSpecError(f"'{text}' is neither a model folder nor a .gguf file")
+    return None
 
 
 def load_config(spec: ModelSpec) -> Any:
@@ -82,8 +93,10 @@ def load_config(spec: ModelSpec) -> Any:
 
 
 def _first_line(error: Exception) -> str:
+    """The first line of a library's error message, cut to a readable length."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= 200 else line[:200] + "\u2026"
 
 
 def load_model(spec: ModelSpec, progress=print) -> tuple[Any, Any]:
@@ -143,6 +156,32 @@ def load_model(spec: ModelSpec, progress=print) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
+def tokenizer_without_weights(spec: ModelSpec) -> Any | None:
+    """The model's tokenizer when it can be had without loading or fetching weights, else None.
+
+    `check` uses it to count calibration and evaluation tokens exactly: the tiny built-ins'
+    byte tokenizer, a model folder's own tokenizer files, or an already converted cache.
+    """
+    if spec.kind == "builtin" and spec.location != "smollm2-135m":
+        return builtin.byte_tokenizer()
+    if spec.kind == "folder":
+        folder: Path | None = Path(spec.location)
+    elif spec.kind == "builtin":
+        folder = builtin.cache_dir() / "models" / "smollm2-135m"
+    elif spec.kind == "gguf":
+        folder = _gguf_cache_folder(Path(spec.location))
+    else:
+        return None
+    if folder is None or not (folder / "tokenizer_config.json").exists():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception:  # any failure just means: count without the tokenizer
+        return None
+
+
 def _non_finite(model: Any, files: dict[str, list[str]]) -> list[tuple[str, str | None]]:
     """A problem for every parameter holding NaN or infinity (which no verification would catch)."""
     import torch
@@ -156,11 +195,21 @@ def _non_finite(model: Any, files: dict[str, list[str]]) -> list[tuple[str, str 
     return problems
 
 
-def _converted_gguf(path: Path, progress) -> Path:
-    """A GGUF file is dequantized once into the cache, keyed by its path, size and mtime."""
-    stat = path.stat()
+def _gguf_cache_folder(path: Path) -> Path | None:
+    """Where a GGUF file's conversion is cached, keyed by its path, size and mtime."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
     key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = builtin.cache_dir() / "models" / f"{path.stem}-{key}"
+    return builtin.cache_dir() / "models" / f"{path.stem}-{key}"
+
+
+def _converted_gguf(path: Path, progress) -> Path:
+    """A GGUF file is dequantized once into the cache (see `_gguf_cache_folder`)."""
+    target = _gguf_cache_folder(path)
+    if target is None:
+        raise ModelSpecError(f"GGUF file '{path}' cannot be read")
     if not (target / "config.json").exists():
         progress(f"converting {path.name} to safetensors in {target} (once)")
         try:
