@@ -636,17 +636,18 @@ class _Checker:
             return count_tokens(tokenizer, source.read(), enough), True
         return os.path.getsize(source.path) + 1, False
 
-    def calibration_fits(self, checked: CheckedRecipe) -> None:
+    def calibration_fits(self, checked: CheckedRecipe, what: str | None = None) -> None:
         """The calibration (the statement's, or the defaults) fits the model and its text is long enough."""
         spec, index = checked.calibration, checked.index
         span = checked.calibration_span or checked.model_span
-        what = "calibration" if checked.calibration_span else f"the default calibration ({spec.describe()})"
+        if what is None:
+            what = "calibration" if checked.calibration_span else f"the default calibration ({spec.describe()})"
         if not 2 <= spec.length <= index.max_positions:
             if checked.calibration_span is None:  # a statement's length is checked with the statement
                 self.error(
                     f"{what} is longer than the model's context of {index.max_positions} tokens",
                     span,
-                    f"add `calibrate on \"{spec.data}\" length {min(DEFAULT_LENGTH, index.max_positions)}`",
+                    f"ask for samples of at most {index.max_positions} tokens",
                 )
             return
         needed = spec.samples * spec.length
@@ -934,6 +935,22 @@ def expert_layer_problems(
     return problems
 
 
+def check_command_inputs(model: str, calibration: CalibrationSpec | None) -> tuple[ModelSpec, ModelIndex]:
+    """The model and calibration of a command without a recipe (`surgery importance`), checked by
+    the rules a recipe's are. Raises RecipeError (diagnostics without a place)."""
+    recipe = Recipe(statements=(), source=None)
+    checker = _Checker(recipe, model)
+    found = checker.model()
+    if found is not None and calibration is not None:
+        spec, index, _ = found
+        if checker.text_exists(calibration.data, None):
+            checked = CheckedRecipe(recipe, spec, index, (), ExportOptions(), None, (), calibration=calibration)
+            checker.calibration_fits(checked, what=f"calibration ({calibration.describe()})")
+    raise_if_errors(checker.diagnostics)
+    assert found is not None
+    return found[0], found[1]
+
+
 def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
     """Check a recipe against its model; raises RecipeError with every error found."""
     checker = _Checker(recipe, model_override)
@@ -1017,4 +1034,5 @@ __all__ = [
     "ResolvedQuantize",
     "ResolvedSplit",
     "check",
+    "check_command_inputs",
 ]

@@ -325,18 +325,21 @@ class _UserError(HintedError):
 
 def _cmd_importance(args) -> int:
     from surgery.calibration import CalibrationSpec
-    from surgery.data import DEFAULT_CALIBRATION_TEXT, TextSourceError, resolve_text
+    from surgery.check import check_command_inputs
+    from surgery.data import DEFAULT_CALIBRATION_TEXT, text_file
     from surgery.importance.compute import ScoreRequest, compute_importance
-    from surgery.importance.file import save_importance
+    from surgery.importance.file import is_importance_file, save_importance
     from surgery.importance.metrics import METRICS
+    from surgery.importance.plot import PNG_SIGNATURE
     from surgery.models.graph import DecoderGraph
-    from surgery.models.index import SUPPORTED_ARCHITECTURES, ModelIndex
-    from surgery.models.loading import ModelSpecError, load_config, load_model, resolve_spec
+    from surgery.models.loading import load_model
+    from surgery.output import check_replaceable_file
 
     metrics = tuple(dict.fromkeys(m.strip() for m in args.metric.split(",") if m.strip()))
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
-        raise _UserError(f"unknown metric(s) {', '.join(unknown) or '(none)'}; metrics: {', '.join(METRICS)}")
+        shown = ", ".join(m[:40] for m in unknown[:5]) or "(none)"
+        raise _UserError(f"unknown metric(s) {shown}; metrics: {', '.join(METRICS)}")
     defaults = CalibrationSpec()
     calibration = CalibrationSpec(
         data=args.data or DEFAULT_CALIBRATION_TEXT,
@@ -347,31 +350,21 @@ def _cmd_importance(args) -> int:
     needs_data = any(METRICS[m].needs_data for m in metrics)
     if not needs_data and (args.data or args.samples or args.seq_len or args.seed is not None):
         print("warning: zd is data-free; --data/--samples/--seq-len/--seed are not used", file=sys.stderr)
-    if calibration.samples < 1 or calibration.length < 2:
-        raise _UserError("--samples must be at least 1 and --seq-len at least 2")
-    try:
-        if needs_data:
-            resolve_text(calibration.data)
-        spec = resolve_spec(args.model)
-        config = load_config(spec)
-    except (ModelSpecError, TextSourceError) as problem:
-        raise _UserError(problem.with_hint()) from problem
-    if config.model_type not in SUPPORTED_ARCHITECTURES:
-        raise _UserError(f"architecture '{config.model_type}' is not supported")
+    # The same rules as a recipe's `model` and `calibrate` statements, before anything is loaded.
+    spec, index = check_command_inputs(args.model, calibration if needs_data else None)
+    inputs = [spec.location] if spec.kind in ("folder", "gguf") else []
+    if needs_data and text_file(calibration.data):
+        inputs.append(text_file(calibration.data))
+    check_replaceable_file(args.output, "importance file", is_importance_file, inputs)
     if args.plot:
         _require_matplotlib()
+        check_replaceable_file(args.plot, "plot", lambda head: head.startswith(PNG_SIGNATURE), inputs)
     progress = _Progress()
     progress(f"loading {spec.text}")
-    try:
-        model, tokenizer = load_model(spec, progress)
-    except ModelSpecError as problem:
-        raise _UserError(str(problem)) from problem
-    graph = DecoderGraph(model, ModelIndex.from_config(args.model, config))
+    model, tokenizer = load_model(spec, progress)
+    graph = DecoderGraph(model, index)
     request = ScoreRequest(metrics, calibration, args.zd_threshold, args.zd_more_important)
-    try:
-        importance = compute_importance(graph, tokenizer, spec, request, progress, use_cache=not args.no_cache)
-    except TextSourceError as problem:
-        raise _UserError(problem.with_hint()) from problem
+    importance = compute_importance(graph, tokenizer, spec, request, progress, use_cache=not args.no_cache)
     save_importance(importance, args.output)
     print(f"wrote {args.output}")
     for name, scores in importance.metrics.items():

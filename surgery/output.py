@@ -234,8 +234,7 @@ class OutputFolder:
         try:
             # mkdtemp (and some writers) create owner-only entries; give the result the usual
             # permissions a folder made by the user would have.
-            umask = os.umask(0)
-            os.umask(umask)
+            umask = _umask()
             os.chmod(self.path, 0o777 & ~umask)
             for entry in self.path.iterdir():
                 if entry.is_file():
@@ -268,3 +267,54 @@ class OutputFolder:
             shutil.rmtree(self.path, ignore_errors=True)
         finally:
             self.lock.release()
+
+
+def check_replaceable_file(path: str, what: str, is_ours: Callable[[bytes], bool], protected=()) -> None:
+    """Refuse to write a single-file output (`importance -o`, `--plot`) over something not ours.
+
+    An existing file is replaced only when `is_ours` recognizes its first bytes (an importance
+    file, a PNG); a folder, a device, a file under a file, or an input is refused.
+    """
+    target = _absolute(path)
+    for ancestor in target.parents:
+        if ancestor.exists() and not ancestor.is_dir():
+            raise OutputError(f"{what} '{path}' would be under '{ancestor}', which is a file, not a folder")
+    for item in protected:
+        if _resolved(item) == _resolved(target):
+            raise OutputError(f"{what} '{path}' is an input of this command; choose another path")
+    if not (target.exists() or target.is_symlink()):
+        return
+    if target.is_symlink() or not target.is_file():
+        raise OutputError(f"{what} '{path}' exists and is not a regular file; choose another path")
+    try:
+        with open(target, "rb") as handle:
+            head = handle.read(1 << 16)
+    except OSError as error:
+        raise OutputError(f"{what} '{path}' exists and cannot be read: {error.strerror}") from None
+    if not is_ours(head):
+        raise OutputError(
+            f"{what} '{path}' exists and is not a file surgery wrote; surgery replaces only its own files: "
+            "move it away or choose another path"
+        )
+
+
+def write_atomically(path: str, write: Callable[[str], None], suffix: str = "") -> None:
+    """Call `write(temporary_path)` next to `path`, then rename onto it: `path` is never partial."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", suffix=suffix, dir=folder)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

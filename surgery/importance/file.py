@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +32,7 @@ from surgery.diagnostics import Diagnostic
 from surgery.files import IMPORTANCE_LIMIT, read_source
 from surgery.importance.jsonpos import JsonSyntaxError, Path, format_path, parse_with_positions
 from surgery.importance.metrics import PARTS, MetricScores
+from surgery.output import write_atomically
 from surgery.source import Source, Span
 
 FORMAT = "surgery-importance"
@@ -71,17 +71,18 @@ def _finite_or_none(value: float) -> float | None:
 
 def save_importance(importance: ImportanceFile, path: str) -> None:
     """Write the file atomically (temporary file in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".importance-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as out:
             json.dump(importance.to_json(), out, indent=2)
             out.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+
+    write_atomically(path, write, ".json")
+
+
+def is_importance_file(head: bytes) -> bool:
+    """Whether the first bytes of a file are those of an importance file (so `-o` may replace it)."""
+    return f'"format": "{FORMAT}"'.encode() in head or f'"format":"{FORMAT}"'.encode() in head
 
 
 class _Validator:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from surgery.importance.file import ImportanceFile
+from surgery.output import write_atomically
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def plot_importance(importance: ImportanceFile, path: str) -> None:
@@ -24,5 +27,5 @@ def plot_importance(importance: ImportanceFile, path: str) -> None:
     model = importance.model.get("spec", "")
     figure.suptitle(f"layer importance{f' of {model}' if model else ''}")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"), ".png")
     plt.close(figure)
