@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import struct
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 from surgery.diagnostics import HintedError
 from surgery.models import builtin
@@ -59,6 +62,42 @@ def resolve_spec(text: str, base_dir: str | None = None) -> ModelSpec:
     )
 
 
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt"]
+
+
+@cache
+def _hub_offline() -> bool:
+    """Whether the hub cannot be reached (HF_HUB_OFFLINE, or no connection within 3 s).
+
+    Asked once per process: offline, every hub access goes to the local cache only, instead of
+    the hub client's retries for half a minute per file.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return True
+    return False
+
+
+def _hub_folder(spec: ModelSpec, progress) -> str:
+    """The local snapshot of a hub model (config, safetensors, tokenizer files), downloaded if needed."""
+    from huggingface_hub import snapshot_download
+
+    offline = _hub_offline()
+    if not offline:
+        progress(f"fetching {spec.text} from the Hugging Face hub (safetensors and tokenizer files)")
+    try:
+        return snapshot_download(spec.location, allow_patterns=_HUB_FILES, local_files_only=offline)
+    except Exception as error:  # the hub client raises many kinds for missing, gated or unreachable repos
+        hint = "the hub is unreachable; download the model and give its folder" if offline else None
+        raise ModelSpecError(f"cannot fetch '{spec.text}' from the hub: {_first_line(error)}", hint) from error
+
+
 def _local_spec(text: str, path: Path) -> ModelSpec | None:
     """The spec when `path` is a local model (folder or .gguf file); None when nothing is there."""
     if path.is_file() and path.suffix == ".gguf":
@@ -86,9 +125,16 @@ def load_config(spec: ModelSpec) -> Any:
         if spec.kind == "gguf":
             path = Path(spec.location)
             return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        if spec.kind == "hub":
+            return AutoConfig.from_pretrained(spec.location, trust_remote_code=False, local_files_only=_hub_offline())
         return AutoConfig.from_pretrained(spec.location, trust_remote_code=False)
     except Exception as error:  # transformers raises many kinds for missing or unreachable models
-        hint = "the hub is unreachable offline; download the model and give its folder" if spec.kind == "hub" else None
+        hint = (
+            "the hub is unreachable and the model is not in the local Hugging Face cache; "
+            "download it and give its folder"
+            if spec.kind == "hub" and _hub_offline()
+            else None
+        )
         raise ModelSpecError(f"cannot read the config of '{spec.text}': {_first_line(error)}", hint) from error
 
 
@@ -116,6 +162,8 @@ def load_model(spec: ModelSpec, progress=print) -> tuple[Any, Any]:
             folder = str(builtin.smollm2_folder(progress))
         elif spec.kind == "gguf":
             folder = str(_converted_gguf(Path(spec.location), progress))
+        elif spec.kind == "hub":
+            folder = _hub_folder(spec, progress)
         else:
             folder = spec.location
     except builtin.BuiltinModelError as problem:
@@ -172,14 +220,29 @@ def tokenizer_without_weights(spec: ModelSpec) -> Any | None:
         folder = _gguf_cache_folder(Path(spec.location))
     else:
         return None
-    if folder is None or not (folder / "tokenizer_config.json").exists():
+    if folder is None:
         return None
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except Exception:  # any failure just means: count without the tokenizer
+        key = (str(folder), *(_mtime(folder / name) for name in ("tokenizer_config.json", "tokenizer.json")))
+    except OSError:  # no tokenizer files
         return None
+    if key not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        try:
+            _TOKENIZERS[key] = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        except Exception:  # any failure just means: count without the tokenizer
+            _TOKENIZERS[key] = None
+    return _TOKENIZERS[key]
+
+
+# Tokenizers `check` loaded, by folder and file times: a process that checks many recipes
+# (tests, an editor integration) loads each once.
+_TOKENIZERS: dict[tuple, Any] = {}
+
+
+def _mtime(path: Path) -> int:
+    return path.stat().st_mtime_ns
 
 
 def _non_finite(model: Any, files: dict[str, list[str]]) -> list[tuple[str, str | None]]:
