@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 from surgery.source import Span
@@ -146,5 +147,11 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
     """A `did you mean 'x'?` hint for a misspelt word, or None when nothing is close."""
     if len(word) > 64:  # no name is that long, and difflib is quadratic in the word's length
         return None
+    return _closest(word, tuple(candidates))
+
+
+@lru_cache(maxsize=4096)
+def _closest(word: str, candidates: tuple[str, ...]) -> str | None:
+    # Cached: a recipe repeating one misspelling thousands of times asks difflib once.
     match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f"did you mean '{match[0]}'?" if match else None

@@ -9,12 +9,12 @@ The lark Transformer only builds AST nodes; meaning is checked later (surgery.ch
 from __future__ import annotations
 
 import re
-from dataclasses import replace
-from functools import cache
+from dataclasses import dataclass, replace
+from functools import cache, lru_cache
 from importlib import resources
 
 import lark
-from lark import Token, Transformer, v_args
+from lark import Token
 
 from surgery.diagnostics import Diagnostic, RecipeError, did_you_mean
 from surgery.source import Source, Span
@@ -52,6 +52,7 @@ STATEMENT_KEYWORDS = ("model", "calibrate", "drop", "quantize", "verify", "fuse"
 _TERMINAL_WORDS = {
     "INT": "a number",
     "SIGNED_INT": "a layer number",
+    "LAYER_LIST": "layer numbers like 3, 5, 9..12",
     "STRING": 'a quoted string like "smollm2-135m"',
     "PART": "attention, mlp or block",
     "FORMAT": "onnx",
@@ -118,13 +119,32 @@ def _options(options) -> dict[str, object]:
     return fields
 
 
-class _ToAst(Transformer):
-    """Builds AST nodes; attaches spans from lark's propagated positions."""
+def _with_meta(method):
+    """Mark a rule method that also takes the node's position (lark's `meta`)."""
+    method.takes_meta = True
+    return method
+
+
+class _ToAst:
+    """Builds AST nodes from a statement's parse tree; attaches spans from lark's positions.
+
+    A plain bottom-up walk rather than lark's Transformer, whose `v_args` wrappers are rebuilt
+    on every call: a recipe of ten thousand statements is checked in a fraction of a second.
+    """
 
     def __init__(self, source: Source, offset: int = 0):
-        super().__init__()
         self.source = source
         self.offset = offset  # where the parsed statement starts in the source
+
+    def transform(self, tree: lark.Tree):
+        """The AST node (or intermediate value) for `tree`."""
+        children = [self.transform(c) if isinstance(c, lark.Tree) else c for c in tree.children]
+        method = getattr(type(self), tree.data, None)
+        if method is None:
+            return lark.Tree(tree.data, children, tree.meta)
+        if getattr(method, "takes_meta", False):
+            return method(self, tree.meta, children)
+        return method(self, children)
 
     def _span(self, meta) -> Span:
         return self.source.span(self.offset + meta.start_pos, self.offset + meta.end_pos)
@@ -132,17 +152,17 @@ class _ToAst(Transformer):
     def _tok(self, token: Token) -> Span:
         return self.source.span(self.offset + token.start_pos, self.offset + token.end_pos)
 
-    @v_args(meta=True)
+    @_with_meta
     def model_stmt(self, meta, children):
         (string,) = children
         return ModelStmt(spec=string[1:-1], span=self._span(meta), spec_span=self._tok(string))
 
-    @v_args(meta=True)
+    @_with_meta
     def drop_stmt(self, meta, children):
         part, selector = children
         return DropStmt(part=str(part), selector=selector, span=self._span(meta))
 
-    @v_args(meta=True)
+    @_with_meta
     def selector(self, meta, children):
         (layer_set,) = children
         # The selector's span covers the `layers` keyword too.
@@ -150,12 +170,12 @@ class _ToAst(Transformer):
 
     # Importance selectors.
 
-    @v_args(meta=True)
+    @_with_meta
     def importance_selector(self, meta, children):
         rank, source = children
         return ImportanceSelector(rank=rank, source=source, span=self._span(meta))
 
-    @v_args(meta=True)
+    @_with_meta
     def importance_rank(self, meta, children):
         rank, amount = children
         if amount.type == "PERCENT":
@@ -165,17 +185,17 @@ class _ToAst(Transformer):
     def amount(self, children):
         return children[0]
 
-    @v_args(meta=True)
+    @_with_meta
     def metric_source(self, meta, children):
         (name,) = children
         return ImportanceSource(metric=str(name), span=self._span(meta), metric_span=self._tok(name))
 
-    @v_args(meta=True)
+    @_with_meta
     def file_source(self, meta, children):
         (string,) = children
         return ImportanceSource(file=string[1:-1], span=self._span(meta), file_span=self._tok(string))
 
-    @v_args(meta=True)
+    @_with_meta
     def metric_in_file_source(self, meta, children):
         name, string = children
         return ImportanceSource(
@@ -188,7 +208,7 @@ class _ToAst(Transformer):
 
     # calibrate, verify.
 
-    @v_args(meta=True)
+    @_with_meta
     def calibrate_stmt(self, meta, children):
         string, *options = children
         fields = _options(options)
@@ -203,7 +223,7 @@ class _ToAst(Transformer):
     def seed_option(self, children):
         return {"seed": int(children[0])}
 
-    @v_args(meta=True)
+    @_with_meta
     def verify_stmt(self, meta, children):
         string, percent, *options = children
         fields = _options(options)
@@ -218,17 +238,17 @@ class _ToAst(Transformer):
     def tokens_option(self, children):
         return {"tokens": int(children[0])}
 
-    @v_args(meta=True)
+    @_with_meta
     def split_stmt(self, meta, children):
         selector, experts, top_k = children
         return SplitStmt(selector=selector, experts=int(experts), top_k=int(top_k), span=self._span(meta))
 
-    @v_args(meta=True)
+    @_with_meta
     def prune_stmt(self, meta, children):
         selector, keep = children[0], children[1]
         return PruneStmt(selector=selector, keep=int(keep), span=self._span(meta))
 
-    @v_args(meta=True)
+    @_with_meta
     def merge_stmt(self, meta, children):
         selector, groups, *options = children
         fields = _options(options)
@@ -251,7 +271,7 @@ class _ToAst(Transformer):
 
     # fuse.
 
-    @v_args(meta=True)
+    @_with_meta
     def fuse_stmt(self, meta, children):
         (mode, layer), *options = children
         fields = _options(options)
@@ -270,24 +290,24 @@ class _ToAst(Transformer):
         (token,) = children
         return {"weight": float(token), "weight_span": self._tok(token)}
 
-    @v_args(meta=True)
+    @_with_meta
     def candidates_option(self, meta, children):
         start, end = children
         return {"candidates": LayerRange(start=start, end=end, span=self._span(meta))}
 
     # quantize.
 
-    @v_args(meta=True)
+    @_with_meta
     def quantize_stmt(self, meta, children):
         (part, selector), width, *options = children
         fields = _options(options)
         return QuantizeStmt(part=part, selector=selector, bits=int(width[3:]), span=self._span(meta), **fields)
 
-    @v_args(meta=True)
+    @_with_meta
     def quantize_layers(self, meta, children):
         return "layers", replace(children[0], span=self._span(meta))
 
-    @v_args(meta=True)
+    @_with_meta
     def quantize_layers_by_importance(self, meta, children):
         rank, source = children
         return "layers", ImportanceSelector(rank=rank, source=source, span=self._span(meta))
@@ -308,7 +328,7 @@ class _ToAst(Transformer):
     def symmetric_option(self, children):
         return {"symmetric": True}
 
-    @v_args(meta=True)
+    @_with_meta
     def quantize_group_stmt(self, meta, children):
         part, source, *rules = children
         return QuantizeGroupStmt(part=part, source=source, rules=tuple(rules), span=self._span(meta))
@@ -319,7 +339,7 @@ class _ToAst(Transformer):
     def group_part(self, children):
         return str(children[0])
 
-    @v_args(meta=True)
+    @_with_meta
     def quantize_rule(self, meta, children):
         selector, width, *options = children
         fields = _options(options)
@@ -328,44 +348,50 @@ class _ToAst(Transformer):
     def rule_importance(self, children):
         return children[0]
 
-    @v_args(meta=True)
+    @_with_meta
     def rule_layers(self, meta, children):
         return replace(children[0], span=self._span(meta))
 
-    @v_args(meta=True)
+    @_with_meta
     def rule_rest(self, meta, children):
         return RestLayers(span=self._span(meta))
 
-    @v_args(meta=True)
+    @_with_meta
     def all_layers(self, meta, children):
         return AllLayers(span=self._span(meta))
 
-    @v_args(meta=True)
+    @_with_meta
     def first_layers(self, meta, children):
         return FirstLayers(count=int(children[0]), span=self._span(meta))
 
-    @v_args(meta=True)
+    @_with_meta
     def last_layers(self, meta, children):
         return LastLayers(count=int(children[0]), span=self._span(meta))
 
-    @v_args(meta=True)
+    @_with_meta
     def evenly_layers(self, meta, children):
         return EvenlyLayers(count=int(children[0]), span=self._span(meta))
 
-    @v_args(meta=True)
+    @_with_meta
     def layer_list(self, meta, children):
-        return LayerList(items=tuple(children), span=self._span(meta))
+        (token,) = children
+        base = self.offset + token.start_pos
+        items: list[LayerIndex | LayerRange] = []
+        for match in layer_items(str(token)):  # checked by `_lexical_diagnostics`
+            start = LayerIndex(int(match[1]), self.source.span(base + match.start(1), base + match.end(1)))
+            if match[2] is None:
+                items.append(start)
+                continue
+            end = LayerIndex(int(match[2]), self.source.span(base + match.start(2), base + match.end(2)))
+            items.append(LayerRange(start, end, self.source.span(base + match.start(), base + match.end())))
+        end = base + len(str(token).rstrip())
+        return LayerList(items=tuple(items), span=self.source.span(base, end))
 
-    @v_args(meta=True)
-    def layer_range(self, meta, children):
-        start, end = children
-        return LayerRange(start=start, end=end, span=self._span(meta))
-
-    @v_args(meta=True)
+    @_with_meta
     def layer_index(self, meta, children):
         return LayerIndex(value=int(children[0]), span=self._span(meta))
 
-    @v_args(meta=True)
+    @_with_meta
     def export_stmt(self, meta, children):
         return ExportStmt(format=str(children[0]), span=self._span(meta), **_options(children[1:]))
 
@@ -380,7 +406,8 @@ class _ToAst(Transformer):
         return {"position_ids": True}
 
 
-def _describe_expected(names: set[str]) -> list[str]:
+@lru_cache(maxsize=256)
+def _describe_expected(names: frozenset[str]) -> list[str]:
     words = []
     for name in sorted(names):
         if name in _TERMINAL_WORDS:
@@ -400,7 +427,8 @@ def _describe_expected(names: set[str]) -> list[str]:
     return sorted(set(words))
 
 
-def _keywords_in(names: set[str]) -> list[str]:
+@lru_cache(maxsize=256)
+def _keywords_in(names: frozenset[str]) -> list[str]:
     """Literal words a position accepts (expands PART and similar alternations)."""
     words = []
     for name in names:
@@ -418,26 +446,18 @@ def _keywords_in(names: set[str]) -> list[str]:
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*|[0-9]+(?:\.[0-9]+)?%?|\S")
 
 
-def _syntax_diagnostic(
-    error: lark.exceptions.UnexpectedInput, source: Source, chunk_start: int, chunk_end: int
-) -> Diagnostic:
-    """Turn a lark error into a diagnostic that says what was found and what was expected."""
-    in_chunk = error.pos_in_stream if error.pos_in_stream is not None else chunk_end - chunk_start
+def _syntax_diagnostic(problem: _SyntaxProblem, source: Source, chunk_start: int, chunk_end: int) -> Diagnostic:
+    """Turn a syntax error into a diagnostic that says what was found and what was expected."""
+    in_chunk = problem.position if problem.position is not None else chunk_end - chunk_start
     pos = min(chunk_start + in_chunk, chunk_end)
-    if isinstance(error, lark.exceptions.UnexpectedToken) and error.token.type == "$END":
-        expected = _describe_expected(set(error.expected))
+    if problem.at_end:
         span = source.span(max(chunk_end - 1, 0), chunk_end)
-        return Diagnostic(
-            "error",
-            "incomplete statement",
-            span,
-            hint="expected " + _join(expected) + " after this",
-        )
+        hint = "expected " + _join(_describe_expected(problem.expected)) + " after this"
+        return Diagnostic("error", "incomplete statement", span, hint=hint)
     match = _WORD.match(source.text, pos, chunk_end)
     found = match.group(0) if match else source.text[pos : pos + 1]
     span = source.span(pos, pos + max(len(found), 1))
-    expected_names = set(getattr(error, "expected", None) or getattr(error, "allowed", None) or ())
-    keywords = _keywords_in(expected_names)
+    keywords = _keywords_in(problem.expected)
     shown = found if len(found) <= 40 else found[:40] + "\u2026"
     # Where a statement keyword is expected, a wrong word is an unknown statement keyword.
     if set(keywords) >= set(STATEMENT_KEYWORDS) and found not in STATEMENT_KEYWORDS:
@@ -449,7 +469,7 @@ def _syntax_diagnostic(
             or "a statement starts with one of: " + ", ".join(STATEMENT_KEYWORDS),
         )
     hint = did_you_mean(found, keywords) if found.isalpha() else None
-    expected = _describe_expected(expected_names)
+    expected = _describe_expected(problem.expected)
     return Diagnostic(
         "error",
         f"unexpected '{shown}'" + (f", expected {_join(expected)}" if expected else ""),
@@ -464,6 +484,42 @@ def _join(words: list[str]) -> str:
     return ", ".join(words[:-1]) + " or " + words[-1]
 
 
+_LAYER_ITEM = re.compile(r"([+-]?[0-9]+)(?:[ \t]*\.\.[ \t]*([+-]?[0-9]+))?")
+_BLANKS = re.compile(r"[ \t]*")
+
+
+class LayerListError(Exception):
+    """A malformed layer list: where (offset in the list's text), what was found, what was expected."""
+
+    def __init__(self, position: int, found: str | None, expected: str):
+        super().__init__(expected)
+        self.position, self.found, self.expected = position, found, expected
+
+
+@lru_cache(maxsize=4096)
+def layer_items(text: str) -> tuple[re.Match, ...]:
+    """The items of a LAYER_LIST token (`3, 5, 9..12`): one match per item, group 1 the layer
+    (or a range's start), group 2 a range's end. Raises LayerListError at the first mistake."""
+    end = len(text.rstrip())
+    items = []
+    position = 0
+    while True:
+        match = _LAYER_ITEM.match(text, position)
+        if match is None:
+            raise LayerListError(position, text[position] if position < end else None, "a layer number")
+        items.append(match)
+        position = _BLANKS.match(text, match.end()).end()
+        if position >= end:
+            return tuple(items)
+        if text[position] == ",":
+            position = _BLANKS.match(text, position + 1).end()
+            continue
+        if text.startswith("..", position):  # a range without its end, or `2...4`
+            after = _BLANKS.match(text, position + 2).end()
+            raise LayerListError(after, text[after] if after < end else None, "a layer number")
+        raise LayerListError(position, text[position], "',', '..' or the end of the statement")
+
+
 # Numbers are bounded where they are read: nothing a recipe counts (layers, samples, tokens,
 # experts, an opset) comes near a billion, and Python refuses to convert integers of more than
 # 4,300 digits, so a longer literal would otherwise crash the parser instead of being reported.
@@ -472,35 +528,86 @@ MAX_NUMBER_LENGTH = 32
 _NUMERIC_TERMINALS = {"INT", "SIGNED_INT", "NUMBER", "PERCENT"}
 
 
-def _number_diagnostics(tree: lark.Tree, source: Source, offset: int) -> list[Diagnostic]:
-    """An error for every number literal of a statement that is beyond any sensible value."""
+_LONG_NUMBER = re.compile(rf"[+-]?0*[1-9][0-9]{{{MAX_INTEGER_DIGITS},}}")
+
+
+def _lexical_diagnostics(tree: lark.Tree, source: Source, offset: int) -> list[Diagnostic]:
+    """Errors the grammar cannot express: a malformed layer list (at the character where it goes
+    wrong) and number literals beyond any sensible value, those inside layer lists included."""
     problems = []
-    for token in tree.scan_values(lambda value: isinstance(value, Token) and value.type in _NUMERIC_TERMINALS):
-        integer = token.lstrip("+-").rstrip("%").split(".")[0].lstrip("0")
-        if len(integer) <= MAX_INTEGER_DIGITS and len(token) <= MAX_NUMBER_LENGTH:
-            continue
-        span = source.span(offset + token.start_pos, offset + token.end_pos)
-        shown = token if len(token) <= 20 else token[:12] + f"\u2026 ({len(token)} characters)"
-        problems.append(
-            Diagnostic(
-                "error",
-                f"number {shown} is too large" if len(integer) > MAX_INTEGER_DIGITS else f"number {shown} is too long",
-                span,
-                f"numbers in a recipe have at most {MAX_INTEGER_DIGITS} digits before the point "
-                f"and {MAX_NUMBER_LENGTH} characters in all",
-            )
-        )
+    for token in tree.scan_values(lambda value: isinstance(value, Token)):
+        start = offset + token.start_pos
+        if token.type in _NUMERIC_TERMINALS:
+            problem = _number_problem(str(token), source, start)
+            if problem:
+                problems.append(problem)
+        elif token.type == "LAYER_LIST":
+            try:
+                layer_items(str(token))
+            except LayerListError as error:
+                problems.append(_layer_list_problem(error, source, start + error.position))
+                continue
+            for match in _LONG_NUMBER.finditer(token):
+                problems.append(_number_problem(match.group(), source, start + match.start()))
     return problems
+
+
+def _layer_list_problem(error: LayerListError, source: Source, at: int) -> Diagnostic:
+    if error.found is None:
+        hint = f"expected {error.expected} after this"
+        return Diagnostic("error", "incomplete statement", source.span(at - 1, at), hint)
+    return Diagnostic("error", f"unexpected '{error.found}', expected {error.expected}", source.span(at, at + 1))
+
+
+def _number_problem(token: str, source: Source, start: int) -> Diagnostic | None:
+    """An error for a number literal beyond any sensible value, or None."""
+    if len(token) <= MAX_INTEGER_DIGITS:
+        return None
+    integer = token.lstrip("+-").rstrip("%").split(".")[0].lstrip("0")
+    if len(integer) <= MAX_INTEGER_DIGITS and len(token) <= MAX_NUMBER_LENGTH:
+        return None
+    shown = token if len(token) <= 20 else token[:12] + f"\u2026 ({len(token)} characters)"
+    return Diagnostic(
+        "error",
+        f"number {shown} is too large" if len(integer) > MAX_INTEGER_DIGITS else f"number {shown} is too long",
+        source.span(start, start + len(token)),
+        f"numbers in a recipe have at most {MAX_INTEGER_DIGITS} digits before the point "
+        f"and {MAX_NUMBER_LENGTH} characters in all",
+    )
+
+
+@dataclass(frozen=True)
+class _SyntaxProblem:
+    """What a diagnostic needs of lark's error (which would keep the parser's frames alive)."""
+
+    position: int | None  # relative to the statement
+    at_end: bool
+    expected: frozenset[str]
+
+
+@lru_cache(maxsize=4096)
+def _parse_text(text: str) -> lark.Tree | _SyntaxProblem:
+    """The parse tree of one statement's text, or its syntax error (positions relative to it).
+
+    Cached by text: trees are only read, and generated recipes repeat their lines.
+    """
+    try:
+        return _parser().parse(text)
+    except lark.exceptions.UnexpectedInput as error:
+        at_end = isinstance(error, lark.exceptions.UnexpectedToken) and error.token.type == "$END"
+        expected = getattr(error, "expected", None) or getattr(error, "allowed", None) or ()
+        return _SyntaxProblem(error.pos_in_stream, at_end, frozenset(expected))
 
 
 def parse_statement(source: Source, start: int, end: int) -> Statement:
     """Parse the statement at `source.text[start:end]`; positions stay absolute in `source`.
 
-    Raises lark's UnexpectedInput for a syntax error (positions relative to `start`), or
-    RecipeError for a number out of bounds.
+    Raises RecipeError for a syntax error, a malformed layer list or a number out of bounds.
     """
-    tree = _parser().parse(source.text[start:end])
-    problems = _number_diagnostics(tree, source, start)
+    tree = _parse_text(source.text[start:end])
+    if isinstance(tree, _SyntaxProblem):
+        raise RecipeError([_syntax_diagnostic(tree, source, start, end)])
+    problems = _lexical_diagnostics(tree, source, start)
     if problems:
         raise RecipeError(problems)
     return _ToAst(source, start).transform(tree)
@@ -513,8 +620,6 @@ def parse_source(source: Source) -> Recipe:
     for start, end in split_statements(source.text):
         try:
             statements.append(parse_statement(source, start, end))
-        except lark.exceptions.UnexpectedInput as error:
-            diagnostics.append(_syntax_diagnostic(error, source, start, end))
         except RecipeError as error:
             diagnostics.extend(error.diagnostics)
     if diagnostics:

@@ -171,7 +171,7 @@ class _Validator:
             for i, value in enumerate(values):
                 if value is None:
                     numbers.append(float("nan"))
-                elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                elif isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value):
                     numbers.append(float(value))
                 else:
                     self.error((*values_path, i), f"expected a finite number or null, found {_json_kind(value)}")
@@ -179,6 +179,14 @@ class _Validator:
         if direction not in ("higher", "lower"):
             return None
         return MetricScores(name, direction, parsed, parameters if isinstance(parameters, dict) else {})
+
+
+def _finite(value: int | float) -> bool:
+    """Whether a JSON number is a finite float (a 400-digit integer is not)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _display_path(path: str) -> str:
