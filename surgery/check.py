@@ -144,6 +144,9 @@ class ResolvedFuse:
     statement: FuseStmt
 
 
+_TOKEN_COUNTS: dict[tuple[int, str, int], int] = {}
+
+
 def _exists(path: str) -> bool:
     try:
         return os.path.lexists(path)
@@ -632,9 +635,13 @@ class _Checker:
         except TextSourceError:
             return None  # reported where the text is named
         tokenizer = self.tokenizer(spec)
-        if tokenizer is not None:
-            return count_tokens(tokenizer, source.read(), enough), True
-        return os.path.getsize(source.path) + 1, False
+        if tokenizer is None:
+            return os.path.getsize(source.path) + 1, False
+        # Counted once per tokenizer, text (by content) and bound in a process that checks often.
+        key = (id(tokenizer), source.sha256, enough)
+        if key not in _TOKEN_COUNTS:
+            _TOKEN_COUNTS[key] = count_tokens(tokenizer, source.read(), enough)
+        return _TOKEN_COUNTS[key], True
 
     def calibration_fits(self, checked: CheckedRecipe, what: str | None = None) -> None:
         """The calibration (the statement's, or the defaults) fits the model and its text is long enough."""

@@ -232,7 +232,8 @@ class Outcome:
 
 # `FILE:LINE:COL: error: ...`, the gutter line, then `LINE | quoted text`.
 _LOCATION = re.compile(
-    r"^(?P<file>[^\n:]*recipe\.surg):(?P<line>\d+):(?P<col>\d+): (?:error|warning): .*\n.*\n(?P<no>\d+) \| (?P<text>.*)$",
+    r"^(?P<file>[^\n:]*recipe\.surg):(?P<line>\d+):(?P<col>\d+): (?:error|warning): .*\n"
+    r".*\n(?P<no>\d+) \| (?P<text>.*)$",
     re.M,
 )
 
