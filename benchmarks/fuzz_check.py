@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from common import write_result  # noqa: E402
 from fuzzer import make_case, prepare_folder, run_case  # noqa: E402
 
-
 OUTCOMES = ("ok", "error", "usage", "crash", "wrong-line")
 
 
