@@ -132,7 +132,7 @@ def _grammar_case(rng: random.Random) -> bytes:
 
 def _mutate_bytes(data: bytes, rng: random.Random) -> bytes:
     data = bytearray(data)
-    for _ in range(rng.choice([1, 2, 4, 8, 16])):
+    for _ in range(rng.choice([1, 1, 1, 2, 2, 4, 8, 16])):
         op = rng.random()
         at = rng.randint(0, len(data)) if data else 0
         if op < 0.35:
