@@ -896,6 +896,7 @@ def expert_layer_problems(
         layout = {layer: (n, index.intermediate_size // n) for layer, n in split_layers.items()}
     problems: list[Diagnostic] = []
     pruned_by: dict[int, Span] = {}
+    merged_by: dict[int, Span] = {}
     for resolved in [*prunes, *merges]:
         statement, layers = resolved.statement, resolved.layers
         pruning = isinstance(resolved, ResolvedPrune)
@@ -909,9 +910,23 @@ def expert_layer_problems(
                     "split those MLPs into experts first (`split mlp layers ... into E experts top K`)",
                 )
             )
+        if not pruning:
+            twice = [layer for layer in layers if layer in merged_by]
+            if twice:
+                first = merged_by[twice[0]]
+                problems.append(
+                    Diagnostic(
+                        "error",
+                        f"layer(s) {format_layers(twice)} are merged twice",
+                        statement.selector.span,
+                        f"already merged at {first.location()}; merge each layer's experts once",
+                    )
+                )
+            for layer in layers:
+                merged_by.setdefault(layer, statement.span)
         found: dict[tuple[str, Span | None, str | None], list[int]] = {}
         for layer in layers:
-            if layer not in layout:
+            if layer not in layout or (not pruning and merged_by[layer] is not statement.span):
                 continue
             experts, width = layout[layer]
             hint = None
