@@ -10,6 +10,7 @@ and returns its exit code; it never raises and never prints a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -22,6 +23,9 @@ from surgery.diagnostics import HintedError
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_VERIFY_FAILED, EXIT_INTERNAL_ERROR = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
+_ENVIRONMENT_ERRORS = {
+    errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EMFILE, errno.ENFILE, errno.EIO
+}  # fmt: skip
 
 
 def _count(minimum: int):
@@ -502,10 +506,12 @@ def _run(args, argv: list[str]) -> int:
         print_error("error: out of memory\n  = hint: close other programs, or use a smaller model or fewer samples")
         return EXIT_USER_ERROR
     except OSError as error:
-        if error.filename is None:  # not about a file the user can act on
+        # A full disk, a read-only folder, missing permissions: the machine's state, not a bug.
+        if error.filename is None and error.errno not in _ENVIRONMENT_ERRORS:
             print_error(report_internal_error(error, argv))
             return EXIT_INTERNAL_ERROR
-        print_error(f"error: {(error.strerror or type(error).__name__).lower()}: {error.filename}")
+        where = f": {error.filename}" if error.filename else ""
+        print_error(f"error: {(error.strerror or type(error).__name__).lower()}{where}")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print_error("interrupted")

@@ -221,6 +221,15 @@ def test_merge_rank_beyond_the_experts_is_an_error_at_check(in_tmp):
     assert planned.code == 1 and "internal error" not in planned.err
 
 
+def test_merging_a_layer_twice_is_an_error_at_check(in_tmp):
+    recipe = write(
+        in_tmp / "r.surg", 'model "tiny-qwen2-moe"\nmerge experts layers 1..2 to 1\nmerge experts layers 2..3 to 2\n'
+    )
+    result = run_cli("check", recipe)
+    assert result.code == 1
+    assert "r.surg:3:15: error: layer(s) 2 are merged twice" in result.err and "already merged at" in result.err
+
+
 def test_merge_of_layers_never_split_is_an_error_at_check(in_tmp):
     recipe = write(
         in_tmp / "r.surg",
