@@ -1,7 +1,8 @@
 """Kill `surgery apply` with SIGKILL at random moments; count what the output folder is left as.
 
-Each trial starts `surgery apply RECIPE -o out --force` over an earlier complete output, kills
-it after a random delay within the run's measured duration, and records whether `out` is then
+Each trial starts `surgery apply RECIPE -o out --force` (every other trial over an earlier
+complete output, the others with no `out` yet), kills it after a random delay within the run's
+measured duration, and records whether `out` is then
 absent, complete (marker, report, model, data, tokenizer) or partial, and whether the next run
 to `out` succeeds and leaves no `.out.*` folder behind. Prints a table and writes
 bench-results/kill_apply.json. Partial must be 0.
@@ -14,6 +15,7 @@ import collections
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,7 +59,9 @@ def main() -> None:
         assert _apply(cwd).wait() == 0
         duration = time.perf_counter() - start
         print(f"one apply takes {duration:.1f}s; killing {args.trials} runs at random moments in it")
-        for _ in range(args.trials):
+        for trial in range(args.trials):
+            if trial % 2:
+                shutil.rmtree(cwd / "out")
             delay = rng.uniform(0, duration)
             run = _apply(cwd)
             time.sleep(delay)
