@@ -2,8 +2,9 @@
 
 Runs N cases (default 10,000) of tests/fuzzer.py in-process, each through `surgery.cli.main`,
 and reports how many ended as ok / error / usage / crash / wrong-line, how many took longer
-than the limit (default 1 s), and the slowest cases. Crashes and slow cases are listed with the
-case number; `--show N` prints a case's recipe so it can be reproduced. The hub is switched to
+than the limit (default 1 s), and the slowest cases. Before the first case, a warm-up loads
+what a process loads once (the libraries, SmolLM2's tokenizer): the times are the checker's.
+Crashes and slow cases are listed with the case number; `--show N` prints a case's recipe so it can be reproduced. The hub is switched to
 offline mode (a recipe may name any hub id). Writes bench-results/fuzz_check.json.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from common import write_result  # noqa: E402
-from fuzzer import make_case, prepare_folder, run_case  # noqa: E402
+from fuzzer import make_case, prepare_folder, run_case, warm_up  # noqa: E402
 
 OUTCOMES = ("ok", "error", "usage", "crash", "wrong-line")
 
@@ -45,7 +46,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         prepare_folder(folder)
-        run_case(make_case(0, args.seed), folder)  # warm up: imports are not the checker's speed
+        warm_up(folder)
         for number in range(args.start, args.start + args.cases):
             result = run_case(make_case(number, args.seed), folder, args.limit)
             counts[result.outcome] += 1

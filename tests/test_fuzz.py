@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 
 import pytest
-from fuzzer import GENERATORS, make_case, prepare_folder, run_case
+from fuzzer import GENERATORS, make_case, prepare_folder, run_case, warm_up
 
 CASES = 480
 # Loose on purpose (a shared 2-core CI machine); benchmarks/fuzz_check.py holds cases to 1 s.
@@ -20,7 +20,7 @@ SECONDS = 5.0
 def folder(tmp_path_factory, monkeypatch_module):
     path = tmp_path_factory.mktemp("fuzz")
     prepare_folder(path)
-    run_case(make_case(0), path)  # warm up: imports and the first parse are not the checker's speed
+    warm_up(path)
     return path
 
 
