@@ -4,8 +4,9 @@ Runs N cases (default 10,000) of tests/fuzzer.py in-process, each through `surge
 and reports how many ended as ok / error / usage / crash / wrong-line, how many took longer
 than the limit (default 1 s), and the slowest cases. Before the first case, a warm-up loads
 what a process loads once (the libraries, SmolLM2's tokenizer): the times are the checker's.
-Crashes and slow cases are listed with the case number; `--show N` prints a case's recipe so it can be reproduced. The hub is switched to
-offline mode (a recipe may name any hub id). Writes bench-results/fuzz_check.json.
+Crashes and slow cases are listed with the case number; `--show N` prints a case's recipe so
+it can be reproduced. The hub is switched to offline mode (a recipe may name any hub id).
+Writes bench-results/fuzz_check.json.
 """
 
 from __future__ import annotations
