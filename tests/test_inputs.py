@@ -134,11 +134,16 @@ def test_an_importance_file_that_is_not_json_is_not_quoted(in_tmp):
     assert "hunter2" not in result.err and "API_KEY" not in result.err
 
 
-def test_the_environment_never_reaches_the_log(in_tmp, monkeypatch):
-    monkeypatch.setenv("SURGERY_TEST_SECRET", "s3cr3t-value")
+def test_the_environment_never_reaches_the_log(in_tmp):
+    # /proc/self/environ holds the environment the process started with, NUL-separated.
+    entries = [e for e in Path("/proc/self/environ").read_bytes().split(b"\0") if b"=" in e]
+    values = [e.split(b"=", 1)[1].decode("utf-8", "replace") for e in entries]
+    values = [v for v in values if len(v) >= 8]
+    assert values
     recipe = write(in_tmp / "r.surg", 'model "tiny-llama"\ndrop block least important 1 by "/proc/self/environ"\n')
     result = run_cli("check", recipe)
-    assert result.code == 1 and "s3cr3t-value" not in result.err and "SURGERY_TEST_SECRET" not in result.err
+    assert result.code == 1
+    assert not [v for v in values if v in result.err]
 
 
 def test_json_that_is_not_an_importance_file_is_not_quoted(in_tmp):
@@ -175,7 +180,7 @@ def test_texts_must_be_regular_utf8_files(in_tmp, name, expected):
 def test_importance_files_are_bounded_regular_files(in_tmp, name):
     (in_tmp / "folder").mkdir()
     (in_tmp / "big.json").write_text(" " * (2 << 20))
-    (in_tmp / "deep.json").write_text("[" * 100_000)
+    (in_tmp / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     base = json.loads((Path(__file__).parent / "golden/errors/bad-importance.json").read_text())
     text = json.dumps(base).replace("0.1", "1" * 5000)
     (in_tmp / "huge-number.json").write_text(text)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, write
-from surgery.output import MARKER, OutputError, OutputFolder
+from surgery.output import OutputError, OutputFolder
 
 RECIPE = 'model "tiny-llama"\ndrop attention layers 1..2\nexport onnx\n'
 
@@ -22,7 +22,7 @@ RECIPE = 'model "tiny-llama"\ndrop attention layers 1..2\nexport onnx\n'
 def _complete(folder: Path) -> bool:
     """An output folder as apply leaves it: marker, report, model and data, tokenizer."""
     names = set(os.listdir(folder))
-    if not {MARKER, "surgery.json", "model.onnx", "model.onnx.data", "tokenizer.json", "recipe.surg"} <= names:
+    if not {".surgery-output", "surgery.json", "model.onnx", "model.onnx.data", "tokenizer.json", "recipe.surg"} <= names:
         return False
     json.loads((folder / "surgery.json").read_text())
     return True
