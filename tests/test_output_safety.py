@@ -17,12 +17,12 @@ from conftest import run_cli, write
 from surgery.output import OutputError, OutputFolder
 
 RECIPE = 'model "tiny-llama"\ndrop attention layers 1..2\nexport onnx\n'
+OUTPUT_FILES = {".surgery-output", "surgery.json", "model.onnx", "model.onnx.data", "tokenizer.json", "recipe.surg"}
 
 
 def _complete(folder: Path) -> bool:
     """An output folder as apply leaves it: marker, report, model and data, tokenizer."""
-    names = set(os.listdir(folder))
-    if not {".surgery-output", "surgery.json", "model.onnx", "model.onnx.data", "tokenizer.json", "recipe.surg"} <= names:
+    if not OUTPUT_FILES <= set(os.listdir(folder)):
         return False
     json.loads((folder / "surgery.json").read_text())
     return True
