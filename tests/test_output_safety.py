@@ -22,7 +22,7 @@ OUTPUT_FILES = {".surgery-output", "surgery.json", "model.onnx", "model.onnx.dat
 
 def _complete(folder: Path) -> bool:
     """An output folder as apply leaves it: marker, report, model and data, tokenizer."""
-    if not OUTPUT_FILES <= set(os.listdir(folder)):
+    if not set(os.listdir(folder)) >= OUTPUT_FILES:
         return False
     json.loads((folder / "surgery.json").read_text())
     return True
