@@ -75,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("recipe", metavar="RECIPE", help="the .surg recipe file")
     apply.add_argument("--model", metavar="SPEC", help="model to use instead of the recipe's `model` statement")
     apply.add_argument("-o", "--output", metavar="OUT", help="output folder (default: out/<recipe name>)")
-    apply.add_argument("--force", action="store_true", help="replace an existing output folder")
+    apply.add_argument(
+        "--force", action="store_true", help="replace an earlier output of `surgery apply` (never another folder)"
+    )
     apply.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch verification")
     apply.add_argument("--threads", type=_count(1), metavar="N", help="onnxruntime threads for verification")
 
