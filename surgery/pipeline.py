@@ -212,6 +212,8 @@ def apply(
         lap("load")
 
         sections: dict = {}
+        if folder.removed_leftovers:  # what killed earlier runs to this output left, now removed
+            sections["removed_leftovers"] = [path.name for path in folder.removed_leftovers]
         computed = None
         if checked.metrics_to_compute():
             # On the unmodified model, before any pass: scores mean the original layers.

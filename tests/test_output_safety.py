@@ -162,6 +162,7 @@ def test_killed_runs_leftovers_are_removed_and_reported(in_tmp):
     again = run_cli("apply", recipe, "-o", "out")
     assert again.code == 0
     assert "removed 1 unfinished folder(s) of an interrupted earlier run" in again.err
+    assert json.loads((in_tmp / "out" / "surgery.json").read_text())["removed_leftovers"] == stale
     assert _leftovers(in_tmp) == [] and _complete(in_tmp / "out")
     # Only ours are removed: a look-alike that is not marked stays.
     (in_tmp / ".out.partial-mine").mkdir()
