@@ -27,7 +27,7 @@ from surgery.data import TextSourceError, resolve_text, text_file
 from surgery.diagnostics import Diagnostic, RecipeError, did_you_mean, raise_if_errors
 from surgery.expert_rules import full_rank, merge_problem, merge_rank, prune_problem, rank_problem
 from surgery.export.options import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportOptions
-from surgery.files import InputFileError
+from surgery.files import InputFileError, path_exists
 from surgery.importance.file import ImportanceFile, load_importance
 from surgery.importance.metrics import METRICS
 from surgery.layers import evenly_spaced, format_layers
@@ -145,13 +145,6 @@ class ResolvedFuse:
 
 
 _TOKEN_COUNTS: dict[tuple[int, str, int], int] = {}
-
-
-def _exists(path: str) -> bool:
-    try:
-        return os.path.lexists(path)
-    except (OSError, ValueError):  # an overlong name or a NUL byte names nothing
-        return False
 
 
 def default_fuse_candidates(layers: int) -> tuple[int, ...]:
@@ -416,7 +409,7 @@ class _Checker:
         return ScoreSource(metric, path, source.file)
 
     def importance_file(self, path: str, source: ImportanceSource, index: ModelIndex) -> ImportanceFile | None:
-        if not _exists(path):
+        if not path_exists(path):
             self.error(
                 f"importance file '{source.file}' not found",
                 source.file_span,

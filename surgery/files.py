@@ -31,6 +31,14 @@ class InputFileError(HintedError):
         self.span = span
 
 
+def path_exists(path: str) -> bool:
+    """Whether anything is at `path` (a link counts); an overlong name or a NUL byte names nothing."""
+    try:
+        return os.path.lexists(path)
+    except (OSError, ValueError):
+        return False
+
+
 def _size(limit: int) -> str:
     return f"{limit / MiB:g} MiB"
 

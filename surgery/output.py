@@ -55,12 +55,7 @@ def _resolved(path: str | os.PathLike) -> Path:
 
 def is_our_output(folder: Path) -> bool:
     """Whether `folder` was written by `surgery apply`: it carries our marker and a report."""
-    try:
-        with open(folder / MARKER, encoding="utf-8") as handle:
-            marker = json.load(handle)
-    except (OSError, ValueError):
-        return False
-    return isinstance(marker, dict) and marker.get("written_by") == "surgery" and (folder / REPORT).is_file()
+    return _is_marked(folder) and (folder / REPORT).is_file()
 
 
 def _write_marker(folder: Path) -> None:
@@ -70,11 +65,13 @@ def _write_marker(folder: Path) -> None:
 
 
 def _is_marked(folder: Path) -> bool:
+    """Whether `folder` carries our marker (a staging folder does from the moment it exists)."""
     try:
         with open(folder / MARKER, encoding="utf-8") as handle:
-            return json.load(handle).get("written_by") == "surgery"
-    except (OSError, ValueError, AttributeError):
+            marker = json.load(handle)
+    except (OSError, ValueError):
         return False
+    return isinstance(marker, dict) and marker.get("written_by") == "surgery"
 
 
 class _Lock:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from surgery.diagnostics import HintedError
-from surgery.files import InputFileError, scan_text_file
+from surgery.files import InputFileError, path_exists, scan_text_file
 
 BUILTIN_TEXTS = {
     "wikitext-2-valid": "wikitext-2-valid.txt",
@@ -54,7 +54,7 @@ class TextSource:
 def text_file(name: str, base_dir: str | None = None) -> str | None:
     """The file a user-named text refers to when it names a file (not a built-in), without reading it."""
     path = name if os.path.isabs(name) or base_dir is None else os.path.join(base_dir, name)
-    return path if _exists(path) else None
+    return path if path_exists(path) else None
 
 
 def resolve_text(name: str, base_dir: str | None = None) -> TextSource:
@@ -77,13 +77,6 @@ def resolve_text(name: str, base_dir: str | None = None) -> TextSource:
         f"no text '{name}': not a file and not a built-in text",
         "built-in texts: " + ", ".join(BUILTIN_TEXTS) + " (short: valid, test)",
     )
-
-
-def _exists(path: str) -> bool:
-    try:
-        return os.path.lexists(path)
-    except (OSError, ValueError):  # an overlong name or a NUL byte names nothing
-        return False
 
 
 def _sha256(path: str) -> str:
