@@ -23,7 +23,7 @@ from surgery.calibration import (
     count_tokens,
     shortage,
 )
-from surgery.data import TextSourceError, resolve_text, text_file
+from surgery.data import TextSource, TextSourceError, resolve_text, text_file
 from surgery.diagnostics import Diagnostic, RecipeError, did_you_mean, raise_if_errors
 from surgery.expert_rules import full_rank, merge_problem, merge_rank, prune_problem, rank_problem
 from surgery.export.options import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportOptions
@@ -216,6 +216,7 @@ class _Checker:
         source = recipe.source
         self.base_dir = os.path.dirname(os.path.abspath(source.name)) if source and source.name != "<string>" else None
         self.files: dict[str, ImportanceFile | None] = {}
+        self.texts: dict[str, TextSource | TextSourceError] = {}
 
     def error(self, message: str, span: Span | None, hint: str | None = None) -> None:
         self.diagnostics.append(Diagnostic("error", message, span, hint))
@@ -482,11 +483,19 @@ class _Checker:
 
     # Calibration, quantization, perplexity.
 
+    def text(self, name: str) -> TextSource | TextSourceError:
+        """A named text resolved once per check (resolving reads the whole file to hash and check it)."""
+        if name not in self.texts:
+            try:
+                self.texts[name] = resolve_text(name, self.base_dir)
+            except TextSourceError as problem:
+                self.texts[name] = problem
+        return self.texts[name]
+
     def text_exists(self, name: str, span: Span | None) -> bool:
-        try:
-            resolve_text(name, self.base_dir)
-        except TextSourceError as problem:
-            self.error(str(problem), span, problem.hint)
+        found = self.text(name)
+        if isinstance(found, TextSourceError):
+            self.error(str(found), span, found.hint)
             return False
         return True
 
@@ -623,9 +632,8 @@ class _Checker:
     def tokens_in(self, name: str, spec: ModelSpec, enough: int) -> tuple[int, bool] | None:
         """(tokens, exact) in a text, counted up to `enough`: exactly with the model's tokenizer,
         else an upper bound (no token is shorter than a byte, bar one leading space marker)."""
-        try:
-            source = resolve_text(name, self.base_dir)
-        except TextSourceError:
+        source = self.text(name)
+        if isinstance(source, TextSourceError):
             return None  # reported where the text is named
         tokenizer = self.tokenizer(spec)
         if tokenizer is None:

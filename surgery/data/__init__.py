@@ -7,7 +7,6 @@ can be traced to the exact text it was computed on.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -72,16 +71,8 @@ def resolve_text(name: str, base_dir: str | None = None) -> TextSource:
     builtin = ALIASES.get(name, name)
     if builtin in BUILTIN_TEXTS:
         with resources.as_file(resources.files("surgery.data").joinpath(BUILTIN_TEXTS[builtin])) as found:
-            return TextSource(builtin, str(found), True, _sha256(str(found)))
+            return TextSource(builtin, str(found), True, scan_text_file(str(found), "text"))
     raise TextSourceError(
         f"no text '{name}': not a file and not a built-in text",
         "built-in texts: " + ", ".join(BUILTIN_TEXTS) + " (short: valid, test)",
     )
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

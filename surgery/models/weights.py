@@ -2,7 +2,7 @@
 
 Two layers of checks, each problem a message that names the file and the tensor:
 
-1. `check_safetensors_files` reads only the headers of the safetensors files transformers would
+1. `weight_files` reads only the headers of the safetensors files transformers would
    load (the index's shards, or `model.safetensors`) and checks that each header is well formed
    and that every tensor's bytes lie inside its file, in the size its dtype and shape need. A
    truncated download or a file whose header lies is caught here, before anything is loaded.
@@ -135,11 +135,6 @@ def weight_files(folder: str | os.PathLike) -> dict[str, list[str]]:
         if absent:
             raise WeightsError([(f"weights file '{file}' lacks tensor '{absent[0]}' that {INDEX} places there", None)])
     return files
-
-
-def check_safetensors_files(folder: str | os.PathLike) -> None:
-    """Raise WeightsError if a safetensors file of `folder` is damaged (see the module docstring)."""
-    weight_files(folder)
 
 
 def _file_of(tensor: str, files: dict[str, list[str]]) -> str:
