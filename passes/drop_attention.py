@@ -32,11 +32,9 @@ class DropAttention(GraphPass):
         return problems
 
     def apply(self, graph: DecoderGraph) -> PassResult:
-        """Remove the attention and its input norm from each selected layer."""
+        """Remove the attention and its norms from each selected layer."""
         for index in self.layers:
-            layer = graph.layer(index)
-            layer.attention = None
-            layer.input_norm = None
+            graph.layer(index).drop_attention()
         return PassResult(True, f"dropped attention in {len(self.layers)} layer(s)")
 
     def ensures(self, graph: DecoderGraph) -> list[str]:

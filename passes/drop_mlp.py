@@ -27,11 +27,9 @@ class DropMlp(GraphPass):
         return parts_present(graph, self.layers, "mlp")
 
     def apply(self, graph: DecoderGraph) -> PassResult:
-        """Remove the MLP and its norm from each selected layer."""
+        """Remove the MLP and its norms from each selected layer."""
         for index in self.layers:
-            layer = graph.layer(index)
-            layer.mlp = None
-            layer.post_norm = None
+            graph.layer(index).drop_mlp()
         return PassResult(True, f"dropped the MLP in {len(self.layers)} layer(s)")
 
     def ensures(self, graph: DecoderGraph) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from surgery.models.graph import DecoderGraph
 from surgery.moe import SplitMoE, split_mlp
+from surgery.nodes.mlp import GatedMLP
 from surgery.passes.base import GraphPass, PassResult, parts_present
 
 
@@ -41,7 +42,7 @@ class SplitMlp(GraphPass):
             layer = graph.layer(index)
             if layer is None or layer.mlp is None:
                 continue
-            if not hasattr(layer.mlp, "gate_proj"):
+            if not isinstance(layer.mlp, GatedMLP) or layer.mlp.activation != "silu":
                 problems.append(f"layer {index}'s MLP is not a dense SwiGLU MLP")
             elif layer.mlp.gate_proj.out_features % self.experts:
                 problems.append(

@@ -14,6 +14,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, replace
 
+from surgery import architectures
 from surgery.calibration import (
     DEFAULT_LENGTH,
     DEFAULT_SAMPLES,
@@ -31,7 +32,7 @@ from surgery.files import InputFileError, path_exists
 from surgery.importance.file import ImportanceFile, load_importance
 from surgery.importance.metrics import METRICS
 from surgery.layers import evenly_spaced, format_layers
-from surgery.models.index import SUPPORTED_ARCHITECTURES, ModelIndex
+from surgery.models.index import ModelIndex
 from surgery.models.loading import ModelSpec, ModelSpecError, load_config, resolve_spec, tokenizer_without_weights
 from surgery.selection import ImportanceQuery, ScoreSource
 from surgery.source import Span
@@ -252,11 +253,14 @@ class _Checker:
         except ModelSpecError as problem:
             self.error(str(problem), span, problem.hint)
             return None
-        if config.model_type not in SUPPORTED_ARCHITECTURES:
+        if architectures.lookup(config.model_type) is None:
+            near = architectures.closest(config.model_type)
             self.error(
                 f"cannot compile '{text}': architecture '{config.model_type}' is not supported",
                 span,
-                "supported architectures: " + ", ".join(sorted(SUPPORTED_ARCHITECTURES)),
+                (f"did you mean '{near}'? " if near else "")
+                + "supported architectures: "
+                + ", ".join(sorted(architectures.REGISTRY)),
             )
             return None
         try:
@@ -1045,6 +1049,7 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
     raise_if_errors(checker.diagnostics)
     warnings = tuple(d for d in checker.diagnostics if d.severity == "warning")
     return replace(checked, warnings=warnings)
+
 
 __all__ = [
     "CheckedRecipe",

@@ -337,7 +337,6 @@ def _cmd_importance(args) -> int:
     from surgery.importance.file import is_importance_file, save_importance
     from surgery.importance.metrics import METRICS
     from surgery.importance.plot import PNG_SIGNATURE
-    from surgery.models.graph import DecoderGraph
     from surgery.models.loading import load_model
     from surgery.output import check_replaceable_file
 
@@ -368,7 +367,7 @@ def _cmd_importance(args) -> int:
     progress = _Progress()
     progress(f"loading {spec.text}")
     model, tokenizer = load_model(spec, progress)
-    graph = DecoderGraph(model, index)
+    graph = _checked_graph(model, index)
     request = ScoreRequest(metrics, calibration, args.zd_threshold, args.zd_more_important)
     importance = compute_importance(graph, tokenizer, spec, request, progress, use_cache=not args.no_cache)
     save_importance(importance, args.output)
@@ -446,7 +445,6 @@ def _reference_logits(spec_text: str, tokenizer, threads: int | None, window: in
     """Logits of the `--against` model: another output folder in onnxruntime, or a model spec in PyTorch."""
     from surgery.evaluate import onnx_logits, torch_logits
     from surgery.model_folder import open_model_folder
-    from surgery.models.graph import DecoderGraph
     from surgery.models.index import ModelIndex
     from surgery.models.loading import load_config, load_model, resolve_spec
 
@@ -460,7 +458,17 @@ def _reference_logits(spec_text: str, tokenizer, threads: int | None, window: in
     model, reference_tokenizer = load_model(spec, _Progress())
     if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise _UserError(f"'{spec_text}' has a different tokenizer than the output; the tokens would not compare")
-    return torch_logits(DecoderGraph(model, ModelIndex.from_config(spec_text, config)))
+    return torch_logits(_checked_graph(model, ModelIndex.from_config(spec_text, config)))
+
+
+def _checked_graph(model, index):
+    """The model's decoder graph, its architecture description checked against its own forward."""
+    from surgery.architectures.conformance import DescriptionMismatch, checked_graph
+
+    try:
+        return checked_graph(model, index)
+    except DescriptionMismatch as problem:
+        raise _UserError(str(problem), problem.hint) from problem
 
 
 def main(argv: list[str] | None = None) -> int:

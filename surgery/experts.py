@@ -37,15 +37,15 @@ def expert_statistics(
             index = output[-1]  # transformers: (logits, weights, index); SplitMoE: (weights, index)
             counts[layer] += np.bincount(index.reshape(-1).numpy(), minlength=len(counts[layer]))
 
-        def collect(module, args, output, layer=layer, mlp=mlp):
-            x = output.reshape(-1, output.shape[-1]).float()
+        def collect(module, args, layer=layer, mlp=mlp):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
             gate, up = torch.einsum("th,eih->eti", x, mlp.experts.gate_up_proj.float()).chunk(2, dim=-1)
             out = torch.einsum("eti,ehi->eth", torch.nn.functional.silu(gate) * up, mlp.experts.down_proj.float())
             sums[layer] = sums.get(layer, 0) + out.double().sum(1)
 
         handles.append(mlp.gate.register_forward_hook(count))
         if outputs:
-            handles.append(graph.layer(layer).post_norm.register_forward_hook(collect))
+            handles.append(mlp.register_forward_pre_hook(collect))  # the MLP's input, after any norm
     try:
         for row in tokens:
             ids = torch.from_numpy(row)[None]

@@ -39,7 +39,7 @@ def jsd(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def readout(graph, hidden: torch.Tensor) -> torch.Tensor:
     """Logit lens: the head applied to the final norm of a residual."""
-    return graph.lm_head(graph.final_norm(hidden))
+    return graph.readout(hidden)
 
 
 def iks(graph, m: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -126,10 +126,7 @@ def resolve_expert_steps(compiled: Compiled, progress: Progress = _quiet) -> Com
     """
     if not any(s.action in ("merge experts", "prune experts") and s.layers for s in compiled.plan.steps):
         return compiled
-    from surgery.models.graph import DecoderGraph
-
-    hf_model, tokenizer = _load(compiled.checked, progress)
-    graph = DecoderGraph(hf_model, compiled.checked.index)
+    graph, tokenizer = _load(compiled.checked, progress)
     plan, _ = run_graph_steps(compiled.plan, graph, _Calibration(compiled.checked, tokenizer), progress)
     return replace(compiled, plan=plan)
 
@@ -152,20 +149,25 @@ def _calibration_text(checked: CheckedRecipe):
 
 def _compute_with_model(checked: CheckedRecipe, request: ScoreRequest, progress: Progress) -> ImportanceFile:
     from surgery.importance.compute import compute_importance
-    from surgery.models.graph import DecoderGraph
 
-    hf_model, tokenizer = _load(checked, progress)
+    graph, tokenizer = _load(checked, progress)
     with _calibration_text(checked):
-        return compute_importance(DecoderGraph(hf_model, checked.index), tokenizer, checked.spec, request, progress)
+        return compute_importance(graph, tokenizer, checked.spec, request, progress)
 
 
 def _load(checked: CheckedRecipe, progress: Progress):
+    """(graph, tokenizer): the model loaded, its nodes built from the architecture description,
+    and that description checked against the model's own forward; problems at the `model` line."""
+    from surgery.architectures.conformance import DescriptionMismatch, checked_graph
     from surgery.models.loading import ModelSpecError, load_model
     from surgery.models.weights import WeightsError
 
     progress(f"loading {checked.spec.text}")
     try:
-        return load_model(checked.spec, progress)
+        hf_model, tokenizer = load_model(checked.spec, progress)
+        return checked_graph(hf_model, checked.index), tokenizer
+    except DescriptionMismatch as problem:
+        raise RecipeError([Diagnostic("error", str(problem), checked.model_span, problem.hint)]) from problem
     except WeightsError as problem:
         # Every finding about the weights, each at the `model` line.
         raise RecipeError(
@@ -188,7 +190,6 @@ def apply(
     # torch, onnx and onnxruntime load here, not at import: `check` and `plan` never need them.
     from surgery.export.decoder import export_decoder
     from surgery.importance.compute import compute_importance
-    from surgery.models.graph import DecoderGraph
     from surgery.report import build_report, folder_bytes, structure, write_report
     from surgery.verify import compare, trace_reference
 
@@ -206,8 +207,7 @@ def apply(
     folder = OutputFolder(output, force, [path, *checked.input_paths()], progress)
     lap("parse_check")
     try:
-        hf_model, tokenizer = _load(checked, progress)
-        graph = DecoderGraph(hf_model, checked.index)
+        graph, tokenizer = _load(checked, progress)
         before = structure(graph)
         lap("load")
 
@@ -253,7 +253,7 @@ def apply(
             progress("verifying against PyTorch (prefill + decode)" + (" before quantization" if quantization else ""))
             # The PyTorch weights are not needed past this point; free them before onnxruntime
             # maps the exported ones, so the two copies never add up.
-            del graph, hf_model
+            del graph
             gc.collect()
             verification = compare(trace, str(folder.path), VERIFY_TOLERANCE, threads)
             lap("verify")
@@ -411,9 +411,7 @@ def _reference_perplexity(checked: CheckedRecipe, graph, tokenizer, progress: Pr
     request = checked.perplexity
     tokens = eval_tokens(tokenizer, resolve_text(request.data, checked.base_dir), request.tokens, request.window)
     if tokens.scored() < MIN_PERPLEXITY_TOKENS - 1:  # `check` bounded the count without the tokenizer
-        raise RecipeError(
-            [Diagnostic("error", f"'{request.data}' has too few tokens for a perplexity", request.span)]
-        )
+        raise RecipeError([Diagnostic("error", f"'{request.data}' has too few tokens for a perplexity", request.span)])
     progress(f"perplexity of the original model on {tokens.scored()} tokens of {tokens.text.name} (PyTorch)")
     return tokens, perplexity(torch_logits(graph), tokens)
 

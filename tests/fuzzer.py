@@ -99,18 +99,26 @@ def _statement(rng: random.Random) -> str:
         lambda: f'model "{rng.choice(MODELS) if rng.random() < 0.8 else _path(rng)}"',
         lambda: f"drop {rng.choice(['attention', 'mlp', 'block', 'heads', ''])} {_selector(rng)}",
         lambda: f'calibrate on "{_path(rng)}" samples {n(rng)} length {n(rng)} seed {n(rng)}',
-        lambda: f"quantize {rng.choice(['layers', 'attention', 'mlp', 'head'])} {_selector(rng)} to "
-        f"{rng.choice(['int4', 'int8', 'int3'])} block {n(rng)}" + rng.choice(["", " symmetric"]),
-        lambda: f'quantize layers by {rng.choice(["lim", "zd", "similarity", chr(34) + _path(rng) + chr(34)])} {{\n'
-        + "".join(f"    most important {n(rng)}% -> int8\n" for _ in range(rng.choice([0, 1, 2, 500])))
-        + "    rest -> int4\n}",
+        lambda: (
+            f"quantize {rng.choice(['layers', 'attention', 'mlp', 'head'])} {_selector(rng)} to "
+            f"{rng.choice(['int4', 'int8', 'int3'])} block {n(rng)}" + rng.choice(["", " symmetric"])
+        ),
+        lambda: (
+            f"quantize layers by {rng.choice(['lim', 'zd', 'similarity', chr(34) + _path(rng) + chr(34)])} {{\n"
+            + "".join(f"    most important {n(rng)}% -> int8\n" for _ in range(rng.choice([0, 1, 2, 500])))
+            + "    rest -> int4\n}"
+        ),
         lambda: f'verify perplexity on "{_path(rng)}" max-increase {n(rng)}% tokens {n(rng)}',
-        lambda: f"fuse layer {rng.choice([n(rng), 'auto', 'dynamic'])} into head weight {n(rng)} "
-        f"candidates {n(rng)}..{n(rng)}",
+        lambda: (
+            f"fuse layer {rng.choice([n(rng), 'auto', 'dynamic'])} into head weight {n(rng)} "
+            f"candidates {n(rng)}..{n(rng)}"
+        ),
         lambda: f"split mlp {_selector(rng)} into {n(rng)} experts top {n(rng)}",
         lambda: f"prune experts {_selector(rng)} to {n(rng)}" + rng.choice(["", " by frequency"]),
-        lambda: f"merge experts {_selector(rng)} to {n(rng)} grouping {rng.choice(['output', 'router'])} "
-        f"weighting {rng.choice(['frequency', 'uniform'])} rank {n(rng)}{rng.choice(['', '%'])}",
+        lambda: (
+            f"merge experts {_selector(rng)} to {n(rng)} grouping {rng.choice(['output', 'router'])} "
+            f"weighting {rng.choice(['frequency', 'uniform'])} rank {n(rng)}{rng.choice(['', '%'])}"
+        ),
         lambda: f"export onnx opset {n(rng)}" + rng.choice(["", " without kv-cache", " with position-ids"]),
         lambda: rng.choice(["{" * 2000, "}" * 50, "# comment", "", "drop", "model", '"unterminated', "\t\t"]),
         lambda: "x" * rng.choice([100, 70000]),
@@ -186,8 +194,10 @@ def _importance_json(rng: random.Random) -> bytes:
     if kind < 0.5:
         return rng.choice([b"\xff\xfe\x00", b"SECRET=hunter2\n", b"", b"null", b'"x"', b"NaN", b"{}" * 1000])
     if kind < 0.6:
-        return b'{"format": "surgery-importance", "version": 1, "metrics": {"m": {"more_important": "higher", ' \
+        return (
+            b'{"format": "surgery-importance", "version": 1, "metrics": {"m": {"more_important": "higher", '
             b'"scores": {"block": [' + b", ".join([b"1e999", b"-1e999", b"NaN", b"true", b'"x"', b"[]"] * 3) + b"]}}}}"
+        )
     return _mutate_bytes(base, rng)
 
 
@@ -214,8 +224,10 @@ def make_case(number: int, seed: int = 0) -> Case:
         seed_recipe = SEED_RECIPES[rng.randrange(len(SEED_RECIPES))].read_bytes()
         return Case(number, generator, _mutate_tokens(seed_recipe, rng))
     model = rng.choice(MODELS)
-    recipe = f'model "{model}"\ndrop block least important 1 by "imp.json"\nquantize layers by "imp.json" {{\n' \
+    recipe = (
+        f'model "{model}"\ndrop block least important 1 by "imp.json"\nquantize layers by "imp.json" {{\n'
         "    most important 25% -> int8\n    rest -> int4\n}\n"
+    )
     return Case(number, generator, recipe.encode(), _importance_json(rng))
 
 

@@ -135,7 +135,7 @@ def test_split_errors_point_at_the_statement(in_tmp):
 def _direct_counts(graph, layer: int, tokens) -> list[float]:
     """Expert use counted by hand: the residual entering the MLP, through the router's softmax and top-k."""
     seen = []
-    handle = graph.layer(layer).post_norm.register_forward_hook(lambda m, a, out: seen.append(out))
+    handle = graph.layer(layer).mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     with torch.no_grad():
         for row in tokens:
             ids = torch.from_numpy(row)[None]

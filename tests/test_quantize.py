@@ -113,7 +113,7 @@ def test_packed_weights_reproduce_the_float_weights(grouped):
             ],
             axis=1,
         ),
-        "/lm_head/MatMul_Q8": graph.lm_head.weight.detach().numpy().T,
+        "/lm_head/MatMul_Q8": graph.head.weight.detach().numpy().T,
     }
     nodes = {n.name: n for n in model.graph.node}
     for name, original in originals.items():
@@ -153,7 +153,7 @@ def test_onnxruntime_matches_pytorch_with_the_dequantized_weights(tmp_path, bits
         for name, weight in weights.items():
             linear, w = node_of[name], torch.from_numpy(np.ascontiguousarray(weight.T))
             if linear == "lm_head":
-                graph.lm_head.weight = torch.nn.Parameter(w)  # untied, as the export wrote it
+                graph.head.weight = torch.nn.Parameter(w)  # untied, as the export wrote it
             elif linear.endswith("qkv_proj"):
                 attn = graph.model.get_submodule(linear.rsplit(".", 1)[0])
                 for module, part in zip(

@@ -75,7 +75,7 @@ def test_recipes_are_limited_in_size(tmp_path):
     [
         ("drop attention layers " + "9" * 5000, "is too large"),
         ("drop attention layers 1, " + "7" * 40, "is too large"),
-        ("calibrate on \"valid\" samples 99999999999 length 4", "is too large"),
+        ('calibrate on "valid" samples 99999999999 length 4', "is too large"),
         ("fuse layer 3 into head weight 0." + "5" * 2000, "is too long"),
         ("merge experts layers * to 2 rank 12345678901%", "is too large"),
     ],

@@ -24,3 +24,6 @@ class ExportOptions:
     # onnxruntime's "contrib" com.microsoft.MoE where the routing is its softmax top-k (only the
     # chosen experts run); layers it cannot express stay plain. See docs/moe.md for the timings.
     moe_operator: str = "contrib"
+    # The element type of weights, activations, KV cache and logits; every node component reads
+    # it. Only fp32 is exposed for now.
+    precision: str = "fp32"

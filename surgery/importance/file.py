@@ -203,7 +203,7 @@ def _json_kind(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return f'the string "{value}"' if len(value) <= 40 else f'a string of {len(value)} characters'
+        return f'the string "{value}"' if len(value) <= 40 else f"a string of {len(value)} characters"
     return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
 
 
@@ -224,7 +224,7 @@ def load_importance(path: str, layers: int | None = None) -> tuple[ImportanceFil
         return None, [
             Diagnostic(
                 "error",
-                f"'{source.name}' is not an importance file (it has no \"format\": \"{FORMAT}\")",
+                f'\'{source.name}\' is not an importance file (it has no "format": "{FORMAT}")',
                 source.span(0, 0),
                 "write one with `surgery importance`; the format is in docs/importance.md",
                 quote=False,

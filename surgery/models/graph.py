@@ -1,14 +1,17 @@
 """The decoder graph that passes rewrite, and its PyTorch reference forward.
 
-A Llama-family causal LM is a chain: embedding -> layers -> final norm -> head, each layer being
-`m = x + Attn(Norm1(x))`, `h = m + MLP(Norm2(m))`. `DecoderGraph` holds that chain with the
-Hugging Face modules as its nodes; a pass removes nodes (an attention sub-block with its norm,
-an MLP with its norm, or a whole layer). Layers keep their *original* numbers throughout.
+A decoder is a chain: embedding -> layers -> head. Each layer has an attention and an MLP
+sub-block; a sub-block's update is `scale * PostNorm(Body(PreNorm(x)))` added to the residual
+stream, where the norms present depend on the family (pre: Llama; post: OLMo 2; both: Gemma 3).
+`DecoderGraph` holds that chain as typed nodes (`surgery.nodes`) built from the family's
+architecture description (`surgery.architectures`); a pass removes a sub-block with its norms,
+a whole layer, or replaces an MLP node. Layers keep their *original* numbers throughout.
 
-`DecoderGraph.forward` runs the edited chain with the Hugging Face modules themselves (eager
-attention, their RoPE, their norms), which makes it the reference the exported ONNX model is
-verified against. Its mask and KV cache are our own so that layers without attention simply
-have no cache slot: cache slot k belongs to the k-th kept attention layer.
+`DecoderGraph.forward` runs the edited chain with the nodes' own PyTorch forwards, which makes
+it the reference the exported ONNX model is verified against; `surgery.architectures.conformance`
+checks it against the Hugging Face model's own forward when a model is loaded. Its mask and KV
+cache are our own so that layers without attention simply have no cache slot: cache slot k
+belongs to the k-th kept attention layer.
 """
 
 from __future__ import annotations
@@ -19,8 +22,13 @@ from typing import Any
 
 import torch
 
+from surgery.architectures import lookup
+from surgery.architectures.build import build
+from surgery.architectures.description import Architecture
 from surgery.fusion import FusionChoice, HeadFusion, fused_logits
 from surgery.models.index import ModelIndex
+from surgery.nodes.attention import Attention
+from surgery.nodes.norm import RMSNorm
 
 # observer(layer number, x entering the layer, m after attention, h leaving the layer)
 ResidualObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -31,11 +39,13 @@ class DecoderLayer:
     """One decoder layer; a sub-block set to None was dropped (its residual passes through)."""
 
     index: int
-    input_norm: torch.nn.Module | None
-    attention: torch.nn.Module | None
-    post_norm: torch.nn.Module | None
-    mlp: torch.nn.Module | None
-    sliding_window: int | None = None
+    attention: Attention | None
+    mlp: torch.nn.Module | None  # a GatedMLP node, or an MoE module (surgery.nodes.moe)
+    attention_norm: RMSNorm | None = None  # before the attention (Llama's input_layernorm)
+    attention_post_norm: RMSNorm | None = None  # after it, before the residual add (Gemma 3, OLMo 2)
+    mlp_norm: RMSNorm | None = None
+    mlp_post_norm: RMSNorm | None = None
+    residual_scale: float = 1.0  # multiplies each sub-block's update (Granite)
 
     @property
     def has_attention(self) -> bool:
@@ -46,6 +56,41 @@ class DecoderLayer:
     def has_mlp(self) -> bool:
         """Whether the MLP sub-block is still there."""
         return self.mlp is not None
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The attention's sliding window (None: full attention, or no attention)."""
+        return self.attention.sliding_window if self.attention is not None else None
+
+    def drop_attention(self) -> None:
+        """Remove the attention sub-block and its norms: the residual passes through."""
+        self.attention = self.attention_norm = self.attention_post_norm = None
+
+    def drop_mlp(self) -> None:
+        """Remove the MLP sub-block and its norms: the residual passes through."""
+        self.mlp = self.mlp_norm = self.mlp_post_norm = None
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The nodes still in this layer."""
+        parts = (self.attention_norm, self.attention, self.attention_post_norm,
+                 self.mlp_norm, self.mlp, self.mlp_post_norm)  # fmt: skip
+        return [m for m in parts if m is not None]
+
+    def attention_update(self, hidden: torch.Tensor, cos_sin, mask: torch.Tensor, cache) -> torch.Tensor:
+        """The attention sub-block's contribution to the residual."""
+        x = self.attention_norm(hidden) if self.attention_norm is not None else hidden
+        out = self.attention(x, cos_sin, mask, cache)
+        if self.attention_post_norm is not None:
+            out = self.attention_post_norm(out)
+        return out * self.residual_scale if self.residual_scale != 1.0 else out
+
+    def mlp_update(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The MLP sub-block's contribution to the residual."""
+        x = self.mlp_norm(hidden) if self.mlp_norm is not None else hidden
+        out = self.mlp(x)
+        if self.mlp_post_norm is not None:
+            out = self.mlp_post_norm(out)
+        return out * self.residual_scale if self.residual_scale != 1.0 else out
 
 
 @dataclass
@@ -62,51 +107,50 @@ class KVCache:
                 return int(key.shape[2])
         return 0
 
-
-class _SlotCache:
-    """What a Hugging Face attention module calls `past_key_values`: appends to one slot."""
-
-    def __init__(self, cache: KVCache, slot: int):
-        self.cache, self.slot = cache, slot
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
-        cache, slot = self.cache, self.slot
-        past_key, past_value = cache.keys[slot], cache.values[slot]
-        if past_key is not None:
-            key = torch.cat([past_key, key], dim=2)
-            value = torch.cat([past_value, value], dim=2)
-        cache.keys[slot], cache.values[slot] = key, value
+    def append(self, slot: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new keys and values to one slot; returns the slot's whole keys and values."""
+        if self.keys[slot] is not None:
+            key = torch.cat([self.keys[slot], key], dim=2)
+            value = torch.cat([self.values[slot], value], dim=2)
+        self.keys[slot], self.values[slot] = key, value
         return key, value
 
 
 class DecoderGraph:
-    """A Llama-family causal LM as an editable chain of layers over the Hugging Face modules."""
+    """A decoder-only causal LM as an editable chain of typed nodes over the model's tensors."""
 
-    def __init__(self, model: Any, index: ModelIndex):
+    def __init__(self, model: Any, index: ModelIndex, architecture: Architecture | None = None):
+        """Nodes for `model` as its registered description (or `architecture`) says."""
         self.model = model
         self.index = index
         self.config = model.config
-        core = model.model
-        self.embed = core.embed_tokens
-        self.final_norm = core.norm
-        self.rotary = core.rotary_emb
-        self.lm_head = model.lm_head
+        self.architecture = architecture or lookup(index.architecture)
+        if self.architecture is None:
+            raise ValueError(f"no architecture description for '{index.architecture}'")
+        built = build(self.architecture, model)
+        self.embedding = built.embedding
+        self.head = built.head
+        self.rotary = built.rotary
         self.fusion: HeadFusion | None = None  # set by the `fuse` pass
         self.last_choice: FusionChoice | None = None  # dynamic fusion's choice in the last forward
-        self.tied_head = self.lm_head.weight.data_ptr() == self.embed.weight.data_ptr()
-        self.layers: list[DecoderLayer] = []
-        for i, layer in enumerate(core.layers):
-            window = index.sliding_window if index.layer_sliding[i] else None
-            self.layers.append(
-                DecoderLayer(
-                    index=i,
-                    input_norm=layer.input_layernorm,
-                    attention=layer.self_attn,
-                    post_norm=layer.post_attention_layernorm,
-                    mlp=layer.mlp,
-                    sliding_window=window,
-                )
-            )
+        self.layers: list[DecoderLayer] = [
+            DecoderLayer(
+                i,
+                b.attention,
+                b.mlp,
+                b.attention_norm,
+                b.attention_post_norm,
+                b.mlp_norm,
+                b.mlp_post_norm,
+                b.residual_scale,
+            )  # fmt: skip
+            for i, b in enumerate(built.layers)
+        ]
+
+    @property
+    def tied_head(self) -> bool:
+        """Whether the head is the embedding table itself."""
+        return self.head.tied
 
     # Structure queries used by passes, the exporter and the report.
 
@@ -123,12 +167,17 @@ class DecoderGraph:
 
     def parameter_count(self) -> int:
         """Parameters still reachable from the graph (a tied head counts once)."""
-        modules: list[torch.nn.Module] = [self.embed, self.final_norm]
-        if not self.tied_head:
-            modules.append(self.lm_head)
+        seen: set[int] = set()
+        total = 0
+        modules: list[torch.nn.Module] = [self.embedding, self.head]
         for layer in self.layers:
-            modules += [m for m in (layer.input_norm, layer.attention, layer.post_norm, layer.mlp) if m is not None]
-        return sum(p.numel() for m in modules for p in m.parameters())
+            modules += layer.modules()
+        for module in modules:
+            for p in module.parameters():
+                if id(p) not in seen:  # a tied head is the embedding's own parameter: counted once
+                    seen.add(id(p))
+                    total += p.numel()
+        return total
 
     # The reference forward.
 
@@ -136,6 +185,10 @@ class DecoderGraph:
         """An empty KV cache with one slot per kept attention layer."""
         slots = len(self.kv_layers())
         return KVCache(keys=[None] * slots, values=[None] * slots)
+
+    def readout(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logit lens: the head (final norm included) applied to any residual."""
+        return self.head(hidden)
 
     @torch.no_grad()
     def forward(
@@ -151,33 +204,30 @@ class DecoderGraph:
 
         `observer(layer, x, m, h)` sees each layer's residual stream: entering the layer (x),
         after attention (m) and leaving it (h), which is what importance metrics read. With
-        `logits=False` the final norm and head are skipped and the last residual is returned.
+        `logits=False` the head is skipped and the last residual is returned.
         """
         past = cache.length() if cache is not None else 0
         fused = set(self.fusion.layers) if self.fusion is not None and logits else set()
         residuals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        hidden = self.embed(input_ids)
-        position_embeddings = self.rotary(hidden, position_ids)
+        hidden = self.embedding(input_ids)
+        tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
         masks: dict[int | None, torch.Tensor] = {}
         slot = 0
         for layer in self.layers:
             entering = hidden
-            if layer.attention is not None:
-                if layer.sliding_window not in masks:
-                    masks[layer.sliding_window] = attention_bias(
-                        attention_mask, input_ids.shape[1], past, layer.sliding_window, hidden.dtype
-                    )
-                attn_out, _ = layer.attention(
-                    hidden_states=layer.input_norm(hidden),
-                    position_embeddings=position_embeddings,
-                    attention_mask=masks[layer.sliding_window],
-                    past_key_values=_SlotCache(cache, slot) if cache is not None else None,
-                )
-                hidden = hidden + attn_out
+            attention = layer.attention
+            if attention is not None:
+                if attention.rope not in tables:
+                    tables[attention.rope] = self.rotary.cos_sin(hidden, position_ids, attention.rope)
+                window = attention.sliding_window
+                if window not in masks:
+                    masks[window] = attention_bias(attention_mask, input_ids.shape[1], past, window, hidden.dtype)
+                slot_cache = (cache, slot) if cache is not None else None
+                hidden = hidden + layer.attention_update(hidden, tables[attention.rope], masks[window], slot_cache)
                 slot += 1
             after_attention = hidden
             if layer.mlp is not None:
-                hidden = hidden + layer.mlp(layer.post_norm(hidden))
+                hidden = hidden + layer.mlp_update(hidden)
             if observer is not None:
                 observer(layer.index, entering, after_attention, hidden)
             if layer.index in fused:
@@ -185,9 +235,9 @@ class DecoderGraph:
         if not logits:
             return hidden
         if self.fusion is not None:
-            fused, self.last_choice = fused_logits(self, self.fusion, hidden, residuals)
-            return fused
-        return self.lm_head(self.final_norm(hidden))
+            fused_out, self.last_choice = fused_logits(self, self.fusion, hidden, residuals)
+            return fused_out
+        return self.head(hidden)
 
 
 def attention_bias(

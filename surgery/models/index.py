@@ -9,22 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# Llama-family decoders whose layers are: RMSNorm -> GQA attention with RoPE -> residual ->
-# RMSNorm -> SwiGLU MLP -> residual. Per-architecture extras are handled by the exporter.
-SUPPORTED_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    # Mixture-of-experts MLPs (router + experts, Qwen2-MoE with a gated shared expert).
-    "mixtral": "MixtralForCausalLM",
-    "qwen2_moe": "Qwen2MoeForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
-    "olmoe": "OlmoeForCausalLM",  # RMSNorm over the whole Q and K projections, optional QKV clipping
-}
+from surgery.architectures import lookup, unknown_architecture
+
 # RoPE variants whose cos/sin tables do not depend on the sequence length, so they can be
-# precomputed into the graph.
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# precomputed into the graph ("longrope" has two tables, picked by the total length).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+# What each description activation accepts as the config's activation name.
+ACTIVATION_NAMES = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh",)}
 MAX_LAYERS = 4096  # far beyond any released decoder; a larger count is a damaged config
 
 
@@ -50,6 +41,7 @@ class ModelIndex:
     num_experts: int = 0  # 0 = dense MLPs
     experts_per_token: int = 0
     expert_intermediate_size: int = 0  # neurons of one expert (MoE models)
+    partial_rotary: float = 1.0  # fraction of each head RoPE rotates
 
     @property
     def is_moe(self) -> bool:
@@ -63,16 +55,15 @@ class ModelIndex:
         hidden = int(config.hidden_size)
         head_dim = getattr(config, "head_dim", None) or hidden // num_heads
         layers = int(config.num_hidden_layers)
-        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-        rope_type = str(rope.get("rope_type", rope.get("type", "default"))) if isinstance(rope, dict) else "default"
+        rope_type = _rope_type(config)
         window = getattr(config, "sliding_window", None)
-        layer_types = getattr(config, "layer_types", None)
-        if config.model_type == "mistral":
-            sliding = tuple(window is not None for _ in range(layers))
-        elif layer_types is not None and getattr(config, "use_sliding_window", True):
-            sliding = tuple(t == "sliding_attention" for t in layer_types)
+        architecture = lookup(str(config.model_type))
+        if architecture is not None:
+            sliding = tuple(architecture.sliding_layers(config))
+            activation = getattr(config, architecture.activation_field, None)
         else:
             sliding = tuple(False for _ in range(layers))
+            activation = getattr(config, "hidden_act", None)
         if not any(sliding):
             window = None
         return cls(
@@ -86,7 +77,8 @@ class ModelIndex:
             intermediate_size=int(config.intermediate_size),
             vocab_size=int(config.vocab_size),
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            hidden_act=str(getattr(config, "hidden_act", "silu")),
+            hidden_act=str(activation or "silu"),
+            partial_rotary=float(_rope_field(config, "partial_rotary_factor") or 1.0),
             rope_type=rope_type,
             sliding_window=int(window) if window is not None else None,
             layer_sliding=sliding,
@@ -148,14 +140,18 @@ class ModelIndex:
         reasons = self.implausible_fields()
         if reasons:
             return reasons
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
+        architecture = lookup(self.architecture)
+        if architecture is None:
+            return [unknown_architecture(self.architecture)]
+        if self.hidden_act not in ACTIVATION_NAMES[architecture.mlp.activation]:
+            wanted = ", ".join(ACTIVATION_NAMES[architecture.mlp.activation])
             reasons.append(
-                f"architecture '{self.architecture}' is not supported; supported: "
-                + ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+                f"activation '{self.hidden_act}' is not supported for {self.architecture} (expected {wanted})"
             )
-            return reasons
-        if self.hidden_act != "silu":
-            reasons.append(f"activation '{self.hidden_act}' is not supported (only silu/SwiGLU)")
+        if self.partial_rotary != 1.0:
+            reasons.append(
+                f"partial rotary embeddings (partial_rotary_factor {self.partial_rotary:g}) are not supported yet"
+            )
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             reasons.append(
                 f"RoPE type '{self.rope_type}' is not supported; supported: " + ", ".join(SUPPORTED_ROPE_TYPES)
@@ -165,3 +161,21 @@ class ModelIndex:
                 f"head_dim {self.head_dim} is not a multiple of 16, which onnxruntime's GroupQueryAttention requires"
             )
         return reasons
+
+
+def _rope_field(config: Any, name: str) -> Any:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and name in rope:
+        return rope[name]
+    return getattr(config, name, None)
+
+
+def _rope_type(config: Any) -> str:
+    """The model's RoPE type; with one RoPE per layer type (Gemma 3), the first non-default one."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return "default"
+    per_kind = [value for value in rope.values() if isinstance(value, dict)]
+    kinds = per_kind or [rope]
+    types = [str(kind.get("rope_type", kind.get("type", "default"))) for kind in kinds]
+    return next((t for t in types if t != "default"), "default")

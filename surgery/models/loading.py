@@ -118,8 +118,8 @@ def load_config(spec: ModelSpec) -> Any:
     from transformers import AutoConfig
 
     if spec.kind == "builtin":
-        if spec.location == "smollm2-135m":
-            return builtin.smollm2_config()
+        if spec.location in builtin.PACKAGED:
+            return builtin.packaged_config(spec.location)
         return builtin.tiny_config(spec.location)
     try:
         if spec.kind == "gguf":
@@ -155,11 +155,11 @@ def load_model(spec: ModelSpec, progress=print) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if spec.kind == "builtin" and spec.location != "smollm2-135m":
+    if spec.kind == "builtin" and spec.location not in builtin.PACKAGED:
         return builtin.tiny_model(spec.location), builtin.byte_tokenizer()
     try:
         if spec.kind == "builtin":
-            folder = str(builtin.smollm2_folder(progress))
+            folder = str(builtin.packaged_folder(spec.location, progress))
         elif spec.kind == "gguf":
             folder = str(_converted_gguf(Path(spec.location), progress))
         elif spec.kind == "hub":
@@ -210,12 +210,12 @@ def tokenizer_without_weights(spec: ModelSpec) -> Any | None:
     `check` uses it to count calibration and evaluation tokens exactly: the tiny built-ins'
     byte tokenizer, a model folder's own tokenizer files, or an already converted cache.
     """
-    if spec.kind == "builtin" and spec.location != "smollm2-135m":
+    if spec.kind == "builtin" and spec.location not in builtin.PACKAGED:
         return builtin.byte_tokenizer()
     if spec.kind == "folder":
         folder: Path | None = Path(spec.location)
     elif spec.kind == "builtin":
-        folder = builtin.cache_dir() / "models" / "smollm2-135m"
+        folder = builtin.cache_dir() / "models" / spec.location
     elif spec.kind == "gguf":
         folder = _gguf_cache_folder(Path(spec.location))
     else:

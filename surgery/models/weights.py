@@ -159,9 +159,7 @@ def _layers(names: Iterable[str]) -> set[int]:
     return {int(m.group(1)) for n in names if (m := _LAYER.search(n))}
 
 
-def loading_problems(
-    info: dict, files: dict[str, list[str]], config_layers: int
-) -> list[tuple[str, str | None]]:
+def loading_problems(info: dict, files: dict[str, list[str]], config_layers: int) -> list[tuple[str, str | None]]:
     """Diagnostics (message, hint) for transformers' loading report `info` (see the module docstring)."""
     missing = set(info.get("missing_keys") or ())
     unexpected = set(info.get("unexpected_keys") or ())

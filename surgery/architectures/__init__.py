@@ -1,0 +1,50 @@
+"""The registry of architecture descriptions: Hugging Face `model_type` -> `Architecture`.
+
+Adding a family is a module with its declaration and one line below.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from surgery.architectures.description import Architecture
+from surgery.architectures.gemma3 import GEMMA3
+from surgery.architectures.granite import GRANITE
+from surgery.architectures.llama import LLAMA
+from surgery.architectures.mistral import MISTRAL
+from surgery.architectures.mixtral import MIXTRAL
+from surgery.architectures.olmo2 import OLMO2
+from surgery.architectures.olmoe import OLMOE
+from surgery.architectures.phi3 import PHI3
+from surgery.architectures.qwen2 import QWEN2
+from surgery.architectures.qwen2_moe import QWEN2_MOE
+from surgery.architectures.qwen3 import QWEN3
+from surgery.architectures.qwen3_moe import QWEN3_MOE
+
+REGISTRY: dict[str, Architecture] = {
+    a.model_type: a
+    for a in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, GEMMA3, PHI3, GRANITE, OLMO2)
+}
+
+
+def lookup(model_type: str) -> Architecture | None:
+    """The description of `model_type`, or None when no family declares it."""
+    return REGISTRY.get(model_type)
+
+
+def closest(model_type: str) -> str | None:
+    """The registered model type nearest to `model_type` (for "did you mean"), if any is close."""
+    names = list(REGISTRY)
+    matches = difflib.get_close_matches(model_type, names, n=1, cutoff=0.6)
+    if not matches:
+        # "gemma3" vs "gemma3_text": a prefix is a near miss too.
+        prefixed = [name for name in names if name.startswith(model_type) or model_type.startswith(name)]
+        matches = sorted(prefixed, key=len)[:1]
+    return matches[0] if matches else None
+
+
+def unknown_architecture(model_type: str) -> str:
+    """The message for a model type no description covers, with the nearest registered one."""
+    message = f"architecture '{model_type}' is not supported; supported: " + ", ".join(sorted(REGISTRY))
+    near = closest(model_type)
+    return message + (f" (did you mean '{near}'?)" if near else "")

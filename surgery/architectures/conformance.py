@@ -1,0 +1,156 @@
+"""Is the description right? The reference forward built from it against Hugging Face's own.
+
+Verification compares the exported ONNX model with `DecoderGraph.forward`; both are built from
+the architecture description, so a wrong description (a missing norm offset, a wrong scale)
+would pass it. This check closes that gap: when a model is loaded, both forwards run on a few
+tokens and every intermediate is compared in order (the embedding, then per layer the
+attention output, the MLP output and the layer's output, then the logits). The first one that
+differs is named, before anything is exported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from surgery.architectures.description import DescriptionError
+from surgery.diagnostics import HintedError
+from surgery.models.graph import DecoderGraph, position_ids_from_mask
+
+PROBE_TOKENS = 24
+RELATIVE_TOLERANCE = 1e-4  # of the Hugging Face tensor's largest magnitude; fp32 agrees to ~1e-6
+ABSOLUTE_TOLERANCE = 1e-5
+
+
+class DescriptionMismatch(HintedError):
+    """The reference built from the description computes something else than the HF model."""
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Where the two forwards first part: the layer (None outside layers), the sub-block, how much."""
+
+    layer: int | None
+    part: str
+    max_abs_diff: float
+    scale: float
+
+    def message(self, architecture: str) -> str:
+        """The diagnostic's text."""
+        where = f"layer {self.layer} {self.part}" if self.layer is not None else self.part
+        return (
+            f"the '{architecture}' description does not reproduce the Hugging Face model: {where} differs "
+            f"by {self.max_abs_diff:.3g} (values up to {self.scale:.3g})"
+        )
+
+
+def probe_ids(vocab_size: int, count: int = PROBE_TOKENS) -> torch.Tensor:
+    """Deterministic token ids spread over the vocabulary (no tokenizer needed)."""
+    return ((torch.arange(count) * 7919 + 13) % vocab_size)[None]
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def _hf_trace(model: Any, graph: DecoderGraph, ids: torch.Tensor) -> dict[tuple, torch.Tensor]:
+    names = graph.architecture.names
+    layers = getattr(getattr(model, names.body), names.layers)
+    seen: dict[tuple, torch.Tensor] = {}
+    handles = []
+
+    def keep(key):
+        return lambda module, args, output: seen.__setitem__(key, _first(output).detach().clone())
+
+    def embedding(module, args, kwargs):  # the first layer's input is the (scaled) embedding
+        seen[("embedding",)] = (args[0] if args else kwargs["hidden_states"]).clone()
+
+    handles.append(layers[0].register_forward_pre_hook(embedding, with_kwargs=True))
+    for i, layer in enumerate(layers):
+        handles.append(getattr(layer, names.attention).register_forward_hook(keep((i, "attention"))))
+        handles.append(getattr(layer, names.mlp).register_forward_hook(keep((i, "mlp"))))
+        handles.append(layer.register_forward_hook(keep((i, "output"))))
+    try:
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    seen[("logits",)] = out.logits.detach()
+    return seen
+
+
+@torch.no_grad()
+def _our_trace(graph: DecoderGraph, ids: torch.Tensor) -> dict[tuple, torch.Tensor]:
+    seen: dict[tuple, torch.Tensor] = {("embedding",): graph.embedding(ids)}
+    handles = []
+    for layer in graph.layers:
+        if layer.attention is not None:
+            handles.append(layer.attention.register_forward_hook(
+                lambda m, a, o, i=layer.index: seen.__setitem__((i, "attention"), _first(o).clone())))  # fmt: skip
+        if layer.mlp is not None:
+            handles.append(layer.mlp.register_forward_hook(
+                lambda m, a, o, i=layer.index: seen.__setitem__((i, "mlp"), _first(o).clone())))  # fmt: skip
+
+    def observe(index: int, x: torch.Tensor, m: torch.Tensor, h: torch.Tensor) -> None:
+        seen[(index, "output")] = h.clone()
+
+    mask = torch.ones_like(ids)
+    try:
+        logits = graph.forward(ids, mask, position_ids_from_mask(mask), observer=observe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    seen[("logits",)] = logits
+    return seen
+
+
+def first_difference(model: Any, graph: DecoderGraph, tokens: int = PROBE_TOKENS) -> Difference | None:
+    """Run both forwards on `tokens` probe tokens; the first intermediate that differs, or None.
+
+    `graph` must be unedited (every layer and sub-block present) and `model` its source.
+    """
+    ids = probe_ids(graph.index.vocab_size, min(tokens, graph.index.max_positions))
+    theirs = _hf_trace(model, graph, ids)
+    ours = _our_trace(graph, ids)
+    order = [("embedding",)]
+    for layer in graph.layers:
+        order += [(layer.index, "attention"), (layer.index, "mlp"), (layer.index, "output")]
+    order.append(("logits",))
+    parts = {"attention": "attention output", "mlp": "MLP output", "output": "output (norms and residual adds)"}
+    for key in order:
+        if key not in theirs or key not in ours:
+            continue
+        a, b = theirs[key].float(), ours[key].float()
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        diff = float((a - b).abs().max()) if a.shape == b.shape else float("inf")
+        if not diff <= RELATIVE_TOLERANCE * scale + ABSOLUTE_TOLERANCE:
+            if len(key) == 1:
+                return Difference(None, key[0], diff, scale)
+            return Difference(key[0], parts[key[1]], diff, scale)
+    return None
+
+
+def check_description(model: Any, graph: DecoderGraph) -> None:
+    """Raise DescriptionMismatch when the graph's reference differs from the HF model's forward."""
+    difference = first_difference(model, graph)
+    if difference is not None:
+        raise DescriptionMismatch(
+            difference.message(graph.architecture.model_type),
+            "the architecture description (surgery/architectures/) or the model's config is wrong for this "
+            "checkpoint; nothing was exported",
+        )
+
+
+def checked_graph(model: Any, index: Any) -> DecoderGraph:
+    """The decoder graph of a freshly loaded model, its description checked against the model's
+    own forward (DescriptionMismatch when they differ)."""
+    try:
+        graph = DecoderGraph(model, index)
+    except DescriptionError as problem:
+        raise DescriptionMismatch(str(problem), "the architecture description (surgery/architectures/) does not fit "
+                                  "this checkpoint; nothing was exported") from problem  # fmt: skip
+    check_description(model, graph)
+    return graph

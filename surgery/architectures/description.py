@@ -1,0 +1,169 @@
+"""What an architecture description says: a decoder family as data.
+
+A family is one `Architecture` value: the sub-blocks of a layer and where their norms sit, the
+norm's form, the MLP's activation, the attention details (Q/K norms, scaling, soft-capping,
+sliding windows, RoPE per layer type), the scalar multipliers some families add, and the map
+to the Hugging Face parameter names. `surgery.architectures.build` turns a description and a
+loaded Hugging Face model into the typed nodes of `surgery.models.graph` (references to the
+model's tensors, never copies); each node kind runs in PyTorch and emits itself in ONNX
+(`surgery.nodes`). Nothing else in the compiler looks at the family's name.
+
+Config-valued details are given as the name of the config field that holds them (for
+example `attention_scale=Scale.field("attention_multiplier")`), so a description stays a short
+literal and the values come from each model's own config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+NormPlacement = Literal["pre", "post", "sandwich"]
+Activation = Literal["silu", "gelu_tanh"]
+QKNorm = Literal["none", "head", "projection"]
+Sliding = Literal["layer_types", "all", "none"]
+MoeRouter = Literal["none", "softmax_topk"]
+
+
+class DescriptionError(ValueError):
+    """A description that does not fit the model it is applied to (a module it names is missing)."""
+
+
+@dataclass(frozen=True)
+class Norms:
+    """The RMSNorms of a layer.
+
+    `offset` is added to the stored gain (Gemma stores `w` and applies `1 + w`). `placement`:
+    `pre` normalizes each sub-block's input (Llama); `post` normalizes its output before the
+    residual add (OLMo 2); `sandwich` does both (Gemma 3).
+    """
+
+    placement: NormPlacement = "pre"
+    offset: float = 0.0
+    eps_field: str = "rms_norm_eps"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A scalar a family multiplies by: a constant, the square root of a config field, a config
+    field itself, or the inverse square root of one (`kind`)."""
+
+    kind: Literal["one", "field", "sqrt_field", "rsqrt_field"] = "one"
+    name: str = ""
+
+    @staticmethod
+    def field(name: str) -> Scale:
+        """The value of config field `name`."""
+        return Scale("field", name)
+
+    @staticmethod
+    def sqrt(name: str) -> Scale:
+        """The square root of config field `name` (Gemma's embedding scale: sqrt(hidden_size))."""
+        return Scale("sqrt_field", name)
+
+    @staticmethod
+    def rsqrt(name: str) -> Scale:
+        """One over the square root of config field `name` (a query scaling)."""
+        return Scale("rsqrt_field", name)
+
+    def value(self, config: object, default: float = 1.0) -> float:
+        """The scalar for one model's config (`default` when the field is missing or null)."""
+        if self.kind == "one":
+            return default
+        raw = getattr(config, self.name, None)
+        if raw is None:
+            return default
+        number = float(raw)
+        if self.kind == "field":
+            return number
+        return number**0.5 if self.kind == "sqrt_field" else number**-0.5
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Attention details. Projections are either separate (`q`, `k`, `v`) or one fused matrix
+    (`qkv`, rows in Q, K, V order). The query scaling defaults to 1/sqrt(head_dim)."""
+
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    qkv: str | None = None
+    qk_norm: QKNorm = "none"  # RMSNorm over each head (Qwen3, Gemma 3) or the whole projection (OLMo)
+    q_norm: str = "q_norm"
+    k_norm: str = "k_norm"
+    scale: Scale = Scale()
+    softcap_field: str | None = None  # tanh soft-capping of the attention scores
+    clip_field: str | None = None  # clamp Q, K and V to +-value (OLMoE)
+    sliding: Sliding = "layer_types"  # which layers use the sliding window
+    rope_per_layer_type: bool = False  # one RoPE table per `layer_types` entry (Gemma 3)
+
+
+@dataclass(frozen=True)
+class Mlp:
+    """The MLP: a gated dense MLP (gate, up, down; or `gate_up` fused with gate rows first), or a
+    mixture of experts handled by the MoE node (`router`)."""
+
+    activation: Activation = "silu"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    gate_up: str | None = None
+    router: MoeRouter = "none"
+
+
+@dataclass(frozen=True)
+class Names:
+    """Hugging Face module names: the model body, its layers, and each layer's parts."""
+
+    body: str = "model"
+    embed: str = "embed_tokens"
+    layers: str = "layers"
+    final_norm: str = "norm"
+    head: str = "lm_head"
+    attention: str = "self_attn"
+    mlp: str = "mlp"
+    # Norm module names by role; roles the placement does not use are ignored.
+    attention_pre_norm: str = "input_layernorm"
+    attention_post_norm: str = "post_attention_layernorm"
+    mlp_pre_norm: str = "post_attention_layernorm"
+    mlp_post_norm: str = "post_feedforward_layernorm"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One decoder family, as data. See the module docstring."""
+
+    model_type: str
+    hf_class: str
+    norms: Norms = Norms()
+    attention: Attention = Attention()
+    mlp: Mlp = Mlp()
+    names: Names = Names()
+    embedding_scale: Scale = Scale()
+    residual_scale: Scale = Scale()  # multiplies each sub-block's output before the residual add
+    logits_divisor: Scale = Scale()  # logits are divided by it (Granite's logits_scaling)
+    final_softcap_field: str | None = None  # tanh soft-capping of the logits
+    activation_field: str = "hidden_act"
+    # Config values this description is written for: {field: allowed values}. A model whose
+    # config holds another value is refused at `check` with the field named.
+    requires: dict[str, tuple] = field(default_factory=dict)
+    notes: str = ""
+
+    def sliding_layers(self, config: object) -> list[bool]:
+        """Which layers of a model with this config use the sliding window."""
+        layers = int(config.num_hidden_layers)
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if window is None or self.attention.sliding == "none":
+            return [False] * layers
+        if self.attention.sliding == "all":
+            return [True] * layers
+        if layer_types is None or not getattr(config, "use_sliding_window", True):
+            return [False] * layers
+        return [t == "sliding_attention" for t in layer_types]
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the MLPs are mixtures of experts."""
+        return self.mlp.router != "none"

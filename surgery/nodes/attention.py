@@ -1,0 +1,165 @@
+"""Grouped-query attention with RoPE, as one node per layer, with its head counts.
+
+PyTorch: the projections, optional Q/K norms and clipping, RoPE, the KV cache, scaled dot
+products (optionally soft-capped), the additive mask and an fp32 softmax, as transformers'
+eager attention computes them. ONNX: one packed QKV MatMul feeding onnxruntime's
+GroupQueryAttention, which applies RoPE, appends the KV cache and attends with grouped heads
+(see surgery/export/decoder.py for the padding and position conventions).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from surgery.nodes.context import MS, EmitContext
+from surgery.nodes.linear import emit_linear, weight_t
+from surgery.nodes.norm import RMSNorm
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(-x2, x1) for the two halves of the last axis."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on (batch, heads, seq, head_dim) with (batch, seq, rotary_dim) tables."""
+    cos, sin = cos[:, None], sin[:, None]
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    head, tail = x[..., :rot], x[..., rot:]
+    return torch.cat([head * cos + rotate_half(head) * sin, tail], dim=-1)
+
+
+class Attention(torch.nn.Module):
+    """One layer's attention sub-block (without its norms, which the layer holds)."""
+
+    def __init__(
+        self,
+        q_proj: torch.nn.Linear,
+        k_proj: torch.nn.Linear,
+        v_proj: torch.nn.Linear,
+        o_proj: torch.nn.Linear,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scaling: float,
+        qk_norm: str = "none",
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
+        softcap: float | None = None,
+        clip: float | None = None,
+        sliding_window: int | None = None,
+        rope: str | None = None,
+    ):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scaling = float(scaling)
+        self.qk_norm = qk_norm
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.softcap = softcap
+        self.clip = clip
+        self.sliding_window = sliding_window
+        self.rope = rope  # which rotary table this layer reads
+
+    def forward(self, x: torch.Tensor, cos_sin, mask: torch.Tensor, cache=None) -> torch.Tensor:
+        """Attention output (batch, seq, hidden) of the normalized residual x.
+
+        `cache` is a `(KVCache, slot)` pair or None; `mask` is the additive (batch, 1, q, k) bias.
+        """
+        batch, seq, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q = q.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos_sin
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            store, slot = cache
+            k, v = store.append(slot, k, v)
+        groups = self.num_heads // self.num_kv_heads
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores + mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(batch, seq, -1)
+        return self.o_proj(out)
+
+    # ONNX
+
+    def emit(self, e: EmitContext, x: str, name: str, shared, slot: int) -> str:
+        """Packed QKV MatMul -> (norms, clip, explicit RoPE) -> GroupQueryAttention -> o_proj.
+
+        `shared` carries what every attention layer reads: seqlens_k, the total length, the
+        padding bias, the rotary tables by kind and (with `position_ids`) the positions.
+        """
+        w = e.w
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        packed = np.concatenate([weight_t(e, self.q_proj), weight_t(e, self.k_proj), weight_t(e, self.v_proj)], 1)
+        e.linears[f"{name}.qkv_proj"] = f"/{name}/qkv_proj/MatMul"
+        qkv = w.op("MatMul", [x, w.weight(f"{name}.qkv_proj.weight", packed)], f"/{name}/qkv_proj/MatMul")
+        if self.q_proj.bias is not None:
+            bias = np.concatenate([e.array(self.q_proj.bias), e.array(self.k_proj.bias), e.array(self.v_proj.bias)])
+            qkv = w.op("Add", [qkv, w.weight(f"{name}.qkv_proj.bias", bias)], f"/{name}/qkv_proj/Add")
+        explicit = e.options.position_ids
+        if self.qk_norm != "none" or explicit or self.clip is not None:
+            q, k, v = w.node("Split", [qkv, w.constant([q_size, kv_size, kv_size])], f"/{name}/qkv_split", 3, axis=-1)
+            if self.qk_norm != "none":
+                q = self._qk_norm(e, self.q_norm, q, f"{name}.q_norm")
+                k = self._qk_norm(e, self.k_norm, k, f"{name}.k_norm")
+            if self.clip is not None:
+                bounds = [e.scalar(-self.clip), e.scalar(self.clip)]
+                q, k, v = (w.op("Clip", [t, *bounds], f"/{name}/clip_{n}") for t, n in ((q, "q"), (k, "k"), (v, "v")))
+        else:
+            q, k, v = qkv, "", ""  # packed: GroupQueryAttention splits it itself
+        cos, sin = shared.rotary(self.rope)
+        if explicit:
+            q = w.op("RotaryEmbedding", [q, shared.position_ids, cos, sin], f"/{name}/q_rotary", MS,
+                     interleaved=0, num_heads=self.num_heads)  # fmt: skip
+            k = w.op("RotaryEmbedding", [k, shared.position_ids, cos, sin], f"/{name}/k_rotary", MS,
+                     interleaved=0, num_heads=self.num_kv_heads)  # fmt: skip
+        past_k = past_v = ""
+        present = [f"/{name}/present_key", f"/{name}/present_value"]
+        if e.options.kv_cache:
+            past_k, past_v = f"past_key_values.{slot}.key", f"past_key_values.{slot}.value"
+            present = [f"present.{slot}.key", f"present.{slot}.value"]
+        rotary = ["", ""] if explicit else [cos, sin]
+        inputs = [q, k, v, past_k, past_v, shared.seqlens_k, shared.total_len, *rotary, "", shared.bias]
+        extra = {"softcap": float(self.softcap)} if self.softcap is not None else {}
+        out = w.node(
+            "GroupQueryAttention",
+            inputs,
+            f"/{name}/GroupQueryAttention",
+            [f"/{name}/output", *present],
+            MS,
+            num_heads=self.num_heads,
+            kv_num_heads=self.num_kv_heads,
+            scale=self.scaling,
+            # transformers lets query q see key k when q - k < window; this attribute counts alike.
+            local_window_size=self.sliding_window if self.sliding_window else -1,
+            do_rotary=0 if explicit else 1,
+            rotary_interleaved=0,
+            **extra,
+        )[0]
+        return emit_linear(e, self.o_proj, out, f"{name}.o_proj")
+
+    def _qk_norm(self, e: EmitContext, norm: RMSNorm, x: str, name: str) -> str:
+        """RMSNorm of a (batch, seq, heads * head_dim) tensor: per head, or over the whole projection."""
+        if self.qk_norm == "projection":
+            return norm.emit(e, x, f"/{name}/Norm", gamma=e.w.weight(f"{name}.weight", norm.gain(e)))
+        w = e.w
+        split = w.op("Reshape", [x, w.constant([0, 0, -1, self.head_dim])], f"/{name}/Reshape")
+        normed = norm.emit(e, split, f"/{name}/Norm", gamma=w.weight(f"{name}.weight", norm.gain(e)))
+        return w.op("Reshape", [normed, w.constant([0, 0, -1])], f"/{name}/Merge")

@@ -1,0 +1,29 @@
+"""What a node needs from the exporter while it emits itself."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from surgery.export.options import ExportOptions
+from surgery.export.writer import GraphWriter
+
+MS = "com.microsoft"
+
+
+class EmitContext(Protocol):
+    """The exporter, as the nodes see it: the graph writer, the options, the element type."""
+
+    w: GraphWriter
+    options: ExportOptions
+    linears: dict[str, str]  # exported linear name -> its MatMul node (for quantization passes)
+
+    def array(self, tensor: torch.Tensor) -> np.ndarray:
+        """A tensor as a numpy array in the export's element type."""
+        ...
+
+    def scalar(self, value: float) -> str:
+        """A scalar constant in the export's element type."""
+        ...

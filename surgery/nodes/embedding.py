@@ -1,0 +1,29 @@
+"""The token embedding, optionally scaled (Gemma: sqrt(hidden); Granite: embedding_multiplier)."""
+
+from __future__ import annotations
+
+import torch
+
+from surgery.nodes.context import EmitContext
+
+
+class Embedding(torch.nn.Module):
+    """A lookup in the model's embedding table (a reference), times `scale`."""
+
+    def __init__(self, weight: torch.nn.Parameter, scale: float = 1.0):
+        super().__init__()
+        self.weight = weight
+        self.scale = float(scale)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings (batch, seq, hidden) of the token ids."""
+        hidden = torch.nn.functional.embedding(input_ids, self.weight)
+        return hidden * self.scale if self.scale != 1.0 else hidden
+
+    def emit(self, e: EmitContext, input_ids: str) -> tuple[str, str]:
+        """(the residual stream's first value, the table's initializer name for a tied head)."""
+        table = e.w.weight("model.embed_tokens.weight", e.array(self.weight))
+        hidden = e.w.op("Gather", [table, input_ids], "/model/embed_tokens/Gather")
+        if self.scale != 1.0:
+            hidden = e.w.op("Mul", [hidden, e.scalar(self.scale)], "/model/embed_tokens/scale")
+        return hidden, table

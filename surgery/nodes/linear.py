@@ -1,0 +1,35 @@
+"""Linear layers: references to Hugging Face `nn.Linear` modules, or views of a fused one."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from surgery.nodes.context import EmitContext
+
+
+def linear_view(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.nn.Linear:
+    """An `nn.Linear` whose weight is `weight` itself (a view of a fused projection, no copy)."""
+    out_features, in_features = weight.shape
+    layer = torch.nn.Linear(in_features, out_features, bias=False, device="meta")
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return layer
+
+
+def weight_t(e: EmitContext, module: torch.nn.Linear) -> np.ndarray:
+    """A Linear's weight as MatMul's right operand: (in_features, out_features)."""
+    return e.array(module.weight).T
+
+
+def emit_linear(e: EmitContext, module: torch.nn.Linear, x: str, name: str) -> str:
+    """`x @ W.T (+ b)` as a MatMul against the pre-transposed weight (and an Add for the bias).
+
+    The MatMul is recorded under `name` so quantization passes can find it.
+    """
+    e.linears[name] = f"{name}/MatMul"
+    y = e.w.op("MatMul", [x, e.w.weight(f"{name}.weight", weight_t(e, module))], f"{name}/MatMul")
+    if module.bias is not None:
+        y = e.w.op("Add", [y, e.w.weight(f"{name}.bias", e.array(module.bias))], f"{name}/Add")
+    return y

@@ -1,0 +1,48 @@
+"""RMSNorm: `x / rms(x) * (offset + w)`, statistics in fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from surgery.nodes.context import MS, EmitContext
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm over the last axis. `offset` is 1 for Gemma's `1 + w` gains, else 0."""
+
+    def __init__(self, weight: torch.nn.Parameter, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.weight = weight  # the Hugging Face parameter itself
+        self.eps = float(eps)
+        self.offset = float(offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize in fp32, scale by the gain, return in x's type."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (self.offset + self.weight.float())).to(x.dtype)
+
+    def gain(self, e: EmitContext, scale: float = 1.0) -> np.ndarray:
+        """The effective gain `(offset + w) * scale` (fusion folds a mixing weight in as `scale`)."""
+        gain = e.array(self.weight.detach().float() + self.offset)
+        return gain * np.asarray(scale, dtype=gain.dtype) if scale != 1.0 else gain
+
+    def emit(self, e: EmitContext, x: str, name: str, gamma: str | None = None) -> str:
+        """SimplifiedLayerNormalization of `x` (fp32 statistics)."""
+        gamma = gamma or e.w.weight(f"{name}.weight", self.gain(e))
+        return e.w.op("SimplifiedLayerNormalization", [x, gamma], name, axis=-1, epsilon=self.eps, stash_type=1)
+
+    def emit_skip(self, e: EmitContext, update: str, residual: str, name: str, gamma: str | None = None):
+        """`residual + update` and its norm in one fused node: (normalized, new residual)."""
+        gamma = gamma or e.w.weight(f"{name}.weight", self.gain(e))
+        # Outputs 1 and 2 (mean, inverse std) are for training; left unnamed, they are never computed.
+        out, _, _, total = e.w.node(
+            "SkipSimplifiedLayerNormalization",
+            [update, residual, gamma],
+            name,
+            [f"{name}/output_0", "", "", f"{name}/output_3"],
+            MS,
+            epsilon=self.eps,
+        )
+        return out, total
