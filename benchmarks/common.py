@@ -54,7 +54,9 @@ def paired_latency(models: dict, prompt: np.ndarray, steps: int, rounds: int, ba
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
-            times[name].append(decode_ms_per_token(model, prompt, steps))
+            # A model driven by another runtime (onnxruntime-genai) times itself the same way.
+            own = getattr(model, "decode_ms_per_token", None)
+            times[name].append(own(prompt, steps) if own else decode_ms_per_token(model, prompt, steps))
     base = times[baseline]
     rows = {
         name: {
@@ -75,3 +77,44 @@ def write_result(path: str, result: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {path}")
+
+
+class GenaiModel:
+    """A model folder run by onnxruntime-genai (its own KV cache handling), timed like ours."""
+
+    def __init__(self, folder: str, threads: int):
+        import json
+        from pathlib import Path
+
+        import onnxruntime_genai as og
+
+        config_path = Path(folder) / "genai_config.json"
+        config = json.loads(config_path.read_text())
+        options = config["model"]["decoder"].setdefault("session_options", {})
+        options["intra_op_num_threads"] = threads
+        config_path.write_text(json.dumps(config, indent=4))
+        self.og = og
+        self.model = og.Model(folder)
+
+    def _generator(self, max_length: int):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=max_length, do_sample=False)
+        return self.og.Generator(self.model, params)
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """(T, vocab) logits of one window from an empty context."""
+        generator = self._generator(ids.shape[1] + 1)
+        generator.append_tokens(ids.astype(np.int32))
+        return np.asarray(generator.get_output("logits"))[0]
+
+    def decode_ms_per_token(self, prompt: np.ndarray, steps: int) -> float:
+        """ms/token of greedy one-token steps after prefilling `prompt` (4 warm-up steps untimed)."""
+        warmup = 4
+        generator = self._generator(len(prompt) + warmup + steps + 1)
+        generator.append_tokens(prompt.astype(np.int32))
+        start = 0.0
+        for i in range(warmup + steps):
+            if i == warmup:
+                start = time.perf_counter()
+            generator.generate_next_token()
+        return (time.perf_counter() - start) / steps * 1000

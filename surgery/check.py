@@ -695,6 +695,14 @@ class _Checker:
             if index.is_moe:
                 self.error("this model's MLPs are already mixtures of experts", statement.span)
                 continue
+            if index.mlp_activation != "silu":
+                self.error(
+                    f"cannot split {index.architecture}'s MLPs: split experts are SwiGLU, this MLP's gate is "
+                    f"{index.hidden_act}",
+                    statement.span,
+                    "splitting works on SwiGLU MLPs (Llama, Mistral, Qwen, Phi-3, Granite, OLMo 2)",
+                )
+                continue
             ok = True
             if statement.experts < 2 or index.intermediate_size % statement.experts:
                 self.error(
@@ -813,6 +821,13 @@ class _Checker:
         if not statements:
             return None
         statement = statements[0]
+        if index.final_logit_softcap is not None:
+            self.error(
+                f"cannot fuse layers into {index.architecture}'s head: its logits are soft-capped "
+                f"(final_logit_softcapping {index.final_logit_softcap:g}), so readouts do not mix linearly",
+                statement.span,
+            )
+            return None
         n = index.num_layers
         hint = f"model has {n} layers; valid indices 0..{n - 1} (or -{n}..-1 counting from the end)"
         weight = statement.weight if statement.weight is not None else DEFAULT_FUSE_WEIGHT

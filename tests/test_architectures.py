@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import REPO, run_cli, tiny_graph, write
 from surgery import architectures
 from surgery.architectures.conformance import DescriptionMismatch, checked_graph, first_difference
 from surgery.architectures.description import Norms, Scale
+from surgery.architectures.hf_reference import HuggingFaceForward, edit_like_graph
 from surgery.export.decoder import export_decoder
 from surgery.export.options import ExportOptions
 from surgery.models import builtin
@@ -31,7 +31,7 @@ NEW_FAMILIES = ("tiny-gemma3", "tiny-phi3", "tiny-granite", "tiny-olmo2")
 
 def test_every_builtin_family_is_registered_and_declared_briefly():
     declared = {path.stem for path in (REPO / "surgery" / "architectures").glob("*.py")} - {
-        "__init__", "description", "build", "conformance"
+        "__init__", "description", "build", "conformance", "hf_reference"
     }  # fmt: skip
     assert len(declared) == len(architectures.REGISTRY) == 12
     for name in declared:
@@ -108,50 +108,6 @@ def test_apply_refuses_a_wrong_description_at_the_model_line(in_tmp, monkeypatch
 # ONNX against the Hugging Face model itself.
 
 
-class HuggingFaceForward:
-    """The Hugging Face model behind the interface `trace_reference` drives (its own KV cache)."""
-
-    fusion = None
-    last_choice = None
-
-    def __init__(self, model):
-        self.model = model
-
-    def new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config)
-
-    @torch.no_grad()
-    def forward(self, input_ids, attention_mask, position_ids, cache=None, **_):
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=cache is not None,
-        )
-        return out.logits
-
-
-def _zero_attention(hidden_states, *args, **kwargs):
-    return torch.zeros_like(hidden_states), None
-
-
-def _edit_hf(model, name: str, edit: str, layers: tuple[int, ...]) -> None:
-    """Make the Hugging Face model compute what the edited graph does."""
-    arch = architectures.lookup(model.config.model_type)
-    hf_layers = getattr(getattr(model, arch.names.body), arch.names.layers)
-    for i in layers:
-        layer = hf_layers[i]
-        if edit == "attention":
-            getattr(layer, arch.names.attention).forward = _zero_attention
-        elif edit == "mlp":
-            getattr(layer, arch.names.mlp).forward = torch.zeros_like
-        elif edit == "block":
-            layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
-
-
 EDITS = {"none": None, "attention": DropAttention, "mlp": DropMlp, "block": DropBlock}
 PROMPTS = {
     "default": None,
@@ -171,7 +127,7 @@ def test_onnx_matches_the_hugging_face_model(name, edit, kv_cache, tmp_path):
     export_decoder(graph, str(tmp_path), ExportOptions(kv_cache=kv_cache))
     model = graph.model
     if edit != "none":
-        _edit_hf(model, name, edit, layers)
+        edit_like_graph(model, edit, layers)
     tokenizer = builtin.byte_tokenizer()
     prompt_sets = ("default", "short") if name == "tiny-phi3" else ("default",)
     for prompts in prompt_sets:

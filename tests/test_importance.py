@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import TINY, run_cli, tiny_graph, write
+from surgery import architectures
 from surgery.calibration import CalibrationSpec, calibration_tokens
 from surgery.importance.file import load_importance
 from surgery.importance.metrics import MetricScores, lim_scores, residual_statistics, similarity_scores, zd_scores
@@ -45,7 +46,10 @@ def _hooked_residuals(model, tokens: np.ndarray) -> list[dict[str, np.ndarray]]:
 
         handles.append(layer.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(layer.register_forward_hook(after, with_kwargs=True))
-        handles.append(layer.post_attention_layernorm.register_forward_pre_hook(norm_input))
+        # m enters the MLP sub-block: its pre-norm, or the MLP itself where the family has none.
+        arch = architectures.lookup(model.config.model_type)
+        entry = arch.names.mlp if arch.norms.placement == "post" else arch.names.mlp_pre_norm
+        handles.append(getattr(layer, entry).register_forward_pre_hook(norm_input))
     try:
         with torch.no_grad():
             ids = torch.from_numpy(tokens)

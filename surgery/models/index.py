@@ -42,6 +42,8 @@ class ModelIndex:
     experts_per_token: int = 0
     expert_intermediate_size: int = 0  # neurons of one expert (MoE models)
     partial_rotary: float = 1.0  # fraction of each head RoPE rotates
+    mlp_activation: str = "silu"  # the description's MLP activation: silu (SwiGLU) or gelu_tanh (GeGLU)
+    final_logit_softcap: float | None = None  # tanh soft-capping of the logits, where the family has it
 
     @property
     def is_moe(self) -> bool:
@@ -58,12 +60,17 @@ class ModelIndex:
         rope_type = _rope_type(config)
         window = getattr(config, "sliding_window", None)
         architecture = lookup(str(config.model_type))
+        softcap = None
         if architecture is not None:
             sliding = tuple(architecture.sliding_layers(config))
             activation = getattr(config, architecture.activation_field, None)
+            mlp_activation = architecture.mlp.activation
+            if architecture.final_softcap_field:
+                softcap = getattr(config, architecture.final_softcap_field, None)
         else:
             sliding = tuple(False for _ in range(layers))
             activation = getattr(config, "hidden_act", None)
+            mlp_activation = "silu"
         if not any(sliding):
             window = None
         return cls(
@@ -79,6 +86,8 @@ class ModelIndex:
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             hidden_act=str(activation or "silu"),
             partial_rotary=float(_rope_field(config, "partial_rotary_factor") or 1.0),
+            mlp_activation=mlp_activation,
+            final_logit_softcap=float(softcap) if softcap is not None else None,
             rope_type=rope_type,
             sliding_window=int(window) if window is not None else None,
             layer_sliding=sliding,
