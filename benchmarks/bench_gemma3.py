@@ -104,6 +104,8 @@ def main() -> None:
         "ort-genai builder fp32 (onnxruntime-genai)": perplexity(GenaiModel(str(builder), args.threads).logits, tokens),
     }
     reference = ppl["Hugging Face model (PyTorch)"].perplexity
+    for name, row in ppl.items():
+        print(f"perplexity {name}: {row.perplexity:.4f} ({row.perplexity / reference - 1:+.4%})", flush=True)
 
     text = (REPO / "benchmarks" / "prompt.txt").read_text()
     prompt = np.array(tokenizer(text)["input_ids"][: args.prompt_tokens], dtype=np.int64)

@@ -110,7 +110,8 @@ class GenaiModel:
     def decode_ms_per_token(self, prompt: np.ndarray, steps: int) -> float:
         """ms/token of greedy one-token steps after prefilling `prompt` (4 warm-up steps untimed)."""
         warmup = 4
-        generator = self._generator(len(prompt) + warmup + steps + 1)
+        # The builder's sliding-window layers want a KV buffer of at least their window.
+        generator = self._generator(max(len(prompt) + warmup + steps + 1, 2048))
         generator.append_tokens(prompt.astype(np.int32))
         start = 0.0
         for i in range(warmup + steps):

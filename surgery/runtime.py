@@ -67,13 +67,17 @@ class OnnxCausalLM:
         self.kv_slots = len(self.past_names) // 2
         self.uses_cache = self.kv_slots > 0
         if self.uses_cache:
-            self.kv_heads, self.head_dim = _kv_dims(inputs[self.past_names[0]].shape, os.path.dirname(model_path))
+            # Per cache input: layers may differ in key/value heads and head size.
+            folder = os.path.dirname(model_path)
+            self.kv_dims = [_kv_dims(inputs[name].shape, folder) for name in self.past_names]
+            self.kv_heads, self.head_dim = self.kv_dims[0]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         """Zero-length past keys/values for a first (prefill) step."""
-        shape = (batch, self.kv_heads, 0, self.head_dim) if self.uses_cache else (0,)
-        return [np.zeros(shape, np.float32) for _ in self.past_names]
+        if not self.uses_cache:
+            return []
+        return [np.zeros((batch, heads, 0, size), np.float32) for heads, size in self.kv_dims]
 
     def step(
         self,

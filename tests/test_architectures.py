@@ -150,3 +150,28 @@ def test_phi3_longrope_uses_both_tables(tmp_path):
     tables = graph.rotary.tables(None, 256)
     assert tables.switch_at == 32 and tables.cos.shape[0] == 32 and tables.long_cos.shape[0] == 256
     assert not np.allclose(tables.cos[:32], tables.long_cos[:32])
+
+
+# Every statement that makes sense for a family works on it, end to end.
+
+FAMILY_RECIPE = """model "{name}"
+calibrate on "wikitext-2-valid" samples 4 length 32
+drop attention least important 1 by similarity
+drop mlp layers 2
+quantize attention layers 0..1 to int8
+fuse layer 3 into head weight 0.1
+"""
+
+
+@pytest.mark.parametrize("name", NEW_FAMILIES)
+def test_each_new_family_applies_a_recipe_of_every_kind(name, in_tmp):
+    recipe = write(in_tmp / "r.surg", FAMILY_RECIPE.format(name=name))
+    result = run_cli("apply", recipe, "-o", "out")
+    assert result.code == 0, result.err
+    assert "verification (before quantization): max |logit diff|" in result.out
+    split = write(in_tmp / "s.surg", f'model "{name}"\nsplit mlp layers 1 into 4 experts top 4\n')
+    result = run_cli("apply", split, "-o", "split")
+    if name == "tiny-gemma3":  # GeGLU: refused at check, with the reason
+        assert result.code == 1 and "split experts are SwiGLU" in result.err
+    else:
+        assert result.code == 0, result.err

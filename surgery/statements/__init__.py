@@ -1,0 +1,38 @@
+"""Recipe statements, each in one module with its syntax node, check, plan step and description.
+
+`STATEMENTS` is the order statements are checked and planned in (the plan then orders steps by
+phase, keeping recipe order within a phase). The model statement is special: it yields the
+model index every other check needs (surgery/check.py resolves it first).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from surgery.statements import calibrate, drop, export, fuse, merge, prune, quantize, split, verify
+
+# calibrate first (the importance step reads it); the graph statements in the order their
+# passes run: drops, then split before prune and merge (they act on its experts), prune before
+# merge, then fuse (its layer must be kept); quantize plans on the layers that are left.
+STATEMENTS: tuple[ModuleType, ...] = (calibrate, drop, split, prune, merge, fuse, quantize, export, verify)
+
+
+def name(module: ModuleType) -> str:
+    """A statement module's short name ("drop", "quantize", ...)."""
+    return module.__name__.rsplit(".", 1)[-1]
+
+
+def for_node(node: object) -> ModuleType:
+    """The statement module whose syntax node `node` is."""
+    for module in (*STATEMENTS, model):
+        if isinstance(node, module.NODES):
+            return module
+    raise TypeError(f"not a statement: {node!r}")
+
+
+def for_action(action: str) -> ModuleType | None:
+    """The statement module that produces plan steps of `action` (None for the plan's defaults)."""
+    return next((module for module in STATEMENTS if action in module.ACTIONS), None)
+
+
+from surgery.statements import model  # noqa: E402  (the model statement; see the docstring)

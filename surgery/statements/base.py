@@ -1,0 +1,77 @@
+"""What every statement module shares: the checker it reports to and the plan state it updates.
+
+A statement module (surgery/statements/<name>.py) is the one home of a recipe statement:
+- `NODES`: its syntax node class(es), frozen dataclasses with source spans;
+- `GRAMMAR`: the rule names in grammar/surgery.lark it is parsed from;
+- `unparse(node)`: its canonical text;
+- `check(checker, index, done)`: its check against the model index (config only), returning
+  its resolved form (`done` holds the statements checked before it, by module name);
+- `plan(state)`: its plan step(s), updating the state's kept layers;
+- `ACTIONS` and `describe(step)`: the plan actions it produces and their one-line description.
+`surgery.check`, `surgery.plan` and `surgery.syntax.unparse` are loops over `STATEMENTS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from surgery.diagnostics import Diagnostic
+from surgery.plan_step import PlanStep
+
+if TYPE_CHECKING:
+    from surgery.check import CheckedRecipe
+    from surgery.importance.metrics import MetricScores
+    from surgery.selection import ImportanceQuery
+
+# Which importance scores rank the layers for a statement's part.
+SCORE_PART = {"attention": "attention", "mlp": "mlp", "block": "block", "layers": "block"}
+
+
+class Checker(Protocol):
+    """The checker as statements see it (surgery.check._Checker): reporting and shared resolution."""
+
+    recipe: Any
+    diagnostics: list[Diagnostic]
+
+    def error(self, message: str, span, hint: str | None = None) -> None:
+        """Report an error at `span`."""
+
+    def warning(self, message: str, span, hint: str | None = None) -> None:
+        """Report a warning at `span`."""
+
+    def single(self, kind: type, what: str) -> list:
+        """The statements of `kind`; every one after the first is an error."""
+
+    def selector(self, selector, index) -> tuple[int, ...] | None:
+        """A layer selector resolved to original layer numbers (None, with errors, when it cannot be)."""
+
+    def importance(self, rank, source, part: str, index, span):
+        """An importance selector checked into a query the plan resolves (None with errors)."""
+
+    def layer_number(self, item, n: int, hint: str) -> int | None:
+        """One layer number in range (negative counts from the end)."""
+
+    def text_exists(self, name: str, span) -> bool:
+        """Whether a named text (built-in or file) exists; an error where it does not."""
+
+    def score_source(self, source, part: str, index):
+        """An importance source checked (metric or file) for `part`."""
+
+
+@dataclass
+class PlanState:
+    """What the plan knows while statements add their steps: which layers keep which parts."""
+
+    checked: CheckedRecipe
+    select: Callable[[ImportanceQuery, list[int]], tuple[tuple[int, ...], dict]]
+    computed_scores: Callable[[str], MetricScores]
+    blocks: set[int]
+    attention: set[int]
+    mlp: set[int]
+    warnings: list[Diagnostic]
+    counted: str  # how expert statistics are counted (for the steps' notes)
+
+    def __post_init__(self) -> None:
+        self.steps: list[PlanStep] = []

@@ -1,0 +1,145 @@
+"""`drop attention|mlp|block <selector>`: remove sub-blocks or whole layers.
+
+Grammar: `drop_stmt` in grammar/surgery.lark. Passes: passes/drop_attention.py, drop_mlp.py,
+drop_block.py (by the plan step's action)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from surgery.layers import format_layers
+from surgery.plan_step import PlanStep
+from surgery.selection import ImportanceQuery
+from surgery.selectors import (
+    ImportanceSelector,
+    Part,
+    Selector,
+    span_field,
+    unparse_selector,
+)
+from surgery.source import Span
+from surgery.statements.base import SCORE_PART
+
+if TYPE_CHECKING:
+    from surgery.models.index import ModelIndex
+    from surgery.statements.base import Checker, PlanState
+
+
+@dataclass(frozen=True)
+class DropStmt:
+    """`drop attention|mlp|block <selector>`."""
+
+    part: Part
+    selector: Selector
+    span: Span = span_field()
+
+
+@dataclass(frozen=True)
+class ResolvedDrop:
+    """A drop statement: sorted original layer numbers, or an importance query the plan resolves."""
+
+    part: str
+    layers: tuple[int, ...]
+    statement: DropStmt
+    query: ImportanceQuery | None = None
+
+
+NODES = (DropStmt,)
+GRAMMAR = ("drop_stmt",)
+ACTIONS = ("drop attention", "drop mlp", "drop block")
+
+
+def unparse(statement: DropStmt) -> str:
+    """Canonical text."""
+    return f"drop {statement.part} {unparse_selector(statement.selector)}"
+
+
+def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedDrop]:
+    """Resolve each drop's layers (or importance query); no decoder may lose every attention."""
+    resolved: list[ResolvedDrop] = []
+    for statement in c.recipe.statements:
+        if not isinstance(statement, DropStmt):
+            continue
+        selector = statement.selector
+        if isinstance(selector, ImportanceSelector):
+            query = c.importance(selector.rank, selector.source, SCORE_PART[statement.part], index, selector.span)
+            if query is not None:
+                resolved.append(ResolvedDrop(statement.part, (), statement, query))
+            continue
+        layers = c.selector(selector, index)
+        if layers is not None:
+            resolved.append(ResolvedDrop(statement.part, layers, statement))
+    _overlaps(c, [drop for drop in resolved if drop.query is None])
+    attention_gone: set[int] = set()
+    for drop in resolved:
+        if drop.part in ("attention", "block"):
+            attention_gone |= set(drop.layers)
+            if len(attention_gone) == index.num_layers:
+                c.error(
+                    f"this drops the attention of every layer ({index.num_layers} of {index.num_layers})",
+                    drop.statement.span,
+                    "a decoder needs at least one attention layer; keep at least one",
+                )
+                break
+    return resolved
+
+
+def _overlaps(c, resolved: list[ResolvedDrop]) -> None:
+    """Warn where a statement drops something an earlier statement already dropped."""
+    removed: dict[tuple[str, int], DropStmt] = {}
+    for drop in resolved:
+        parts = ("attention", "mlp") if drop.part == "block" else (drop.part,)
+        keys = [(part, layer) for layer in drop.layers for part in parts]
+        clashes = [key for key in keys if key in removed]
+        for part in ("attention", "mlp"):
+            layers = [layer for p, layer in clashes if p == part]
+            if not layers:
+                continue
+            lines = sorted({removed[(part, layer)].span.line for layer in layers})
+            c.warning(
+                f"overlapping selection: the {part} of layer(s) {format_layers(layers)} is already dropped "
+                f"on line {', '.join(map(str, lines))}",
+                drop.statement.selector.span,
+                "the overlapping part has no further effect",
+            )
+        for key in keys:
+            removed.setdefault(key, drop.statement)
+
+
+def plan(state: PlanState) -> list[PlanStep]:
+    """One step per drop, on what earlier statements left; updates the state's kept parts."""
+    index = state.checked.index
+    steps = []
+    for drop in state.checked.drops:
+        present = {"attention": state.attention, "mlp": state.mlp, "block": state.blocks}[drop.part]
+        extra: dict[str, Any] = {}
+        if drop.query is not None:
+            layers, extra = state.select(drop.query, sorted(present))
+        else:
+            # Only what is still there: earlier statements may already have removed a part.
+            layers = tuple(layer for layer in drop.layers if layer in present)
+        if drop.part == "block":
+            state.blocks -= set(layers)
+            state.attention -= set(layers)
+            state.mlp -= set(layers)
+        else:
+            present -= set(layers)
+        note = "" if layers else "no effect: everything selected was already dropped"
+        steps.append(
+            PlanStep(
+                action=f"drop {drop.part}",
+                phase="graph",
+                parameters={"layers": list(layers), **extra},
+                layers=layers,
+                targets=tuple(index.part_path(layer, drop.part) for layer in layers),
+                source=drop.statement.span,
+                note=note,
+            )
+        )
+    return steps
+
+
+def describe(step: PlanStep) -> str:
+    """One line for `surgery plan`."""
+    return f"{step.action} layers {format_layers(step.layers)}"

@@ -1,0 +1,84 @@
+"""`export onnx [opset N] [without kv-cache] [with position-ids]`: the export options.
+Grammar: `export_stmt`. Run by surgery/export/decoder.py (`export onnx` step)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from surgery.export.options import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportOptions
+from surgery.plan_step import PlanStep
+from surgery.selectors import (
+    span_field,
+)
+from surgery.source import Span
+
+if TYPE_CHECKING:
+    from surgery.models.index import ModelIndex
+    from surgery.statements.base import Checker, PlanState
+
+
+@dataclass(frozen=True)
+class ExportStmt:
+    """`export onnx [opset N] [without kv-cache] [with position-ids]`."""
+
+    format: str = "onnx"
+    opset: int | None = None
+    kv_cache: bool = True
+    position_ids: bool = False
+    span: Span = span_field()
+    opset_span: Span | None = span_field()
+
+
+NODES = (ExportStmt,)
+GRAMMAR = ("export_stmt",)
+ACTIONS = ("export onnx",)
+
+
+def unparse(statement: ExportStmt) -> str:
+    """Canonical text."""
+    text = f"export {statement.format}"
+    if statement.opset is not None:
+        text += f" opset {statement.opset}"
+    if not statement.kv_cache:
+        text += " without kv-cache"
+    if statement.position_ids:
+        text += " with position-ids"
+    return text
+
+
+def check(c: Checker, index: ModelIndex | None, done: dict) -> tuple[ExportOptions, ExportStmt | None]:
+    """The export options (defaults where the recipe has no export statement)."""
+    statements = c.single(ExportStmt, "export")
+    if not statements:
+        return ExportOptions(), None
+    statement = statements[0]
+    opset = statement.opset if statement.opset is not None else DEFAULT_OPSET
+    if opset not in SUPPORTED_OPSETS:
+        c.error(
+            f"opset {opset} is not supported",
+            statement.opset_span or statement.span,
+            f"supported opsets: {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})",
+        )
+    return ExportOptions(opset=opset, kv_cache=statement.kv_cache, position_ids=statement.position_ids), statement
+
+
+def plan(state: PlanState) -> list[PlanStep]:
+    """The export step (every plan has one)."""
+    export = state.checked.export
+    statement = state.checked.export_statement
+    return [
+        PlanStep(
+            action="export onnx",
+            phase="export",
+            parameters={"opset": export.opset, "kv_cache": export.kv_cache, "position_ids": export.position_ids},
+            source=statement.span if statement else None,
+        )
+    ]
+
+
+def describe(step: PlanStep) -> str:
+    """One line for `surgery plan`."""
+    p = step.parameters
+    positions = ", with position-ids" if p.get("position_ids") else ""
+    return f"export onnx opset {p['opset']} {'with' if p['kv_cache'] else 'without'} kv-cache{positions}"

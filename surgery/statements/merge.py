@@ -1,0 +1,132 @@
+"""`merge experts <selector> to M [grouping output|router] [weighting frequency|uniform]
+[rank R|P%]`: group each layer's experts into M and merge each group (docs/moe.md). Grammar:
+`merge_stmt`. Pass: passes/merge_experts.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from surgery.expert_rules import merge_problem
+from surgery.layers import format_layers
+from surgery.plan_step import PlanStep
+from surgery.selectors import (
+    Selector,
+    span_field,
+    unparse_selector,
+)
+from surgery.source import Span
+from surgery.statements.experts import expert_total, mlp_step
+
+if TYPE_CHECKING:
+    from surgery.models.index import ModelIndex
+    from surgery.statements.base import Checker, PlanState
+
+
+@dataclass(frozen=True)
+class MergeStmt:
+    """`merge experts <selector> to M [grouping output|router] [weighting frequency|uniform] [rank R|P%]`."""
+
+    selector: Selector
+    groups: int
+    grouping: str = "output"
+    weighting: str = "frequency"
+    rank: int | None = None
+    rank_percent: float | None = None
+    span: Span = span_field()
+    rank_span: Span | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedMerge:
+    """A merge statement: the layers, how many groups, and how to group and weight."""
+
+    layers: tuple[int, ...]
+    groups: int
+    grouping: str
+    weighting: str
+    statement: MergeStmt
+    rank: int | None = None  # Sub-MoE truncation: an absolute rank, or
+    rank_percent: float | None = None  # a share of an expert's full rank
+
+
+NODES = (MergeStmt,)
+GRAMMAR = ("merge_stmt",)
+ACTIONS = ("merge experts",)
+
+
+def unparse(statement: MergeStmt) -> str:
+    """Canonical text."""
+    return (
+        f"merge experts {unparse_selector(statement.selector)} to {statement.groups} "
+        f"grouping {statement.grouping} weighting {statement.weighting}"
+        + (f" rank {statement.rank}" if statement.rank is not None else "")
+        + (f" rank {statement.rank_percent:g}%" if statement.rank_percent is not None else "")
+    )
+
+
+def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedMerge]:
+    """Each merge: layer numbers with experts, a group count and a rank they can take."""
+    resolved = []
+    for statement in c.recipe.statements:
+        if not isinstance(statement, MergeStmt):
+            continue
+        available = expert_total(c, statement, "merge", index, done["split"])
+        if available is None:
+            continue
+        problem = merge_problem(available, statement.groups)
+        if problem:
+            c.error(problem, statement.span, f"use 1..{available}")
+            continue
+        if statement.rank is not None and statement.rank < 1:
+            c.error("rank 0 keeps nothing", statement.rank_span, "use a rank of at least 1, or a percentage")
+            continue
+        if statement.rank_percent is not None and not 0 < statement.rank_percent < 100:
+            c.error(
+                f"rank {statement.rank_percent:g}% is not a truncation",
+                statement.rank_span,
+                "use a share of the full rank in (0%, 100%); leave `rank` out to keep it",
+            )
+            continue
+        layers = c.selector(statement.selector, index)
+        if layers is not None:
+            resolved.append(
+                ResolvedMerge(
+                    layers,
+                    statement.groups,
+                    statement.grouping,
+                    statement.weighting,
+                    statement,
+                    statement.rank,
+                    statement.rank_percent,
+                )
+            )
+    return resolved
+
+
+def plan(state: PlanState) -> list[PlanStep]:
+    """One step per merge; its groups come from statistics counted when it runs."""
+    steps = []
+    for merge in state.checked.merges:
+        layers = tuple(layer for layer in merge.layers if layer in state.mlp)
+        parameters = {"groups": merge.groups, "grouping": merge.grouping, "weighting": merge.weighting}
+        if merge.rank is not None:
+            parameters["rank"] = merge.rank
+        if merge.rank_percent is not None:
+            parameters["rank_percent"] = merge.rank_percent
+        note = f"groups: from statistics {state.counted}"
+        steps.append(mlp_step(state.checked.index, "merge experts", layers, parameters, merge.statement.span, note))
+    return steps
+
+
+def describe(step: PlanStep) -> str:
+    """One line for `surgery plan`."""
+    p = step.parameters
+    rank = ""
+    if "rank" in p or "rank_percent" in p:
+        asked = f"{p['rank_percent']:g}% of full rank" if "rank_percent" in p else str(p["rank"])
+        rank = f", shared subspace of rank {asked}" + (f" = {p['resolved_rank']}" if "resolved_rank" in p else "")
+    return (
+        f"merge experts of layers {format_layers(step.layers)} into {p['groups']} groups "
+        f"(grouping by {p['grouping']}, {p['weighting']}-weighted, neurons aligned{rank})"
+    )

@@ -1,0 +1,77 @@
+"""`model "<spec>"`: which model the recipe operates on (`--model` overrides it).
+
+Grammar: `model_stmt`. Its check resolves the spec and reads the config into the model index
+every other statement is checked against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from surgery import architectures
+from surgery.models.index import ModelIndex
+from surgery.models.loading import ModelSpec, ModelSpecError, load_config, resolve_spec
+from surgery.selectors import span_field
+from surgery.source import Span
+
+if TYPE_CHECKING:
+    from surgery.statements.base import Checker
+
+
+@dataclass(frozen=True)
+class ModelStmt:
+    """`model "<spec>"`: which model the recipe operates on."""
+
+    spec: str
+    span: Span = span_field()
+    spec_span: Span = span_field()
+
+
+NODES = (ModelStmt,)
+GRAMMAR = ("model_stmt",)
+ACTIONS = ()
+
+
+def unparse(statement: ModelStmt) -> str:
+    """Canonical text."""
+    return f'model "{statement.spec}"'
+
+
+def check(c: Checker) -> tuple[ModelSpec, ModelIndex, Span | None] | None:
+    """The model spec resolved and its config read: an architecture some description covers,
+    plausible values. Returns (spec, index, span) or None (with errors)."""
+    statements = c.single(ModelStmt, "model")
+    if c.model_override is not None:
+        text, span = c.model_override, None
+    elif statements:
+        text, span = statements[0].spec, statements[0].spec_span
+    else:
+        c.error("the recipe names no model", None, 'add a line `model "<spec>"` or pass --model SPEC')
+        return None
+    try:
+        spec = resolve_spec(text, c.base_dir)
+        config = load_config(spec)
+    except ModelSpecError as problem:
+        c.error(str(problem), span, problem.hint)
+        return None
+    if architectures.lookup(config.model_type) is None:
+        near = architectures.closest(config.model_type)
+        c.error(
+            f"cannot compile '{text}': architecture '{config.model_type}' is not supported",
+            span,
+            (f"did you mean '{near}'? " if near else "")
+            + "supported architectures: "
+            + ", ".join(sorted(architectures.REGISTRY)),
+        )
+        return None
+    try:
+        index = ModelIndex.from_config(text, config)
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as problem:
+        c.error(f"cannot compile '{text}': its config is incomplete ({type(problem).__name__})", span)
+        return None
+    for reason in index.unsupported_reasons():
+        c.error(f"cannot compile '{text}': {reason}", span)
+    if index.implausible_fields():  # the statements cannot be checked against such a model
+        return None
+    return spec, index, span

@@ -1,0 +1,86 @@
+"""`prune experts <selector> to M [by frequency]`: keep each layer's M most used experts,
+counted on the calibration data after the steps before. Grammar: `prune_stmt`. Pass:
+passes/prune_experts.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from surgery.expert_rules import prune_problem
+from surgery.layers import format_layers
+from surgery.plan_step import PlanStep
+from surgery.selectors import (
+    Selector,
+    span_field,
+    unparse_selector,
+)
+from surgery.source import Span
+from surgery.statements.experts import expert_total, mlp_step
+
+if TYPE_CHECKING:
+    from surgery.models.index import ModelIndex
+    from surgery.statements.base import Checker, PlanState
+
+
+@dataclass(frozen=True)
+class PruneStmt:
+    """`prune experts <selector> to M [by frequency]` (frequency is the only rule so far)."""
+
+    selector: Selector
+    keep: int
+    span: Span = span_field()
+
+
+@dataclass(frozen=True)
+class ResolvedPrune:
+    """A prune statement: the layers and how many experts each keeps."""
+
+    layers: tuple[int, ...]
+    keep: int
+    statement: PruneStmt
+
+
+NODES = (PruneStmt,)
+GRAMMAR = ("prune_stmt",)
+ACTIONS = ("prune experts",)
+
+
+def unparse(statement: PruneStmt) -> str:
+    """Canonical text."""
+    return f"prune experts {unparse_selector(statement.selector)} to {statement.keep} by frequency"
+
+
+def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedPrune]:
+    """Each prune: layer numbers of a model (or split) with experts, a count it can keep."""
+    resolved = []
+    for statement in c.recipe.statements:
+        if not isinstance(statement, PruneStmt):
+            continue
+        available = expert_total(c, statement, "prune", index, done["split"])
+        if available is None:
+            continue
+        problem = prune_problem(available, statement.keep)
+        if problem:
+            c.error(problem, statement.span, f"keep 1..{available - 1}")
+            continue
+        layers = c.selector(statement.selector, index)
+        if layers is not None:
+            resolved.append(ResolvedPrune(layers, statement.keep, statement))
+    return resolved
+
+
+def plan(state: PlanState) -> list[PlanStep]:
+    """One step per prune (pruning runs before merging, so a merge groups the kept experts)."""
+    steps = []
+    for prune in state.checked.prunes:
+        layers = tuple(layer for layer in prune.layers if layer in state.mlp)
+        parameters = {"keep": prune.keep, "rule": "frequency"}
+        note = f"which experts: the {prune.keep} most used per layer, {state.counted}"
+        steps.append(mlp_step(state.checked.index, "prune experts", layers, parameters, prune.statement.span, note))
+    return steps
+
+
+def describe(step: PlanStep) -> str:
+    """One line for `surgery plan`."""
+    return f"prune experts of layers {format_layers(step.layers)} to {step.parameters['keep']} by frequency"

@@ -1,0 +1,295 @@
+"""`quantize <part> [<selector>] to int4|int8 [block N] [symmetric]` and the grouped form
+`quantize layers by <source> { rule -> width ... }`: MatMulNBits for the chosen linears.
+Grammar: `quantize_stmt`, `quantize_group_stmt` (`quantize_rule`). Pass: passes/quantize.py
+(an ONNX pass after export and verification)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from surgery.diagnostics import Diagnostic
+from surgery.layers import format_layers
+from surgery.plan_step import PlanStep
+from surgery.selection import ImportanceQuery
+from surgery.selectors import (
+    AllLayers,
+    ImportanceRank,
+    ImportanceSelector,
+    ImportanceSource,
+    RestLayers,
+    Selector,
+    span_field,
+    unparse_rank,
+    unparse_selector,
+    unparse_source,
+)
+from surgery.source import Span
+from surgery.statements.base import SCORE_PART
+
+if TYPE_CHECKING:
+    from surgery.models.index import ModelIndex
+    from surgery.statements.base import Checker, PlanState
+
+
+DEFAULT_QUANT_BLOCK = 32
+QUANT_BLOCKS = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
+QuantizePart = Literal["layers", "attention", "mlp", "head"]
+
+
+@dataclass(frozen=True)
+class QuantizeStmt:
+    """`quantize <part> [<selector>] to int4|int8 [block N] [symmetric]`; no selector = every layer."""
+
+    part: QuantizePart
+    selector: Selector | None
+    bits: int
+    block: int | None = None
+    symmetric: bool = False
+    span: Span = span_field()
+    block_span: Span | None = span_field()
+
+
+@dataclass(frozen=True)
+class QuantizeRule:
+    """One `<rule> -> int4|int8 [block N] [symmetric]` line of a grouped quantize."""
+
+    selector: ImportanceRank | Selector | RestLayers
+    bits: int
+    block: int | None = None
+    symmetric: bool = False
+    span: Span = span_field()
+    block_span: Span | None = span_field()
+
+
+@dataclass(frozen=True)
+class QuantizeGroupStmt:
+    """`quantize <part> by <source> { rules }`: the first rule that matches a layer decides its width."""
+
+    part: QuantizePart
+    source: ImportanceSource
+    rules: tuple[QuantizeRule, ...]
+    span: Span = span_field()
+
+
+@dataclass(frozen=True)
+class ResolvedQuantize:
+    """One quantize statement, or one rule of a grouped quantize, checked.
+
+    Exactly one of: `layers` (explicit), `query` (by importance), `rest` (the group's
+    leftovers); the head has none of them.
+    """
+
+    part: str  # "layers", "attention", "mlp" or "head"
+    bits: int
+    block: int
+    symmetric: bool
+    span: Span | None
+    layers: tuple[int, ...] = ()
+    query: ImportanceQuery | None = None
+    rest: bool = False
+    group: int | None = None  # rules of one grouped statement share a number
+
+
+NODES = (QuantizeStmt, QuantizeGroupStmt)
+GRAMMAR = ("quantize_stmt", "quantize_group_stmt")
+ACTIONS = ("quantize",)
+
+
+def _width(item: QuantizeStmt | QuantizeRule) -> str:
+    text = f"int{item.bits}"
+    if item.block is not None:
+        text += f" block {item.block}"
+    return text + (" symmetric" if item.symmetric else "")
+
+
+def _unparse_rule(rule: QuantizeRule) -> str:
+    if isinstance(rule.selector, RestLayers):
+        target = "rest"
+    elif isinstance(rule.selector, ImportanceRank):
+        target = unparse_rank(rule.selector)
+    else:
+        target = unparse_selector(rule.selector)
+    return f"{target} -> {_width(rule)}"
+
+
+def unparse(statement: QuantizeStmt | QuantizeGroupStmt) -> str:
+    """Canonical text."""
+    if isinstance(statement, QuantizeGroupStmt):
+        rules = "".join(f"    {_unparse_rule(rule)}\n" for rule in statement.rules)
+        return f"quantize {statement.part} {unparse_source(statement.source)} {{\n{rules}}}"
+    if statement.part == "head":
+        target = "head"
+    elif statement.selector is None:
+        target = statement.part
+    elif statement.part == "layers":
+        target = unparse_selector(statement.selector)
+        target = target if target.startswith("layers ") else "layers " + target
+    else:
+        target = f"{statement.part} {unparse_selector(statement.selector)}"
+    return f"quantize {target} to {_width(statement)}"
+
+
+def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedQuantize]:
+    """Each quantize statement, and each rule of a grouped one, with its layers or query."""
+    resolved: list[ResolvedQuantize] = []
+    groups = 0
+    for statement in c.recipe.statements:
+        if isinstance(statement, QuantizeStmt):
+            block = _block(c, statement)
+            if statement.part == "head":
+                resolved.append(ResolvedQuantize("head", statement.bits, block, statement.symmetric, statement.span))
+                continue
+            if index.is_moe and statement.part in ("layers", "mlp"):
+                c.error(
+                    "quantizing mixture-of-experts MLPs is not supported yet",
+                    statement.span,
+                    "quantize attention or head on this model",
+                )
+                continue
+            selector = statement.selector or AllLayers(span=statement.span)
+            item = ResolvedQuantize(statement.part, statement.bits, block, statement.symmetric, statement.span)
+            if isinstance(selector, ImportanceSelector):
+                query = c.importance(selector.rank, selector.source, SCORE_PART[statement.part], index, selector.span)
+                if query is not None:
+                    resolved.append(replace(item, query=query))
+            else:
+                layers = c.selector(selector, index)
+                if layers is not None:
+                    resolved.append(replace(item, layers=layers))
+        elif isinstance(statement, QuantizeGroupStmt):
+            resolved.extend(_group(c, statement, groups, index))
+            groups += 1
+    return resolved
+
+
+def _group(c, statement: QuantizeGroupStmt, group: int, index: ModelIndex) -> list[ResolvedQuantize]:
+    if index.is_moe and statement.part in ("layers", "mlp"):
+        c.error(
+            "quantizing mixture-of-experts MLPs is not supported yet",
+            statement.span,
+            "quantize attention or head on this model",
+        )
+        return []
+    if not statement.rules:
+        c.error("a grouped quantize needs at least one rule", statement.span, "e.g. `most important 25% -> int8`")
+        return []
+    resolved = []
+    part = SCORE_PART[statement.part]
+    for position, rule in enumerate(statement.rules):
+        if isinstance(rule.selector, RestLayers) and position != len(statement.rules) - 1:
+            c.error(
+                "`rest` must be the last rule",
+                rule.span,
+                "rules after `rest` can never match: every layer is taken by then",
+            )
+            continue
+        item = ResolvedQuantize(statement.part, rule.bits, _block(c, rule), rule.symmetric, rule.span, group=group)
+        if isinstance(rule.selector, RestLayers):
+            resolved.append(replace(item, rest=True))
+        elif isinstance(rule.selector, ImportanceRank):
+            query = c.importance(rule.selector, statement.source, part, index, rule.selector.span)
+            if query is not None:
+                resolved.append(replace(item, query=query))
+        else:
+            layers = c.selector(rule.selector, index)
+            if layers is not None:
+                resolved.append(replace(item, layers=layers))
+    # The group's source must be valid even if no rule ranks by it.
+    if not any(isinstance(rule.selector, ImportanceRank) for rule in statement.rules):
+        c.score_source(statement.source, part, index)
+    return resolved
+
+
+def _block(c, item: QuantizeStmt | QuantizeRule) -> int:
+    if item.block is None:
+        return DEFAULT_QUANT_BLOCK
+    if item.block not in QUANT_BLOCKS:
+        c.error(
+            f"block size {item.block} is not supported",
+            item.block_span or item.span,
+            "MatMulNBits blocks: " + ", ".join(map(str, QUANT_BLOCKS)) + f" (default {DEFAULT_QUANT_BLOCK})",
+        )
+    return item.block
+
+
+def plan(state: PlanState) -> list[PlanStep]:
+    """One step per quantize statement or rule, targets = the exported linears it converts."""
+    checked = state.checked
+    index = checked.index
+    blocks, attention, mlp, warnings = state.blocks, state.attention, state.mlp, state.warnings
+    steps: list[PlanStep] = []
+    owner: dict[str, ResolvedQuantize] = {}  # linear -> the statement that last set its width
+    taken: dict[int, set[int]] = {}  # group -> layers its earlier rules matched
+    for item in checked.quantize:
+        parameters: dict[str, Any] = {
+            "part": item.part,
+            "bits": item.bits,
+            "block": item.block,
+            "symmetric": item.symmetric,
+        }
+        if item.part == "head":
+            layers: tuple[int, ...] = ()
+            targets = ["lm_head"]
+        else:
+            present = {"layers": blocks, "attention": attention, "mlp": mlp}[item.part]
+            candidates = sorted(present)
+            if item.group is not None:
+                candidates = [layer for layer in candidates if layer not in taken.get(item.group, set())]
+            if item.query is not None:
+                # A rule ranks over every layer that has the part, so `most important 50%` after
+                # `most important 25%` in one group means the top half, whose top quarter is taken.
+                layers, extra = state.select(item.query, sorted(present))
+                layers = tuple(layer for layer in layers if layer in candidates)
+                parameters.update(extra)
+            elif item.rest:
+                layers = tuple(candidates)
+            else:
+                layers = tuple(layer for layer in item.layers if layer in candidates)
+            if item.group is not None:
+                taken.setdefault(item.group, set()).update(layers)
+            targets = []
+            for layer in layers:
+                if item.part in ("layers", "attention") and layer in attention:
+                    targets += index.linear_names(layer, "attention")
+                if item.part in ("layers", "mlp") and layer in mlp:
+                    targets += index.linear_names(layer, "mlp")
+        note = ""
+        if item.part != "head" and not layers:
+            reason = "earlier rules of the group took them" if item.group is not None else "they were all dropped"
+            note = f"no effect: no layer left to match ({reason})"
+            warnings.append(Diagnostic("warning", "this quantize selection matches no layers", item.span, reason))
+        overridden = sorted({owner[t].span.line for t in targets if t in owner})
+        if overridden:
+            warnings.append(
+                Diagnostic(
+                    "warning",
+                    f"overrides the quantization set on line {', '.join(map(str, overridden))} for some linear layers",
+                    item.span,
+                    "the later statement wins",
+                )
+            )
+        for target in targets:
+            owner[target] = item
+        steps.append(
+            PlanStep(
+                action="quantize",
+                phase="onnx",
+                parameters={**parameters, "layers": list(layers)},
+                layers=layers,
+                targets=tuple(targets),
+                source=item.span,
+                note=note,
+            )
+        )
+    return steps
+
+
+def describe(step: PlanStep) -> str:
+    """One line for `surgery plan`."""
+    p = step.parameters
+    part = {"layers": "linears", "attention": "attention linears", "mlp": "MLP linears"}.get(p["part"], "")
+    layers = f"layers {format_layers(step.layers)}" if step.layers else "no layer"
+    what = "head" if p["part"] == "head" else f"{part} of {layers}"
+    kind = "symmetric" if p["symmetric"] else "asymmetric"
+    return f"quantize {what} to int{p['bits']} (MatMulNBits, block {p['block']}, {kind})"

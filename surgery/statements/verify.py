@@ -1,0 +1,101 @@
+"""`verify perplexity on "<text>" max-increase P% [tokens N]`: after export, the output's
+perplexity in onnxruntime against the original model's in PyTorch must stay within the bound.
+Grammar: `verify_stmt`. Run by surgery/pipeline.py (`verify perplexity` step)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from surgery.plan_step import PlanStep
+from surgery.selectors import (
+    number_text,
+    span_field,
+)
+from surgery.source import Span
+
+if TYPE_CHECKING:
+    from surgery.models.index import ModelIndex
+    from surgery.statements.base import Checker, PlanState
+
+
+DEFAULT_PERPLEXITY_TOKENS = 4096
+MIN_PERPLEXITY_TOKENS = 64
+DEFAULT_WINDOW = 512  # tokens per perplexity window; less where the model's context is shorter
+
+
+@dataclass(frozen=True)
+class VerifyStmt:
+    """`verify perplexity on "<text>" max-increase P% [tokens N]`."""
+
+    data: str
+    max_increase: float
+    tokens: int | None = None
+    span: Span = span_field()
+    data_span: Span = span_field()
+
+
+@dataclass(frozen=True)
+class PerplexityCheck:
+    """`verify perplexity on <text> max-increase P% [tokens N]`."""
+
+    data: str
+    max_increase: float
+    tokens: int
+    span: Span | None = None
+    window: int = DEFAULT_WINDOW  # the model's context where that is shorter
+
+
+NODES = (VerifyStmt,)
+GRAMMAR = ("verify_stmt",)
+ACTIONS = ("verify perplexity",)
+
+
+def unparse(statement: VerifyStmt) -> str:
+    """Canonical text."""
+    text = f'verify perplexity on "{statement.data}" max-increase {number_text(statement.max_increase)}%'
+    return text + (f" tokens {statement.tokens}" if statement.tokens is not None else "")
+
+
+def check(c: Checker, index: ModelIndex | None, done: dict) -> PerplexityCheck | None:
+    """The perplexity bound, its text and token count checked; windows fit the model's context."""
+    statements = c.single(VerifyStmt, "verify")
+    if not statements:
+        return None
+    statement = statements[0]
+    c.text_exists(statement.data, statement.data_span)
+    tokens = statement.tokens if statement.tokens is not None else DEFAULT_PERPLEXITY_TOKENS
+    if tokens < MIN_PERPLEXITY_TOKENS:
+        c.error(
+            f"{tokens} tokens is too few for a perplexity",
+            statement.span,
+            f"use at least {MIN_PERPLEXITY_TOKENS} tokens",
+        )
+    if statement.max_increase <= 0:
+        c.error("max-increase must be above 0%", statement.span)
+    window = min(DEFAULT_WINDOW, index.max_positions) if index is not None else DEFAULT_WINDOW
+    return PerplexityCheck(statement.data, statement.max_increase, tokens, statement.span, window)
+
+
+def plan(state: PlanState) -> list[PlanStep]:
+    """The `verify perplexity` step, when the recipe asks for one."""
+    check = state.checked.perplexity
+    if check is None:
+        return []
+    return [
+        PlanStep(
+            action="verify perplexity",
+            phase="evaluate",
+            parameters={"data": check.data, "max_increase": check.max_increase, "tokens": check.tokens},
+            source=check.span,
+        )
+    ]
+
+
+def describe(step: PlanStep) -> str:
+    """One line for `surgery plan`."""
+    p = step.parameters
+    return (
+        f'perplexity on "{p["data"]}" ({p["tokens"]} tokens) in onnxruntime vs the original model '
+        f"in PyTorch: at most +{p['max_increase']:g}%"
+    )

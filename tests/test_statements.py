@@ -1,0 +1,52 @@
+"""Each recipe statement has one home: a module with its node, grammar rules, check, plan and description."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import REPO
+from surgery import statements
+from surgery.plan import build_plan
+from surgery.statements import STATEMENTS, for_action, model
+
+
+def _statement_rules() -> set[str]:
+    grammar = (REPO / "grammar" / "surgery.lark").read_text()
+    block = grammar[grammar.index("?statement:") : grammar.index("\n\n", grammar.index("?statement:"))]
+    return set(re.findall(r"\b(\w+_stmt)\b", block))
+
+
+def test_every_grammar_statement_rule_has_exactly_one_module():
+    owners: dict[str, list[str]] = {}
+    for module in (*STATEMENTS, model):
+        for rule in module.GRAMMAR:
+            owners.setdefault(rule, []).append(statements.name(module))
+    assert set(owners) == _statement_rules()
+    assert all(len(modules) == 1 for modules in owners.values()), owners
+
+
+def test_every_module_declares_its_parts():
+    for module in STATEMENTS:
+        for part in ("NODES", "GRAMMAR", "ACTIONS", "unparse", "check", "plan"):
+            assert hasattr(module, part), f"{module.__name__} lacks {part}"
+        if module.ACTIONS:
+            assert callable(module.describe)
+    actions = [action for module in STATEMENTS for action in module.ACTIONS]
+    assert len(actions) == len(set(actions)), "an action belongs to one statement"
+
+
+def test_plan_steps_are_described_by_the_statement_that_made_them(tmp_path):
+    from surgery.check import check
+    from surgery.parser import parse
+
+    recipe = parse(
+        'model "tiny-llama"\ndrop attention layers 1\ndrop mlp layers 2\nquantize layers 3..4 to int4\n'
+        'fuse layer 3 into head\nexport onnx opset 21\nverify perplexity on "wikitext-2-test" max-increase 50%\n'
+    )
+    plan = build_plan(check(recipe))
+    made = {step.action: for_action(step.action) for step in plan.steps}
+    assert made["drop attention"] is statements.drop and made["quantize"] is statements.quantize
+    assert made["fuse"] is statements.fuse and made["export onnx"] is statements.export
+    assert made["verify perplexity"] is statements.verify and made["verify"] is None  # the plan's default
+    text = plan.render()
+    assert "drop attention layers 1" in text and "fuse layer 3 into the head" in text
