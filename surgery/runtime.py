@@ -37,7 +37,7 @@ class StepOutput:
     """Logits of one forward call and the KV cache to feed the next one."""
 
     logits: np.ndarray
-    present: list[np.ndarray]
+    present: list  # onnxruntime OrtValues, to feed back as the next step's past
     fused_layer: np.ndarray | None = None  # dynamic layer fusion: the layer fused per token
 
 
@@ -84,9 +84,13 @@ class OnnxCausalLM:
         input_ids: np.ndarray,
         attention_mask: np.ndarray,
         position_ids: np.ndarray,
-        past: list[np.ndarray] | None = None,
+        past: list | None = None,
     ) -> StepOutput:
-        """One forward call. `past` is ignored by a model exported without a KV cache."""
+        """One forward call. `past` is ignored by a model exported without a KV cache.
+
+        The KV cache stays in onnxruntime's tensors (`present` holds OrtValues, fed back as they
+        are): only the logits are copied out, not the whole cache at every step.
+        """
         feed = {
             "input_ids": input_ids.astype(np.int64),
             "attention_mask": attention_mask.astype(np.int64),
@@ -97,10 +101,17 @@ class OnnxCausalLM:
         if self.uses_cache:
             past = past if past is not None else self.empty_cache(input_ids.shape[0])
             feed.update(zip(self.past_names, past, strict=True))
-        outputs = self.session.run(self.output_names, feed)
+        values = {
+            name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value)
+            for name, value in feed.items()
+        }
+        outputs = self.session.run_with_ort_values(self.output_names, values)
         named = dict(zip(self.output_names, outputs, strict=True))
         present = [named[n.replace("past_key_values.", "present.")] for n in self.past_names]
-        return StepOutput(logits=named["logits"], present=present, fused_layer=named.get("fused_layer"))
+        fused = named.get("fused_layer")
+        return StepOutput(
+            logits=named["logits"].numpy(), present=present, fused_layer=fused.numpy() if fused is not None else None
+        )
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_token_ids: set[int]) -> list[int]:
         """Greedy decoding for one prompt; returns the new token ids."""
