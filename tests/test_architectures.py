@@ -175,3 +175,27 @@ def test_each_new_family_applies_a_recipe_of_every_kind(name, in_tmp):
         assert result.code == 1 and "split experts are SwiGLU" in result.err
     else:
         assert result.code == 0, result.err
+
+
+def test_a_checkpoint_is_checked_once_per_description(tmp_path, monkeypatch):
+    """The verdict is cached by folder files and description; another description is checked anew."""
+    from surgery.architectures import conformance
+    from surgery.models.loading import load_model, resolve_spec
+
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "granite"
+    builtin.tiny_model("tiny-granite").save_pretrained(folder)
+    builtin.byte_tokenizer().save_pretrained(folder)
+    model, _ = load_model(resolve_spec(str(folder)), lambda *_: None)
+    index = ModelIndex.from_config("granite", model.config)
+    calls = []
+    real = conformance.first_difference
+    monkeypatch.setattr(conformance, "first_difference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    checked_graph(model, index)
+    checked_graph(model, index)
+    assert len(calls) == 1  # the second load reuses the verdict
+    wrong = dataclasses.replace(architectures.REGISTRY["granite"], logits_divisor=Scale())
+    monkeypatch.setitem(architectures.REGISTRY, "granite", wrong)
+    with pytest.raises(DescriptionMismatch, match="logits differs"):
+        checked_graph(model, index)
+    assert len(calls) == 2

@@ -10,14 +10,22 @@ differs is named, before anything is exported.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+import surgery
 from surgery.architectures.description import DescriptionError
 from surgery.diagnostics import HintedError
+from surgery.models.builtin import cache_dir
 from surgery.models.graph import DecoderGraph, position_ids_from_mask
+from surgery.models.weights import weight_files
 
 PROBE_TOKENS = 24
 RELATIVE_TOLERANCE = 1e-4  # of the Hugging Face tensor's largest magnitude; fp32 agrees to ~1e-6
@@ -133,15 +141,46 @@ def first_difference(model: Any, graph: DecoderGraph, tokens: int = PROBE_TOKENS
     return None
 
 
+def _fingerprint(model: Any, graph: DecoderGraph) -> str | None:
+    """What a verdict depends on: surgery's version, the description, the probe, and the size and
+    modification time of the model folder's config and weight files. None when the model was
+    not loaded from a folder (the tiny built-ins: checked every time, which is cheap)."""
+    folder = getattr(model.config, "_name_or_path", "") or ""
+    if not folder or not os.path.isdir(folder):
+        return None
+    files = sorted(["config.json", *weight_files(folder)])
+    try:
+        stats = [(name, (Path(folder) / name).stat()) for name in files]
+    except OSError:
+        return None
+    facts = [surgery.__version__, repr(graph.architecture), PROBE_TOKENS, RELATIVE_TOLERANCE, ABSOLUTE_TOLERANCE,
+             os.path.abspath(folder), [(name, st.st_size, st.st_mtime_ns) for name, st in stats]]  # fmt: skip
+    return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:32]
+
+
 def check_description(model: Any, graph: DecoderGraph) -> None:
-    """Raise DescriptionMismatch when the graph's reference differs from the HF model's forward."""
+    """Raise DescriptionMismatch when the graph's reference differs from the HF model's forward.
+
+    A checkpoint that passed once with the same description is not checked again (a marker in
+    `$SURGERY_CACHE/conformance`, keyed by `_fingerprint`): the two forwards cost about half a
+    second on a 135M model, which every `surgery apply` would pay.
+    """
+    key = _fingerprint(model, graph)
+    marker = cache_dir() / "conformance" / key if key else None
+    if marker is not None and marker.exists():
+        return
     difference = first_difference(model, graph)
-    if difference is not None:
-        raise DescriptionMismatch(
-            difference.message(graph.architecture.model_type),
-            "the architecture description (surgery/architectures/) or the model's config is wrong for this "
-            "checkpoint; nothing was exported",
-        )
+    if difference is None:
+        if marker is not None:
+            with contextlib.suppress(OSError):  # a read-only cache only costs the check next time
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(graph.architecture.model_type + "\n")
+        return
+    raise DescriptionMismatch(
+        difference.message(graph.architecture.model_type),
+        "the architecture description (surgery/architectures/) or the model's config is wrong for this "
+        "checkpoint; nothing was exported",
+    )
 
 
 def checked_graph(model: Any, index: Any) -> DecoderGraph:
