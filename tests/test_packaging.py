@@ -98,3 +98,14 @@ def test_ci_runs_the_readme_test_line_in_a_fresh_environment():
     assert line in ci.splitlines()[-1]
     assert f"```bash\n{line}\n```" in readme
     assert "python3 -m venv" in ci and 'activate"' in ci
+
+
+def test_every_source_folder_is_a_declared_package():
+    """A folder of modules under surgery/ that pyproject does not list would be left out of the wheel."""
+    declared = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(path.parent.relative_to(REPO).parts)
+        for path in (REPO / "surgery").rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert found <= declared, f"not in pyproject's packages: {sorted(found - declared)}"
