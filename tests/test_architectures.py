@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import REPO, run_cli, tiny_graph, write
 from surgery import architectures
@@ -199,3 +200,14 @@ def test_a_checkpoint_is_checked_once_per_description(tmp_path, monkeypatch):
     with pytest.raises(DescriptionMismatch, match="logits differs"):
         checked_graph(model, index)
     assert len(calls) == 2
+
+
+def test_exporting_tables_leaves_the_models_rotary_state_alone():
+    """transformers' longrope module switches its frequencies in place per call; the exporter runs
+    beside verification's PyTorch trace, so computing tables must not touch the model's module."""
+    graph = tiny_graph("tiny-phi3")
+    module = graph.rotary.module
+    graph.rotary.cos_sin(torch.zeros(1, 1), torch.arange(8)[None], None)  # short factors now
+    short = module.inv_freq.clone()
+    graph.rotary.tables(None, 256)  # reads the long factors too
+    assert torch.equal(module.inv_freq, short)

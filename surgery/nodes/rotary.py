@@ -8,6 +8,7 @@ both tables and picks one per run from the total length, as transformers does pe
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,12 +46,19 @@ class Rotary:
         return str(types.get(kind, "default") if isinstance(types, dict) else types)
 
     def tables(self, kind: str | None, positions: int) -> RotaryTables:
-        """Tables for positions 0..positions-1 (and the short/long pair for longrope)."""
+        """Tables for positions 0..positions-1 (and the short/long pair for longrope).
+
+        Computed on a copy of the module: transformers' longrope module switches its frequencies
+        in place on every call, and the exporter runs while verification's PyTorch trace calls
+        the model's own module in another thread.
+        """
+        module = copy.deepcopy(self.module)
 
         def halves(count: int):
             probe = torch.zeros(1, 1, dtype=torch.float32)
             with torch.no_grad():
-                cos, sin = self.cos_sin(probe, torch.arange(count)[None], kind)
+                ids = torch.arange(count)[None]
+                cos, sin = module(probe, ids, kind) if self.per_layer_type else module(probe, ids)
             half = cos.shape[-1] // 2
             return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
 
