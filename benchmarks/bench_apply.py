@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # noqa: E402  (run from a checkout without installing)
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import decode_ms_per_token, measure, write_result  # noqa: E402
+from common import measure, paired_latency, write_result  # noqa: E402
 
 from surgery.models import builtin  # noqa: E402
 from surgery.runtime import OnnxCausalLM  # noqa: E402
@@ -86,24 +86,21 @@ def main() -> None:
     text = (REPO / "benchmarks" / "prompt.txt").read_text()
     prompt = np.array(tokenizer(text)["input_ids"][: args.prompt_tokens], dtype=np.int64)
     assert len(prompt) == args.prompt_tokens, "prompt text too short"
-    models = {
-        "surgery export, unmodified": OnnxCausalLM(str(work / "base"), threads=args.threads),
-        "ort-genai builder fp32": OnnxCausalLM(str(work / "builder"), threads=args.threads),
-        "surgery drop-attention (24 attention layers)": OnnxCausalLM(str(work / "ours"), threads=args.threads),
+
+    def loader(folder: Path):
+        return lambda: OnnxCausalLM(str(folder), threads=args.threads)
+
+    loaders = {
+        "surgery export, unmodified": loader(work / "base"),
+        "ort-genai builder fp32": loader(work / "builder"),
+        "surgery drop-attention (24 attention layers)": loader(work / "ours"),
     }
-    rounds: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(args.rounds):
-        for name, model in models.items():
-            rounds[name].append(decode_ms_per_token(model, prompt, args.steps))
-    builder = rounds["ort-genai builder fp32"]
+    latency, rounds = paired_latency(loaders, prompt, args.steps, args.rounds, "ort-genai builder fp32")
     latency = {
-        name: {
-            "median_ms": round(statistics.median(values), 2),
-            "best_ms": round(min(values), 2),
-            "relative_to_builder": round(statistics.median(v / b for v, b in zip(values, builder, strict=True)), 3),
-        }
-        for name, values in rounds.items()
-    }
+        name: {**{k: v for k, v in row.items() if not k.startswith("relative")},
+               "relative_to_builder": row["relative_to_ort-genai builder fp32"]}
+        for name, row in latency.items()
+    }  # fmt: skip
 
     print(f"\nSmolLM2-135M-Instruct, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
     print(f"\n{'export (median of runs; peak = max)':48} {'wall s':>8} {'peak GB':>8}   runs")
@@ -126,7 +123,7 @@ def main() -> None:
         },
         "export": export_rows,
         "decode_ms_per_token": latency,
-        "decode_rounds": {name: [round(v, 3) for v in values] for name, values in rounds.items()},
+        "decode_rounds": rounds,
     }
     write_result(args.json, result)
 

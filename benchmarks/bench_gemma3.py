@@ -25,6 +25,7 @@ import os
 import platform
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -111,10 +112,10 @@ def main() -> None:
     prompt = np.array(tokenizer(text)["input_ids"][: args.prompt_tokens], dtype=np.int64)
     assert len(prompt) == args.prompt_tokens, "prompt text too short"
     models = {
-        "ort-genai builder fp32": GenaiModel(str(builder), args.threads),
-        "surgery export, unmodified": OnnxCausalLM(str(outputs["unmodified"]), threads=args.threads),
-        "surgery drop attention 2 (16 attention layers)": OnnxCausalLM(
-            str(outputs["drop attention least important 2 by similarity"]), threads=args.threads
+        "ort-genai builder fp32": partial(GenaiModel, str(builder), args.threads),
+        "surgery export, unmodified": partial(OnnxCausalLM, str(outputs["unmodified"]), threads=args.threads),
+        "surgery drop attention 2 (16 attention layers)": partial(
+            OnnxCausalLM, str(outputs["drop attention least important 2 by similarity"]), threads=args.threads
         ),
     }
     latency, rounds = paired_latency(models, prompt, args.steps, args.rounds, "ort-genai builder fp32")

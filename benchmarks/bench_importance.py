@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -159,9 +160,9 @@ def main() -> None:
     text = (REPO / "benchmarks" / "prompt.txt").read_text()
     prompt = np.array(tokenizer(text)["input_ids"][:256], dtype=np.int64)
     models = {
-        "builder": OnnxCausalLM(str(builder), threads=args.threads),
-        "surgery all-int4": OnnxCausalLM(str(ours_int4), threads=args.threads),
-        "surgery fp32": OnnxCausalLM(str(base), threads=args.threads),
+        "builder": partial(OnnxCausalLM, str(builder), threads=args.threads),
+        "surgery all-int4": partial(OnnxCausalLM, str(ours_int4), threads=args.threads),
+        "surgery fp32": partial(OnnxCausalLM, str(base), threads=args.threads),
     }
     latency, rounds = paired_latency(models, prompt, args.steps, args.rounds, "builder")
 

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,7 @@ def main() -> None:
     text = (REPO / "benchmarks" / "prompt.txt").read_text()
     tokenizer = AutoTokenizer.from_pretrained(folders["dense"])
     prompt = np.array(tokenizer(text)["input_ids"][:256], dtype=np.int64)
-    models = {name: OnnxCausalLM(str(folders[name]), threads=args.threads) for name in timed}
+    models = {name: partial(OnnxCausalLM, str(folders[name]), threads=args.threads) for name in timed}
     latency, rounds = ({}, {}) if args.no_latency else paired_latency(models, prompt, args.steps, args.rounds, baseline)
     relative = f"relative_to_{baseline}"
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -45,18 +47,30 @@ def decode_ms_per_token(model, prompt: np.ndarray, steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1000
 
 
-def paired_latency(models: dict, prompt: np.ndarray, steps: int, rounds: int, baseline: str) -> tuple[dict, dict]:
+def paired_latency(
+    loaders: dict[str, Callable[[], object]], prompt: np.ndarray, steps: int, rounds: int, baseline: str
+) -> tuple[dict, dict]:
     """Decode latency in rounds that visit every model in turn (a shared machine drifts).
+
+    `loaders` maps a name to a function that opens the model. Every round opens the models
+    afresh in a rotated order and times them in that order: on this machine the session
+    opened first decodes up to 6% slower than one opened later (the same model opened twice
+    in one process shows it), so a fixed order would favour whichever model comes later.
 
     Returns per model: median and best ms/token and the median over rounds of its time
     relative to `baseline` in the same round; and the raw rounds.
     """
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
+    names = list(loaders)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        order = names[index % len(names) :] + names[: index % len(names)]
+        models = {name: loaders[name]() for name in order}
         for name, model in models.items():
             # A model driven by another runtime (onnxruntime-genai) times itself the same way.
             own = getattr(model, "decode_ms_per_token", None)
             times[name].append(own(prompt, steps) if own else decode_ms_per_token(model, prompt, steps))
+        del models, model
+        gc.collect()
     base = times[baseline]
     rows = {
         name: {
