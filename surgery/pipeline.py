@@ -244,6 +244,7 @@ def apply(
             progress(f"exporting ONNX (opset {plan.export.opset}, {kv} KV cache)")
             export = export_decoder(graph, str(folder.path), options)
             tokenizer.save_pretrained(str(folder.path))
+            sections["onnxruntime_genai"] = _write_genai_config(graph, export, plan.export, tokenizer, str(folder.path))
             shutil.copyfile(path, folder.path / "recipe.surg")
             lap("export")
             trace = tracing.result() if tracing else None
@@ -297,6 +298,18 @@ def apply(
         folder.discard()
         raise
     return ApplyResult(target, report, verification, perplexity_passed)
+
+
+def _write_genai_config(graph, export, options, tokenizer, folder: str) -> dict:
+    """genai_config.json beside the model, so onnxruntime-genai loads the folder as it is."""
+    from surgery.export.genai import genai_config, write_genai_config
+
+    try:
+        content = genai_config(graph, export.context_length, options.kv_cache, options.position_ids, tokenizer)
+    except ValueError as reason:
+        return {"written": False, "reason": str(reason)}
+    write_genai_config(folder, content)
+    return {"written": True, "config": "genai_config.json", "model_type": content["model"]["type"]}
 
 
 class _Calibration:

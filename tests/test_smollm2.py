@@ -34,6 +34,25 @@ def test_example_applies_and_runs(example: Path, in_tmp):
     chat = run_cli("run", "out", "--prompt", "What is the capital of France?", "--chat", "--max-new-tokens", "8")
     assert chat.code == 0, chat.err
     assert chat.out.strip()
+    # onnxruntime-genai loads the folder as written and generates `surgery run`'s text.
+    assert report["onnxruntime_genai"]["written"]
+    assert genai_text(in_tmp / "out", "The capital of France is", 8) == generated.out.rstrip("\n")
+
+
+def genai_text(folder: Path, prompt: str, new_tokens: int) -> str:
+    """Greedy continuation through onnxruntime-genai, with its own tokenizer."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    tokenizer = og.Tokenizer(model)
+    ids = tokenizer.encode(prompt)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+    return prompt + tokenizer.decode(generator.get_sequence(0)[len(ids) :])
 
 
 @pytest.mark.slow

@@ -1,0 +1,157 @@
+"""`genai_config.json`: what onnxruntime-genai needs to load an output folder and generate.
+
+onnxruntime-genai (the runtime ORT LLMs are deployed with: C, C#, Java and Python APIs) reads
+the model type, token ids, context length, head sizes and the KV input/output name patterns
+from this file, the tokenizer from `tokenizer.json`/`tokenizer_config.json` beside it (which
+`surgery apply` writes with the tokenizer's `save_pretrained`), and search defaults from its
+`search` section. Our graphs take `input_ids`, `attention_mask` (and `position_ids` when
+exported with them) and the KV slots `past_key_values.{slot}.key|value` -> `present.{slot}...`
+numbered over the layers that kept their attention, so genai's default KV cache finds them
+from the patterns; extra outputs (the fused layer of dynamic fusion) are not named and genai
+leaves them alone.
+
+The KV buffers are not shared between past and present (`past_present_share_buffer` false):
+the padding bias spans the mask's length, which in genai's shared-buffer mode is shorter
+than the buffer it writes into.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+# Hugging Face model_type -> the model type onnxruntime-genai 0.18 knows for it. Every one of
+# these is genai's generic decoder-only model; the graph itself carries every family detail
+# (norm offsets, soft-capping, windows, scalars), so a family genai has no name for runs as
+# "llama" (its generic decoder).
+GENAI_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3_text": "gemma3_text",
+    "phi3": "phi3",
+    "granite": "granite",
+    "olmo2": "olmo",
+}
+GENERIC_MODEL_TYPE = "llama"
+
+# Search defaults genai takes from the model's generation config, when it sets them.
+_SEARCH_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams")
+
+
+@dataclass(frozen=True)
+class KvLayout:
+    """The attention shape every KV slot shares (genai's default cache assumes one)."""
+
+    slots: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def kv_layout(graph) -> KvLayout | None:
+    """The KV slots' common shape, or None when slots differ (genai's default cache cannot hold them)."""
+    nodes = [graph.layer(index).attention for index in graph.kv_layers()]
+    shapes = {(node.num_heads, node.num_kv_heads, node.head_dim) for node in nodes}
+    if len(shapes) > 1:
+        return None
+    heads, kv_heads, head_dim = (
+        shapes.pop() if shapes else (graph.index.num_heads, graph.index.num_kv_heads, graph.index.head_dim)
+    )
+    return KvLayout(len(nodes), heads, kv_heads, head_dim)
+
+
+def _ids(value) -> int | list[int] | None:
+    if isinstance(value, (list, tuple)):
+        ids = [int(v) for v in value if v is not None]
+        return ids[0] if len(ids) == 1 else ids or None
+    return None if value is None else int(value)
+
+
+def token_ids(config, generation, tokenizer) -> dict:
+    """bos/eos/pad ids: the generation config first, then the model config, then the tokenizer."""
+
+    def first(name: str):
+        for source in (generation, config, tokenizer):
+            value = getattr(source, f"{name}_token_id", None) if source is not None else None
+            if value is not None:
+                return _ids(value)
+        return None
+
+    eos = first("eos")
+    pad = first("pad")
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) else eos
+    return {"bos_token_id": first("bos"), "eos_token_id": eos, "pad_token_id": pad}
+
+
+def genai_config(
+    graph, context_length: int, kv_cache: bool, position_ids: bool, tokenizer=None, provider_options=None
+) -> dict:
+    """The genai_config.json content for an export of `graph` (raises ValueError if genai cannot run it)."""
+    if not kv_cache:
+        raise ValueError("exported without kv-cache: onnxruntime-genai needs the KV cache inputs")
+    layout = kv_layout(graph)
+    if layout is None:
+        raise ValueError("the KV slots differ in head counts or sizes: genai's default KV cache needs one shape")
+    config = graph.model.config
+    generation = getattr(graph.model, "generation_config", None)
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    if position_ids:
+        inputs["position_ids"] = "position_ids"
+    inputs |= {"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    search = {
+        "diversity_penalty": 0.0,
+        "do_sample": False,
+        "early_stopping": True,
+        "length_penalty": 1.0,
+        "max_length": int(context_length),
+        "min_length": 0,
+        "no_repeat_ngram_size": 0,
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        "past_present_share_buffer": False,
+        "repetition_penalty": 1.0,
+        "temperature": 1.0,
+        "top_k": 50,
+        "top_p": 1.0,
+    }
+    for field in _SEARCH_FIELDS:
+        value = getattr(generation, field, None) if generation is not None else None
+        if value is not None:
+            search[field] = type(search[field])(value)
+    return {
+        "model": {
+            **token_ids(config, generation, tokenizer),
+            "context_length": int(context_length),
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": list(provider_options or [])},
+                "filename": "model.onnx",
+                "head_size": layout.head_dim,
+                "hidden_size": graph.index.hidden_size,
+                "inputs": inputs,
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": layout.num_heads,
+                "num_hidden_layers": layout.slots,
+                "num_key_value_heads": layout.num_kv_heads,
+            },
+            "type": GENAI_MODEL_TYPES.get(graph.index.architecture, GENERIC_MODEL_TYPE),
+            "vocab_size": graph.index.vocab_size,
+        },
+        "search": search,
+    }
+
+
+def write_genai_config(folder: str, content: dict) -> str:
+    """Write `genai_config.json` into `folder`; returns its path."""
+    path = os.path.join(folder, "genai_config.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(content, handle, indent=4)
+        handle.write("\n")
+    return path
