@@ -13,12 +13,13 @@ from surgery.passes.fuse import Fuse
 from surgery.passes.merge_experts import MergeExperts
 from surgery.passes.prune_experts import PruneExperts
 from surgery.passes.quantize import Quantize
+from surgery.passes.quantize_embedding import QuantizeEmbedding
 from surgery.passes.split_mlp import SplitMlp
 
 PASSES: dict[str, type[GraphPass]] = {
     cls.name: cls for cls in (DropAttention, DropMlp, DropBlock, SplitMlp, PruneExperts, Fuse)
 }
-ONNX_PASSES: dict[str, type[OnnxPass]] = {cls.name: cls for cls in (Quantize,)}
+ONNX_PASSES: dict[str, type[OnnxPass]] = {cls.name: cls for cls in (Quantize, QuantizeEmbedding)}
 
 __all__ = [
     "ONNX_PASSES",
@@ -34,6 +35,7 @@ __all__ = [
     "MergeExperts",
     "PruneExperts",
     "Quantize",
+    "QuantizeEmbedding",
     "SplitMlp",
     "run_pass",
 ]

@@ -250,12 +250,20 @@ def _cmd_apply(args) -> int:
             code = EXIT_VERIFY_FAILED
     quantization = report.get("quantization")
     if quantization:
-        widths = ", ".join(f"{w['linears']} linears at {name}" for name, w in quantization["widths"].items())
+        parts = []
+        if quantization["widths"]:
+            widths = ", ".join(f"{w['linears']} linears at {name}" for name, w in quantization["widths"].items())
+            parts.append(
+                f"{widths}; average bits per weight {quantization['quantized_linears_nominal_bits']:.3f} "
+                f"({quantization['quantized_linears_storage_bits']:.3f} with scales and zero points)"
+            )
+        embedding = quantization.get("embedding")
+        if embedding:
+            shared = ", sharing the head's tensors" if embedding["shared_with_head"] else ""
+            parts.append(f"embedding at int{embedding['bits']}{shared}")
         print(
-            f"  quantization: {widths}; average bits per weight {quantization['quantized_linears_nominal_bits']:.3f} "
-            f"({quantization['quantized_linears_storage_bits']:.3f} with scales and zero points), whole model "
-            f"{quantization['model_storage_bits']:.3f}; files {quantization['bytes_before'] / 1e6:.1f} MB -> "
-            f"{quantization['bytes_after'] / 1e6:.1f} MB"
+            f"  quantization: {'; '.join(parts)}; whole model {quantization['model_storage_bits']:.3f} bits per "
+            f"weight; files {quantization['bytes_before'] / 1e6:.1f} MB -> {quantization['bytes_after'] / 1e6:.1f} MB"
         )
         moved = quantization.get("against_pytorch_fp32")
         if moved:

@@ -321,6 +321,9 @@ class _ToAst:
     def quantize_head(self, children):
         return "head", None
 
+    def quantize_embedding(self, children):
+        return "embedding", None
+
     def block_option(self, children):
         (token,) = children
         return {"block": int(token), "block_span": self._tok(token)}

@@ -26,6 +26,7 @@ from surgery.output import OutputFolder
 from surgery.parser import parse_source
 from surgery.plan import VERIFY_DECODE_STEPS, VERIFY_TOLERANCE, Plan, build_plan
 from surgery.source import Source
+from surgery.statements.quantize import EMBEDDING
 
 if TYPE_CHECKING:
     from surgery.importance.compute import ScoreRequest
@@ -228,10 +229,13 @@ def apply(
 
         plan, passes = run_graph_steps(plan, graph, _Calibration(checked, tokenizer), progress)
         after = structure(graph)
+        tied_head = graph.tied_head
         lap("passes")
 
         quantization = plan.quantization()
-        options = replace(plan.export, untie_head="lm_head" in quantization)
+        # A quantized head or embedding needs the head's weight as an initializer of its own
+        # (the quantized embedding then shares it back when both have the same width).
+        options = replace(plan.export, untie_head="lm_head" in quantization or EMBEDDING in quantization)
         # The graph is final: PyTorch's side of the verification only reads it, so it runs
         # while the exporter writes the weights (torch and file writes both release the GIL).
         with ThreadPoolExecutor(max_workers=1) as background:
@@ -259,7 +263,7 @@ def apply(
             verification = compare(trace, str(folder.path), VERIFY_TOLERANCE, threads)
             lap("verify")
         if quantization:
-            sections["quantization"] = _quantize(plan, export, str(folder.path), passes, progress)
+            sections["quantization"] = _quantize(plan, export, str(folder.path), passes, progress, tied_head)
             if trace is not None:
                 # Informational: how far quantization moved the logits (no tolerance applies).
                 moved = compare(trace, str(folder.path), float("inf"), threads)
@@ -448,30 +452,42 @@ def _perplexity_check(checked: CheckedRecipe, reference, folder: str, threads: i
     }
 
 
-def _quantize(plan: Plan, export, folder: str, passes: list, progress: Progress) -> dict:
+def _quantize(plan: Plan, export, folder: str, passes: list, progress: Progress, tied_head: bool) -> dict:
     """Run the quantize ONNX pass over the exported model and replace its files atomically."""
     from collections import Counter
 
     import onnx
 
-    from surgery.passes import Quantize, run_pass
+    from surgery.passes import Quantize, QuantizeEmbedding, run_pass
     from surgery.quantization import bits_summary
     from surgery.report import folder_bytes, pass_record
 
     files_before = folder_bytes(folder)
     model = onnx.load(os.path.join(folder, "model.onnx"))
-    assignment = tuple(
-        (export.linears[linear], config["bits"], config["block"], config["symmetric"])
-        for linear, config in plan.quantization().items()
-    )
-    progress(f"quantizing {len(assignment)} linear layer(s) to MatMulNBits")
-    quantize = Quantize(assignment=assignment)
-    result = run_pass(quantize, model)
-    progress(f"quantize: {result.summary}")
+    linears = {target: config for target, config in plan.quantization().items() if target != EMBEDDING}
     steps = [step for step in plan.steps if step.action == "quantize"]
-    record = pass_record(quantize, result, steps[0].source if steps else None)
-    record["parameters"] = {"linears": {linear: config for linear, config in plan.quantization().items()}}
-    passes.append(record)
+    if linears:
+        assignment = tuple(
+            (export.linears[linear], config["bits"], config["block"], config["symmetric"])
+            for linear, config in linears.items()
+        )
+        progress(f"quantizing {len(assignment)} linear layer(s) to MatMulNBits")
+        quantize = Quantize(assignment=assignment)
+        result = run_pass(quantize, model)
+        progress(f"quantize: {result.summary}")
+        linear_steps = [step for step in steps if step.targets != (EMBEDDING,)]
+        record = pass_record(quantize, result, linear_steps[0].source if linear_steps else None)
+        record["parameters"] = {"linears": linears}
+        passes.append(record)
+    embedding = plan.quantization().get(EMBEDDING)
+    if embedding:
+        quantize_embedding = QuantizeEmbedding(
+            bits=embedding["bits"], block=embedding["block"], symmetric=embedding["symmetric"], tied_head=tied_head
+        )
+        result = run_pass(quantize_embedding, model)
+        progress(f"quantize embedding: {result.summary}")
+        source = next(step.source for step in reversed(steps) if step.targets == (EMBEDDING,))
+        passes.append(pass_record(quantize_embedding, result, source))
     summary = bits_summary(model)
     # Written next to the old files, then swapped in: a crash leaves the fp32 model intact.
     staging = os.path.join(folder, ".quantized")

@@ -28,6 +28,7 @@ from surgery.plan_step import PlanStep
 from surgery.selection import ImportanceQuery, ranking, resolve_query
 from surgery.statements import STATEMENTS, for_action
 from surgery.statements.base import PlanState
+from surgery.statements.quantize import EMBEDDING
 
 VERIFY_TOLERANCE = 1e-3  # max |logit difference| between ONNX Runtime and PyTorch, fp32
 VERIFY_DECODE_STEPS = 8
@@ -56,7 +57,8 @@ class Plan:
         return next((step for step in self.steps if step.action == action), None)
 
     def quantization(self) -> dict[str, dict[str, Any]]:
-        """Final width per linear layer: later quantize statements override earlier ones."""
+        """Final width per quantized tensor (linear layers, and `model.embed_tokens` for the
+        embedding): later quantize statements override earlier ones."""
         final: dict[str, dict[str, Any]] = {}
         for step in self.steps:
             if step.action == "quantize":
@@ -119,6 +121,9 @@ class Plan:
         widths = _count_widths(self.quantization())
         if widths:
             lines.append("  quantized linear layers: " + ", ".join(f"{n} at {w}" for w, n in widths.items()))
+        embedding = self.quantization().get(EMBEDDING)
+        if embedding:
+            lines.append(f"  quantized embedding: int{embedding['bits']}")
         return "\n".join(lines)
 
 
@@ -127,7 +132,9 @@ _LINEAR_ORDER = ["qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_
 
 def _count_widths(assignment: dict[str, dict[str, Any]]) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for config in assignment.values():
+    for target, config in assignment.items():
+        if target == EMBEDDING:
+            continue
         key = f"int{config['bits']}"
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))

@@ -99,6 +99,8 @@ def float_weights(model: onnx.ModelProto) -> int:
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
             consumed.update(node.input[1:4])
+        elif node.op_type == "GatherBlockQuantized":
+            consumed.update(node.input[:1] + node.input[2:4])
     total = 0
     for init in model.graph.initializer:
         if init.name in consumed or init.name in ("cos_cache", "sin_cache") or init.name.startswith("/constants/"):
@@ -108,19 +110,48 @@ def float_weights(model: onnx.ModelProto) -> int:
     return total
 
 
+def quantized_embedding(model: onnx.ModelProto) -> dict[str, object] | None:
+    """The block-quantized embedding lookup: width, block, storage, and whether it reads the head's tensors."""
+    node = next((n for n in model.graph.node if n.op_type == "GatherBlockQuantized"), None)
+    if node is None:
+        return None
+    initializers = {init.name: init for init in model.graph.initializer}
+    producers = {output: n for n in model.graph.node for output in n.output}
+    shared = node.input[0] not in initializers  # a Reshape view of the quantized head's weight
+    names = [producers[name].input[0] if name in producers else name for name in (node.input[:1] + node.input[2:4])]
+    data = initializers[names[0]]
+    bits = _attribute(node, "bits")
+    rows = int(data.dims[0])
+    hidden = int(np.prod(data.dims[1:])) * 8 // bits
+    return {
+        "bits": bits,
+        "block": _attribute(node, "block_size"),
+        "parameters": rows * hidden,
+        "storage_bytes": sum(_tensor_bytes(initializers[name]) for name in names if name),
+        "shared_with_head": shared,
+    }
+
+
 def bits_summary(model: onnx.ModelProto) -> dict[str, object]:
     """Average bits per weight of the quantized linears and of every stored weight of the model.
 
     `nominal` counts each quantized weight at its width (4 or 8) and every float weight at 32;
-    `storage` counts what is stored: packed weights plus their scales and zero points.
+    `storage` counts what is stored: packed weights plus their scales and zero points. A
+    quantized embedding counts once; when it reads the tied head's tensors it adds nothing.
     """
     linears = quantized_linears(model)
+    embedding = quantized_embedding(model)
     quantized = sum(q.parameters for q in linears)
-    if not quantized:
+    if not quantized and embedding is None:
         return {"quantized_parameters": 0}
     nominal_bits = sum(q.bits * q.parameters for q in linears)
     storage_bits = sum(8 * q.storage_bytes for q in linears)
     rest = float_weights(model)
+    model_quantized, model_nominal, model_storage = quantized, nominal_bits, storage_bits
+    if embedding is not None and not embedding["shared_with_head"]:
+        model_quantized += embedding["parameters"]
+        model_nominal += embedding["bits"] * embedding["parameters"]
+        model_storage += 8 * embedding["storage_bytes"]
     widths: dict[str, dict[str, int]] = {}
     for q in linears:
         entry = widths.setdefault(f"int{q.bits}", {"linears": 0, "parameters": 0})
@@ -130,10 +161,11 @@ def bits_summary(model: onnx.ModelProto) -> dict[str, object]:
         "quantized_parameters": quantized,
         "float_parameters": rest,
         "widths": widths,
-        "quantized_linears_nominal_bits": nominal_bits / quantized,
-        "quantized_linears_storage_bits": storage_bits / quantized,
-        "model_nominal_bits": (nominal_bits + 32 * rest) / (quantized + rest),
-        "model_storage_bits": (storage_bits + 32 * rest) / (quantized + rest),
+        "quantized_linears_nominal_bits": nominal_bits / quantized if quantized else None,
+        "quantized_linears_storage_bits": storage_bits / quantized if quantized else None,
+        "embedding": embedding,
+        "model_nominal_bits": (model_nominal + 32 * rest) / (model_quantized + rest),
+        "model_storage_bits": (model_storage + 32 * rest) / (model_quantized + rest),
     }
 
 

@@ -96,3 +96,15 @@ def test_model_types_are_genai_names_or_the_generic_decoder():
         graph = tiny_graph(name)
         content = genai_config(graph, 64, kv_cache=True, position_ids=False)
         assert content["model"]["type"] == GENAI_MODEL_TYPES.get(graph.index.architecture, "llama")
+
+
+def test_genai_runs_a_quantized_output_with_its_embedding_quantized(tmp_path):
+    from conftest import run_cli
+
+    recipe = tmp_path / "q.surg"
+    recipe.write_text(
+        'model "tiny-qwen2"\nquantize layers to int4\nquantize head to int4\nquantize embedding to int4\n'
+    )
+    assert run_cli("apply", str(recipe), "-o", str(tmp_path / "out")).code == 0
+    folder = str(tmp_path / "out")
+    assert genai_greedy(folder, [PROMPTS[0]], 8) == [our_greedy(folder, PROMPTS[0], 8)]

@@ -180,3 +180,111 @@ def test_quantize_pass_contract(tmp_path):
     result = run_pass(Quantize(assignment=((chosen, 4, 32, False),)), model)
     assert result.modified
     assert [q.node for q in quantized_linears(model)] == [f"{chosen}_Q4"]  # and nothing else
+
+
+# The embedding: GatherBlockQuantized, alone or sharing a tied head's tensors.
+
+
+def _apply(tmp_path: Path, model: str, lines: str) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    recipe = tmp_path / "r.surg"
+    recipe.write_text(f'model "{model}"\n{lines}\nexport onnx\n')
+    result = run_cli("apply", str(recipe), "-o", str(tmp_path / "out"))
+    assert result.code == 0, result.err
+    return tmp_path / "out"
+
+
+def _lookup_table(folder: Path, rows: int) -> np.ndarray:
+    """The float rows the quantized lookup returns, read by running just that node in onnxruntime."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = onnx.load(str(folder / "model.onnx"))
+    lookup = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    keep = {lookup.name} | {n.name for n in model.graph.node if set(n.output) & set(lookup.input)}
+    nodes = [n for n in model.graph.node if n.name in keep]
+    used = {name for n in nodes for name in n.input}
+    inputs = [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [None])]
+    graph = helper.make_graph(
+        nodes,
+        "lookup",
+        inputs,
+        [helper.make_tensor_value_info(lookup.output[0], onnx.TensorProto.FLOAT, None)],
+        [i for i in model.graph.initializer if i.name in used],
+    )
+    small = helper.make_model(graph, opset_imports=model.opset_import)
+    session = ort.InferenceSession(small.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input_ids": np.arange(rows, dtype=np.int64)})[0]
+
+
+@pytest.mark.parametrize("bits, block, symmetric", [(4, 32, False), (4, 16, True), (8, 32, False), (8, 64, True)])
+def test_the_quantized_embedding_is_the_table_to_within_a_step(tmp_path, bits, block, symmetric):
+    graph = tiny_graph("tiny-llama")  # untied: the table is quantized into tensors of its own
+    original = graph.embedding.weight.detach().numpy()
+    width = f"int{bits} block {block}" + (" symmetric" if symmetric else "")
+    out = _apply(tmp_path, "tiny-llama", f"quantize embedding to {width}")
+    nodes = _nodes(out)
+    assert "/model/embed_tokens/Gather" not in nodes
+    lookup = nodes["/model/embed_tokens/GatherBlockQuantized"]
+    attributes = {a.name: a.i for a in lookup.attribute}
+    assert (attributes["bits"], attributes["block_size"]) == (bits, block)
+    assert (len(lookup.input) == 4) != symmetric  # zero points only when asymmetric
+    table = _lookup_table(out, original.shape[0])
+    blocks = original.reshape(original.shape[0], -1, block)
+    scales = initializer_arrays(onnx.load(str(out / "model.onnx")), {lookup.input[2]})[lookup.input[2]]
+    step = np.abs(scales).reshape(original.shape[0], -1, 1)
+    error = np.abs(table - original).reshape(blocks.shape)
+    # Half a step, except that symmetric blocks map the largest magnitude to -2^(bits-1), so the
+    # other sign tops out one code short of it (onnxruntime's packer, as for MatMulNBits).
+    bound = (1.0 if symmetric else 0.5) * step * (1 + 1e-3) + 1e-6
+    assert np.all(error <= bound)
+    assert error.max() > 0
+    report = json.loads((out / "surgery.json").read_text())
+    embedding = report["quantization"]["embedding"]
+    assert embedding["bits"] == bits and not embedding["shared_with_head"]
+    # The model runs with it: PyTorch with exactly these rows gives the same logits.
+    with torch.no_grad():
+        graph.embedding.weight.copy_(torch.from_numpy(table))
+    ids = torch.tensor([[72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]])
+    mask = torch.ones_like(ids)
+    positions = position_ids_from_mask(mask)
+    expected = graph.forward(ids, mask, positions).numpy()
+    actual = OnnxCausalLM(str(out)).step(ids.numpy(), mask.numpy(), positions.numpy()).logits
+    assert np.abs(actual - expected).max() < 1e-4
+
+
+def test_a_tied_head_quantized_alike_shares_one_matrix(tmp_path):
+    shared = _apply(tmp_path / "a", "tiny-qwen2", "quantize head to int4\nquantize embedding to int4")
+    apart = _apply(tmp_path / "b", "tiny-qwen2", "quantize head to int8\nquantize embedding to int4")
+    model = onnx.load(str(shared / "model.onnx"), load_external_data=False)
+    lookup = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    producers = {o: n for n in model.graph.node for o in n.output}
+    head = next(n for n in model.graph.node if n.name == "/lm_head/MatMul_Q4")
+    assert [producers[name].input[0] for name in (lookup.input[0], *lookup.input[2:])] == list(head.input[1:4])
+    assert not any(i.name.startswith("model.embed_tokens") for i in model.graph.initializer)
+    report = json.loads((shared / "surgery.json").read_text())
+    assert report["quantization"]["embedding"]["shared_with_head"]
+    size = {folder: (folder / "model.onnx.data").stat().st_size for folder in (shared, apart)}
+    table = 259 * 64  # vocabulary x hidden of the tiny models
+    assert size[apart] - size[shared] > table // 2  # the int4 table is stored once, not twice
+    # Shared rows are the head's rows: the lookup returns what the head multiplies with.
+    rows = _lookup_table(shared, 259)
+    weights, _ = _quantized_weights(onnx.load(str(shared / "model.onnx")))
+    assert np.array_equal(rows, weights["/lm_head/MatMul_Q4"].T)
+
+
+def test_quantizing_the_embedding_alone_warns_about_its_tied_head(tmp_path):
+    recipe = tmp_path / "r.surg"
+    recipe.write_text('model "tiny-qwen2"\nquantize embedding to int4\n')
+    result = run_cli("plan", str(recipe))
+    assert result.code == 0
+    assert "the head is tied to the embedding but not quantized like it" in result.err
+    assert "quantize head to int4 block 32" in result.err
+
+
+def test_an_embedding_block_must_divide_the_hidden_size(tmp_path):
+    recipe = tmp_path / "r.surg"
+    recipe.write_text('model "tiny-llama"\nquantize embedding to int4 block 128\n')
+    result = run_cli("check", str(recipe))
+    assert result.code == 1
+    assert "do not split into blocks of 128" in result.err and "16, 32, 64" in result.err

@@ -1,7 +1,8 @@
 """`quantize <part> [<selector>] to int4|int8 [block N] [symmetric]` and the grouped form
-`quantize layers by <source> { rule -> width ... }`: MatMulNBits for the chosen linears.
-Grammar: `quantize_stmt`, `quantize_group_stmt` (`quantize_rule`). Pass: passes/quantize.py
-(an ONNX pass after export and verification)."""
+`quantize layers by <source> { rule -> width ... }`: MatMulNBits for the chosen linears, and
+`quantize embedding to ...`: GatherBlockQuantized for the vocabulary table.
+Grammar: `quantize_stmt`, `quantize_group_stmt` (`quantize_rule`). Passes: passes/quantize.py
+and passes/quantize_embedding.py (ONNX passes after export and verification)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
 
 DEFAULT_QUANT_BLOCK = 32
 QUANT_BLOCKS = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
-QuantizePart = Literal["layers", "attention", "mlp", "head"]
+QuantizePart = Literal["layers", "attention", "mlp", "head", "embedding"]
+EMBEDDING = "model.embed_tokens"  # the plan target of `quantize embedding`
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ GRAMMAR = ("quantize_stmt", "quantize_group_stmt")
 ACTIONS = ("quantize",)
 
 
-def _width(item: QuantizeStmt | QuantizeRule) -> str:
+def _width(item: QuantizeStmt | QuantizeRule | ResolvedQuantize) -> str:
     text = f"int{item.bits}"
     if item.block is not None:
         text += f" block {item.block}"
@@ -118,9 +120,7 @@ def unparse(statement: QuantizeStmt | QuantizeGroupStmt) -> str:
     if isinstance(statement, QuantizeGroupStmt):
         rules = "".join(f"    {_unparse_rule(rule)}\n" for rule in statement.rules)
         return f"quantize {statement.part} {unparse_source(statement.source)} {{\n{rules}}}"
-    if statement.part == "head":
-        target = "head"
-    elif statement.selector is None:
+    if statement.part in ("head", "embedding") or statement.selector is None:
         target = statement.part
     elif statement.part == "layers":
         target = unparse_selector(statement.selector)
@@ -139,6 +139,19 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedQuantize]:
             block = _block(c, statement)
             if statement.part == "head":
                 resolved.append(ResolvedQuantize("head", statement.bits, block, statement.symmetric, statement.span))
+                continue
+            if statement.part == "embedding":
+                if index.hidden_size % block:
+                    c.error(
+                        f"the embedding's rows ({index.hidden_size} values) do not split into blocks of {block}",
+                        statement.block_span or statement.span,
+                        "choose a block that divides the hidden size: "
+                        + ", ".join(str(b) for b in QUANT_BLOCKS if index.hidden_size % b == 0),
+                    )
+                    continue
+                resolved.append(
+                    ResolvedQuantize("embedding", statement.bits, block, statement.symmetric, statement.span)
+                )
                 continue
             if index.is_moe and statement.part in ("layers", "mlp"):
                 c.error(
@@ -228,9 +241,9 @@ def plan(state: PlanState) -> list[PlanStep]:
             "block": item.block,
             "symmetric": item.symmetric,
         }
-        if item.part == "head":
+        if item.part in ("head", "embedding"):
             layers: tuple[int, ...] = ()
-            targets = ["lm_head"]
+            targets = ["lm_head" if item.part == "head" else EMBEDDING]
         else:
             present = {"layers": blocks, "attention": attention, "mlp": mlp}[item.part]
             candidates = sorted(present)
@@ -255,7 +268,7 @@ def plan(state: PlanState) -> list[PlanStep]:
                 if item.part in ("layers", "mlp") and layer in mlp:
                     targets += index.linear_names(layer, "mlp")
         note = ""
-        if item.part != "head" and not layers:
+        if item.part not in ("head", "embedding") and not layers:
             reason = "earlier rules of the group took them" if item.group is not None else "they were all dropped"
             note = f"no effect: no layer left to match ({reason})"
             warnings.append(Diagnostic("warning", "this quantize selection matches no layers", item.span, reason))
@@ -282,6 +295,24 @@ def plan(state: PlanState) -> list[PlanStep]:
                 note=note,
             )
         )
+    embedding, head = owner.get(EMBEDDING), owner.get("lm_head")
+    if embedding is not None and index.tied_embeddings:
+        same = head is not None and (head.bits, head.block, head.symmetric) == (
+            embedding.bits, embedding.block, embedding.symmetric
+        )  # fmt: skip
+        if not same:
+            mb = index.vocab_size * index.hidden_size * 4 / 1e6
+            warnings.append(
+                Diagnostic(
+                    "warning",
+                    "the head is tied to the embedding but not quantized like it: it is stored as a separate "
+                    + ("float" if head is None else f"int{head.bits}")
+                    + f" weight ({mb:.0f} MB in fp32)",
+                    embedding.span,
+                    f"add `quantize head to {_width(embedding)}` (same width, block and symmetry) so both read "
+                    "one quantized matrix",
+                )
+            )
     return steps
 
 
@@ -290,6 +321,8 @@ def describe(step: PlanStep) -> str:
     p = step.parameters
     part = {"layers": "linears", "attention": "attention linears", "mlp": "MLP linears"}.get(p["part"], "")
     layers = f"layers {format_layers(step.layers)}" if step.layers else "no layer"
-    what = "head" if p["part"] == "head" else f"{part} of {layers}"
     kind = "symmetric" if p["symmetric"] else "asymmetric"
+    if p["part"] == "embedding":
+        return f"quantize embedding to int{p['bits']} (GatherBlockQuantized, block {p['block']}, {kind})"
+    what = "head" if p["part"] == "head" else f"{part} of {layers}"
     return f"quantize {what} to int{p['bits']} (MatMulNBits, block {p['block']}, {kind})"

@@ -1,0 +1,166 @@
+"""`quantize embedding to int4|int8 [block N] [symmetric]`: the vocabulary table in blocks.
+
+Graph effect: the token embedding's `Gather` over the float table becomes a
+`GatherBlockQuantized` (com.microsoft) over `bits`-wide blocks of each row with per-block
+scales (and zero points unless symmetric); the float table is removed. Why: the embedding is
+the largest single tensor of a small model (113 MB of SmolLM2's 540 MB in fp32; most of a
+150k-vocabulary model's file), and a lookup needs no float copy of the rows it never reads.
+
+The blocks are laid out as MatMulNBits lays out the tied head's weight (row = token, blocks
+along the hidden axis, the same packing, scales and zero points), so when the head is tied
+and quantized with the same width, block and symmetry, the lookup reads the head's tensors
+(reshaped views) and the vocabulary matrix is stored once. Otherwise the table is quantized
+with onnxruntime's own MatMulNBits packing routine into tensors of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from surgery.passes.base import OnnxPass, PassResult
+
+EMBEDDING_GATHER = "/model/embed_tokens/Gather"
+HEAD_NODE = "/lm_head/MatMul"
+
+
+def _attributes(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def block_quantize(table: np.ndarray, bits: int, block: int, symmetric: bool):
+    """(packed [rows, blocks * block * bits / 8] uint8, scales [rows, blocks], zero points or None).
+
+    Row r of `table` is quantized as column r of a MatMulNBits weight, by onnxruntime's packer.
+    """
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    rows, hidden = table.shape
+    blocks = hidden // block
+    packed = np.zeros((rows, blocks, block * bits // 8), np.uint8)
+    scales = np.zeros(rows * blocks, np.float32)
+    zero_points = np.zeros(rows * ((blocks * bits + 7) // 8), np.uint8)
+    packer = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    packer(packed, np.ascontiguousarray(table.T), scales, zero_points, block, rows, hidden, symmetric)
+    return (
+        packed.reshape(rows, -1),
+        scales.reshape(rows, blocks),
+        None if symmetric else zero_points.reshape(rows, -1),
+    )
+
+
+@dataclass(frozen=True)
+class QuantizeEmbedding(OnnxPass):
+    """Replace the embedding Gather by GatherBlockQuantized; share a tied, equally quantized head's tensors."""
+
+    name: ClassVar[str] = "quantize embedding"
+    preserves_semantics: ClassVar[bool] = False
+    bits: int
+    block: int
+    symmetric: bool
+    tied_head: bool = False  # the model ties its head to the embedding (the head's weight is the table)
+
+    def _gather(self, model: onnx.ModelProto) -> onnx.NodeProto | None:
+        return next((n for n in model.graph.node if n.name == EMBEDDING_GATHER and n.op_type == "Gather"), None)
+
+    def requires(self, model: onnx.ModelProto) -> list[str]:
+        """The embedding Gather reads a 2-D float initializer whose rows split into whole blocks."""
+        gather = self._gather(model)
+        if gather is None:
+            return [f"no Gather named {EMBEDDING_GATHER}"]
+        table = next((i for i in model.graph.initializer if i.name == gather.input[0]), None)
+        if table is None or len(table.dims) != 2 or table.data_type != onnx.TensorProto.FLOAT:
+            return ["the embedding table is not a 2-D float initializer"]
+        problems = []
+        if self.bits not in (4, 8):
+            problems.append(f"unsupported width int{self.bits}")
+        if table.dims[1] % self.block:
+            problems.append(f"hidden size {table.dims[1]} is not a multiple of block {self.block}")
+        return problems
+
+    def _shared_head(self, model: onnx.ModelProto, rows: int, hidden: int) -> list[str] | None:
+        """The quantized head's (weight, scales[, zero points]) if the lookup can read them."""
+        if not self.tied_head:
+            return None
+        head = next((n for n in model.graph.node if n.name == f"{HEAD_NODE}_Q{self.bits}"), None)
+        if head is None or head.op_type != "MatMulNBits":
+            return None
+        a = _attributes(head)
+        if (a.get("bits"), a.get("block_size"), a.get("K"), a.get("N")) != (self.bits, self.block, hidden, rows):
+            return None
+        has_zero_points = len(head.input) > 3 and head.input[3] != ""
+        if has_zero_points == self.symmetric:
+            return None
+        return list(head.input[1 : 4 if has_zero_points else 3])
+
+    def apply(self, model: onnx.ModelProto) -> PassResult:
+        """Swap the Gather for GatherBlockQuantized over shared or new quantized tensors."""
+        graph = model.graph
+        gather = self._gather(model)
+        table_name, ids = gather.input[0], gather.input[1]
+        table_init = next(i for i in graph.initializer if i.name == table_name)
+        rows, hidden = (int(d) for d in table_init.dims)
+        blocks = hidden // self.block
+        shared = self._shared_head(model, rows, hidden)
+        new_nodes = []
+        if shared is not None:
+            # Views of the head's tensors in the lookup's shapes: [rows, blocks * blob], [rows, blocks], ...
+            shapes = [[rows, -1], [rows, blocks], [rows, -1]]
+            inputs = []
+            for position, (tensor, shape) in enumerate(zip(shared, shapes, strict=False)):
+                shape_name = f"{EMBEDDING_GATHER}/shape_{position}"
+                graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), shape_name))
+                view = f"{EMBEDDING_GATHER}/view_{position}"
+                new_nodes.append(helper.make_node("Reshape", [tensor, shape_name], [view], name=view))
+                inputs.append(view)
+            how = "shares the tied head's quantized tensors"
+        else:
+            table = numpy_helper.to_array(table_init, base_dir="")
+            packed, scales, zero_points = block_quantize(table, self.bits, self.block, self.symmetric)
+            base = f"{table_name}_Q{self.bits}"
+            tensors = [(packed, base), (scales, f"{base}_scales")]
+            if zero_points is not None:
+                tensors.append((zero_points, f"{base}_zero_points"))
+            for array, name in tensors:
+                graph.initializer.append(numpy_helper.from_array(array, name))
+            inputs = [name for _, name in tensors]
+            how = "in tensors of its own"
+        data, *rest = inputs
+        quantized = helper.make_node(
+            "GatherBlockQuantized",
+            [data, ids, *rest],
+            list(gather.output),
+            name=f"{EMBEDDING_GATHER}BlockQuantized",
+            domain="com.microsoft",
+            bits=self.bits,
+            block_size=self.block,
+            gather_axis=0,
+            quantize_axis=1,
+        )
+        position = list(graph.node).index(gather)
+        graph.node.remove(gather)
+        for offset, node in enumerate([*new_nodes, quantized]):
+            graph.node.insert(position + offset, node)
+        if not any(table_name in node.input for node in graph.node):
+            graph.initializer.remove(table_init)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return PassResult(True, f"embedding to int{self.bits} (block {self.block}, {kind}), {how}")
+
+    def ensures(self, model: onnx.ModelProto) -> list[str]:
+        """The lookup is block-quantized at the asked width and no float table is left for it."""
+        nodes = [n for n in model.graph.node if n.name == f"{EMBEDDING_GATHER}BlockQuantized"]
+        if len(nodes) != 1 or nodes[0].op_type != "GatherBlockQuantized":
+            return ["the embedding lookup was not replaced"]
+        a = _attributes(nodes[0])
+        problems = []
+        if (a.get("bits"), a.get("block_size")) != (self.bits, self.block):
+            problems.append(f"the lookup has bits {a.get('bits')} block {a.get('block_size')}")
+        if any(n.name == EMBEDDING_GATHER for n in model.graph.node):
+            problems.append("the float embedding Gather is still there")
+        return problems
