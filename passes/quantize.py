@@ -25,6 +25,8 @@ import onnx
 from surgery.passes.base import OnnxPass, PassResult
 
 ACCURACY_LEVEL = 4  # int8 activations: the fast CPU path
+ACCURACY_LEVELS = {"cpu": ACCURACY_LEVEL, "cuda": 0}  # per export target: CUDA computes in the float type
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)  # weights the quantizer reads
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class Quantize(OnnxPass):
                 problems.append(f"{node_name} is not a MatMul of the model")
                 continue
             weight = weights.get(node.input[1])
-            if weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT:
+            if weight is None or len(weight.dims) != 2 or weight.data_type not in FLOAT_TYPES:
                 problems.append(f"{node_name}: its weight is not a 2-D float initializer")
             if bits not in (4, 8) or block < 16 or block & (block - 1):
                 problems.append(f"{node_name}: unsupported int{bits} block {block}")

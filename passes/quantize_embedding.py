@@ -26,6 +26,7 @@ from surgery.passes.base import OnnxPass, PassResult
 
 EMBEDDING_GATHER = "/model/embed_tokens/Gather"
 HEAD_NODE = "/lm_head/MatMul"
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 
 def _attributes(node: onnx.NodeProto) -> dict:
@@ -73,8 +74,8 @@ class QuantizeEmbedding(OnnxPass):
         if gather is None:
             return [f"no Gather named {EMBEDDING_GATHER}"]
         table = next((i for i in model.graph.initializer if i.name == gather.input[0]), None)
-        if table is None or len(table.dims) != 2 or table.data_type != onnx.TensorProto.FLOAT:
-            return ["the embedding table is not a 2-D float initializer"]
+        if table is None or len(table.dims) != 2 or table.data_type not in FLOAT_TYPES:
+            return ["the embedding table is not a 2-D fp32 or fp16 initializer"]
         problems = []
         if self.bits not in (4, 8):
             problems.append(f"unsupported width int{self.bits}")
@@ -120,7 +121,10 @@ class QuantizeEmbedding(OnnxPass):
             how = "shares the tied head's quantized tensors"
         else:
             table = numpy_helper.to_array(table_init, base_dir="")
-            packed, scales, zero_points = block_quantize(table, self.bits, self.block, self.symmetric)
+            packed, scales, zero_points = block_quantize(
+                table.astype(np.float32), self.bits, self.block, self.symmetric
+            )
+            scales = scales.astype(table.dtype)  # the lookup returns rows in the scales' type
             base = f"{table_name}_Q{self.bits}"
             tensors = [(packed, base), (scales, f"{base}_scales")]
             if zero_points is not None:

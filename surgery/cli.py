@@ -80,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     apply.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch verification")
     apply.add_argument("--threads", type=_count(1), metavar="N", help="onnxruntime threads for verification")
+    apply.add_argument(
+        "--provider",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="verify on onnxruntime's CPU or CUDA execution provider (cuda needs onnxruntime-gpu: the gpu extra)",
+    )
 
     check = commands.add_parser("check", help="check a recipe against the model's config (no weights loaded)")
     check.add_argument("recipe", metavar="RECIPE")
@@ -145,6 +151,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--threads", type=_count(1), metavar="N", help="onnxruntime intra-op threads")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluate.add_argument(
+        "--provider",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="score on onnxruntime's CPU or CUDA execution provider (cuda needs onnxruntime-gpu: the gpu extra)",
+    )
 
     run = commands.add_parser("run", help="greedy generation with an output folder in ONNX Runtime")
     run.add_argument("output", metavar="OUT", help="a folder written by `surgery apply`")
@@ -152,6 +164,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=_count(1), default=32, metavar="N")
     run.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     run.add_argument("--threads", type=_count(1), metavar="N", help="onnxruntime intra-op threads")
+    run.add_argument(
+        "--provider",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="generate on onnxruntime's CPU or CUDA execution provider (cuda needs onnxruntime-gpu: the gpu extra)",
+    )
     return parser
 
 
@@ -218,6 +236,7 @@ def _cmd_apply(args) -> int:
         run_verification=not args.no_verify,
         threads=args.threads,
         progress=progress,
+        provider=args.provider,
     )
     _print_warnings(tuple(_Rendered(w) for w in result.report["warnings"]))
     report = result.report
@@ -242,6 +261,12 @@ def _cmd_apply(args) -> int:
             + (
                 f"; {verification.fusion_ties} position(s) fused an equally scored other layer (IKS tie)"
                 if verification.fusion_ties
+                else ""
+            )
+            + (
+                f"; {verification.precision} against PyTorch in {verification.precision}, against fp32: "
+                f"KL {verification.fp32_kl:.2e}, top-1 {verification.fp32_top1:.1%}"
+                if verification.fp32_kl is not None
                 else ""
             )
         )
@@ -269,7 +294,8 @@ def _cmd_apply(args) -> int:
         if moved:
             agree = moved["greedy_tokens_compared"] - moved["greedy_tokens_mismatched"]
             print(
-                f"  quantized vs PyTorch fp32: max |logit diff| {moved['max_abs_logit_diff']:.2f}, "
+                f"  quantized vs PyTorch {moved.get('reference_precision', 'fp32')}: max |logit diff| "
+                f"{moved['max_abs_logit_diff']:.2f}, "
                 f"greedy tokens agree {agree}/{moved['greedy_tokens_compared']}"
             )
     perplexity = report.get("perplexity")
@@ -300,7 +326,7 @@ class _Rendered:
 
 def _cmd_run(args) -> int:
     from surgery.model_folder import open_model_folder
-    from surgery.runtime import OnnxCausalLM
+    from surgery.runtime import OnnxCausalLM, execution_providers
 
     folder = open_model_folder(args.output)
     tokenizer = folder.tokenizer
@@ -321,7 +347,7 @@ def _cmd_run(args) -> int:
             f"context of {folder.context_length} tokens",
             "shorten the prompt or ask for fewer new tokens",
         )
-    model = OnnxCausalLM(args.output, threads=args.threads)
+    model = OnnxCausalLM(args.output, threads=args.threads, providers=execution_providers(args.provider))
     eos = tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
     start = time.perf_counter()
@@ -419,7 +445,7 @@ def _cmd_eval(args) -> int:
     tokens = eval_tokens(tokenizer, text, args.max_tokens, args.window)
     if tokens.scored() == 0:
         raise _UserError(f"'{text.name}' has fewer than 2 tokens; there is nothing to score", "give a longer text")
-    candidate = onnx_logits(args.output, args.threads)
+    candidate = onnx_logits(args.output, args.threads, args.provider)
     result: dict = {
         "output": args.output,
         "text": text.to_json(),
@@ -427,7 +453,7 @@ def _cmd_eval(args) -> int:
         "context; the first token of each window is not scored",
     }
     if args.against:
-        reference = _reference_logits(args.against, tokenizer, args.threads, args.window)
+        reference = _reference_logits(args.against, tokenizer, args.threads, args.window, args.provider)
         comparison = compare(candidate, reference, tokens)
         result.update(comparison.to_json())
         result["against"] = args.against
@@ -449,7 +475,7 @@ def _cmd_eval(args) -> int:
     return EXIT_OK
 
 
-def _reference_logits(spec_text: str, tokenizer, threads: int | None, window: int):
+def _reference_logits(spec_text: str, tokenizer, threads: int | None, window: int, provider: str = "cpu"):
     """Logits of the `--against` model: another output folder in onnxruntime, or a model spec in PyTorch."""
     from surgery.evaluate import onnx_logits, torch_logits
     from surgery.model_folder import open_model_folder
@@ -460,7 +486,7 @@ def _reference_logits(spec_text: str, tokenizer, threads: int | None, window: in
         other = open_model_folder(spec_text, tokenizer=False)
         if other.context_length and window > other.context_length:
             raise _UserError(f"--window {window} is longer than the context of '{spec_text}' ({other.context_length})")
-        return onnx_logits(spec_text, threads)
+        return onnx_logits(spec_text, threads, provider)
     spec = resolve_spec(spec_text)
     config = load_config(spec)
     model, reference_tokenizer = load_model(spec, _Progress())

@@ -135,11 +135,11 @@ def compare(candidate: LogitsFn, reference: LogitsFn, tokens: EvalTokens) -> Com
     return Comparison(result("candidate"), result("reference"), kl_sum / scored, agree / scored)
 
 
-def onnx_logits(folder: str, threads: int | None = None) -> LogitsFn:
+def onnx_logits(folder: str, threads: int | None = None, provider: str = "cpu") -> LogitsFn:
     """Logits of an output folder in onnxruntime (empty KV cache, one window at a time)."""
-    from surgery.runtime import OnnxCausalLM
+    from surgery.runtime import OnnxCausalLM, execution_providers
 
-    model = OnnxCausalLM(folder, threads=threads)
+    model = OnnxCausalLM(folder, threads=threads, providers=execution_providers(provider))
 
     def run(ids: np.ndarray) -> np.ndarray:
         mask = np.ones_like(ids)

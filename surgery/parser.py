@@ -405,6 +405,14 @@ class _ToAst:
     def without_option(self, children):
         return {"kv_cache": False}
 
+    def precision_option(self, children):
+        (token,) = children
+        return {"precision": str(token), "precision_span": self._tok(token)}
+
+    def target_option(self, children):
+        (token,) = children
+        return {"target": str(token)}
+
     def with_option(self, children):
         return {"position_ids": True}
 

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING
 
 from surgery.check import MIN_PERPLEXITY_TOKENS, CheckedRecipe, check
 from surgery.diagnostics import Diagnostic, RecipeError
+from surgery.export.options import VERIFY_TOLERANCES
 from surgery.files import RECIPE_LIMIT, InputFileError, read_source
 from surgery.output import OutputFolder
 from surgery.parser import parse_source
-from surgery.plan import VERIFY_DECODE_STEPS, VERIFY_TOLERANCE, Plan, build_plan
+from surgery.plan import VERIFY_DECODE_STEPS, Plan, build_plan
 from surgery.source import Source
 from surgery.statements.quantize import EMBEDDING
 
@@ -186,9 +187,12 @@ def apply(
     run_verification: bool = True,
     threads: int | None = None,
     progress: Progress = _quiet,
+    provider: str = "cpu",
 ) -> ApplyResult:
-    """Run a recipe end to end and write the output folder."""
+    """Run a recipe end to end and write the output folder; verification runs on `provider`."""
     # torch, onnx and onnxruntime load here, not at import: `check` and `plan` never need them.
+    import torch
+
     from surgery.export.decoder import export_decoder
     from surgery.importance.compute import compute_importance
     from surgery.report import build_report, folder_bytes, structure, write_report
@@ -205,6 +209,7 @@ def apply(
         clock = now
 
     text, checked = check_recipe(path, model)
+    providers = _verification_providers(checked, provider, run_verification)
     folder = OutputFolder(output, force, [path, *checked.input_paths()], progress)
     lap("parse_check")
     try:
@@ -254,20 +259,31 @@ def apply(
             trace = tracing.result() if tracing else None
 
         verification = None
+        precision = plan.export.precision
         if trace is not None:
+            fp32_trace = None
+            if precision != "fp32":
+                # PyTorch again, in the export's element type; the fp32 trace stays for KL / top-1.
+                progress(f"tracing PyTorch in {precision}")
+                fp32_trace = trace
+                graph.to_dtype(getattr(torch, TORCH_DTYPES[precision]))
+                trace = trace_reference(graph, tokenizer, plan.export.kv_cache, VERIFY_DECODE_STEPS)
             progress("verifying against PyTorch (prefill + decode)" + (" before quantization" if quantization else ""))
             # The PyTorch weights are not needed past this point; free them before onnxruntime
             # maps the exported ones, so the two copies never add up.
             del graph
             gc.collect()
-            verification = compare(trace, str(folder.path), VERIFY_TOLERANCE, threads)
+            verification = compare(
+                trace, str(folder.path), VERIFY_TOLERANCES[precision], threads, precision, fp32_trace, providers
+            )
             lap("verify")
         if quantization:
             sections["quantization"] = _quantize(plan, export, str(folder.path), passes, progress, tied_head)
             if trace is not None:
                 # Informational: how far quantization moved the logits (no tolerance applies).
-                moved = compare(trace, str(folder.path), float("inf"), threads)
+                moved = compare(trace, str(folder.path), float("inf"), threads, precision, providers=providers)
                 sections["quantization"]["against_pytorch_fp32"] = {
+                    "reference_precision": precision,  # PyTorch's element type (the key predates fp16)
                     "max_abs_logit_diff": moved.max_abs_logit_diff,
                     "greedy_tokens_compared": moved.greedy_tokens_compared,
                     "greedy_tokens_mismatched": moved.greedy_tokens_mismatched,
@@ -304,12 +320,33 @@ def apply(
     return ApplyResult(target, report, verification, perplexity_passed)
 
 
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _verification_providers(checked: CheckedRecipe, provider: str, run_verification: bool) -> list[str]:
+    """The providers verification runs on; refused before anything heavy when they cannot run the export."""
+    from surgery.diagnostics import HintedError
+    from surgery.runtime import execution_providers
+
+    providers = execution_providers(provider)
+    if run_verification and checked.export.precision == "bf16" and provider == "cpu":
+        raise HintedError(
+            "a bf16 export cannot be verified on the CPU: onnxruntime's CPU kernels have no bf16 MatMul",
+            "verify on the GPU with --provider cuda (onnxruntime-gpu), or skip with --no-verify",
+        )
+    return providers
+
+
 def _write_genai_config(graph, export, options, tokenizer, folder: str) -> dict:
     """genai_config.json beside the model, so onnxruntime-genai loads the folder as it is."""
     from surgery.export.genai import genai_config, write_genai_config
 
     try:
-        content = genai_config(graph, export.context_length, options.kv_cache, options.position_ids, tokenizer)
+        # The CUDA target's outputs ask genai for its CUDA provider; the CPU's for none (CPU).
+        providers = [{"cuda": {}}] if options.target == "cuda" else []
+        content = genai_config(
+            graph, export.context_length, options.kv_cache, options.position_ids, tokenizer, providers
+        )
     except ValueError as reason:
         return {"written": False, "reason": str(reason)}
     write_genai_config(folder, content)
@@ -459,6 +496,7 @@ def _quantize(plan: Plan, export, folder: str, passes: list, progress: Progress,
     import onnx
 
     from surgery.passes import Quantize, QuantizeEmbedding, run_pass
+    from surgery.passes.quantize import ACCURACY_LEVELS
     from surgery.quantization import bits_summary
     from surgery.report import folder_bytes, pass_record
 
@@ -472,7 +510,8 @@ def _quantize(plan: Plan, export, folder: str, passes: list, progress: Progress,
             for linear, config in linears.items()
         )
         progress(f"quantizing {len(assignment)} linear layer(s) to MatMulNBits")
-        quantize = Quantize(assignment=assignment)
+        # int8 activations on CPU (accuracy_level 4, the fast path there); float compute on CUDA.
+        quantize = Quantize(assignment=assignment, accuracy_level=ACCURACY_LEVELS[plan.export.target])
         result = run_pass(quantize, model)
         progress(f"quantize: {result.summary}")
         linear_steps = [step for step in steps if step.targets != (EMBEDDING,)]

@@ -20,7 +20,7 @@ import networkx as nx
 
 from surgery.check import CheckedRecipe
 from surgery.diagnostics import Diagnostic
-from surgery.export.options import ExportOptions
+from surgery.export.options import VERIFY_TOLERANCES, ExportOptions
 from surgery.importance.file import ImportanceFile
 from surgery.importance.metrics import METRICS, MetricScores
 from surgery.layers import format_layers
@@ -153,7 +153,8 @@ def _describe(step: PlanStep) -> str:
             text += f' on "{c["data"]}", {c["samples"]} samples x {c["length"]} tokens, seed {c["seed"]}'
         return text
     return (
-        f"verify against PyTorch: prefill {p['prompts']} left-padded prompts + {p['decode_steps']} decode steps, "
+        f"verify against PyTorch{' in ' + p['precision'] if p.get('precision', 'fp32') != 'fp32' else ''}: "
+        f"prefill {p['prompts']} left-padded prompts + {p['decode_steps']} decode steps, "
         f"max |logit diff| <= {p['tolerance']:g}" + (" (before quantization)" if p.get("before_quantization") else "")
     )
 
@@ -246,7 +247,8 @@ def build_plan(checked: CheckedRecipe, verify: bool = True, computed: Importance
                 parameters={
                     "prompts": 2,
                     "decode_steps": VERIFY_DECODE_STEPS,
-                    "tolerance": VERIFY_TOLERANCE,
+                    "tolerance": VERIFY_TOLERANCES[export.precision],
+                    "precision": export.precision,
                     "before_quantization": any(step.action == "quantize" for step in steps),
                 },
             )

@@ -14,6 +14,29 @@ import numpy as np
 import onnxruntime as ort
 
 from surgery.console import onnxruntime_log_level
+from surgery.diagnostics import HintedError
+
+_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16, without importing onnx here
+
+
+PROVIDERS = ("cpu", "cuda")
+
+
+class ProviderUnavailable(HintedError):
+    """The asked execution provider is not in this onnxruntime build."""
+
+
+def execution_providers(provider: str = "cpu") -> list[str]:
+    """onnxruntime's provider list for `--provider cpu|cuda` (CUDA falls back to CPU per node)."""
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ProviderUnavailable(
+            "the CUDA execution provider is not available in this onnxruntime",
+            "install onnxruntime-gpu (`pip install 'surgery[gpu]'`, in place of onnxruntime) on a machine with an "
+            "NVIDIA GPU, or use --provider cpu",
+        )
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 def session_options(threads: int | None = None, low_memory: bool = False) -> ort.SessionOptions:
@@ -71,13 +94,20 @@ class OnnxCausalLM:
             folder = os.path.dirname(model_path)
             self.kv_dims = [_kv_dims(inputs[name].shape, folder) for name in self.past_names]
             self.kv_heads, self.head_dim = self.kv_dims[0]
+            self.kv_type = inputs[self.past_names[0]].type  # tensor(float), tensor(float16), tensor(bfloat16)
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         """Zero-length past keys/values for a first (prefill) step."""
         if not self.uses_cache:
             return []
-        return [np.zeros((batch, heads, 0, size), np.float32) for heads, size in self.kv_dims]
+        if self.kv_type == "tensor(bfloat16)":  # numpy has no bfloat16: an empty onnxruntime tensor
+            return [
+                ort.OrtValue.ortvalue_from_shape_and_type([batch, heads, 0, size], _BFLOAT16)
+                for heads, size in self.kv_dims
+            ]
+        dtype = np.float16 if self.kv_type == "tensor(float16)" else np.float32
+        return [np.zeros((batch, heads, 0, size), dtype) for heads, size in self.kv_dims]
 
     def step(
         self,
@@ -109,8 +139,11 @@ class OnnxCausalLM:
         named = dict(zip(self.output_names, outputs, strict=True))
         present = [named[n.replace("past_key_values.", "present.")] for n in self.past_names]
         fused = named.get("fused_layer")
+        # fp16 logits are widened here, so every caller (argmax, log-softmax) computes in fp32.
         return StepOutput(
-            logits=named["logits"].numpy(), present=present, fused_layer=fused.numpy() if fused is not None else None
+            logits=named["logits"].numpy().astype(np.float32, copy=False),
+            present=present,
+            fused_layer=fused.numpy() if fused is not None else None,
         )
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_token_ids: set[int]) -> list[int]:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from surgery.export.options import VERIFY_TOLERANCES
 from surgery.models.graph import DecoderGraph, position_ids_from_mask
 from surgery.runtime import OnnxCausalLM
 
@@ -70,6 +71,11 @@ class Verification:
     reason: str
     seconds: float
     fusion_ties: int = 0  # positions where the two sides fused different, equally good layers
+    precision: str = "fp32"  # the export's element type; PyTorch computed in the same one
+    # Below fp32: the prefill logits against PyTorch in fp32 (mean KL(fp32 || output) in nats
+    # and the share of positions whose top-1 token agrees), over every real prompt position.
+    fp32_kl: float | None = None
+    fp32_top1: float | None = None
 
     def to_json(self) -> dict:
         """Plain data for surgery.json."""
@@ -150,11 +156,45 @@ def _fusion_ties(trace: ReferenceTrace, theirs: np.ndarray | None, ours: np.ndar
     return tie, differ & ~tie
 
 
-def compare(trace: ReferenceTrace, model_dir: str, tolerance: float, threads: int | None = None) -> Verification:
-    """Replay the trace's inputs in onnxruntime and compare; never raises on a mismatch."""
+def _kl_top1(reference: np.ndarray, logits: np.ndarray, real: np.ndarray) -> tuple[float, float]:
+    """Mean KL(softmax(reference) || softmax(logits)) and top-1 agreement over the real positions."""
+    ref, out = reference[real].astype(np.float64), logits[real].astype(np.float64)
+    ref_log = ref - ref.max(-1, keepdims=True)
+    ref_log -= np.log(np.exp(ref_log).sum(-1, keepdims=True))
+    out_log = out - out.max(-1, keepdims=True)
+    out_log -= np.log(np.exp(out_log).sum(-1, keepdims=True))
+    kl = float((np.exp(ref_log) * (ref_log - out_log)).sum(-1).mean())
+    return kl, float((ref.argmax(-1) == out.argmax(-1)).mean())
+
+
+def _wrong_choices(reference: np.ndarray, chosen: np.ndarray, expected: np.ndarray, tolerance: float) -> int:
+    """Rows where onnxruntime's greedy token is not PyTorch's and is worse by more than the tolerance.
+
+    Two tokens whose reference logits lie within the tolerance are a tie the two sides may
+    break differently (fp16 rounding does); a choice worse than that is a real disagreement.
+    """
+    rows = np.arange(len(expected))
+    gap = reference[rows, expected] - reference[rows, chosen]
+    return int(((chosen != expected) & (gap > tolerance)).sum())
+
+
+def compare(
+    trace: ReferenceTrace,
+    model_dir: str,
+    tolerance: float,
+    threads: int | None = None,
+    precision: str = "fp32",
+    fp32: ReferenceTrace | None = None,
+    providers: list[str] | None = None,
+) -> Verification:
+    """Replay the trace's inputs in onnxruntime and compare; never raises on a mismatch.
+
+    `trace` is PyTorch in the export's `precision`; `fp32`, given below fp32, is PyTorch in
+    fp32 on the same prompts, for the KL divergence and top-1 agreement of the prefill.
+    """
     started = time.perf_counter()
     # Unpacked weights stay memory-mapped from the data file: verification is short.
-    model = OnnxCausalLM(model_dir, threads=threads, low_memory=True)
+    model = OnnxCausalLM(model_dir, threads=threads, low_memory=True, providers=providers)
     ids, mask = trace.input_ids, trace.attention_mask
     positions = position_ids_from_mask(torch.from_numpy(mask)).numpy()
     out = model.step(ids, mask, positions)
@@ -165,12 +205,19 @@ def compare(trace: ReferenceTrace, model_dir: str, tolerance: float, threads: in
         tie, bad = _fusion_ties(trace, out.fused_layer, trace.prefill_choice, trace.prefill_iks)
         real = real & ~tie
         ties, wrong = int((tie & mask.astype(bool)).sum()), int((bad & mask.astype(bool)).sum())
-    max_diff = float(np.abs(trace.prefill_logits - out.logits)[real].max())
+    reference = trace.prefill_logits.astype(np.float32)
+    max_diff = float(np.abs(reference - out.logits)[real].max())
     finite = bool(np.isfinite(out.logits).all())
+    fp32_kl = fp32_top1 = None
+    if fp32 is not None:
+        fp32_kl, fp32_top1 = _kl_top1(fp32.prefill_logits, out.logits, mask.astype(bool))
     mismatched = 0
     all_ids = ids
+    previous = reference[:, -1]
+    # A tie is judged at the precision's tolerance, also when the logits are only reported (inf).
+    tie = min(tolerance, VERIFY_TOLERANCES[precision])
     for step, expected in enumerate(trace.tokens):
-        mismatched += int((out.logits[:, -1].argmax(-1) != expected).sum())
+        mismatched += _wrong_choices(previous, out.logits[:, -1].argmax(-1), expected, tie)
         next_ids = expected[:, None].astype(np.int64)
         mask = np.concatenate([mask, np.ones_like(next_ids)], axis=1)
         if model.uses_cache:
@@ -186,8 +233,9 @@ def compare(trace: ReferenceTrace, model_dir: str, tolerance: float, threads: in
             theirs = out.fused_layer[:, -1] if out.fused_layer is not None else None
             tie, bad = _fusion_ties(trace, theirs, trace.step_choice[step], trace.step_iks[step])
             rows, ties, wrong = ~tie, ties + int(tie.sum()), wrong + int(bad.sum())
+        previous = trace.step_logits[step].astype(np.float32)
         if rows.any():
-            max_diff = max(max_diff, float(np.abs(trace.step_logits[step] - out.logits[:, -1])[rows].max()))
+            max_diff = max(max_diff, float(np.abs(previous - out.logits[:, -1])[rows].max()))
     compared = int(trace.tokens.size)
     if not finite:
         reason = "ONNX Runtime produced non-finite logits"
@@ -217,6 +265,9 @@ def compare(trace: ReferenceTrace, model_dir: str, tolerance: float, threads: in
         reason=reason,
         seconds=round(trace.seconds + time.perf_counter() - started, 3),
         fusion_ties=ties,
+        precision=precision,
+        fp32_kl=fp32_kl,
+        fp32_top1=fp32_top1,
     )
 
 

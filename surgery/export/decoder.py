@@ -35,6 +35,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import torch
 from onnx import TensorProto, helper
@@ -45,9 +46,18 @@ from surgery.models.graph import DecoderGraph
 from surgery.nodes.moe import emit_moe, is_moe
 from surgery.nodes.norm import RMSNorm
 
-MASK_VALUE = -1.0e9  # additive bias of padding keys: exp() of it is exactly 0 in fp32
-# The element type every component writes (the one setting; fp32 is the only one exposed yet).
-ELEMENT_TYPES = {"fp32": (np.float32, TensorProto.FLOAT)}
+# The element type every component writes: weights, activations, KV cache and logits (the one
+# setting). Norm statistics and softmax run in fp32 inside onnxruntime's fused kernels
+# (SimplifiedLayerNormalization, GroupQueryAttention) whatever the element type.
+ELEMENT_TYPES = {
+    "fp32": (np.float32, TensorProto.FLOAT),
+    "fp16": (np.float16, TensorProto.FLOAT16),
+    "bf16": (ml_dtypes.bfloat16, TensorProto.BFLOAT16),
+}
+# Additive bias of padding keys: exp() of it is exactly 0, and it stays finite in the element
+# type (fp16 overflows past 65504; an infinite bias would turn a padding row's softmax into NaN).
+MASK_VALUES = {"fp32": -1.0e9, "fp16": -65504.0, "bf16": -1.0e9}
+MASK_VALUE = MASK_VALUES["fp32"]
 
 
 @dataclass(frozen=True)
@@ -195,7 +205,8 @@ class _Emitter:
         shared.seqlens_k = w.op("Expand", [last, batch], f"{name}/seqlens_k")
         # Padding bias by lookup (mask 0 -> MASK_VALUE, 1 -> 0), as (batch, 1, query, key):
         # GroupQueryAttention broadcasts over heads but wants every query row.
-        bias = w.op("Gather", [c([MASK_VALUE, 0.0], self.dtype), self.attention_mask], f"{name}/bias_2d")
+        mask_value = MASK_VALUES[self.options.precision]
+        bias = w.op("Gather", [c([mask_value, 0.0], self.dtype), self.attention_mask], f"{name}/bias_2d")
         bias = w.op("Unsqueeze", [bias, c([1, 2])], f"{name}/bias_4d")
         seq = w.op("Gather", [w.op("Shape", [self.input_ids], f"{name}/ids_shape"), c([1])], f"{name}/seq")
         target = w.op("Concat", [batch, c([1]), seq, total], f"{name}/bias_shape", axis=0)

@@ -6,6 +6,15 @@ from dataclasses import dataclass
 
 DEFAULT_OPSET = 21
 SUPPORTED_OPSETS = range(17, 24)
+PRECISIONS = ("fp32", "fp16", "bf16")
+TARGETS = ("cpu", "cuda")
+# fp32 on CPU (onnxruntime's CPU kernels are fastest and exact in fp32; int4 via `quantize`);
+# fp16 on CUDA (GroupQueryAttention has CUDA kernels for fp16 and bf16 only).
+DEFAULT_PRECISION = {"cpu": "fp32", "cuda": "fp16"}
+# Verification's max |logit difference| against PyTorch computing in the same element type.
+# Measured on SmolLM2-135M: fp16 ONNX against fp16 PyTorch 0.25 (logits up to 34), while fp16
+# PyTorch itself is 0.24 from fp32; bf16 has 8 fewer mantissa bits.
+VERIFY_TOLERANCES = {"fp32": 1e-3, "fp16": 0.5, "bf16": 4.0}
 
 
 @dataclass(frozen=True)
@@ -25,5 +34,8 @@ class ExportOptions:
     # chosen experts run); layers it cannot express stay plain. See docs/moe.md for the timings.
     moe_operator: str = "contrib"
     # The element type of weights, activations, KV cache and logits; every node component reads
-    # it. Only fp32 is exposed for now.
+    # it (`export onnx precision fp32|fp16|bf16`; the default depends on the target).
     precision: str = "fp32"
+    # The execution provider the output is built for (`export onnx for cpu|cuda`): it picks the
+    # default precision and the provider options written into genai_config.json.
+    target: str = "cpu"

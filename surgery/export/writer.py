@@ -52,7 +52,8 @@ class GraphWriter:
         if offset % _ALIGN:
             self._data.write(b"\0" * (_ALIGN - offset % _ALIGN))
             offset = self._data.tell()
-        self._data.write(memoryview(array).cast("B"))
+        # As raw bytes: bfloat16 (ml_dtypes) has no buffer-protocol format of its own.
+        self._data.write(memoryview(array.reshape(-1).view(np.uint8)))
         tensor = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.data_location), ("offset", offset), ("length", array.nbytes)):

@@ -179,6 +179,20 @@ class DecoderGraph:
                     total += p.numel()
         return total
 
+    def to_dtype(self, dtype: torch.dtype) -> None:
+        """Cast every parameter the graph computes with to `dtype`, in place (the reference forward
+        then runs in the export's element type). Buffers such as RoPE frequencies stay fp32, as
+        the exporter computes its rotary tables in fp32 too."""
+        modules: list[torch.nn.Module] = [self.model, self.embedding, self.head]
+        for layer in self.layers:
+            modules += layer.modules()
+        seen: set[int] = set()
+        for module in modules:
+            for parameter in module.parameters():
+                if id(parameter) not in seen and parameter.is_floating_point():
+                    seen.add(id(parameter))
+                    parameter.data = parameter.data.to(dtype)
+
     # The reference forward.
 
     def new_cache(self) -> KVCache:

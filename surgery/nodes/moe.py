@@ -87,12 +87,12 @@ def plain_moe(e: EmitContext, moe: torch.nn.Module, x: str, logits: str, top_k: 
     probs = logits if unit else w.op("Softmax", [logits], f"/{name}/router/Softmax", axis=-1)
     top, index = w.node("TopK", [probs, c([top_k])], f"/{name}/router/TopK", 2, axis=-1)
     if unit:
-        top = w.op("Add", [w.op("Mul", [top, c(0.0, np.float32)], f"/{name}/router/zero"), c(1.0, np.float32)],
+        top = w.op("Add", [w.op("Mul", [top, c(0.0, e.dtype)], f"/{name}/router/zero"), c(1.0, e.dtype)],
                    f"/{name}/router/ones")  # fmt: skip
     elif normalize:
         total = w.op("ReduceSum", [top, c([-1])], f"/{name}/router/sum", keepdims=1)
         top = w.op("Div", [top, total], f"/{name}/router/normalize")
-    zeros = w.op("Mul", [probs, c(0.0, np.float32)], f"/{name}/router/zeros")
+    zeros = w.op("Mul", [probs, c(0.0, e.dtype)], f"/{name}/router/zeros")
     if hasattr(moe, "group_of"):
         # Merged experts: each chosen original expert maps to its group; weights on one group add up.
         groups = int(moe.experts.gate_up_proj.shape[0])

@@ -1,4 +1,5 @@
-"""`export onnx [opset N] [without kv-cache] [with position-ids]`: the export options.
+"""`export onnx [opset N] [without kv-cache] [with position-ids] [precision fp32|fp16|bf16]
+[for cpu|cuda]`: the export options.
 Grammar: `export_stmt`. Run by surgery/export/decoder.py (`export onnx` step)."""
 
 from __future__ import annotations
@@ -6,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from surgery.export.options import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportOptions
+from surgery.export.options import DEFAULT_OPSET, DEFAULT_PRECISION, SUPPORTED_OPSETS, ExportOptions
 from surgery.plan_step import PlanStep
 from surgery.selectors import (
     span_field,
@@ -20,14 +21,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ExportStmt:
-    """`export onnx [opset N] [without kv-cache] [with position-ids]`."""
+    """`export onnx [opset N] [without kv-cache] [with position-ids] [precision P] [for T]`."""
 
     format: str = "onnx"
     opset: int | None = None
     kv_cache: bool = True
     position_ids: bool = False
+    precision: str | None = None  # None: the target's default
+    target: str = "cpu"
     span: Span = span_field()
     opset_span: Span | None = span_field()
+    precision_span: Span | None = span_field()
 
 
 NODES = (ExportStmt,)
@@ -44,6 +48,10 @@ def unparse(statement: ExportStmt) -> str:
         text += " without kv-cache"
     if statement.position_ids:
         text += " with position-ids"
+    if statement.precision is not None:
+        text += f" precision {statement.precision}"
+    if statement.target != "cpu":
+        text += f" for {statement.target}"
     return text
 
 
@@ -60,7 +68,21 @@ def check(c: Checker, index: ModelIndex | None, done: dict) -> tuple[ExportOptio
             statement.opset_span or statement.span,
             f"supported opsets: {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})",
         )
-    return ExportOptions(opset=opset, kv_cache=statement.kv_cache, position_ids=statement.position_ids), statement
+    precision = statement.precision or DEFAULT_PRECISION[statement.target]
+    if precision == "bf16" and statement.target == "cpu":
+        c.error(
+            "bf16 is not a CPU precision",
+            statement.precision_span or statement.span,
+            "onnxruntime's CPU kernels have no bf16 MatMul: use fp32 (or fp16) for cpu, or add `for cuda`",
+        )
+    options = ExportOptions(
+        opset=opset,
+        kv_cache=statement.kv_cache,
+        position_ids=statement.position_ids,
+        precision=precision,
+        target=statement.target,
+    )
+    return options, statement
 
 
 def plan(state: PlanState) -> list[PlanStep]:
@@ -71,7 +93,13 @@ def plan(state: PlanState) -> list[PlanStep]:
         PlanStep(
             action="export onnx",
             phase="export",
-            parameters={"opset": export.opset, "kv_cache": export.kv_cache, "position_ids": export.position_ids},
+            parameters={
+                "opset": export.opset,
+                "kv_cache": export.kv_cache,
+                "position_ids": export.position_ids,
+                "precision": export.precision,
+                "target": export.target,
+            },
             source=statement.span if statement else None,
         )
     ]
@@ -81,4 +109,5 @@ def describe(step: PlanStep) -> str:
     """One line for `surgery plan`."""
     p = step.parameters
     positions = ", with position-ids" if p.get("position_ids") else ""
-    return f"export onnx opset {p['opset']} {'with' if p['kv_cache'] else 'without'} kv-cache{positions}"
+    kv = "with" if p["kv_cache"] else "without"
+    return f"export onnx opset {p['opset']} {kv} kv-cache{positions}, {p['precision']} for {p['target']}"
