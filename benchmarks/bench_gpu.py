@@ -82,15 +82,18 @@ def run(command: list[str], log: Path) -> float:
     return round(time.perf_counter() - started, 1)
 
 
-def build(work: Path, smollm2: str | None) -> None:
+def build(work: Path, smollm2: str | None, llama: bool = True) -> None:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "build.log"
-    sources = {"llama-1b-shape": work / "llama-1b"}
-    if not (work / "llama-1b" / "config.json").exists():
-        random_llama(work / "llama-1b")
+    sources = {}
+    if llama:
+        sources["llama-1b-shape"] = work / "llama-1b"
+        if not (work / "llama-1b" / "config.json").exists():
+            random_llama(work / "llama-1b")
     if smollm2:
         sources["smollm2-135m"] = Path(smollm2)
-    built: dict = {}
+    # Phases may run in separate calls: models built earlier stay listed.
+    built: dict = json.loads((work / "built.json").read_text()) if (work / "built.json").exists() else {}
     for name, source in sources.items():
         spec = str(source)
         hf_folder = source
@@ -136,6 +139,7 @@ def build(work: Path, smollm2: str | None) -> None:
                 "mb": round(sum(f.stat().st_size for f in out.glob("model.onnx*")) / 1e6, 1),
             }
             print(f"{name} {label}: {rows[label]['verification'].get('max_abs_logit_diff')}", flush=True)
+            (work / "built.json").write_text(json.dumps(built, indent=2))
     (work / "built.json").write_text(json.dumps(built, indent=2))
     print(json.dumps(built, indent=2))
 
@@ -209,12 +213,13 @@ def main() -> None:
     parser.add_argument("phase", choices=("build", "measure"))
     parser.add_argument("--work", default="/tmp/surgery-gpu")
     parser.add_argument("--smollm2", help="SmolLM2-135M's GGUF file, to benchmark it too")
+    parser.add_argument("--no-llama", action="store_true", help="build only the SmolLM2 models")
     parser.add_argument("--json", default=str(REPO / "bench-results" / "gpu.json"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=48)
     args = parser.parse_args()
     if args.phase == "build":
-        build(Path(args.work), args.smollm2)
+        build(Path(args.work), args.smollm2, llama=not args.no_llama)
     else:
         measure(Path(args.work), args.json, args.rounds, args.steps)
 
