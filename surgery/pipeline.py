@@ -241,11 +241,14 @@ def apply(
         # A quantized head or embedding needs the head's weight as an initializer of its own
         # (the quantized embedding then shares it back when both have the same width).
         options = replace(plan.export, untie_head="lm_head" in quantization or EMBEDDING in quantization)
+        padded = plan.export.target != "cuda"  # the CUDA form takes right padding only: no padding at all here
         # The graph is final: PyTorch's side of the verification only reads it, so it runs
         # while the exporter writes the weights (torch and file writes both release the GIL).
         with ThreadPoolExecutor(max_workers=1) as background:
             tracing = (
-                background.submit(trace_reference, graph, tokenizer, plan.export.kv_cache, VERIFY_DECODE_STEPS)
+                background.submit(
+                    trace_reference, graph, tokenizer, plan.export.kv_cache, VERIFY_DECODE_STEPS, padded=padded
+                )
                 if run_verification
                 else None
             )
@@ -267,7 +270,7 @@ def apply(
                 progress(f"tracing PyTorch in {precision}")
                 fp32_trace = trace
                 graph.to_dtype(getattr(torch, TORCH_DTYPES[precision]))
-                trace = trace_reference(graph, tokenizer, plan.export.kv_cache, VERIFY_DECODE_STEPS)
+                trace = trace_reference(graph, tokenizer, plan.export.kv_cache, VERIFY_DECODE_STEPS, padded=padded)
             progress("verifying against PyTorch (prefill + decode)" + (" before quantization" if quantization else ""))
             # The PyTorch weights are not needed past this point; free them before onnxruntime
             # maps the exported ones, so the two copies never add up.
@@ -345,7 +348,13 @@ def _write_genai_config(graph, export, options, tokenizer, folder: str) -> dict:
         # The CUDA target's outputs ask genai for its CUDA provider; the CPU's for none (CPU).
         providers = [{"cuda": {}}] if options.target == "cuda" else []
         content = genai_config(
-            graph, export.context_length, options.kv_cache, options.position_ids, tokenizer, providers
+            graph,
+            export.context_length,
+            options.kv_cache,
+            options.position_ids,
+            tokenizer,
+            providers,
+            share_buffer=options.target == "cuda",
         )
     except ValueError as reason:
         return {"written": False, "reason": str(reason)}

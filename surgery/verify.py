@@ -82,8 +82,11 @@ class Verification:
         return asdict(self)
 
 
-def _left_padded(tokenizer, prompts: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_padded(tokenizer, prompts: tuple[str, ...], padded: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts' ids, left-padded to one length; or, with `padded` False, cut to the shortest."""
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompts]
+    if not padded:
+        encoded = [row[: min(map(len, encoded))] for row in encoded]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     width = max(len(ids) for ids in encoded)
     ids = torch.tensor([[pad] * (width - len(row)) + row for row in encoded], dtype=torch.long)
@@ -92,11 +95,20 @@ def _left_padded(tokenizer, prompts: tuple[str, ...]) -> tuple[torch.Tensor, tor
 
 
 def trace_reference(
-    graph: DecoderGraph, tokenizer, kv_cache: bool, steps: int, prompts: tuple[str, ...] = PROMPTS
+    graph: DecoderGraph,
+    tokenizer,
+    kv_cache: bool,
+    steps: int,
+    prompts: tuple[str, ...] = PROMPTS,
+    padded: bool = True,
 ) -> ReferenceTrace:
-    """Prefill and greedy-decode `steps` tokens with the PyTorch graph, recording everything."""
+    """Prefill and greedy-decode `steps` tokens with the PyTorch graph, recording everything.
+
+    `padded` False cuts the prompts to one length instead of left-padding them: the CUDA form
+    of an export has no padding bias (see surgery/export/decoder.py).
+    """
     started = time.perf_counter()
-    ids, mask = _left_padded(tokenizer, prompts)
+    ids, mask = _left_padded(tokenizer, prompts, padded)
     positions = position_ids_from_mask(mask)
     cache = graph.new_cache() if kv_cache else None
     logits = graph.forward(ids, mask, positions, cache)

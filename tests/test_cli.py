@@ -98,7 +98,7 @@ def test_missing_recipe_file_is_a_user_error(in_tmp):
 
 
 def test_failed_verification_exits_3_and_keeps_the_output(in_tmp, monkeypatch):
-    monkeypatch.setattr(surgery.pipeline, "VERIFY_TOLERANCE", 0.0)
+    monkeypatch.setitem(surgery.pipeline.VERIFY_TOLERANCES, "fp32", 0.0)
     recipe = write(in_tmp / "r.surg", RECIPE)
     result = run_cli("apply", recipe, "-o", "out")
     assert result.code == 3

@@ -193,13 +193,28 @@ class _Emitter:
                 w.add_output(f"present.{slot}.{kind}", self.onnx_type, shape)
 
     def attention_context(self) -> None:
-        """seqlens_k, total_sequence_length and the padding bias shared by every attention."""
+        """seqlens_k, total_sequence_length and the padding bias shared by every attention.
+
+        CPU form: every row counts as full length and an additive bias masks the padding, so any
+        padding (left, as transformers pads) is exact. CUDA form: no bias, `seqlens_k` = the
+        mask's sum - 1 per row, as onnxruntime-genai's builder does: GroupQueryAttention's fused
+        CUDA kernels then run, and the KV cache may share one buffer between past and present
+        (genai's `past_present_share_buffer`); padding must be on the right, which is how genai
+        batches. Measured on an H200 (Llama-3.2-1B shape, decode at 256 / 2048 tokens): 2.30 /
+        2.73 ms per token with the bias, 1.67 / 1.70 ms in the CUDA form.
+        """
         w, c, shared = self.w, self.w.constant, self.shared
         name = "/model/attention_context"
         mask_shape = w.op("Shape", [self.attention_mask], f"{name}/mask_shape")
         batch = w.op("Gather", [mask_shape, c([0])], f"{name}/batch")
         total = w.op("Gather", [mask_shape, c([1])], f"{name}/total")
         shared.total_len = w.op("Cast", [total], f"{name}/total_int32", to=TensorProto.INT32)
+        if self.options.target == "cuda":
+            count = w.op("ReduceSum", [self.attention_mask, c([1])], f"{name}/mask_sum", keepdims=0)
+            count = w.op("Sub", [count, c(1)], f"{name}/mask_last")
+            shared.seqlens_k = w.op("Cast", [count], f"{name}/seqlens_k", to=TensorProto.INT32)
+            shared.bias = ""
+            return
         # Every row is treated as full length; padding is excluded by the bias instead.
         last = w.op("Sub", [shared.total_len, c(1, np.int32)], f"{name}/last")
         shared.seqlens_k = w.op("Expand", [last, batch], f"{name}/seqlens_k")

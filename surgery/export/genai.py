@@ -10,9 +10,10 @@ numbered over the layers that kept their attention, so genai's default KV cache 
 from the patterns; extra outputs (the fused layer of dynamic fusion) are not named and genai
 leaves them alone.
 
-The KV buffers are not shared between past and present (`past_present_share_buffer` false):
-the padding bias spans the mask's length, which in genai's shared-buffer mode is shorter
-than the buffer it writes into.
+The CPU form does not share the KV buffers between past and present (`past_present_share_buffer`
+false): its padding bias spans the mask's length, shorter than a shared buffer. The CUDA form
+(`export onnx for cuda`: no bias, `seqlens_k` from the mask) shares them, as the builder's
+CUDA models do.
 """
 
 from __future__ import annotations
@@ -88,7 +89,13 @@ def token_ids(config, generation, tokenizer) -> dict:
 
 
 def genai_config(
-    graph, context_length: int, kv_cache: bool, position_ids: bool, tokenizer=None, provider_options=None
+    graph,
+    context_length: int,
+    kv_cache: bool,
+    position_ids: bool,
+    tokenizer=None,
+    provider_options=None,
+    share_buffer: bool = False,
 ) -> dict:
     """The genai_config.json content for an export of `graph` (raises ValueError if genai cannot run it)."""
     if not kv_cache:
@@ -112,7 +119,7 @@ def genai_config(
         "no_repeat_ngram_size": 0,
         "num_beams": 1,
         "num_return_sequences": 1,
-        "past_present_share_buffer": False,
+        "past_present_share_buffer": share_buffer,
         "repetition_penalty": 1.0,
         "temperature": 1.0,
         "top_k": 50,

@@ -82,7 +82,8 @@ class Attention(torch.nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos_sin
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # Some families' tables stay fp32 (OLMo 2 rotates in fp32): back to the element type.
+        q, k = apply_rotary(q, cos, sin).to(x.dtype), apply_rotary(k, cos, sin).to(x.dtype)
         if cache is not None:
             store, slot = cache
             k, v = store.append(slot, k, v)
