@@ -30,7 +30,6 @@ from surgery.statements import STATEMENTS, for_action
 from surgery.statements.base import PlanState
 from surgery.statements.quantize import EMBEDDING
 
-VERIFY_TOLERANCE = 1e-3  # max |logit difference| between ONNX Runtime and PyTorch, fp32
 VERIFY_DECODE_STEPS = 8
 
 
