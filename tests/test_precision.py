@@ -101,3 +101,17 @@ def test_the_cuda_provider_without_onnxruntime_gpu_is_a_message(tmp_path):
     assert code == 1
     assert "CUDA execution provider is not available" in err and "onnxruntime-gpu" in err
     assert not out.exists()
+
+
+def test_run_and_eval_on_the_cuda_provider_without_onnxruntime_gpu_are_messages(tmp_path):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed")
+    code, err, out = apply(tmp_path, "tiny-llama", "export onnx for cuda\n", "--no-verify")
+    assert code == 0, err
+    for command in (
+        ["run", str(out), "--prompt", "Hi", "--provider", "cuda"],
+        ["eval", str(out), "--window", "64", "--provider", "cuda"],
+    ):
+        result = run_cli(*command)
+        assert result.code == 1, command
+        assert "CUDA execution provider is not available" in result.err and "Traceback" not in result.err
