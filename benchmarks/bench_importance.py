@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # noqa: E402  (run from a checkout without installing)
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import measure, paired_latency, write_result  # noqa: E402
+from common import apply_recipe, measure, paired_latency, size_mb, write_result  # noqa: E402
 
 from surgery.data import resolve_text  # noqa: E402
 from surgery.evaluate import eval_tokens, onnx_logits, perplexity  # noqa: E402
@@ -80,21 +80,8 @@ INT4_LIKE_BUILDER = "quantize layers * to int4 symmetric\nquantize head to int4 
 
 
 def apply(work: Path, name: str, body: str) -> Path:
-    """`surgery apply` in a fresh process; returns the output folder."""
-    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")[:60]
-    recipe = work / f"{slug}.surg"
-    recipe.write_text(MODEL + body)
-    out = work / slug
-    subprocess.run(
-        [sys.executable, "-m", "surgery", "apply", str(recipe), "-o", str(out), "--force", "--no-verify"],
-        check=True,
-        capture_output=True,
-    )
-    return out
-
-
-def size_mb(folder: Path) -> float:
-    return sum(os.path.getsize(folder / f) for f in ("model.onnx", "model.onnx.data")) / 1e6
+    """`surgery apply` of `body` on SmolLM2 in a fresh process; returns the output folder."""
+    return apply_recipe(work, name, MODEL + body)
 
 
 def main() -> None:

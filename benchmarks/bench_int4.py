@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # noqa: E402  (run from a checkout without installing)
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import paired_latency, write_result  # noqa: E402
+from common import apply_recipe, paired_latency, size_mb, write_result  # noqa: E402
 
 from surgery.data import resolve_text  # noqa: E402
 from surgery.evaluate import eval_tokens, onnx_logits, perplexity  # noqa: E402
@@ -47,22 +47,6 @@ RECIPES = {
 BUILDER = "ort-genai builder int4"
 
 
-def apply(work: Path, name: str, body: str) -> Path:
-    """`surgery apply` in a fresh process; returns the output folder."""
-    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")[:60]
-    recipe = work / f"{slug}.surg"
-    recipe.write_text('model "smollm2-135m"\n' + body)
-    out = work / slug
-    command = [sys.executable, "-m", "surgery", "apply", str(recipe), "-o", str(out), "--force", "--no-verify"]
-    subprocess.run(command, check=True, capture_output=True)
-    return out
-
-
-def size_mb(folder: Path) -> float:
-    """model.onnx + model.onnx.data in MB."""
-    return sum(os.path.getsize(folder / f) for f in ("model.onnx", "model.onnx.data")) / 1e6
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=str(REPO / "bench-results" / "int4.json"))
@@ -75,7 +59,7 @@ def main() -> None:
 
     hf_folder = builtin.smollm2_folder()
     work = Path(tempfile.mkdtemp(prefix="surgery-bench-int4-"))
-    folders = {name: apply(work, name, body) for name, body in RECIPES.items()}
+    folders = {name: apply_recipe(work, name, 'model "smollm2-135m"\n' + body) for name, body in RECIPES.items()}
     folders[BUILDER] = work / "builder-int4"
     subprocess.run(
         [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o", str(folders[BUILDER]),

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -81,6 +83,22 @@ def paired_latency(
         for name, values in times.items()
     }
     return rows, {name: [round(v, 3) for v in values] for name, values in times.items()}
+
+
+def apply_recipe(work: Path, name: str, text: str) -> Path:
+    """`surgery apply --no-verify` of the recipe `text` in a fresh process; returns the output folder."""
+    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")[:60]
+    recipe = work / f"{slug}.surg"
+    recipe.write_text(text)
+    out = work / slug
+    command = [sys.executable, "-m", "surgery", "apply", str(recipe), "-o", str(out), "--force", "--no-verify"]
+    subprocess.run(command, check=True, capture_output=True)
+    return out
+
+
+def size_mb(folder: Path) -> float:
+    """model.onnx + model.onnx.data in MB."""
+    return sum(os.path.getsize(folder / f) for f in ("model.onnx", "model.onnx.data")) / 1e6
 
 
 def write_result(path: str, result: dict) -> None:
