@@ -23,10 +23,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from surgery.passes.base import OnnxPass, PassResult
+from surgery.passes.quantize import FLOAT_TYPES
 
 EMBEDDING_GATHER = "/model/embed_tokens/Gather"
 HEAD_NODE = "/lm_head/MatMul"
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 
 def _attributes(node: onnx.NodeProto) -> dict:

@@ -89,8 +89,15 @@ class Comparison:
         }
 
 
-def _log_probs(logits: np.ndarray) -> torch.Tensor:
+def log_probs(logits: np.ndarray) -> torch.Tensor:
+    """Log-softmax over the last axis, in fp32."""
     return torch.log_softmax(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), dim=-1)
+
+
+def divergence(reference: torch.Tensor, candidate: torch.Tensor) -> tuple[float, int]:
+    """Over rows of log-probabilities: summed KL(reference || candidate), and the rows whose top-1 agrees."""
+    kl = float((reference.exp() * (reference - candidate)).sum(dim=-1).double().sum())
+    return kl, int((reference.argmax(-1) == candidate.argmax(-1)).sum())
 
 
 def _nll(log_probs: torch.Tensor, chunk: np.ndarray) -> float:
@@ -104,7 +111,7 @@ def perplexity(model: LogitsFn, tokens: EvalTokens) -> Perplexity:
     total = 0.0
     windows = tokens.windows()
     for chunk in windows:
-        total += _nll(_log_probs(model(chunk[None])), chunk)
+        total += _nll(log_probs(model(chunk[None])), chunk)
     scored = tokens.scored()
     mean = total / scored
     return Perplexity(math.exp(mean), mean, scored, len(windows), tokens.window, time.perf_counter() - start)
@@ -117,15 +124,15 @@ def compare(candidate: LogitsFn, reference: LogitsFn, tokens: EvalTokens) -> Com
     kl_sum, agree = 0.0, 0
     windows = tokens.windows()
     for chunk in windows:
-        log_probs = {}
+        window: dict[str, torch.Tensor] = {}
         for name, model in (("candidate", candidate), ("reference", reference)):
             start = time.perf_counter()
-            log_probs[name] = _log_probs(model(chunk[None]))
+            window[name] = log_probs(model(chunk[None]))
             seconds[name] += time.perf_counter() - start
-            nll[name] += _nll(log_probs[name], chunk)
-        ref, cand = log_probs["reference"][:-1], log_probs["candidate"][:-1]
-        kl_sum += float((ref.exp() * (ref - cand)).sum(dim=-1).double().sum())
-        agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+            nll[name] += _nll(window[name], chunk)
+        kl, agreeing = divergence(window["reference"][:-1], window["candidate"][:-1])
+        kl_sum += kl
+        agree += agreeing
     scored = tokens.scored()
 
     def result(name: str) -> Perplexity:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from surgery.evaluate import divergence, log_probs
 from surgery.export.options import VERIFY_TOLERANCES
 from surgery.models.graph import DecoderGraph, position_ids_from_mask
 from surgery.runtime import OnnxCausalLM
@@ -170,13 +171,8 @@ def _fusion_ties(trace: ReferenceTrace, theirs: np.ndarray | None, ours: np.ndar
 
 def _kl_top1(reference: np.ndarray, logits: np.ndarray, real: np.ndarray) -> tuple[float, float]:
     """Mean KL(softmax(reference) || softmax(logits)) and top-1 agreement over the real positions."""
-    ref, out = reference[real].astype(np.float64), logits[real].astype(np.float64)
-    ref_log = ref - ref.max(-1, keepdims=True)
-    ref_log -= np.log(np.exp(ref_log).sum(-1, keepdims=True))
-    out_log = out - out.max(-1, keepdims=True)
-    out_log -= np.log(np.exp(out_log).sum(-1, keepdims=True))
-    kl = float((np.exp(ref_log) * (ref_log - out_log)).sum(-1).mean())
-    return kl, float((ref.argmax(-1) == out.argmax(-1)).mean())
+    kl, agree = divergence(log_probs(reference[real]), log_probs(logits[real]))
+    return kl / int(real.sum()), agree / int(real.sum())
 
 
 def _wrong_choices(reference: np.ndarray, chosen: np.ndarray, expected: np.ndarray, tolerance: float) -> int:
