@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from surgery.check import MIN_PERPLEXITY_TOKENS, CheckedRecipe, check
 from surgery.diagnostics import Diagnostic, RecipeError
-from surgery.export.options import VERIFY_TOLERANCES
+from surgery.export.options import VERIFY_TOLERANCES, verification_pads_prompts
 from surgery.files import RECIPE_LIMIT, InputFileError, read_source
 from surgery.output import OutputFolder
 from surgery.parser import parse_source
@@ -241,7 +241,7 @@ def apply(
         # A quantized head or embedding needs the head's weight as an initializer of its own
         # (the quantized embedding then shares it back when both have the same width).
         options = replace(plan.export, untie_head="lm_head" in quantization or EMBEDDING in quantization)
-        padded = plan.export.target != "cuda"  # the CUDA form takes right padding only: no padding at all here
+        padded = verification_pads_prompts(plan.export.target)
         # The graph is final: PyTorch's side of the verification only reads it, so it runs
         # while the exporter writes the weights (torch and file writes both release the GIL).
         with ThreadPoolExecutor(max_workers=1) as background:

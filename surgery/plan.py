@@ -20,7 +20,7 @@ import networkx as nx
 
 from surgery.check import CheckedRecipe
 from surgery.diagnostics import Diagnostic
-from surgery.export.options import VERIFY_TOLERANCES, ExportOptions
+from surgery.export.options import VERIFY_TOLERANCES, ExportOptions, verification_pads_prompts
 from surgery.importance.file import ImportanceFile
 from surgery.importance.metrics import METRICS, MetricScores
 from surgery.layers import format_layers
@@ -153,7 +153,8 @@ def _describe(step: PlanStep) -> str:
         return text
     return (
         f"verify against PyTorch{' in ' + p['precision'] if p.get('precision', 'fp32') != 'fp32' else ''}: "
-        f"prefill {p['prompts']} left-padded prompts + {p['decode_steps']} decode steps, "
+        f"prefill {p['prompts']} {'left-padded prompts' if p.get('padded', True) else 'prompts cut to one length'}"
+        f" + {p['decode_steps']} decode steps, "
         f"max |logit diff| <= {p['tolerance']:g}" + (" (before quantization)" if p.get("before_quantization") else "")
     )
 
@@ -248,6 +249,7 @@ def build_plan(checked: CheckedRecipe, verify: bool = True, computed: Importance
                     "decode_steps": VERIFY_DECODE_STEPS,
                     "tolerance": VERIFY_TOLERANCES[export.precision],
                     "precision": export.precision,
+                    "padded": verification_pads_prompts(export.target),
                     "before_quantization": any(step.action == "quantize" for step in steps),
                 },
             )

@@ -7,6 +7,7 @@ outputs `logits`, `present.*`.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 
@@ -17,6 +18,22 @@ from surgery.console import onnxruntime_log_level
 from surgery.diagnostics import HintedError
 
 _BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16, without importing onnx here
+
+
+def float32_of(value: ort.OrtValue) -> np.ndarray:
+    """A host onnxruntime tensor as a float32 array, bfloat16 included.
+
+    onnxruntime cannot hand a bfloat16 tensor to numpy (numpy has no such type), so its raw
+    16-bit words are copied out and widened: a bfloat16 is the top half of a float32.
+    """
+    if value.data_type() != "tensor(bfloat16)":
+        return value.numpy().astype(np.float32, copy=False)
+    if value.device_name().lower() != "cpu":
+        raise ValueError("a bfloat16 tensor must be on the host to be read")
+    shape = value.shape()
+    count = int(np.prod(shape)) if shape else 1
+    words = np.ctypeslib.as_array((ctypes.c_uint16 * count).from_address(value.data_ptr())).copy()
+    return (words.astype(np.uint32) << 16).view(np.float32).reshape(shape)
 
 
 PROVIDERS = ("cpu", "cuda")
@@ -139,9 +156,9 @@ class OnnxCausalLM:
         named = dict(zip(self.output_names, outputs, strict=True))
         present = [named[n.replace("past_key_values.", "present.")] for n in self.past_names]
         fused = named.get("fused_layer")
-        # fp16 logits are widened here, so every caller (argmax, log-softmax) computes in fp32.
+        # fp16 and bf16 logits are widened here, so every caller (argmax, log-softmax) computes in fp32.
         return StepOutput(
-            logits=named["logits"].numpy().astype(np.float32, copy=False),
+            logits=float32_of(named["logits"]),
             present=present,
             fused_layer=fused.numpy() if fused is not None else None,
         )

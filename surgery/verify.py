@@ -113,7 +113,7 @@ def trace_reference(
     positions = position_ids_from_mask(mask)
     cache = graph.new_cache() if kv_cache else None
     logits = graph.forward(ids, mask, positions, cache)
-    prefill = logits.numpy()
+    prefill = logits.float().numpy()  # bf16 has no numpy type; compared in fp32
     prefill_choice = graph.last_choice
     choices = []
     tokens, step_logits = [], []
@@ -128,7 +128,7 @@ def trace_reference(
         else:
             all_ids = torch.cat([all_ids, next_ids], dim=1)
             logits = graph.forward(all_ids, step_mask, position_ids_from_mask(step_mask), None)
-        step_logits.append(logits[:, -1].numpy())
+        step_logits.append(logits[:, -1].float().numpy())
         if graph.last_choice is not None:
             choices.append((graph.last_choice.layer[:, -1].numpy(), graph.last_choice.iks[:, -1].numpy()))
     dynamic = {}

@@ -115,3 +115,43 @@ def test_run_and_eval_on_the_cuda_provider_without_onnxruntime_gpu_are_messages(
         result = run_cli(*command)
         assert result.code == 1, command
         assert "CUDA execution provider is not available" in result.err and "Traceback" not in result.err
+
+
+def test_bf16_outputs_are_read_back_as_float32():
+    """onnxruntime cannot give numpy a bfloat16 tensor; the runtime widens its words itself."""
+    from onnx import TensorProto, helper
+
+    from surgery.runtime import float32_of
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.BFLOAT16)],
+        "cast",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.array([[1.0, -2.5, 3.140625], [1e-3, 65504.0, -0.0]], np.float32)
+    (y,) = session.run_with_ort_values(["y"], {"x": ort.OrtValue.ortvalue_from_numpy(x)})
+    assert y.data_type() == "tensor(bfloat16)"
+    read = float32_of(y)
+    assert read.dtype == np.float32 and read.shape == (2, 3)
+    # bf16 keeps 8 significand bits: every value within 2^-8 relative of the input.
+    np.testing.assert_allclose(read, x, rtol=2**-8)
+    assert read[0, 0] == 1.0 and read[0, 1] == -2.5
+
+
+def test_a_bf16_pytorch_trace_is_recorded_in_float32():
+    """Verification of a bf16 export traces PyTorch in bf16; its logits are kept as float32."""
+    import torch
+
+    from conftest import tiny_graph
+    from surgery.verify import trace_reference
+
+    graph = tiny_graph("tiny-llama")
+    fp32 = trace_reference(graph, builtin.byte_tokenizer(), True, 4)
+    graph.to_dtype(torch.bfloat16)
+    bf16 = trace_reference(graph, builtin.byte_tokenizer(), True, 4)
+    assert bf16.prefill_logits.dtype == np.float32
+    assert bf16.step_logits.dtype == np.float32
+    assert 0 < np.abs(bf16.prefill_logits - fp32.prefill_logits).max() < 0.5

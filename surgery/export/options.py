@@ -17,6 +17,15 @@ DEFAULT_PRECISION = {"cpu": "fp32", "cuda": "fp16"}
 VERIFY_TOLERANCES = {"fp32": 1e-3, "fp16": 0.5, "bf16": 4.0}
 
 
+def verification_pads_prompts(target: str) -> bool:
+    """Whether verification left-pads its prompts for an export of `target`.
+
+    The CUDA form has no padding bias (onnxruntime's CUDA attention takes right padding only),
+    so its verification cuts the prompts to one length instead.
+    """
+    return target != "cuda"
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     """What `export onnx ...` asked for."""
