@@ -99,7 +99,7 @@ def hf_folder_of(name: str, source: Path, work: Path) -> Path:
 
         from surgery.models.loading import load_model, resolve_spec
 
-        model, tokenizer = load_model(resolve_spec(str(source)), lambda message: None)
+        model, tokenizer, _ = load_model(resolve_spec(str(source)), lambda message: None)
         model.to(dtype=torch.float16).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     return folder

@@ -20,6 +20,7 @@ import time
 from surgery import __version__
 from surgery.data import DEFAULT_EVALUATION_TEXT
 from surgery.diagnostics import HintedError
+from surgery.memory import return_freed_memory_to_the_system
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_VERIFY_FAILED, EXIT_INTERNAL_ERROR = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
@@ -400,7 +401,7 @@ def _cmd_importance(args) -> int:
         check_replaceable_file(args.plot, "plot", lambda head: head.startswith(PNG_SIGNATURE), inputs)
     progress = _Progress()
     progress(f"loading {spec.text}")
-    model, tokenizer = load_model(spec, progress)
+    model, tokenizer, _ = load_model(spec, progress)
     graph = _checked_graph(model, index)
     request = ScoreRequest(metrics, calibration, args.zd_threshold, args.zd_more_important)
     importance = compute_importance(graph, tokenizer, spec, request, progress, use_cache=not args.no_cache)
@@ -489,7 +490,7 @@ def _reference_logits(spec_text: str, tokenizer, threads: int | None, window: in
         return onnx_logits(spec_text, threads, provider)
     spec = resolve_spec(spec_text)
     config = load_config(spec)
-    model, reference_tokenizer = load_model(spec, _Progress())
+    model, reference_tokenizer, _ = load_model(spec, _Progress())
     if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise _UserError(f"'{spec_text}' has a different tokenizer than the output; the tokens would not compare")
     return torch_logits(_checked_graph(model, ModelIndex.from_config(spec_text, config)))
@@ -512,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     (one line naming the exception and where, and the path of a report with the traceback).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    return_freed_memory_to_the_system()
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exit_:  # --help and --version (0), usage errors (2)

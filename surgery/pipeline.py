@@ -157,24 +157,46 @@ def _compute_with_model(checked: CheckedRecipe, request: ScoreRequest, progress:
         return compute_importance(graph, tokenizer, checked.spec, request, progress)
 
 
-def _load(checked: CheckedRecipe, progress: Progress):
+# Graph steps that only remove nodes: they read no weights, so an apply made of these and the
+# export can leave every weight in the checkpoint until the exporter writes it.
+STRUCTURAL_ACTIONS = frozenset({"drop attention", "drop mlp", "drop block"})
+
+
+def streams_weights(checked: CheckedRecipe, plan: Plan, run_verification: bool) -> bool:
+    """Whether an apply can keep the model's weights in the checkpoint, loading one node at a time
+    as the exporter writes it: nothing before the export runs the model (no importance scores,
+    no perplexity, no verification, no pass that reads or rewrites weights)."""
+    if run_verification or checked.metrics_to_compute() or checked.perplexity is not None:
+        return False
+    return all(step.phase != "graph" or not step.layers or step.action in STRUCTURAL_ACTIONS for step in plan.steps)
+
+
+def weights_error(checked: CheckedRecipe, problem) -> RecipeError:
+    """Every finding about the weights (a WeightsError), each at the `model` line."""
+    return RecipeError([Diagnostic("error", message, checked.model_span, hint) for message, hint in problem.problems])
+
+
+def _load(checked: CheckedRecipe, progress: Progress, whole: bool = True):
     """(graph, tokenizer): the model loaded, its nodes built from the architecture description,
-    and that description checked against the model's own forward; problems at the `model` line."""
+    and that description checked against the model's own forward; problems at the `model` line.
+
+    With `whole` False the weights of a safetensors checkpoint stay in their files (memory-mapped)
+    and the graph loads them node by node (`DecoderGraph.materialized`)."""
     from surgery.architectures.conformance import DescriptionMismatch, checked_graph
     from surgery.models.loading import ModelSpecError, load_model
     from surgery.models.weights import WeightsError
 
     progress(f"loading {checked.spec.text}")
     try:
-        hf_model, tokenizer = load_model(checked.spec, progress)
-        return checked_graph(hf_model, checked.index), tokenizer
+        hf_model, tokenizer, weights = load_model(checked.spec, progress, lazy=True)
+        graph = checked_graph(hf_model, checked.index, weights)
+        if whole:
+            graph.materialize_all()
+        return graph, tokenizer
     except DescriptionMismatch as problem:
         raise RecipeError([Diagnostic("error", str(problem), checked.model_span, problem.hint)]) from problem
     except WeightsError as problem:
-        # Every finding about the weights, each at the `model` line.
-        raise RecipeError(
-            [Diagnostic("error", message, checked.model_span, hint) for message, hint in problem.problems]
-        ) from problem
+        raise weights_error(checked, problem) from problem
     except ModelSpecError as problem:
         raise RecipeError([Diagnostic("error", str(problem), checked.model_span, problem.hint)]) from problem
 
@@ -195,6 +217,7 @@ def apply(
 
     from surgery.export.decoder import export_decoder
     from surgery.importance.compute import compute_importance
+    from surgery.models.weights import WeightsError
     from surgery.report import build_report, folder_bytes, structure, write_report
     from surgery.verify import compare, trace_reference
 
@@ -213,7 +236,12 @@ def apply(
     folder = OutputFolder(output, force, [path, *checked.input_paths()], progress)
     lap("parse_check")
     try:
-        graph, tokenizer = _load(checked, progress)
+        # Without importance scores to compute the plan is known before loading (build_plan
+        # below recomputes it with the scores otherwise).
+        stream = not checked.metrics_to_compute() and streams_weights(
+            checked, build_plan(checked, verify=run_verification), run_verification
+        )
+        graph, tokenizer = _load(checked, progress, whole=not stream)
         before = structure(graph)
         lap("load")
 
@@ -254,7 +282,10 @@ def apply(
             )
             kv = "with" if plan.export.kv_cache else "without"
             progress(f"exporting ONNX (opset {plan.export.opset}, {kv} KV cache)")
-            export = export_decoder(graph, str(folder.path), options)
+            try:
+                export = export_decoder(graph, str(folder.path), options)
+            except WeightsError as problem:  # a lazily loaded tensor that is damaged
+                raise weights_error(checked, problem) from problem
             tokenizer.save_pretrained(str(folder.path))
             sections["onnxruntime_genai"] = _write_genai_config(graph, export, plan.export, tokenizer, str(folder.path))
             shutil.copyfile(path, folder.path / "recipe.surg")

@@ -187,7 +187,7 @@ def test_a_checkpoint_is_checked_once_per_description(tmp_path, monkeypatch):
     folder = tmp_path / "granite"
     builtin.tiny_model("tiny-granite").save_pretrained(folder)
     builtin.byte_tokenizer().save_pretrained(folder)
-    model, _ = load_model(resolve_spec(str(folder)), lambda *_: None)
+    model, _, _ = load_model(resolve_spec(str(folder)), lambda *_: None)
     index = ModelIndex.from_config("granite", model.config)
     calls = []
     real = conformance.first_difference

@@ -112,6 +112,16 @@ def _mlp(arch: Architecture, module: torch.nn.Module, path: str) -> torch.nn.Mod
     return GatedMLP(gate, up, _part(module, spec.down, path, arch), spec.activation)
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two parameters are one (a tied head). Meta tensors (lazily loaded) have no data
+    pointer to compare: transformers ties by sharing the Parameter object itself."""
+    if a is b:
+        return True
+    if a.device.type == "meta" or b.device.type == "meta":
+        return False
+    return a.data_ptr() == b.data_ptr()
+
+
 def build(arch: Architecture, model: Any) -> BuiltModel:
     """The nodes of `model` as `arch` describes it (references to its tensors)."""
     config = model.config
@@ -150,7 +160,7 @@ def build(arch: Architecture, model: Any) -> BuiltModel:
         head_module.weight,
         divisor=arch.logits_divisor.value(config),
         softcap=float(softcap) if softcap is not None else None,
-        tied=head_module.weight.data_ptr() == embed.weight.data_ptr(),
+        tied=_same_tensor(head_module.weight, embed.weight),
     )
     embedding = Embedding(embed.weight, arch.embedding_scale.value(config))
     rotary = Rotary(_part(body, "rotary_emb", names.body, arch), arch.attention.rope_per_layer_type, config)

@@ -11,6 +11,7 @@ differs is named, before anything is exported.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from surgery.architectures.description import DescriptionError
 from surgery.diagnostics import HintedError
 from surgery.models.builtin import cache_dir
 from surgery.models.graph import DecoderGraph, position_ids_from_mask
-from surgery.models.weights import weight_files
+from surgery.models.weights import WeightsError, weight_files
 
 PROBE_TOKENS = 24
 RELATIVE_TOLERANCE = 1e-4  # of the Hugging Face tensor's largest magnitude; fp32 agrees to ~1e-6
@@ -115,12 +116,15 @@ def _our_trace(graph: DecoderGraph, ids: torch.Tensor) -> dict[tuple, torch.Tens
     return seen
 
 
-def first_difference(model: Any, graph: DecoderGraph, tokens: int = PROBE_TOKENS) -> Difference | None:
+def first_difference(
+    model: Any, graph: DecoderGraph, tokens: int = PROBE_TOKENS, ids: torch.Tensor | None = None
+) -> Difference | None:
     """Run both forwards on `tokens` probe tokens; the first intermediate that differs, or None.
 
     `graph` must be unedited (every layer and sub-block present) and `model` its source.
     """
-    ids = probe_ids(graph.index.vocab_size, min(tokens, graph.index.max_positions))
+    if ids is None:
+        ids = probe_ids(graph.index.vocab_size, min(tokens, graph.index.max_positions))
     theirs = _hf_trace(model, graph, ids)
     ours = _our_trace(graph, ids)
     order = [("embedding",)]
@@ -158,6 +162,61 @@ def _fingerprint(model: Any, graph: DecoderGraph) -> str | None:
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:32]
 
 
+def probe_layers(config: Any) -> int:
+    """How many leading layers the lazily loaded probe keeps: one of every layer type there is
+    (Gemma 3's first full-attention layer is its sixth), and at least two."""
+    types = list(getattr(config, "layer_types", None) or [])
+    layers = int(config.num_hidden_layers)
+    needed = max((types.index(kind) for kind in set(types)), default=0) + 1
+    return min(layers, max(2, needed))
+
+
+@torch.no_grad()
+def lazy_probe(graph: DecoderGraph, tokens: int = PROBE_TOKENS) -> tuple[Any, DecoderGraph, torch.Tensor]:
+    """(HF model, its graph, probe ids) of a small real copy of a lazily loaded model.
+
+    The copy keeps the first `probe_layers` layers with their real weights and, of the
+    vocabulary, only the probe's tokens: the embedding rows they look up and the head rows of
+    their logits. Each intermediate is then exactly the full model's (a layer sees only the
+    layers before it; a logit is one row of the head), at a fraction of the memory: the check
+    never needs the whole model in memory.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from surgery.models.index import ModelIndex
+
+    config = copy.deepcopy(graph.model.config)
+    ids = probe_ids(graph.index.vocab_size, min(tokens, graph.index.max_positions))
+    rows = torch.unique(ids)
+    layers = probe_layers(config)
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types)[:layers]
+    config.vocab_size = int(rows.numel())
+    config.pad_token_id = None
+    small = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    weights = graph.weights
+    full_names = set(weights.names.values())
+    state, problems = {}, []
+    for name, param in small.state_dict(keep_vars=True).items():
+        if name not in full_names:
+            continue  # buffers, and a tied head (the embedding's rows)
+        try:
+            tensor = weights.load(name)
+        except WeightsError as problem:  # every damaged tensor of the copy at once
+            problems += problem.problems
+            continue
+        if tuple(tensor.shape) != tuple(param.shape):
+            tensor = tensor[rows]  # embedding and head: the probe's rows only
+        state[name] = tensor
+    if problems:
+        raise WeightsError(problems)
+    small.load_state_dict(state, strict=False)
+    small.tie_weights()
+    small_graph = DecoderGraph(small, ModelIndex.from_config(graph.index.name, config), graph.architecture)
+    return small, small_graph, torch.searchsorted(rows, ids)
+
+
 def check_description(model: Any, graph: DecoderGraph) -> None:
     """Raise DescriptionMismatch when the graph's reference differs from the HF model's forward.
 
@@ -169,7 +228,11 @@ def check_description(model: Any, graph: DecoderGraph) -> None:
     marker = cache_dir() / "conformance" / key if key else None
     if marker is not None and marker.exists():
         return
-    difference = first_difference(model, graph)
+    if graph.weights is not None:
+        small, small_graph, ids = lazy_probe(graph)
+        difference = first_difference(small, small_graph, ids=ids)
+    else:
+        difference = first_difference(model, graph)
     if difference is None:
         if marker is not None:
             with contextlib.suppress(OSError):  # a read-only cache only costs the check next time
@@ -183,11 +246,11 @@ def check_description(model: Any, graph: DecoderGraph) -> None:
     )
 
 
-def checked_graph(model: Any, index: Any) -> DecoderGraph:
-    """The decoder graph of a freshly loaded model, its description checked against the model's
-    own forward (DescriptionMismatch when they differ)."""
+def checked_graph(model: Any, index: Any, weights: Any = None) -> DecoderGraph:
+    """The decoder graph of a freshly loaded model (lazily loaded with `weights`), its description
+    checked against the model's own forward (DescriptionMismatch when they differ)."""
     try:
-        graph = DecoderGraph(model, index)
+        graph = DecoderGraph(model, index, weights=weights)
     except DescriptionError as problem:
         raise DescriptionMismatch(str(problem), "the architecture description (surgery/architectures/) does not fit "
                                   "this checkpoint; nothing was exported") from problem  # fmt: skip

@@ -230,45 +230,71 @@ class _Emitter:
     # The whole model.
 
     def emit(self) -> None:
-        graph, w = self.graph, self.w
-        names = graph.architecture.names
+        """The whole model: inputs, attention context, embedding, layers, head."""
+        graph = self.graph
         self.inputs()
         if self.kv_layers:
             self.attention_context()
-        self.residual, embed = graph.embedding.emit(self, self.input_ids)
+        # Weights are loaded a node at a time (lazily loaded models) and released once written.
+        with graph.materialized(graph.embedding):
+            self.residual, embed = graph.embedding.emit(self, self.input_ids)
+        with graph.materialized(graph.head.final_norm):
+            self.layers_and_head(embed)
+
+    def layers_and_head(self, embed: str) -> None:
+        """Every layer, then the final norm and the head (layer fusion's readouts included)."""
+        graph = self.graph
         slot = 0
         fusion = graph.fusion if graph.fusion is not None and graph.fusion.weight > 0 else None
         fused = set(fusion.layers) if fusion else set()
-        final_norm = graph.head.final_norm
         readouts: dict[int, tuple[str | None, str]] = {}  # layer -> FinalNorm(m), FinalNorm(h)
         for layer in graph.layers:
-            prefix = f"model.layers.{layer.index}"
-            if layer.attention is not None:
-                x = self.pre(layer.attention_norm, f"{prefix}.{names.attention_pre_norm}")
-                update = layer.attention.emit(self, x, f"{prefix}.self_attn", self.shared, slot)
-                self.pending = self.post(layer.attention_post_norm, update, f"{prefix}.{names.attention_post_norm}",
-                                         layer.residual_scale)  # fmt: skip
-                slot += 1
-            pre = None
-            if layer.mlp is not None:
-                if layer.index in fused and fusion.dynamic:
-                    pre = self.pre(final_norm, f"/lm_head/fusion/layer{layer.index}_pre_mlp_norm", scale=1.0)
-                x = self.pre(layer.mlp_norm, f"{prefix}.{names.mlp_pre_norm}")
-                mlp_name = f"{prefix}.mlp"
-                update = (
-                    emit_moe(self, layer.mlp, x, mlp_name) if is_moe(layer.mlp) else layer.mlp.emit(self, x, mlp_name)
-                )
-                self.pending = self.post(layer.mlp_post_norm, update, f"{prefix}.{names.mlp_post_norm}",
-                                         layer.residual_scale)  # fmt: skip
-            if layer.index in fused:
-                # Static: the mixing weight folds into the gain, so the head reads a plain sum.
-                scale = 1.0 if fusion.dynamic else fusion.weight
-                readouts[layer.index] = (pre, self.pre(final_norm, f"/lm_head/fusion/layer{layer.index}_norm", scale))
+            with graph.materialized(*layer.modules()):
+                slot = self.layer(layer, slot, fusion, fused, readouts)
+        self.head(embed, fusion, readouts)
+
+    def layer(self, layer, slot: int, fusion, fused: set[int], readouts: dict) -> int:
+        """One layer's nodes; returns the next KV slot."""
+        names = self.graph.architecture.names
+        final_norm = self.graph.head.final_norm
+        prefix = f"model.layers.{layer.index}"
+        if layer.attention is not None:
+            x = self.pre(layer.attention_norm, f"{prefix}.{names.attention_pre_norm}")
+            update = layer.attention.emit(self, x, f"{prefix}.self_attn", self.shared, slot)
+            self.pending = self.post(layer.attention_post_norm, update, f"{prefix}.{names.attention_post_norm}",
+                                     layer.residual_scale)  # fmt: skip
+            slot += 1
+        pre = None
+        if layer.mlp is not None:
+            if layer.index in fused and fusion.dynamic:
+                pre = self.pre(final_norm, f"/lm_head/fusion/layer{layer.index}_pre_mlp_norm", scale=1.0)
+            x = self.pre(layer.mlp_norm, f"{prefix}.{names.mlp_pre_norm}")
+            mlp_name = f"{prefix}.mlp"
+            update = emit_moe(self, layer.mlp, x, mlp_name) if is_moe(layer.mlp) else layer.mlp.emit(self, x, mlp_name)
+            self.pending = self.post(layer.mlp_post_norm, update, f"{prefix}.{names.mlp_post_norm}",
+                                     layer.residual_scale)  # fmt: skip
+        if layer.index in fused:
+            # Static: the mixing weight folds into the gain, so the head reads a plain sum.
+            scale = 1.0 if fusion.dynamic else fusion.weight
+            readouts[layer.index] = (pre, self.pre(final_norm, f"/lm_head/fusion/layer{layer.index}_norm", scale))
+        return slot
+
+    def head(self, embed: str, fusion, readouts: dict) -> None:
+        """The final norm and the head; a head stored apart from the embedding is loaded here."""
+        graph = self.graph
+        shares_table = graph.tied_head and not self.options.untie_head
+        with graph.materialized(None if shares_table else graph.head):
+            self.head_nodes(embed, fusion, readouts, shares_table)
+
+    def head_nodes(self, embed: str, fusion, readouts: dict, shares_table: bool) -> None:
+        """The head's nodes: its MatMul (or the tied table's Transpose), fusion, post-processing."""
+        graph, w = self.graph, self.w
+        final_norm = graph.head.final_norm
         if fusion is None:
             x = self.pre(final_norm, "model.norm")
         else:
             x = self.pre(final_norm, "model.norm", scale=1 - fusion.weight, derived=False)
-        if graph.tied_head and not self.options.untie_head:
+        if shares_table:
             # Stored once; onnxruntime folds the transpose of a constant when the session loads.
             head = w.op("Transpose", [embed], "/lm_head/Transpose", perm=[1, 0])
         else:

@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 _ALIGN = 4096
 _INLINE_LIMIT = 1024  # bytes; smaller tensors stay inside model.onnx
+_BLOCK_BYTES = 32 << 20  # a non-contiguous weight is written in blocks of rows of about this size
 
 
 class GraphWriter:
@@ -42,18 +43,16 @@ class GraphWriter:
 
         `parameter=False` marks derived tables (RoPE caches) that are not model parameters.
         """
-        array = np.ascontiguousarray(array)
         if parameter:
             self.parameter_count += array.size
         if array.nbytes <= _INLINE_LIMIT:
-            self.initializers.append(numpy_helper.from_array(array, name))
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
             return name
         offset = self._data.tell()
         if offset % _ALIGN:
             self._data.write(b"\0" * (_ALIGN - offset % _ALIGN))
             offset = self._data.tell()
-        # As raw bytes: bfloat16 (ml_dtypes) has no buffer-protocol format of its own.
-        self._data.write(memoryview(array.reshape(-1).view(np.uint8)))
+        self._write_rows(array)
         tensor = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.data_location), ("offset", offset), ("length", array.nbytes)):
@@ -61,6 +60,19 @@ class GraphWriter:
             entry.key, entry.value = key, str(value)
         self.initializers.append(tensor)
         return name
+
+    def _write_rows(self, array: np.ndarray) -> None:
+        """Write an array's bytes in row-major order. A non-contiguous one (a transposed weight)
+        is copied a block of rows at a time, so writing it never holds a second whole copy."""
+        if array.flags.c_contiguous or array.ndim < 2:
+            # As raw bytes: bfloat16 (ml_dtypes) has no buffer-protocol format of its own.
+            self._data.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+            return
+        row_bytes = max(1, array[0].nbytes)
+        rows = max(1, _BLOCK_BYTES // row_bytes)
+        for start in range(0, array.shape[0], rows):
+            block = np.ascontiguousarray(array[start : start + rows])
+            self._data.write(memoryview(block.reshape(-1).view(np.uint8)))
 
     def constant(self, values, dtype=np.int64) -> str:
         """A small shared constant initializer (shapes, axes, scalars); not a model parameter."""

@@ -16,7 +16,8 @@ belongs to the k-th kept attention layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from surgery.architectures.build import build
 from surgery.architectures.description import Architecture
 from surgery.fusion import FusionChoice, HeadFusion, fused_logits
 from surgery.models.index import ModelIndex
+from surgery.models.lazy import LazyWeights, unique_parameters
 from surgery.nodes.attention import Attention
 from surgery.nodes.norm import RMSNorm
 
@@ -119,9 +121,20 @@ class KVCache:
 class DecoderGraph:
     """A decoder-only causal LM as an editable chain of typed nodes over the model's tensors."""
 
-    def __init__(self, model: Any, index: ModelIndex, architecture: Architecture | None = None):
-        """Nodes for `model` as its registered description (or `architecture`) says."""
+    def __init__(
+        self,
+        model: Any,
+        index: ModelIndex,
+        architecture: Architecture | None = None,
+        weights: LazyWeights | None = None,
+    ):
+        """Nodes for `model` as its registered description (or `architecture`) says.
+
+        With `weights`, the model's parameters are on the meta device and stay in the checkpoint
+        until a step asks for some (`materialized`).
+        """
         self.model = model
+        self.weights = weights
         self.index = index
         self.config = model.config
         self.architecture = architecture or lookup(index.architecture)
@@ -146,6 +159,42 @@ class DecoderGraph:
             )  # fmt: skip
             for i, b in enumerate(built.layers)
         ]
+        if weights is not None:
+            for module in self.all_modules():
+                for part in module.modules():
+                    parents = getattr(part, "fused_parents", None)
+                    if parents is None:
+                        continue
+                    for param, parent in zip((part.weight, part.bias), parents, strict=True):
+                        if parent is not None and weights.knows(parent):
+                            weights.add_view(param, parent)
+
+    def all_modules(self) -> list[torch.nn.Module]:
+        """Every node still in the graph: embedding, each layer's sub-blocks and norms, head."""
+        modules: list[torch.nn.Module] = [self.embedding]
+        for layer in self.layers:
+            modules += layer.modules()
+        return [*modules, self.head]
+
+    @contextlib.contextmanager
+    def materialized(self, *modules: torch.nn.Module | None) -> Iterator[None]:
+        """Within the block, the parameters of `modules` are loaded; those it loaded are released after.
+
+        A graph loaded in memory (no lazy weights) has everything loaded already.
+        """
+        if self.weights is None:
+            yield
+            return
+        loaded = self.weights.materialize(unique_parameters(modules))
+        try:
+            yield
+        finally:
+            self.weights.release(loaded)
+
+    def materialize_all(self) -> None:
+        """Load every parameter still in the checkpoint, for good (steps that need the whole model)."""
+        if self.weights is not None:
+            self.weights.materialize(unique_parameters(self.all_modules()))
 
     @property
     def tied_head(self) -> bool:

@@ -124,6 +124,11 @@ def load_config(spec: ModelSpec) -> Any:
     try:
         if spec.kind == "gguf":
             path = Path(spec.location)
+            converted = _gguf_cache_folder(path)
+            if converted is not None and (converted / "config.json").is_file():
+                # Converted before: its config.json is the GGUF's, read in milliseconds (parsing
+                # the GGUF itself reads its whole tokenizer: 20 s for Qwen2.5-1.5B).
+                return AutoConfig.from_pretrained(str(converted))
             return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         if spec.kind == "hub":
             return AutoConfig.from_pretrained(spec.location, trust_remote_code=False, local_files_only=_hub_offline())
@@ -145,18 +150,23 @@ def _first_line(error: Exception) -> str:
     return line if len(line) <= 200 else line[:200] + "\u2026"
 
 
-def load_model(spec: ModelSpec, progress=print) -> tuple[Any, Any]:
-    """(model, tokenizer) in fp32 with eager attention, in eval mode.
+def load_model(spec: ModelSpec, progress=print, lazy: bool = False) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, lazy weights or None) in fp32 with eager attention, in eval mode.
 
     The weights are checked first against their files (headers, sizes), then against the config
     (missing, unexpected, mis-shaped and non-finite tensors); any problem is a WeightsError
     naming the file and tensor, and nothing random is ever filled in silently.
+
+    With `lazy`, a checkpoint whose tensors are the model's parameters one for one is not read:
+    the model's parameters stay on the meta device and the returned `LazyWeights` loads them
+    when asked (surgery.models.lazy), checked for NaN then. A checkpoint transformers converts
+    on loading (per-expert tensors fused into one, renamed keys) is loaded whole as before.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if spec.kind == "builtin" and spec.location not in builtin.PACKAGED:
-        return builtin.tiny_model(spec.location), builtin.byte_tokenizer()
+        return builtin.tiny_model(spec.location), builtin.byte_tokenizer(), None
     try:
         if spec.kind == "builtin":
             folder = str(builtin.packaged_folder(spec.location, progress))
@@ -174,6 +184,11 @@ def load_model(spec: ModelSpec, progress=print) -> tuple[Any, Any]:
             f"'{spec.text}' has no safetensors weights ({SINGLE} or {INDEX})",
             "surgery loads safetensors weights only (pickled .bin checkpoints are refused)",
         )
+    tokenizer = _tokenizer(spec, folder)
+    if lazy:
+        found = _lazy_model(folder, files)
+        if found is not None:
+            return found[0], tokenizer, found[1]
     try:
         # safetensors only: pickled .bin checkpoints can run code when loaded.
         model, info = AutoModelForCausalLM.from_pretrained(
@@ -194,14 +209,49 @@ def load_model(spec: ModelSpec, progress=print) -> tuple[Any, Any]:
     problems += _non_finite(model, files)
     if problems:
         raise WeightsError(problems)
+    return model.eval(), tokenizer, None
+
+
+def _tokenizer(spec: ModelSpec, folder: str) -> Any:
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ModelSpecError(
             f"cannot load the tokenizer of '{spec.text}': {_first_line(error)}",
             "a model folder needs its tokenizer files (tokenizer.json and tokenizer_config.json)",
         ) from error
-    return model.eval(), tokenizer
+
+
+def _lazy_model(folder: str, files: dict[str, list[str]]) -> tuple[Any, Any] | None:
+    """(meta-device model, its LazyWeights) when the checkpoint's tensors are the model's parameters
+    one for one, in the config's shapes; None otherwise, and the eager load runs instead: it
+    converts what transformers converts (per-expert tensors fused into one, renamed keys) and
+    reports what is missing, unexpected or mis-shaped with the file and tensor names.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from surgery.models.lazy import Checkpoint, LazyWeights, parameters_on_meta
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        with parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError):
+        return None  # the eager load reports it
+    checkpoint = Checkpoint(folder, files)
+    stored = set(checkpoint.names())
+    state = model.state_dict(keep_vars=True)  # tied names included (a checkpoint may hold lm_head too)
+    parameters = dict(model.named_parameters())
+    if not set(parameters) <= stored or not stored <= set(state):
+        return None
+    for name, param in parameters.items():
+        if checkpoint.shape_and_dtype(name)[0] != tuple(param.shape):
+            return None
+    model.config._name_or_path = folder
+    return model.eval(), LazyWeights(model, checkpoint)
 
 
 def tokenizer_without_weights(spec: ModelSpec) -> Any | None:

@@ -81,6 +81,11 @@ def _header(path: Path) -> dict[str, dict]:
     return tensors
 
 
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """The checked tensor entries (dtype, shape, data offsets) of one safetensors file."""
+    return _header(path)
+
+
 def _entry_problem(entry: object, data_size: int) -> str | None:
     """What is wrong with one header entry, or None."""
     if not isinstance(entry, dict):

@@ -15,6 +15,9 @@ def linear_view(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch
     layer.weight = torch.nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         layer.bias = torch.nn.Parameter(bias, requires_grad=False)
+    # The fused parameters these are views of, so lazily loaded weights can take the same views
+    # (surgery.models.lazy); set past nn.Module's __setattr__, which would register them.
+    object.__setattr__(layer, "fused_parents", (weight._base, bias._base if bias is not None else None))
     return layer
 
 

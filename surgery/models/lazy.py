@@ -1,0 +1,207 @@
+"""Weights as references: a model whose parameters stay in their checkpoint until a step needs them.
+
+A model is built with its parameters on PyTorch's `meta` device (shapes and dtypes, no memory)
+and its buffers (rotary frequencies, embedding scales) real, since those are computed from the
+config. `LazyWeights` knows where each parameter lives in the checkpoint (a safetensors file,
+memory-mapped) and loads a group of them when a step asks (`materialize`), then hands them back
+(`release`). Loading swaps the tensor inside the same `nn.Parameter` object
+(`torch.utils.swap_tensors`), so the nodes built over the model (`surgery.architectures.build`),
+which hold references to those objects, see the loaded values without being rebuilt.
+
+A parameter that is a view of a fused checkpoint tensor (a packed QKV split into Q, K, V) is
+loaded by loading its parent tensor and taking the same view of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from surgery.memory import return_freed_memory_to_the_system
+from surgery.models.weights import WeightsError, safetensors_header
+
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device; buffers stay real.
+
+    Every `register_parameter` call moves the new parameter to meta. A module's constructor
+    allocates its weight with `torch.empty` (untouched memory, never resident) before
+    registering it, and initializes it afterwards, which on meta costs nothing.
+    """
+    original = torch.nn.Module.register_parameter
+
+    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            moved = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            module._parameters[name] = moved
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+class Checkpoint:
+    """The tensors of a safetensors model folder, read one at a time.
+
+    Each tensor is read with a plain positioned read into memory of its own, which is freed when
+    the tensor is released. (Memory-mapping the files would count every page ever read as the
+    process's resident memory for as long as the file stays mapped: the whole model, by the end
+    of an export.)
+    """
+
+    def __init__(self, folder: str | Path, files: dict[str, list[str]]):
+        """`files`: each weight file of `folder` with the tensors it holds (`weight_files`)."""
+        self.folder = Path(folder)
+        self.where = {tensor: file for file, tensors in files.items() for tensor in tensors}
+        self._headers: dict[str, tuple[int, dict[str, dict]]] = {}
+
+    def _entry(self, name: str) -> tuple[Path, int, dict]:
+        """(file, where its data starts, the tensor's header entry)."""
+        file = self.where[name]
+        if file not in self._headers:
+            path = self.folder / file
+            with open(path, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+            self._headers[file] = (8 + length, safetensors_header(path))
+        start, entries = self._headers[file]
+        return self.folder / file, start, entries[name]
+
+    def names(self) -> list[str]:
+        """Every tensor the checkpoint holds."""
+        return list(self.where)
+
+    def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype | None]:
+        """A tensor's stored shape and dtype, from the file's header (nothing read)."""
+        _, _, entry = self._entry(name)
+        return tuple(entry["shape"]), _SAFETENSORS_DTYPES.get(entry["dtype"])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor in its stored dtype (read from the file now)."""
+        path, start, entry = self._entry(name)
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise WeightsError([(f"tensor '{name}' has dtype {entry['dtype']}, which surgery cannot load", None)])
+        begin, end = entry["data_offsets"]
+        tensor = torch.empty(entry["shape"], dtype=dtype)
+        target = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+        with open(path, "rb", buffering=0) as handle:
+            handle.seek(start + begin)
+            read = 0
+            while read < end - begin:
+                count = handle.readinto(target[read:])
+                if not count:
+                    raise WeightsError([(f"weights file '{path.name}' ends inside tensor '{name}'", None)])
+                read += count
+        return tensor
+
+
+class LazyWeights:
+    """Where each parameter of a meta-device model lives in its checkpoint; loads and releases them."""
+
+    def __init__(self, model: torch.nn.Module, checkpoint: Checkpoint):
+        """Every parameter of `model` (tied ones once) must be a tensor of `checkpoint`."""
+        self.checkpoint = checkpoint
+        self.names: dict[int, str] = {}
+        self.params: dict[int, torch.nn.Parameter] = {}
+        for name, param in model.named_parameters():
+            self.names[id(param)] = name
+            self.params[id(param)] = param
+        # Views of fused tensors: id -> (parent tensor name, shape, stride, storage offset)
+        self.views: dict[int, tuple[str, tuple[int, ...], tuple[int, ...], int]] = {}
+        self.bytes_loaded = 0
+        return_freed_memory_to_the_system()
+
+    def add_view(self, param: torch.nn.Parameter, parent: torch.nn.Parameter) -> None:
+        """Record that `param` is a view of the model parameter `parent` (a fused projection's part)."""
+        self.views[id(param)] = (self.names[id(parent)], tuple(param.shape), tuple(param.stride()),
+                                 param.storage_offset())  # fmt: skip
+        self.params[id(param)] = param
+
+    def knows(self, param: torch.nn.Parameter) -> bool:
+        """Whether `param` is one of the checkpoint's (or a view of one)."""
+        return id(param) in self.names or id(param) in self.views
+
+    def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One checkpoint tensor in `dtype`, read now; a WeightsError if it holds NaN or infinity."""
+        tensor = self.checkpoint.tensor(name).to(dtype)
+        if tensor.is_floating_point() and not all_finite(tensor):
+            where = self.checkpoint.where.get(name, "the weights")
+            raise WeightsError([(f"tensor '{name}' in {where} holds NaN or infinite values", "the file is damaged")])
+        self.bytes_loaded += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def materialize(self, params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+        """Load every parameter of `params` still on meta, in its current dtype; returns those loaded.
+
+        Every damaged tensor among them is reported at once (one WeightsError), and then none
+        stays loaded.
+        """
+        loaded: list[torch.nn.Parameter] = []
+        parents: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        problems: list[tuple[str, str | None]] = []
+        for param in params:
+            if param.device.type != "meta" or not self.knows(param):
+                continue
+            try:
+                if id(param) in self.names:
+                    value = self.load(self.names[id(param)], param.dtype)
+                else:
+                    parent, shape, stride, offset = self.views[id(param)]
+                    key = (parent, param.dtype)
+                    if key not in parents:
+                        parents[key] = self.load(parent, param.dtype)
+                    value = parents[key].as_strided(shape, stride, offset)
+            except WeightsError as problem:
+                problems += [p for p in problem.problems if p not in problems]
+                continue
+            torch.utils.swap_tensors(param, torch.nn.Parameter(value, requires_grad=param.requires_grad))
+            loaded.append(param)
+        if problems:
+            self.release(loaded)
+            raise WeightsError(problems)
+        return loaded
+
+    @staticmethod
+    def release(params: Iterable[torch.nn.Parameter]) -> None:
+        """Hand loaded parameters back: each becomes a meta tensor of its shape and dtype again."""
+        for param in params:
+            empty = torch.empty(param.shape, dtype=param.dtype, device="meta")
+            torch.utils.swap_tensors(param, torch.nn.Parameter(empty, requires_grad=param.requires_grad))
+
+
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """Whether no element is NaN or infinite, checked a few million elements at a time
+    (`torch.isfinite` of the whole tensor would allocate temporaries twice its size)."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
+def unique_parameters(modules: Iterable[torch.nn.Module | None]) -> list[torch.nn.Parameter]:
+    """The parameters of `modules`, each once (a tied head is the embedding's own)."""
+    seen: dict[int, torch.nn.Parameter] = {}
+    for module in modules:
+        if module is None:
+            continue
+        for param in module.parameters():
+            seen.setdefault(id(param), param)
+    return list(seen.values())
+
+
+def resident_bytes(params: Iterable[torch.nn.Parameter]) -> int:
+    """Bytes of the given parameters that are loaded (not on meta)."""
+    return sum(math.prod(p.shape) * p.element_size() for p in params if p.device.type != "meta")
