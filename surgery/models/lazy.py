@@ -185,8 +185,16 @@ class LazyWeights:
 
 
 def all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
-    """Whether no element is NaN or infinite, checked a few million elements at a time
-    (`torch.isfinite` of the whole tensor would allocate temporaries twice its size)."""
+    """Whether no element is NaN or infinite.
+
+    A sum is finite only if every element is (a NaN or an infinity propagates), and it reads
+    the tensor once without temporaries: the common case costs one pass. A sum that is not
+    finite (a damaged tensor, or finite values whose sum overflows) is settled element by
+    element, a few million at a time (`torch.isfinite` of the whole tensor would allocate
+    temporaries twice its size).
+    """
+    if bool(torch.isfinite(tensor.sum())):
+        return True
     flat = tensor.reshape(-1)
     return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
