@@ -248,9 +248,8 @@ class _Emitter:
         fusion = graph.fusion if graph.fusion is not None and graph.fusion.weight > 0 else None
         fused = set(fusion.layers) if fusion else set()
         readouts: dict[int, tuple[str | None, str]] = {}  # layer -> FinalNorm(m), FinalNorm(h)
-        for layer in graph.layers:
-            with graph.materialized(*layer.modules()):
-                slot = self.layer(layer, slot, fusion, fused, readouts)
+        for layer in graph.each_layer_materialized():
+            slot = self.layer(layer, slot, fusion, fused, readouts)
         self.head(embed, fusion, readouts)
 
     def layer(self, layer, slot: int, fusion, fused: set[int], readouts: dict) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,6 +191,38 @@ class DecoderGraph:
             yield
         finally:
             self.weights.release(loaded)
+
+    def each_layer_materialized(self) -> Iterator[DecoderLayer]:
+        """The layers in order, each loaded while the caller works on it and released after;
+        the next layer is read in a background thread meanwhile (file reads and the NaN check
+        release the GIL), so reading overlaps whatever the caller does: writing, for the exporter.
+
+        At most two layers are loaded at once. A graph loaded in memory just yields its layers.
+        """
+        if self.weights is None:
+            yield from self.layers
+            return
+        weights = self.weights
+
+        def load(layer: DecoderLayer):
+            return weights.materialize(unique_parameters(layer.modules()))
+
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            pending = reader.submit(load, self.layers[0]) if self.layers else None
+            try:
+                for position, layer in enumerate(self.layers):
+                    loaded = pending.result()
+                    pending = None
+                    if position + 1 < len(self.layers):
+                        pending = reader.submit(load, self.layers[position + 1])
+                    try:
+                        yield layer
+                    finally:
+                        weights.release(loaded)
+            finally:
+                if pending is not None:  # stopped early: the read ahead is not needed
+                    with contextlib.suppress(Exception):
+                        weights.release(pending.result())
 
     def materialize_all(self) -> None:
         """Load every parameter still in the checkpoint, for good (steps that need the whole model)."""
