@@ -250,7 +250,10 @@ class _Emitter:
         readouts: dict[int, tuple[str | None, str]] = {}  # layer -> FinalNorm(m), FinalNorm(h)
         for layer in graph.each_layer_materialized():
             slot = self.layer(layer, slot, fusion, fused, readouts)
-        self.head(embed, fusion, readouts)
+        # A head stored apart from the embedding is loaded for its MatMul; a shared table is not.
+        shares_table = graph.tied_head and not self.options.untie_head
+        with graph.materialized(None if shares_table else graph.head):
+            self.head(embed, fusion, readouts, shares_table)
 
     def layer(self, layer, slot: int, fusion, fused: set[int], readouts: dict) -> int:
         """One layer's nodes; returns the next KV slot."""
@@ -278,15 +281,9 @@ class _Emitter:
             readouts[layer.index] = (pre, self.pre(final_norm, f"/lm_head/fusion/layer{layer.index}_norm", scale))
         return slot
 
-    def head(self, embed: str, fusion, readouts: dict) -> None:
-        """The final norm and the head; a head stored apart from the embedding is loaded here."""
-        graph = self.graph
-        shares_table = graph.tied_head and not self.options.untie_head
-        with graph.materialized(None if shares_table else graph.head):
-            self.head_nodes(embed, fusion, readouts, shares_table)
-
-    def head_nodes(self, embed: str, fusion, readouts: dict, shares_table: bool) -> None:
-        """The head's nodes: its MatMul (or the tied table's Transpose), fusion, post-processing."""
+    def head(self, embed: str, fusion, readouts: dict, shares_table: bool) -> None:
+        """The final norm and the head's nodes: its MatMul (or the tied table's Transpose), fusion,
+        post-processing."""
         graph, w = self.graph, self.w
         final_norm = graph.head.final_norm
         if fusion is None:

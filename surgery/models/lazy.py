@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -74,10 +73,7 @@ class Checkpoint:
         """(file, where its data starts, the tensor's header entry)."""
         file = self.where[name]
         if file not in self._headers:
-            path = self.folder / file
-            with open(path, "rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-            self._headers[file] = (8 + length, safetensors_header(path))
+            self._headers[file] = safetensors_header(self.folder / file)
         start, entries = self._headers[file]
         return self.folder / file, start, entries[name]
 
@@ -116,21 +112,15 @@ class LazyWeights:
     def __init__(self, model: torch.nn.Module, checkpoint: Checkpoint):
         """Every parameter of `model` (tied ones once) must be a tensor of `checkpoint`."""
         self.checkpoint = checkpoint
-        self.names: dict[int, str] = {}
-        self.params: dict[int, torch.nn.Parameter] = {}
-        for name, param in model.named_parameters():
-            self.names[id(param)] = name
-            self.params[id(param)] = param
+        self.names = {id(param): name for name, param in model.named_parameters()}
         # Views of fused tensors: id -> (parent tensor name, shape, stride, storage offset)
         self.views: dict[int, tuple[str, tuple[int, ...], tuple[int, ...], int]] = {}
-        self.bytes_loaded = 0
         return_freed_memory_to_the_system()
 
     def add_view(self, param: torch.nn.Parameter, parent: torch.nn.Parameter) -> None:
         """Record that `param` is a view of the model parameter `parent` (a fused projection's part)."""
         self.views[id(param)] = (self.names[id(parent)], tuple(param.shape), tuple(param.stride()),
                                  param.storage_offset())  # fmt: skip
-        self.params[id(param)] = param
 
     def knows(self, param: torch.nn.Parameter) -> bool:
         """Whether `param` is one of the checkpoint's (or a view of one)."""
@@ -142,7 +132,6 @@ class LazyWeights:
         if tensor.is_floating_point() and not all_finite(tensor):
             where = self.checkpoint.where.get(name, "the weights")
             raise WeightsError([(f"tensor '{name}' in {where} holds NaN or infinite values", "the file is damaged")])
-        self.bytes_loaded += tensor.numel() * tensor.element_size()
         return tensor
 
     def materialize(self, params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:

@@ -47,6 +47,11 @@ class WeightsError(HintedError):
 
 def _header(path: Path) -> dict[str, dict]:
     """The tensor entries of one safetensors file, checked against the file's size."""
+    return safetensors_header(path)[1]
+
+
+def safetensors_header(path: Path) -> tuple[int, dict[str, dict]]:
+    """(where the file's tensor data starts, its checked tensor entries: dtype, shape, offsets)."""
     name = path.name
     try:
         size = path.stat().st_size
@@ -78,12 +83,7 @@ def _header(path: Path) -> dict[str, dict]:
         if problem:
             raise WeightsError([(f"weights file '{name}', tensor '{tensor}': {problem}", None)])
         tensors[tensor] = entry
-    return tensors
-
-
-def safetensors_header(path: Path) -> dict[str, dict]:
-    """The checked tensor entries (dtype, shape, data offsets) of one safetensors file."""
-    return _header(path)
+    return 8 + length, tensors
 
 
 def _entry_problem(entry: object, data_size: int) -> str | None:
