@@ -16,7 +16,7 @@ that setting. `ensures` checks the outcome node by node: exactly the assigned Ma
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -93,8 +93,14 @@ class Quantize(OnnxPass):
             converted = quantizer.model.model
             if converted is not model:
                 model.CopyFrom(converted)
-        widths = ", ".join(f"{len(v)} to int{k[0]}" for k, v in sorted(by_setting.items()))
-        return PassResult(True, f"quantized {len(self.assignment)} linear layer(s): {widths}")
+        return PassResult(True, self.summary())
+
+    def summary(self) -> str:
+        """What the pass does, in one line: how many linears go to each width."""
+        widths = Counter(bits for _, bits, _, _ in self.assignment)
+        return f"quantized {len(self.assignment)} linear layer(s): " + ", ".join(
+            f"{count} to int{bits}" for bits, count in sorted(widths.items())
+        )
 
     def ensures(self, model: onnx.ModelProto) -> list[str]:
         """Exactly the assigned MatMuls are now MatMulNBits of the assigned width and block."""

@@ -253,7 +253,13 @@ def _cmd_apply(args) -> int:
     if verification is None:
         print("  verification skipped (--no-verify)")
     else:
-        before_q = " (before quantization)" if "quantization" in report else ""
+        before_q = ""
+        if verification.quantized_weights:
+            before_q = " (quantized weights, float compute)"
+        elif "quantization" in report:
+            before_q = " (before quantization)"
+        if verification.reference != "greedy decode":
+            before_q = before_q[:-1] + f"; {verification.reference})" if before_q else f" ({verification.reference})"
         print(
             f"  verification{before_q}: max |logit diff| {verification.max_abs_logit_diff:.2e} "
             f"(tolerance {verification.tolerance:g}), "

@@ -25,7 +25,7 @@ from surgery.export.options import VERIFY_TOLERANCES, verification_pads_prompts
 from surgery.files import RECIPE_LIMIT, InputFileError, read_source
 from surgery.output import OutputFolder
 from surgery.parser import parse_source
-from surgery.plan import VERIFY_DECODE_STEPS, Plan, build_plan
+from surgery.plan import VERIFY_DECODE_STEPS, Plan, build_plan, streams_weights
 from surgery.source import Source
 from surgery.statements.quantize import EMBEDDING
 
@@ -152,23 +152,10 @@ def _calibration_text(checked: CheckedRecipe):
 def _compute_with_model(checked: CheckedRecipe, request: ScoreRequest, progress: Progress) -> ImportanceFile:
     from surgery.importance.compute import compute_importance
 
-    graph, tokenizer = _load(checked, progress)
+    # Scores are computed layer-major: the weights stay in the checkpoint until a layer is scored.
+    graph, tokenizer = _load(checked, progress, whole=False)
     with _calibration_text(checked):
         return compute_importance(graph, tokenizer, checked.spec, request, progress)
-
-
-# Graph steps that only remove nodes: they read no weights, so an apply made of these and the
-# export can leave every weight in the checkpoint until the exporter writes it.
-STRUCTURAL_ACTIONS = frozenset({"drop attention", "drop mlp", "drop block"})
-
-
-def streams_weights(checked: CheckedRecipe, plan: Plan, run_verification: bool) -> bool:
-    """Whether an apply can keep the model's weights in the checkpoint, loading one node at a time
-    as the exporter writes it: nothing before the export runs the model (no importance scores,
-    no perplexity, no verification, no pass that reads or rewrites weights)."""
-    if run_verification or checked.metrics_to_compute() or checked.perplexity is not None:
-        return False
-    return all(step.phase != "graph" or not step.layers or step.action in STRUCTURAL_ACTIONS for step in plan.steps)
 
 
 def weights_error(checked: CheckedRecipe, problem) -> RecipeError:
@@ -218,6 +205,7 @@ def apply(
     from surgery.export.decoder import export_decoder
     from surgery.importance.compute import compute_importance
     from surgery.models.weights import WeightsError
+    from surgery.passes.quantize import ACCURACY_LEVELS
     from surgery.report import build_report, folder_bytes, structure, write_report
     from surgery.verify import compare, trace_reference
 
@@ -236,11 +224,7 @@ def apply(
     folder = OutputFolder(output, force, [path, *checked.input_paths()], progress)
     lap("parse_check")
     try:
-        # Without importance scores to compute the plan is known before loading (build_plan
-        # below recomputes it with the scores otherwise).
-        stream = not checked.metrics_to_compute() and streams_weights(
-            checked, build_plan(checked, verify=run_verification), run_verification
-        )
+        stream = streams_weights(checked, run_verification)
         graph, tokenizer = _load(checked, progress, whole=not stream)
         before = structure(graph)
         lap("load")
@@ -269,19 +253,30 @@ def apply(
         # A quantized head or embedding needs the head's weight as an initializer of its own
         # (the quantized embedding then shares it back when both have the same width).
         options = replace(plan.export, untie_head="lm_head" in quantization or EMBEDDING in quantization)
+        linears = {target: config for target, config in quantization.items() if target != EMBEDDING}
+        if stream and linears:
+            # Quantized as they are written: no float copy of the model is written or read back.
+            assignment = tuple((linear, c["bits"], c["block"], c["symmetric"]) for linear, c in linears.items())
+            options = replace(options, quantize_linears=assignment, accuracy_level=ACCURACY_LEVELS[options.target])
         padded = verification_pads_prompts(plan.export.target)
         # The graph is final: PyTorch's side of the verification only reads it, so it runs
         # while the exporter writes the weights (torch and file writes both release the GIL).
+        # Streamed, verification runs after the export, layer-major (surgery.verify_layerwise).
         with ThreadPoolExecutor(max_workers=1) as background:
             tracing = (
                 background.submit(
                     trace_reference, graph, tokenizer, plan.export.kv_cache, VERIFY_DECODE_STEPS, padded=padded
                 )
-                if run_verification
+                if run_verification and not stream
                 else None
             )
             kv = "with" if plan.export.kv_cache else "without"
-            progress(f"exporting ONNX (opset {plan.export.opset}, {kv} KV cache)")
+            quantizing = (
+                f", quantizing {len(options.quantize_linears)} linear layer(s) to MatMulNBits as they are written"
+                if options.quantize_linears
+                else ""
+            )
+            progress(f"exporting ONNX (opset {plan.export.opset}, {kv} KV cache){quantizing}")
             try:
                 export = export_decoder(graph, str(folder.path), options)
             except WeightsError as problem:  # a lazily loaded tensor that is damaged
@@ -292,9 +287,16 @@ def apply(
             lap("export")
             trace = tracing.result() if tracing else None
 
-        verification = None
+        verification = moved = None
         precision = plan.export.precision
-        if trace is not None:
+        if run_verification and stream:
+            try:
+                verification, moved = _verify_layerwise(graph, tokenizer, options, str(folder.path), threads,
+                                                        providers, progress)  # fmt: skip
+            except WeightsError as problem:
+                raise weights_error(checked, problem) from problem
+            lap("verify")
+        elif trace is not None:
             fp32_trace = None
             if precision != "fp32":
                 # PyTorch again, in the export's element type; the fp32 trace stays for KL / top-1.
@@ -312,11 +314,13 @@ def apply(
             )
             lap("verify")
         if quantization:
-            sections["quantization"] = _quantize(plan, export, str(folder.path), passes, progress, tied_head)
+            quantized = _quantize(plan, export, str(folder.path), passes, progress, tied_head, options.quantize_linears)
+            sections["quantization"] = quantized
             if trace is not None:
                 # Informational: how far quantization moved the logits (no tolerance applies).
                 moved = compare(trace, str(folder.path), float("inf"), threads, precision, providers=providers)
-                sections["quantization"]["against_pytorch_fp32"] = {
+            if moved is not None:
+                quantized["against_pytorch_fp32"] = {
                     "reference_precision": precision,  # PyTorch's element type (the key predates fp16)
                     "max_abs_logit_diff": moved.max_abs_logit_diff,
                     "greedy_tokens_compared": moved.greedy_tokens_compared,
@@ -529,19 +533,26 @@ def _perplexity_check(checked: CheckedRecipe, reference, folder: str, threads: i
     }
 
 
-def _quantize(plan: Plan, export, folder: str, passes: list, progress: Progress, tied_head: bool) -> dict:
-    """Run the quantize ONNX pass over the exported model and replace its files atomically."""
+def _quantize(plan: Plan, export, folder: str, passes: list, progress: Progress, tied_head: bool,
+              written: tuple = ()) -> dict:  # fmt: skip
+    """Quantize the exported model's linears (unless the exporter quantized them as it wrote them:
+    `written`) and embedding, and replace its files atomically; the report's quantization section.
+
+    Linears quantized while written are held to the quantize pass's own contract (`ensures`)
+    on the written graph, read without its weights.
+    """
     from collections import Counter
 
     import onnx
 
-    from surgery.passes import Quantize, QuantizeEmbedding, run_pass
+    from surgery.passes import PassContractError, PassResult, Quantize, QuantizeEmbedding, run_pass
     from surgery.passes.quantize import ACCURACY_LEVELS
     from surgery.quantization import bits_summary
     from surgery.report import folder_bytes, pass_record
 
     files_before = folder_bytes(folder)
-    model = onnx.load(os.path.join(folder, "model.onnx"))
+    embedding = plan.quantization().get(EMBEDDING)
+    model = onnx.load(os.path.join(folder, "model.onnx"), load_external_data=not written)
     linears = {target: config for target, config in plan.quantization().items() if target != EMBEDDING}
     steps = [step for step in plan.steps if step.action == "quantize"]
     if linears:
@@ -549,16 +560,21 @@ def _quantize(plan: Plan, export, folder: str, passes: list, progress: Progress,
             (export.linears[linear], config["bits"], config["block"], config["symmetric"])
             for linear, config in linears.items()
         )
-        progress(f"quantizing {len(assignment)} linear layer(s) to MatMulNBits")
         # int8 activations on CPU (accuracy_level 4, the fast path there); float compute on CUDA.
         quantize = Quantize(assignment=assignment, accuracy_level=ACCURACY_LEVELS[plan.export.target])
-        result = run_pass(quantize, model)
+        if written:
+            problems = quantize.ensures(model)
+            if problems:
+                raise PassContractError(quantize.name, "ensures", problems)
+            result = PassResult(True, quantize.summary() + ", while writing")
+        else:
+            progress(f"quantizing {len(assignment)} linear layer(s) to MatMulNBits")
+            result = run_pass(quantize, model)
         progress(f"quantize: {result.summary}")
         linear_steps = [step for step in steps if step.targets != (EMBEDDING,)]
         record = pass_record(quantize, result, linear_steps[0].source if linear_steps else None)
         record["parameters"] = {"linears": linears}
         passes.append(record)
-    embedding = plan.quantization().get(EMBEDDING)
     if embedding:
         quantize_embedding = QuantizeEmbedding(
             bits=embedding["bits"], block=embedding["block"], symmetric=embedding["symmetric"], tied_head=tied_head
@@ -568,28 +584,79 @@ def _quantize(plan: Plan, export, folder: str, passes: list, progress: Progress,
         source = next(step.source for step in reversed(steps) if step.targets == (EMBEDDING,))
         passes.append(pass_record(quantize_embedding, result, source))
     summary = bits_summary(model)
-    # Written next to the old files, then swapped in: a crash leaves the fp32 model intact.
-    staging = os.path.join(folder, ".quantized")
-    os.makedirs(staging)
-    onnx.save(
-        model,
-        os.path.join(staging, "model.onnx"),
-        save_as_external_data=True,
-        location="model.onnx.data",
-        size_threshold=1024,
-    )
-    for name in ("model.onnx.data", "model.onnx"):
-        os.replace(os.path.join(staging, name), os.path.join(folder, name))
-    os.rmdir(staging)
+    if not written:
+        # Written next to the old files, then swapped in: a crash leaves the fp32 model intact.
+        staging = os.path.join(folder, ".quantized")
+        os.makedirs(staging)
+        onnx.save(
+            model,
+            os.path.join(staging, "model.onnx"),
+            save_as_external_data=True,
+            location="model.onnx.data",
+            size_threshold=1024,
+        )
+        for name in ("model.onnx.data", "model.onnx"):
+            os.replace(os.path.join(staging, name), os.path.join(folder, name))
+        os.rmdir(staging)
     files_after = folder_bytes(folder)
+    if written:
+        # No float model was written: "before" is what its data file would have held.
+        data = files_after["model.onnx.data"] + _float_excess(model, plan.export.precision)
+        files_before = {**files_after, "model.onnx.data": data}
     return {
         **summary,
+        "quantized_while_writing": bool(written),
         "files_before": files_before,
         "files_after": files_after,
         "bytes_before": sum(files_before.values()),
         "bytes_after": sum(files_after.values()),
         "op_counts": dict(Counter(node.op_type for node in model.graph.node)),
     }
+
+
+def _float_excess(model, precision: str) -> int:
+    """Bytes the quantized linears would take in the float element type beyond what they take."""
+    from surgery.quantization import quantized_linears
+
+    itemsize = 4 if precision == "fp32" else 2
+    return sum(q.parameters * itemsize - q.storage_bytes for q in quantized_linears(model))
+
+
+def _verify_layerwise(graph, tokenizer, options, folder: str, threads, providers, progress: Progress):
+    """(verification, how far quantization moved the logits or None), teacher-forced and
+    layer-major (surgery.verify_layerwise): PyTorch holds a layer at a time.
+
+    A model quantized while written is verified exactly through its float-compute twin against
+    PyTorch with the quantized weights; the model as written is then compared with the original
+    weights for information.
+    """
+    from surgery.verify import compare
+    from surgery.verify_layerwise import fake_quantized, float_compute_twin, teacher_forced_traces
+
+    tolerance = VERIFY_TOLERANCES["fp32"]
+    model = os.path.join(folder, "model.onnx")
+    layerwise = {"reference": "teacher-forced, layer by layer"}
+    padded = verification_pads_prompts(options.target)
+
+    def traces(runs):
+        return teacher_forced_traces(graph, tokenizer, runs, VERIFY_DECODE_STEPS, options.kv_cache, padded, threads,
+                                     providers)  # fmt: skip
+
+    if not options.quantize_linears:
+        progress("verifying against PyTorch (teacher-forced, layer by layer)")
+        (trace,) = traces([(model, None)])
+        return replace(compare(trace, model, tolerance, threads, providers=providers), **layerwise), None
+    progress("verifying against PyTorch with the quantized weights (float compute; teacher-forced, layer by layer)")
+    exact = float_compute_twin(folder) if options.accuracy_level else model
+    try:
+        # The fake-quantized run comes last: it quantizes loaded weights in place.
+        original, quantized = traces([(model, None), (exact, fake_quantized(graph, options.quantize_linears))])
+        verification = compare(quantized, exact, tolerance, threads, providers=providers)
+        verification = replace(verification, **layerwise, quantized_weights=True)
+    finally:
+        if exact != model:
+            os.remove(exact)
+    return verification, compare(original, model, float("inf"), threads, providers=providers)
 
 
 def default_output(recipe_path: str) -> str:

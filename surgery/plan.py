@@ -155,7 +155,10 @@ def _describe(step: PlanStep) -> str:
         f"verify against PyTorch{' in ' + p['precision'] if p.get('precision', 'fp32') != 'fp32' else ''}: "
         f"prefill {p['prompts']} {'left-padded prompts' if p.get('padded', True) else 'prompts cut to one length'}"
         f" + {p['decode_steps']} decode steps, "
-        f"max |logit diff| <= {p['tolerance']:g}" + (" (before quantization)" if p.get("before_quantization") else "")
+        f"max |logit diff| <= {p['tolerance']:g}"
+        + (" (before quantization)" if p.get("before_quantization") else "")
+        + (" with the quantized weights" if p.get("quantized_weights") else "")
+        + ("; teacher-forced, one layer loaded at a time" if p.get("layerwise") else "")
     )
 
 
@@ -196,6 +199,23 @@ def _selection(query: ImportanceQuery, scores: MetricScores, candidates: list[in
         "selected_by": f"{query.describe()}; {more} = more important; {len(layers)} of {len(candidates)} candidates",
         "scores": {layer: round(values[layer], 6) for layer in order},
     }
+
+
+def streams_weights(checked: CheckedRecipe, run_verification: bool) -> bool:
+    """Whether an apply can leave the weights in the checkpoint and read them a layer at a time.
+
+    Importance scores and the exporter already work layer by layer, drops only remove nodes,
+    and linear layers are quantized as they are written; verification then runs teacher-forced
+    and layer-major (`surgery.verify_layerwise`). What still needs the whole model loaded: the
+    perplexity check, passes that rewrite weights (split, prune, merge, fuse), a quantized
+    embedding (an ONNX pass over the written table), and verification below fp32 (the reference
+    is cast to the element type as a whole).
+    """
+    if checked.perplexity is not None or checked.fuse or checked.splits or checked.prunes or checked.merges:
+        return False
+    if any(q.part == "embedding" for q in checked.quantize):
+        return False
+    return not run_verification or checked.export.precision == "fp32"
 
 
 def build_plan(checked: CheckedRecipe, verify: bool = True, computed: ImportanceFile | None = None) -> Plan:
@@ -240,6 +260,8 @@ def build_plan(checked: CheckedRecipe, verify: bool = True, computed: Importance
         steps.extend(module.plan(state))
     export = checked.export
     if verify:
+        quantized = any(step.action == "quantize" for step in steps)
+        layerwise = streams_weights(checked, verify)
         steps.append(
             PlanStep(
                 action="verify",
@@ -250,7 +272,11 @@ def build_plan(checked: CheckedRecipe, verify: bool = True, computed: Importance
                     "tolerance": VERIFY_TOLERANCES[export.precision],
                     "precision": export.precision,
                     "padded": verification_pads_prompts(export.target),
-                    "before_quantization": any(step.action == "quantize" for step in steps),
+                    # Streamed: onnxruntime's tokens fed to PyTorch layer by layer; quantized
+                    # linears are checked exactly, against PyTorch with the quantized weights.
+                    "layerwise": layerwise,
+                    "before_quantization": quantized and not layerwise,
+                    "quantized_weights": quantized and layerwise,
                 },
             )
         )

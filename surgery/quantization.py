@@ -35,17 +35,93 @@ def _attribute(node: onnx.NodeProto, name: str) -> int:
 
 def dequantize(node: onnx.NodeProto, initializers: dict[str, np.ndarray]) -> np.ndarray:
     """The (K, N) float weight a MatMulNBits node computes with."""
-    k, n = _attribute(node, "K"), _attribute(node, "N")
-    bits, block = _attribute(node, "bits"), _attribute(node, "block_size")
-    blocks = -(-k // block)
-    q = _unpack(initializers[node.input[1]], bits, blocks * block).reshape(n, blocks, block)
-    scales = initializers[node.input[2]].reshape(n, blocks, 1).astype(np.float32)
-    if len(node.input) > 3 and node.input[3]:
-        zero = _unpack(initializers[node.input[3]], bits, blocks).reshape(n, blocks, 1)
-    else:
-        zero = np.full((n, blocks, 1), 1 << (bits - 1), np.int32)
-    weight = ((q - zero).astype(np.float32) * scales).reshape(n, blocks * block)[:, :k]
-    return weight.T
+    zero_points = initializers[node.input[3]] if len(node.input) > 3 and node.input[3] else None
+    blocks = BlockQuantized(initializers[node.input[1]], initializers[node.input[2]], zero_points)
+    return blocks.dequantize(_attribute(node, "K"), _attribute(node, "bits"), _attribute(node, "block_size"))
+
+
+@dataclass(frozen=True)
+class BlockQuantized:
+    """One weight in MatMulNBits' layout: packed values (N, K/block, block*bits/8), scales
+    (N, K/block) and zero points (None when symmetric)."""
+
+    packed: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+
+    def dequantize(self, k: int, bits: int, block: int) -> np.ndarray:
+        """The (K, N) float32 weight these blocks stand for."""
+        n = self.packed.shape[0]
+        blocks = -(-k // block)
+        q = _unpack(self.packed, bits, blocks * block).reshape(n, blocks, block)
+        scales = self.scales.reshape(n, blocks, 1).astype(np.float32)
+        if self.zero_points is not None:
+            zero = _unpack(self.zero_points, bits, blocks).reshape(n, blocks, 1)
+        else:
+            zero = np.full((n, blocks, 1), 1 << (bits - 1), np.int32)
+        weight = ((q - zero).astype(np.float32) * scales).reshape(n, blocks * block)[:, :k]
+        return weight.T
+
+
+_CHUNK_BYTES = 32 << 20  # output rows quantized per call: one fp32 transpose of about this size
+
+
+def quantize_blocks_nk(weight, bits: int, block: int, symmetric: bool) -> BlockQuantized:
+    """`quantize_blocks` of `weight.T` for an (N, K) torch weight as PyTorch stores it (out, in).
+
+    Blocks run along K within one output column, so columns quantize independently: they are
+    taken a chunk of rows at a time, and only a chunk is ever transposed (a 2 GB head does not
+    need a second 2 GB copy)."""
+    import torch
+
+    n, k = weight.shape
+    rows = max(1, _CHUNK_BYTES // (4 * k))
+    parts = []
+    for start in range(0, n, rows):
+        chunk = weight[start : start + rows].detach().to(torch.float32).T.contiguous().numpy()
+        parts.append(quantize_blocks(chunk, bits, block, symmetric))
+    if len(parts) == 1:
+        return parts[0]
+    zero_points = None if symmetric else np.concatenate([p.zero_points for p in parts])
+    return BlockQuantized(
+        np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]), zero_points
+    )
+
+
+def fake_quantize_nk(weight, bits: int, block: int, symmetric: bool, out=None):
+    """An (N, K) torch weight with every value replaced by what its MatMulNBits blocks stand for
+    (quantized and dequantized), computed a chunk of rows at a time into `out` (a new tensor by
+    default; `weight` itself to work in place, as each chunk is read before it is written)."""
+    import torch
+
+    n, k = weight.shape
+    rows = max(1, _CHUNK_BYTES // (4 * k))
+    out = torch.empty(weight.shape, dtype=weight.dtype) if out is None else out
+    for start in range(0, n, rows):
+        chunk = weight[start : start + rows].detach().to(torch.float32).T.contiguous().numpy()
+        restored = quantize_blocks(chunk, bits, block, symmetric).dequantize(k, bits, block)
+        out[start : start + rows] = torch.from_numpy(restored.T)
+    return out
+
+
+def quantize_blocks(weight: np.ndarray, bits: int, block: int, symmetric: bool) -> BlockQuantized:
+    """A (K, N) float weight quantized blockwise along K, exactly as onnxruntime's
+    MatMulNBitsQuantizer does it (its own C++ kernels, called on this one tensor), so a weight
+    quantized while it is written equals one quantized by the ONNX pass afterwards."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    weight = np.ascontiguousarray(weight, dtype=np.float32)
+    rows, cols = weight.shape
+    per_byte = 8 // bits
+    k_blocks = -(-rows // block)
+    if k_blocks * block != rows:
+        weight = np.pad(weight, ((0, k_blocks * block - rows), (0, 0)))
+    packed = np.zeros((cols, k_blocks, -(-block // per_byte)), np.uint8)
+    zero_points = np.zeros((cols, -(-k_blocks // per_byte)), np.uint8)
+    scales = np.zeros((cols, k_blocks), np.float32)
+    kernel = quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
+    kernel(packed, weight, scales, zero_points, block, cols, rows, symmetric)
+    return BlockQuantized(packed, scales, None if symmetric else zero_points)
 
 
 @dataclass(frozen=True)

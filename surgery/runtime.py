@@ -93,6 +93,9 @@ class OnnxCausalLM:
     ):
         if os.path.isdir(model_path):
             model_path = os.path.join(model_path, "model.onnx")
+        # MatMulNBits without its prepacked layout runs far slower (measured: 1.2 s against
+        # 0.05 s a decode step on SmolLM2 int4), and its packed weights are small anyway.
+        low_memory = low_memory and not _has_quantized_matmul(model_path)
         self.session = ort.InferenceSession(
             model_path,
             sess_options=session_options(threads, low_memory),
@@ -185,6 +188,14 @@ class OnnxCausalLM:
                 ids = np.concatenate([ids, [[token]]], axis=1)
                 positions = np.arange(ids.shape[1])[None]
         return new_tokens
+
+
+def _has_quantized_matmul(model_path: str) -> bool:
+    """Whether the model's graph holds MatMulNBits nodes (its weights are not read)."""
+    import onnx
+
+    graph = onnx.load(model_path, load_external_data=False).graph
+    return any(node.op_type == "MatMulNBits" for node in graph.node)
 
 
 def _kv_dims(shape: list, folder: str) -> tuple[int, int]:

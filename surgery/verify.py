@@ -77,13 +77,19 @@ class Verification:
     # and the share of positions whose top-1 token agrees), over every real prompt position.
     fp32_kl: float | None = None
     fp32_top1: float | None = None
+    # How PyTorch's side ran: "greedy decode" (its own tokens, KV cache, the whole model loaded)
+    # or "teacher-forced, layer by layer" (onnxruntime's tokens; surgery.verify_layerwise).
+    reference: str = "greedy decode"
+    # Whether the export's quantized linears were checked exactly: the float-compute twin against
+    # PyTorch with the quantized weights (otherwise verification ran before quantization).
+    quantized_weights: bool = False
 
     def to_json(self) -> dict:
         """Plain data for surgery.json."""
         return asdict(self)
 
 
-def _left_padded(tokenizer, prompts: tuple[str, ...], padded: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_batch(tokenizer, prompts: tuple[str, ...], padded: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The prompts' ids, left-padded to one length; or, with `padded` False, cut to the shortest."""
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompts]
     if not padded:
@@ -109,7 +115,7 @@ def trace_reference(
     of an export has no padding bias (see surgery/export/decoder.py).
     """
     started = time.perf_counter()
-    ids, mask = _left_padded(tokenizer, prompts, padded)
+    ids, mask = prompt_batch(tokenizer, prompts, padded)
     positions = position_ids_from_mask(mask)
     cache = graph.new_cache() if kv_cache else None
     logits = graph.forward(ids, mask, positions, cache)
@@ -204,8 +210,8 @@ def compare(
     # Unpacked weights stay memory-mapped from the data file: verification is short.
     model = OnnxCausalLM(model_dir, threads=threads, low_memory=True, providers=providers)
     ids, mask = trace.input_ids, trace.attention_mask
-    positions = position_ids_from_mask(torch.from_numpy(mask)).numpy()
-    out = model.step(ids, mask, positions)
+    outputs = onnx_steps(model, ids, mask, lambda step, _: trace.tokens[step], len(trace.tokens))
+    out = next(outputs)
     real = mask.astype(bool)
     dynamic = trace.prefill_choice is not None
     ties = wrong = 0
@@ -220,23 +226,16 @@ def compare(
     if fp32 is not None:
         fp32_kl, fp32_top1 = _kl_top1(fp32.prefill_logits, out.logits, mask.astype(bool))
     mismatched = 0
-    all_ids = ids
     previous = reference[:, -1]
     # A tie is judged at the precision's tolerance, also when the logits are only reported (inf).
     tie = min(tolerance, VERIFY_TOLERANCES[precision])
-    for step, expected in enumerate(trace.tokens):
-        mismatched += _wrong_choices(previous, out.logits[:, -1].argmax(-1), expected, tie)
-        next_ids = expected[:, None].astype(np.int64)
-        mask = np.concatenate([mask, np.ones_like(next_ids)], axis=1)
-        if model.uses_cache:
-            positions = positions[:, -1:] + 1
-            out = model.step(next_ids, mask, positions, out.present)
-        else:
-            all_ids = np.concatenate([all_ids, next_ids], axis=1)
-            positions = position_ids_from_mask(torch.from_numpy(mask)).numpy()
-            out = model.step(all_ids, mask, positions)
+    for step, following in enumerate(outputs):
+        # PyTorch's greedy choice is the argmax of its own logits: the token it fed itself, or,
+        # for a teacher-forced trace, the token it would have chosen where onnxruntime chose.
+        mismatched += _wrong_choices(previous, out.logits[:, -1].argmax(-1), previous.argmax(-1), tie)
+        out = following
         finite &= bool(np.isfinite(out.logits).all())
-        rows = np.ones(len(next_ids), bool)
+        rows = np.ones(len(trace.tokens[step]), bool)
         if dynamic:
             theirs = out.fused_layer[:, -1] if out.fused_layer is not None else None
             tie, bad = _fusion_ties(trace, theirs, trace.step_choice[step], trace.step_iks[step])
@@ -277,6 +276,27 @@ def compare(
         fp32_kl=fp32_kl,
         fp32_top1=fp32_top1,
     )
+
+
+def onnx_steps(model: OnnxCausalLM, ids: np.ndarray, mask: np.ndarray, feed, steps: int):
+    """The outputs of a prefill and then of `steps` decode steps, the token fed at step s being
+    `feed(s, last output)` (batch,); through the KV cache, or by re-running the whole sequence
+    for a model exported without one."""
+    positions = position_ids_from_mask(torch.from_numpy(mask)).numpy()
+    out = model.step(ids, mask, positions)
+    yield out
+    all_ids = ids
+    for step in range(steps):
+        next_ids = np.asarray(feed(step, out), np.int64)[:, None]
+        mask = np.concatenate([mask, np.ones_like(next_ids)], axis=1)
+        if model.uses_cache:
+            positions = positions[:, -1:] + 1
+            out = model.step(next_ids, mask, positions, out.present)
+        else:
+            all_ids = np.concatenate([all_ids, next_ids], axis=1)
+            positions = position_ids_from_mask(torch.from_numpy(mask)).numpy()
+            out = model.step(all_ids, mask, positions)
+        yield out
 
 
 def verify(

@@ -31,7 +31,7 @@ from surgery.models import builtin
 from surgery.moe import SplitMoE, split_mlp
 from surgery.passes import DropAttention, DropBlock, DropMlp, MergeExperts, PruneExperts, SplitMlp, run_pass
 from surgery.plan import VERIFY_DECODE_STEPS
-from surgery.verify import PROMPTS, _left_padded, verify
+from surgery.verify import PROMPTS, prompt_batch, verify
 
 EDITS = {"none": [], "mixed": [DropAttention(layers=(1,)), DropMlp(layers=(3,)), DropBlock(layers=(5,))]}
 
@@ -72,7 +72,7 @@ def test_verification_batch_routes_tokens_to_different_experts(arch):
     chosen = []
     router = graph.model.model.layers[0].mlp.gate
     handle = router.register_forward_hook(lambda module, args, out: chosen.append(out[2]))
-    ids, mask = _left_padded(builtin.byte_tokenizer(), PROMPTS)
+    ids, mask = prompt_batch(builtin.byte_tokenizer(), PROMPTS)
     with torch.no_grad():
         graph.model(input_ids=ids, attention_mask=mask)
     handle.remove()

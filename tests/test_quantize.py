@@ -91,7 +91,9 @@ def test_report_counts_bits_exactly(grouped):
     assert q["quantized_linears_storage_bits"] > q["quantized_linears_nominal_bits"]  # scales and zero points
     assert q["bytes_after"] < q["bytes_before"]
     assert report["model"]["after"]["bytes"] == q["bytes_after"]
-    assert report["verification"]["passed"] and report["plan"]["steps"][2]["parameters"]["before_quantization"]
+    # Quantized as written; verified exactly: the float-compute twin against PyTorch with these weights.
+    assert q["quantized_while_writing"] and report["verification"]["quantized_weights"]
+    assert report["verification"]["passed"] and report["plan"]["steps"][2]["parameters"]["quantized_weights"]
 
 
 def _quantized_weights(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ml_dtypes
 import numpy as np
@@ -43,8 +43,10 @@ from onnx import TensorProto, helper
 from surgery.export.options import ExportOptions
 from surgery.export.writer import GraphWriter
 from surgery.models.graph import DecoderGraph
+from surgery.nodes.context import MS
 from surgery.nodes.moe import emit_moe, is_moe
 from surgery.nodes.norm import RMSNorm
+from surgery.quantization import quantize_blocks_nk
 
 # The element type every component writes: weights, activations, KV cache and logits (the one
 # setting). Norm statistics and softmax run in fp32 inside onnxruntime's fused kernels
@@ -128,11 +130,46 @@ class _Emitter:
         self.residual = ""
         self.pending: str | None = None  # a sub-block's output not yet added to the residual
         self.linears: dict[str, str] = {}
+        self.quantized = {linear: (bits, block, sym) for linear, bits, block, sym in options.quantize_linears}
         self.context_length = int(graph.config.max_position_embeddings)
 
     def array(self, tensor: torch.Tensor) -> np.ndarray:
         """A tensor as a numpy array in the export's element type."""
         return tensor.detach().to(torch.float32).cpu().numpy().astype(self.dtype, copy=False)
+
+    def linear(
+        self, linear: str, x: str, weight: torch.Tensor, weight_name: str, node: str, output: str | None = None
+    ) -> str:
+        """`x @ weight.T` for the linear layer `linear`, recorded as `node` for quantization passes.
+
+        A float MatMul against the transposed weight, or, when the options assign this linear a
+        width, a MatMulNBits written straight from the float weight: the quantized model is
+        produced in one streaming pass, holding one weight at a time (names as onnxruntime's
+        quantizer gives them: `<node>_Q<bits>`, `<weight>_Q<bits>`, `_scales`, `_zero_points`).
+        """
+        self.linears[linear] = node
+        # The MatMul's output name either way, as the quantize pass keeps it.
+        outputs = [output or f"{node}/output_0"]
+        setting = self.quantized.get(linear)
+        if setting is None:
+            return self.w.node("MatMul", [x, self.w.weight(weight_name, self.array(weight).T)], node, outputs)[0]
+        bits, block, symmetric = setting
+        blocks = quantize_blocks_nk(weight, bits, block, symmetric)
+        if self.dtype is not np.float32:  # scales in the element type, as the quantizer writes them
+            blocks = replace(blocks, scales=blocks.scales.astype(self.dtype))
+        n, k = weight.shape
+        self.w.parameter_count += n * k  # the float parameters these blocks stand for
+        inputs = [
+            x,
+            self.w.weight(f"{weight_name}_Q{bits}", blocks.packed, parameter=False),
+            self.w.weight(f"{weight_name}_scales", blocks.scales, parameter=False),
+        ]
+        if blocks.zero_points is not None:
+            inputs.append(self.w.weight(f"{weight_name}_zero_points", blocks.zero_points, parameter=False))
+        level = {"accuracy_level": self.options.accuracy_level} if self.options.accuracy_level else {}
+        return self.w.node(
+            "MatMulNBits", inputs, f"{node}_Q{bits}", outputs, MS, K=k, N=n, bits=bits, block_size=block, **level
+        )[0]
 
     def scalar(self, value: float) -> str:
         """A scalar constant in the element type."""
@@ -290,13 +327,11 @@ class _Emitter:
             x = self.pre(final_norm, "model.norm")
         else:
             x = self.pre(final_norm, "model.norm", scale=1 - fusion.weight, derived=False)
-        if shares_table:
-            # Stored once; onnxruntime folds the transpose of a constant when the session loads.
-            head = w.op("Transpose", [embed], "/lm_head/Transpose", perm=[1, 0])
-        else:
-            # A tied head written separately is the same parameters again: not counted twice.
-            head = w.weight("lm_head.weight", self.array(graph.head.weight).T, parameter=not graph.tied_head)
-        self.linears["lm_head"] = "/lm_head/MatMul"
+        # Quantized as it is written when the options assign the head a width (never a shared table).
+        quantized = "lm_head" in self.quantized and not shares_table and not (fusion is not None and fusion.dynamic)
+        if not quantized:
+            self.linears["lm_head"] = "/lm_head/MatMul"
+            head = self.head_weight(embed, shares_table)
         vocab = graph.index.vocab_size
         post = graph.head.has_post
         if fusion is not None and fusion.dynamic:
@@ -304,12 +339,28 @@ class _Emitter:
         else:
             if fusion is not None:
                 x = w.op("Add", [x, readouts[fusion.layers[0]][1]], "/lm_head/fusion/Add")
-            logits = w.node("MatMul", [x, head], "/lm_head/MatMul", ["/lm_head/MatMul/output" if post else "logits"])[0]
+            output = "/lm_head/MatMul/output" if post else "logits"
+            if quantized:
+                counted = w.parameter_count
+                logits = self.linear("lm_head", x, graph.head.weight, "lm_head.weight", "/lm_head/MatMul", output)
+                if graph.tied_head:  # a tied head written separately is the same parameters again
+                    w.parameter_count = counted
+            else:
+                logits = w.node("MatMul", [x, head], "/lm_head/MatMul", [output])[0]
             if post:
                 graph.head.emit_post(self, logits, "/lm_head/post", "logits")
         w.add_output("logits", self.onnx_type, ["batch_size", "sequence_length", vocab])
         if fusion is not None and fusion.dynamic:
             w.add_output("fused_layer", TensorProto.INT64, ["batch_size", "sequence_length"])
+
+    def head_weight(self, embed: str, shares_table: bool) -> str:
+        """The head's float (hidden, vocab) operand: the embedding table transposed, or its own weight."""
+        if shares_table:
+            # Stored once; onnxruntime folds the transpose of a constant when the session loads.
+            return self.w.op("Transpose", [embed], "/lm_head/Transpose", perm=[1, 0])
+        # A tied head written separately is the same parameters again: not counted twice.
+        graph = self.graph
+        return self.w.weight("lm_head.weight", self.array(graph.head.weight).T, parameter=not graph.tied_head)
 
     def dynamic_fusion(self, final: str, head: str, readouts: list[tuple[str, str]], fusion) -> None:
         """Per token: IKS of every candidate, argmin, and that candidate's readout mixed in.

@@ -80,31 +80,35 @@ class MetricScores:
     parameters: dict[str, object]
 
 
-def _batches(tokens: np.ndarray, batch_size: int):
+def _calibration_batches(tokens: np.ndarray, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
+    """(ids, mask, positions) of each batch of unpadded calibration samples."""
+    batches = []
     for start in range(0, len(tokens), batch_size):
-        yield torch.from_numpy(tokens[start : start + batch_size])
+        ids = torch.from_numpy(tokens[start : start + batch_size])
+        mask = torch.ones_like(ids)
+        batches.append((ids, mask, position_ids_from_mask(mask)))
+    return batches
 
 
 @torch.inference_mode()
 def residual_statistics(graph: DecoderGraph, tokens: np.ndarray, batch_size: int = 8) -> dict[str, np.ndarray]:
     """Mean cos(x, m), cos(m, h), cos(x, h) per layer over all tokens, shape (layers,) each.
 
-    Sums are kept in float64 so the mean does not depend on how tokens are batched.
+    Sums are kept in float64 so the mean does not depend on how tokens are batched. The pass
+    runs layer-major (`forward_layerwise`): one layer loaded at a time, whatever the model's size.
     """
     n = len(graph.layers)
     sums = {key: np.zeros(n, np.float64) for key in ("attention", "mlp", "block")}
     position = {layer.index: i for i, layer in enumerate(graph.layers)}
-    count = 0
 
     def observe(layer: int, x: torch.Tensor, m: torch.Tensor, h: torch.Tensor) -> None:
         i = position[layer]
         for key, (a, b) in (("attention", (x, m)), ("mlp", (m, h)), ("block", (x, h))):
             sums[key][i] += torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).double().sum().item()
 
-    for ids in _batches(tokens, batch_size):
-        mask = torch.ones_like(ids)
-        graph.forward(ids, mask, position_ids_from_mask(mask), observer=observe, logits=False)
-        count += ids.numel()
+    batches = _calibration_batches(tokens, batch_size)
+    graph.forward_layerwise(batches, observer=observe, logits=False)
+    count = sum(ids.numel() for ids, _, _ in batches)
     return {key: value / count for key, value in sums.items()}
 
 
@@ -135,7 +139,7 @@ def z_fraction(weights: list[torch.Tensor], threshold: float) -> float:
 def zd_scores(graph: DecoderGraph, threshold: float = DEFAULT_ZD_THRESHOLD, more_important: Direction = "lower"):
     """ZD of each layer's linear weights: attention (q, k, v, o), MLP, and both together (block)."""
     scores: dict[str, list[float]] = {part: [] for part in PARTS}
-    for layer in graph.layers:
+    for layer in graph.each_layer_materialized():
         attention = _linear_weights(layer.attention) if layer.attention is not None else []
         mlp = _linear_weights(layer.mlp) if layer.mlp is not None else []
         scores["attention"].append(z_fraction(attention, threshold) if attention else float("nan"))
@@ -161,9 +165,9 @@ def iks_scores(graph: DecoderGraph, tokens: np.ndarray, max_tokens: int = DEFAUL
     def observe(layer: int, x: torch.Tensor, m: torch.Tensor, h: torch.Tensor) -> None:
         sums[layer] += float(iks(graph, m, h).double().sum())
 
-    for ids in _batches(chosen, 1):
-        mask = torch.ones_like(ids)
-        graph.forward(ids, mask, position_ids_from_mask(mask), observer=observe, logits=False)
+    # The logit lens reads the head at every layer: it stays loaded while the layers stream.
+    with graph.materialized(graph.head.final_norm, graph.head):
+        graph.forward_layerwise(_calibration_batches(chosen, 1), observer=observe, logits=False)
     count = chosen.size
     scores = tuple(sums[layer.index] / count for layer in graph.layers)
     return MetricScores("iks", "higher", {"block": scores}, {"tokens": int(count)})

@@ -302,30 +302,12 @@ class DecoderGraph:
         after attention (m) and leaving it (h), which is what importance metrics read. With
         `logits=False` the head is skipped and the last residual is returned.
         """
-        past = cache.length() if cache is not None else 0
         fused = set(self.fusion.layers) if self.fusion is not None and logits else set()
         residuals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        run = _Sequence(input_ids, attention_mask, position_ids, cache)
         hidden = self.embedding(input_ids)
-        tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
-        masks: dict[int | None, torch.Tensor] = {}
-        slot = 0
         for layer in self.layers:
-            entering = hidden
-            attention = layer.attention
-            if attention is not None:
-                if attention.rope not in tables:
-                    tables[attention.rope] = self.rotary.cos_sin(hidden, position_ids, attention.rope)
-                window = attention.sliding_window
-                if window not in masks:
-                    masks[window] = attention_bias(attention_mask, input_ids.shape[1], past, window, hidden.dtype)
-                slot_cache = (cache, slot) if cache is not None else None
-                hidden = hidden + layer.attention_update(hidden, tables[attention.rope], masks[window], slot_cache)
-                slot += 1
-            after_attention = hidden
-            if layer.mlp is not None:
-                hidden = hidden + layer.mlp_update(hidden)
-            if observer is not None:
-                observer(layer.index, entering, after_attention, hidden)
+            hidden, after_attention = run.through(layer, hidden, self.rotary, observer)
             if layer.index in fused:
                 residuals[layer.index] = (after_attention, hidden)
         if not logits:
@@ -334,6 +316,79 @@ class DecoderGraph:
             fused_out, self.last_choice = fused_logits(self, self.fusion, hidden, residuals)
             return fused_out
         return self.head(hidden)
+
+    @torch.no_grad()
+    def forward_layerwise(
+        self,
+        batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        observer: ResidualObserver | None = None,
+        logits: bool = True,
+        variants: list[Callable[[DecoderLayer | None], contextlib.AbstractContextManager]] | None = None,
+    ) -> list[torch.Tensor]:
+        """`forward` of many batches (input ids, mask, positions), run layer-major: each layer is
+        loaded once (`each_layer_materialized`), every batch's hidden state goes through it, and
+        it is released. This is how a model larger than memory is scored or verified: what is
+        held is one or two layers plus the hidden states of the batches, never the model. The
+        arithmetic is `forward`'s, batch for batch, so the results are identical.
+
+        `variants[i]`, when given, wraps batch i's pass through each layer (and, called with
+        None, through the head): verification uses it to compute with fake-quantized weights.
+        Dynamic layer fusion needs every readout at once and is not supported here.
+        """
+        if self.fusion is not None and logits:
+            raise ValueError("layer-major forward does not run layer fusion")
+        variants = variants or [lambda _: contextlib.nullcontext()] * len(batches)
+        runs = [_Sequence(ids, mask, positions) for ids, mask, positions in batches]
+        with self.materialized(self.embedding):
+            hidden = [self.embedding(ids) for ids, _, _ in batches]
+        for layer in self.each_layer_materialized():
+            for i, run in enumerate(runs):
+                with variants[i](layer):
+                    hidden[i], _ = run.through(layer, hidden[i], self.rotary, observer)
+        if not logits:
+            return hidden
+        with self.materialized(self.head.final_norm, self.head):
+            out = []
+            for i, h in enumerate(hidden):
+                with variants[i](None):
+                    out.append(self.head(h))
+            return out
+
+
+class _Sequence:
+    """One batch's pass through the layers: its masks and rotary tables (built on first use per
+    window and RoPE kind), its KV cache, and the next cache slot."""
+
+    def __init__(self, input_ids, attention_mask, position_ids, cache: KVCache | None = None):
+        self.input_ids, self.attention_mask, self.position_ids, self.cache = (
+            input_ids, attention_mask, position_ids, cache)  # fmt: skip
+        self.past = cache.length() if cache is not None else 0
+        self.tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.masks: dict[int | None, torch.Tensor] = {}
+        self.slot = 0
+
+    def through(self, layer: DecoderLayer, hidden: torch.Tensor, rotary, observer: ResidualObserver | None):
+        """(the residual leaving `layer`, the residual after its attention)."""
+        entering = hidden
+        attention = layer.attention
+        if attention is not None:
+            if attention.rope not in self.tables:
+                self.tables[attention.rope] = rotary.cos_sin(hidden, self.position_ids, attention.rope)
+            window = attention.sliding_window
+            if window not in self.masks:
+                self.masks[window] = attention_bias(
+                    self.attention_mask, self.input_ids.shape[1], self.past, window, hidden.dtype
+                )
+            slot_cache = (self.cache, self.slot) if self.cache is not None else None
+            cos_sin = self.tables[attention.rope]
+            hidden = hidden + layer.attention_update(hidden, cos_sin, self.masks[window], slot_cache)
+            self.slot += 1
+        after_attention = hidden
+        if layer.mlp is not None:
+            hidden = hidden + layer.mlp_update(hidden)
+        if observer is not None:
+            observer(layer.index, entering, after_attention, hidden)
+        return hidden, after_attention
 
 
 def attention_bias(

@@ -54,6 +54,9 @@ def parameters_on_meta() -> Iterator[None]:
         torch.nn.Module.register_parameter = original
 
 
+_CAST_BLOCK_BYTES = 16 << 20  # a tensor stored in another dtype is read and cast this much at a time
+
+
 class Checkpoint:
     """The tensors of a safetensors model folder, read one at a time.
 
@@ -86,24 +89,43 @@ class Checkpoint:
         _, _, entry = self._entry(name)
         return tuple(entry["shape"]), _SAFETENSORS_DTYPES.get(entry["dtype"])
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """One tensor in its stored dtype (read from the file now)."""
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, read from the file now, in `dtype` (default: its stored dtype).
+
+        A tensor stored in another dtype (bf16 read as fp32) is read and cast a block at a
+        time straight into the result, so loading never holds the stored copy and the cast one
+        whole at once (a 128k x 4k embedding: 2.1 GB, not 3.1 GB).
+        """
         path, start, entry = self._entry(name)
-        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
+        stored = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if stored is None:
             raise WeightsError([(f"tensor '{name}' has dtype {entry['dtype']}, which surgery cannot load", None)])
         begin, end = entry["data_offsets"]
-        tensor = torch.empty(entry["shape"], dtype=dtype)
-        target = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+        tensor = torch.empty(entry["shape"], dtype=dtype or stored)
+        flat = tensor.view(-1)
+        itemsize = torch.empty((), dtype=stored).element_size()
+        step = flat.numel() if tensor.dtype == stored else max(1, _CAST_BLOCK_BYTES // itemsize)
+        block = None if tensor.dtype == stored else torch.empty(min(step, flat.numel()), dtype=stored)
         with open(path, "rb", buffering=0) as handle:
             handle.seek(start + begin)
-            read = 0
-            while read < end - begin:
-                count = handle.readinto(target[read:])
-                if not count:
-                    raise WeightsError([(f"weights file '{path.name}' ends inside tensor '{name}'", None)])
-                read += count
+            for first in range(0, flat.numel(), step):
+                count = min(step, flat.numel() - first)
+                target = flat[first : first + count] if block is None else block[:count]
+                self._read_into(handle, target, path, name)
+                if block is not None:
+                    flat[first : first + count] = target
         return tensor
+
+    @staticmethod
+    def _read_into(handle, target: torch.Tensor, path: Path, name: str) -> None:
+        """Fill `target` with the next bytes of the open file."""
+        view = memoryview(target.view(torch.uint8).numpy()) if target.numel() else memoryview(b"")
+        read = 0
+        while read < len(view):
+            count = handle.readinto(view[read:])
+            if not count:
+                raise WeightsError([(f"weights file '{path.name}' ends inside tensor '{name}'", None)])
+            read += count
 
 
 class LazyWeights:
@@ -128,7 +150,7 @@ class LazyWeights:
 
     def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One checkpoint tensor in `dtype`, read now; a WeightsError if it holds NaN or infinity."""
-        tensor = self.checkpoint.tensor(name).to(dtype)
+        tensor = self.checkpoint.tensor(name, dtype)
         if tensor.is_floating_point() and not all_finite(tensor):
             where = self.checkpoint.where.get(name, "the weights")
             raise WeightsError([(f"tensor '{name}' in {where} holds NaN or infinite values", "the file is damaged")])

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from surgery.nodes.context import MS, EmitContext
-from surgery.nodes.linear import emit_linear, weight_t
+from surgery.nodes.linear import emit_linear
 from surgery.nodes.norm import RMSNorm
 
 
@@ -108,9 +108,9 @@ class Attention(torch.nn.Module):
         """
         w = e.w
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        packed = np.concatenate([weight_t(e, self.q_proj), weight_t(e, self.k_proj), weight_t(e, self.v_proj)], 1)
-        e.linears[f"{name}.qkv_proj"] = f"/{name}/qkv_proj/MatMul"
-        qkv = w.op("MatMul", [x, w.weight(f"{name}.qkv_proj.weight", packed)], f"/{name}/qkv_proj/MatMul")
+        packed = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (q + 2 kv, hidden)
+        qkv = e.linear(f"{name}.qkv_proj", x, packed, f"{name}.qkv_proj.weight", f"/{name}/qkv_proj/MatMul")
+        del packed
         if self.q_proj.bias is not None:
             bias = np.concatenate([e.array(self.q_proj.bias), e.array(self.k_proj.bias), e.array(self.v_proj.bias)])
             qkv = w.op("Add", [qkv, w.weight(f"{name}.qkv_proj.bias", bias)], f"/{name}/qkv_proj/Add")

@@ -24,6 +24,12 @@ class EmitContext(Protocol):
         """A tensor as a numpy array in the export's element type."""
         ...
 
+    def linear(
+        self, linear: str, x: str, weight: torch.Tensor, weight_name: str, node: str, output: str | None = None
+    ) -> str:
+        """`x @ weight.T` for the linear layer `linear` ((out, in) weight); returns the output's name."""
+        ...
+
     def scalar(self, value: float) -> str:
         """A scalar constant in the export's element type."""
         ...

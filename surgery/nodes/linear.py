@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from surgery.nodes.context import EmitContext
@@ -21,18 +20,12 @@ def linear_view(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch
     return layer
 
 
-def weight_t(e: EmitContext, module: torch.nn.Linear) -> np.ndarray:
-    """A Linear's weight as MatMul's right operand: (in_features, out_features)."""
-    return e.array(module.weight).T
-
-
 def emit_linear(e: EmitContext, module: torch.nn.Linear, x: str, name: str) -> str:
     """`x @ W.T (+ b)` as a MatMul against the pre-transposed weight (and an Add for the bias).
 
     The MatMul is recorded under `name` so quantization passes can find it.
     """
-    e.linears[name] = f"{name}/MatMul"
-    y = e.w.op("MatMul", [x, e.w.weight(f"{name}.weight", weight_t(e, module))], f"{name}/MatMul")
+    y = e.linear(name, x, module.weight, f"{name}.weight", f"{name}/MatMul")
     if module.bias is not None:
         y = e.w.op("Add", [y, e.w.weight(f"{name}.bias", e.array(module.bias))], f"{name}/Add")
     return y
