@@ -631,7 +631,7 @@ def _verify_layerwise(graph, tokenizer, options, folder: str, threads, providers
     weights for information.
     """
     from surgery.verify import compare
-    from surgery.verify_layerwise import fake_quantized, float_compute_twin, teacher_forced_traces
+    from surgery.verify_layerwise import float_compute_twin, teacher_forced_traces, written_weights
 
     tolerance = VERIFY_TOLERANCES["fp32"]
     model = os.path.join(folder, "model.onnx")
@@ -644,19 +644,19 @@ def _verify_layerwise(graph, tokenizer, options, folder: str, threads, providers
 
     if not options.quantize_linears:
         progress("verifying against PyTorch (teacher-forced, layer by layer)")
-        (trace,) = traces([(model, None)])
-        return replace(compare(trace, model, tolerance, threads, providers=providers), **layerwise), None
+        ((trace, run),) = traces([(model, None)])
+        return replace(compare(trace, model, tolerance, recorded=run), **layerwise), None
     progress("verifying against PyTorch with the quantized weights (float compute; teacher-forced, layer by layer)")
     exact = float_compute_twin(folder) if options.accuracy_level else model
     try:
-        # The fake-quantized run comes last: it quantizes loaded weights in place.
-        original, quantized = traces([(model, None), (exact, fake_quantized(graph, options.quantize_linears))])
-        verification = compare(quantized, exact, tolerance, threads, providers=providers)
+        # The run with the written weights comes last: it overwrites loaded weights in place.
+        original, quantized = traces([(model, None), (exact, written_weights(graph, model))])
+        verification = compare(quantized[0], exact, tolerance, recorded=quantized[1])
         verification = replace(verification, **layerwise, quantized_weights=True)
     finally:
         if exact != model:
             os.remove(exact)
-    return verification, compare(original, model, float("inf"), threads, providers=providers)
+    return verification, compare(original[0], model, float("inf"), recorded=original[1])
 
 
 def default_output(recipe_path: str) -> str:

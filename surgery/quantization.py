@@ -29,6 +29,15 @@ def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return values.reshape(packed.shape[0], -1)[:, :count].astype(np.int32)
 
 
+def _unpack_torch(packed, bits: int):
+    """`_unpack` in torch: uint8 bytes -> `bits`-wide values, low bits first (no truncation)."""
+    import torch
+
+    if bits == 8:
+        return packed
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)
+
+
 def _attribute(node: onnx.NodeProto, name: str) -> int:
     return next(int(a.i) for a in node.attribute if a.name == name)
 
@@ -62,6 +71,22 @@ class BlockQuantized:
         weight = ((q - zero).astype(np.float32) * scales).reshape(n, blocks * block)[:, :k]
         return weight.T
 
+    def dequantize_rows(self, k: int, bits: int, block: int, start: int, stop: int):
+        """Rows start..stop of the (N, K) weight (PyTorch's layout) as a float32 torch tensor;
+        the same arithmetic as `dequantize`, vectorized in torch for weights of billions."""
+        import torch
+
+        packed = torch.from_numpy(np.array(self.packed[start:stop]))
+        n, blocks = packed.shape[0], packed.shape[1]
+        q = _unpack_torch(packed, bits).reshape(n, blocks, -1)[:, :, :block]
+        if self.zero_points is not None:
+            zero = _unpack_torch(torch.from_numpy(np.array(self.zero_points[start:stop])), bits)
+            zero = zero.reshape(n, -1)[:, :blocks, None]
+        else:
+            zero = torch.full((1, 1, 1), 1 << (bits - 1), dtype=torch.int16)
+        scales = torch.from_numpy(np.array(self.scales[start:stop])).reshape(n, blocks, 1).float()
+        return ((q.to(torch.int16) - zero.to(torch.int16)).float() * scales).reshape(n, -1)[:, :k]
+
 
 _CHUNK_BYTES = 32 << 20  # output rows quantized per call: one fp32 transpose of about this size
 
@@ -86,22 +111,6 @@ def quantize_blocks_nk(weight, bits: int, block: int, symmetric: bool) -> BlockQ
     return BlockQuantized(
         np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]), zero_points
     )
-
-
-def fake_quantize_nk(weight, bits: int, block: int, symmetric: bool, out=None):
-    """An (N, K) torch weight with every value replaced by what its MatMulNBits blocks stand for
-    (quantized and dequantized), computed a chunk of rows at a time into `out` (a new tensor by
-    default; `weight` itself to work in place, as each chunk is read before it is written)."""
-    import torch
-
-    n, k = weight.shape
-    rows = max(1, _CHUNK_BYTES // (4 * k))
-    out = torch.empty(weight.shape, dtype=weight.dtype) if out is None else out
-    for start in range(0, n, rows):
-        chunk = weight[start : start + rows].detach().to(torch.float32).T.contiguous().numpy()
-        restored = quantize_blocks(chunk, bits, block, symmetric).dequantize(k, bits, block)
-        out[start : start + rows] = torch.from_numpy(restored.T)
-    return out
 
 
 def quantize_blocks(weight: np.ndarray, bits: int, block: int, symmetric: bool) -> BlockQuantized:

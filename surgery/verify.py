@@ -14,6 +14,7 @@ the PyTorch model, and `compare` replays the same inputs in onnxruntime.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -200,17 +201,23 @@ def compare(
     precision: str = "fp32",
     fp32: ReferenceTrace | None = None,
     providers: list[str] | None = None,
+    recorded: OnnxRun | None = None,
 ) -> Verification:
     """Replay the trace's inputs in onnxruntime and compare; never raises on a mismatch.
 
     `trace` is PyTorch in the export's `precision`; `fp32`, given below fp32, is PyTorch in
     fp32 on the same prompts, for the KL divergence and top-1 agreement of the prefill.
+    `recorded` is onnxruntime's run on exactly the trace's inputs, when one was kept (a
+    teacher-forced trace is fed onnxruntime's own tokens): nothing is replayed then.
     """
     started = time.perf_counter()
-    # Unpacked weights stay memory-mapped from the data file: verification is short.
-    model = OnnxCausalLM(model_dir, threads=threads, low_memory=True, providers=providers)
     ids, mask = trace.input_ids, trace.attention_mask
-    outputs = onnx_steps(model, ids, mask, lambda step, _: trace.tokens[step], len(trace.tokens))
+    if recorded is None:
+        # Unpacked weights stay memory-mapped from the data file: verification is short.
+        model = OnnxCausalLM(model_dir, threads=threads, low_memory=True, providers=providers)
+        steps = onnx_steps(model, ids, mask, lambda step, _: trace.tokens[step], len(trace.tokens))
+        recorded = OnnxRun(steps, model.uses_cache)
+    outputs = iter(recorded.outputs)
     out = next(outputs)
     real = mask.astype(bool)
     dynamic = trace.prefill_choice is not None
@@ -250,7 +257,7 @@ def compare(
         reason = f"the dynamically fused layer differs from PyTorch's at {wrong} position(s), not at a tie"
     elif dynamic and out.fused_layer is None:
         reason = "the exported model has no fused_layer output"
-    elif model.uses_cache != trace.kv_cache:
+    elif recorded.uses_cache != trace.kv_cache:
         reason = "the exported model's KV-cache inputs do not match the export options"
     elif max_diff > tolerance:
         reason = f"max |logit diff| {max_diff:.3g} exceeds the tolerance {tolerance:g}"
@@ -268,7 +275,7 @@ def compare(
         prompts=trace.prompts,
         prompt_lengths=tuple(int(n) for n in trace.attention_mask.sum(1)),
         decode_steps=len(trace.tokens),
-        kv_cache=model.uses_cache,
+        kv_cache=recorded.uses_cache,
         reason=reason,
         seconds=round(trace.seconds + time.perf_counter() - started, 3),
         fusion_ties=ties,
@@ -276,6 +283,14 @@ def compare(
         fp32_kl=fp32_kl,
         fp32_top1=fp32_top1,
     )
+
+
+@dataclass(frozen=True)
+class OnnxRun:
+    """onnxruntime's outputs of a prefill and the decode steps after it, in order."""
+
+    outputs: Iterable
+    uses_cache: bool
 
 
 def onnx_steps(model: OnnxCausalLM, ids: np.ndarray, mask: np.ndarray, feed, steps: int):

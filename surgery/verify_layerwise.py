@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -35,17 +34,18 @@ import onnx
 import torch
 
 from surgery.models.graph import DecoderGraph, DecoderLayer, position_ids_from_mask
-from surgery.quantization import fake_quantize_nk
-from surgery.runtime import OnnxCausalLM
-from surgery.verify import PROMPTS, ReferenceTrace, onnx_steps, prompt_batch
+from surgery.quantization import BlockQuantized
+from surgery.runtime import OnnxCausalLM, StepOutput
+from surgery.verify import PROMPTS, OnnxRun, ReferenceTrace, onnx_steps, prompt_batch
 
 FLOAT_COMPUTE_MODEL = "model.float-compute.onnx"  # the exact part's twin, removed after use
 
 Variant = Callable[[DecoderLayer | None], contextlib.AbstractContextManager]
 
 
-def onnx_greedy_tokens(model_path: str, ids: np.ndarray, mask: np.ndarray, steps: int, threads=None, providers=None):
-    """(steps, batch): onnxruntime's greedy tokens after the prompts."""
+def onnx_greedy(model_path: str, ids: np.ndarray, mask: np.ndarray, steps: int, threads=None, providers=None):
+    """(tokens (steps, batch), the run): onnxruntime's greedy tokens after the prompts, and its
+    outputs (logits only) of the prefill and of a decode step after each token."""
     model = OnnxCausalLM(model_path, threads=threads, low_memory=True, providers=providers)
     tokens: list[np.ndarray] = []
 
@@ -53,11 +53,10 @@ def onnx_greedy_tokens(model_path: str, ids: np.ndarray, mask: np.ndarray, steps
         tokens.append(out.logits[:, -1].argmax(-1))
         return tokens[-1]
 
-    # The last token needs no forward of its own: `steps - 1` decode steps choose `steps` tokens.
-    last = deque(onnx_steps(model, ids, mask, choose, steps - 1), maxlen=1)[0]
-    if steps:
-        choose(steps, last)
-    return np.stack(tokens) if tokens else np.zeros((0, len(ids)), np.int64)
+    # The KV cache is dropped from what is kept: only the logits are compared.
+    outputs = [StepOutput(out.logits, []) for out in onnx_steps(model, ids, mask, choose, steps)]
+    chosen = np.stack(tokens) if tokens else np.zeros((0, len(ids)), np.int64)
+    return chosen, OnnxRun(outputs, model.uses_cache)
 
 
 def teacher_forced_traces(
@@ -70,13 +69,15 @@ def teacher_forced_traces(
     threads: int | None = None,
     providers: list[str] | None = None,
     prompts: tuple[str, ...] = PROMPTS,
-) -> list[ReferenceTrace]:
+) -> list[tuple[ReferenceTrace, OnnxRun]]:
     """One ReferenceTrace per (onnx model path, PyTorch variant): onnxruntime's greedy tokens on
     that model, and PyTorch's logits at every position of prompts + tokens, all runs computed
-    in one layer-major pass."""
+    in one layer-major pass; with each, onnxruntime's recorded run, which `compare` takes instead
+    of replaying (the trace's inputs are exactly what onnxruntime was fed)."""
     started = time.perf_counter()
     ids, mask = (t.numpy() for t in prompt_batch(tokenizer, prompts, padded))
-    fed = [onnx_greedy_tokens(path, ids, mask, steps, threads, providers) for path, _ in runs]
+    greedy = [onnx_greedy(path, ids, mask, steps, threads, providers) for path, _ in runs]
+    fed = [tokens for tokens, _ in greedy]
     batches = []
     for tokens in fed:
         full_ids = torch.from_numpy(np.concatenate([ids, tokens.T.astype(np.int64)], axis=1))
@@ -102,7 +103,7 @@ def teacher_forced_traces(
                 seconds=seconds,
             )
         )
-    return traces
+    return [(trace, run) for trace, (_, run) in zip(traces, greedy, strict=True)]
 
 
 def linear_weights(graph: DecoderGraph, linear: str) -> list[torch.nn.Parameter]:
@@ -119,35 +120,75 @@ def linear_weights(graph: DecoderGraph, linear: str) -> list[torch.nn.Parameter]
     return [getattr(sub, leaf).weight]
 
 
-def fake_quantized(graph: DecoderGraph, assignment: tuple[tuple[str, int, int, bool], ...]) -> Variant:
-    """A variant under which a layer's (or, for None, the head's) quantized linears compute with
-    the weights their MatMulNBits blocks stand for.
+class WrittenBlocks:
+    """The MatMulNBits weights of a written model, read from its data file when asked for."""
 
-    Blocks run along the input dimension within one output row, so quantizing q, k and v apart
-    gives exactly the blocks of their stacked MatMul. A weight loaded from the checkpoint is
-    quantized in place and released afterwards (its next load reads the checkpoint's values), so
-    no second copy is made (a 2 GB head stays 2 GB); the variant must then be the last to read
-    a layer: `teacher_forced_traces` runs come in order. A weight held in memory is replaced by
-    a quantized copy and restored.
+    def __init__(self, model_path: str):
+        model = onnx.load(model_path, load_external_data=False)
+        self.folder = os.path.dirname(model_path)
+        self.initializers = {init.name: init for init in model.graph.initializer}
+        # linear name -> its node; the exporter names the packed weight `<linear>.weight_Q<bits>`.
+        self.nodes = {
+            node.input[1].rsplit(".weight_Q", 1)[0]: node for node in model.graph.node if node.op_type == "MatMulNBits"
+        }
+
+    def _array(self, name: str) -> np.ndarray:
+        """One initializer's values, read from the data file (or the graph, when small)."""
+        init = self.initializers[name]
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            return onnx.numpy_helper.to_array(init)
+        where = {entry.key: entry.value for entry in init.external_data}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+        count = int(np.prod(init.dims))
+        path = os.path.join(self.folder, where["location"])
+        return np.fromfile(path, dtype, count, offset=int(where.get("offset", 0))).reshape(tuple(init.dims))
+
+    def blocks(self, linear: str) -> tuple[BlockQuantized, int, int, int]:
+        """(the blocks, K, bits, block size) of a quantized linear."""
+        node = self.nodes[linear]
+        attributes = {a.name: a.i for a in node.attribute}
+        zero_points = self._array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        blocks = BlockQuantized(self._array(node.input[1]), self._array(node.input[2]), zero_points)
+        return blocks, attributes["K"], attributes["bits"], attributes["block_size"]
+
+
+def written_weights(graph: DecoderGraph, model_path: str) -> Variant:
+    """A variant under which a layer's (or, for None, the head's) quantized linears compute with
+    the weights the written model holds: its MatMulNBits blocks, read back from the data file and
+    dequantized. So verification checks the bytes that were written, not a recomputation.
+
+    A weight loaded from the checkpoint is overwritten in place and released afterwards (its
+    next load reads the checkpoint's values), so no second copy is made (a 2 GB head stays
+    2 GB); the variant must then be the last to read a layer, which is how the pipeline orders
+    `teacher_forced_traces` runs. A weight held in memory is replaced by a copy and restored.
     """
-    by_layer: dict[int | None, list[tuple[str, int, int, bool]]] = {}
-    for linear, bits, block, symmetric in assignment:
-        key = None if linear == "lm_head" else int(linear.split(".")[2])
-        by_layer.setdefault(key, []).append((linear, bits, block, symmetric))
+    written = WrittenBlocks(model_path)
+    by_layer: dict[int | None, list[str]] = {}
+    for linear in written.nodes:
+        by_layer.setdefault(None if linear == "lm_head" else int(linear.split(".")[2]), []).append(linear)
     weights = graph.weights
 
     @contextlib.contextmanager
     def variant(layer: DecoderLayer | None) -> Iterator[None]:
         saved, spent = [], []
         try:
-            for linear, bits, block, symmetric in by_layer.get(layer.index if layer else None, ()):
-                for weight in linear_weights(graph, linear):
-                    if weights is not None and weights.knows(weight):
-                        fake_quantize_nk(weight, bits, block, symmetric, out=weight.data)
+            for linear in by_layer.get(layer.index if layer else None, ()):
+                blocks, k, bits, block = written.blocks(linear)
+                start = 0
+                for weight in linear_weights(graph, linear):  # q, k and v are stacked by rows
+                    stop = start + weight.shape[0]
+                    in_place = weights is not None and weights.knows(weight)
+                    target = weight.data if in_place else torch.empty_like(weight.data)
+                    step = max(1, _ROWS_BYTES // (4 * k))
+                    for first in range(start, stop, step):
+                        last = min(first + step, stop)
+                        target[first - start : last - start] = blocks.dequantize_rows(k, bits, block, first, last)
+                    if in_place:
                         spent.append(weight)
                     else:
                         saved.append((weight, weight.data))
-                        weight.data = fake_quantize_nk(weight, bits, block, symmetric)
+                        weight.data = target
+                    start = stop
             yield
         finally:
             for weight, data in saved:
@@ -156,6 +197,9 @@ def fake_quantized(graph: DecoderGraph, assignment: tuple[tuple[str, int, int, b
                 weights.release(spent)
 
     return variant
+
+
+_ROWS_BYTES = 32 << 20  # rows dequantized at a time
 
 
 def float_compute_twin(folder: str) -> str:
