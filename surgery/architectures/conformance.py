@@ -201,14 +201,14 @@ def lazy_probe(graph: DecoderGraph, tokens: int = PROBE_TOKENS) -> tuple[Any, De
     for name, param in small.state_dict(keep_vars=True).items():
         if name not in full_names:
             continue  # buffers, and a tied head (the embedding's rows)
+        shape, _ = weights.checkpoint.shape_and_dtype(name)
         try:
-            tensor = weights.load(name)
+            if shape != tuple(param.shape):  # embedding and head: the probe's rows only
+                state[name] = weights.load_rows(name, rows.tolist())
+            else:
+                state[name] = weights.load(name)
         except WeightsError as problem:  # every damaged tensor of the copy at once
             problems += problem.problems
-            continue
-        if tuple(tensor.shape) != tuple(param.shape):
-            tensor = tensor[rows]  # embedding and head: the probe's rows only
-        state[name] = tensor
     if problems:
         raise WeightsError(problems)
     small.load_state_dict(state, strict=False)

@@ -273,8 +273,10 @@ class _Emitter:
         if self.kv_layers:
             self.attention_context()
         # Weights are loaded a node at a time (lazily loaded models) and released once written.
+        # The writer flushes before each release: queued blocks may view the weights' memory.
         with graph.materialized(graph.embedding):
             self.residual, embed = graph.embedding.emit(self, self.input_ids)
+            self.w.flush()
         with graph.materialized(graph.head.final_norm):
             self.layers_and_head(embed)
 
@@ -287,10 +289,12 @@ class _Emitter:
         readouts: dict[int, tuple[str | None, str]] = {}  # layer -> FinalNorm(m), FinalNorm(h)
         for layer in graph.each_layer_materialized():
             slot = self.layer(layer, slot, fusion, fused, readouts)
+            self.w.flush()
         # A head stored apart from the embedding is loaded for its MatMul; a shared table is not.
         shares_table = graph.tied_head and not self.options.untie_head
         with graph.materialized(None if shares_table else graph.head):
             self.head(embed, fusion, readouts, shares_table)
+            self.w.flush()
 
     def layer(self, layer, slot: int, fusion, fused: set[int], readouts: dict) -> int:
         """One layer's nodes; returns the next KV slot."""
