@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/surgery-scale"))
     parser.add_argument("--layers", type=int, default=None, help="llama8b: fewer layers (a quick check)")
     parser.add_argument("--skip-builder", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the output folders (default: removed once measured)")
     parser.add_argument("--json", default=None, help="default: bench-results/scale-<model>.json")
     args = parser.parse_args()
     work = args.work
@@ -182,7 +183,12 @@ def main() -> None:
         print(f"running {label} ...", flush=True)
         runs[label] = {**measure(command, work / f"{out.name}.log"), "output_gb": folder_gb(out)}
         shutil.rmtree(work / "builder-cache", ignore_errors=True)
+        if not args.keep:  # an 8B model's fp32 output is 32 GB: measured, then removed
+            shutil.rmtree(out, ignore_errors=True)
         print(f"  {runs[label]}", flush=True)
+    if args.model == "llama8b" and not args.layers:
+        # A 32 GB fp32 output does not fit beside the 16 GB checkpoint on our 64 GB disk.
+        del recipes["surgery fp32, --no-verify"]
     for label, (text, flags) in recipes.items():
         recipe = work / (label.split(",")[0].replace(" ", "-") + ".surg")
         recipe.write_text(text)
@@ -197,7 +203,9 @@ def main() -> None:
             runs[label]["verification"] = {
                 k: verification.get(k) for k in ("passed", "max_abs_logit_diff", "reference")
             }
-            runs[label]["timings"] = {k: round(v, 1) for k, v in data.get("timings", {}).items()}
+            runs[label]["timings"] = {k: round(v, 1) for k, v in data.get("timings_s", {}).items()}
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
         print(f"  {runs[label]}", flush=True)
     for run in runs.values():
         run["disk_floor_s"] = round(run["output_gb"] * 1e3 / bandwidth, 1)
@@ -213,7 +221,7 @@ def main() -> None:
         ("surgery fp32, --no-verify", "builder fp32"),
         ("surgery drop 8 + int4, verified", "builder int4"),
     ):
-        if theirs in runs and runs[theirs]["outcome"] == "ok" and runs[ours]["outcome"] == "ok":
+        if ours in runs and theirs in runs and runs[theirs]["outcome"] == "ok" and runs[ours]["outcome"] == "ok":
             ratios[f"{ours} / {theirs}"] = {
                 "wall": round(runs[ours]["seconds"] / runs[theirs]["seconds"], 3),
                 "peak": round(runs[ours]["peak_gb"] / runs[theirs]["peak_gb"], 3),

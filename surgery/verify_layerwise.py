@@ -3,22 +3,22 @@
 `surgery.verify` decodes greedily in PyTorch with a KV cache, which needs every layer at every
 step. Here the order is turned around so PyTorch needs each layer once:
 
-1. onnxruntime prefills the prompts and greedily decodes `steps` tokens (its session holds the
-   exported model, which is what verification is about);
+1. onnxruntime prefills the prompts and greedily decodes `steps` tokens, keeping its logits
+   (its session holds the exported model, which is what verification is about);
 2. that session is closed, and PyTorch runs the prompts followed by onnxruntime's tokens as one
    sequence through `DecoderGraph.forward_layerwise`: a layer is loaded, every sequence goes
    through it, it is released;
-3. `surgery.verify.compare` replays onnxruntime on the same tokens and compares the logits at
-   every position, and counts the positions where onnxruntime's greedy token is not PyTorch's
-   argmax (beyond a tie).
+3. `surgery.verify.compare` compares onnxruntime's kept logits with PyTorch's at every
+   position (a replay of the same tokens would compute them again), and counts the positions
+   where onnxruntime's greedy token is not PyTorch's argmax (beyond a tie).
 
 Without a cache PyTorch computes each position from the whole prefix, so the comparison also
 checks onnxruntime's KV cache against a computation that has none.
 
 A model quantized while it was written is checked in two parts. The exact part: the same model
 with MatMulNBits computing in float (accuracy_level 0, a second small `model.onnx` over the same
-data file) against PyTorch computing with the weights those blocks stand for, at the fp32
-tolerance. The informational part: the model as written (int8 activations on CPU) against
+data file) against PyTorch computing with the weights those blocks stand for (read back from the data
+file), at the fp32 tolerance. The informational part: the model as written (int8 activations on CPU) against
 PyTorch with the original weights, which is how far quantization moved the logits.
 """
 
