@@ -438,7 +438,7 @@ def _require_matplotlib() -> None:
 
 def _cmd_eval(args) -> int:
     from surgery.data import resolve_text
-    from surgery.evaluate import compare, eval_tokens, onnx_logits, perplexity
+    from surgery.evaluate import compare, compare_with_graph, eval_tokens, onnx_logits, perplexity
     from surgery.model_folder import open_model_folder
 
     folder = open_model_folder(args.output)
@@ -461,7 +461,10 @@ def _cmd_eval(args) -> int:
     }
     if args.against:
         reference = _reference_logits(args.against, tokenizer, args.threads, args.window, args.provider)
-        comparison = compare(candidate, reference, tokens)
+        if callable(reference):
+            comparison = compare(candidate, reference, tokens)
+        else:  # a model in PyTorch, run layer-major: never loaded whole
+            comparison = compare_with_graph(candidate, reference, tokens)
         result.update(comparison.to_json())
         result["against"] = args.against
     else:
@@ -483,8 +486,9 @@ def _cmd_eval(args) -> int:
 
 
 def _reference_logits(spec_text: str, tokenizer, threads: int | None, window: int, provider: str = "cpu"):
-    """Logits of the `--against` model: another output folder in onnxruntime, or a model spec in PyTorch."""
-    from surgery.evaluate import onnx_logits, torch_logits
+    """The `--against` model: another output folder's logits in onnxruntime, or, for a model spec,
+    its decoder graph in PyTorch with the weights left in the checkpoint (run layer-major)."""
+    from surgery.evaluate import onnx_logits
     from surgery.model_folder import open_model_folder
     from surgery.models.index import ModelIndex
     from surgery.models.loading import load_config, load_model, resolve_spec
@@ -496,18 +500,18 @@ def _reference_logits(spec_text: str, tokenizer, threads: int | None, window: in
         return onnx_logits(spec_text, threads, provider)
     spec = resolve_spec(spec_text)
     config = load_config(spec)
-    model, reference_tokenizer, _ = load_model(spec, _Progress())
+    model, reference_tokenizer, weights = load_model(spec, _Progress(), lazy=True)
     if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise _UserError(f"'{spec_text}' has a different tokenizer than the output; the tokens would not compare")
-    return torch_logits(_checked_graph(model, ModelIndex.from_config(spec_text, config)))
+    return _checked_graph(model, ModelIndex.from_config(spec_text, config), weights)
 
 
-def _checked_graph(model, index):
+def _checked_graph(model, index, weights=None):
     """The model's decoder graph, its architecture description checked against its own forward."""
     from surgery.architectures.conformance import DescriptionMismatch, checked_graph
 
     try:
-        return checked_graph(model, index)
+        return checked_graph(model, index, weights)
     except DescriptionMismatch as problem:
         raise _UserError(str(problem), problem.hint) from problem
 

@@ -105,41 +105,93 @@ def _nll(log_probs: torch.Tensor, chunk: np.ndarray) -> float:
     return float(-log_probs[:-1].gather(1, targets[:, None]).double().sum())
 
 
+class _Scores:
+    """Summed NLL of each model and, between two, summed KL and top-1 agreement, window by window."""
+
+    def __init__(self, tokens: EvalTokens):
+        self.tokens, self.windows = tokens, tokens.windows()
+        self.nll: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+        self.kl_sum, self.agree = 0.0, 0
+
+    def add(self, name: str, chunk: np.ndarray, logits: Callable[[], np.ndarray]) -> torch.Tensor:
+        """Score one window's logits (computed by `logits`, timed) under `name`; its log-probabilities."""
+        start = time.perf_counter()
+        window = log_probs(logits())
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        self.nll[name] = self.nll.get(name, 0.0) + _nll(window, chunk)
+        return window
+
+    def add_divergence(self, reference: torch.Tensor, candidate: torch.Tensor) -> None:
+        """KL(reference || candidate) and top-1 agreement over a window's scored positions."""
+        kl, agreeing = divergence(reference[:-1], candidate[:-1])
+        self.kl_sum += kl
+        self.agree += agreeing
+
+    def perplexity(self, name: str) -> Perplexity:
+        """The perplexity of the model scored under `name`."""
+        scored = self.tokens.scored()
+        mean = self.nll[name] / scored
+        return Perplexity(math.exp(mean), mean, scored, len(self.windows), self.tokens.window, self.seconds[name])
+
+    def comparison(self) -> Comparison:
+        """The candidate against the reference."""
+        scored = self.tokens.scored()
+        return Comparison(self.perplexity("candidate"), self.perplexity("reference"), self.kl_sum / scored,
+                          self.agree / scored)  # fmt: skip
+
+
 def perplexity(model: LogitsFn, tokens: EvalTokens) -> Perplexity:
     """Chunked perplexity of one model."""
-    start = time.perf_counter()
-    total = 0.0
-    windows = tokens.windows()
-    for chunk in windows:
-        total += _nll(log_probs(model(chunk[None])), chunk)
-    scored = tokens.scored()
-    mean = total / scored
-    return Perplexity(math.exp(mean), mean, scored, len(windows), tokens.window, time.perf_counter() - start)
+    scores = _Scores(tokens)
+    for chunk in scores.windows:
+        scores.add("model", chunk, lambda chunk=chunk: model(chunk[None]))
+    return scores.perplexity("model")
 
 
 def compare(candidate: LogitsFn, reference: LogitsFn, tokens: EvalTokens) -> Comparison:
     """Perplexity of both, mean KL(reference || candidate), and top-1 agreement, window by window."""
-    nll = {"candidate": 0.0, "reference": 0.0}
-    seconds = {"candidate": 0.0, "reference": 0.0}
-    kl_sum, agree = 0.0, 0
-    windows = tokens.windows()
-    for chunk in windows:
-        window: dict[str, torch.Tensor] = {}
-        for name, model in (("candidate", candidate), ("reference", reference)):
-            start = time.perf_counter()
-            window[name] = log_probs(model(chunk[None]))
-            seconds[name] += time.perf_counter() - start
-            nll[name] += _nll(window[name], chunk)
-        kl, agreeing = divergence(window["reference"][:-1], window["candidate"][:-1])
-        kl_sum += kl
-        agree += agreeing
-    scored = tokens.scored()
+    scores = _Scores(tokens)
+    for chunk in scores.windows:
+        theirs = scores.add("candidate", chunk, lambda chunk=chunk: candidate(chunk[None]))
+        ours = scores.add("reference", chunk, lambda chunk=chunk: reference(chunk[None]))
+        scores.add_divergence(ours, theirs)
+    return scores.comparison()
 
-    def result(name: str) -> Perplexity:
-        mean = nll[name] / scored
-        return Perplexity(math.exp(mean), mean, scored, len(windows), tokens.window, seconds[name])
 
-    return Comparison(result("candidate"), result("reference"), kl_sum / scored, agree / scored)
+def _graph_windows(graph, scores: _Scores, each: Callable[[np.ndarray, np.ndarray], None]) -> None:
+    """Every window through a DecoderGraph layer-major (`forward_layerwise`: one layer loaded at a
+    time), `each(window, logits)` called on one window's (T, vocab) fp32 logits at a time."""
+    batches = []
+    for chunk in scores.windows:
+        ids = torch.from_numpy(chunk[None]).long()
+        batches.append((ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None]))
+    start = time.perf_counter()
+    graph.forward_layerwise(batches, reduce=lambda i, logits: each(scores.windows[i], logits[0].float().numpy()))
+    # The layers' time is the reference's; what the callbacks timed themselves is added back below.
+    scores.seconds["reference"] = time.perf_counter() - start - scores.seconds.get("candidate", 0.0)
+
+
+def graph_perplexity(graph, tokens: EvalTokens) -> Perplexity:
+    """`perplexity` of a DecoderGraph's PyTorch forward, computed layer-major: the model is never
+    loaded whole, and the result is the window-by-window computation's."""
+    scores = _Scores(tokens)
+    _graph_windows(graph, scores, lambda chunk, logits: scores.add("reference", chunk, lambda: logits))
+    return scores.perplexity("reference")
+
+
+def compare_with_graph(candidate: LogitsFn, graph, tokens: EvalTokens) -> Comparison:
+    """`compare` against a DecoderGraph as the reference, layer-major: the candidate (onnxruntime)
+    scores each window when PyTorch's logits for it come out of the head."""
+
+    def each(chunk: np.ndarray, logits: np.ndarray) -> None:
+        ours = scores.add("reference", chunk, lambda: logits)
+        theirs = scores.add("candidate", chunk, lambda: candidate(chunk[None]))
+        scores.add_divergence(ours, theirs)
+
+    scores = _Scores(tokens)
+    _graph_windows(graph, scores, each)
+    return scores.comparison()
 
 
 def onnx_logits(folder: str, threads: int | None = None, provider: str = "cpu") -> LogitsFn:

@@ -504,14 +504,14 @@ def _reference_perplexity(checked: CheckedRecipe, graph, tokenizer, progress: Pr
     if checked.perplexity is None:
         return None
     from surgery.data import resolve_text
-    from surgery.evaluate import eval_tokens, perplexity, torch_logits
+    from surgery.evaluate import eval_tokens, graph_perplexity
 
     request = checked.perplexity
     tokens = eval_tokens(tokenizer, resolve_text(request.data, checked.base_dir), request.tokens, request.window)
     if tokens.scored() < MIN_PERPLEXITY_TOKENS - 1:  # `check` bounded the count without the tokenizer
         raise RecipeError([Diagnostic("error", f"'{request.data}' has too few tokens for a perplexity", request.span)])
     progress(f"perplexity of the original model on {tokens.scored()} tokens of {tokens.text.name} (PyTorch)")
-    return tokens, perplexity(torch_logits(graph), tokens)
+    return tokens, graph_perplexity(graph, tokens)
 
 
 def _perplexity_check(checked: CheckedRecipe, reference, folder: str, threads: int | None, progress: Progress) -> dict:

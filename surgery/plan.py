@@ -204,14 +204,14 @@ def _selection(query: ImportanceQuery, scores: MetricScores, candidates: list[in
 def streams_weights(checked: CheckedRecipe, run_verification: bool) -> bool:
     """Whether an apply can leave the weights in the checkpoint and read them a layer at a time.
 
-    Importance scores and the exporter already work layer by layer, drops only remove nodes,
-    and linear layers are quantized as they are written; verification then runs teacher-forced
-    and layer-major (`surgery.verify_layerwise`). What still needs the whole model loaded: the
-    perplexity check, passes that rewrite weights (split, prune, merge, fuse), a quantized
-    embedding (an ONNX pass over the written table), and verification below fp32 (the reference
-    is cast to the element type as a whole).
+    Importance scores, the original model's perplexity and the exporter already work layer by
+    layer, drops only remove nodes, and linear layers are quantized as they are written;
+    verification then runs teacher-forced and layer-major (`surgery.verify_layerwise`). What
+    still needs the whole model loaded: passes that rewrite weights (split, prune, merge, fuse),
+    a quantized embedding (an ONNX pass over the written table), and verification below fp32
+    (the reference is cast to the element type as a whole).
     """
-    if checked.perplexity is not None or checked.fuse or checked.splits or checked.prunes or checked.merges:
+    if checked.fuse or checked.splits or checked.prunes or checked.merges:
         return False
     if any(q.part == "embedding" for q in checked.quantize):
         return False

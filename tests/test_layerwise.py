@@ -122,6 +122,42 @@ def test_teacher_forced_logits_equal_the_greedy_decodes(name, tmp_path):
     assert replayed.passed and kept.passed and replayed.max_abs_logit_diff == kept.max_abs_logit_diff
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gemma3"])
+def test_layer_major_perplexity_and_comparison_equal_the_window_by_window_ones(name, tmp_path):
+    """`verify perplexity`'s reference and `surgery eval --against <model>` run layer-major."""
+    from surgery.data import resolve_text
+    from surgery.evaluate import compare as eval_compare
+    from surgery.evaluate import (
+        compare_with_graph,
+        eval_tokens,
+        graph_perplexity,
+        onnx_logits,
+        perplexity,
+        torch_logits,
+    )
+
+    folder = saved(name, tmp_path / name)
+    lazy, eager = lazy_graph(folder), eager_graph(folder)
+    (tmp_path / "text.txt").write_text(TEXT)
+    tokens = eval_tokens(builtin.byte_tokenizer(), resolve_text(str(tmp_path / "text.txt")), 300, 64)
+    assert len(tokens.windows()) == 5
+    streamed, whole = graph_perplexity(lazy, tokens), perplexity(torch_logits(eager), tokens)
+    assert streamed.tokens_scored == whole.tokens_scored and streamed.windows == whole.windows
+    assert streamed.mean_nll == pytest.approx(whole.mean_nll, rel=0, abs=1e-5)
+    out = tmp_path / "out"
+    out.mkdir()
+    run_pass(DropAttention(layers=(1,)), eager)
+    export_decoder(eager, str(out), ExportOptions())
+    candidate = onnx_logits(str(out))
+    streamed = compare_with_graph(candidate, lazy, tokens)
+    whole = eval_compare(candidate, torch_logits(eager_graph(folder)), tokens)
+    assert streamed.reference.mean_nll == pytest.approx(whole.reference.mean_nll, rel=0, abs=1e-5)
+    assert streamed.candidate.mean_nll == pytest.approx(whole.candidate.mean_nll, rel=0, abs=1e-5)
+    assert streamed.mean_kl == pytest.approx(whole.mean_kl, rel=0, abs=1e-5) and streamed.mean_kl > 0
+    assert streamed.top1_agreement == whole.top1_agreement
+    assert resident_bytes(unique_parameters(lazy.all_modules())) == 0
+
+
 def test_quantizing_while_writing_writes_what_the_quantize_pass_writes(tmp_path):
     """Every width, block and symmetry: the same nodes, inputs, attributes and packed arrays."""
     folder = saved("tiny-llama", tmp_path / "llama")

@@ -102,8 +102,8 @@ def test_fused_projections_load_as_views_of_their_checkpoint_tensor(tmp_path):
 
 
 def test_a_lazy_apply_never_loads_the_whole_model(tmp_path, monkeypatch):
-    """`surgery apply` of drops and an export streams, with verification or without; a perplexity
-    check needs the whole model."""
+    """`surgery apply` of drops and an export streams, with verification or without, and with a
+    perplexity check."""
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     folder = saved("tiny-llama", tmp_path / "llama")
     calls = []
@@ -127,11 +127,11 @@ def test_a_lazy_apply_never_loads_the_whole_model(tmp_path, monkeypatch):
     assert max(calls) < total / 2
     calls.clear()
     (tmp_path / "t.txt").write_text("The quick brown fox jumps over the lazy dog. " * 100)
-    whole = write(tmp_path / "p.surg", f'model "{folder}"\ndrop attention layers 1\n'
+    with_perplexity = write(tmp_path / "p.surg", f'model "{folder}"\ndrop attention layers 1\n'
                                        'verify perplexity on "t.txt" max-increase 900% tokens 256\n')  # fmt: skip
-    result = run_cli("apply", str(whole), "-o", str(tmp_path / "out3"))
-    assert result.code in (0, 3), result.err
-    assert max(calls) == total
+    result = run_cli("apply", str(with_perplexity), "-o", str(tmp_path / "out3"))
+    assert result.code == 0, result.err
+    assert max(calls) < total / 2
     assert (tmp_path / "out" / "model.onnx.data").read_bytes() == (tmp_path / "out2" / "model.onnx.data").read_bytes()
 
 
