@@ -407,8 +407,9 @@ def _cmd_importance(args) -> int:
         check_replaceable_file(args.plot, "plot", lambda head: head.startswith(PNG_SIGNATURE), inputs)
     progress = _Progress()
     progress(f"loading {spec.text}")
-    model, tokenizer, _ = load_model(spec, progress)
-    graph = _checked_graph(model, index)
+    # Scores are computed layer-major: the weights stay in the checkpoint until a layer is scored.
+    model, tokenizer, weights = load_model(spec, progress, lazy=True)
+    graph = _checked_graph(model, index, weights)
     request = ScoreRequest(metrics, calibration, args.zd_threshold, args.zd_more_important)
     importance = compute_importance(graph, tokenizer, spec, request, progress, use_cache=not args.no_cache)
     save_importance(importance, args.output)

