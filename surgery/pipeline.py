@@ -167,7 +167,7 @@ def _load(checked: CheckedRecipe, progress: Progress, whole: bool = True):
     """(graph, tokenizer): the model loaded, its nodes built from the architecture description,
     and that description checked against the model's own forward; problems at the `model` line.
 
-    With `whole` False the weights of a safetensors checkpoint stay in their files (memory-mapped)
+    With `whole` False the weights of a safetensors checkpoint stay in their files
     and the graph loads them node by node (`DecoderGraph.materialized`)."""
     from surgery.architectures.conformance import DescriptionMismatch, checked_graph
     from surgery.models.loading import ModelSpecError, load_model

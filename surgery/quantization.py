@@ -18,19 +18,8 @@ from onnx import numpy_helper
 MS_DOMAIN = "com.microsoft"
 
 
-def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """uint8 bytes -> `count` unsigned `bits`-wide values per row, low bits first."""
-    packed = packed.reshape(packed.shape[0], -1)
-    if bits == 8:
-        return packed[:, :count].astype(np.int32)
-    per_byte = 8 // bits
-    shifts = np.arange(per_byte, dtype=np.uint8) * bits
-    values = (packed[:, :, None] >> shifts) & ((1 << bits) - 1)
-    return values.reshape(packed.shape[0], -1)[:, :count].astype(np.int32)
-
-
 def _unpack_torch(packed, bits: int):
-    """`_unpack` in torch: uint8 bytes -> `bits`-wide values, low bits first (no truncation)."""
+    """uint8 bytes -> `bits`-wide values, low bits first (4 bits: two per byte; 8 bits: as they are)."""
     import torch
 
     if bits == 8:
@@ -60,20 +49,11 @@ class BlockQuantized:
 
     def dequantize(self, k: int, bits: int, block: int) -> np.ndarray:
         """The (K, N) float32 weight these blocks stand for."""
-        n = self.packed.shape[0]
-        blocks = -(-k // block)
-        q = _unpack(self.packed, bits, blocks * block).reshape(n, blocks, block)
-        scales = self.scales.reshape(n, blocks, 1).astype(np.float32)
-        if self.zero_points is not None:
-            zero = _unpack(self.zero_points, bits, blocks).reshape(n, blocks, 1)
-        else:
-            zero = np.full((n, blocks, 1), 1 << (bits - 1), np.int32)
-        weight = ((q - zero).astype(np.float32) * scales).reshape(n, blocks * block)[:, :k]
-        return weight.T
+        return self.dequantize_rows(k, bits, block, 0, self.packed.shape[0]).numpy().T
 
     def dequantize_rows(self, k: int, bits: int, block: int, start: int, stop: int):
-        """Rows start..stop of the (N, K) weight (PyTorch's layout) as a float32 torch tensor;
-        the same arithmetic as `dequantize`, vectorized in torch for weights of billions."""
+        """Rows start..stop of the (N, K) weight (PyTorch's layout) as a float32 torch tensor
+        (a chunk at a time keeps the temporaries of a weight of billions small)."""
         import torch
 
         packed = torch.from_numpy(np.array(self.packed[start:stop]))

@@ -138,9 +138,17 @@ class _Emitter:
         return tensor.detach().to(torch.float32).cpu().numpy().astype(self.dtype, copy=False)
 
     def linear(
-        self, linear: str, x: str, weight: torch.Tensor, weight_name: str, node: str, output: str | None = None
+        self,
+        linear: str,
+        x: str,
+        weight: torch.Tensor,
+        weight_name: str,
+        node: str,
+        output: str | None = None,
+        parameter: bool = True,
     ) -> str:
         """`x @ weight.T` for the linear layer `linear`, recorded as `node` for quantization passes.
+        `parameter=False`: the weight is counted elsewhere (a tied head written on its own).
 
         A float MatMul against the transposed weight, or, when the options assign this linear a
         width, a MatMulNBits written straight from the float weight: the quantized model is
@@ -152,13 +160,15 @@ class _Emitter:
         outputs = [output or f"{node}/output_0"]
         setting = self.quantized.get(linear)
         if setting is None:
-            return self.w.node("MatMul", [x, self.w.weight(weight_name, self.array(weight).T)], node, outputs)[0]
+            operand = self.w.weight(weight_name, self.array(weight).T, parameter=parameter)
+            return self.w.node("MatMul", [x, operand], node, outputs)[0]
         bits, block, symmetric = setting
         blocks = quantize_blocks_nk(weight, bits, block, symmetric)
         if self.dtype is not np.float32:  # scales in the element type, as the quantizer writes them
             blocks = replace(blocks, scales=blocks.scales.astype(self.dtype))
         n, k = weight.shape
-        self.w.parameter_count += n * k  # the float parameters these blocks stand for
+        if parameter:
+            self.w.parameter_count += n * k  # the float parameters these blocks stand for
         inputs = [
             x,
             self.w.weight(f"{weight_name}_Q{bits}", blocks.packed, parameter=False),
@@ -345,10 +355,9 @@ class _Emitter:
                 x = w.op("Add", [x, readouts[fusion.layers[0]][1]], "/lm_head/fusion/Add")
             output = "/lm_head/MatMul/output" if post else "logits"
             if quantized:
-                counted = w.parameter_count
-                logits = self.linear("lm_head", x, graph.head.weight, "lm_head.weight", "/lm_head/MatMul", output)
-                if graph.tied_head:  # a tied head written separately is the same parameters again
-                    w.parameter_count = counted
+                # A tied head written separately is the same parameters again: not counted twice.
+                logits = self.linear("lm_head", x, graph.head.weight, "lm_head.weight", "/lm_head/MatMul", output,
+                                     parameter=not graph.tied_head)  # fmt: skip
             else:
                 logits = w.node("MatMul", [x, head], "/lm_head/MatMul", [output])[0]
             if post:

@@ -249,17 +249,7 @@ class DecoderGraph:
 
     def parameter_count(self) -> int:
         """Parameters still reachable from the graph (a tied head counts once)."""
-        seen: set[int] = set()
-        total = 0
-        modules: list[torch.nn.Module] = [self.embedding, self.head]
-        for layer in self.layers:
-            modules += layer.modules()
-        for module in modules:
-            for p in module.parameters():
-                if id(p) not in seen:  # a tied head is the embedding's own parameter: counted once
-                    seen.add(id(p))
-                    total += p.numel()
-        return total
+        return sum(p.numel() for p in unique_parameters(self.all_modules()))
 
     def to_dtype(self, dtype: torch.dtype) -> None:
         """Cast every parameter the graph computes with to `dtype`, in place (the reference forward

@@ -3,7 +3,7 @@
 A model is built with its parameters on PyTorch's `meta` device (shapes and dtypes, no memory)
 and its buffers (rotary frequencies, embedding scales) real, since those are computed from the
 config. `LazyWeights` knows where each parameter lives in the checkpoint (a safetensors file,
-memory-mapped) and loads a group of them when a step asks (`materialize`), then hands them back
+read with positioned reads) and loads a group of them when a step asks (`materialize`), then hands them back
 (`release`). Loading swaps the tensor inside the same `nn.Parameter` object
 (`torch.utils.swap_tensors`), so the nodes built over the model (`surgery.architectures.build`),
 which hold references to those objects, see the loaded values without being rebuilt.
@@ -80,6 +80,14 @@ class Checkpoint:
         start, entries = self._headers[file]
         return self.folder / file, start, entries[name]
 
+    def _loadable(self, name: str) -> tuple[Path, int, dict, torch.dtype]:
+        """`_entry` and the stored dtype; a WeightsError for a dtype surgery cannot load."""
+        path, start, entry = self._entry(name)
+        stored = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if stored is None:
+            raise WeightsError([(f"tensor '{name}' has dtype {entry['dtype']}, which surgery cannot load", None)])
+        return path, start, entry, stored
+
     def names(self) -> list[str]:
         """Every tensor the checkpoint holds."""
         return list(self.where)
@@ -96,11 +104,8 @@ class Checkpoint:
         time straight into the result, so loading never holds the stored copy and the cast one
         whole at once (a 128k x 4k embedding: 2.1 GB, not 3.1 GB).
         """
-        path, start, entry = self._entry(name)
-        stored = _SAFETENSORS_DTYPES.get(entry["dtype"])
-        if stored is None:
-            raise WeightsError([(f"tensor '{name}' has dtype {entry['dtype']}, which surgery cannot load", None)])
-        begin, end = entry["data_offsets"]
+        path, start, entry, stored = self._loadable(name)
+        begin = entry["data_offsets"][0]
         tensor = torch.empty(entry["shape"], dtype=dtype or stored)
         flat = tensor.view(-1)
         itemsize = torch.empty((), dtype=stored).element_size()
@@ -119,10 +124,7 @@ class Checkpoint:
     def rows(self, name: str, rows: list[int], dtype: torch.dtype | None = None) -> torch.Tensor:
         """Only the given rows (first-dimension indices) of a tensor, each read on its own: a few
         rows of a 0.9 GB vocabulary table cost kilobytes."""
-        path, start, entry = self._entry(name)
-        stored = _SAFETENSORS_DTYPES.get(entry["dtype"])
-        if stored is None:
-            raise WeightsError([(f"tensor '{name}' has dtype {entry['dtype']}, which surgery cannot load", None)])
+        path, start, entry, stored = self._loadable(name)
         shape = entry["shape"]
         out = torch.empty((len(rows), *shape[1:]), dtype=stored)
         row_bytes = out[0].numel() * out.element_size() if len(rows) else 0
@@ -166,15 +168,14 @@ class LazyWeights:
 
     def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One checkpoint tensor in `dtype`, read now; a WeightsError if it holds NaN or infinity."""
-        tensor = self.checkpoint.tensor(name, dtype)
-        if tensor.is_floating_point() and not all_finite(tensor):
-            where = self.checkpoint.where.get(name, "the weights")
-            raise WeightsError([(f"tensor '{name}' in {where} holds NaN or infinite values", "the file is damaged")])
-        return tensor
+        return self._finite(name, self.checkpoint.tensor(name, dtype))
 
     def load_rows(self, name: str, rows: list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Some rows of one checkpoint tensor in `dtype`; a WeightsError if they hold NaN or infinity."""
-        tensor = self.checkpoint.rows(name, rows, dtype)
+        return self._finite(name, self.checkpoint.rows(name, rows, dtype))
+
+    def _finite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (read from checkpoint tensor `name`), or a WeightsError if it holds NaN or infinity."""
         if tensor.is_floating_point() and not all_finite(tensor):
             where = self.checkpoint.where.get(name, "the weights")
             raise WeightsError([(f"tensor '{name}' in {where} holds NaN or infinite values", "the file is damaged")])

@@ -25,7 +25,14 @@ class EmitContext(Protocol):
         ...
 
     def linear(
-        self, linear: str, x: str, weight: torch.Tensor, weight_name: str, node: str, output: str | None = None
+        self,
+        linear: str,
+        x: str,
+        weight: torch.Tensor,
+        weight_name: str,
+        node: str,
+        output: str | None = None,
+        parameter: bool = True,
     ) -> str:
         """`x @ weight.T` for the linear layer `linear` ((out, in) weight); returns the output's name."""
         ...
