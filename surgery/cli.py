@@ -87,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
         default="cpu",
         help="verify on onnxruntime's CPU or CUDA execution provider (cuda needs onnxruntime-gpu: the gpu extra)",
     )
+    apply.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="run importance scoring in PyTorch on this device, one layer there at a time (default cpu)",
+    )
 
     check = commands.add_parser("check", help="check a recipe against the model's config (no weights loaded)")
     check.add_argument("recipe", metavar="RECIPE")
@@ -100,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("recipe", metavar="RECIPE")
     plan.add_argument("--model", metavar="SPEC", help="model to use instead of the recipe's `model` statement")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="run importance scoring in PyTorch on this device, one layer there at a time (default cpu)",
+    )
 
     importance = commands.add_parser(
         "importance",
@@ -129,6 +141,12 @@ def _parser() -> argparse.ArgumentParser:
     importance.add_argument("-o", "--output", required=True, metavar="FILE.json", help="where to write the file")
     importance.add_argument("--plot", metavar="FILE.png", help="also plot the scores per layer (needs matplotlib)")
     importance.add_argument("--no-cache", action="store_true", help="recompute even if cached")
+    importance.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="run importance scoring in PyTorch on this device, one layer there at a time (default cpu)",
+    )
 
     evaluate = commands.add_parser(
         "eval",
@@ -215,7 +233,8 @@ def _cmd_check(args) -> int:
 def _cmd_plan(args) -> int:
     from surgery.pipeline import compile_recipe, resolve_expert_steps
 
-    compiled = resolve_expert_steps(compile_recipe(args.recipe, args.model, progress=_Progress()), _Progress())
+    compiled = compile_recipe(args.recipe, args.model, progress=_Progress(), device=args.device)
+    compiled = resolve_expert_steps(compiled, _Progress())
     _print_warnings(compiled.plan.warnings)
     if args.json:
         print(json.dumps(compiled.plan.to_json(), indent=2))
@@ -238,6 +257,7 @@ def _cmd_apply(args) -> int:
         threads=args.threads,
         progress=progress,
         provider=args.provider,
+        device=args.device,
     )
     _print_warnings(tuple(_Rendered(w) for w in result.report["warnings"]))
     report = result.report
@@ -374,7 +394,7 @@ def _cmd_importance(args) -> int:
     from surgery.calibration import CalibrationSpec
     from surgery.check import check_command_inputs
     from surgery.data import DEFAULT_CALIBRATION_TEXT, text_file
-    from surgery.importance.compute import ScoreRequest, compute_importance
+    from surgery.importance.compute import ScoreRequest, checked_device, compute_importance
     from surgery.importance.file import is_importance_file, save_importance
     from surgery.importance.metrics import METRICS
     from surgery.importance.plot import PNG_SIGNATURE
@@ -405,13 +425,16 @@ def _cmd_importance(args) -> int:
     if args.plot:
         _require_matplotlib()
         check_replaceable_file(args.plot, "plot", lambda head: head.startswith(PNG_SIGNATURE), inputs)
+    device = checked_device(args.device)
     progress = _Progress()
     progress(f"loading {spec.text}")
     # Scores are computed layer-major: the weights stay in the checkpoint until a layer is scored.
     model, tokenizer, weights = load_model(spec, progress, lazy=True)
     graph = _checked_graph(model, index, weights)
     request = ScoreRequest(metrics, calibration, args.zd_threshold, args.zd_more_important)
-    importance = compute_importance(graph, tokenizer, spec, request, progress, use_cache=not args.no_cache)
+    importance = compute_importance(
+        graph, tokenizer, spec, request, progress, use_cache=not args.no_cache, device=device
+    )
     save_importance(importance, args.output)
     print(f"wrote {args.output}")
     for name, scores in importance.metrics.items():

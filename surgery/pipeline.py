@@ -101,11 +101,14 @@ def score_request(checked: CheckedRecipe) -> ScoreRequest:
     return ScoreRequest(checked.metrics_to_compute(), checked.calibration, data_dir=checked.base_dir)
 
 
-def compile_recipe(path: str, model: str | None = None, verify: bool = True, progress: Progress = _quiet) -> Compiled:
+def compile_recipe(
+    path: str, model: str | None = None, verify: bool = True, progress: Progress = _quiet, device: str | None = None
+) -> Compiled:
     """Parse, check and plan a recipe file. Raises RecipeError.
 
     Loads the model only when a selector ranks by a computed metric whose scores are not
-    cached yet; everything else needs the config alone.
+    cached yet (scored on `device`, one layer there at a time); everything else needs the
+    config alone.
     """
     text, checked = check_recipe(path, model)
     computed = None
@@ -115,7 +118,7 @@ def compile_recipe(path: str, model: str | None = None, verify: bool = True, pro
         request = score_request(checked)
         computed = cached_importance(checked.spec, request, checked.index.num_layers)
         if computed is None:
-            computed = _compute_with_model(checked, request, progress)
+            computed = _compute_with_model(checked, request, progress, device)
     return Compiled(text, checked, build_plan(checked, verify=verify, computed=computed))
 
 
@@ -149,13 +152,16 @@ def _calibration_text(checked: CheckedRecipe):
         raise RecipeError([Diagnostic("error", str(problem), span, problem.hint)]) from None
 
 
-def _compute_with_model(checked: CheckedRecipe, request: ScoreRequest, progress: Progress) -> ImportanceFile:
-    from surgery.importance.compute import compute_importance
+def _compute_with_model(
+    checked: CheckedRecipe, request: ScoreRequest, progress: Progress, device: str | None = None
+) -> ImportanceFile:
+    from surgery.importance.compute import checked_device, compute_importance
 
+    device = checked_device(device)
     # Scores are computed layer-major: the weights stay in the checkpoint until a layer is scored.
     graph, tokenizer = _load(checked, progress, whole=False)
     with _calibration_text(checked):
-        return compute_importance(graph, tokenizer, checked.spec, request, progress)
+        return compute_importance(graph, tokenizer, checked.spec, request, progress, device=device)
 
 
 def weights_error(checked: CheckedRecipe, problem) -> RecipeError:
@@ -197,13 +203,15 @@ def apply(
     threads: int | None = None,
     progress: Progress = _quiet,
     provider: str = "cpu",
+    device: str | None = None,
 ) -> ApplyResult:
-    """Run a recipe end to end and write the output folder; verification runs on `provider`."""
+    """Run a recipe end to end and write the output folder; verification runs on `provider`,
+    importance scoring in PyTorch on `device` (one layer there at a time)."""
     # torch, onnx and onnxruntime load here, not at import: `check` and `plan` never need them.
     import torch
 
     from surgery.export.decoder import export_decoder
-    from surgery.importance.compute import compute_importance
+    from surgery.importance.compute import checked_device, compute_importance
     from surgery.models.weights import WeightsError
     from surgery.passes.quantize import ACCURACY_LEVELS
     from surgery.report import build_report, folder_bytes, structure, write_report
@@ -221,6 +229,7 @@ def apply(
 
     text, checked = check_recipe(path, model)
     providers = _verification_providers(checked, provider, run_verification)
+    device = checked_device(device)
     folder = OutputFolder(output, force, [path, *checked.input_paths()], progress)
     lap("parse_check")
     try:
@@ -236,7 +245,9 @@ def apply(
         if checked.metrics_to_compute():
             # On the unmodified model, before any pass: scores mean the original layers.
             with _calibration_text(checked):
-                computed = compute_importance(graph, tokenizer, checked.spec, score_request(checked), progress)
+                computed = compute_importance(
+                    graph, tokenizer, checked.spec, score_request(checked), progress, device=device
+                )
             sections["importance"] = computed.to_json()
             lap("importance")
         plan = build_plan(checked, verify=run_verification, computed=computed)

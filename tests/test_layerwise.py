@@ -295,3 +295,51 @@ def test_smollm2_streamed_scores_and_verification_logits_equal_the_in_memory_one
     np.testing.assert_allclose(forced.step_logits, in_memory.step_logits, rtol=0, atol=1e-5)
     verification = compare(forced, str(out), 1e-3)
     assert verification.passed and verification.greedy_tokens_mismatched == 0
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+
+
+@CUDA
+@pytest.mark.parametrize("name", tuple(builtin.TINY_MODELS))
+def test_sequential_onloading_on_cuda_computes_the_cpu_forward(name, tmp_path):
+    """Each layer moved to the GPU in turn (hidden states staying there) gives the CPU's logits,
+    and leaves every parameter back in the checkpoint and every buffer on the CPU."""
+    folder = saved(name, tmp_path / name)
+    lazy, eager = lazy_graph(folder), eager_graph(folder)
+    batches = _batches(eager)
+    expected = [eager.forward(*batch) for batch in batches]
+    for got, want in zip(lazy.forward_layerwise(batches, device="cuda"), expected, strict=True):
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-4)
+    for graph in (lazy, eager):
+        for module in graph.all_modules():
+            assert all(t.device.type in ("cpu", "meta") for t in [*module.parameters(), *module.buffers()])
+
+
+@CUDA
+@pytest.mark.parametrize("name", DENSE_TINY)
+def test_importance_scored_on_cuda_equals_the_cpu_scores(name, tmp_path):
+    (tmp_path / "calib.txt").write_text(TEXT)
+    folder = saved(name, tmp_path / name)
+    request = ScoreRequest(
+        ("similarity", "lim", "iks"), CalibrationSpec(data=str(tmp_path / "calib.txt"), samples=4, length=32)
+    )
+    spec, tokenizer = resolve_spec(str(folder)), builtin.byte_tokenizer()
+    on_gpu = compute_importance(lazy_graph(folder), tokenizer, spec, request, use_cache=False, device="cuda")
+    on_cpu = compute_importance(lazy_graph(folder), tokenizer, spec, request, use_cache=False)
+    for metric in request.metrics:
+        for part, values in on_cpu.metrics[metric].scores.items():
+            np.testing.assert_allclose(on_gpu.metrics[metric].scores[part], values, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_message(tmp_path):
+    result = run_cli(
+        "importance", "--model", "tiny-llama", "--metric", "similarity", "--device", "cuda",
+        "-o", str(tmp_path / "scores.json"),
+    )  # fmt: skip
+    assert result.code == 1
+    assert "--device cuda: this PyTorch sees no CUDA device" in result.err
+    assert "Traceback" not in result.err
+    assert not (tmp_path / "scores.json").exists()

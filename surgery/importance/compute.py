@@ -98,6 +98,22 @@ def cached_importance(spec: ModelSpec, request: ScoreRequest, layers: int) -> Im
     return ImportanceFile(found, model, provenance)
 
 
+def checked_device(name: str | None) -> str | None:
+    """The device calibration runs on, refused with a hint when this PyTorch cannot use it."""
+    import torch
+
+    if name is None or name == "cpu":
+        return None
+    if name == "cuda" and not torch.cuda.is_available():
+        from surgery.diagnostics import HintedError
+
+        raise HintedError(
+            "--device cuda: this PyTorch sees no CUDA device (torch.cuda.is_available() is False)",
+            "install a CUDA build of torch on a machine with a GPU, or calibrate on the CPU (the default)",
+        )
+    return name
+
+
 def compute_importance(
     graph: Any,
     tokenizer: Any,
@@ -105,8 +121,12 @@ def compute_importance(
     request: ScoreRequest,
     progress: Progress = lambda _: None,
     use_cache: bool = True,
+    device: str | None = None,
 ) -> ImportanceFile:
-    """Scores for every requested metric on the (unmodified) graph; reads and fills the cache."""
+    """Scores for every requested metric on the (unmodified) graph; reads and fills the cache.
+
+    The calibration passes run on `device` (default the CPU), one layer there at a time.
+    """
     index = graph.index
     if use_cache:
         cached = cached_importance(spec, request, index.num_layers)
@@ -125,13 +145,13 @@ def compute_importance(
         progress(f"importance: {', '.join(data_metrics)} on {calibration.describe()} ({tokens.size} tokens)")
         start = time.perf_counter()
         residual = [m for m in data_metrics if m in ("similarity", "lim")]
-        statistics = residual_statistics(graph, tokens) if residual else {}
+        statistics = residual_statistics(graph, tokens, device=device) if residual else {}
         if "similarity" in data_metrics:
             metrics["similarity"] = similarity_scores(statistics)
         if "lim" in data_metrics:
             metrics["lim"] = lim_scores(statistics)
         if "iks" in data_metrics:
-            metrics["iks"] = iks_scores(graph, tokens)
+            metrics["iks"] = iks_scores(graph, tokens, device=device)
         provenance["calibration"] = {
             **source.to_json(),
             "samples": calibration.samples,

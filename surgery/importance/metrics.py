@@ -91,11 +91,14 @@ def _calibration_batches(tokens: np.ndarray, batch_size: int) -> list[tuple[torc
 
 
 @torch.inference_mode()
-def residual_statistics(graph: DecoderGraph, tokens: np.ndarray, batch_size: int = 8) -> dict[str, np.ndarray]:
+def residual_statistics(
+    graph: DecoderGraph, tokens: np.ndarray, batch_size: int = 8, device: str | None = None
+) -> dict[str, np.ndarray]:
     """Mean cos(x, m), cos(m, h), cos(x, h) per layer over all tokens, shape (layers,) each.
 
     Sums are kept in float64 so the mean does not depend on how tokens are batched. The pass
-    runs layer-major (`forward_layerwise`): one layer loaded at a time, whatever the model's size.
+    runs layer-major (`forward_layerwise`): one layer loaded at a time, whatever the model's size;
+    with `device` each layer runs there in turn (sequential onloading).
     """
     n = len(graph.layers)
     sums = {key: np.zeros(n, np.float64) for key in ("attention", "mlp", "block")}
@@ -107,7 +110,7 @@ def residual_statistics(graph: DecoderGraph, tokens: np.ndarray, batch_size: int
             sums[key][i] += torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).double().sum().item()
 
     batches = _calibration_batches(tokens, batch_size)
-    graph.forward_layerwise(batches, observer=observe, logits=False)
+    graph.forward_layerwise(batches, observer=observe, logits=False, device=device)
     count = sum(ids.numel() for ids, _, _ in batches)
     return {key: value / count for key, value in sums.items()}
 
@@ -154,8 +157,10 @@ def zd_scores(graph: DecoderGraph, threshold: float = DEFAULT_ZD_THRESHOLD, more
 
 
 @torch.inference_mode()
-def iks_scores(graph: DecoderGraph, tokens: np.ndarray, max_tokens: int = DEFAULT_IKS_TOKENS) -> MetricScores:
-    """Mean IKS per layer over the first calibration samples, at most `max_tokens` tokens."""
+def iks_scores(
+    graph: DecoderGraph, tokens: np.ndarray, max_tokens: int = DEFAULT_IKS_TOKENS, device: str | None = None
+) -> MetricScores:
+    """Mean IKS per layer over the first calibration samples, at most `max_tokens` tokens (on `device`)."""
     from surgery.fusion import iks
 
     samples = max(1, min(len(tokens), max_tokens // tokens.shape[1]))
@@ -166,8 +171,8 @@ def iks_scores(graph: DecoderGraph, tokens: np.ndarray, max_tokens: int = DEFAUL
         sums[layer] += float(iks(graph, m, h).double().sum())
 
     # The logit lens reads the head at every layer: it stays loaded while the layers stream.
-    with graph.materialized(graph.head.final_norm, graph.head):
-        graph.forward_layerwise(_calibration_batches(chosen, 1), observer=observe, logits=False)
+    with graph.materialized(graph.head.final_norm, graph.head, device=device):
+        graph.forward_layerwise(_calibration_batches(chosen, 1), observer=observe, logits=False, device=device)
     count = chosen.size
     scores = tuple(sums[layer.index] / count for layer in graph.layers)
     return MetricScores("iks", "higher", {"block": scores}, {"tokens": int(count)})

@@ -178,17 +178,21 @@ class DecoderGraph:
         return [*modules, self.head]
 
     @contextlib.contextmanager
-    def materialized(self, *modules: torch.nn.Module | None) -> Iterator[None]:
+    def materialized(self, *modules: torch.nn.Module | None, device: str | None = None) -> Iterator[None]:
         """Within the block, the parameters of `modules` are loaded; those it loaded are released after.
 
-        A graph loaded in memory (no lazy weights) has everything loaded already.
+        A graph loaded in memory (no lazy weights) has everything loaded already. With a
+        `device` other than the CPU the modules also move there for the block and back after.
         """
+        present = [module for module in modules if module is not None]
         if self.weights is None:
-            yield
+            with on_device(present, device):
+                yield
             return
-        loaded = self.weights.materialize(unique_parameters(modules))
+        loaded = self.weights.materialize(unique_parameters(present))
         try:
-            yield
+            with on_device(present, device):
+                yield
         finally:
             self.weights.release(loaded)
 
@@ -315,6 +319,7 @@ class DecoderGraph:
         logits: bool = True,
         variants: list[Callable[[DecoderLayer | None], contextlib.AbstractContextManager]] | None = None,
         reduce: Callable[[int, torch.Tensor], Any] | None = None,
+        device: str | None = None,
     ) -> list[Any]:
         """`forward` of many batches (input ids, mask, positions), run layer-major: each layer is
         loaded once (`each_layer_materialized`), every batch's hidden state goes through it, and
@@ -328,20 +333,28 @@ class DecoderGraph:
         computed and its result is returned instead, so only one batch's logits exist at a time
         (a perplexity over 16 windows of a 152k vocabulary would otherwise hold 5 GB).
         Dynamic layer fusion needs every readout at once and is not supported here.
+
+        With `device` (e.g. "cuda"), this is sequential onloading: the hidden states live on that
+        device and each layer is moved there while it runs, so one accelerator scores a model
+        far larger than its memory. Returned hidden states and logits are on that device.
         """
         if self.fusion is not None and logits:
             raise ValueError("layer-major forward does not run layer fusion")
         variants = variants or [lambda _: contextlib.nullcontext()] * len(batches)
+        if device is not None:
+            batches = [tuple(t.to(device) for t in batch) for batch in batches]  # type: ignore[misc]
         runs = [_Sequence(ids, mask, positions) for ids, mask, positions in batches]
-        with self.materialized(self.embedding):
+        with self.materialized(self.embedding, device=device):
             hidden = [self.embedding(ids) for ids, _, _ in batches]
-        for layer in self.each_layer_materialized():
-            for i, run in enumerate(runs):
-                with variants[i](layer):
-                    hidden[i], _ = run.through(layer, hidden[i], self.rotary, observer)
+        with on_device([self.rotary.module] if self.rotary is not None else [], device):
+            for layer in self.each_layer_materialized():
+                with on_device(layer.modules(), device):
+                    for i, run in enumerate(runs):
+                        with variants[i](layer):
+                            hidden[i], _ = run.through(layer, hidden[i], self.rotary, observer)
         if not logits:
             return hidden
-        with self.materialized(self.head.final_norm, self.head):
+        with self.materialized(self.head.final_norm, self.head, device=device):
             out = []
             for i in range(len(hidden)):
                 with variants[i](None):
@@ -387,6 +400,41 @@ class _Sequence:
         return hidden, after_attention
 
 
+@contextlib.contextmanager
+def on_device(modules: list[torch.nn.Module], device: str | None) -> Iterator[None]:
+    """Within the block, the parameters and buffers of `modules` are on `device`; those it moved
+    go back to the CPU after.
+
+    The CPU (or None) moves nothing. Only what this block moved goes back, so a tied head kept
+    on the device by an outer block stays there when an inner block was done with the
+    embedding. Parameters keep their identity, so lazy weights loaded onto the CPU and moved
+    here are released as usual afterwards.
+    """
+    if device is None or torch.device(device).type == "cpu":
+        yield
+        return
+    target = torch.device(device)
+    moved_parameters: dict[int, torch.nn.Parameter] = {}
+    moved_buffers: list[tuple[torch.nn.Module, str]] = []
+    for module in modules:
+        for part in module.modules():
+            for param in part.parameters(recurse=False):
+                if param.device.type == "cpu" and id(param) not in moved_parameters:
+                    param.data = param.data.to(target)
+                    moved_parameters[id(param)] = param
+            for name, buffer in part.named_buffers(recurse=False):
+                if buffer is not None and buffer.device.type == "cpu":
+                    part._buffers[name] = buffer.to(target)
+                    moved_buffers.append((part, name))
+    try:
+        yield
+    finally:
+        for param in moved_parameters.values():
+            param.data = param.data.to("cpu")
+        for part, name in moved_buffers:
+            part._buffers[name] = part._buffers[name].to("cpu")  # type: ignore[union-attr]
+
+
 def attention_bias(
     attention_mask: torch.Tensor, query_len: int, past_len: int, window: int | None, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -397,13 +445,14 @@ def attention_bias(
     window) the distance is below the window.
     """
     total = attention_mask.shape[1]
-    query_pos = torch.arange(past_len, past_len + query_len)[:, None]
-    key_pos = torch.arange(total)[None, :]
+    device = attention_mask.device
+    query_pos = torch.arange(past_len, past_len + query_len, device=device)[:, None]
+    key_pos = torch.arange(total, device=device)[None, :]
     allowed = key_pos <= query_pos
     if window is not None:
         allowed &= (query_pos - key_pos) < window
     allowed = allowed[None, None] & attention_mask[:, None, None, :].bool()
-    bias = torch.zeros(allowed.shape, dtype=dtype)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
