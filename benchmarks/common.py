@@ -32,21 +32,11 @@ def measure(command: list[str]) -> dict:
 
 
 def decode_ms_per_token(model, prompt: np.ndarray, steps: int) -> float:
-    """ms/token of one-token decode steps after prefilling `prompt` (batch 1)."""
-    ids = prompt[None]
-    mask = np.ones_like(ids)
-    positions = np.arange(ids.shape[1])[None]
-    out = model.step(ids, mask, positions)
-    warmup = 4
-    start = 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
-            start = time.perf_counter()
-        token = np.array([[int(out.logits[0, -1].argmax())]])
-        mask = np.concatenate([mask, [[1]]], axis=1)
-        positions = positions[:, -1:] + 1
-        out = model.step(token, mask, positions, out.present)
-    return (time.perf_counter() - start) / steps * 1000
+    """ms/token of one-token decode steps after prefilling `prompt` (batch 1): one round of
+    the package's protocol (surgery/latency.py), which budgets use too."""
+    from surgery.latency import decode_once
+
+    return decode_once(model, prompt, steps)
 
 
 def paired_latency(

@@ -210,6 +210,15 @@ class _Checker:
     ) -> ImportanceQuery | None:
         n = index.num_layers
         ok = True
+        if rank.count is None and rank.percent is None and rank.fit is None:
+            # Only a grouped quantize with `as many as fit` gives a rule no amount (checked there).
+            self.error(
+                f"`{rank.rank} important` needs an amount",
+                rank.span,
+                f"e.g. `{rank.rank} important 4` or `{rank.rank} important 25%`, or search for it with "
+                "`as many as fit { budgets }`",
+            )
+            ok = False
         if rank.count is not None and not 1 <= rank.count <= n:
             problem = "selects no layers" if rank.count == 0 else "asks for more layers than there are"
             self.error(

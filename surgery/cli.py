@@ -93,6 +93,16 @@ def _parser() -> argparse.ArgumentParser:
         default="cpu",
         help="run importance scoring in PyTorch on this device, one layer there at a time (default cpu)",
     )
+    apply.add_argument(
+        "--executor",
+        choices=("process", "ray"),
+        default="process",
+        help="where `as many as fit` candidates are built and measured: a local process pool (default) or Ray "
+        "(the ray extra; RAY_ADDRESS joins a cluster, else a local Ray starts)",
+    )
+    apply.add_argument(
+        "--workers", type=_count(1), metavar="N", help="candidates measured at once (default: half the CPU cores)"
+    )
 
     check = commands.add_parser("check", help="check a recipe against the model's config (no weights loaded)")
     check.add_argument("recipe", metavar="RECIPE")
@@ -106,6 +116,16 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("recipe", metavar="RECIPE")
     plan.add_argument("--model", metavar="SPEC", help="model to use instead of the recipe's `model` statement")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument(
+        "--executor",
+        choices=("process", "ray"),
+        default="process",
+        help="where `as many as fit` candidates are built and measured: a local process pool (default) or Ray "
+        "(the ray extra; RAY_ADDRESS joins a cluster, else a local Ray starts)",
+    )
+    plan.add_argument(
+        "--workers", type=_count(1), metavar="N", help="candidates measured at once (default: half the CPU cores)"
+    )
     plan.add_argument(
         "--device",
         choices=("cpu", "cuda"),
@@ -233,14 +253,36 @@ def _cmd_check(args) -> int:
 def _cmd_plan(args) -> int:
     from surgery.pipeline import compile_recipe, resolve_expert_steps
 
-    compiled = compile_recipe(args.recipe, args.model, progress=_Progress(), device=args.device)
+    compiled = compile_recipe(
+        args.recipe, args.model, progress=_Progress(), device=args.device, search=_search_settings(args)
+    )
     compiled = resolve_expert_steps(compiled, _Progress())
     _print_warnings(compiled.plan.warnings)
     if args.json:
-        print(json.dumps(compiled.plan.to_json(), indent=2))
+        content = compiled.plan.to_json()
+        if compiled.searches:
+            from surgery.search.engine import search_json
+            from surgery.syntax import unparse
+
+            content["search"] = search_json(list(compiled.searches), unparse(compiled.checked.recipe))
+        print(json.dumps(content, indent=2))
     else:
+        _print_searches(compiled.searches)
         print(compiled.plan.render())
     return EXIT_OK
+
+
+def _search_settings(args):
+    from surgery.search.engine import SearchSettings
+
+    return SearchSettings(executor=args.executor, workers=args.workers, threads=getattr(args, "threads", None))
+
+
+def _print_searches(searches) -> None:
+    from surgery.search.engine import render_table
+
+    for search in searches:
+        print(render_table(search))
 
 
 def _cmd_apply(args) -> int:
@@ -258,10 +300,12 @@ def _cmd_apply(args) -> int:
         progress=progress,
         provider=args.provider,
         device=args.device,
+        search=_search_settings(args),
     )
     _print_warnings(tuple(_Rendered(w) for w in result.report["warnings"]))
     report = result.report
     before, after = report["model"]["before"], report["model"]["after"]
+    _print_searches(result.searches)
     print(f"wrote {result.output}")
     print(
         f"  layers {before['layers']} -> {after['layers']}, attention layers {len(before['attention_layers'])} -> "

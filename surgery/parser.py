@@ -16,6 +16,7 @@ from importlib import resources
 import lark
 from lark import Token
 
+from surgery.budgets import Fit, LatencyBudget, QualityBudget, SizeBudget
 from surgery.diagnostics import Diagnostic, RecipeError, did_you_mean
 from surgery.source import Source, Span
 from surgery.syntax import (
@@ -64,6 +65,8 @@ _TERMINAL_WORDS = {
     "SUBLAYER": "attention or mlp",
     "NUMBER": "a number like 0.5",
     "GROUPING": "output or router",
+    "SIZE_UNIT": "MB or GB",
+    "SEARCH_METHOD": "bisect or exhaustive",
     "WEIGHTING": "frequency or uniform",
     "$END": "the end of the statement",
 }
@@ -109,6 +112,30 @@ def split_statements(text: str) -> list[tuple[int, int]]:
     if chunk_start >= 0:
         chunks.append((chunk_start, len(text.rstrip())))
     return chunks
+
+
+@dataclass(frozen=True)
+class _SearchOption:
+    """`search bisect|exhaustive` or `rescore` inside a budget block (folded into its `Fit`)."""
+
+    name: str
+    value: object
+    span: Span
+
+
+def _fit(items: list, marker: Span | None, statement: Span) -> Fit:
+    """A budget block from its items; its span runs from `as many as fit` (or the statement's
+    start) to the statement's closing brace.
+
+    Budgets without the marker (a grouped quantize with budgets but no `as many as fit`) keep
+    `marked` False, which the check reports.
+    """
+    budgets = tuple(item for item in items if not isinstance(item, _SearchOption))
+    options = {item.name: item.value for item in items if isinstance(item, _SearchOption)}
+    start = marker or statement
+    span = statement.source.span(start.start, statement.end)
+    return Fit(budgets=budgets, search=str(options.get("search", "bisect")), rescore=bool(options.get("rescore")),
+               marked=marker is not None, span=span)  # fmt: skip
 
 
 def _options(options) -> dict[str, object]:
@@ -161,6 +188,75 @@ class _ToAst:
     def drop_stmt(self, meta, children):
         part, selector = children
         return DropStmt(part=str(part), selector=selector, span=self._span(meta))
+
+    @_with_meta
+    def drop_fit_stmt(self, meta, children):
+        part, rank, source, marker, *budgets = children
+        fit = _fit(budgets, marker, self._span(meta))
+        rank = replace(rank, fit=fit)
+        selector = ImportanceSelector(rank=rank, source=source, span=self.source.span(rank.span.start, fit.span.end))
+        return DropStmt(part=str(part), selector=selector, span=self._span(meta))
+
+    @_with_meta
+    def fit_rank(self, meta, children):
+        return ImportanceRank(rank=str(children[0]), span=self._span(meta))
+
+    @_with_meta
+    def fit_marker(self, meta, children):
+        return self._span(meta)
+
+    # Budgets (surgery/budgets.py).
+
+    @_with_meta
+    def perplexity_budget(self, meta, children):
+        string, percent, *options = children
+        return QualityBudget("perplexity", string[1:-1], float(percent[:-1]), span=self._span(meta),
+                             data_span=self._tok(string), **_options(options))  # fmt: skip
+
+    @_with_meta
+    def kl_budget(self, meta, children):
+        string, number, *options = children
+        return QualityBudget("kl", string[1:-1], float(number), span=self._span(meta), data_span=self._tok(string),
+                             **_options(options))  # fmt: skip
+
+    @_with_meta
+    def top1_budget(self, meta, children):
+        string, percent, *options = children
+        return QualityBudget("top1", string[1:-1], float(percent[:-1]), span=self._span(meta),
+                             data_span=self._tok(string), **_options(options))  # fmt: skip
+
+    @_with_meta
+    def decode_budget(self, meta, children):
+        number, *prompt = children
+        return LatencyBudget("decode", float(number), prompt[0] if prompt else None, span=self._span(meta))
+
+    @_with_meta
+    def prefill_budget(self, meta, children):
+        number, *prompt = children
+        return LatencyBudget("prefill", float(number), prompt[0] if prompt else None, span=self._span(meta))
+
+    def prompt_option(self, children):
+        return int(children[0])
+
+    def window_option(self, children):
+        return {"window": int(children[0])}
+
+    @_with_meta
+    def size_budget(self, meta, children):
+        number, unit = children
+        return SizeBudget("size", float(number), str(unit), span=self._span(meta))
+
+    @_with_meta
+    def bits_budget(self, meta, children):
+        return SizeBudget("bits", float(children[0]), span=self._span(meta))
+
+    @_with_meta
+    def search_option(self, meta, children):
+        return _SearchOption("search", str(children[0]), self._span(meta))
+
+    @_with_meta
+    def rescore_option(self, meta, children):
+        return _SearchOption("rescore", True, self._span(meta))
 
     @_with_meta
     def selector(self, meta, children):
@@ -333,8 +429,12 @@ class _ToAst:
 
     @_with_meta
     def quantize_group_stmt(self, meta, children):
-        part, source, *rules = children
-        return QuantizeGroupStmt(part=part, source=source, rules=tuple(rules), span=self._span(meta))
+        part, source, *items = children
+        marker = items.pop(0) if items and isinstance(items[0], Span) else None
+        rules = tuple(item for item in items if isinstance(item, QuantizeRule))
+        budgets = [item for item in items if not isinstance(item, QuantizeRule)]
+        fit = _fit(budgets, marker, self._span(meta)) if marker is not None or budgets else None
+        return QuantizeGroupStmt(part=part, source=source, rules=rules, fit=fit, span=self._span(meta))
 
     def group_layers(self, children):
         return "layers"
@@ -349,6 +449,9 @@ class _ToAst:
         return QuantizeRule(selector=selector, bits=int(width[3:]), span=self._span(meta), **fields)
 
     def rule_importance(self, children):
+        return children[0]
+
+    def rule_fit(self, children):
         return children[0]
 
     @_with_meta
@@ -464,6 +567,10 @@ def _syntax_diagnostic(problem: _SyntaxProblem, source: Source, chunk_start: int
     if problem.at_end:
         span = source.span(max(chunk_end - 1, 0), chunk_end)
         hint = "expected " + _join(_describe_expected(problem.expected)) + " after this"
+        if "as" in _keywords_in(problem.expected):  # `least important by M` with no amount
+            hint = (
+                "give the amount (`least important 8 by similarity`) or search for it: `... as many as fit { budgets }`"
+            )
         return Diagnostic("error", "incomplete statement", span, hint=hint)
     match = _WORD.match(source.text, pos, chunk_end)
     found = match.group(0) if match else source.text[pos : pos + 1]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +47,7 @@ class Compiled:
     text: str
     checked: CheckedRecipe
     plan: Plan
+    searches: tuple = ()  # SearchResult of each `as many as fit`, in the order they ran
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class ApplyResult:
     report: dict
     verification: Verification | None
     perplexity_passed: bool | None = None
+    searches: tuple = ()  # SearchResult of each `as many as fit`
 
 
 def read_recipe(path: str) -> Source:
@@ -86,12 +87,58 @@ def _collector_paused():
             gc.enable()
 
 
-def check_recipe(path: str, model: str | None = None) -> tuple[str, CheckedRecipe]:
-    """Parse and check a recipe file against its model's config. Raises RecipeError."""
+def check_recipe(path: str, model: str | None = None, text: str | None = None) -> tuple[str, CheckedRecipe]:
+    """Parse and check a recipe file against its model's config. Raises RecipeError.
+
+    With `text`, that text is checked as if it were the file at `path` (relative paths start
+    at its folder): how a search's candidates and settled recipe are checked.
+    """
     with _collector_paused():
-        source = read_recipe(path)
+        source = read_recipe(path) if text is None else Source(path, text)
         recipe = parse_source(source)
         return source.text, check(recipe, model_override=model)
+
+
+def settle_searches(path: str, checked: CheckedRecipe, model: str | None, progress: Progress,
+                    settings=None, device: str | None = None) -> tuple[CheckedRecipe, tuple]:  # fmt: skip
+    """Run every `as many as fit` search of a checked recipe (surgery/search/); the settled
+    recipe (each searched statement at its answer) checked, and the searches' results.
+
+    The unmodified model is loaded lazily, only if the importance scores, the reference
+    perplexities or a re-scored order are not cached, and released before the caller loads it.
+    """
+    from surgery.search.candidates import search_targets
+
+    if not search_targets(checked.recipe):
+        return checked, ()
+    from surgery.search.engine import SearchSettings, run_searches
+
+    loaded: dict = {}
+
+    def graph_loader():
+        if "graph" not in loaded:
+            loaded["graph"] = _load(checked, progress, whole=False)
+        return loaded["graph"]
+
+    computed = None
+    if checked.metrics_to_compute():
+        from surgery.importance.compute import cached_importance, checked_device, compute_importance
+
+        request = score_request(checked)
+        computed = cached_importance(checked.spec, request, checked.index.num_layers)
+        if computed is None:
+            graph, tokenizer = graph_loader()
+            with _calibration_text(checked):
+                computed = compute_importance(graph, tokenizer, checked.spec, request, progress,
+                                              device=checked_device(device))  # fmt: skip
+    with _calibration_text(checked):
+        recipe, results = run_searches(path, checked, model, computed, settings or SearchSettings(), progress,
+                                       graph_loader)  # fmt: skip
+    loaded.clear()
+    gc.collect()
+    with _collector_paused():
+        settled = check(recipe, model_override=model)
+    return settled, tuple(results)
 
 
 def score_request(checked: CheckedRecipe) -> ScoreRequest:
@@ -102,15 +149,22 @@ def score_request(checked: CheckedRecipe) -> ScoreRequest:
 
 
 def compile_recipe(
-    path: str, model: str | None = None, verify: bool = True, progress: Progress = _quiet, device: str | None = None
+    path: str,
+    model: str | None = None,
+    verify: bool = True,
+    progress: Progress = _quiet,
+    device: str | None = None,
+    search=None,
 ) -> Compiled:
     """Parse, check and plan a recipe file. Raises RecipeError.
 
     Loads the model only when a selector ranks by a computed metric whose scores are not
     cached yet (scored on `device`, one layer there at a time); everything else needs the
-    config alone.
+    config alone. A recipe with `as many as fit` runs its searches first (`search`: the
+    executor settings), building and measuring candidates.
     """
     text, checked = check_recipe(path, model)
+    checked, searches = settle_searches(path, checked, model, progress, search, device)
     computed = None
     if checked.metrics_to_compute():
         from surgery.importance.compute import cached_importance
@@ -119,7 +173,7 @@ def compile_recipe(
         computed = cached_importance(checked.spec, request, checked.index.num_layers)
         if computed is None:
             computed = _compute_with_model(checked, request, progress, device)
-    return Compiled(text, checked, build_plan(checked, verify=verify, computed=computed))
+    return Compiled(text, checked, build_plan(checked, verify=verify, computed=computed), searches)
 
 
 def resolve_expert_steps(compiled: Compiled, progress: Progress = _quiet) -> Compiled:
@@ -204,9 +258,16 @@ def apply(
     progress: Progress = _quiet,
     provider: str = "cpu",
     device: str | None = None,
+    recipe_text: str | None = None,
+    search=None,
 ) -> ApplyResult:
     """Run a recipe end to end and write the output folder; verification runs on `provider`,
-    importance scoring in PyTorch on `device` (one layer there at a time)."""
+    importance scoring in PyTorch on `device` (one layer there at a time).
+
+    `recipe_text` is applied as if it were the file at `path` (a search's candidates).
+    `as many as fit` statements are searched first (`search`: the executor settings); the
+    output then holds search.json and, with matplotlib, search.png.
+    """
     # torch, onnx and onnxruntime load here, not at import: `check` and `plan` never need them.
     import torch
 
@@ -227,11 +288,18 @@ def apply(
         timings[name] = now - clock
         clock = now
 
-    text, checked = check_recipe(path, model)
+    text, checked = check_recipe(path, model, recipe_text)
     providers = _verification_providers(checked, provider, run_verification)
     device = checked_device(device)
     folder = OutputFolder(output, force, [path, *checked.input_paths()], progress)
     lap("parse_check")
+    try:
+        checked, searches = settle_searches(path, checked, model, progress, search, device)
+    except BaseException:
+        folder.discard()
+        raise
+    if searches:
+        lap("search")
     try:
         stream = streams_weights(checked, run_verification)
         graph, tokenizer = _load(checked, progress, whole=not stream)
@@ -294,7 +362,9 @@ def apply(
                 raise weights_error(checked, problem) from problem
             tokenizer.save_pretrained(str(folder.path))
             sections["onnxruntime_genai"] = _write_genai_config(graph, export, plan.export, tokenizer, str(folder.path))
-            shutil.copyfile(path, folder.path / "recipe.surg")
+            (folder.path / "recipe.surg").write_text(text, encoding="utf-8")
+            if searches:
+                sections["search"] = _write_search(searches, checked, str(folder.path))
             lap("export")
             trace = tracing.result() if tracing else None
 
@@ -366,10 +436,41 @@ def apply(
     except BaseException:
         folder.discard()
         raise
-    return ApplyResult(target, report, verification, perplexity_passed)
+    return ApplyResult(target, report, verification, perplexity_passed, searches)
 
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _write_search(searches: tuple, checked: CheckedRecipe, folder: str) -> dict:
+    """search.json (every candidate of every search) and search.png (quality against size or
+    latency, when matplotlib is installed); the report's summary of them."""
+    import json
+
+    from surgery.search.engine import search_json
+    from surgery.search.plot import plot_searches
+    from surgery.syntax import unparse
+
+    content = search_json(list(searches), unparse(checked.recipe))
+    with open(os.path.join(folder, "search.json"), "w", encoding="utf-8") as handle:
+        json.dump(content, handle, indent=2)
+    plotted = plot_searches(list(searches), os.path.join(folder, "search.png"))
+    return {
+        "file": "search.json",
+        "plot": "search.png" if plotted is None else None,
+        "plot_skipped": plotted,
+        "answers": [
+            {
+                "line": s.target.line,
+                "count": s.answer.count,
+                "statement": s.settled_text,
+                "candidates_measured": len(s.candidates),
+                "candidates_built": s.built(),
+                "counts_possible": s.maximum + 1,
+            }
+            for s in searches
+        ],  # fmt: skip
+    }
 
 
 def _verification_providers(checked: CheckedRecipe, provider: str, run_verification: bool) -> list[str]:

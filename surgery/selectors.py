@@ -7,9 +7,12 @@ Each statement's own node lives with the statement (surgery/statements/).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from surgery.source import Span
+
+if TYPE_CHECKING:
+    from surgery.budgets import Fit
 
 Part = Literal["attention", "mlp", "block"]
 
@@ -91,11 +94,16 @@ class ImportanceSource:
 
 @dataclass(frozen=True)
 class ImportanceRank:
-    """`most|least important N` or `... P%`: how many layers, counted from which end."""
+    """`most|least important N` or `... P%`: how many layers, counted from which end.
+
+    Neither count nor percent: the amount is searched for (`as many as fit`, `fit`; in a
+    grouped quantize the group's block holds the budgets and the rule has no amount).
+    """
 
     rank: Literal["most", "least"]
     count: int | None = None
     percent: float | None = None
+    fit: Fit | None = None
     span: Span = span_field()
 
 
@@ -133,7 +141,9 @@ def unparse_source(source: ImportanceSource) -> str:
 
 
 def unparse_rank(rank: ImportanceRank) -> str:
-    """Canonical text of `most|least important N|P%`."""
+    """Canonical text of `most|least important N|P%` (no amount when it is searched for)."""
+    if rank.count is None and rank.percent is None:
+        return f"{rank.rank} important"
     amount = str(rank.count) if rank.count is not None else f"{number_text(rank.percent)}%"
     return f"{rank.rank} important {amount}"
 
@@ -141,7 +151,8 @@ def unparse_rank(rank: ImportanceRank) -> str:
 def unparse_selector(selector: Selector) -> str:
     """Canonical text of a selector."""
     if isinstance(selector, ImportanceSelector):
-        return f"{unparse_rank(selector.rank)} {unparse_source(selector.source)}"
+        text = f"{unparse_rank(selector.rank)} {unparse_source(selector.source)}"
+        return text + (f" {selector.rank.fit.unparse()}" if selector.rank.fit is not None else "")
     if isinstance(selector, AllLayers):
         return "layers *"
     if isinstance(selector, FirstLayers):

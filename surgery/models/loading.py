@@ -261,7 +261,8 @@ def tokenizer_without_weights(spec: ModelSpec) -> Any | None:
     byte tokenizer, a model folder's own tokenizer files, or an already converted cache.
     """
     if spec.kind == "builtin" and spec.location not in builtin.PACKAGED:
-        return builtin.byte_tokenizer()
+        # One instance per process, so token counts cached per tokenizer are found again.
+        return _TOKENIZERS.setdefault(("byte",), builtin.byte_tokenizer())
     if spec.kind == "folder":
         folder: Path | None = Path(spec.location)
     elif spec.kind == "builtin":

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from surgery.budgets import check_fit
 from surgery.layers import format_layers
 from surgery.plan_step import PlanStep
 from surgery.selection import ImportanceQuery
@@ -63,6 +64,8 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedDrop]:
             continue
         selector = statement.selector
         if isinstance(selector, ImportanceSelector):
+            if selector.rank.fit is not None:
+                check_fit(c, selector.rank.fit, index, more_is_lighter=True, what="the number dropped")
             query = c.importance(selector.rank, selector.source, SCORE_PART[statement.part], index, selector.span)
             if query is not None:
                 resolved.append(ResolvedDrop(statement.part, (), statement, query))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from surgery.budgets import check_fit
 from surgery.diagnostics import Diagnostic
 from surgery.layers import format_layers
 from surgery.plan_step import PlanStep
@@ -29,6 +30,7 @@ from surgery.source import Span
 from surgery.statements.base import SCORE_PART
 
 if TYPE_CHECKING:
+    from surgery.budgets import Fit
     from surgery.models.index import ModelIndex
     from surgery.statements.base import Checker, PlanState
 
@@ -71,6 +73,7 @@ class QuantizeGroupStmt:
     part: QuantizePart
     source: ImportanceSource
     rules: tuple[QuantizeRule, ...]
+    fit: Fit | None = None  # `as many as fit`: the first rule's amount is searched for
     span: Span = span_field()
 
 
@@ -118,8 +121,13 @@ def _unparse_rule(rule: QuantizeRule) -> str:
 def unparse(statement: QuantizeStmt | QuantizeGroupStmt) -> str:
     """Canonical text."""
     if isinstance(statement, QuantizeGroupStmt):
-        rules = "".join(f"    {_unparse_rule(rule)}\n" for rule in statement.rules)
-        return f"quantize {statement.part} {unparse_source(statement.source)} {{\n{rules}}}"
+        lines = [_unparse_rule(rule) for rule in statement.rules]
+        marker = ""
+        if statement.fit is not None:
+            lines += statement.fit.describe_items()
+            marker = " as many as fit" if statement.fit.marked else ""
+        body = "".join(f"    {line}\n" for line in lines)
+        return f"quantize {statement.part} {unparse_source(statement.source)}{marker} {{\n{body}}}"
     if statement.part in ("head", "embedding") or statement.selector is None:
         target = statement.part
     elif statement.part == "layers":
@@ -187,6 +195,9 @@ def _group(c, statement: QuantizeGroupStmt, group: int, index: ModelIndex) -> li
     if not statement.rules:
         c.error("a grouped quantize needs at least one rule", statement.span, "e.g. `most important 25% -> int8`")
         return []
+    fit = statement.fit
+    if fit is not None and not _fit_rules(c, statement, index):
+        return []
     resolved = []
     part = SCORE_PART[statement.part]
     for position, rule in enumerate(statement.rules):
@@ -201,7 +212,10 @@ def _group(c, statement: QuantizeGroupStmt, group: int, index: ModelIndex) -> li
         if isinstance(rule.selector, RestLayers):
             resolved.append(replace(item, rest=True))
         elif isinstance(rule.selector, ImportanceRank):
-            query = c.importance(rule.selector, statement.source, part, index, rule.selector.span)
+            selector = rule.selector
+            if fit is not None and selector.count is None and selector.percent is None:
+                selector = replace(selector, fit=fit)  # the amount the search fills in
+            query = c.importance(selector, statement.source, part, index, rule.selector.span)
             if query is not None:
                 resolved.append(replace(item, query=query))
         else:
@@ -212,6 +226,37 @@ def _group(c, statement: QuantizeGroupStmt, group: int, index: ModelIndex) -> li
     if not any(isinstance(rule.selector, ImportanceRank) for rule in statement.rules):
         c.score_source(statement.source, part, index)
     return resolved
+
+
+def _fit_rules(c, statement: QuantizeGroupStmt, index: ModelIndex) -> bool:
+    """A searched group is `most|least important -> W` then `rest -> W'`, under `as many as fit`."""
+    fit = statement.fit
+    if not fit.marked:
+        c.error(
+            "budgets in a grouped quantize need `as many as fit` before the block",
+            fit.budgets[0].span if fit.budgets else statement.span,
+            f"write `quantize {statement.part} {unparse_source(statement.source)} as many as fit {{ ... }}`",
+        )
+        return False
+    rules = statement.rules
+    shape = (
+        len(rules) == 2
+        and isinstance(rules[0].selector, ImportanceRank)
+        and rules[0].selector.count is None
+        and rules[0].selector.percent is None
+        and isinstance(rules[1].selector, RestLayers)
+    )
+    if not shape:
+        c.error(
+            "a searched grouped quantize has two rules: `most|least important -> <width>` and `rest -> <width>`",
+            statement.span,
+            "the search finds how many layers the first rule takes; e.g. `most important -> int8` and `rest -> int4`",
+        )
+        return False
+    lighter = rules[0].bits < rules[1].bits
+    what = "the number of layers at the first rule's width"
+    check_fit(c, fit, index, more_is_lighter=lighter, what=what)
+    return True
 
 
 def _block(c, item: QuantizeStmt | QuantizeRule) -> int:

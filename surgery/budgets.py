@@ -1,0 +1,188 @@
+"""Budgets: `as many as fit { ... }`, the amount of a drop or a grouped quantize that is searched for.
+
+A budget says what the exported model must keep (quality against the unmodified model on the
+same tokens) or stay under (latency in onnxruntime on this machine, file size, average bits).
+`drop attention least important by similarity as many as fit { perplexity on "wikitext-2-test"
+max-increase 10% tokens 4096 }` asks for the largest count that keeps every budget; the search
+(surgery/search/) builds candidates and measures them. This module holds the syntax nodes,
+their canonical text, the checks against the model, and the one rule both the check and the
+search use: which way each budget moves as the count grows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from surgery.selectors import number_text, span_field
+from surgery.source import Span
+
+if TYPE_CHECKING:
+    from surgery.models.index import ModelIndex
+
+QualityMeasure = Literal["perplexity", "kl", "top1"]
+DEFAULT_BUDGET_TOKENS = 4096
+DEFAULT_LATENCY_PROMPT = 256  # the benchmark protocol: ms per token after a 256-token prompt
+SEARCH_METHODS = ("bisect", "exhaustive")
+
+
+@dataclass(frozen=True)
+class QualityBudget:
+    """`perplexity on "<text>" max-increase P%`, `kl on "<text>" at most X`, `top-1 on "<text>"
+    at least P%`: the exported model against the unmodified one (PyTorch, fp32) on the same tokens."""
+
+    measure: QualityMeasure
+    data: str
+    limit: float  # percent for perplexity and top-1; nats for KL
+    tokens: int | None = None
+    window: int | None = None
+    span: Span = span_field()
+    data_span: Span | None = span_field()
+
+    def describe(self) -> str:
+        """Canonical text."""
+        head = {
+            "perplexity": f'perplexity on "{self.data}" max-increase {number_text(self.limit)}%',
+            "kl": f'kl on "{self.data}" at most {number_text(self.limit)}',
+            "top1": f'top-1 on "{self.data}" at least {number_text(self.limit)}%',
+        }[self.measure]
+        head += f" tokens {self.tokens}" if self.tokens is not None else ""
+        return head + (f" window {self.window}" if self.window is not None else "")
+
+
+@dataclass(frozen=True)
+class LatencyBudget:
+    """`decode at most X ms per token` / `prefill at most X ms`, in onnxruntime on this machine."""
+
+    measure: Literal["decode", "prefill"]
+    ms: float
+    prompt: int | None = None
+    span: Span = span_field()
+
+    def describe(self) -> str:
+        """Canonical text."""
+        unit = "ms per token" if self.measure == "decode" else "ms"
+        text = f"{self.measure} at most {number_text(self.ms)} {unit}"
+        return text + (f" prompt {self.prompt}" if self.prompt is not None else "")
+
+
+@dataclass(frozen=True)
+class SizeBudget:
+    """`size at most X MB|GB` (the model's files) or `bits at most X` (average bits per weight)."""
+
+    measure: Literal["size", "bits"]
+    limit: float
+    unit: str = ""  # "MB" or "GB" for size
+    span: Span = span_field()
+
+    @property
+    def limit_bytes(self) -> float:
+        """The size limit in bytes (1 MB = 10^6 bytes)."""
+        return self.limit * (1e9 if self.unit == "GB" else 1e6)
+
+    def describe(self) -> str:
+        """Canonical text."""
+        if self.measure == "bits":
+            return f"bits at most {number_text(self.limit)}"
+        return f"size at most {number_text(self.limit)} {self.unit}"
+
+
+Budget = QualityBudget | LatencyBudget | SizeBudget
+
+
+@dataclass(frozen=True)
+class Fit:
+    """`as many as fit { budgets [search bisect|exhaustive] [rescore] }`."""
+
+    budgets: tuple[Budget, ...]
+    search: str = "bisect"
+    rescore: bool = False
+    marked: bool = True  # False: budgets in a grouped quantize that lacks `as many as fit`
+    span: Span = span_field()
+
+    def describe_items(self) -> list[str]:
+        """The block's lines, canonical."""
+        lines = [budget.describe() for budget in self.budgets]
+        if self.search != "bisect":
+            lines.append(f"search {self.search}")
+        return lines + (["rescore"] if self.rescore else [])
+
+    def unparse(self) -> str:
+        """`as many as fit {\\n    ...\\n}`."""
+        return "as many as fit {\n" + "".join(f"    {line}\n" for line in self.describe_items()) + "}"
+
+    @property
+    def quality(self) -> tuple[QualityBudget, ...]:
+        """The quality budgets."""
+        return tuple(b for b in self.budgets if isinstance(b, QualityBudget))
+
+    @property
+    def latency(self) -> tuple[LatencyBudget, ...]:
+        """The latency budgets."""
+        return tuple(b for b in self.budgets if isinstance(b, LatencyBudget))
+
+
+def improves_with_count(budget: Budget, more_is_lighter: bool) -> bool:
+    """Whether a budget gets easier to meet as the searched count grows.
+
+    The count is what the statement takes: layers dropped, or layers given the first rule's
+    width. When more means a lighter model (drops; a narrower first width), size, bits and
+    latency improve with the count and quality worsens; otherwise the reverse. The search
+    bisects on the budgets that worsen and checks the others at the answer; `check` uses the
+    same rule to say which budgets can bound a search.
+    """
+    resource = not isinstance(budget, QualityBudget)
+    return resource == more_is_lighter
+
+
+def check_fit(c, fit: Fit, index: ModelIndex, more_is_lighter: bool, what: str) -> None:
+    """Every budget's numbers, texts and units; a block that cannot bound the count is an error."""
+    from surgery.statements.verify import MIN_PERPLEXITY_TOKENS
+
+    if not fit.budgets:
+        c.error(
+            "`as many as fit` needs at least one budget",
+            fit.span,
+            'e.g. `perplexity on "wikitext-2-test" max-increase 10%` or `size at most 150 MB`',
+        )
+        return
+    kinds = [(b.measure, getattr(b, "data", None)) for b in fit.budgets]
+    for position, budget in enumerate(fit.budgets):
+        if kinds.index(kinds[position]) != position:
+            c.error("this budget is given twice", budget.span, "keep one; every budget must hold")
+        if isinstance(budget, QualityBudget):
+            if budget.measure == "perplexity" and budget.limit <= 0:
+                c.error("a perplexity budget needs a positive increase", budget.span, "e.g. max-increase 10%")
+            if budget.measure == "top1" and not 0 < budget.limit <= 100:
+                c.error(f"{budget.limit:g}% is not a share of tokens", budget.span, "use a percentage in (0, 100]")
+            if budget.tokens is not None and budget.tokens < MIN_PERPLEXITY_TOKENS:
+                c.error(
+                    f"{budget.tokens} tokens are too few to measure",
+                    budget.span,
+                    f"use at least {MIN_PERPLEXITY_TOKENS}",
+                )
+            if budget.window is not None and not 2 <= budget.window <= index.max_positions:
+                c.error(
+                    f"a window of {budget.window} tokens does not fit the model",
+                    budget.span,
+                    f"use 2..{index.max_positions} (the model's context)",
+                )
+            c.text_exists(budget.data, budget.data_span or budget.span)
+        elif isinstance(budget, LatencyBudget):
+            if budget.ms <= 0:
+                c.error("a latency budget needs a positive time", budget.span, None)
+            if budget.prompt is not None and not 1 <= budget.prompt < index.max_positions:
+                c.error(
+                    f"a prompt of {budget.prompt} tokens does not fit the model",
+                    budget.span,
+                    f"use 1..{index.max_positions - 1}",
+                )
+        elif budget.limit <= 0:
+            c.error(f"a {budget.measure} budget needs a positive limit", budget.span, None)
+    if not any(not improves_with_count(b, more_is_lighter) for b in fit.budgets):
+        bound = "a quality budget (perplexity, kl, top-1)" if more_is_lighter else "a size, bits or latency budget"
+        c.warning(
+            f"no budget here gets harder as {what} grows, so the search takes all of them",
+            fit.span,
+            f"add {bound} to bound the search",
+        )

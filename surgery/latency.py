@@ -1,0 +1,66 @@
+"""Latency in onnxruntime, by the benchmark protocol: batch 1, a prompt of real text, then
+one-token greedy decode steps; 4 warm-up steps untimed; the median of a few rounds.
+
+Budgets (`decode at most X ms per token`, `prefill at most X ms`) and benchmarks/common.py
+measure with these functions, so a budget means what the benchmark tables mean.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+DECODE_STEPS = 32
+WARMUP_STEPS = 4
+ROUNDS = 3
+
+
+def decode_once(model, prompt: np.ndarray, steps: int = DECODE_STEPS) -> float:
+    """ms per token of `steps` one-token decode steps after prefilling `prompt` (batch 1)."""
+    ids = prompt[None]
+    mask = np.ones_like(ids)
+    positions = np.arange(ids.shape[1])[None]
+    out = model.step(ids, mask, positions)
+    start = 0.0
+    for i in range(WARMUP_STEPS + steps):
+        if i == WARMUP_STEPS:
+            start = time.perf_counter()
+        token = np.array([[int(out.logits[0, -1].argmax())]])
+        mask = np.concatenate([mask, [[1]]], axis=1)
+        positions = positions[:, -1:] + 1
+        out = model.step(token, mask, positions, out.present)
+    return (time.perf_counter() - start) / steps * 1000
+
+
+def decode_ms_per_token(model, prompt: np.ndarray, steps: int = DECODE_STEPS, rounds: int = ROUNDS) -> float:
+    """Median over `rounds` of `decode_once`."""
+    return statistics.median(decode_once(model, prompt, steps) for _ in range(rounds))
+
+
+def prefill_ms(model, prompt: np.ndarray, rounds: int = ROUNDS) -> float:
+    """Median ms of prefilling `prompt` (batch 1, empty cache), after one untimed run."""
+    ids = prompt[None]
+    mask = np.ones_like(ids)
+    positions = np.arange(ids.shape[1])[None]
+    model.step(ids, mask, positions)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        model.step(ids, mask, positions)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def latency_prompt(length: int, folder: str) -> np.ndarray:
+    """The first `length` tokens of the packaged WikiText-2 test text, in the folder's tokenizer."""
+    from surgery.data import resolve_text
+    from surgery.model_folder import open_model_folder
+
+    tokenizer = open_model_folder(folder).tokenizer
+    text = resolve_text("wikitext-2-test").read()
+    ids = tokenizer(text[: length * 16])["input_ids"]
+    if len(ids) < length:
+        raise ValueError(f"the latency prompt needs {length} tokens; the text gives {len(ids)}")
+    return np.asarray(ids[:length], dtype=np.int64)

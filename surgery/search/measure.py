@@ -1,0 +1,158 @@
+"""Building and measuring one candidate, in whatever process the executor gives it.
+
+A job is plain data (picklable, JSON-able): the candidate's recipe text, where the original
+recipe lives (relative paths resolve from there), the measurements the budgets need, and the
+original model's perplexities. `measure_candidate` builds the candidate with `apply` (no
+verification) into a scratch folder, measures it in onnxruntime, removes the folder and
+returns the numbers. Latency follows the benchmark protocol (surgery/latency.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class QualityRequest:
+    """One text to score the candidate on, and whether KL / top-1 against the original are needed."""
+
+    data: str
+    tokens: int
+    window: int
+    compare: bool  # KL and top-1 need the original model's logits beside the candidate's
+
+
+@dataclass(frozen=True)
+class Job:
+    """One candidate to build and measure."""
+
+    recipe_path: str
+    text: str
+    model: str | None
+    quality: tuple[QualityRequest, ...]
+    reference: dict[str, float]  # quality key -> the original model's perplexity (PyTorch)
+    decode_prompts: tuple[int, ...] = ()
+    prefill_prompts: tuple[int, ...] = ()
+    threads: int | None = None
+    scratch: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def quality_key(request: QualityRequest) -> str:
+    """How a quality measurement is named in results: `<text> tokens N window W`."""
+    return f"{request.data} tokens {request.tokens} window {request.window}"
+
+
+def measure_candidate(job: Job) -> dict[str, Any]:
+    """Build the candidate (`apply`, no verification), measure it, remove it; the numbers.
+
+    A candidate that cannot be built or measured comes back as {"error": message}: the
+    search reports it at the statement (an exception may not survive the trip back from a
+    worker process or a Ray task).
+    """
+    from surgery.diagnostics import HintedError, RecipeError
+
+    try:
+        return _measure(job)
+    except RecipeError as problem:
+        return {"error": "; ".join(d.message for d in problem.diagnostics)}
+    except (HintedError, OSError, ValueError, RuntimeError) as problem:
+        return {"error": f"{type(problem).__name__}: {problem}"}
+
+
+def _measure(job: Job) -> dict[str, Any]:
+    from surgery.pipeline import apply
+
+    start = time.perf_counter()
+    scratch = tempfile.mkdtemp(prefix="surgery-candidate-", dir=job.scratch)
+    try:
+        out = os.path.join(scratch, "out")
+        result = apply(job.recipe_path, out, model=job.model, run_verification=False, threads=job.threads,
+                       recipe_text=job.text)  # fmt: skip
+        report = result.report
+        built = time.perf_counter() - start
+        measured: dict[str, Any] = {
+            "bytes": report["model"]["after"]["bytes"],
+            "bits": _average_bits(report),
+            "build_seconds": round(built, 2),
+        }
+        measured.update(_quality(job, out))
+        measured.update(_latency(job, out))
+        measured["seconds"] = round(time.perf_counter() - start, 2)
+        return measured
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _average_bits(report: dict) -> float:
+    """Average stored bits per weight: the quantization report's, else the export's element type."""
+    quantization = report.get("quantization")
+    if quantization:
+        return float(quantization["model_storage_bits"])
+    precision = report.get("plan", {}).get("export", {}).get("precision", "fp32")
+    return {"fp32": 32.0, "fp16": 16.0, "bf16": 16.0}.get(precision, 32.0)
+
+
+def _quality(job: Job, out: str) -> dict[str, Any]:
+    from surgery.data import resolve_text
+    from surgery.evaluate import compare_with_graph, eval_tokens, onnx_logits, perplexity
+    from surgery.model_folder import open_model_folder
+
+    if not job.quality:
+        return {}
+    folder = open_model_folder(out)
+    base_dir = os.path.dirname(os.path.abspath(job.recipe_path))
+    candidate = onnx_logits(out, job.threads)
+    results: dict[str, Any] = {}
+    for request in job.quality:
+        tokens = eval_tokens(folder.tokenizer, resolve_text(request.data, base_dir), request.tokens, request.window)
+        key = quality_key(request)
+        if request.compare:
+            comparison = compare_with_graph(candidate, _original_graph(job), tokens)
+            ppl, kl, top1 = comparison.candidate.perplexity, comparison.mean_kl, comparison.top1_agreement
+        else:
+            ppl, kl, top1 = perplexity(candidate, tokens).perplexity, None, None
+        results[key] = {
+            "perplexity": ppl,
+            "increase": ppl / job.reference[key] - 1,
+            "kl": kl,
+            "top1": top1,
+        }
+    return {"quality": results}
+
+
+_ORIGINAL: dict[tuple[str, str | None], Any] = {}
+
+
+def _original_graph(job: Job):
+    """The unmodified model, loaded lazily once per worker (KL and top-1 run it layer-major)."""
+    key = (job.recipe_path, job.model)
+    if key not in _ORIGINAL:
+        from surgery.architectures.conformance import checked_graph
+        from surgery.models.loading import load_model
+        from surgery.pipeline import check_recipe
+
+        _, checked = check_recipe(job.recipe_path, job.model)
+        model, _, weights = load_model(checked.spec, lambda _: None, lazy=True)
+        _ORIGINAL[key] = checked_graph(model, checked.index, weights)
+    return _ORIGINAL[key]
+
+
+def _latency(job: Job, out: str) -> dict[str, Any]:
+    from surgery.latency import decode_ms_per_token, latency_prompt, prefill_ms
+    from surgery.runtime import OnnxCausalLM
+
+    if not job.decode_prompts and not job.prefill_prompts:
+        return {}
+    model = OnnxCausalLM(out, threads=job.threads)
+    results: dict[str, Any] = {}
+    for prompt in job.decode_prompts:
+        results[f"decode_ms prompt {prompt}"] = decode_ms_per_token(model, latency_prompt(prompt, out))
+    for prompt in job.prefill_prompts:
+        results[f"prefill_ms prompt {prompt}"] = prefill_ms(model, latency_prompt(prompt, out))
+    return {"latency": results}
