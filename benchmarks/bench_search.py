@@ -6,9 +6,9 @@ mixed-precision search against onnxruntime-genai's builder int4.
    `search exhaustive` (every count, also fresh, measured once; its candidates then answer
    every limit). Per limit: both answers, candidates built, wall time.
 2. (`--mixed`, SmolLM2) `quantize layers by lim as many as fit { most important -> int8
-   symmetric; rest -> int4 block 128 symmetric; size at most <builder's MB> }` with the head
-   and embedding at int4 (the builder's settings), then perplexity of the answer and of the
-   builder's `-p int4 -e cpu` model on the same tokens.
+   symmetric; rest -> int4 block 64; size at most <builder's MB> }` (`--first`, `--rest`) with the
+   head and embedding at int4 block 32 symmetric (the builder's settings), then perplexity of
+   the answer and of the builder's `-p int4 -e cpu` model on the same 16,384 tokens.
 3. (`--ray`) the first limit's bisecting search again through `--executor ray` (fresh).
 
     python benchmarks/bench_search.py smollm2 --mixed --ray
@@ -47,8 +47,8 @@ calibrate on "wikitext-2-valid" samples 64 length 256
 quantize embedding to int4 symmetric
 quantize head to int4 symmetric
 quantize layers by lim as many as fit {{
-    most important -> int8 symmetric
-    rest -> int4 block 128 symmetric
+    most important -> {first}
+    rest -> {rest}
     size at most {mb} MB
     perplexity on "wikitext-2-test" max-increase 50% tokens {tokens} window 512
 }}
@@ -86,6 +86,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--mixed", action="store_true")
     parser.add_argument("--ray", action="store_true")
+    parser.add_argument("--first", default="int8 symmetric", help="the width of the searched layers")
+    parser.add_argument("--rest", default="int4 block 64", help="the width of the other layers")
+    parser.add_argument("--only-mixed", action="store_true", help="skip the drop searches")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     from surgery.models import builtin
@@ -100,9 +103,9 @@ def main() -> None:
     def recipe(limit: float, method: str) -> str:
         return DROP.format(model=spec, limit=f"{limit:g}", tokens=args.tokens, method=method)
 
-    exhaustive = run_search(work, "exhaustive", recipe(args.limits[0], "exhaustive"))
+    exhaustive = None if args.only_mixed else run_search(work, "exhaustive", recipe(args.limits[0], "exhaustive"))
     result["exhaustive_first_limit"] = exhaustive
-    for limit in args.limits:
+    for limit in [] if args.only_mixed else args.limits:
         swept = run_search(work, f"exhaustive-{limit:g}", recipe(limit, "exhaustive"), fresh=False)
         bisected = run_search(work, f"bisect-{limit:g}", recipe(limit, "bisect"))
         result["limits"][f"{limit:g}"] = {"exhaustive": swept["answer"], "bisect": bisected,
@@ -118,7 +121,7 @@ def main() -> None:
         )  # fmt: skip
         mb = size_mb(builder)
         mixed_recipe = work / "mixed.surg"
-        mixed_recipe.write_text(MIXED.format(mb=f"{mb:.1f}", tokens=args.tokens))
+        mixed_recipe.write_text(MIXED.format(mb=f"{mb:.1f}", tokens=args.tokens, first=args.first, rest=args.rest))
         mixed = run_search(work, "mixed", mixed_recipe.read_text())
         out = work / "mixed-out"
         subprocess.run([sys.executable, "-m", "surgery", "apply", str(mixed_recipe), "-o", str(out), "--no-verify"],
@@ -143,12 +146,14 @@ def main() -> None:
         b = row["bisect"]
         print(f"{limit + '%':>6} {row['exhaustive']:>10} {b['answer']:>7} {b['built']:>6} {b['counts_possible']:>4} "
               f"{b['wall_s']:>9}")  # fmt: skip
-    print(f"exhaustive sweep: {exhaustive['built']} candidates in {exhaustive['wall_s']} s")
+    if exhaustive:
+        print(f"exhaustive sweep: {exhaustive['built']} candidates in {exhaustive['wall_s']} s")
     if "ray" in result:
         print(f"ray: answer {result['ray']['answer']}, {result['ray']['built']} built, {result['ray']['wall_s']} s")
     if "mixed" in result:
         print(f"mixed: {result['mixed']}")
-    write_result(args.json or str(REPO / "bench-results" / f"search-{args.model}.json"), result)
+    default = f"search-{args.model}{'-mixed' if args.only_mixed else ''}.json"
+    write_result(args.json or str(REPO / "bench-results" / default), result)
 
 
 if __name__ == "__main__":

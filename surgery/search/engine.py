@@ -184,7 +184,8 @@ class Searcher:
 
     # The pieces every candidate shares.
 
-    def _loaded(self):
+    def loaded(self):
+        """(graph, tokenizer) of the unmodified model, lazily loaded once."""
         if self._graph is None:
             self._graph = self._graph_loader()
         return self._graph
@@ -204,7 +205,7 @@ class Searcher:
             if cache.exists():  # the unmodified model's: read even when candidates are measured again
                 self.reference[key] = json.loads(cache.read_text())["perplexity"]
                 continue
-            graph, tokenizer = self._loaded()
+            graph, tokenizer = self.loaded()
             tokens = eval_tokens(tokenizer, text, request.tokens, request.window)
             self.progress(f"search: perplexity of the original model on {tokens.scored()} tokens of {text.name}")
             self.reference[key] = graph_perplexity(graph, tokens).perplexity
@@ -449,7 +450,7 @@ class _RescoreOrder:
         statement = self.target.statement
         metric = statement.selector.source.metric
         part = statement.part
-        graph, tokenizer = self.searcher._loaded()
+        graph, tokenizer = self.searcher.loaded()
         checked = self.searcher.checked
         calibration = checked.calibration
         tokens = calibration_tokens(tokenizer, calibration, resolve_text(calibration.data, checked.base_dir))

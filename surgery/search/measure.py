@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -40,7 +40,6 @@ class Job:
     prefill_prompts: tuple[int, ...] = ()
     threads: int | None = None
     scratch: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def quality_key(request: QualityRequest) -> str:
