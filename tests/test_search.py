@@ -151,6 +151,11 @@ def test_a_second_run_reads_every_candidate_from_the_cache(tmp_path, cache, monk
     assert second.built() == 0 and second.answer.count == first.answer.count
     assert [c.measured["values"] for c in second.candidates] == [c.measured["values"] for c in first.candidates]
 
+    # The same recipe in another folder (its texts the same by content) reads the same candidates.
+    (tmp_path / "elsewhere").mkdir()
+    moved = write(tmp_path / "elsewhere", "copy.surg", DROP.format(limit=5, method="exhaustive", extra=""))
+    assert compile_recipe(moved, verify=False).searches[0].built() == 0
+
 
 def test_rescore_scores_again_after_each_drop(tmp_path, cache, monkeypatch):
     import numpy as np

@@ -258,6 +258,9 @@ class Searcher:
         from surgery.data import resolve_text
 
         texts = {request.data: resolve_text(request.data, self.checked.base_dir).sha256 for request in job.quality}
+        calibration = self.checked.calibration
+        if calibration is not None:  # what the candidate's importance ranks on, by content, not by path
+            texts[f"calibrate {calibration.data}"] = resolve_text(calibration.data, self.checked.base_dir).sha256
         files = {path: _file_digest(path) for path in (self.checked.importance_files or {})}
         measurement = {
             "quality": [quality_key(r) + (" compare" if r.compare else "") for r in job.quality],
@@ -269,7 +272,6 @@ class Searcher:
             "candidate",
             {
                 "text": job.text,
-                "base": os.path.dirname(self.recipe_path),
                 "override": job.model,
                 "texts": texts,
                 "files": files,
