@@ -29,6 +29,20 @@ _ENVIRONMENT_ERRORS = {
 }  # fmt: skip
 
 
+def _add_search_options(command: argparse.ArgumentParser) -> None:
+    """--executor and --workers: where and how many `as many as fit` candidates run at once."""
+    command.add_argument(
+        "--executor",
+        choices=("process", "ray"),
+        default="process",
+        help="where `as many as fit` candidates are built and measured: a local process pool (default) or Ray "
+        "(the ray extra; RAY_ADDRESS joins a cluster, else a local Ray starts)",
+    )
+    command.add_argument(
+        "--workers", type=_count(1), metavar="N", help="candidates measured at once (default: half the CPU cores)"
+    )
+
+
 def _count(minimum: int):
     """An argparse type: a whole number from `minimum` to a billion (usage error otherwise)."""
 
@@ -93,16 +107,7 @@ def _parser() -> argparse.ArgumentParser:
         default="cpu",
         help="run importance scoring in PyTorch on this device, one layer there at a time (default cpu)",
     )
-    apply.add_argument(
-        "--executor",
-        choices=("process", "ray"),
-        default="process",
-        help="where `as many as fit` candidates are built and measured: a local process pool (default) or Ray "
-        "(the ray extra; RAY_ADDRESS joins a cluster, else a local Ray starts)",
-    )
-    apply.add_argument(
-        "--workers", type=_count(1), metavar="N", help="candidates measured at once (default: half the CPU cores)"
-    )
+    _add_search_options(apply)
 
     check = commands.add_parser("check", help="check a recipe against the model's config (no weights loaded)")
     check.add_argument("recipe", metavar="RECIPE")
@@ -116,16 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("recipe", metavar="RECIPE")
     plan.add_argument("--model", metavar="SPEC", help="model to use instead of the recipe's `model` statement")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
-    plan.add_argument(
-        "--executor",
-        choices=("process", "ray"),
-        default="process",
-        help="where `as many as fit` candidates are built and measured: a local process pool (default) or Ray "
-        "(the ray extra; RAY_ADDRESS joins a cluster, else a local Ray starts)",
-    )
-    plan.add_argument(
-        "--workers", type=_count(1), metavar="N", help="candidates measured at once (default: half the CPU cores)"
-    )
+    _add_search_options(plan)
     plan.add_argument(
         "--device",
         choices=("cpu", "cuda"),

@@ -207,23 +207,23 @@ class _ToAst:
 
     # Budgets (surgery/budgets.py).
 
-    @_with_meta
-    def perplexity_budget(self, meta, children):
-        string, percent, *options = children
-        return QualityBudget("perplexity", string[1:-1], float(percent[:-1]), span=self._span(meta),
-                             data_span=self._tok(string), **_options(options))  # fmt: skip
-
-    @_with_meta
-    def kl_budget(self, meta, children):
-        string, number, *options = children
-        return QualityBudget("kl", string[1:-1], float(number), span=self._span(meta), data_span=self._tok(string),
+    def _quality_budget(self, kind: str, meta, children, percent: bool) -> QualityBudget:
+        string, limit, *options = children
+        value = float(limit[:-1] if percent else limit)
+        return QualityBudget(kind, string[1:-1], value, span=self._span(meta), data_span=self._tok(string),
                              **_options(options))  # fmt: skip
 
     @_with_meta
+    def perplexity_budget(self, meta, children):
+        return self._quality_budget("perplexity", meta, children, percent=True)
+
+    @_with_meta
+    def kl_budget(self, meta, children):
+        return self._quality_budget("kl", meta, children, percent=False)
+
+    @_with_meta
     def top1_budget(self, meta, children):
-        string, percent, *options = children
-        return QualityBudget("top1", string[1:-1], float(percent[:-1]), span=self._span(meta),
-                             data_span=self._tok(string), **_options(options))  # fmt: skip
+        return self._quality_budget("top1", meta, children, percent=True)
 
     @_with_meta
     def decode_budget(self, meta, children):
