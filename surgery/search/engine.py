@@ -290,7 +290,7 @@ class Searcher:
         timed side by side would slow each other)."""
         return 1 if fit.latency else self._workers()
 
-    def _executor_for(self, fit):
+    def _executor_for(self):
         if self._executor is None:
             from surgery.search.executors import make_executor
 
@@ -307,14 +307,14 @@ class Searcher:
         """Measurements of `counts`: from the cache where there, else built by the executor."""
         found: dict[int, tuple[dict, bool]] = {}
         todo = []
+        paths = {count: self._candidate_cache(jobs[count]) for count in counts}  # hashes texts: once per count
         for count in counts:
-            path = self._candidate_cache(jobs[count])
-            if self.settings.use_cache and path.exists():
-                found[count] = (json.loads(path.read_text()), True)
+            if self.settings.use_cache and paths[count].exists():
+                found[count] = (json.loads(paths[count].read_text()), True)
             else:
                 todo.append(count)
         if todo:
-            executor = self._executor_for(target.fit)
+            executor = self._executor_for()
             self.progress(
                 f"search line {target.line}: building and measuring {len(todo)} candidate(s) "
                 f"({target.counting()}: {', '.join(map(str, todo))})"
@@ -327,7 +327,7 @@ class Searcher:
                 if "error" in measured:
                     problem = f"the candidate with {count} {target.counting()} could not be built: {measured['error']}"
                     raise RecipeError([Diagnostic("error", problem, target.fit.span)])
-                self._store(self._candidate_cache(jobs[count]), measured)
+                self._store(paths[count], measured)
                 found[count] = (measured, False)
         return found
 
