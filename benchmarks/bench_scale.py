@@ -87,6 +87,21 @@ def disk_write_bandwidth(folder: Path, gigabytes: float = 2.0) -> float:
     return blocks * len(block) / 1e6 / seconds
 
 
+def settle(checkpoint: Path) -> None:
+    """The same start for every run: the previous run's output on the disk (the kernel throttles
+    writers once enough of the page cache is dirty, so no run pays for another's writes), and
+    the checkpoint in the page cache (read once here; a run after the builder's 17 GB int4
+    build would otherwise read it from the disk: 13.6 s for Qwen's 7.1 GB here, against 1.5 s
+    cached)."""
+    os.sync()
+    block = bytearray(64 << 20)
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        with open(path, "rb", buffering=0) as handle:
+            while handle.readinto(block):
+                pass
+    time.sleep(1)
+
+
 def folder_gb(folder: Path) -> float:
     """Size of an output's model files (model*.onnx*)."""
     return round(sum(p.stat().st_size for p in folder.glob("model*.onnx*")) / 1e9, 2) if folder.exists() else 0.0
@@ -137,6 +152,17 @@ def main() -> None:
     parser.add_argument("--skip-builder", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the output folders (default: removed once measured)")
     parser.add_argument("--json", default=None, help="default: bench-results/scale-<model>.json")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="TEXT",
+        help="only the runs whose label contains one of these (e.g. fp32)",
+    )
+    parser.add_argument(
+        "--outputs", type=Path, default=None, help="where the outputs are written (default: the work folder)"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds; the median is reported")
     args = parser.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -164,10 +190,13 @@ def main() -> None:
         name = "random Llama-3.1-8B shape (bf16 shards)" + (f", {args.layers} layers" if args.layers else "")
     checkpoint_gb = round(sum(p.stat().st_size for p in hf_folder.glob("*.safetensors")) / 1e9, 2)
 
-    bandwidth = disk_write_bandwidth(work)
+    outputs = args.outputs or work
+    outputs.mkdir(parents=True, exist_ok=True)
+    bandwidth = disk_write_bandwidth(outputs)
     print(f"{name}: checkpoint {checkpoint_gb} GB; disk writes {bandwidth:.0f} MB/s (fdatasync)")
     surgery = [sys.executable, "-m", "surgery"]
     runs: dict[str, dict] = {}
+    rounds: dict[str, list[dict]] = {}
     env = {"SURGERY_CACHE": str(cache)}
     builder_runs = {} if args.skip_builder else {"builder fp32": "fp32", "builder int4": "int4"}
     recipes = {
@@ -175,38 +204,44 @@ def main() -> None:
         "surgery int4, --no-verify": (f'model "{model}"\n' + INT4, ["--no-verify"]),
         "surgery drop 8 + int4, verified": (f'model "{model}"\n' + DROP_INT4, []),
     }
-    for label, precision in builder_runs.items():
-        out = work / label.replace(" ", "-")
-        shutil.rmtree(out, ignore_errors=True)
-        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o", str(out),
-                   "-p", precision, "-e", "cpu", "-c", str(work / "builder-cache")]  # fmt: skip
-        print(f"running {label} ...", flush=True)
-        runs[label] = {**measure(command, work / f"{out.name}.log"), "output_gb": folder_gb(out)}
-        shutil.rmtree(work / "builder-cache", ignore_errors=True)
-        if not args.keep:  # an 8B model's fp32 output is 32 GB: measured, then removed
-            shutil.rmtree(out, ignore_errors=True)
-        print(f"  {runs[label]}", flush=True)
     if args.model == "llama8b" and not args.layers:
         # A 32 GB fp32 output does not fit beside the 16 GB checkpoint on our 64 GB disk.
         del recipes["surgery fp32, --no-verify"]
-    for label, (text, flags) in recipes.items():
-        recipe = work / (label.split(",")[0].replace(" ", "-") + ".surg")
-        recipe.write_text(text)
-        out = work / recipe.stem
-        print(f"running {label} ...", flush=True)
-        command = [*surgery, "apply", str(recipe), "-o", str(out), "--force", *flags]
-        runs[label] = {**measure(command, work / f"{recipe.stem}.log", env), "output_gb": folder_gb(out)}
-        report = out / "surgery.json"
-        if report.exists():
-            data = json.loads(report.read_text())
-            verification = data.get("verification", {})
-            runs[label]["verification"] = {
-                k: verification.get(k) for k in ("passed", "max_abs_logit_diff", "reference")
-            }
-            runs[label]["timings"] = {k: round(v, 1) for k, v in data.get("timings_s", {}).items()}
-        if not args.keep:
+    labels = [label for label in [*builder_runs, *recipes] if not args.only or any(o in label for o in args.only)]
+    for round_ in range(args.rounds):  # alternating: each round runs every command once
+        for label in labels:
+            if label in builder_runs:
+                out = outputs / label.replace(" ", "-")
+                command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder),
+                           "-o", str(out), "-p", builder_runs[label], "-e", "cpu",
+                           "-c", str(work / "builder-cache")]  # fmt: skip
+                run_env = None
+            else:
+                text, flags = recipes[label]
+                recipe = work / (label.split(",")[0].replace(" ", "-") + ".surg")
+                recipe.write_text(text)
+                out = outputs / recipe.stem
+                command = [*surgery, "apply", str(recipe), "-o", str(out), "--force", *flags]
+                run_env = env
             shutil.rmtree(out, ignore_errors=True)
-        print(f"  {runs[label]}", flush=True)
+            settle(hf_folder)
+            print(f"running {label} (round {round_ + 1}) ...", flush=True)
+            record = {**measure(command, work / f"{out.name}.log", run_env), "output_gb": folder_gb(out)}
+            report = out / "surgery.json"
+            if report.exists():
+                data = json.loads(report.read_text())
+                verification = data.get("verification", {})
+                record["verification"] = {k: verification.get(k) for k in ("passed", "max_abs_logit_diff", "reference")}
+                record["timings"] = {k: round(v, 1) for k, v in data.get("timings_s", {}).items()}
+            shutil.rmtree(work / "builder-cache", ignore_errors=True)
+            if not args.keep:  # an 8B model's fp32 output is 32 GB: measured, then removed
+                shutil.rmtree(out, ignore_errors=True)
+            print(f"  {record}", flush=True)
+            rounds.setdefault(label, []).append(record)
+    # Each run's figures are its median round's (by wall time); every round's wall time is kept.
+    for label, records in rounds.items():
+        ordered = sorted(records, key=lambda r: r["seconds"])
+        runs[label] = {**ordered[(len(ordered) - 1) // 2], "rounds_s": [r["seconds"] for r in records]}
     for run in runs.values():
         run["disk_floor_s"] = round(run["output_gb"] * 1e3 / bandwidth, 1)
         run["peak_minus_output_gb"] = round(run["peak_gb"] - run["output_gb"], 2)
@@ -219,6 +254,7 @@ def main() -> None:
     ratios = {}
     for ours, theirs in (
         ("surgery fp32, --no-verify", "builder fp32"),
+        ("surgery int4, --no-verify", "builder int4"),
         ("surgery drop 8 + int4, verified", "builder int4"),
     ):
         if ours in runs and theirs in runs and runs[theirs]["outcome"] == "ok" and runs[ours]["outcome"] == "ok":
@@ -233,6 +269,7 @@ def main() -> None:
         {
             "model": name,
             "checkpoint_gb": checkpoint_gb,
+            "outputs": str(outputs),
             "disk_write_mb_s": round(bandwidth),
             "runs": runs,
             "ratios": ratios,

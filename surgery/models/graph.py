@@ -222,11 +222,12 @@ class DecoderGraph:
                     try:
                         yield layer
                     finally:
-                        weights.release(loaded)
+                        weights.release(loaded, recycle=pending is not None)
             finally:
                 if pending is not None:  # stopped early: the read ahead is not needed
                     with contextlib.suppress(Exception):
                         weights.release(pending.result())
+                weights.checkpoint.drop_recycled()
 
     def materialize_all(self) -> None:
         """Load every parameter still in the checkpoint, for good (steps that need the whole model)."""
