@@ -13,6 +13,8 @@ import torch
 from surgery import expert_rules
 from surgery.models.graph import DecoderGraph, position_ids_from_mask
 
+_BATCH_ROWS = 8  # calibration samples per batch
+
 
 def expert_count(mlp: torch.nn.Module) -> int:
     """How many experts an MoE MLP has (0 for a dense MLP)."""
@@ -26,7 +28,10 @@ def expert_statistics(
 ) -> tuple[dict[int, list[float]], dict[int, np.ndarray]]:
     """One pass over the calibration tokens: per layer, each expert's share of the routed
     (token, slot) assignments and, with `outputs`, its mean output over all tokens (every
-    expert run on every token from the residual entering the MLP: HC-SMoE's feature)."""
+    expert run on every token from the residual entering the MLP: HC-SMoE's feature).
+
+    The pass is layer-major (`DecoderGraph.forward_layerwise`): a lazily loaded model is read
+    one layer at a time, and the statistics equal those of whole-model forwards."""
     counts = {layer: np.zeros(expert_count(graph.layer(layer).mlp)) for layer in layers}
     sums: dict[int, torch.Tensor] = {}
     handles = []
@@ -46,11 +51,15 @@ def expert_statistics(
         handles.append(mlp.gate.register_forward_hook(count))
         if outputs:
             handles.append(mlp.register_forward_pre_hook(collect))  # the MLP's input, after any norm
+    batches = []
+    for first in range(0, len(tokens), _BATCH_ROWS):
+        ids = torch.from_numpy(np.ascontiguousarray(tokens[first : first + _BATCH_ROWS]))
+        mask = torch.ones_like(ids)
+        batches.append((ids, mask, position_ids_from_mask(mask)))
     try:
-        for row in tokens:
-            ids = torch.from_numpy(row)[None]
-            mask = torch.ones_like(ids)
-            graph.forward(ids, mask, position_ids_from_mask(mask), logits=False)
+        # Layer-major: each layer is loaded once and every batch passes through it, so a model
+        # whose weights stay in the checkpoint is counted a layer at a time.
+        graph.forward_layerwise(batches, logits=False)
     finally:
         for handle in handles:
             handle.remove()

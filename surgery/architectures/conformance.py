@@ -201,7 +201,7 @@ def lazy_probe(graph: DecoderGraph, tokens: int = PROBE_TOKENS) -> tuple[Any, De
     for name, param in small.state_dict(keep_vars=True).items():
         if name not in full_names:
             continue  # buffers, and a tied head (the embedding's rows)
-        shape, _ = weights.checkpoint.shape_and_dtype(name)
+        shape = weights.shape(name)
         try:
             if shape != tuple(param.shape):  # embedding and head: the probe's rows only
                 state[name] = weights.load_rows(name, rows.tolist())

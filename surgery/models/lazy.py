@@ -197,9 +197,11 @@ class Checkpoint:
 class LazyWeights:
     """Where each parameter of a meta-device model lives in its checkpoint; loads and releases them."""
 
-    def __init__(self, model: torch.nn.Module, checkpoint: Checkpoint):
-        """Every parameter of `model` (tied ones once) must be a tensor of `checkpoint`."""
+    def __init__(self, model: torch.nn.Module, checkpoint: Checkpoint, sources: dict | None = None):
+        """Every parameter of `model` (tied ones once) must be a tensor of `checkpoint`, or be made
+        from some as `sources` says (name -> `surgery.models.conversion.Source`)."""
         self.checkpoint = checkpoint
+        self.sources = sources or {}
         self.names = {id(param): name for name, param in model.named_parameters()}
         # Views of fused tensors: id -> (parent tensor name, shape, stride, storage offset)
         self.views: dict[int, tuple[str, tuple[int, ...], tuple[int, ...], int]] = {}
@@ -215,11 +217,35 @@ class LazyWeights:
         return id(param) in self.names or id(param) in self.views
 
     def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """One checkpoint tensor in `dtype`, read now; a WeightsError if it holds NaN or infinity."""
-        return self._finite(name, self.checkpoint.tensor(name, dtype))
+        """One parameter in `dtype`, read now; a WeightsError if it holds NaN or infinity.
+
+        A parameter made of several checkpoint tensors (a layer's experts) is built from them
+        here, each checked as it is read."""
+        source = self.sources.get(name)
+        if source is None:
+            return self._finite(name, self.checkpoint.tensor(name, dtype))
+        parts = []
+        for group in source.groups:
+            tensors = [self._finite(tensor, self.checkpoint.tensor(tensor, dtype)) for tensor in group]
+            parts.append(torch.stack(tensors) if source.stacked else tensors[0])
+            del tensors
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=source.dim)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A parameter's shape, from the checkpoint's headers (nothing read)."""
+        source = self.sources.get(name)
+        if source is None:
+            return self.checkpoint.shape_and_dtype(name)[0]
+        shapes = {t: self.checkpoint.shape_and_dtype(t)[0] for group in source.groups for t in group}
+        return source.shape(shapes) or ()
 
     def load_rows(self, name: str, rows: list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Some rows of one checkpoint tensor in `dtype`; a WeightsError if they hold NaN or infinity."""
+        """Some rows of one parameter in `dtype`; a WeightsError if they hold NaN or infinity."""
+        source = self.sources.get(name)
+        if source is not None and not source.stacked and len(source.groups) == 1:
+            name = source.groups[0][0]  # only renamed
+        elif source is not None:
+            return self.load(name, dtype)[rows]
         return self._finite(name, self.checkpoint.rows(name, rows, dtype))
 
     def _finite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -272,7 +298,7 @@ class LazyWeights:
             empty = torch.empty(param.shape, dtype=param.dtype, device="meta")
             holder = torch.nn.Parameter(empty, requires_grad=param.requires_grad)
             torch.utils.swap_tensors(param, holder)  # `holder` now holds the loaded values
-            if recycle and id(param) in self.names:
+            if recycle and id(param) in self.names and self.names[id(param)] not in self.sources:
                 values = holder.data
                 del holder
                 self.checkpoint.recycle(values, limit)

@@ -225,14 +225,16 @@ def _tokenizer(spec: ModelSpec, folder: str) -> Any:
 
 
 def _lazy_model(folder: str, files: dict[str, list[str]]) -> tuple[Any, Any] | None:
-    """(meta-device model, its LazyWeights) when the checkpoint's tensors are the model's parameters
-    one for one, in the config's shapes; None otherwise, and the eager load runs instead: it
-    converts what transformers converts (per-expert tensors fused into one, renamed keys) and
-    reports what is missing, unexpected or mis-shaped with the file and tensor names.
+    """(meta-device model, its LazyWeights) when every parameter is a checkpoint tensor, or is made
+    from some the way transformers makes it (per-expert tensors stacked into one fused tensor,
+    renamed keys: `surgery.models.conversion`), in the config's shapes, and no tensor is left
+    over; None otherwise, and the eager load runs instead: it reports what is missing,
+    unexpected or mis-shaped with the file and tensor names.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from surgery.models.conversion import sources
     from surgery.models.lazy import Checkpoint, LazyWeights, parameters_on_meta
 
     try:
@@ -245,13 +247,21 @@ def _lazy_model(folder: str, files: dict[str, list[str]]) -> tuple[Any, Any] | N
     stored = set(checkpoint.names())
     state = model.state_dict(keep_vars=True)  # tied names included (a checkpoint may hold lm_head too)
     parameters = dict(model.named_parameters())
-    if not set(parameters) <= stored or not stored <= set(state):
+    made = {}
+    if not set(parameters) <= stored:  # fused experts or renamed keys: transformers' own table
+        made = sources(config.model_type, list(parameters), stored)
+        if made is None:
+            return None
+    used = {t for source in made.values() for group in source.groups for t in group}
+    if not stored <= used | set(state):
         return None
+    shapes = {name: checkpoint.shape_and_dtype(name)[0] for name in stored}
     for name, param in parameters.items():
-        if checkpoint.shape_and_dtype(name)[0] != tuple(param.shape):
+        shape = made[name].shape(shapes) if name in made else shapes[name]
+        if shape != tuple(param.shape):
             return None
     model.config._name_or_path = folder
-    return model.eval(), LazyWeights(model, checkpoint)
+    return model.eval(), LazyWeights(model, checkpoint, made)
 
 
 def tokenizer_without_weights(spec: ModelSpec) -> Any | None:
