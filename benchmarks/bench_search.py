@@ -45,7 +45,7 @@ export onnx
 MIXED = """model "smollm2-135m"
 calibrate on "wikitext-2-valid" samples 64 length 256
 quantize embedding to int4 symmetric
-quantize head to int4 symmetric
+quantize head to {head}
 quantize layers by lim as many as fit {{
     most important -> {first}
     rest -> {rest}
@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--ray", action="store_true")
     parser.add_argument("--first", default="int8 symmetric", help="the width of the searched layers")
     parser.add_argument("--rest", default="int4 block 64", help="the width of the other layers")
+    parser.add_argument("--head", default="int4 symmetric", help="the head's width (tied: shared with the embedding)")
     parser.add_argument("--only-mixed", action="store_true", help="skip the drop searches")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -121,7 +122,9 @@ def main() -> None:
         )  # fmt: skip
         mb = size_mb(builder)
         mixed_recipe = work / "mixed.surg"
-        mixed_recipe.write_text(MIXED.format(mb=f"{mb:.1f}", tokens=args.tokens, first=args.first, rest=args.rest))
+        mixed_recipe.write_text(
+            MIXED.format(mb=f"{mb:.2f}", tokens=args.tokens, first=args.first, rest=args.rest, head=args.head)
+        )
         mixed = run_search(work, "mixed", mixed_recipe.read_text())
         out = work / "mixed-out"
         subprocess.run([sys.executable, "-m", "surgery", "apply", str(mixed_recipe), "-o", str(out), "--no-verify"],

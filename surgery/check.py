@@ -450,13 +450,15 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
         tuple(done["merge"]),
     )
     perplexity, prunes, merges = checked.perplexity, checked.prunes, checked.merges
-    uses_data = any(METRICS[m].needs_data for m in checked.metrics_to_compute()) or prunes or merges
+    gptq = any(item.gptq for item in checked.quantize)
+    uses_data = any(METRICS[m].needs_data for m in checked.metrics_to_compute()) or prunes or merges or gptq
     clean = not any(d.severity == "error" for d in checker.diagnostics)  # else selectors may be missing
     if calibration_span is not None and not uses_data and clean:
         checker.warning(
             "calibration is not used: no selector ranks by a metric computed from data",
             calibration_span,
-            "similarity, lim, iks (fuse layer auto) and prune experts use it; zd and importance files do not",
+            "similarity, lim, iks (fuse layer auto), prune and merge experts, and `gptq` use it; zd and "
+            "importance files do not",
         )
     if uses_data and clean:
         checker.calibration_fits(checked)

@@ -428,6 +428,10 @@ class _ToAst:
         return {"symmetric": True}
 
     @_with_meta
+    def gptq_option(self, meta, children):
+        return {"gptq": True, "gptq_span": self._span(meta)}
+
+    @_with_meta
     def quantize_group_stmt(self, meta, children):
         part, source, *items = children
         marker = items.pop(0) if items and isinstance(items[0], Span) else None

@@ -323,7 +323,8 @@ def apply(
         if reference_perplexity is not None:
             lap("reference_perplexity")
 
-        plan, passes = run_graph_steps(plan, graph, _Calibration(checked, tokenizer), progress)
+        calibration = _Calibration(checked, tokenizer)
+        plan, passes = run_graph_steps(plan, graph, calibration, progress)
         after = structure(graph)
         tied_head = graph.tied_head
         lap("passes")
@@ -333,6 +334,9 @@ def apply(
         # (the quantized embedding then shares it back when both have the same width).
         options = replace(plan.export, untie_head="lm_head" in quantization or EMBEDDING in quantization)
         linears = {target: config for target, config in quantization.items() if target != EMBEDDING}
+        calibrated = _gptq(graph, linears, calibration, progress)
+        if calibrated:
+            lap("gptq")
         if stream and linears:
             # Quantized as they are written: no float copy of the model is written or read back.
             assignment = tuple((linear, c["bits"], c["block"], c["symmetric"]) for linear, c in linears.items())
@@ -357,7 +361,7 @@ def apply(
             )
             progress(f"exporting ONNX (opset {plan.export.opset}, {kv} KV cache){quantizing}")
             try:
-                export = export_decoder(graph, str(folder.path), options)
+                export = export_decoder(graph, str(folder.path), options, calibrated if stream else None)
             except WeightsError as problem:  # a lazily loaded tensor that is damaged
                 raise weights_error(checked, problem) from problem
             tokenizer.save_pretrained(str(folder.path))
@@ -395,7 +399,8 @@ def apply(
             )
             lap("verify")
         if quantization:
-            quantized = _quantize(plan, export, str(folder.path), passes, progress, tied_head, options.quantize_linears)
+            quantized = _quantize(plan, export, str(folder.path), passes, progress, tied_head, options.quantize_linears,
+                                  calibrated)  # fmt: skip
             sections["quantization"] = quantized
             if trace is not None:
                 # Informational: how far quantization moved the logits (no tolerance applies).
@@ -645,10 +650,24 @@ def _perplexity_check(checked: CheckedRecipe, reference, folder: str, threads: i
     }
 
 
+def _gptq(graph, linears: dict[str, dict], calibration: _Calibration, progress: Progress) -> dict:
+    """GPTQ blocks for the linears marked `gptq`, calibrated on the recipe's calibration tokens
+    (surgery.calibrated_quantization); empty when none is."""
+    settings = {linear: (c["bits"], c["block"], c["symmetric"]) for linear, c in linears.items() if c.get("gptq")}
+    if not settings:
+        return {}
+    from surgery.calibrated_quantization import calibrated_blocks
+
+    progress(f"GPTQ: rounding {len(settings)} linear layer(s) against {calibration.spec.describe()}")
+    return calibrated_blocks(graph, settings, calibration.tokens(), progress)
+
+
 def _quantize(plan: Plan, export, folder: str, passes: list, progress: Progress, tied_head: bool,
-              written: tuple = ()) -> dict:  # fmt: skip
+              written: tuple = (), calibrated: dict | None = None) -> dict:  # fmt: skip
     """Quantize the exported model's linears (unless the exporter quantized them as it wrote them:
     `written`) and embedding, and replace its files atomically; the report's quantization section.
+    `calibrated`: GPTQ blocks by linear, written over the round-to-nearest ones of the quantize
+    pass (same layout and size), before the embedding pass shares a tied head's table.
 
     Linears quantized while written are held to the quantize pass's own contract (`ensures`)
     on the written graph, read without its weights.
@@ -659,7 +678,7 @@ def _quantize(plan: Plan, export, folder: str, passes: list, progress: Progress,
 
     from surgery.passes import PassContractError, PassResult, Quantize, QuantizeEmbedding, run_pass
     from surgery.passes.quantize import ACCURACY_LEVELS
-    from surgery.quantization import bits_summary
+    from surgery.quantization import bits_summary, replace_blocks
     from surgery.report import folder_bytes, pass_record
 
     files_before = folder_bytes(folder)
@@ -682,6 +701,7 @@ def _quantize(plan: Plan, export, folder: str, passes: list, progress: Progress,
         else:
             progress(f"quantizing {len(assignment)} linear layer(s) to MatMulNBits")
             result = run_pass(quantize, model)
+            replace_blocks(model, {export.linears[linear]: b for linear, b in (calibrated or {}).items()})
         progress(f"quantize: {result.summary}")
         linear_steps = [step for step in steps if step.targets != (EMBEDDING,)]
         record = pass_record(quantize, result, linear_steps[0].source if linear_steps else None)

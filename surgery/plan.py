@@ -63,7 +63,8 @@ class Plan:
             if step.action == "quantize":
                 p = step.parameters
                 for linear in step.targets:
-                    final[linear] = {"bits": p["bits"], "block": p["block"], "symmetric": p["symmetric"]}
+                    final[linear] = {"bits": p["bits"], "block": p["block"], "symmetric": p["symmetric"],
+                                     "gptq": bool(p.get("gptq"))}  # fmt: skip
         return final
 
     def to_json(self) -> dict[str, Any]:

@@ -234,6 +234,27 @@ def bits_summary(model: onnx.ModelProto) -> dict[str, object]:
     }
 
 
+def replace_blocks(model: onnx.ModelProto, blocks: dict[str, BlockQuantized]) -> None:
+    """Write `blocks` over the weights of the MatMulNBits that replaced each named MatMul
+    (`<node>_Q<bits>`): the same tensors, the same shapes, other values (GPTQ's rounding over
+    the quantize pass's round-to-nearest)."""
+    if not blocks:
+        return
+    nodes = {node.name: node for node in model.graph.node if node.op_type == "MatMulNBits"}
+    initializers = {init.name: init for init in model.graph.initializer}
+    for matmul, quantized in blocks.items():
+        node = next(nodes[name] for name in (f"{matmul}_Q4", f"{matmul}_Q8") if name in nodes)
+        arrays = [quantized.packed, quantized.scales, quantized.zero_points]
+        for name, array in zip(node.input[1:4], arrays, strict=False):
+            if not name or array is None:
+                continue
+            old = initializers[name]
+            array = np.asarray(array, dtype=onnx.helper.tensor_dtype_to_np_dtype(old.data_type))
+            if array.size != int(np.prod(old.dims)):
+                raise ValueError(f"{name}: {array.size} values calibrated against {list(old.dims)} written")
+            old.CopyFrom(numpy_helper.from_array(array.reshape(tuple(old.dims)), name))
+
+
 def initializer_arrays(model: onnx.ModelProto, names: set[str]) -> dict[str, np.ndarray]:
     """The named initializers as numpy arrays (weights must be loaded)."""
     return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer if init.name in names}

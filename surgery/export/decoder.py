@@ -124,8 +124,11 @@ class _Emitter:
     the head with layer fusion.
     """
 
-    def __init__(self, graph: DecoderGraph, writer: GraphWriter, options: ExportOptions):
+    def __init__(
+        self, graph: DecoderGraph, writer: GraphWriter, options: ExportOptions, calibrated: dict | None = None
+    ):
         self.graph, self.w, self.options = graph, writer, options
+        self.calibrated = calibrated or {}  # linear -> GPTQ blocks (surgery.calibrated_quantization)
         self.dtype, self.onnx_type = ELEMENT_TYPES[options.precision]
         self.residual = ""
         self.pending: str | None = None  # a sub-block's output not yet added to the residual
@@ -163,7 +166,9 @@ class _Emitter:
             operand = self.w.weight(weight_name, self.array(weight).T, parameter=parameter)
             return self.w.node("MatMul", [x, operand], node, outputs)[0]
         bits, block, symmetric = setting
-        blocks = quantize_blocks_nk(weight, bits, block, symmetric)
+        blocks = self.calibrated.get(linear)  # GPTQ's, when the recipe asked for it
+        if blocks is None:
+            blocks = quantize_blocks_nk(weight, bits, block, symmetric)
         if self.dtype is not np.float32:  # scales in the element type, as the quantizer writes them
             blocks = replace(blocks, scales=blocks.scales.astype(self.dtype))
         n, k = weight.shape
@@ -415,13 +420,15 @@ class _Emitter:
         w.node("Gather", [layers, w.op("Squeeze", [pick, c([2])], f"{name}/pick2")], f"{name}/layer", ["fused_layer"])
 
 
-def export_decoder(graph: DecoderGraph, folder: str, options: ExportOptions | None = None) -> ExportResult:
+def export_decoder(
+    graph: DecoderGraph, folder: str, options: ExportOptions | None = None, calibrated: dict | None = None
+) -> ExportResult:
     """Write `model.onnx` and `model.onnx.data` for the graph into `folder`."""
     options = options or ExportOptions()
     model_path = os.path.join(folder, "model.onnx")
     writer = GraphWriter(os.path.join(folder, "model.onnx.data"))
     try:
-        emitter = _Emitter(graph, writer, options)
+        emitter = _Emitter(graph, writer, options, calibrated)
         emitter.emit()
     except BaseException:
         writer.close()

@@ -1,4 +1,4 @@
-"""`quantize <part> [<selector>] to int4|int8 [block N] [symmetric]` and the grouped form
+"""`quantize <part> [<selector>] to int4|int8 [block N] [symmetric] [gptq]` and the grouped form
 `quantize layers by <source> { rule -> width ... }`: MatMulNBits for the chosen linears, and
 `quantize embedding to ...`: GatherBlockQuantized for the vocabulary table.
 Grammar: `quantize_stmt`, `quantize_group_stmt` (`quantize_rule`). Passes: passes/quantize.py
@@ -43,27 +43,31 @@ EMBEDDING = "model.embed_tokens"  # the plan target of `quantize embedding`
 
 @dataclass(frozen=True)
 class QuantizeStmt:
-    """`quantize <part> [<selector>] to int4|int8 [block N] [symmetric]`; no selector = every layer."""
+    """`quantize <part> [<selector>] to int4|int8 [block N] [symmetric] [gptq]`; no selector = every layer."""
 
     part: QuantizePart
     selector: Selector | None
     bits: int
     block: int | None = None
     symmetric: bool = False
+    gptq: bool = False  # rounded by GPTQ on the calibration data instead of to nearest
     span: Span = span_field()
     block_span: Span | None = span_field()
+    gptq_span: Span | None = span_field()
 
 
 @dataclass(frozen=True)
 class QuantizeRule:
-    """One `<rule> -> int4|int8 [block N] [symmetric]` line of a grouped quantize."""
+    """One `<rule> -> int4|int8 [block N] [symmetric] [gptq]` line of a grouped quantize."""
 
     selector: ImportanceRank | Selector | RestLayers
     bits: int
     block: int | None = None
     symmetric: bool = False
+    gptq: bool = False  # rounded by GPTQ on the calibration data instead of to nearest
     span: Span = span_field()
     block_span: Span | None = span_field()
+    gptq_span: Span | None = span_field()
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class ResolvedQuantize:
     symmetric: bool
     span: Span | None
     layers: tuple[int, ...] = ()
+    gptq: bool = False
     query: ImportanceQuery | None = None
     rest: bool = False
     group: int | None = None  # rules of one grouped statement share a number
@@ -105,7 +110,7 @@ def _width(item: QuantizeStmt | QuantizeRule | ResolvedQuantize) -> str:
     text = f"int{item.bits}"
     if item.block is not None:
         text += f" block {item.block}"
-    return text + (" symmetric" if item.symmetric else "")
+    return text + (" symmetric" if item.symmetric else "") + (" gptq" if item.gptq else "")
 
 
 def _unparse_rule(rule: QuantizeRule) -> str:
@@ -146,9 +151,21 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedQuantize]:
         if isinstance(statement, QuantizeStmt):
             block = _block(c, statement)
             if statement.part == "head":
-                resolved.append(ResolvedQuantize("head", statement.bits, block, statement.symmetric, statement.span))
+                resolved.append(
+                    ResolvedQuantize(
+                        "head", statement.bits, block, statement.symmetric, statement.span, gptq=statement.gptq
+                    )  # fmt: skip
+                )
                 continue
             if statement.part == "embedding":
+                if statement.gptq:
+                    c.error(
+                        "GPTQ rounds a linear layer against its inputs; the embedding is a table lookup",
+                        statement.gptq_span or statement.span,
+                        "drop `gptq` here (the embedding is rounded to nearest); a tied head shares its table "
+                        "when both have the same width",
+                    )
+                    continue
                 if index.hidden_size % block:
                     c.error(
                         f"the embedding's rows ({index.hidden_size} values) do not split into blocks of {block}",
@@ -169,7 +186,8 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedQuantize]:
                 )
                 continue
             selector = statement.selector or AllLayers(span=statement.span)
-            item = ResolvedQuantize(statement.part, statement.bits, block, statement.symmetric, statement.span)
+            item = ResolvedQuantize(statement.part, statement.bits, block, statement.symmetric, statement.span,
+                                    gptq=statement.gptq)  # fmt: skip
             if isinstance(selector, ImportanceSelector):
                 query = c.importance(selector.rank, selector.source, SCORE_PART[statement.part], index, selector.span)
                 if query is not None:
@@ -208,7 +226,8 @@ def _group(c, statement: QuantizeGroupStmt, group: int, index: ModelIndex) -> li
                 "rules after `rest` can never match: every layer is taken by then",
             )
             continue
-        item = ResolvedQuantize(statement.part, rule.bits, _block(c, rule), rule.symmetric, rule.span, group=group)
+        item = ResolvedQuantize(statement.part, rule.bits, _block(c, rule), rule.symmetric, rule.span, group=group,
+                                gptq=rule.gptq)  # fmt: skip
         if isinstance(rule.selector, RestLayers):
             resolved.append(replace(item, rest=True))
         elif isinstance(rule.selector, ImportanceRank):
@@ -285,6 +304,7 @@ def plan(state: PlanState) -> list[PlanStep]:
             "bits": item.bits,
             "block": item.block,
             "symmetric": item.symmetric,
+            "gptq": item.gptq,
         }
         if item.part in ("head", "embedding"):
             layers: tuple[int, ...] = ()
@@ -367,6 +387,8 @@ def describe(step: PlanStep) -> str:
     part = {"layers": "linears", "attention": "attention linears", "mlp": "MLP linears"}.get(p["part"], "")
     layers = f"layers {format_layers(step.layers)}" if step.layers else "no layer"
     kind = "symmetric" if p["symmetric"] else "asymmetric"
+    if p.get("gptq"):
+        kind += ", GPTQ on the calibration data"
     if p["part"] == "embedding":
         return f"quantize embedding to int{p['bits']} (GatherBlockQuantized, block {p['block']}, {kind})"
     what = "head" if p["part"] == "head" else f"{part} of {layers}"

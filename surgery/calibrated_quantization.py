@@ -1,0 +1,160 @@
+"""Calibrated (GPTQ) quantization of a model's linear layers, layer by layer.
+
+The calibration tokens run through the model layer-major, as importance scoring does
+(`DecoderGraph.forward_layerwise`): a layer is loaded, every batch's hidden state passes
+through it once with hooks summing each quantized linear's input Hessian `X^T X`, its linears
+are rounded by GPTQ (`surgery.gptq`), and the batches pass through it again with the rounded
+weights, so that the next layer is calibrated on what the quantized model will feed it (GPTQ's
+sequential order). Then the layer is released. What is held: one layer, the batches' hidden
+states, one Hessian per distinct linear input, and the quantized blocks, which are the output's
+size.
+
+The result maps each linear's exported name to its MatMulNBits blocks; the exporter writes
+them instead of rounding to nearest (`ExportOptions.calibrated_blocks`), and the ONNX quantize
+pass's output is overwritten with them when the model was quantized after export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from surgery.gptq import gptq_blocks
+from surgery.models.graph import DecoderGraph, _Sequence, position_ids_from_mask
+from surgery.quantization import BlockQuantized
+from surgery.verify_layerwise import linear_weights
+
+BATCH_ROWS = 8  # calibration samples per forward batch
+
+
+def input_module(graph: DecoderGraph, linear: str) -> torch.nn.Module | None:
+    """The module whose input is the exported linear's input: q_proj for the packed QKV, the
+    projection itself otherwise; None for the head (its input is the final norm's output)."""
+    if linear == "lm_head":
+        return None
+    _, _, number, block, leaf = linear.split(".")
+    layer = graph.layer(int(number))
+    sub = layer.attention if block == "self_attn" else layer.mlp
+    return sub.q_proj if leaf == "qkv_proj" else getattr(sub, leaf)
+
+
+class _Hessians:
+    """Sums `X^T X` of the inputs of some modules while installed (forward pre-hooks).
+
+    Linears that read the same tensor (gate and up read the normalized residual) share one
+    sum, so it is computed once per batch.
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.modules = modules
+        self._sums: dict[str, torch.Tensor] = {}
+        self._shared: dict[str, str] = {}  # linear -> the linear whose sum it reads
+        # This batch's inputs, by id, with the linear that summed each; holding them keeps a
+        # freed input's memory (and id) from being reused by a later one within the batch.
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def next_batch(self) -> None:
+        """Forget this batch's inputs."""
+        self._seen.clear()
+
+    def sum(self, linear: str) -> torch.Tensor:
+        """The summed `X^T X` of `linear`'s inputs."""
+        return self._sums[self._shared.get(linear, linear)]
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        handles = []
+        for linear, module in self.modules.items():
+
+            def hook(_module, args, linear=linear):
+                x = args[0]
+                seen = self._seen.get(id(x))
+                if seen is not None and seen[1] != linear:
+                    self._shared[linear] = seen[1]  # the very tensor another linear summed
+                    return
+                self._seen[id(x)] = (x, linear)
+                x = x.reshape(-1, x.shape[-1]).float()
+                total = self._sums.get(linear)
+                self._sums[linear] = x.T @ x if total is None else total.addmm_(x.T, x)
+
+            handles.append(module.register_forward_pre_hook(hook))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@contextlib.contextmanager
+def _rounded(graph: DecoderGraph, blocks: dict[str, tuple[BlockQuantized, int, int]]) -> Iterator[None]:
+    """Within the block, the given linears compute with their rounded weights; restored after."""
+    saved = []
+    try:
+        for linear, (quantized, bits, block) in blocks.items():
+            start = 0
+            for weight in linear_weights(graph, linear):  # q, k and v are stacked by rows
+                stop = start + weight.shape[0]
+                k = weight.shape[1]
+                saved.append((weight, weight.data.clone()))
+                weight.data.copy_(quantized.dequantize_rows(k, bits, block, start, stop).to(weight.dtype))
+                start = stop
+        yield
+    finally:
+        for weight, data in saved:
+            weight.data.copy_(data)
+
+
+@torch.no_grad()
+def calibrated_blocks(
+    graph: DecoderGraph,
+    settings: dict[str, tuple[int, int, bool]],
+    tokens: np.ndarray,
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict[str, BlockQuantized]:
+    """GPTQ blocks for each linear of `settings` (exported name -> (bits, block, symmetric)),
+    calibrated on `tokens` (samples, length), layer-major (see the module docstring)."""
+    runs = []
+    for first in range(0, len(tokens), BATCH_ROWS):
+        ids = torch.from_numpy(np.ascontiguousarray(tokens[first : first + BATCH_ROWS]))
+        mask = torch.ones_like(ids)
+        runs.append(_Sequence(ids, mask, position_ids_from_mask(mask)))
+    with graph.materialized(graph.embedding):
+        hidden = [graph.embedding(run.input_ids) for run in runs]
+    result: dict[str, BlockQuantized] = {}
+
+    def quantize(linear: str, hessian: torch.Tensor) -> tuple[BlockQuantized, int, int]:
+        bits, block, symmetric = settings[linear]
+        weight = torch.cat([w.detach().float() for w in linear_weights(graph, linear)])
+        result[linear] = gptq_blocks(weight, hessian, bits, block, symmetric)
+        return result[linear], bits, block
+
+    by_layer: dict[int, list[str]] = {}
+    for linear in settings:
+        if linear != "lm_head":
+            by_layer.setdefault(int(linear.split(".")[2]), []).append(linear)
+    for layer in graph.each_layer_materialized():
+        linears = by_layer.get(layer.index, [])
+        rounded: dict[str, tuple[BlockQuantized, int, int]] = {}
+        if linears:
+            hessians = _Hessians({linear: input_module(graph, linear) for linear in linears})
+            with hessians.installed():
+                for i, run in enumerate(runs):
+                    run.through(layer, hidden[i], graph.rotary, None)
+                    hessians.next_batch()
+            rounded = {linear: quantize(linear, hessians.sum(linear)) for linear in linears}
+            progress(f"GPTQ: layer {layer.index}, {len(linears)} linear(s)")
+        with _rounded(graph, rounded):
+            for i, run in enumerate(runs):
+                hidden[i], _ = run.through(layer, hidden[i], graph.rotary, None)
+    if "lm_head" in settings:
+        with graph.materialized(graph.head.final_norm, graph.head):
+            hessian = None
+            for state in hidden:
+                x = graph.head.final_norm(state).reshape(-1, state.shape[-1]).float()
+                hessian = x.T @ x if hessian is None else hessian.addmm_(x.T, x)
+            quantize("lm_head", hessian)
+        progress("GPTQ: head")
+    return result
