@@ -5,10 +5,11 @@ mixed-precision search against onnxruntime-genai's builder int4.
    L% }` for each limit L: the bisecting search, measured fresh (no cached candidates), against
    `search exhaustive` (every count, also fresh, measured once; its candidates then answer
    every limit). Per limit: both answers, candidates built, wall time.
-2. (`--mixed`, SmolLM2) `quantize layers by lim as many as fit { most important -> int8
-   symmetric; rest -> int4 block 64; size at most <builder's MB> }` (`--first`, `--rest`) with the
-   head and embedding at int4 block 32 symmetric (the builder's settings), then perplexity of
-   the answer and of the builder's `-p int4 -e cpu` model on the same 16,384 tokens.
+2. (`--mixed`, SmolLM2) `quantize layers by lim as many as fit { most important -> <first>;
+   rest -> <rest>; size at most <builder's MB> }` (`--first`, `--rest`; `gptq` after a width
+   rounds by GPTQ) with the embedding at int4 block 32 symmetric and the tied head at `--head`
+   (default the same: the builder's settings), then perplexity of the answer and of the
+   builder's `-p int4 -e cpu` model on the same 16,384 tokens.
 3. (`--ray`) the first limit's bisecting search again through `--executor ray` (fresh).
 
     python benchmarks/bench_search.py smollm2 --mixed --ray
