@@ -1,0 +1,57 @@
+"""Optional extras (`plot`, `ray`): without the package, a message naming the extra, never a traceback.
+
+The test extra installs both, so their absence is simulated: a `None` entry in `sys.modules`
+makes `import x` raise ImportError, as on a machine without the package.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import run_cli, write
+
+
+def test_importance_plot_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = run_cli("importance", "--model", "tiny-llama", "--metric", "zd", "-o", str(tmp_path / "s.json"),
+                     "--plot", str(tmp_path / "s.png"))  # fmt: skip
+    assert result.code != 0
+    assert "--plot needs matplotlib" in result.err and "surgery[plot]" in result.err
+    assert "Traceback" not in result.err
+    assert not (tmp_path / "s.json").exists() and not (tmp_path / "s.png").exists()
+
+
+def test_search_plot_without_matplotlib_says_why_it_was_not_drawn(tmp_path, monkeypatch):
+    from surgery.search.plot import plot_searches
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    why = plot_searches([], str(tmp_path / "search.png"))
+    assert why is not None and "surgery[plot]" in why
+    assert not (tmp_path / "search.png").exists()
+
+
+def test_ray_executor_without_ray_names_the_extra(monkeypatch):
+    from surgery.search.executors import RayExecutor
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(Exception) as raised:
+        RayExecutor(1)
+    assert "needs Ray" in str(raised.value) and "surgery[ray]" in str(getattr(raised.value, "hint", raised.value))
+
+
+def test_apply_with_executor_ray_without_ray_is_a_message(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    recipe = write(
+        tmp_path / "r.surg",
+        """model "tiny-llama"
+drop attention least important by similarity as many as fit {
+    size at most 1 GB
+}
+""",
+    )
+    result = run_cli("apply", recipe, "-o", str(tmp_path / "out"), "--executor", "ray", "--no-verify")
+    assert result.code != 0
+    assert "Ray" in result.err and "surgery[ray]" in result.err and "Traceback" not in result.err
+    assert not (tmp_path / "out").exists()
