@@ -10,7 +10,7 @@ states, one Hessian per distinct linear input, and the quantized blocks, which a
 size.
 
 The result maps each linear's exported name to its MatMulNBits blocks; the exporter writes
-them instead of rounding to nearest (`ExportOptions.calibrated_blocks`), and the ONNX quantize
+them instead of rounding to nearest (`export_decoder(..., calibrated=)`), and the ONNX quantize
 pass's output is overwritten with them when the model was quantized after export.
 """
 
@@ -23,21 +23,17 @@ import numpy as np
 import torch
 
 from surgery.gptq import gptq_blocks
-from surgery.models.graph import DecoderGraph, _Sequence, position_ids_from_mask
+from surgery.models.graph import DecoderGraph, _Sequence, calibration_batches
 from surgery.quantization import BlockQuantized
-from surgery.verify_layerwise import linear_weights
+from surgery.verify_layerwise import fill_dequantized, linear_owner, linear_weights
 
 BATCH_ROWS = 8  # calibration samples per forward batch
 
 
-def input_module(graph: DecoderGraph, linear: str) -> torch.nn.Module | None:
-    """The module whose input is the exported linear's input: q_proj for the packed QKV, the
-    projection itself otherwise; None for the head (its input is the final norm's output)."""
-    if linear == "lm_head":
-        return None
-    _, _, number, block, leaf = linear.split(".")
-    layer = graph.layer(int(number))
-    sub = layer.attention if block == "self_attn" else layer.mlp
+def input_module(graph: DecoderGraph, linear: str) -> torch.nn.Module:
+    """The module whose input is a layer's exported linear's input: q_proj for the packed QKV,
+    the projection itself otherwise."""
+    sub, leaf = linear_owner(graph, linear)
     return sub.q_proj if leaf == "qkv_proj" else getattr(sub, leaf)
 
 
@@ -96,11 +92,9 @@ def _rounded(graph: DecoderGraph, blocks: dict[str, tuple[BlockQuantized, int, i
         for linear, (quantized, bits, block) in blocks.items():
             start = 0
             for weight in linear_weights(graph, linear):  # q, k and v are stacked by rows
-                stop = start + weight.shape[0]
-                k = weight.shape[1]
                 saved.append((weight, weight.data.clone()))
-                weight.data.copy_(quantized.dequantize_rows(k, bits, block, start, stop).to(weight.dtype))
-                start = stop
+                fill_dequantized(weight.data, quantized, weight.shape[1], bits, block, start)
+                start += weight.shape[0]
         yield
     finally:
         for weight, data in saved:
@@ -116,11 +110,7 @@ def calibrated_blocks(
 ) -> dict[str, BlockQuantized]:
     """GPTQ blocks for each linear of `settings` (exported name -> (bits, block, symmetric)),
     calibrated on `tokens` (samples, length), layer-major (see the module docstring)."""
-    runs = []
-    for first in range(0, len(tokens), BATCH_ROWS):
-        ids = torch.from_numpy(np.ascontiguousarray(tokens[first : first + BATCH_ROWS]))
-        mask = torch.ones_like(ids)
-        runs.append(_Sequence(ids, mask, position_ids_from_mask(mask)))
+    runs = [_Sequence(*batch) for batch in calibration_batches(tokens, BATCH_ROWS)]
     with graph.materialized(graph.embedding):
         hidden = [graph.embedding(run.input_ids) for run in runs]
     result: dict[str, BlockQuantized] = {}

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from surgery import expert_rules
-from surgery.models.graph import DecoderGraph, position_ids_from_mask
+from surgery.models.graph import DecoderGraph, calibration_batches
 
 _BATCH_ROWS = 8  # calibration samples per batch
 
@@ -51,11 +51,7 @@ def expert_statistics(
         handles.append(mlp.gate.register_forward_hook(count))
         if outputs:
             handles.append(mlp.register_forward_pre_hook(collect))  # the MLP's input, after any norm
-    batches = []
-    for first in range(0, len(tokens), _BATCH_ROWS):
-        ids = torch.from_numpy(np.ascontiguousarray(tokens[first : first + _BATCH_ROWS]))
-        mask = torch.ones_like(ids)
-        batches.append((ids, mask, position_ids_from_mask(mask)))
+    batches = calibration_batches(tokens, _BATCH_ROWS)
     try:
         # Layer-major: each layer is loaded once and every batch passes through it, so a model
         # whose weights stay in the checkpoint is counted a layer at a time.

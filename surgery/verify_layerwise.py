@@ -106,18 +106,33 @@ def teacher_forced_traces(
     return [(trace, run) for trace, (_, run) in zip(traces, greedy, strict=True)]
 
 
+def linear_owner(graph: DecoderGraph, linear: str) -> tuple[torch.nn.Module, str]:
+    """(attention or MLP node, projection) behind a layer's exported linear name
+    (`model.layers.<i>.<self_attn|mlp>.<projection>`; `qkv_proj` is q, k and v packed)."""
+    _, _, number, block, leaf = linear.split(".")
+    layer = graph.layer(int(number))
+    return (layer.attention if block == "self_attn" else layer.mlp), leaf
+
+
 def linear_weights(graph: DecoderGraph, linear: str) -> list[torch.nn.Parameter]:
     """The PyTorch weights behind an exported linear layer's name (`surgery.export.decoder`):
     `lm_head`, `model.layers.<i>.self_attn.qkv_proj` (q, k and v stacked by output), or
     `model.layers.<i>.<self_attn|mlp>.<projection>`."""
     if linear == "lm_head":
         return [graph.head.weight]
-    _, _, number, block, leaf = linear.split(".")
-    layer = graph.layer(int(number))
-    sub = layer.attention if block == "self_attn" else layer.mlp
+    sub, leaf = linear_owner(graph, linear)
     if leaf == "qkv_proj":
         return [sub.q_proj.weight, sub.k_proj.weight, sub.v_proj.weight]
     return [getattr(sub, leaf).weight]
+
+
+def fill_dequantized(target: torch.Tensor, blocks: BlockQuantized, k: int, bits: int, block: int, start: int) -> None:
+    """Write rows `start`.. of the (N, K) weight `blocks` stand for into `target` (as many rows
+    as it has), a chunk of rows at a time so the float temporaries stay small."""
+    step = max(1, _ROWS_BYTES // (4 * k))
+    for first in range(0, target.shape[0], step):
+        last = min(first + step, target.shape[0])
+        target[first:last] = blocks.dequantize_rows(k, bits, block, start + first, start + last)
 
 
 class WrittenBlocks:
@@ -179,10 +194,7 @@ def written_weights(graph: DecoderGraph, model_path: str) -> Variant:
                     stop = start + weight.shape[0]
                     in_place = weights is not None and weights.knows(weight)
                     target = weight.data if in_place else torch.empty_like(weight.data)
-                    step = max(1, _ROWS_BYTES // (4 * k))
-                    for first in range(start, stop, step):
-                        last = min(first + step, stop)
-                        target[first - start : last - start] = blocks.dequantize_rows(k, bits, block, first, last)
+                    fill_dequantized(target, blocks, k, bits, block, start)
                     if in_place:
                         spent.append(weight)
                     else:

@@ -23,9 +23,9 @@ from surgery.calibration import CalibrationSpec
 from surgery.export.decoder import export_decoder
 from surgery.export.options import ExportOptions
 from surgery.importance.compute import ScoreRequest, compute_importance
-from surgery.importance.metrics import _calibration_batches, residual_statistics
+from surgery.importance.metrics import residual_statistics
 from surgery.models import builtin
-from surgery.models.graph import position_ids_from_mask
+from surgery.models.graph import calibration_batches, position_ids_from_mask
 from surgery.models.lazy import LazyWeights, resident_bytes, unique_parameters
 from surgery.models.loading import resolve_spec
 from surgery.passes import DropAttention, Quantize, run_pass
@@ -88,7 +88,7 @@ def test_streamed_importance_scores_equal_the_in_memory_ones(name, tmp_path, mon
         for key, (a, b) in (("attention", (x, m)), ("mlp", (m, h)), ("block", (x, h))):
             sums[key][layer] += torch.nn.functional.cosine_similarity(a, b, dim=-1).double().sum().item()
 
-    for ids, mask, positions in _calibration_batches(tokens, 8):
+    for ids, mask, positions in calibration_batches(tokens, 8):
         eager.forward(ids, mask, positions, observer=observe, logits=False)
     streamed = residual_statistics(lazy, tokens)
     for key, values in sums.items():
@@ -280,7 +280,7 @@ def test_smollm2_streamed_scores_and_verification_logits_equal_the_in_memory_one
         for key, (a, b) in (("attention", (x, m)), ("mlp", (m, h)), ("block", (x, h))):
             sums[key][layer] += torch.nn.functional.cosine_similarity(a, b, dim=-1).double().sum().item()
 
-    for ids, mask, positions in _calibration_batches(tokens, 2):  # batch by batch, the whole model
+    for ids, mask, positions in calibration_batches(tokens, 2):  # batch by batch, the whole model
         eager.forward(ids, mask, positions, observer=observe, logits=False)
     streamed = residual_statistics(lazy, tokens, batch_size=2)
     for key, values in sums.items():

@@ -27,7 +27,6 @@ _OWN_COPY_LIMIT = 4 << 20  # contiguous arrays up to this size are copied, so th
 
 
 _TILE = 64  # source rows per transpose tile: a tile's rows stay in cache while its columns are written
-_TORCH_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _as_torch(array: np.ndarray) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from surgery.models.graph import DecoderGraph, position_ids_from_mask
+from surgery.models.graph import DecoderGraph, calibration_batches
 
 Direction = Literal["higher", "lower"]
 PARTS = ("attention", "mlp", "block")
@@ -80,16 +80,6 @@ class MetricScores:
     parameters: dict[str, object]
 
 
-def _calibration_batches(tokens: np.ndarray, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
-    """(ids, mask, positions) of each batch of unpadded calibration samples."""
-    batches = []
-    for start in range(0, len(tokens), batch_size):
-        ids = torch.from_numpy(tokens[start : start + batch_size])
-        mask = torch.ones_like(ids)
-        batches.append((ids, mask, position_ids_from_mask(mask)))
-    return batches
-
-
 @torch.inference_mode()
 def residual_statistics(
     graph: DecoderGraph, tokens: np.ndarray, batch_size: int = 8, device: str | None = None
@@ -109,7 +99,7 @@ def residual_statistics(
         for key, (a, b) in (("attention", (x, m)), ("mlp", (m, h)), ("block", (x, h))):
             sums[key][i] += torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).double().sum().item()
 
-    batches = _calibration_batches(tokens, batch_size)
+    batches = calibration_batches(tokens, batch_size)
     graph.forward_layerwise(batches, observer=observe, logits=False, device=device)
     count = sum(ids.numel() for ids, _, _ in batches)
     return {key: value / count for key, value in sums.items()}
@@ -172,7 +162,7 @@ def iks_scores(
 
     # The logit lens reads the head at every layer: it stays loaded while the layers stream.
     with graph.materialized(graph.head.final_norm, graph.head, device=device):
-        graph.forward_layerwise(_calibration_batches(chosen, 1), observer=observe, logits=False, device=device)
+        graph.forward_layerwise(calibration_batches(chosen, 1), observer=observe, logits=False, device=device)
     count = chosen.size
     scores = tuple(sums[layer.index] / count for layer in graph.layers)
     return MetricScores("iks", "higher", {"block": scores}, {"tokens": int(count)})

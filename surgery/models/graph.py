@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from surgery.architectures import lookup
@@ -455,6 +456,16 @@ def attention_bias(
     allowed = allowed[None, None] & attention_mask[:, None, None, :].bool()
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def calibration_batches(tokens: np.ndarray, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
+    """(ids, mask, positions) of each batch of unpadded calibration samples (rows of `tokens`)."""
+    batches = []
+    for start in range(0, len(tokens), batch_size):
+        ids = torch.from_numpy(tokens[start : start + batch_size])
+        mask = torch.ones_like(ids)
+        batches.append((ids, mask, position_ids_from_mask(mask)))
+    return batches
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
