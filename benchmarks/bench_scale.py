@@ -71,20 +71,40 @@ def measure(command: list[str], log: Path, env: dict | None = None) -> dict:
     return {"outcome": outcome, "exit": rc, "seconds": round(seconds, 1), "peak_gb": round(max_rss_kb / 1e6, 2)}
 
 
-def disk_write_bandwidth(folder: Path, gigabytes: float = 2.0) -> float:
-    """MB/s of writing `gigabytes` and syncing them to the disk (as `dd conv=fdatasync`)."""
+def disk_write_bandwidth(folder: Path, gigabytes: float = 2.0) -> dict[str, float]:
+    """MB/s of writing `gigabytes` to `folder`, two ways:
+    - "buffered": through the page cache, then synced (as `dd conv=fdatasync`); on this VM it
+      is bound by the kernel's copy into fresh page-cache pages, a CPU cost, not the disk;
+    - "direct": O_DIRECT writes of page-aligned 32 MB blocks (as surgery's exporter writes),
+      which reach the device without that copy: the disk's own rate, where the file system
+      allows it (None where not).
+    The disk floor of a run is its output at the faster of the two."""
+    import mmap
+
     path = folder / "disk-probe.bin"
-    block = os.urandom(64 << 20)
+    block = mmap.mmap(-1, 32 << 20)  # page-aligned, as O_DIRECT requires
+    block.write(os.urandom(len(block)))
     blocks = int(gigabytes * 1e9 / len(block))
-    started = time.perf_counter()
-    with open(path, "wb") as handle:
-        for _ in range(blocks):
-            handle.write(block)
-        handle.flush()
-        os.fdatasync(handle.fileno())
-    seconds = time.perf_counter() - started
-    path.unlink()
-    return blocks * len(block) / 1e6 / seconds
+    rates: dict[str, float] = {}
+    for label, flags in (("buffered", 0), ("direct", getattr(os, "O_DIRECT", 0))):
+        if label == "direct" and not flags:
+            continue
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flags, 0o644)
+        except OSError:
+            continue
+        try:
+            started = time.perf_counter()
+            for _ in range(blocks):
+                os.write(fd, block)
+            os.fdatasync(fd)
+            rates[label] = blocks * len(block) / 1e6 / (time.perf_counter() - started)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+            path.unlink()
+    return rates
 
 
 def settle(checkpoint: Path) -> None:
@@ -192,8 +212,10 @@ def main() -> None:
 
     outputs = args.outputs or work
     outputs.mkdir(parents=True, exist_ok=True)
-    bandwidth = disk_write_bandwidth(outputs)
-    print(f"{name}: checkpoint {checkpoint_gb} GB; disk writes {bandwidth:.0f} MB/s (fdatasync)")
+    rates = disk_write_bandwidth(outputs)
+    bandwidth = max(rates.values())
+    print(f"{name}: checkpoint {checkpoint_gb} GB; disk writes "
+          + ", ".join(f"{rate:.0f} MB/s {label}" for label, rate in rates.items()))  # fmt: skip
     surgery = [sys.executable, "-m", "surgery"]
     runs: dict[str, dict] = {}
     rounds: dict[str, list[dict]] = {}
@@ -271,6 +293,7 @@ def main() -> None:
             "checkpoint_gb": checkpoint_gb,
             "outputs": str(outputs),
             "disk_write_mb_s": round(bandwidth),
+            "disk_write_mb_s_by_way": {label: round(rate) for label, rate in rates.items()},
             "runs": runs,
             "ratios": ratios,
             "cores": os.cpu_count(),

@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
-        help="run importance scoring in PyTorch on this device, one layer there at a time (default cpu)",
+        help="run importance scoring and the original model's perplexity (`verify perplexity`) in PyTorch on this "
+        "device, one layer there at a time (default cpu)",
     )
     _add_search_options(apply)
 
@@ -191,6 +192,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=("cpu", "cuda"),
         default="cpu",
         help="score on onnxruntime's CPU or CUDA execution provider (cuda needs onnxruntime-gpu: the gpu extra)",
+    )
+    evaluate.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="run the --against model (a model spec, in PyTorch) on this device, one layer there at a time "
+        "(default cpu)",
     )
 
     run = commands.add_parser("run", help="greedy generation with an output folder in ONNX Runtime")
@@ -516,6 +524,7 @@ def _cmd_eval(args) -> int:
     tokens = eval_tokens(tokenizer, text, args.max_tokens, args.window)
     if tokens.scored() == 0:
         raise _UserError(f"'{text.name}' has fewer than 2 tokens; there is nothing to score", "give a longer text")
+    device = _reference_device(args)
     candidate = onnx_logits(args.output, args.threads, args.provider)
     result: dict = {
         "output": args.output,
@@ -528,7 +537,7 @@ def _cmd_eval(args) -> int:
         if callable(reference):
             comparison = compare(candidate, reference, tokens)
         else:  # a model in PyTorch, run layer-major: never loaded whole
-            comparison = compare_with_graph(candidate, reference, tokens)
+            comparison = compare_with_graph(candidate, reference, tokens, device)
         result.update(comparison.to_json())
         result["against"] = args.against
     else:
@@ -547,6 +556,22 @@ def _cmd_eval(args) -> int:
             f"nats/token, top-1 agreement {result['top1_agreement']:.2%}"
         )
     return EXIT_OK
+
+
+def _reference_device(args) -> str | None:
+    """`eval --device`: where the --against model's layers run; refused when it has no effect
+    (no --against, or another output folder, which runs in onnxruntime on --provider) or when
+    this PyTorch cannot use the device."""
+    from surgery.importance.compute import checked_device
+
+    if args.device == "cpu":
+        return None
+    if not args.against or os.path.exists(os.path.join(args.against, "model.onnx")):
+        raise _UserError(
+            f"--device {args.device} runs the --against model in PyTorch, and there is none here",
+            "give --against a model spec (e.g. smollm2-135m), or use --provider for onnxruntime",
+        )
+    return checked_device(args.device)
 
 
 def _reference_logits(spec_text: str, tokenizer, threads: int | None, window: int, provider: str = "cpu"):

@@ -159,30 +159,40 @@ def compare(candidate: LogitsFn, reference: LogitsFn, tokens: EvalTokens) -> Com
     return scores.comparison()
 
 
-def _graph_windows(graph, scores: _Scores, each: Callable[[np.ndarray, np.ndarray], None]) -> None:
+def _graph_windows(
+    graph, scores: _Scores, each: Callable[[np.ndarray, np.ndarray], None], device: str | None = None
+) -> None:
     """Every window through a DecoderGraph layer-major (`forward_layerwise`: one layer loaded at a
-    time), `each(window, logits)` called on one window's (T, vocab) fp32 logits at a time."""
+    time), `each(window, logits)` called on one window's (T, vocab) fp32 logits at a time.
+
+    `device` ("cuda"): sequential onloading, each layer moved there while every window goes
+    through it; the windows' hidden states stay there, each window's logits come back to the CPU.
+    """
     batches = []
     for chunk in scores.windows:
         ids = torch.from_numpy(chunk[None]).long()
         batches.append((ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None]))
     start = time.perf_counter()
-    graph.forward_layerwise(batches, reduce=lambda i, logits: each(scores.windows[i], logits[0].float().numpy()))
+    graph.forward_layerwise(
+        batches, reduce=lambda i, logits: each(scores.windows[i], logits[0].float().cpu().numpy()), device=device
+    )
     # The layers' time is the reference's; what the callbacks timed themselves is added back below.
     scores.seconds["reference"] = time.perf_counter() - start - scores.seconds.get("candidate", 0.0)
 
 
-def graph_perplexity(graph, tokens: EvalTokens) -> Perplexity:
+def graph_perplexity(graph, tokens: EvalTokens, device: str | None = None) -> Perplexity:
     """`perplexity` of a DecoderGraph's PyTorch forward, computed layer-major: the model is never
-    loaded whole, and the result is the window-by-window computation's."""
+    loaded whole, and the result is the window-by-window computation's. `device`: where the
+    layers run, one at a time (`_graph_windows`)."""
     scores = _Scores(tokens)
-    _graph_windows(graph, scores, lambda chunk, logits: scores.add("reference", chunk, lambda: logits))
+    _graph_windows(graph, scores, lambda chunk, logits: scores.add("reference", chunk, lambda: logits), device)
     return scores.perplexity("reference")
 
 
-def compare_with_graph(candidate: LogitsFn, graph, tokens: EvalTokens) -> Comparison:
+def compare_with_graph(candidate: LogitsFn, graph, tokens: EvalTokens, device: str | None = None) -> Comparison:
     """`compare` against a DecoderGraph as the reference, layer-major: the candidate (onnxruntime)
-    scores each window when PyTorch's logits for it come out of the head."""
+    scores each window when PyTorch's logits for it come out of the head. `device`: where the
+    reference's layers run, one at a time."""
 
     def each(chunk: np.ndarray, logits: np.ndarray) -> None:
         ours = scores.add("reference", chunk, lambda: logits)
@@ -190,7 +200,7 @@ def compare_with_graph(candidate: LogitsFn, graph, tokens: EvalTokens) -> Compar
         scores.add_divergence(ours, theirs)
 
     scores = _Scores(tokens)
-    _graph_windows(graph, scores, each)
+    _graph_windows(graph, scores, each, device)
     return scores.comparison()
 
 

@@ -319,7 +319,7 @@ def apply(
             sections["importance"] = computed.to_json()
             lap("importance")
         plan = build_plan(checked, verify=run_verification, computed=computed)
-        reference_perplexity = _reference_perplexity(checked, graph, tokenizer, progress)
+        reference_perplexity = _reference_perplexity(checked, graph, tokenizer, progress, device)
         if reference_perplexity is not None:
             lap("reference_perplexity")
 
@@ -416,7 +416,7 @@ def apply(
         perplexity_passed = None
         if reference_perplexity is not None:
             sections["perplexity"] = _perplexity_check(
-                checked, reference_perplexity, str(folder.path), threads, progress
+                checked, reference_perplexity, str(folder.path), threads, progress, provider
             )
             perplexity_passed = sections["perplexity"]["passed"]
             lap("perplexity")
@@ -616,8 +616,9 @@ def _prune_by_frequency(graph, step, calibration: _Calibration, progress: Progre
     return PruneExperts(kept=kept), {"frequencies": _rounded(frequencies)}
 
 
-def _reference_perplexity(checked: CheckedRecipe, graph, tokenizer, progress: Progress):
-    """The original model's perplexity for `verify perplexity`, computed before any pass."""
+def _reference_perplexity(checked: CheckedRecipe, graph, tokenizer, progress: Progress, device: str | None = None):
+    """The original model's perplexity for `verify perplexity`, computed before any pass, its
+    layers run one at a time on `device` (default the CPU)."""
     if checked.perplexity is None:
         return None
     from surgery.data import resolve_text
@@ -627,16 +628,21 @@ def _reference_perplexity(checked: CheckedRecipe, graph, tokenizer, progress: Pr
     tokens = eval_tokens(tokenizer, resolve_text(request.data, checked.base_dir), request.tokens, request.window)
     if tokens.scored() < MIN_PERPLEXITY_TOKENS - 1:  # `check` bounded the count without the tokenizer
         raise RecipeError([Diagnostic("error", f"'{request.data}' has too few tokens for a perplexity", request.span)])
-    progress(f"perplexity of the original model on {tokens.scored()} tokens of {tokens.text.name} (PyTorch)")
-    return tokens, graph_perplexity(graph, tokens)
+    where = f"PyTorch, {device}" if device else "PyTorch"
+    progress(f"perplexity of the original model on {tokens.scored()} tokens of {tokens.text.name} ({where})")
+    return tokens, graph_perplexity(graph, tokens, device)
 
 
-def _perplexity_check(checked: CheckedRecipe, reference, folder: str, threads: int | None, progress: Progress) -> dict:
+def _perplexity_check(
+    checked: CheckedRecipe, reference, folder: str, threads: int | None, progress: Progress, provider: str = "cpu"
+) -> dict:
+    """`verify perplexity`: the output's perplexity in onnxruntime (on `provider`, as the rest of
+    verification) against the original model's, and whether the increase is within the bound."""
     from surgery.evaluate import onnx_logits, perplexity
 
     tokens, before = reference
-    progress("perplexity of the output (onnxruntime)")
-    after = perplexity(onnx_logits(folder, threads), tokens)
+    progress(f"perplexity of the output (onnxruntime, {provider})")
+    after = perplexity(onnx_logits(folder, threads, provider), tokens)
     increase = after.perplexity / before.perplexity - 1
     allowed = checked.perplexity.max_increase / 100
     return {

@@ -9,6 +9,7 @@ memory and the batch-by-batch forward, to 1e-5, and the bytes the ONNX quantize 
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -343,3 +344,80 @@ def test_device_cuda_without_cuda_is_a_message(tmp_path):
     assert "--device cuda: this PyTorch sees no CUDA device" in result.err
     assert "Traceback" not in result.err
     assert not (tmp_path / "scores.json").exists()
+
+
+@CUDA
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gemma3"])
+def test_layer_major_perplexity_on_cuda_equals_the_cpu_one(name, tmp_path):
+    """`verify perplexity`'s reference and `eval --against --device cuda` with one layer on the
+    GPU at a time: the CPU's perplexity, every parameter back in the checkpoint after."""
+    from surgery.data import resolve_text
+    from surgery.evaluate import eval_tokens, graph_perplexity
+
+    folder = saved(name, tmp_path / name)
+    (tmp_path / "text.txt").write_text(TEXT)
+    tokens = eval_tokens(builtin.byte_tokenizer(), resolve_text(str(tmp_path / "text.txt")), 300, 64)
+    lazy = lazy_graph(folder)
+    on_gpu, on_cpu = graph_perplexity(lazy, tokens, device="cuda"), graph_perplexity(lazy_graph(folder), tokens)
+    assert on_gpu.tokens_scored == on_cpu.tokens_scored
+    assert on_gpu.mean_nll == pytest.approx(on_cpu.mean_nll, rel=0, abs=1e-5)
+    assert resident_bytes(unique_parameters(lazy.all_modules())) == 0
+
+
+@CUDA
+def test_eval_against_a_model_on_cuda_equals_the_cpu_comparison(tmp_path):
+    """`surgery eval OUT --against MODEL --device cuda` reports what the CPU run reports."""
+    out = tmp_path / "out"
+    recipe = tmp_path / "r.surg"
+    recipe.write_text('model "tiny-llama"\ndrop block layers 2\n')
+    assert run_cli("apply", str(recipe), "-o", str(out), "--no-verify").code == 0
+    common = ("eval", str(out), "--max-tokens", "400", "--window", "200", "--against", "tiny-llama", "--json")
+    on_gpu, on_cpu = run_cli(*common, "--device", "cuda"), run_cli(*common)
+    assert on_gpu.code == on_cpu.code == 0, on_gpu.err
+    gpu, cpu = json.loads(on_gpu.out), json.loads(on_cpu.out)
+    assert gpu["reference"]["mean_nll"] == pytest.approx(cpu["reference"]["mean_nll"], rel=0, abs=1e-5)
+    assert gpu["mean_kl"] == pytest.approx(cpu["mean_kl"], rel=0, abs=1e-5)
+    assert gpu["top1_agreement"] == cpu["top1_agreement"]
+
+
+@CUDA
+def test_verify_perplexity_with_device_cuda_reports_the_cpu_reference(tmp_path):
+    """`surgery apply --device cuda`: `verify perplexity`'s original-model perplexity, computed
+    with one layer on the GPU at a time, is the CPU's."""
+    recipe = tmp_path / "r.surg"
+    recipe.write_text('model "tiny-llama"\ndrop block layers 2\nverify perplexity on "wikitext-2-test" '
+                      "max-increase 1000% tokens 256\n")  # fmt: skip
+    reports = []
+    for device in ("cuda", "cpu"):
+        out = tmp_path / f"out-{device}"
+        result = run_cli("apply", str(recipe), "-o", str(out), "--device", device)
+        assert result.code == 0, result.err
+        reports.append(json.loads((out / "surgery.json").read_text())["perplexity"])
+    gpu, cpu = (report["original_pytorch"]["mean_nll"] for report in reports)
+    assert gpu == pytest.approx(cpu, rel=0, abs=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_eval_device_cuda_without_cuda_is_a_message(tmp_path):
+    out = tmp_path / "out"
+    recipe = tmp_path / "r.surg"
+    recipe.write_text('model "tiny-llama"\nexport onnx\n')
+    assert run_cli("apply", str(recipe), "-o", str(out), "--no-verify").code == 0
+    result = run_cli(
+        "eval", str(out), "--max-tokens", "64", "--window", "32", "--against", "tiny-llama", "--device", "cuda"
+    )
+    assert result.code == 1
+    assert "--device cuda: this PyTorch sees no CUDA device" in result.err and "Traceback" not in result.err
+
+
+def test_eval_device_without_a_pytorch_reference_is_a_message(tmp_path):
+    """--device places the --against model's PyTorch layers; without one it would do nothing."""
+    out = tmp_path / "out"
+    recipe = tmp_path / "r.surg"
+    recipe.write_text('model "tiny-llama"\nexport onnx\n')
+    assert run_cli("apply", str(recipe), "-o", str(out), "--no-verify").code == 0
+    for extra in ((), ("--against", str(out))):
+        result = run_cli("eval", str(out), "--max-tokens", "64", "--window", "32", "--device", "cuda", *extra)
+        assert result.code == 1
+        assert "runs the --against model in PyTorch, and there is none here" in result.err
+        assert "= hint: give --against a model spec" in result.err and "Traceback" not in result.err

@@ -288,7 +288,8 @@ class _Emitter:
         if self.kv_layers:
             self.attention_context()
         # Weights are loaded a node at a time (lazily loaded models) and released once written.
-        # The writer flushes before each release: queued blocks may view the weights' memory.
+        # The writer copies every weight into blocks of its own, so a node's weights may be
+        # released once emitted; each flush raises a failed write (a full disk) early.
         with graph.materialized(graph.embedding):
             self.residual, embed = graph.embedding.emit(self, self.input_ids)
             self.w.flush()

@@ -152,6 +152,10 @@ class Checkpoint:
         # Two users: `tensor` (the caller's reference is this same object) and `storage`.
         if not whole or tensor.device.type != "cpu" or torch._C._storage_Use_Count(storage._cdata) != 2:
             return
+        if tensor.is_inference():
+            # Made under inference_mode (a layer moved back from the GPU): a parameter made of it
+            # outside that mode (the reading thread) could not require gradients.
+            return
         del storage
         flat = tensor.view(-1)
         with self._lock:
