@@ -421,3 +421,19 @@ def test_eval_device_without_a_pytorch_reference_is_a_message(tmp_path):
         assert result.code == 1
         assert "runs the --against model in PyTorch, and there is none here" in result.err
         assert "= hint: give --against a model spec" in result.err and "Traceback" not in result.err
+
+
+def test_layer_major_perplexity_keeps_no_window_log_probs(tmp_path, monkeypatch):
+    """What the per-window callback returns is kept by forward_layerwise until the end: the
+    perplexity's callback returns nothing, so no window's (T, vocab) log-probs pile up."""
+    from surgery.data import resolve_text
+    from surgery.evaluate import eval_tokens, graph_perplexity
+
+    graph = lazy_graph(saved("tiny-llama", tmp_path / "m"))
+    (tmp_path / "text.txt").write_text(TEXT)
+    tokens = eval_tokens(builtin.byte_tokenizer(), resolve_text(str(tmp_path / "text.txt")), 300, 64)
+    kept = []
+    real = graph.forward_layerwise
+    monkeypatch.setattr(graph, "forward_layerwise", lambda *a, **k: kept.extend(real(*a, **k)) or kept)
+    graph_perplexity(graph, tokens)
+    assert len(kept) == len(tokens.windows()) and all(item is None for item in kept)
