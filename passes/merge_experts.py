@@ -16,7 +16,7 @@ similar experts keeps more of their function than deleting them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from surgery.expert_rules import rank_problem
@@ -64,10 +64,17 @@ class MergeExperts(GraphPass):
             layer.mlp = MergedMoE(
                 layer.mlp, [list(g) for g in groups], [list(w) for w in weights], self.align, self.rank
             ).eval()
+        return PassResult(True, self.summary())
+
+    def summary(self) -> str:
+        """What the pass does, in one line."""
         sizes = sorted({len(groups) for _, groups, _ in self.merges})
-        return PassResult(
-            True, f"merged experts into {', '.join(map(str, sizes))} groups in {len(self.merges)} layer(s)"
-        )
+        return f"merged experts into {', '.join(map(str, sizes))} groups in {len(self.merges)} layer(s)"
+
+    def layer_passes(self) -> list[tuple[int, MergeExperts]]:
+        """The pass as one pass per layer, each touching only that layer's weights (run a layer
+        at a time on a lazily loaded model: `surgery.pipeline.run_on_graph`)."""
+        return [(merge[0], replace(self, merges=(merge,))) for merge in self.merges]
 
     def ensures(self, graph: DecoderGraph) -> list[str]:
         """Each layer has as many experts as groups."""

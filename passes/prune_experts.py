@@ -44,8 +44,17 @@ class PruneExperts(GraphPass):
         """Slice the router and the stacked expert weights."""
         for index, experts in self.kept:
             keep_experts(graph.layer(index).mlp, experts)
+        return PassResult(True, self.summary())
+
+    def summary(self) -> str:
+        """What the pass does, in one line."""
         sizes = sorted({len(experts) for _, experts in self.kept})
-        return PassResult(True, f"kept {', '.join(map(str, sizes))} experts in {len(self.kept)} layer(s)")
+        return f"kept {', '.join(map(str, sizes))} experts in {len(self.kept)} layer(s)"
+
+    def layer_passes(self) -> list[tuple[int, PruneExperts]]:
+        """The pass as one pass per layer, each touching only that layer's weights (run a layer
+        at a time on a lazily loaded model: `surgery.pipeline.run_on_graph`)."""
+        return [(index, PruneExperts(kept=((index, experts),))) for index, experts in self.kept]
 
     def ensures(self, graph: DecoderGraph) -> list[str]:
         """Each layer has exactly its kept experts, and top_k fits."""

@@ -172,6 +172,7 @@ class OutputFolder:
                 )
             self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.parent))
             _write_marker(self.path)
+            self._scratch: list[Path] = []
         except BaseException:
             self.lock.release()
             raise
@@ -226,6 +227,20 @@ class OutputFolder:
                 removed.append(entry)
         return removed
 
+    def scratch(self) -> Path:
+        """A folder beside the staging one for intermediate files that never reach the output
+        (a pass's rewritten layers), made on the first call. It is removed on commit and on
+        discard, and, like a staging folder, as a leftover by the next run after a kill."""
+        if not self._scratch:
+            path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.parent))
+            _write_marker(path)
+            self._scratch.append(path)
+        return self._scratch[0]
+
+    def _remove_scratch(self) -> None:
+        for path in self._scratch:
+            shutil.rmtree(path, ignore_errors=True)
+
     def commit(self) -> Path:
         """Move the finished folder onto the target; an older output is deleted only afterwards."""
         try:
@@ -245,6 +260,7 @@ class OutputFolder:
             else:
                 os.rename(self.path, self.target)
         finally:
+            self._remove_scratch()
             self.lock.release()
         return self.target
 
@@ -262,6 +278,7 @@ class OutputFolder:
         """Remove the staging folder and release the lock (on failure)."""
         try:
             shutil.rmtree(self.path, ignore_errors=True)
+            self._remove_scratch()
         finally:
             self.lock.release()
 

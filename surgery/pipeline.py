@@ -185,8 +185,13 @@ def resolve_expert_steps(compiled: Compiled, progress: Progress = _quiet) -> Com
     """
     if not any(s.action in ("merge experts", "prune experts") and s.layers for s in compiled.plan.steps):
         return compiled
-    graph, tokenizer = _load(compiled.checked, progress)
-    plan, _ = run_graph_steps(compiled.plan, graph, _Calibration(compiled.checked, tokenizer), progress)
+    import tempfile
+
+    stream = streams_weights(compiled.checked, False)
+    graph, tokenizer = _load(compiled.checked, progress, whole=not stream)
+    with tempfile.TemporaryDirectory(prefix="surgery-plan-") as scratch:
+        plan, _ = run_graph_steps(compiled.plan, graph, _Calibration(compiled.checked, tokenizer), progress,
+                                  (lambda: Path(scratch)) if stream else None)  # fmt: skip
     return replace(compiled, plan=plan)
 
 
@@ -324,7 +329,8 @@ def apply(
             lap("reference_perplexity")
 
         calibration = _Calibration(checked, tokenizer)
-        plan, passes = run_graph_steps(plan, graph, calibration, progress)
+        # A streamed apply rewrites layers one at a time, writing them aside; a whole one in memory.
+        plan, passes = run_graph_steps(plan, graph, calibration, progress, folder.scratch if stream else None)
         after = structure(graph)
         tied_head = graph.tied_head
         lap("passes")
@@ -533,10 +539,16 @@ class _Calibration:
         return self._tokens
 
 
-def run_graph_steps(plan: Plan, graph, calibration: _Calibration, progress: Progress) -> tuple[Plan, list[dict]]:
+def run_graph_steps(
+    plan: Plan, graph, calibration: _Calibration, progress: Progress, scratch: Callable[[], Path] | None = None
+) -> tuple[Plan, list[dict]]:
     """Run the plan's graph passes in order; returns the plan with the expert groups and kept
-    experts that merge and prune steps resolved from calibration statistics, and the pass records."""
-    from surgery.passes import PASSES, run_pass
+    experts that merge and prune steps resolved from calibration statistics, and the pass records.
+
+    `scratch` gives the folder where a lazily loaded graph's rewritten layers are written
+    (`run_on_graph`); it is asked for only when a pass rewrites weights.
+    """
+    from surgery.passes import PASSES
     from surgery.report import pass_record
 
     passes = []
@@ -557,10 +569,40 @@ def run_graph_steps(plan: Plan, graph, calibration: _Calibration, progress: Prog
         else:
             graph_pass, resolution = PASSES[step.action].from_step(step), {}
         resolved_steps.append(replace(step, parameters={**step.parameters, **resolution}))
-        result = run_pass(graph_pass, graph)
+        result = run_on_graph(graph_pass, graph, scratch, progress)
         progress(f"{step.action}: {result.summary}")
         passes.append({**pass_record(graph_pass, result, step.source), **extra})
     return replace(plan, steps=tuple(resolved_steps)), passes
+
+
+def run_on_graph(graph_pass, graph, scratch: Callable[[], Path] | None, progress: Progress = _quiet):
+    """`run_pass`, except on a lazily loaded graph for a pass that rewrites weights (one with
+    `layer_passes`: prune and merge experts). There it runs a layer at a time: the layer is
+    loaded, its one-layer pass applied, the new weights written to a file in `scratch()` and
+    released (`DecoderGraph.spill_rewritten`); later steps, the exporter and verification load
+    them from there like the checkpoint's. The contract is checked on the whole graph before
+    and after, from shapes. So peak memory is a layer's, whatever the model's size.
+    """
+    from surgery.passes import PassContractError, PassResult, run_pass
+
+    if graph.weights is None or not hasattr(graph_pass, "layer_passes") or scratch is None:
+        return run_pass(graph_pass, graph)
+    problems = graph_pass.requires(graph)
+    if problems:
+        raise PassContractError(graph_pass.name, "precondition", problems)
+    folder = scratch()
+    written = 0
+    for index, one_layer in graph_pass.layer_passes():
+        layer = graph.layer(index)
+        with graph.materialized(*layer.modules()):
+            one_layer.apply(graph)
+            written += graph.spill_rewritten(layer, folder)
+    progress(f"{graph_pass.name}: rewrote {len(graph_pass.layer_passes())} layer(s) one at a time "
+             f"({written / 1e6:.1f} MB written aside)")  # fmt: skip
+    problems = graph_pass.ensures(graph)
+    if problems:
+        raise PassContractError(graph_pass.name, "postcondition", problems)
+    return PassResult(True, graph_pass.summary())
 
 
 def _rounded(frequencies: dict[int, list[float]]) -> dict[str, list[float]]:
@@ -589,7 +631,9 @@ def _merge_by_statistics(graph, step, calibration: _Calibration, progress: Progr
         if p["grouping"] == "output":
             groups = group_by_outputs(outputs[layer], p["groups"])
         else:
-            groups = group_by_router(graph.layer(layer).mlp.gate.weight.detach().float().numpy(), freq, p["groups"])
+            router = graph.layer(layer).mlp.gate
+            with graph.materialized(router):  # a lazily loaded router is read for this only
+                groups = group_by_router(router.weight.detach().float().numpy(), freq, p["groups"])
         # The most used member leads: the others' neurons are aligned to it before averaging.
         groups = [sorted(members, key=lambda e: (-freq[e], e)) for members in groups]
         weights = []

@@ -207,12 +207,14 @@ def streams_weights(checked: CheckedRecipe, run_verification: bool) -> bool:
 
     Importance scores, the original model's perplexity and the exporter already work layer by
     layer, drops only remove nodes, and linear layers are quantized as they are written;
-    verification then runs teacher-forced and layer-major (`surgery.verify_layerwise`). What
-    still needs the whole model loaded: passes that rewrite weights (split, prune, merge, fuse),
-    a quantized embedding (an ONNX pass over the written table), and verification below fp32
-    (the reference is cast to the element type as a whole).
+    verification then runs teacher-forced and layer-major (`surgery.verify_layerwise`). Prune
+    and merge experts rewrite a layer at a time, its new weights written aside
+    (`surgery.pipeline.run_on_graph`). What still needs the whole model loaded: split and fuse
+    (passes that rewrite weights across the model), a quantized embedding (an ONNX pass over
+    the written table), and verification below fp32 (the reference is cast to the element type
+    as a whole).
     """
-    if checked.fuse or checked.splits or checked.prunes or checked.merges:
+    if checked.fuse or checked.splits:
         return False
     if any(q.part == "embedding" for q in checked.quantize):
         return False

@@ -209,3 +209,40 @@ def test_expert_statistics_of_a_lazy_moe_equal_the_whole_models(name, tmp_path):
         assert lazy_use[layer] == pytest.approx(eager_use[layer], abs=1e-12)
         assert lazy_out[layer] == pytest.approx(eager_out[layer], abs=1e-5)
     assert resident_bytes(unique_parameters(lazy.all_modules())) == 0
+
+
+MOE_REWRITES = {
+    "prune": "prune experts layers 0..1 to 2\n",
+    "merge": "merge experts layers * to 2\n",
+    "merge rank": "merge experts layers * to 2 rank 50%\n",
+    "prune then merge": "prune experts layers * to 3\nmerge experts layers 1 to 2 grouping router\n",
+}
+
+
+@pytest.mark.parametrize("name", CONVERTED_ON_LOADING)
+@pytest.mark.parametrize("rewrite", tuple(MOE_REWRITES))
+def test_expert_rewrites_of_a_lazy_moe_write_what_the_whole_model_writes(name, rewrite, tmp_path, monkeypatch):
+    """Prune and merge on a checkpoint folder run a layer at a time (each rewritten layer written
+    aside and released), then stream to the exporter and verify layer-major: the output's weights
+    and plan equal those of the same recipe with the whole model loaded; nothing is left aside."""
+    import json
+
+    from surgery import pipeline
+
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    folder = saved(name, tmp_path / name)
+    recipe = write(tmp_path / "r.surg", f'model "{folder}"\ncalibrate on "valid" samples 3 length 32\n'
+                                        + MOE_REWRITES[rewrite])  # fmt: skip
+    streamed = run_cli("apply", str(recipe), "-o", str(tmp_path / "streamed"), "-v")
+    assert streamed.code == 0, streamed.err
+    assert "one at a time" in streamed.err
+    monkeypatch.setattr(pipeline, "streams_weights", lambda *_: False)
+    whole = run_cli("apply", str(recipe), "-o", str(tmp_path / "whole"))
+    assert whole.code == 0, whole.err
+    reports = [json.loads((tmp_path / out / "surgery.json").read_text()) for out in ("streamed", "whole")]
+    assert reports[0]["verification"]["passed"] and reports[1]["verification"]["passed"]
+    steps = [[s["parameters"] for s in report["plan"]["steps"]] for report in reports]
+    assert steps[0] == steps[1]
+    data = [(tmp_path / out / "model.onnx.data").read_bytes() for out in ("streamed", "whole")]
+    assert data[0] == data[1]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

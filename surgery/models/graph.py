@@ -20,6 +20,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -137,6 +138,7 @@ class DecoderGraph:
         """
         self.model = model
         self.weights = weights
+        self._spills = 0  # files of rewritten parameters written so far (`spill_rewritten`)
         self.index = index
         self.config = model.config
         self.architecture = architecture or lookup(index.architecture)
@@ -229,6 +231,26 @@ class DecoderGraph:
                     with contextlib.suppress(Exception):
                         weights.release(pending.result())
                 weights.checkpoint.drop_recycled()
+
+    def spill_rewritten(self, layer: DecoderLayer, folder: Path) -> int:
+        """After a pass rewrote `layer` in memory, write its new parameters (loaded, but held by
+        no checkpoint) to a safetensors file in `folder` and release them; returns their bytes.
+        Parameters the checkpoint holds are left to whoever loaded them. The file is named for
+        the layer and a counter, so a layer rewritten twice (prune, then merge) keeps both."""
+        fresh: dict[str, torch.nn.Parameter] = {}
+        seen: set[int] = set()
+        for position, module in enumerate(layer.modules()):
+            for name, param in module.named_parameters():
+                if id(param) in seen or param.device.type == "meta" or self.weights.knows(param):
+                    continue
+                seen.add(id(param))
+                fresh[f"rewritten.{self._spills}.layers.{layer.index}.{position}.{name}"] = param
+        if not fresh:
+            return 0
+        size = sum(param.nbytes for param in fresh.values())
+        self.weights.spill(fresh, folder / f"layer-{layer.index}-{self._spills}.safetensors")
+        self._spills += 1
+        return size
 
     def materialize_all(self) -> None:
         """Load every parameter still in the checkpoint, for good (steps that need the whole model)."""

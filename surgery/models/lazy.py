@@ -207,6 +207,8 @@ class LazyWeights:
         self.checkpoint = checkpoint
         self.sources = sources or {}
         self.names = {id(param): name for name, param in model.named_parameters()}
+        # Parameters a pass rewrote, written to files of their own (`spill`): name -> that file's checkpoint.
+        self.homes: dict[str, Checkpoint] = {}
         # Views of fused tensors: id -> (parent tensor name, shape, stride, storage offset)
         self.views: dict[int, tuple[str, tuple[int, ...], tuple[int, ...], int]] = {}
         return_freed_memory_to_the_system()
@@ -225,6 +227,9 @@ class LazyWeights:
 
         A parameter made of several checkpoint tensors (a layer's experts) is built from them
         here, each checked as it is read."""
+        home = self.homes.get(name)
+        if home is not None:
+            return self._finite(name, home.tensor(name, dtype))
         source = self.sources.get(name)
         if source is None:
             return self._finite(name, self.checkpoint.tensor(name, dtype))
@@ -237,6 +242,8 @@ class LazyWeights:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A parameter's shape, from the checkpoint's headers (nothing read)."""
+        if name in self.homes:
+            return self.homes[name].shape_and_dtype(name)[0]
         source = self.sources.get(name)
         if source is None:
             return self.checkpoint.shape_and_dtype(name)[0]
@@ -245,6 +252,8 @@ class LazyWeights:
 
     def load_rows(self, name: str, rows: list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Some rows of one parameter in `dtype`; a WeightsError if they hold NaN or infinity."""
+        if name in self.homes:
+            return self._finite(name, self.homes[name].rows(name, rows, dtype))
         source = self.sources.get(name)
         if source is not None and not source.stacked and len(source.groups) == 1:
             name = source.groups[0][0]  # only renamed
@@ -289,6 +298,21 @@ class LazyWeights:
             self.release(loaded)
             raise WeightsError(problems)
         return loaded
+
+    def spill(self, params: dict[str, torch.nn.Parameter], path: Path) -> None:
+        """Write loaded parameters that no checkpoint holds (a pass's rewritten weights: a layer's
+        kept or merged experts) to the safetensors file `path` under the given names, make that
+        file their checkpoint, and release them. From then on they load and release like the
+        model's own, so a pass that rewrites weights needs one layer in memory, not the model.
+        """
+        from safetensors.torch import save_file
+
+        save_file({name: param.detach().contiguous() for name, param in params.items()}, str(path))
+        home = Checkpoint(path.parent, {path.name: list(params)})
+        for name, param in params.items():
+            self.names[id(param)] = name
+            self.homes[name] = home
+        self.release(params.values())
 
     def release(self, params: Iterable[torch.nn.Parameter], recycle: bool = False) -> None:
         """Hand loaded parameters back: each becomes a meta tensor of its shape and dtype again.
