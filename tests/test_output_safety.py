@@ -169,3 +169,36 @@ def test_killed_runs_leftovers_are_removed_and_reported(in_tmp):
     (in_tmp / ".out.partial-mine" / "keep.txt").write_text("x")
     assert run_cli("apply", recipe, "-o", "out", "--force", "--no-verify").code == 0
     assert (in_tmp / ".out.partial-mine" / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("ending", ["commit", "discard"])
+def test_the_scratch_folder_beside_the_staging_one_is_gone_when_the_run_ends(in_tmp, ending):
+    """Rewritten layers go to a marked scratch folder, never into the output; committing or
+    failing removes it, and a run killed before either leaves it to the next run's recovery."""
+    from surgery.output import OutputFolder
+
+    folder = OutputFolder(in_tmp / "out", force=False)
+    scratch = folder.scratch()
+    assert scratch == folder.scratch() and scratch.name.startswith(".out.partial-")
+    (scratch / "layer-0-0.safetensors").write_bytes(b"x")
+    (folder.path / "model.onnx").write_bytes(b"y")
+    getattr(folder, ending)()
+    assert not scratch.exists()
+    assert sorted(p.name for p in in_tmp.iterdir()) == (["out"] if ending == "commit" else [])
+    if ending == "commit":
+        assert (
+            sorted(p.name for p in (in_tmp / "out").iterdir()) != []
+            and not (in_tmp / "out" / "layer-0-0.safetensors").exists()
+        )
+
+
+def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run(in_tmp):
+    from surgery.output import OutputFolder
+
+    killed = OutputFolder(in_tmp / "out", force=False)
+    scratch = killed.scratch()
+    (scratch / "layer-0-0.safetensors").write_bytes(b"x")  # not empty: removed as marked ours
+    killed.lock.release()  # as if killed: nothing removed
+    again = OutputFolder(in_tmp / "out", force=False)
+    assert scratch in again.removed_leftovers and not scratch.exists()
+    again.discard()
