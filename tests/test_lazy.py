@@ -246,3 +246,23 @@ def test_expert_rewrites_of_a_lazy_moe_write_what_the_whole_model_writes(name, r
     data = [(tmp_path / out / "model.onnx.data").read_bytes() for out in ("streamed", "whole")]
     assert data[0] == data[1]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_tokenizer_with_ids_beyond_the_embedding_is_a_message(tmp_path, monkeypatch):
+    """A folder whose tokenizer is not its model's (ids past the embedding's rows) is reported
+    when the first tokens reach the embedding, as a message with a hint, not an IndexError."""
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    model = builtin.tiny_model("tiny-llama")
+    model.resize_token_embeddings(100)  # the byte tokenizer's ids go up to 258
+    for config in (model.config, model.generation_config):  # special ids inside the 100 rows
+        config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, None
+    folder = tmp_path / "small-vocab"
+    model.save_pretrained(folder)
+    builtin.byte_tokenizer().save_pretrained(folder)
+    recipe = write(tmp_path / "r.surg", f'model "{folder}"\ncalibrate on "valid" samples 2 length 16\n'
+                                        "drop attention least important 1 by similarity\n")  # fmt: skip
+    result = run_cli("apply", str(recipe), "-o", str(tmp_path / "out"))
+    assert result.code == 1, result.err
+    assert "but the model's embedding has only 100 rows" in result.err
+    assert "= hint: the tokenizer does not belong to this model" in result.err and "Traceback" not in result.err
+    assert not (tmp_path / "out").exists()

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from surgery.diagnostics import HintedError
 from surgery.nodes.context import EmitContext
+
+
+class TokenOutOfRange(HintedError):
+    """A token id with no row in the embedding table: the tokenizer is not the model's."""
 
 
 class Embedding(torch.nn.Module):
@@ -16,7 +21,15 @@ class Embedding(torch.nn.Module):
         self.scale = float(scale)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Embeddings (batch, seq, hidden) of the token ids."""
+        """Embeddings (batch, seq, hidden) of the token ids; a TokenOutOfRange (a message, not an
+        IndexError from deep inside PyTorch) for an id the table has no row for."""
+        rows = self.weight.shape[0]
+        if input_ids.numel() and int(input_ids.max()) >= rows:
+            raise TokenOutOfRange(
+                f"the tokenizer produced token id {int(input_ids.max())}, "
+                f"but the model's embedding has only {rows} rows",
+                "the tokenizer does not belong to this model: use the one saved with its weights",
+            )
         hidden = torch.nn.functional.embedding(input_ids, self.weight)
         return hidden * self.scale if self.scale != 1.0 else hidden
 
