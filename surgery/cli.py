@@ -105,8 +105,8 @@ def _parser() -> argparse.ArgumentParser:
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
-        help="run importance scoring and the original model's perplexity (`verify perplexity`) in PyTorch on this "
-        "device, one layer there at a time (default cpu)",
+        help="run importance scoring, expert statistics and the original model's perplexity (`verify perplexity`) "
+        "in PyTorch on this device, one layer there at a time (default cpu)",
     )
     _add_search_options(apply)
 
@@ -127,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
-        help="run importance scoring in PyTorch on this device, one layer there at a time (default cpu)",
+        help="run importance scoring and expert statistics in PyTorch on this device, one layer there at a time "
+        "(default cpu)",
     )
 
     importance = commands.add_parser(
@@ -260,7 +261,7 @@ def _cmd_plan(args) -> int:
     compiled = compile_recipe(
         args.recipe, args.model, progress=_Progress(), device=args.device, search=_search_settings(args)
     )
-    compiled = resolve_expert_steps(compiled, _Progress())
+    compiled = resolve_expert_steps(compiled, _Progress(), args.device)
     _print_warnings(compiled.plan.warnings)
     if args.json:
         content = compiled.plan.to_json()

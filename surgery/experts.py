@@ -24,14 +24,19 @@ def expert_count(mlp: torch.nn.Module) -> int:
 
 @torch.inference_mode()
 def expert_statistics(
-    graph: DecoderGraph, layers: tuple[int, ...], tokens: np.ndarray, outputs: bool = False
+    graph: DecoderGraph,
+    layers: tuple[int, ...],
+    tokens: np.ndarray,
+    outputs: bool = False,
+    device: str | None = None,
 ) -> tuple[dict[int, list[float]], dict[int, np.ndarray]]:
     """One pass over the calibration tokens: per layer, each expert's share of the routed
     (token, slot) assignments and, with `outputs`, its mean output over all tokens (every
     expert run on every token from the residual entering the MLP: HC-SMoE's feature).
 
     The pass is layer-major (`DecoderGraph.forward_layerwise`): a lazily loaded model is read
-    one layer at a time, and the statistics equal those of whole-model forwards."""
+    one layer at a time, and the statistics equal those of whole-model forwards. `device`
+    ("cuda"): each layer runs there in turn (sequential onloading); the counts come back."""
     counts = {layer: np.zeros(expert_count(graph.layer(layer).mlp)) for layer in layers}
     sums: dict[int, torch.Tensor] = {}
     handles = []
@@ -40,7 +45,7 @@ def expert_statistics(
 
         def count(module, args, output, layer=layer):
             index = output[-1]  # transformers: (logits, weights, index); SplitMoE: (weights, index)
-            counts[layer] += np.bincount(index.reshape(-1).numpy(), minlength=len(counts[layer]))
+            counts[layer] += np.bincount(index.reshape(-1).cpu().numpy(), minlength=len(counts[layer]))
 
         def collect(module, args, layer=layer, mlp=mlp):
             x = args[0].reshape(-1, args[0].shape[-1]).float()
@@ -55,17 +60,19 @@ def expert_statistics(
     try:
         # Layer-major: each layer is loaded once and every batch passes through it, so a model
         # whose weights stay in the checkpoint is counted a layer at a time.
-        graph.forward_layerwise(batches, logits=False)
+        graph.forward_layerwise(batches, logits=False, device=device)
     finally:
         for handle in handles:
             handle.remove()
     frequencies = {layer: (c / c.sum()).tolist() for layer, c in counts.items()}
-    return frequencies, {layer: (total / tokens.size).numpy() for layer, total in sums.items()}
+    return frequencies, {layer: (total / tokens.size).cpu().numpy() for layer, total in sums.items()}
 
 
-def expert_frequencies(graph: DecoderGraph, layers: tuple[int, ...], tokens: np.ndarray) -> dict[int, list[float]]:
+def expert_frequencies(
+    graph: DecoderGraph, layers: tuple[int, ...], tokens: np.ndarray, device: str | None = None
+) -> dict[int, list[float]]:
     """Per layer, the share of routed (token, slot) assignments each expert received."""
-    return expert_statistics(graph, layers, tokens)[0]
+    return expert_statistics(graph, layers, tokens, device=device)[0]
 
 
 def most_used(frequencies: list[float], keep: int) -> tuple[int, ...]:

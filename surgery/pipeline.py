@@ -176,8 +176,9 @@ def compile_recipe(
     return Compiled(text, checked, build_plan(checked, verify=verify, computed=computed), searches)
 
 
-def resolve_expert_steps(compiled: Compiled, progress: Progress = _quiet) -> Compiled:
-    """The plan with each merge step's groups and each prune step's kept experts filled in.
+def resolve_expert_steps(compiled: Compiled, progress: Progress = _quiet, device: str | None = None) -> Compiled:
+    """The plan with each merge step's groups and each prune step's kept experts filled in
+    (their statistics counted on `device`, one layer there at a time).
 
     They come from calibration statistics on the model as the steps before leave it, so this
     loads the model and runs the graph passes (the splits, prunes and merges are quick; no
@@ -187,11 +188,13 @@ def resolve_expert_steps(compiled: Compiled, progress: Progress = _quiet) -> Com
         return compiled
     import tempfile
 
+    from surgery.importance.compute import checked_device
+
     stream = streams_weights(compiled.checked, False)
     graph, tokenizer = _load(compiled.checked, progress, whole=not stream)
     with tempfile.TemporaryDirectory(prefix="surgery-plan-") as scratch:
         plan, _ = run_graph_steps(compiled.plan, graph, _Calibration(compiled.checked, tokenizer), progress,
-                                  (lambda: Path(scratch)) if stream else None)  # fmt: skip
+                                  (lambda: Path(scratch)) if stream else None, checked_device(device))  # fmt: skip
     return replace(compiled, plan=plan)
 
 
@@ -266,8 +269,9 @@ def apply(
     recipe_text: str | None = None,
     search=None,
 ) -> ApplyResult:
-    """Run a recipe end to end and write the output folder; verification runs on `provider`,
-    importance scoring in PyTorch on `device` (one layer there at a time).
+    """Run a recipe end to end and write the output folder; verification runs on `provider`;
+    importance scoring, expert statistics and `verify perplexity`'s reference in PyTorch on
+    `device` (one layer there at a time).
 
     `recipe_text` is applied as if it were the file at `path` (a search's candidates).
     `as many as fit` statements are searched first (`search`: the executor settings); the
@@ -330,7 +334,8 @@ def apply(
 
         calibration = _Calibration(checked, tokenizer)
         # A streamed apply rewrites layers one at a time, writing them aside; a whole one in memory.
-        plan, passes = run_graph_steps(plan, graph, calibration, progress, folder.scratch if stream else None)
+        plan, passes = run_graph_steps(plan, graph, calibration, progress, folder.scratch if stream else None,
+                                       device)  # fmt: skip
         after = structure(graph)
         tied_head = graph.tied_head
         lap("passes")
@@ -540,13 +545,19 @@ class _Calibration:
 
 
 def run_graph_steps(
-    plan: Plan, graph, calibration: _Calibration, progress: Progress, scratch: Callable[[], Path] | None = None
+    plan: Plan,
+    graph,
+    calibration: _Calibration,
+    progress: Progress,
+    scratch: Callable[[], Path] | None = None,
+    device: str | None = None,
 ) -> tuple[Plan, list[dict]]:
     """Run the plan's graph passes in order; returns the plan with the expert groups and kept
     experts that merge and prune steps resolved from calibration statistics, and the pass records.
 
     `scratch` gives the folder where a lazily loaded graph's rewritten layers are written
-    (`run_on_graph`); it is asked for only when a pass rewrites weights.
+    (`run_on_graph`); it is asked for only when a pass rewrites weights. `device`: where the
+    expert statistics run, one layer at a time.
     """
     from surgery.passes import PASSES
     from surgery.report import pass_record
@@ -559,10 +570,10 @@ def run_graph_steps(
             continue
         extra = {}
         if step.action == "prune experts":
-            graph_pass, extra = _prune_by_frequency(graph, step, calibration, progress)
+            graph_pass, extra = _prune_by_frequency(graph, step, calibration, progress, device)
             resolution = {"resolved_kept": {str(layer): list(kept) for layer, kept in graph_pass.kept}}
         elif step.action == "merge experts":
-            graph_pass, extra = _merge_by_statistics(graph, step, calibration, progress)
+            graph_pass, extra = _merge_by_statistics(graph, step, calibration, progress, device)
             resolution = {"resolved_groups": extra["groups"]}
             if graph_pass.rank is not None:
                 resolution["resolved_rank"] = graph_pass.rank
@@ -609,7 +620,7 @@ def _rounded(frequencies: dict[int, list[float]]) -> dict[str, list[float]]:
     return {str(layer): [round(f, 6) for f in values] for layer, values in frequencies.items()}
 
 
-def _merge_by_statistics(graph, step, calibration: _Calibration, progress: Progress):
+def _merge_by_statistics(graph, step, calibration: _Calibration, progress: Progress, device: str | None = None):
     """The merge pass for a step: usage and output statistics on the calibration data, then groups."""
     from surgery.expert_rules import merge_rank
     from surgery.experts import expert_statistics, full_rank, group_by_outputs, group_by_router
@@ -619,7 +630,7 @@ def _merge_by_statistics(graph, step, calibration: _Calibration, progress: Progr
     counted = "expert use and outputs" if p["grouping"] == "output" else "expert use"
     progress(f"counting {counted} on {calibration.spec.describe()}")
     frequencies, outputs = expert_statistics(
-        graph, step.layers, calibration.tokens(), outputs=p["grouping"] == "output"
+        graph, step.layers, calibration.tokens(), outputs=p["grouping"] == "output", device=device
     )
     rank = p.get("rank")
     if "rank_percent" in p:  # every layer's experts have one shape (one model, or one split)
@@ -649,13 +660,13 @@ def _merge_by_statistics(graph, step, calibration: _Calibration, progress: Progr
     return MergeExperts(merges=tuple(merges), rank=rank), record
 
 
-def _prune_by_frequency(graph, step, calibration: _Calibration, progress: Progress):
+def _prune_by_frequency(graph, step, calibration: _Calibration, progress: Progress, device: str | None = None):
     """The prune pass for a step: count expert use on the calibration data, keep the most used."""
     from surgery.experts import expert_frequencies, most_used
     from surgery.passes import PruneExperts
 
     progress(f"counting expert use on {calibration.spec.describe()}")
-    frequencies = expert_frequencies(graph, step.layers, calibration.tokens())
+    frequencies = expert_frequencies(graph, step.layers, calibration.tokens(), device)
     kept = tuple((layer, most_used(frequencies[layer], step.parameters["keep"])) for layer in step.layers)
     return PruneExperts(kept=kept), {"frequencies": _rounded(frequencies)}
 

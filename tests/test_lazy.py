@@ -266,3 +266,24 @@ def test_a_tokenizer_with_ids_beyond_the_embedding_is_a_message(tmp_path, monkey
     assert "but the model's embedding has only 100 rows" in result.err
     assert "= hint: the tokenizer does not belong to this model" in result.err and "Traceback" not in result.err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("name", CONVERTED_ON_LOADING)
+def test_expert_statistics_on_cuda_equal_the_cpu_ones(name, tmp_path):
+    """`--device cuda` for prune and merge: expert use and mean outputs counted with one layer
+    on the GPU at a time equal the CPU's; nothing stays loaded or on the GPU."""
+    from surgery.calibration import CalibrationSpec, calibration_tokens
+    from surgery.experts import expert_count, expert_statistics
+
+    folder = saved(name, tmp_path / name)
+    graph = lazy_graph(folder)
+    layers = tuple(layer.index for layer in graph.layers if expert_count(layer.mlp))
+    tokens = calibration_tokens(builtin.byte_tokenizer(), CalibrationSpec(samples=3, length=24))
+    (gpu_use, gpu_out), (cpu_use, cpu_out) = (
+        expert_statistics(graph, layers, tokens, outputs=True, device=device) for device in ("cuda", None)
+    )
+    for layer in layers:
+        assert gpu_use[layer] == pytest.approx(cpu_use[layer], abs=1e-12)
+        assert gpu_out[layer] == pytest.approx(cpu_out[layer], abs=1e-4)
+    assert resident_bytes(unique_parameters(graph.all_modules())) == 0
