@@ -105,8 +105,8 @@ def _parser() -> argparse.ArgumentParser:
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
-        help="run importance scoring, expert statistics and the original model's perplexity (`verify perplexity`) "
-        "in PyTorch on this device, one layer there at a time (default cpu)",
+        help="run PyTorch's work (importance scoring, expert statistics, the reference side of verification and "
+        "of `verify perplexity`) on this device, one layer there at a time (default cpu)",
     )
     _add_search_options(apply)
 

@@ -270,8 +270,8 @@ def apply(
     search=None,
 ) -> ApplyResult:
     """Run a recipe end to end and write the output folder; verification runs on `provider`;
-    importance scoring, expert statistics and `verify perplexity`'s reference in PyTorch on
-    `device` (one layer there at a time).
+    importance scoring, expert statistics, the PyTorch side of the layer-major verification and
+    `verify perplexity`'s reference on `device` (one layer there at a time).
 
     `recipe_text` is applied as if it were the file at `path` (a search's candidates).
     `as many as fit` statements are searched first (`search`: the executor settings); the
@@ -388,7 +388,7 @@ def apply(
         if run_verification and stream:
             try:
                 verification, moved = _verify_layerwise(graph, tokenizer, options, str(folder.path), threads,
-                                                        providers, progress)  # fmt: skip
+                                                        providers, progress, device)  # fmt: skip
             except WeightsError as problem:
                 raise weights_error(checked, problem) from problem
             lap("verify")
@@ -815,9 +815,10 @@ def _float_excess(model, precision: str) -> int:
     return sum(q.parameters * itemsize - q.storage_bytes for q in quantized_linears(model))
 
 
-def _verify_layerwise(graph, tokenizer, options, folder: str, threads, providers, progress: Progress):
+def _verify_layerwise(graph, tokenizer, options, folder: str, threads, providers, progress: Progress,
+                      device: str | None = None):  # fmt: skip
     """(verification, how far quantization moved the logits or None), teacher-forced and
-    layer-major (surgery.verify_layerwise): PyTorch holds a layer at a time.
+    layer-major (surgery.verify_layerwise): PyTorch holds a layer at a time, run on `device`.
 
     A model quantized while written is verified exactly through its float-compute twin against
     PyTorch with the quantized weights; the model as written is then compared with the original
@@ -833,7 +834,7 @@ def _verify_layerwise(graph, tokenizer, options, folder: str, threads, providers
 
     def traces(runs):
         return teacher_forced_traces(graph, tokenizer, runs, VERIFY_DECODE_STEPS, options.kv_cache, padded, threads,
-                                     providers)  # fmt: skip
+                                     providers, device=device)  # fmt: skip
 
     if not options.quantize_linears:
         progress("verifying against PyTorch (teacher-forced, layer by layer)")

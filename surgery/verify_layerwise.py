@@ -69,6 +69,7 @@ def teacher_forced_traces(
     threads: int | None = None,
     providers: list[str] | None = None,
     prompts: tuple[str, ...] = PROMPTS,
+    device: str | None = None,
 ) -> list[tuple[ReferenceTrace, OnnxRun]]:
     """One ReferenceTrace per (onnx model path, PyTorch variant): onnxruntime's greedy tokens on
     that model, and PyTorch's logits at every position of prompts + tokens, all runs computed
@@ -84,12 +85,12 @@ def teacher_forced_traces(
         full_mask = torch.from_numpy(np.concatenate([mask, np.ones_like(tokens.T)], axis=1))
         batches.append((full_ids, full_mask, position_ids_from_mask(full_mask)))
     variants = [variant or (lambda _: contextlib.nullcontext()) for _, variant in runs]
-    logits = graph.forward_layerwise(batches, variants=variants)
+    logits = graph.forward_layerwise(batches, variants=variants, device=device)
     prompt = ids.shape[1]
     seconds = time.perf_counter() - started
     traces = []
     for tokens, out in zip(fed, logits, strict=True):
-        out = out.float().numpy()
+        out = out.float().cpu().numpy()
         traces.append(
             ReferenceTrace(
                 prompts=prompts,

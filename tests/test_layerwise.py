@@ -437,3 +437,26 @@ def test_layer_major_perplexity_keeps_no_window_log_probs(tmp_path, monkeypatch)
     monkeypatch.setattr(graph, "forward_layerwise", lambda *a, **k: kept.extend(real(*a, **k)) or kept)
     graph_perplexity(graph, tokens)
     assert len(kept) == len(tokens.windows()) and all(item is None for item in kept)
+
+
+@CUDA
+@pytest.mark.parametrize(
+    "body", ["drop attention layers 1\n", "quantize layers to int4 symmetric\nquantize head to int4 symmetric\n"]
+)
+def test_verification_with_device_cuda_reports_the_cpu_verification(body, tmp_path):
+    """`surgery apply --device cuda`: the teacher-forced, layer-major verification runs PyTorch's
+    side with one layer on the GPU at a time, the quantized run with the written weights
+    filled in there; it reports what the CPU's reports."""
+    folder = saved("tiny-llama", tmp_path / "m")
+    recipe = tmp_path / "r.surg"
+    recipe.write_text(f'model "{folder}"\n{body}')
+    reports = []
+    for device in ("cuda", "cpu"):
+        out = tmp_path / f"out-{device}"
+        result = run_cli("apply", str(recipe), "-o", str(out), "--device", device)
+        assert result.code == 0, result.err
+        reports.append(json.loads((out / "surgery.json").read_text())["verification"])
+    gpu, cpu = reports
+    assert gpu["passed"] and cpu["passed"] and gpu["reference"] == cpu["reference"] == "teacher-forced, layer by layer"
+    assert gpu["max_abs_logit_diff"] == pytest.approx(cpu["max_abs_logit_diff"], abs=1e-4)
+    assert gpu["greedy_tokens_mismatched"] == cpu["greedy_tokens_mismatched"]

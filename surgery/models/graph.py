@@ -454,7 +454,10 @@ def on_device(modules: list[torch.nn.Module], device: str | None) -> Iterator[No
         yield
     finally:
         for param in moved_parameters.values():
-            param.data = param.data.to("cpu")
+            # One released inside the block (verification's written weights are) is on meta:
+            # nothing to bring back.
+            if param.device.type != "meta":
+                param.data = param.data.to("cpu")
         for part, name in moved_buffers:
             part._buffers[name] = part._buffers[name].to("cpu")  # type: ignore[union-attr]
 
