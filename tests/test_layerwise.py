@@ -380,6 +380,17 @@ def test_eval_against_a_model_on_cuda_equals_the_cpu_comparison(tmp_path):
     assert gpu["top1_agreement"] == cpu["top1_agreement"]
 
 
+def _reports_on_each_device(recipe, section: str) -> list[dict]:
+    """`section` of the report of `surgery apply RECIPE --device D`, for D = cuda, then cpu."""
+    reports = []
+    for device in ("cuda", "cpu"):
+        out = recipe.parent / f"out-{device}"
+        result = run_cli("apply", str(recipe), "-o", str(out), "--device", device)
+        assert result.code == 0, result.err
+        reports.append(json.loads((out / "surgery.json").read_text())[section])
+    return reports
+
+
 @CUDA
 def test_verify_perplexity_with_device_cuda_reports_the_cpu_reference(tmp_path):
     """`surgery apply --device cuda`: `verify perplexity`'s original-model perplexity, computed
@@ -387,13 +398,7 @@ def test_verify_perplexity_with_device_cuda_reports_the_cpu_reference(tmp_path):
     recipe = tmp_path / "r.surg"
     recipe.write_text('model "tiny-llama"\ndrop block layers 2\nverify perplexity on "wikitext-2-test" '
                       "max-increase 1000% tokens 256\n")  # fmt: skip
-    reports = []
-    for device in ("cuda", "cpu"):
-        out = tmp_path / f"out-{device}"
-        result = run_cli("apply", str(recipe), "-o", str(out), "--device", device)
-        assert result.code == 0, result.err
-        reports.append(json.loads((out / "surgery.json").read_text())["perplexity"])
-    gpu, cpu = (report["original_pytorch"]["mean_nll"] for report in reports)
+    gpu, cpu = (report["original_pytorch"]["mean_nll"] for report in _reports_on_each_device(recipe, "perplexity"))
     assert gpu == pytest.approx(cpu, rel=0, abs=1e-5)
 
 
@@ -450,13 +455,7 @@ def test_verification_with_device_cuda_reports_the_cpu_verification(body, tmp_pa
     folder = saved("tiny-llama", tmp_path / "m")
     recipe = tmp_path / "r.surg"
     recipe.write_text(f'model "{folder}"\n{body}')
-    reports = []
-    for device in ("cuda", "cpu"):
-        out = tmp_path / f"out-{device}"
-        result = run_cli("apply", str(recipe), "-o", str(out), "--device", device)
-        assert result.code == 0, result.err
-        reports.append(json.loads((out / "surgery.json").read_text())["verification"])
-    gpu, cpu = reports
+    gpu, cpu = _reports_on_each_device(recipe, "verification")
     assert gpu["passed"] and cpu["passed"] and gpu["reference"] == cpu["reference"] == "teacher-forced, layer by layer"
     assert gpu["max_abs_logit_diff"] == pytest.approx(cpu["max_abs_logit_diff"], abs=1e-4)
     assert gpu["greedy_tokens_mismatched"] == cpu["greedy_tokens_mismatched"]
