@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -103,12 +104,18 @@ def parts_present(graph: DecoderGraph, layers: tuple[int, ...], part: str) -> li
     return problems
 
 
-def run_pass(graph_pass: GraphPass | OnnxPass, graph: Any) -> PassResult:
-    """Run one pass (on a DecoderGraph or an onnx.ModelProto) under its contract."""
+def run_pass(
+    graph_pass: GraphPass | OnnxPass, graph: Any, apply: Callable[[Any], PassResult] | None = None
+) -> PassResult:
+    """Run one pass (on a DecoderGraph or an onnx.ModelProto) under its contract.
+
+    `apply`, when given, does the pass's work instead of `graph_pass.apply` (the same pass run
+    a layer at a time: `surgery.pipeline.run_on_graph`); the contract is checked the same way.
+    """
     problems = graph_pass.requires(graph)
     if problems:
         raise PassContractError(graph_pass.name, "precondition", problems)
-    result = graph_pass.apply(graph)
+    result = (apply or graph_pass.apply)(graph)
     problems = graph_pass.ensures(graph)
     if problems:
         raise PassContractError(graph_pass.name, "postcondition", problems)

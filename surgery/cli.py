@@ -559,6 +559,11 @@ def _cmd_eval(args) -> int:
     return EXIT_OK
 
 
+def _is_output_folder(spec_text: str) -> bool:
+    """Whether an --against argument names an output folder (run in onnxruntime), not a model spec."""
+    return os.path.exists(os.path.join(spec_text, "model.onnx"))
+
+
 def _reference_device(args) -> str | None:
     """`eval --device`: where the --against model's layers run; refused when it has no effect
     (no --against, or another output folder, which runs in onnxruntime on --provider) or when
@@ -567,7 +572,7 @@ def _reference_device(args) -> str | None:
 
     if args.device == "cpu":
         return None
-    if not args.against or os.path.exists(os.path.join(args.against, "model.onnx")):
+    if not args.against or _is_output_folder(args.against):
         raise _UserError(
             f"--device {args.device} runs the --against model in PyTorch, and there is none here",
             "give --against a model spec (e.g. smollm2-135m), or use --provider for onnxruntime",
@@ -583,7 +588,7 @@ def _reference_logits(spec_text: str, tokenizer, threads: int | None, window: in
     from surgery.models.index import ModelIndex
     from surgery.models.loading import load_config, load_model, resolve_spec
 
-    if os.path.exists(os.path.join(spec_text, "model.onnx")):
+    if _is_output_folder(spec_text):
         other = open_model_folder(spec_text, tokenizer=False)
         if other.context_length and window > other.context_length:
             raise _UserError(f"--window {window} is longer than the context of '{spec_text}' ({other.context_length})")

@@ -172,7 +172,7 @@ class OutputFolder:
                 )
             self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.parent))
             _write_marker(self.path)
-            self._scratch: list[Path] = []
+            self._scratch: Path | None = None
         except BaseException:
             self.lock.release()
             raise
@@ -231,15 +231,14 @@ class OutputFolder:
         """A folder beside the staging one for intermediate files that never reach the output
         (a pass's rewritten layers), made on the first call. It is removed on commit and on
         discard, and, like a staging folder, as a leftover by the next run after a kill."""
-        if not self._scratch:
-            path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.parent))
-            _write_marker(path)
-            self._scratch.append(path)
-        return self._scratch[0]
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.parent))
+            _write_marker(self._scratch)
+        return self._scratch
 
     def _remove_scratch(self) -> None:
-        for path in self._scratch:
-            shutil.rmtree(path, ignore_errors=True)
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
     def commit(self) -> Path:
         """Move the finished folder onto the target; an older output is deleted only afterwards."""

@@ -594,26 +594,23 @@ def run_on_graph(graph_pass, graph, scratch: Callable[[], Path] | None, progress
     them from there like the checkpoint's. The contract is checked on the whole graph before
     and after, from shapes. So peak memory is a layer's, whatever the model's size.
     """
-    from surgery.passes import PassContractError, PassResult, run_pass
+    from surgery.passes import PassResult, run_pass
 
     if graph.weights is None or not hasattr(graph_pass, "layer_passes") or scratch is None:
         return run_pass(graph_pass, graph)
-    problems = graph_pass.requires(graph)
-    if problems:
-        raise PassContractError(graph_pass.name, "precondition", problems)
-    folder = scratch()
-    written = 0
-    for index, one_layer in graph_pass.layer_passes():
-        layer = graph.layer(index)
-        with graph.materialized(*layer.modules()):
-            one_layer.apply(graph)
-            written += graph.spill_rewritten(layer, folder)
-    progress(f"{graph_pass.name}: rewrote {len(graph_pass.layer_passes())} layer(s) one at a time "
-             f"({written / 1e6:.1f} MB written aside)")  # fmt: skip
-    problems = graph_pass.ensures(graph)
-    if problems:
-        raise PassContractError(graph_pass.name, "postcondition", problems)
-    return PassResult(True, graph_pass.summary())
+
+    def layer_by_layer(graph) -> PassResult:
+        folder, written, layers = scratch(), 0, graph_pass.layer_passes()
+        for index, one_layer in layers:
+            layer = graph.layer(index)
+            with graph.materialized(*layer.modules()):
+                one_layer.apply(graph)
+                written += graph.spill_rewritten(layer, folder)
+        progress(f"{graph_pass.name}: rewrote {len(layers)} layer(s) one at a time "
+                 f"({written / 1e6:.1f} MB written aside)")  # fmt: skip
+        return PassResult(True, graph_pass.summary())
+
+    return run_pass(graph_pass, graph, layer_by_layer)
 
 
 def _rounded(frequencies: dict[int, list[float]]) -> dict[str, list[float]]:

@@ -227,12 +227,9 @@ class LazyWeights:
 
         A parameter made of several checkpoint tensors (a layer's experts) is built from them
         here, each checked as it is read."""
-        home = self.homes.get(name)
-        if home is not None:
-            return self._finite(name, home.tensor(name, dtype))
         source = self.sources.get(name)
         if source is None:
-            return self._finite(name, self.checkpoint.tensor(name, dtype))
+            return self._finite(name, self._home(name).tensor(name, dtype))
         parts = []
         for group in source.groups:
             tensors = [self._finite(tensor, self.checkpoint.tensor(tensor, dtype)) for tensor in group]
@@ -242,24 +239,24 @@ class LazyWeights:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A parameter's shape, from the checkpoint's headers (nothing read)."""
-        if name in self.homes:
-            return self.homes[name].shape_and_dtype(name)[0]
         source = self.sources.get(name)
         if source is None:
-            return self.checkpoint.shape_and_dtype(name)[0]
+            return self._home(name).shape_and_dtype(name)[0]
         shapes = {t: self.checkpoint.shape_and_dtype(t)[0] for group in source.groups for t in group}
         return source.shape(shapes) or ()
 
     def load_rows(self, name: str, rows: list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Some rows of one parameter in `dtype`; a WeightsError if they hold NaN or infinity."""
-        if name in self.homes:
-            return self._finite(name, self.homes[name].rows(name, rows, dtype))
         source = self.sources.get(name)
         if source is not None and not source.stacked and len(source.groups) == 1:
             name = source.groups[0][0]  # only renamed
         elif source is not None:
             return self.load(name, dtype)[rows]
-        return self._finite(name, self.checkpoint.rows(name, rows, dtype))
+        return self._finite(name, self._home(name).rows(name, rows, dtype))
+
+    def _home(self, name: str) -> Checkpoint:
+        """The checkpoint holding tensor `name`: the model's, or a pass's file of rewritten weights."""
+        return self.homes.get(name, self.checkpoint)
 
     def _finite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` (read from checkpoint tensor `name`), or a WeightsError if it holds NaN or infinity."""
