@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from surgery.selectors import number_text, span_field
-from surgery.source import Span
+from surgery.checked import MIN_PERPLEXITY_TOKENS
+from surgery.source import Span, number_text, span_field
 
 if TYPE_CHECKING:
     from surgery.models.index import ModelIndex
@@ -137,8 +137,6 @@ def improves_with_count(budget: Budget, more_is_lighter: bool) -> bool:
 
 def check_fit(c, fit: Fit, index: ModelIndex, more_is_lighter: bool, what: str) -> None:
     """Every budget's numbers, texts and units; a block that cannot bound the count is an error."""
-    from surgery.statements.verify import MIN_PERPLEXITY_TOKENS
-
     if not fit.budgets:
         c.error(
             "`as many as fit` needs at least one budget",

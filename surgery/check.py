@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from surgery.calibration import (
     SHORTAGE_HINT,
@@ -22,7 +22,14 @@ from surgery.calibration import (
     count_tokens,
     shortage,
 )
-from surgery.data import TextSource, TextSourceError, resolve_text, text_file
+from surgery.checked import (
+    DEFAULT_PERPLEXITY_TOKENS,
+    DEFAULT_WINDOW,
+    MIN_PERPLEXITY_TOKENS,
+    CheckedRecipe,
+    PerplexityCheck,
+)
+from surgery.data import TextSource, TextSourceError, resolve_text
 from surgery.diagnostics import Diagnostic, RecipeError, did_you_mean, raise_if_errors
 from surgery.export.options import ExportOptions
 from surgery.files import InputFileError, path_exists
@@ -41,18 +48,11 @@ from surgery.statements import verify as verify_statement
 from surgery.statements.base import SCORE_PART
 from surgery.statements.drop import ResolvedDrop
 from surgery.statements.experts import check_expert_layers, expert_layer_problems
-from surgery.statements.export import ExportStmt
 from surgery.statements.fuse import DEFAULT_FUSE_WEIGHT, ResolvedFuse, default_fuse_candidates
 from surgery.statements.merge import ResolvedMerge
 from surgery.statements.prune import ResolvedPrune
 from surgery.statements.quantize import DEFAULT_QUANT_BLOCK, QUANT_BLOCKS, ResolvedQuantize
 from surgery.statements.split import ResolvedSplit
-from surgery.statements.verify import (
-    DEFAULT_PERPLEXITY_TOKENS,
-    DEFAULT_WINDOW,
-    MIN_PERPLEXITY_TOKENS,
-    PerplexityCheck,
-)
 from surgery.syntax import (
     AllLayers,
     EvenlyLayers,
@@ -66,51 +66,6 @@ from surgery.syntax import (
 )
 
 _TOKEN_COUNTS: dict[tuple[int, str, int], int] = {}
-
-
-@dataclass(frozen=True)
-class CheckedRecipe:
-    """A recipe that passed the check: the model, resolved statements and warnings."""
-
-    recipe: Recipe
-    spec: ModelSpec
-    index: ModelIndex
-    drops: tuple[ResolvedDrop, ...]
-    export: ExportOptions
-    export_statement: ExportStmt | None
-    warnings: tuple[Diagnostic, ...]
-    model_span: Span | None = None  # the spec in the recipe; None when it came from --model
-    quantize: tuple[ResolvedQuantize, ...] = ()
-    calibration: CalibrationSpec = CalibrationSpec()
-    calibration_span: Span | None = None
-    perplexity: PerplexityCheck | None = None
-    importance_files: dict[str, ImportanceFile] | None = None
-    base_dir: str | None = None  # where relative data and file paths resolve (the recipe's folder)
-    fuse: ResolvedFuse | None = None
-    splits: tuple[ResolvedSplit, ...] = ()
-    prunes: tuple[ResolvedPrune, ...] = ()
-    merges: tuple[ResolvedMerge, ...] = ()
-
-    def input_paths(self) -> list[str]:
-        """The files and folders this recipe reads: recipe, model, importance files, texts.
-
-        An output may never replace or lie inside any of them.
-        """
-        paths = [self.recipe.source.name] if self.recipe.source and self.recipe.source.name != "<string>" else []
-        if self.spec.kind in ("folder", "gguf"):
-            paths.append(self.spec.location)
-        paths.extend(self.importance_files or ())
-        texts = [self.calibration.data] + ([self.perplexity.data] if self.perplexity else [])
-        paths.extend(path for path in (text_file(name, self.base_dir) for name in texts) if path is not None)
-        return paths
-
-    def metrics_to_compute(self) -> tuple[str, ...]:
-        """Metrics some selector ranks by that are computed (not read from a file), in a fixed order."""
-        queries = [d.query for d in self.drops] + [q.query for q in self.quantize] + [s.query for s in self.splits]
-        wanted = {q.source.metric for q in queries if q is not None and q.source.file is None}
-        if self.fuse is not None and self.fuse.mode == "auto":
-            wanted.add("iks")
-        return tuple(m for m in METRICS if m in wanted)
 
 
 class _Checker:
@@ -393,11 +348,33 @@ def check_command_inputs(model: str, calibration: CalibrationSpec | None) -> tup
     if found is not None and calibration is not None:
         spec, index, _ = found
         if checker.text_exists(calibration.data, None):
-            checked = CheckedRecipe(recipe, spec, index, (), ExportOptions(), None, (), calibration=calibration)
+            checked = CheckedRecipe(recipe, spec, index, ExportOptions(), calibration=calibration)
             checker.calibration_fits(checked, what=f"calibration ({calibration.describe()})")
     raise_if_errors(checker.diagnostics)
     assert found is not None
     return found[0], found[1]
+
+
+# Statements whose resolved form every stage reads: CheckedRecipe names them.
+_SHARED = ("calibrate", "export", "verify")
+
+
+def _metrics_to_compute(resolved: dict) -> tuple[str, ...]:
+    """The computed metrics the resolved statements rank by, in a fixed order: each module's
+    `metrics(resolved)` where it has one, else the metrics of its items' importance queries."""
+    wanted: set[str] = set()
+    for module in STATEMENTS:
+        value = resolved.get(statement_name(module))
+        if value is None:
+            continue
+        if hasattr(module, "metrics"):
+            wanted |= module.metrics(value)
+            continue
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            query = getattr(item, "query", None)
+            if query is not None and query.source.file is None:
+                wanted.add(query.source.metric)
+    return tuple(m for m in METRICS if m in wanted)
 
 
 def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
@@ -429,28 +406,25 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
     calibration, calibration_span = done["calibrate"]
     export, export_stmt = done["export"]
     files = {path: found for path, found in checker.files.items() if found is not None}
+    resolved = {name: tuple(value) if isinstance(value, list) else value for name, value in done.items()
+                if name not in _SHARED}  # fmt: skip
     checked = CheckedRecipe(
         recipe,
         spec,
         index,
-        tuple(done["drop"]),
         export,
         export_stmt,
-        (),
-        model_span,
-        tuple(done["quantize"]),
-        calibration,
-        calibration_span,
-        done["verify"],
-        files,
-        checker.base_dir,
-        done["fuse"],
-        tuple(done["split"]),
-        tuple(done["prune"]),
-        tuple(done["merge"]),
+        model_span=model_span,
+        calibration=calibration,
+        calibration_span=calibration_span,
+        perplexity=done["verify"],
+        importance_files=files,
+        base_dir=checker.base_dir,
+        resolved=resolved,
+        metrics=_metrics_to_compute(resolved),
     )
-    perplexity, prunes, merges = checked.perplexity, checked.prunes, checked.merges
-    gptq = any(item.gptq for item in checked.quantize)
+    perplexity, prunes, merges = checked.perplexity, checked.of("prune"), checked.of("merge")
+    gptq = any(item.gptq for item in checked.of("quantize"))
     uses_data = any(METRICS[m].needs_data for m in checked.metrics_to_compute()) or prunes or merges or gptq
     clean = not any(d.severity == "error" for d in checker.diagnostics)  # else selectors may be missing
     if calibration_span is not None and not uses_data and clean:

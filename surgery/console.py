@@ -56,10 +56,12 @@ def quiet_console(verbose: bool) -> Iterator[None]:
 
 
 def _set_transformers_verbosity(verbose: bool) -> None:
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # transformers is a dependency; this only guards a broken install
+    """transformers' own verbosity, where it is loaded already; a later import reads the
+    environment set above (importing it here would cost every command half a second)."""
+    if "transformers" not in sys.modules:
         return
+    from transformers.utils import logging as hf_logging
+
     if verbose:
         hf_logging.set_verbosity_warning()
         hf_logging.enable_progress_bar()

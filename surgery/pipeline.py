@@ -18,10 +18,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from surgery.check import MIN_PERPLEXITY_TOKENS, CheckedRecipe, check
+from surgery.check import check
+from surgery.checked import MIN_PERPLEXITY_TOKENS, CheckedRecipe
 from surgery.diagnostics import Diagnostic, RecipeError
-from surgery.export.options import VERIFY_TOLERANCES, verification_pads_prompts
+from surgery.export.options import verification_pads_prompts
 from surgery.files import RECIPE_LIMIT, InputFileError, read_source
+from surgery.formats.precision import FP32
+from surgery.formats.precision import precision as precision_record
 from surgery.output import OutputFolder
 from surgery.parser import parse_source
 from surgery.plan import VERIFY_DECODE_STEPS, Plan, build_plan, streams_weights
@@ -278,7 +281,6 @@ def apply(
     output then holds search.json and, with matplotlib, search.png.
     """
     # torch, onnx and onnxruntime load here, not at import: `check` and `plan` never need them.
-    import torch
 
     from surgery.export.decoder import export_decoder
     from surgery.importance.compute import checked_device, compute_importance
@@ -398,16 +400,15 @@ def apply(
                 # PyTorch again, in the export's element type; the fp32 trace stays for KL / top-1.
                 progress(f"tracing PyTorch in {precision}")
                 fp32_trace = trace
-                graph.to_dtype(getattr(torch, TORCH_DTYPES[precision]))
+                graph.to_dtype(precision_record(precision).torch_dtype())
                 trace = trace_reference(graph, tokenizer, plan.export.kv_cache, VERIFY_DECODE_STEPS, padded=padded)
             progress("verifying against PyTorch (prefill + decode)" + (" before quantization" if quantization else ""))
             # The PyTorch weights are not needed past this point; free them before onnxruntime
             # maps the exported ones, so the two copies never add up.
             del graph
             gc.collect()
-            verification = compare(
-                trace, str(folder.path), VERIFY_TOLERANCES[precision], threads, precision, fp32_trace, providers
-            )
+            tolerance = precision_record(precision).tolerance
+            verification = compare(trace, str(folder.path), tolerance, threads, precision, fp32_trace, providers)
             lap("verify")
         if quantization:
             quantized = _quantize(plan, export, str(folder.path), passes, progress, tied_head, options.quantize_linears,
@@ -455,9 +456,6 @@ def apply(
     return ApplyResult(target, report, verification, perplexity_passed, searches)
 
 
-TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
 def _write_search(searches: tuple, checked: CheckedRecipe, folder: str) -> dict:
     """search.json (every candidate of every search) and search.png (quality against size or
     latency, when matplotlib is installed); the report's summary of them."""
@@ -495,9 +493,10 @@ def _verification_providers(checked: CheckedRecipe, provider: str, run_verificat
     from surgery.runtime import execution_providers
 
     providers = execution_providers(provider)
-    if run_verification and checked.export.precision == "bf16" and provider == "cpu":
+    if run_verification and not checked.export.element.runs_on(provider):
         raise HintedError(
-            "a bf16 export cannot be verified on the CPU: onnxruntime's CPU kernels have no bf16 MatMul",
+            f"a {checked.export.precision} export cannot be verified on the {provider.upper()}: "
+            f"{checked.export.element.why_not}",
             "verify on the GPU with --provider cuda (onnxruntime-gpu), or skip with --no-verify",
         )
     return providers
@@ -808,7 +807,7 @@ def _float_excess(model, precision: str) -> int:
     """Bytes the quantized linears would take in the float element type beyond what they take."""
     from surgery.quantization import quantized_linears
 
-    itemsize = 4 if precision == "fp32" else 2
+    itemsize = precision_record(precision).itemsize
     return sum(q.parameters * itemsize - q.storage_bytes for q in quantized_linears(model))
 
 
@@ -824,7 +823,7 @@ def _verify_layerwise(graph, tokenizer, options, folder: str, threads, providers
     from surgery.verify import compare
     from surgery.verify_layerwise import float_compute_twin, teacher_forced_traces, written_weights
 
-    tolerance = VERIFY_TOLERANCES["fp32"]
+    tolerance = precision_record(FP32.name).tolerance
     model = os.path.join(folder, "model.onnx")
     layerwise = {"reference": "teacher-forced, layer by layer"}
     padded = verification_pads_prompts(options.target)

@@ -18,9 +18,9 @@ from typing import Any
 
 import networkx as nx
 
-from surgery.check import CheckedRecipe
+from surgery.checked import CheckedRecipe
 from surgery.diagnostics import Diagnostic
-from surgery.export.options import VERIFY_TOLERANCES, ExportOptions, verification_pads_prompts
+from surgery.export.options import ExportOptions, verification_pads_prompts
 from surgery.importance.file import ImportanceFile
 from surgery.importance.metrics import METRICS, MetricScores
 from surgery.layers import format_layers
@@ -214,9 +214,9 @@ def streams_weights(checked: CheckedRecipe, run_verification: bool) -> bool:
     the written table), and verification below fp32 (the reference is cast to the element type
     as a whole).
     """
-    if checked.fuse or checked.splits:
+    if checked.of("fuse") or checked.of("split"):
         return False
-    if any(q.part == "embedding" for q in checked.quantize):
+    if any(q.part == "embedding" for q in checked.of("quantize")):
         return False
     return not run_verification or checked.export.precision == "fp32"
 
@@ -272,7 +272,7 @@ def build_plan(checked: CheckedRecipe, verify: bool = True, computed: Importance
                 parameters={
                     "prompts": 2,
                     "decode_steps": VERIFY_DECODE_STEPS,
-                    "tolerance": VERIFY_TOLERANCES[export.precision],
+                    "tolerance": export.element.tolerance,
                     "precision": export.precision,
                     "padded": verification_pads_prompts(export.target),
                     # Streamed: onnxruntime's tokens fed to PyTorch layer by layer; quantized

@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from surgery.console import onnxruntime_log_level
 from surgery.diagnostics import HintedError
+from surgery.formats.precision import from_ort_type
 
 _BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16, without importing onnx here
 
@@ -126,7 +127,7 @@ class OnnxCausalLM:
                 ort.OrtValue.ortvalue_from_shape_and_type([batch, heads, 0, size], _BFLOAT16)
                 for heads, size in self.kv_dims
             ]
-        dtype = np.float16 if self.kv_type == "tensor(float16)" else np.float32
+        dtype = from_ort_type(self.kv_type).numpy_dtype()
         return [np.zeros((batch, heads, 0, size), dtype) for heads, size in self.kv_dims]
 
     def step(

@@ -6,20 +6,15 @@ Each statement's own node lives with the statement (surgery/statements/).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from surgery.source import Span
+from surgery.source import Span, number_text, span_field
 
 if TYPE_CHECKING:
     from surgery.budgets import Fit
 
 Part = Literal["attention", "mlp", "block"]
-
-
-def span_field() -> Span:
-    """A dataclass field for a source span, left out of equality and repr."""
-    return field(default=None, compare=False, repr=False)  # type: ignore[return-value]
 
 
 # Selectors: which of the original model's layers a statement targets.
@@ -124,11 +119,6 @@ class RestLayers:
 
 
 Selector = LayerList | AllLayers | FirstLayers | LastLayers | EvenlyLayers | ImportanceSelector
-
-
-def number_text(value: float) -> str:
-    """A number as the recipe writes it (no trailing zeros)."""
-    return f"{value:g}"
 
 
 def unparse_source(source: ImportanceSource) -> str:

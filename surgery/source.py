@@ -101,3 +101,13 @@ class Span:
             "column": self.column,
             "text": self.source.line_text(self.line).strip(),
         }
+
+
+def span_field() -> Span:
+    """A dataclass field for a source span, left out of equality and repr."""
+    return field(default=None, compare=False, repr=False)  # type: ignore[return-value]
+
+
+def number_text(value: float) -> str:
+    """A number as the recipe writes it (no trailing zeros)."""
+    return f"{value:g}"

@@ -9,8 +9,7 @@ re-exported here. `unparse` prints the canonical text of a recipe.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
+from surgery.recipe import Recipe
 from surgery.selectors import (
     AllLayers,
     EvenlyLayers,
@@ -29,7 +28,6 @@ from surgery.selectors import (
     unparse_selector,
     unparse_source,
 )
-from surgery.source import Source
 from surgery.statements import for_node
 from surgery.statements.calibrate import CalibrateStmt
 from surgery.statements.drop import DropStmt
@@ -46,14 +44,6 @@ Statement = (
     ModelStmt | CalibrateStmt | DropStmt | QuantizeStmt | QuantizeGroupStmt | VerifyStmt | FuseStmt | SplitStmt
     | PruneStmt | MergeStmt | ExportStmt
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A parsed recipe: its statements in source order."""
-
-    statements: tuple[Statement, ...]
-    source: Source | None = field(default=None, compare=False, repr=False)
 
 
 def unparse_statement(statement: Statement) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from surgery.evaluate import divergence, log_probs
-from surgery.export.options import VERIFY_TOLERANCES
+from surgery.formats.precision import precision as precision_record
 from surgery.models.graph import DecoderGraph, position_ids_from_mask
 from surgery.runtime import OnnxCausalLM
 
@@ -235,7 +235,7 @@ def compare(
     mismatched = 0
     previous = reference[:, -1]
     # A tie is judged at the precision's tolerance, also when the logits are only reported (inf).
-    tie = min(tolerance, VERIFY_TOLERANCES[precision])
+    tie = min(tolerance, precision_record(precision).tolerance)
     for step, following in enumerate(outputs):
         # PyTorch's greedy choice is the argmax of its own logits: the token it fed itself, or,
         # for a teacher-forced trace, the token it would have chosen where onnxruntime chose.

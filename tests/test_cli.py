@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 
-import surgery.pipeline
 from conftest import run_cli, write
 from surgery import __version__
+from surgery.formats.precision import FP32, PRECISIONS
 
 RECIPE = 'model "tiny-llama"\ndrop attention layers 1..2\ndrop mlp layers last 1\nexport onnx\n'
 
@@ -98,7 +99,7 @@ def test_missing_recipe_file_is_a_user_error(in_tmp):
 
 
 def test_failed_verification_exits_3_and_keeps_the_output(in_tmp, monkeypatch):
-    monkeypatch.setitem(surgery.pipeline.VERIFY_TOLERANCES, "fp32", 0.0)
+    monkeypatch.setitem(PRECISIONS, "fp32", replace(FP32, tolerance=0.0))
     recipe = write(in_tmp / "r.surg", RECIPE)
     result = run_cli("apply", recipe, "-o", "out")
     assert result.code == 3

@@ -19,7 +19,7 @@ from conftest import TINY, run_cli, tiny_graph, write
 from surgery.calibration import CalibrationSpec, calibration_tokens
 from surgery.export.decoder import export_decoder
 from surgery.fusion import jsd
-from surgery.importance.metrics import iks_scores
+from surgery.importance.measures import iks_scores
 from surgery.models import builtin
 from surgery.passes import DropAttention, Fuse, PassContractError, run_pass
 from surgery.plan import VERIFY_DECODE_STEPS

@@ -24,7 +24,7 @@ from surgery.calibration import CalibrationSpec
 from surgery.export.decoder import export_decoder
 from surgery.export.options import ExportOptions
 from surgery.importance.compute import ScoreRequest, compute_importance
-from surgery.importance.metrics import residual_statistics
+from surgery.importance.measures import residual_statistics
 from surgery.models import builtin
 from surgery.models.graph import calibration_batches, position_ids_from_mask
 from surgery.models.lazy import LazyWeights, resident_bytes, unique_parameters

@@ -163,7 +163,7 @@ def test_rescore_scores_again_after_each_drop(tmp_path, cache, monkeypatch):
     from surgery.architectures.conformance import checked_graph
     from surgery.calibration import calibration_tokens
     from surgery.data import resolve_text
-    from surgery.importance.metrics import residual_statistics
+    from surgery.importance.measures import residual_statistics
     from surgery.models.loading import load_model
     from surgery.passes import DropAttention, run_pass
 

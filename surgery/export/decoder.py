@@ -35,7 +35,6 @@ import os
 from collections import Counter
 from dataclasses import dataclass, replace
 
-import ml_dtypes
 import numpy as np
 import torch
 from onnx import TensorProto, helper
@@ -48,18 +47,8 @@ from surgery.nodes.moe import emit_moe, is_moe
 from surgery.nodes.norm import RMSNorm
 from surgery.quantization import quantize_blocks_nk
 
-# The element type every component writes: weights, activations, KV cache and logits (the one
-# setting). Norm statistics and softmax run in fp32 inside onnxruntime's fused kernels
-# (SimplifiedLayerNormalization, GroupQueryAttention) whatever the element type.
-ELEMENT_TYPES = {
-    "fp32": (np.float32, TensorProto.FLOAT),
-    "fp16": (np.float16, TensorProto.FLOAT16),
-    "bf16": (ml_dtypes.bfloat16, TensorProto.BFLOAT16),
-}
-# Additive bias of padding keys: exp() of it is exactly 0, and it stays finite in the element
-# type (fp16 overflows past 65504; an infinite bias would turn a padding row's softmax into NaN).
-MASK_VALUES = {"fp32": -1.0e9, "fp16": -65504.0, "bf16": -1.0e9}
-MASK_VALUE = MASK_VALUES["fp32"]
+# The element type every component writes (weights, activations, KV cache and logits) is the
+# export's one `Precision` record (surgery.formats.precision), read by every component.
 
 
 @dataclass(frozen=True)
@@ -129,7 +118,8 @@ class _Emitter:
     ):
         self.graph, self.w, self.options = graph, writer, options
         self.calibrated = calibrated or {}  # linear -> GPTQ blocks (surgery.calibrated_quantization)
-        self.dtype, self.onnx_type = ELEMENT_TYPES[options.precision]
+        self.element = options.element
+        self.dtype, self.onnx_type = self.element.numpy_dtype(), self.element.onnx_type
         self.residual = ""
         self.pending: str | None = None  # a sub-block's output not yet added to the residual
         self.linears: dict[str, str] = {}
@@ -270,9 +260,9 @@ class _Emitter:
         # Every row is treated as full length; padding is excluded by the bias instead.
         last = w.op("Sub", [shared.total_len, c(1, np.int32)], f"{name}/last")
         shared.seqlens_k = w.op("Expand", [last, batch], f"{name}/seqlens_k")
-        # Padding bias by lookup (mask 0 -> MASK_VALUE, 1 -> 0), as (batch, 1, query, key):
+        # Padding bias by lookup (mask 0 -> the element type's mask value, 1 -> 0), as (batch, 1, query, key):
         # GroupQueryAttention broadcasts over heads but wants every query row.
-        mask_value = MASK_VALUES[self.options.precision]
+        mask_value = self.element.mask_value
         bias = w.op("Gather", [c([mask_value, 0.0], self.dtype), self.attention_mask], f"{name}/bias_2d")
         bias = w.op("Unsqueeze", [bias, c([1, 2])], f"{name}/bias_4d")
         seq = w.op("Gather", [w.op("Shape", [self.input_ids], f"{name}/ids_shape"), c([1])], f"{name}/seq")

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from surgery.formats.precision import Precision, precision
+
 DEFAULT_OPSET = 21
 SUPPORTED_OPSETS = range(17, 24)
-PRECISIONS = ("fp32", "fp16", "bf16")
 TARGETS = ("cpu", "cuda")
-# fp32 on CPU (onnxruntime's CPU kernels are fastest and exact in fp32; int4 via `quantize`);
-# fp16 on CUDA (GroupQueryAttention has CUDA kernels for fp16 and bf16 only).
-DEFAULT_PRECISION = {"cpu": "fp32", "cuda": "fp16"}
-# Verification's max |logit difference| against PyTorch computing in the same element type.
-# Measured on SmolLM2-135M: fp16 ONNX against fp16 PyTorch 0.25 (logits up to 34), while fp16
-# PyTorch itself is 0.24 from fp32; bf16 has 8 fewer mantissa bits.
-VERIFY_TOLERANCES = {"fp32": 1e-3, "fp16": 0.5, "bf16": 4.0}
 
 
 def verification_pads_prompts(target: str) -> bool:
@@ -53,3 +47,8 @@ class ExportOptions:
     quantize_linears: tuple[tuple[str, int, int, bool], ...] = ()
     # MatMulNBits' accuracy_level for those: 4 (int8 activations) on CPU, 0 (float) on CUDA.
     accuracy_level: int = 4
+
+    @property
+    def element(self) -> Precision:
+        """The record of the element type (`precision` names it)."""
+        return precision(self.precision)

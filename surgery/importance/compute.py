@@ -23,17 +23,8 @@ from surgery import __version__
 from surgery.calibration import CalibrationSpec, calibration_tokens
 from surgery.data import resolve_text
 from surgery.importance.file import ImportanceFile, load_importance, save_importance
-from surgery.importance.metrics import (
-    DEFAULT_ZD_THRESHOLD,
-    METRICS,
-    Direction,
-    MetricScores,
-    iks_scores,
-    lim_scores,
-    residual_statistics,
-    similarity_scores,
-    zd_scores,
-)
+from surgery.importance.measures import iks_scores, lim_scores, residual_statistics, similarity_scores, zd_scores
+from surgery.importance.metrics import DEFAULT_ZD_THRESHOLD, METRICS, Direction, MetricScores
 from surgery.models.loading import ModelSpec
 
 Progress = Callable[[str], None]

@@ -33,6 +33,7 @@ from surgery.budgets import (
     QualityBudget,
     improves_with_count,
 )
+from surgery.checked import DEFAULT_WINDOW
 from surgery.diagnostics import Diagnostic, RecipeError
 from surgery.search.candidates import (
     SearchTarget,
@@ -44,7 +45,6 @@ from surgery.search.candidates import (
 )
 from surgery.search.measure import Job, QualityRequest, quality_key
 from surgery.statements.base import SCORE_PART
-from surgery.statements.verify import DEFAULT_WINDOW
 from surgery.syntax import Recipe
 
 
@@ -445,7 +445,7 @@ class _RescoreOrder:
 
         from surgery.calibration import calibration_tokens
         from surgery.data import resolve_text
-        from surgery.importance.metrics import lim_scores, residual_statistics, similarity_scores
+        from surgery.importance.measures import lim_scores, residual_statistics, similarity_scores
         from surgery.passes import DropAttention, DropBlock, DropMlp, run_pass
         from surgery.selection import ranking
 

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from surgery.formats.precision import precision as precision_record
+
 
 @dataclass(frozen=True)
 class QualityRequest:
@@ -94,7 +96,7 @@ def _average_bits(report: dict) -> float:
     if quantization:
         return float(quantization["model_storage_bits"])
     precision = report.get("plan", {}).get("export", {}).get("precision", "fp32")
-    return {"fp32": 32.0, "fp16": 16.0, "bf16": 16.0}.get(precision, 32.0)
+    return float(precision_record(precision).bits)
 
 
 def _quality(job: Job, out: str) -> dict[str, Any]:

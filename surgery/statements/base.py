@@ -21,7 +21,7 @@ from surgery.diagnostics import Diagnostic
 from surgery.plan_step import PlanStep
 
 if TYPE_CHECKING:
-    from surgery.check import CheckedRecipe
+    from surgery.checked import CheckedRecipe
     from surgery.importance.metrics import MetricScores
     from surgery.selection import ImportanceQuery
 

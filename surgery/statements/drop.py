@@ -114,7 +114,7 @@ def plan(state: PlanState) -> list[PlanStep]:
     """One step per drop, on what earlier statements left; updates the state's kept parts."""
     index = state.checked.index
     steps = []
-    for drop in state.checked.drops:
+    for drop in state.checked.of("drop"):
         present = {"attention": state.attention, "mlp": state.mlp, "block": state.blocks}[drop.part]
         extra: dict[str, Any] = {}
         if drop.query is not None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from surgery.export.options import DEFAULT_OPSET, DEFAULT_PRECISION, SUPPORTED_OPSETS, ExportOptions
+from surgery.export.options import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportOptions
+from surgery.formats.precision import DEFAULT_FOR_TARGET
+from surgery.formats.precision import precision as precision_record
 from surgery.plan_step import PlanStep
 from surgery.selectors import (
     span_field,
@@ -68,12 +70,12 @@ def check(c: Checker, index: ModelIndex | None, done: dict) -> tuple[ExportOptio
             statement.opset_span or statement.span,
             f"supported opsets: {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})",
         )
-    precision = statement.precision or DEFAULT_PRECISION[statement.target]
-    if precision == "bf16" and statement.target == "cpu":
+    precision = statement.precision or DEFAULT_FOR_TARGET[statement.target].name
+    if not precision_record(precision).runs_on(statement.target):
         c.error(
-            "bf16 is not a CPU precision",
+            f"{precision} is not a {statement.target.upper()} precision",
             statement.precision_span or statement.span,
-            "onnxruntime's CPU kernels have no bf16 MatMul: use fp32 (or fp16) for cpu, or add `for cuda`",
+            f"{precision_record(precision).why_not}: use fp32 (or fp16) for cpu, or add `for cuda`",
         )
     options = ExportOptions(
         opset=opset,

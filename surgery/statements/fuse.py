@@ -131,10 +131,15 @@ def check(c: Checker, index: ModelIndex, done: dict) -> ResolvedFuse | None:
     return ResolvedFuse(statement.mode, weight, layer, candidates, statement) if ok else None
 
 
+def metrics(resolved: ResolvedFuse | None) -> set[str]:
+    """The computed metrics the fuse ranks by: iks when its layer is chosen (`auto`)."""
+    return {"iks"} if resolved is not None and resolved.mode == "auto" else set()
+
+
 def plan(state: PlanState) -> list[PlanStep]:
     """The fuse step: a static layer (given, or chosen by lowest calibration IKS) or dynamic candidates."""
     checked = state.checked
-    fuse = checked.fuse
+    fuse = checked.of("fuse")
     if fuse is None:
         return []
     blocks, mlp, warnings = state.blocks, state.mlp, state.warnings

@@ -107,7 +107,7 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedMerge]:
 def plan(state: PlanState) -> list[PlanStep]:
     """One step per merge; its groups come from statistics counted when it runs."""
     steps = []
-    for merge in state.checked.merges:
+    for merge in state.checked.of("merge"):
         layers = tuple(layer for layer in merge.layers if layer in state.mlp)
         parameters = {"groups": merge.groups, "grouping": merge.grouping, "weighting": merge.weighting}
         if merge.rank is not None:

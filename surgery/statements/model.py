@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from surgery import architectures
 from surgery.models.index import ModelIndex
+from surgery.models.index_cache import cached_index, keep_index
 from surgery.models.loading import ModelSpec, ModelSpecError, load_config, resolve_spec
 from surgery.selectors import span_field
 from surgery.source import Span
@@ -51,6 +52,26 @@ def check(c: Checker) -> tuple[ModelSpec, ModelIndex, Span | None] | None:
         return None
     try:
         spec = resolve_spec(text, c.base_dir)
+    except ModelSpecError as problem:
+        c.error(str(problem), span, problem.hint)
+        return None
+    index = cached_index(spec, text)
+    if index is None:
+        index = _index_from_config(c, spec, text, span)
+        if index is None:
+            return None
+        if not index.unsupported_reasons():
+            keep_index(spec, index)
+    for reason in index.unsupported_reasons():
+        c.error(f"cannot compile '{text}': {reason}", span)
+    if index.implausible_fields():  # the statements cannot be checked against such a model
+        return None
+    return spec, index, span
+
+
+def _index_from_config(c: Checker, spec: ModelSpec, text: str, span: Span | None) -> ModelIndex | None:
+    """The index read from the model's config through transformers (None, with errors)."""
+    try:
         config = load_config(spec)
     except ModelSpecError as problem:
         c.error(str(problem), span, problem.hint)
@@ -66,12 +87,7 @@ def check(c: Checker) -> tuple[ModelSpec, ModelIndex, Span | None] | None:
         )
         return None
     try:
-        index = ModelIndex.from_config(text, config)
+        return ModelIndex.from_config(text, config)
     except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as problem:
         c.error(f"cannot compile '{text}': its config is incomplete ({type(problem).__name__})", span)
         return None
-    for reason in index.unsupported_reasons():
-        c.error(f"cannot compile '{text}': {reason}", span)
-    if index.implausible_fields():  # the statements cannot be checked against such a model
-        return None
-    return spec, index, span

@@ -73,7 +73,7 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedPrune]:
 def plan(state: PlanState) -> list[PlanStep]:
     """One step per prune (pruning runs before merging, so a merge groups the kept experts)."""
     steps = []
-    for prune in state.checked.prunes:
+    for prune in state.checked.of("prune"):
         layers = tuple(layer for layer in prune.layers if layer in state.mlp)
         parameters = {"keep": prune.keep, "rule": "frequency"}
         note = f"which experts: the {prune.keep} most used per layer, {state.counted}"

@@ -298,7 +298,7 @@ def plan(state: PlanState) -> list[PlanStep]:
     steps: list[PlanStep] = []
     owner: dict[str, ResolvedQuantize] = {}  # linear -> the statement that last set its width
     taken: dict[int, set[int]] = {}  # group -> layers its earlier rules matched
-    for item in checked.quantize:
+    for item in checked.of("quantize"):
         parameters: dict[str, Any] = {
             "part": item.part,
             "bits": item.bits,

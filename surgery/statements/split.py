@@ -101,7 +101,7 @@ def plan(state: PlanState) -> list[PlanStep]:
     """One step per split, on the MLPs still there; importance-chosen layers checked like explicit ones."""
     checked = state.checked
     steps = []
-    for split in checked.splits:
+    for split in checked.of("split"):
         extra: dict[str, Any] = {}
         if split.query is not None:
             layers, extra = state.select(split.query, sorted(state.mlp))
@@ -110,11 +110,11 @@ def plan(state: PlanState) -> list[PlanStep]:
         parameters = {"experts": split.experts, "top_k": split.top_k, **extra}
         note = "" if layers else "no effect: every selected MLP was dropped"
         steps.append(mlp_step(checked.index, "split mlp", layers, parameters, split.statement.span, note))
-    if any(split.query is not None for split in checked.splits):
+    if any(split.query is not None for split in checked.of("split")):
         # Which layers an importance-ranked split chose is known only now: the rules `check`
         # applied to explicit splits apply to these layers here.
         split_layers = {layer: step.parameters["experts"] for step in steps for layer in step.layers}
-        raise_if_errors(expert_layer_problems(checked.index, split_layers, checked.prunes, checked.merges))
+        raise_if_errors(expert_layer_problems(checked.index, split_layers, checked.of("prune"), checked.of("merge")))
     return steps
 
 

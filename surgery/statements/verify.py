@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from surgery.checked import DEFAULT_PERPLEXITY_TOKENS, DEFAULT_WINDOW, MIN_PERPLEXITY_TOKENS, PerplexityCheck
 from surgery.plan_step import PlanStep
 from surgery.selectors import (
     number_text,
@@ -19,9 +20,6 @@ if TYPE_CHECKING:
     from surgery.statements.base import Checker, PlanState
 
 
-DEFAULT_PERPLEXITY_TOKENS = 4096
-MIN_PERPLEXITY_TOKENS = 64
-DEFAULT_WINDOW = 512  # tokens per perplexity window; less where the model's context is shorter
 
 
 @dataclass(frozen=True)
@@ -33,17 +31,6 @@ class VerifyStmt:
     tokens: int | None = None
     span: Span = span_field()
     data_span: Span = span_field()
-
-
-@dataclass(frozen=True)
-class PerplexityCheck:
-    """`verify perplexity on <text> max-increase P% [tokens N]`."""
-
-    data: str
-    max_increase: float
-    tokens: int
-    span: Span | None = None
-    window: int = DEFAULT_WINDOW  # the model's context where that is shorter
 
 
 NODES = (VerifyStmt,)
