@@ -31,7 +31,7 @@ from surgery.models import builtin  # noqa: E402
 from surgery.models.graph import DecoderGraph  # noqa: E402
 from surgery.models.index import ModelIndex  # noqa: E402
 from surgery.passes import DropAttention, DropBlock, DropMlp, run_pass  # noqa: E402
-from surgery.plan import VERIFY_DECODE_STEPS  # noqa: E402
+from surgery.planner import VERIFY_DECODE_STEPS  # noqa: E402
 from surgery.verify import compare, trace_reference  # noqa: E402
 
 EDITS = {"none": None, "attention": DropAttention, "mlp": DropMlp, "block": DropBlock}

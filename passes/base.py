@@ -110,7 +110,7 @@ def run_pass(
     """Run one pass (on a DecoderGraph or an onnx.ModelProto) under its contract.
 
     `apply`, when given, does the pass's work instead of `graph_pass.apply` (the same pass run
-    a layer at a time: `surgery.pipeline.run_on_graph`); the contract is checked the same way.
+    a layer at a time: `surgery.executor.graph_passes.run_on_graph`); the contract is checked the same way.
     """
     problems = graph_pass.requires(graph)
     if problems:

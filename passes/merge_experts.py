@@ -73,7 +73,7 @@ class MergeExperts(GraphPass):
 
     def layer_passes(self) -> list[tuple[int, MergeExperts]]:
         """The pass as one pass per layer, each touching only that layer's weights (run a layer
-        at a time on a lazily loaded model: `surgery.pipeline.run_on_graph`)."""
+        at a time on a lazily loaded model: `surgery.executor.graph_passes.run_on_graph`)."""
         return [(merge[0], replace(self, merges=(merge,))) for merge in self.merges]
 
     def ensures(self, graph: DecoderGraph) -> list[str]:

@@ -53,7 +53,7 @@ class PruneExperts(GraphPass):
 
     def layer_passes(self) -> list[tuple[int, PruneExperts]]:
         """The pass as one pass per layer, each touching only that layer's weights (run a layer
-        at a time on a lazily loaded model: `surgery.pipeline.run_on_graph`)."""
+        at a time on a lazily loaded model: `surgery.executor.graph_passes.run_on_graph`)."""
         return [(index, PruneExperts(kept=((index, experts),))) for index, experts in self.kept]
 
     def ensures(self, graph: DecoderGraph) -> list[str]:

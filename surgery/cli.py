@@ -266,7 +266,7 @@ def _cmd_plan(args) -> int:
     if args.json:
         content = compiled.plan.to_json()
         if compiled.searches:
-            from surgery.search.engine import search_json
+            from surgery.search.results import search_json
             from surgery.syntax import unparse
 
             content["search"] = search_json(list(compiled.searches), unparse(compiled.checked.recipe))
@@ -284,7 +284,7 @@ def _search_settings(args):
 
 
 def _print_searches(searches) -> None:
-    from surgery.search.engine import render_table
+    from surgery.search.results import render_table
 
     for search in searches:
         print(render_table(search))

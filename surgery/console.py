@@ -56,9 +56,9 @@ def quiet_console(verbose: bool) -> Iterator[None]:
 
 
 def _set_transformers_verbosity(verbose: bool) -> None:
-    """transformers' own verbosity, where it is loaded already; a later import reads the
-    environment set above (importing it here would cost every command half a second)."""
-    if "transformers" not in sys.modules:
+    """transformers' own verbosity. Quiet, a transformers not loaded yet reads the environment
+    set above when it is (importing it here would cost every quiet command half a second)."""
+    if not verbose and "transformers" not in sys.modules:
         return
     from transformers.utils import logging as hf_logging
 

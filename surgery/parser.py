@@ -55,7 +55,6 @@ _TERMINAL_WORDS = {
     "SIGNED_INT": "a layer number",
     "LAYER_LIST": "layer numbers like 3, 5, 9..12",
     "STRING": 'a quoted string like "smollm2-135m"',
-    "PART": "attention, mlp or block",
     "FORMAT": "onnx",
     "KV_CACHE": "kv-cache",
     "POSITION_IDS": "position-ids",
@@ -72,10 +71,31 @@ _TERMINAL_WORDS = {
 }
 
 
+def registered_statements() -> list:
+    """The statement modules that declare their own syntax (`SYNTAX`, `GRAMMAR`, `BUILDERS`)."""
+    from surgery.statements import STATEMENTS
+
+    return [module for module in STATEMENTS if hasattr(module, "SYNTAX")]
+
+
+def grammar_text() -> str:
+    """The recipe grammar: grammar/surgery.lark, then each registered statement's rules and the
+    `registered_stmt` rule that offers them."""
+    grammar = resources.files("surgery.grammar").joinpath("surgery.lark").read_text()
+    modules = registered_statements()
+    rules = [rule for module in modules for rule in module.GRAMMAR]
+    return "\n".join([grammar, *(module.SYNTAX for module in modules), "?registered_stmt: " + " | ".join(rules), ""])
+
+
+@cache
+def _builders() -> dict:
+    """The registered statements' AST builders by rule name."""
+    return {rule: build for module in registered_statements() for rule, build in module.BUILDERS.items()}
+
+
 @cache
 def _parser() -> lark.Lark:
-    grammar = resources.files("surgery.grammar").joinpath("surgery.lark").read_text()
-    return lark.Lark(grammar, parser="lalr", start="statement", propagate_positions=True)
+    return lark.Lark(grammar_text(), parser="lalr", start="statement", propagate_positions=True)
 
 
 def _strip_comment(line: str) -> str:
@@ -168,13 +188,19 @@ class _ToAst:
         children = [self.transform(c) if isinstance(c, lark.Tree) else c for c in tree.children]
         method = getattr(type(self), tree.data, None)
         if method is None:
+            build = _builders().get(tree.data)
+            if build is not None:  # a registered statement's builder: (this builder, meta, children)
+                return build(self, tree.meta, children)
             return lark.Tree(tree.data, children, tree.meta)
         if getattr(method, "takes_meta", False):
             return method(self, tree.meta, children)
         return method(self, children)
 
-    def _span(self, meta) -> Span:
+    def span(self, meta) -> Span:
+        """The source span of a parsed node (lark's `meta`)."""
         return self.source.span(self.offset + meta.start_pos, self.offset + meta.end_pos)
+
+    _span = span
 
     def _tok(self, token: Token) -> Span:
         return self.source.span(self.offset + token.start_pos, self.offset + token.end_pos)

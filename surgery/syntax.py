@@ -9,6 +9,8 @@ re-exported here. `unparse` prints the canonical text of a recipe.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from surgery.recipe import Recipe
 from surgery.selectors import (
     AllLayers,
@@ -28,6 +30,7 @@ from surgery.selectors import (
     unparse_selector,
     unparse_source,
 )
+from surgery.source import Span
 from surgery.statements import for_node
 from surgery.statements.calibrate import CalibrateStmt
 from surgery.statements.drop import DropStmt
@@ -40,10 +43,12 @@ from surgery.statements.quantize import QuantizeGroupStmt, QuantizePart, Quantiz
 from surgery.statements.split import SplitStmt
 from surgery.statements.verify import VerifyStmt
 
-Statement = (
-    ModelStmt | CalibrateStmt | DropStmt | QuantizeStmt | QuantizeGroupStmt | VerifyStmt | FuseStmt | SplitStmt
-    | PruneStmt | MergeStmt | ExportStmt
-)  # fmt: skip
+
+class Statement(Protocol):
+    """A statement's syntax node (each statement module's `NODES`): a frozen dataclass carrying
+    the span it was parsed from. Which module owns a node is `surgery.statements.for_node`."""
+
+    span: Span
 
 
 def unparse_statement(statement: Statement) -> str:

@@ -12,7 +12,7 @@ from surgery.export.decoder import export_decoder
 from surgery.export.options import ExportOptions
 from surgery.models import builtin
 from surgery.passes import DropAttention, DropBlock, DropMlp, run_pass
-from surgery.plan import VERIFY_DECODE_STEPS
+from surgery.planner import VERIFY_DECODE_STEPS
 from surgery.verify import verify
 
 EDITS = {

@@ -22,7 +22,7 @@ from surgery.fusion import jsd
 from surgery.importance.measures import iks_scores
 from surgery.models import builtin
 from surgery.passes import DropAttention, Fuse, PassContractError, run_pass
-from surgery.plan import VERIFY_DECODE_STEPS
+from surgery.planner import VERIFY_DECODE_STEPS
 from surgery.runtime import OnnxCausalLM
 from surgery.verify import verify
 

@@ -227,7 +227,7 @@ def test_expert_rewrites_of_a_lazy_moe_write_what_the_whole_model_writes(name, r
     and plan equal those of the same recipe with the whole model loaded; nothing is left aside."""
     import json
 
-    from surgery import pipeline
+    from surgery.plan import Plan
 
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     folder = saved(name, tmp_path / name)
@@ -236,7 +236,7 @@ def test_expert_rewrites_of_a_lazy_moe_write_what_the_whole_model_writes(name, r
     streamed = run_cli("apply", str(recipe), "-o", str(tmp_path / "streamed"), "-v")
     assert streamed.code == 0, streamed.err
     assert "one at a time" in streamed.err
-    monkeypatch.setattr(pipeline, "streams_weights", lambda *_: False)
+    monkeypatch.setattr(Plan, "streams", lambda self, phases=None: False)  # the executor holds the whole model
     whole = run_cli("apply", str(recipe), "-o", str(tmp_path / "whole"))
     assert whole.code == 0, whole.err
     reports = [json.loads((tmp_path / out / "surgery.json").read_text()) for out in ("streamed", "whole")]

@@ -86,7 +86,10 @@ def test_split_statements_skips_comments_and_blank_lines():
 SYNTAX_ERRORS = {
     "dorp attention layers 1": ("unknown keyword 'dorp'", "did you mean 'drop'?"),
     "quantise layers 1": ("unknown keyword 'quantise'", None),
-    "drop attn layers 2": ("unexpected 'attn', expected attention, mlp or block", "did you mean 'attention'?"),
+    "drop attn layers 2": (
+        "unexpected 'attn', expected 'attention', 'block', 'heads' or 'mlp'",
+        "did you mean 'attention'?",
+    ),
     "drop attention layers": ("incomplete statement", None),
     "drop attention layers 20...29": ("unexpected '.', expected a layer number", None),
     "drop attention layers 20..": ("incomplete statement", None),

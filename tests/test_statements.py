@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import re
 
-from conftest import REPO
 from surgery import statements
-from surgery.plan import build_plan
-from surgery.statements import STATEMENTS, for_action, model
+from surgery.plan_step import PlanStep
+from surgery.planner import build_plan
+from surgery.statements import STATEMENTS, for_step, model
 
 
 def _statement_rules() -> set[str]:
-    grammar = (REPO / "grammar" / "surgery.lark").read_text()
-    block = grammar[grammar.index("?statement:") : grammar.index("\n\n", grammar.index("?statement:"))]
-    return set(re.findall(r"\b(\w+_stmt)\b", block))
+    """The statement rules the parser offers: the grammar file's, and those the registered
+    statement modules bring (`registered_stmt`, assembled by surgery/parser.py)."""
+    from surgery.parser import grammar_text
+
+    grammar = grammar_text()
+    rules = set()
+    for head in ("?statement:", "?registered_stmt:"):
+        start = grammar.index(head)
+        end = grammar.find("\n\n", start)
+        block = grammar[start : end if end >= 0 else len(grammar)]
+        rules |= set(re.findall(r"\b(\w+_stmt)\b", block.split(":", 1)[1]))
+    return rules - {"registered_stmt"}
 
 
 def test_every_grammar_statement_rule_has_exactly_one_module():
@@ -27,12 +36,13 @@ def test_every_grammar_statement_rule_has_exactly_one_module():
 
 def test_every_module_declares_its_parts():
     for module in STATEMENTS:
-        for part in ("NODES", "GRAMMAR", "ACTIONS", "unparse", "check", "plan"):
+        for part in ("NODES", "GRAMMAR", "unparse", "check", "plan"):
             assert hasattr(module, part), f"{module.__name__} lacks {part}"
-        if module.ACTIONS:
-            assert callable(module.describe)
-    actions = [action for module in STATEMENTS for action in module.ACTIONS]
-    assert len(actions) == len(set(actions)), "an action belongs to one statement"
+        steps = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, PlanStep)
+                 and v.__module__ == module.__name__]  # fmt: skip
+        for kind in steps:  # a step kind describes itself and runs itself
+            assert kind.describe is not PlanStep.describe, kind
+            assert kind.run is not PlanStep.run or kind.run_all is not PlanStep.run_all, kind
 
 
 def test_plan_steps_are_described_by_the_statement_that_made_them(tmp_path):
@@ -44,7 +54,7 @@ def test_plan_steps_are_described_by_the_statement_that_made_them(tmp_path):
         'fuse layer 3 into head\nexport onnx opset 21\nverify perplexity on "wikitext-2-test" max-increase 50%\n'
     )
     plan = build_plan(check(recipe))
-    made = {step.action: for_action(step.action) for step in plan.steps}
+    made = {step.action: for_step(step) for step in plan.steps}
     assert made["drop attention"] is statements.drop and made["quantize"] is statements.quantize
     assert made["fuse"] is statements.fuse and made["export onnx"] is statements.export
     assert made["verify perplexity"] is statements.verify and made["verify"] is None  # the plan's default

@@ -53,15 +53,16 @@ class KvLayout:
 
 
 def kv_layout(graph) -> KvLayout | None:
-    """The KV slots' common shape, or None when slots differ (genai's default cache cannot hold them)."""
+    """The KV slots' common shape, or None when slots differ (genai's default cache cannot hold them).
+
+    Only key/value heads and head size shape a cache; layers may differ in query heads (`drop
+    heads`), and genai is told the model's original count."""
     nodes = [graph.layer(index).attention for index in graph.kv_layers()]
-    shapes = {(node.num_heads, node.num_kv_heads, node.head_dim) for node in nodes}
+    shapes = {(node.num_kv_heads, node.head_dim) for node in nodes}
     if len(shapes) > 1:
         return None
-    heads, kv_heads, head_dim = (
-        shapes.pop() if shapes else (graph.index.num_heads, graph.index.num_kv_heads, graph.index.head_dim)
-    )
-    return KvLayout(len(nodes), heads, kv_heads, head_dim)
+    kv_heads, head_dim = shapes.pop() if shapes else (graph.index.num_kv_heads, graph.index.head_dim)
+    return KvLayout(len(nodes), graph.index.num_heads, kv_heads, head_dim)
 
 
 def _ids(value) -> int | list[int] | None:

@@ -21,19 +21,14 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from surgery import __version__
 from surgery.budgets import (
-    DEFAULT_BUDGET_TOKENS,
     DEFAULT_LATENCY_PROMPT,
-    Budget,
-    LatencyBudget,
-    QualityBudget,
     improves_with_count,
 )
-from surgery.checked import DEFAULT_WINDOW
 from surgery.diagnostics import Diagnostic, RecipeError
 from surgery.search.candidates import (
     SearchTarget,
@@ -44,7 +39,17 @@ from surgery.search.candidates import (
     settled_recipe,
 )
 from surgery.search.measure import Job, QualityRequest, quality_key
-from surgery.statements.base import SCORE_PART
+from surgery.search.rescore import RescoreOrder
+from surgery.search.results import (
+    Candidate,
+    SearchResult,
+    budget_value,
+    holds,
+    limit_of,
+    quality_request,
+    read_value,
+    shown,
+)
 from surgery.syntax import Recipe
 
 
@@ -59,124 +64,18 @@ class SearchSettings:
     use_cache: bool = True  # read earlier candidates' measurements (they are always written)
 
 
-@dataclass
-class Candidate:
-    """One measured count."""
-
-    count: int
-    layers: tuple[int, ...]
-    measured: dict[str, Any]
-    cached: bool
-    verdicts: dict[str, bool] = field(default_factory=dict)
-
-    @property
-    def fits(self) -> bool:
-        """Every budget holds."""
-        return all(self.verdicts.values())
-
-
-@dataclass
-class SearchResult:
-    """One statement's search: every candidate measured, and the answer."""
-
-    target: SearchTarget
-    method: str
-    maximum: int
-    candidates: list[Candidate]
-    answer: Candidate | None
-    seconds: float
-    settled_text: str
-
-    def built(self) -> int:
-        """Candidates built in this run (not read from the cache)."""
-        return sum(not c.cached for c in self.candidates)
-
-    def to_json(self) -> dict[str, Any]:
-        """search.json's entry for this statement."""
-        fit = self.target.fit
-        return {
-            "line": self.target.line,
-            "statement": self.target.statement.span.source.text[
-                self.target.statement.span.start : self.target.statement.span.end
-            ],
-            "counting": self.target.counting(),
-            "method": self.method,
-            "rescore": fit.rescore,
-            "budgets": [b.describe() for b in fit.budgets],
-            "counts_possible": self.maximum + 1,
-            "candidates_measured": len(self.candidates),
-            "candidates_built": self.built(),
-            "answer": None if self.answer is None else {"count": self.answer.count, "layers": list(self.answer.layers)},
-            "settled_statement": self.settled_text,
-            "seconds": round(self.seconds, 2),
-            "candidates": [
-                {
-                    "count": c.count,
-                    "layers": list(c.layers),
-                    "fits": c.fits,
-                    "verdicts": c.verdicts,
-                    "cached": c.cached,
-                    **c.measured,
-                }  # fmt: skip
-                for c in sorted(self.candidates, key=lambda c: c.count)
-            ],
-        }
-
-
-def budget_key(budget: Budget, max_positions: int) -> str:
-    """The measurement a budget reads from a candidate's results (windows fit the model's context)."""
-    if isinstance(budget, QualityBudget):
-        return quality_key(_quality_request(budget, False, max_positions))
-    if isinstance(budget, LatencyBudget):
-        return f"{budget.measure}_ms prompt {budget.prompt or DEFAULT_LATENCY_PROMPT}"
-    return budget.measure
-
-
-def _quality_request(budget: QualityBudget, compare: bool, max_positions: int = 1 << 30) -> QualityRequest:
-    window = budget.window or min(DEFAULT_WINDOW, max_positions)
-    return QualityRequest(budget.data, budget.tokens or DEFAULT_BUDGET_TOKENS, window, compare)
-
-
-def read_value(budget: Budget, measured: dict[str, Any], max_positions: int) -> float:
-    """The number a budget compares, from a candidate's measurements: increase (%), KL, top-1 (%),
-    ms, MB or bits."""
-    if isinstance(budget, QualityBudget):
-        quality = measured["quality"][budget_key(budget, max_positions)]
-        if budget.measure == "perplexity":
-            return quality["increase"] * 100
-        return quality["kl"] if budget.measure == "kl" else quality["top1"] * 100
-    if isinstance(budget, LatencyBudget):
-        return measured["latency"][budget_key(budget, max_positions)]
-    return measured["bytes"] / 1e6 if budget.measure == "size" else measured["bits"]
-
-
-def budget_value(budget: Budget, measured: dict[str, Any]) -> float:
-    """The number a budget compares, as the search recorded it on the candidate (`values`)."""
-    return measured["values"][budget.describe()]
-
-
-def holds(budget: Budget, measured: dict[str, Any]) -> bool:
-    """Whether the measured candidate keeps the budget."""
-    value = budget_value(budget, measured)
-    if isinstance(budget, QualityBudget):
-        return value >= budget.limit if budget.measure == "top1" else value <= budget.limit
-    if isinstance(budget, LatencyBudget):
-        return value <= budget.ms
-    limit = budget.limit_bytes / 1e6 if budget.measure == "size" else budget.limit
-    return value <= limit
-
-
 class Searcher:
     """Runs every search of one recipe; see the module docstring."""
 
     def __init__(self, recipe_path: str, checked, model: str | None, computed, settings: SearchSettings,
-                 progress, graph_loader) -> None:  # fmt: skip
+                 progress, graph_loader, build) -> None:  # fmt: skip
         self.recipe_path = os.path.abspath(recipe_path)
         self.checked = checked
         self.model = model
         self.computed = computed
         self.settings = settings
         self.progress = progress
+        self.build = build  # apply(path, output, ...): builds a candidate (handed down by the pipeline)
         self._graph_loader = graph_loader  # () -> (graph, tokenizer) of the unmodified model, lazily loaded
         self._graph = None
         self._executor = None
@@ -196,7 +95,7 @@ class Searcher:
         from surgery.evaluate import eval_tokens, graph_perplexity
 
         for budget in fit.quality:
-            request = _quality_request(budget, False, self.checked.index.max_positions)
+            request = quality_request(budget, False, self.checked.index.max_positions)
             key = quality_key(request)
             if key in self.reference:
                 continue
@@ -211,9 +110,9 @@ class Searcher:
             self.reference[key] = graph_perplexity(graph, tokens).perplexity
             self._store(cache, {"perplexity": self.reference[key]})
 
-    def _job(self, fit, text: str) -> Job:
+    def _job(self, fit, candidate: Recipe) -> Job:
         max_positions = self.checked.index.max_positions
-        quality = tuple(_quality_request(b, b.measure != "perplexity", max_positions) for b in fit.quality)
+        quality = tuple(quality_request(b, b.measure != "perplexity", max_positions) for b in fit.quality)
         # One request per text and size: a KL budget's comparison also gives its perplexity.
         merged: dict[str, QualityRequest] = {}
         for request in quality:
@@ -221,7 +120,9 @@ class Searcher:
             merged[key] = request if key not in merged or request.compare else merged[key]
         return Job(
             recipe_path=self.recipe_path,
-            text=text,
+            recipe=candidate,
+            text=recipe_text(candidate),
+            build=self.build,
             model=self.model,
             quality=tuple(merged.values()),
             reference={key: self.reference[key] for key in merged},
@@ -336,28 +237,24 @@ class Searcher:
     def search(self, recipe, target: SearchTarget, settled: dict) -> SearchResult:
         """The largest count of `target` that keeps every budget (settled statements before it)."""
         from surgery.check import check
-        from surgery.parser import parse_source
-        from surgery.plan import build_plan
-        from surgery.source import Source
+        from surgery.planner import build_plan
 
         start = time.perf_counter()
         fit = target.fit
         self._references(fit)
 
         def plan_of(statement):
-            """(checked, plan, the candidate's statement span) of the candidate recipe with `statement`."""
+            """(the candidate's recipe, its plan) with `statement` at the target's place: the syntax
+            tree is checked and planned as it is (its statements keep the user's spans)."""
             candidate = candidate_recipe(recipe, target, settled, statement)
-            text = recipe_text(candidate)
-            reparsed = parse_source(Source(self.recipe_path, text))
-            checked = check(reparsed, self.model)
-            return text, build_plan(checked, verify=False, computed=self.computed), reparsed, candidate
+            checked = check(candidate, self.model)
+            return candidate, build_plan(checked, verify=False, computed=self.computed)
 
-        _, base_plan, _, _ = plan_of(None)
+        _, base_plan = plan_of(None)
         present = _present(target, base_plan)
         maximum = max(0, len(present) - 1) if target.kind == "drop" and target.statement.part != "mlp" else len(present)
-        order = _RescoreOrder(self, target, present) if fit.rescore else None
+        order = RescoreOrder(self, target, present) if fit.rescore else None
 
-        texts: dict[int, str] = {}
         layers: dict[int, tuple[int, ...]] = {}
         jobs: dict[int, Job] = {}
 
@@ -366,10 +263,9 @@ class Searcher:
                 return
             explicit = order.first(count) if order is not None else None
             statement = concrete(target, count, explicit)
-            text, plan, reparsed, candidate = plan_of(statement)
-            texts[count] = text
-            layers[count] = _chosen_layers(target, plan, reparsed, candidate, statement)
-            jobs[count] = self._job(fit, text)
+            candidate, plan = plan_of(statement)
+            layers[count] = _chosen_layers(target, plan, statement)
+            jobs[count] = self._job(fit, candidate)
 
         measured: dict[int, Candidate] = {}
 
@@ -426,60 +322,6 @@ class Searcher:
         )
 
 
-class _RescoreOrder:
-    """LLM-Drop's iterative order: the next layer to drop is the least important on the model
-    with the earlier ones already dropped, scored again each time."""
-
-    def __init__(self, searcher: Searcher, target: SearchTarget, present: list[int]):
-        self.searcher, self.target, self.present = searcher, target, present
-        self.order: list[int] = []
-
-    def first(self, count: int) -> tuple[int, ...]:
-        """The first `count` layers of the order (scoring as many rounds as that needs)."""
-        while len(self.order) < count:
-            self.order.append(self._next())
-        return tuple(self.order[:count])
-
-    def _next(self) -> int:
-        import copy
-
-        from surgery.calibration import calibration_tokens
-        from surgery.data import resolve_text
-        from surgery.importance.measures import lim_scores, residual_statistics, similarity_scores
-        from surgery.passes import DropAttention, DropBlock, DropMlp, run_pass
-        from surgery.selection import ranking
-
-        statement = self.target.statement
-        metric = statement.selector.source.metric
-        part = statement.part
-        graph, tokenizer = self.searcher.loaded()
-        checked = self.searcher.checked
-        calibration = checked.calibration
-        tokens = calibration_tokens(tokenizer, calibration, resolve_text(calibration.data, checked.base_dir))
-        dropped = list(self.order)
-        self.searcher.progress(
-            f"search line {self.target.line}: re-scoring {metric} after dropping {dropped or 'nothing'}"
-        )
-        passes = {"attention": DropAttention, "mlp": DropMlp, "block": DropBlock}
-        # Each round edits a copy of the node list; the weights stay the lazily loaded ones.
-        work = copy.copy(graph)
-        work.layers = [copy.copy(layer) for layer in graph.layers]
-        if dropped:
-            run_pass(passes[part](layers=tuple(dropped)), work)
-        statistics = residual_statistics(work, tokens)
-        # Scores indexed by original layer number (a dropped block leaves the node list).
-        full = {key: [float("nan")] * checked.index.num_layers for key in statistics}
-        for i, layer in enumerate(work.layers):
-            for key in statistics:
-                full[key][layer.index] = float(statistics[key][i])
-        scores = (lim_scores if metric == "lim" else similarity_scores)(
-            {key: __import__("numpy").array(values) for key, values in full.items()}
-        )
-        remaining = [layer for layer in self.present if layer not in dropped]
-        order = ranking(scores, SCORE_PART[part], remaining)  # most important first
-        return order[0] if statement.selector.rank.rank == "most" else order[-1]
-
-
 def _file_digest(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -498,12 +340,12 @@ def _present(target: SearchTarget, plan) -> list[int]:
     return list(plan.layers_after)
 
 
-def _chosen_layers(target: SearchTarget, plan, reparsed, candidate, statement) -> tuple[int, ...]:
-    """The layers the candidate's statement took (dropped, or given the first rule's width)."""
+def _chosen_layers(target: SearchTarget, plan, statement) -> tuple[int, ...]:
+    """The layers the candidate's statement took (dropped, or given the first rule's width): the
+    steps planned from within its span."""
     if statement is None:
         return ()
-    position = candidate.statements.index(statement)
-    span = reparsed.statements[position].span
+    span = statement.span
     steps = [s for s in plan.steps if s.source is not None and span.start <= s.source.start < span.end]
     if target.kind == "drop":
         return tuple(sorted(layer for step in steps for layer in step.layers))
@@ -518,13 +360,13 @@ def _unmet(target: SearchTarget, candidates: list[Candidate], maximum: int) -> D
         excess = 0.0
         for budget in missed:
             value = budget_value(budget, candidate.measured)
-            limit = _limit(budget)
+            limit = limit_of(budget)
             excess += abs(value - limit) / max(abs(limit), 1e-9)
         return len(missed), excess
 
     best = min(candidates, key=shortfall)
     missed = [
-        f"{b.describe()} (measured {_shown(b, budget_value(b, best.measured))})"
+        f"{b.describe()} (measured {shown(b, budget_value(b, best.measured))})"
         for b in target.fit.budgets
         if not best.verdicts[b.describe()]
     ]
@@ -537,26 +379,8 @@ def _unmet(target: SearchTarget, candidates: list[Candidate], maximum: int) -> D
     )
 
 
-def _limit(budget: Budget) -> float:
-    if isinstance(budget, QualityBudget):
-        return budget.limit
-    if isinstance(budget, LatencyBudget):
-        return budget.ms
-    return budget.limit_bytes / 1e6 if budget.measure == "size" else budget.limit
-
-
-def _shown(budget: Budget, value: float) -> str:
-    if isinstance(budget, QualityBudget):
-        return f"{value:+.2f}%" if budget.measure == "perplexity" else (
-            f"{value:.4f}" if budget.measure == "kl" else f"{value:.1f}%"
-        )  # fmt: skip
-    if isinstance(budget, LatencyBudget):
-        return f"{value:.2f} ms"
-    return f"{value:.1f} MB" if budget.measure == "size" else f"{value:.3f} bits"
-
-
 def run_searches(recipe_path: str, checked, model: str | None, computed, settings: SearchSettings, progress,
-                 graph_loader) -> tuple[Recipe, list[SearchResult]]:  # fmt: skip
+                 graph_loader, build) -> tuple[Recipe, list[SearchResult]]:  # fmt: skip
     """Every `as many as fit` of the recipe settled in plan order; (the settled recipe, the results).
 
     The settled recipe is the original one with each searched statement replaced by its answer
@@ -565,7 +389,7 @@ def run_searches(recipe_path: str, checked, model: str | None, computed, setting
     targets = search_targets(checked.recipe)
     if not targets:
         return checked.recipe, []
-    searcher = Searcher(recipe_path, checked, model, computed, settings, progress, graph_loader)
+    searcher = Searcher(recipe_path, checked, model, computed, settings, progress, graph_loader, build)
     settled: dict[int, Any] = {}
     results = []
     try:
@@ -575,49 +399,3 @@ def run_searches(recipe_path: str, checked, model: str | None, computed, setting
     finally:
         searcher.close()
     return settled_recipe(checked.recipe, settled), results
-
-
-def render_table(result: SearchResult) -> str:
-    """The candidates as a text table, the answer marked."""
-    budgets = result.target.fit.budgets
-    header = ["count", "layers"] + [_column(b) for b in budgets] + ["fits", ""]
-    rows = []
-    for c in sorted(result.candidates, key=lambda c: c.count):
-        values = [_shown(b, budget_value(b, c.measured)) for b in budgets]
-        shown_layers = ",".join(map(str, c.layers)) if c.layers else "-"
-        if len(shown_layers) > 40:
-            shown_layers = shown_layers[:37] + "..."
-        mark = "<- answer" if result.answer is not None and c.count == result.answer.count else ""
-        rows.append(
-            [str(c.count), shown_layers, *values, "yes" if c.fits else "no", mark + (" (cached)" if c.cached else "")]
-        )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in [header, *rows]]
-    fit = result.target.fit
-    summary = (
-        f"search (line {result.target.line}, {result.method}{', rescored' if fit.rescore else ''}): "
-        f"{result.target.counting()} = {result.answer.count if result.answer else 'none'}; "
-        f"{len(result.candidates)} of {result.maximum + 1} counts measured, {result.built()} built, "
-        f"{len(result.candidates) - result.built()} from the cache, {result.seconds:.1f} s"
-    )
-    return "\n".join([summary, *("  " + line for line in lines)])
-
-
-def _column(budget: Budget) -> str:
-    if isinstance(budget, QualityBudget):
-        return {"perplexity": "ppl increase", "kl": "KL", "top1": "top-1"}[budget.measure]
-    if isinstance(budget, LatencyBudget):
-        return f"{budget.measure} ms"
-    return "MB" if budget.measure == "size" else "bits"
-
-
-def search_json(results: list[SearchResult], settled_text: str) -> dict[str, Any]:
-    """The content of search.json."""
-    return {
-        "format": "surgery-search",
-        "version": 1,
-        "settled_recipe": settled_text,
-        "searches": [r.to_json() for r in results],
-        "notes": "counts are the original model's layers; perplexity increase is against the unmodified model in "
-        "PyTorch (fp32) on the same tokens; latency by surgery/latency.py's protocol on this machine",
-    }

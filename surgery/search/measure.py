@@ -13,10 +13,12 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from surgery.formats.precision import precision as precision_record
+from surgery.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,9 @@ class Job:
     """One candidate to build and measure."""
 
     recipe_path: str
-    text: str
+    recipe: Recipe  # the candidate's syntax tree, checked and planned as it is
+    text: str  # its canonical text: the cache key and the output's recipe.surg
+    build: Callable[..., Any]  # `surgery.pipeline.apply`, passed down (pickled by name for a worker)
     model: str | None
     quality: tuple[QualityRequest, ...]
     reference: dict[str, float]  # quality key -> the original model's perplexity (PyTorch)
@@ -67,14 +71,12 @@ def measure_candidate(job: Job) -> dict[str, Any]:
 
 
 def _measure(job: Job) -> dict[str, Any]:
-    from surgery.pipeline import apply
-
     start = time.perf_counter()
     scratch = tempfile.mkdtemp(prefix="surgery-candidate-", dir=job.scratch)
     try:
         out = os.path.join(scratch, "out")
-        result = apply(job.recipe_path, out, model=job.model, run_verification=False, threads=job.threads,
-                       recipe_text=job.text)  # fmt: skip
+        result = job.build(job.recipe_path, out, model=job.model, run_verification=False, threads=job.threads,
+                           recipe=job.recipe)  # fmt: skip
         report = result.report
         built = time.perf_counter() - start
         measured: dict[str, Any] = {
@@ -135,10 +137,10 @@ def _original_graph(job: Job):
     key = (job.recipe_path, job.model)
     if key not in _ORIGINAL:
         from surgery.architectures.conformance import checked_graph
+        from surgery.check import check
         from surgery.models.loading import load_model
-        from surgery.pipeline import check_recipe
 
-        _, checked = check_recipe(job.recipe_path, job.model)
+        checked = check(job.recipe, job.model)
         model, _, weights = load_model(checked.spec, lambda _: None, lazy=True)
         _ORIGINAL[key] = checked_graph(model, checked.index, weights)
     return _ORIGINAL[key]

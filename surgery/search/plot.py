@@ -32,7 +32,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def plot_searches(searches: list, path: str) -> str | None:
     """Draw and save the PNG; None, or why it was not drawn (no matplotlib)."""
-    from surgery.search.engine import budget_value
+    from surgery.search.results import budget_value
 
     try:
         import matplotlib

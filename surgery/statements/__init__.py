@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from surgery.statements import calibrate, drop, export, fuse, merge, prune, quantize, split, verify
+from surgery.statements import calibrate, drop, export, fuse, heads, merge, prune, quantize, split, verify
 
 # calibrate first (the importance step reads it); the graph statements in the order their
 # passes run: drops, then split before prune and merge (they act on its experts), prune before
 # merge, then fuse (its layer must be kept); quantize plans on the layers that are left.
-STATEMENTS: tuple[ModuleType, ...] = (calibrate, drop, split, prune, merge, fuse, quantize, export, verify)
+STATEMENTS: tuple[ModuleType, ...] = (calibrate, drop, heads, split, prune, merge, fuse, quantize, export, verify)
 
 
 def name(module: ModuleType) -> str:
@@ -30,9 +30,9 @@ def for_node(node: object) -> ModuleType:
     raise TypeError(f"not a statement: {node!r}")
 
 
-def for_action(action: str) -> ModuleType | None:
-    """The statement module that produces plan steps of `action` (None for the plan's defaults)."""
-    return next((module for module in STATEMENTS if action in module.ACTIONS), None)
+def for_step(step: object) -> ModuleType | None:
+    """The statement module whose step kind `step` is (None for the planner's own steps)."""
+    return next((module for module in STATEMENTS if module.__name__ == type(step).__module__), None)
 
 
 from surgery.statements import model  # noqa: E402  (the model statement; see the docstring)

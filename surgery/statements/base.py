@@ -7,8 +7,12 @@ A statement module (surgery/statements/<name>.py) is the one home of a recipe st
 - `check(checker, index, done)`: its check against the model index (config only), returning
   its resolved form (`done` holds the statements checked before it, by module name);
 - `plan(state)`: its plan step(s), updating the state's kept layers;
-- `ACTIONS` and `describe(step)`: the plan actions it produces and their one-line description.
-`surgery.check`, `surgery.plan` and `surgery.syntax.unparse` are loops over `STATEMENTS`.
+- its step kinds (`PlanStep` subclasses): each describes itself, says what it needs, and runs
+  itself under the executor (surgery/executor/);
+- optionally `metrics(resolved)`: the computed importance metrics it ranks by (by default those
+  of its resolved items' importance queries).
+`surgery.check`, `surgery.planner` and `surgery.syntax.unparse` are loops over `STATEMENTS`;
+adding a statement adds its module and one line to `STATEMENTS` (and its grammar rule).
 """
 
 from __future__ import annotations

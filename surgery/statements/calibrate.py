@@ -33,7 +33,6 @@ class CalibrateStmt:
 
 NODES = (CalibrateStmt,)
 GRAMMAR = ("calibrate_stmt",)
-ACTIONS = ()
 
 
 def unparse(statement: CalibrateStmt) -> str:

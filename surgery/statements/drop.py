@@ -6,11 +6,11 @@ drop_block.py (by the plan step's action)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery.budgets import check_fit
 from surgery.layers import format_layers
-from surgery.plan_step import PlanStep
+from surgery.plan_step import PlanStep, Run
 from surgery.selection import ImportanceQuery
 from surgery.selectors import (
     ImportanceSelector,
@@ -48,7 +48,6 @@ class ResolvedDrop:
 
 NODES = (DropStmt,)
 GRAMMAR = ("drop_stmt",)
-ACTIONS = ("drop attention", "drop mlp", "drop block")
 
 
 def unparse(statement: DropStmt) -> str:
@@ -130,7 +129,7 @@ def plan(state: PlanState) -> list[PlanStep]:
             present -= set(layers)
         note = "" if layers else "no effect: everything selected was already dropped"
         steps.append(
-            PlanStep(
+            DropStep(
                 action=f"drop {drop.part}",
                 phase="graph",
                 parameters={"layers": list(layers), **extra},
@@ -143,6 +142,16 @@ def plan(state: PlanState) -> list[PlanStep]:
     return steps
 
 
-def describe(step: PlanStep) -> str:
-    """One line for `surgery plan`."""
-    return f"{step.action} layers {format_layers(step.layers)}"
+@dataclass(frozen=True)
+class DropStep(PlanStep):
+    """A `drop attention|mlp|block` step: the graph pass of its action over its layers."""
+
+    timing: ClassVar[str] = "passes"
+
+    def describe(self) -> str:
+        """One line for `surgery plan`."""
+        return f"{self.action} layers {format_layers(self.layers)}"
+
+    def run(self, run: Run) -> PlanStep | None:
+        """Remove the parts from the graph (a pass over the decoder graph)."""
+        return run.graph_pass(self)

@@ -135,9 +135,10 @@ def expert_layer_problems(
     return problems
 
 
-def mlp_step(index, action: str, layers: tuple[int, ...], parameters: dict, source, note: str) -> PlanStep:
-    """A graph step acting on the MLPs of `layers` (split, merge, prune)."""
-    return PlanStep(
+def mlp_step(kind: type[PlanStep], index, action: str, layers: tuple[int, ...], parameters: dict, source,
+             note: str) -> PlanStep:  # fmt: skip
+    """A graph step of `kind` acting on the MLPs of `layers` (split, merge, prune)."""
+    return kind(
         action=action,
         phase="graph",
         parameters={"layers": list(layers), **parameters},

@@ -5,12 +5,12 @@ Grammar: `export_stmt`. Run by surgery/export/decoder.py (`export onnx` step).""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from surgery.export.options import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportOptions
 from surgery.formats.precision import DEFAULT_FOR_TARGET
 from surgery.formats.precision import precision as precision_record
-from surgery.plan_step import PlanStep
+from surgery.plan_step import PlanStep, Run
 from surgery.selectors import (
     span_field,
 )
@@ -38,7 +38,6 @@ class ExportStmt:
 
 NODES = (ExportStmt,)
 GRAMMAR = ("export_stmt",)
-ACTIONS = ("export onnx",)
 
 
 def unparse(statement: ExportStmt) -> str:
@@ -92,7 +91,7 @@ def plan(state: PlanState) -> list[PlanStep]:
     export = state.checked.export
     statement = state.checked.export_statement
     return [
-        PlanStep(
+        ExportStep(
             action="export onnx",
             phase="export",
             parameters={
@@ -107,9 +106,21 @@ def plan(state: PlanState) -> list[PlanStep]:
     ]
 
 
-def describe(step: PlanStep) -> str:
-    """One line for `surgery plan`."""
-    p = step.parameters
-    positions = ", with position-ids" if p.get("position_ids") else ""
-    kv = "with" if p["kv_cache"] else "without"
-    return f"export onnx opset {p['opset']} {kv} kv-cache{positions}, {p['precision']} for {p['target']}"
+@dataclass(frozen=True)
+class ExportStep(PlanStep):
+    """The `export onnx` step (every plan has one)."""
+
+    timing: ClassVar[str] = "export"
+
+    def describe(self) -> str:
+        """One line for `surgery plan`."""
+        p = self.parameters
+        positions = ", with position-ids" if p.get("position_ids") else ""
+        kv = "with" if p["kv_cache"] else "without"
+        return f"export onnx opset {p['opset']} {kv} kv-cache{positions}, {p['precision']} for {p['target']}"
+
+    def run(self, run: Run) -> None:
+        """Write the output folder's model, tokenizer and configs (surgery/executor/export.py)."""
+        from surgery.executor.export import export_model
+
+        export_model(run)

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from surgery.diagnostics import Diagnostic, RecipeError
 from surgery.layers import format_layers
-from surgery.plan_step import PlanStep
+from surgery.plan_step import PlanStep, Run
 from surgery.selectors import (
     LayerIndex,
     LayerRange,
@@ -50,7 +50,6 @@ class ResolvedFuse:
 
 NODES = (FuseStmt,)
 GRAMMAR = ("fuse_stmt",)
-ACTIONS = ("fuse",)
 
 
 def default_fuse_candidates(layers: int) -> tuple[int, ...]:
@@ -171,7 +170,7 @@ def plan(state: PlanState) -> list[PlanStep]:
             parameters["scores"] = {layer: round(iks[layer], 6) for layer in ranked}
             layers = (ranked[0],)
     note = "weight 0: the head is unchanged" if fuse.weight == 0 else ""
-    step = PlanStep(
+    step = FuseStep(
         action="fuse",
         phase="graph",
         parameters={**parameters, "layers": list(layers)},
@@ -183,12 +182,27 @@ def plan(state: PlanState) -> list[PlanStep]:
     return [step]
 
 
-def describe(step: PlanStep) -> str:
-    """One line for `surgery plan`."""
-    p = step.parameters
-    if p["mode"] == "dynamic":
-        return (
-            f"fuse into the head, per token, the layer with the lowest IKS among {format_layers(step.layers)}, "
-            f"weight {p['weight']:g}"
-        )
-    return f"fuse layer {step.layers[0]} into the head, weight {p['weight']:g}"
+@dataclass(frozen=True)
+class FuseStep(PlanStep):
+    """A `fuse layer ... into head` step."""
+
+    timing: ClassVar[str] = "passes"
+
+    @property
+    def needs_whole_model(self) -> bool:
+        """The fused head reads a layer's weights beside the head's."""
+        return True
+
+    def describe(self) -> str:
+        """One line for `surgery plan`."""
+        p = self.parameters
+        if p["mode"] == "dynamic":
+            return (
+                f"fuse into the head, per token, the layer with the lowest IKS among {format_layers(self.layers)}, "
+                f"weight {p['weight']:g}"
+            )
+        return f"fuse layer {self.layers[0]} into the head, weight {p['weight']:g}"
+
+    def run(self, run: Run) -> PlanStep | None:
+        """Fuse the layer into the head (a pass over the decoder graph)."""
+        return run.graph_pass(self)

@@ -5,11 +5,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from surgery.expert_rules import merge_problem
 from surgery.layers import format_layers
-from surgery.plan_step import PlanStep
+from surgery.plan_step import PlanStep, Run
 from surgery.selectors import (
     Selector,
     span_field,
@@ -52,7 +52,6 @@ class ResolvedMerge:
 
 NODES = (MergeStmt,)
 GRAMMAR = ("merge_stmt",)
-ACTIONS = ("merge experts",)
 
 
 def unparse(statement: MergeStmt) -> str:
@@ -115,18 +114,38 @@ def plan(state: PlanState) -> list[PlanStep]:
         if merge.rank_percent is not None:
             parameters["rank_percent"] = merge.rank_percent
         note = f"groups: from statistics {state.counted}"
-        steps.append(mlp_step(state.checked.index, "merge experts", layers, parameters, merge.statement.span, note))
+        index, span = state.checked.index, merge.statement.span
+        steps.append(mlp_step(MergeStep, index, "merge experts", layers, parameters, span, note))
     return steps
 
 
-def describe(step: PlanStep) -> str:
-    """One line for `surgery plan`."""
-    p = step.parameters
-    rank = ""
-    if "rank" in p or "rank_percent" in p:
-        asked = f"{p['rank_percent']:g}% of full rank" if "rank_percent" in p else str(p["rank"])
-        rank = f", shared subspace of rank {asked}" + (f" = {p['resolved_rank']}" if "resolved_rank" in p else "")
-    return (
-        f"merge experts of layers {format_layers(step.layers)} into {p['groups']} groups "
-        f"(grouping by {p['grouping']}, {p['weighting']}-weighted, neurons aligned{rank})"
-    )
+@dataclass(frozen=True)
+class MergeStep(PlanStep):
+    """A `merge experts` step: its groups come from statistics counted when it runs."""
+
+    timing: ClassVar[str] = "passes"
+
+    def describe(self) -> str:
+        """One line for `surgery plan`."""
+        p = self.parameters
+        rank = ""
+        if "rank" in p or "rank_percent" in p:
+            asked = f"{p['rank_percent']:g}% of full rank" if "rank_percent" in p else str(p["rank"])
+            rank = f", shared subspace of rank {asked}" + (f" = {p['resolved_rank']}" if "resolved_rank" in p else "")
+        return (
+            f"merge experts of layers {format_layers(self.layers)} into {p['groups']} groups "
+            f"(grouping by {p['grouping']}, {p['weighting']}-weighted, neurons aligned{rank})"
+        )
+
+    def run(self, run: Run) -> PlanStep | None:
+        """Count expert use (and outputs) on the calibration tokens, group and merge the experts;
+        returns the step with the groups (and rank) filled in."""
+        from surgery.executor.experts import merge_by_statistics
+
+        if not self.layers:
+            return None
+        graph_pass, record = merge_by_statistics(run, self)
+        resolution = {"resolved_groups": record["groups"]}
+        if graph_pass.rank is not None:
+            resolution["resolved_rank"] = graph_pass.rank
+        return run.graph_pass(self, graph_pass, resolution, record)

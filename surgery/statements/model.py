@@ -31,7 +31,6 @@ class ModelStmt:
 
 NODES = (ModelStmt,)
 GRAMMAR = ("model_stmt",)
-ACTIONS = ()
 
 
 def unparse(statement: ModelStmt) -> str:

@@ -5,11 +5,11 @@ passes/prune_experts.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from surgery.expert_rules import prune_problem
 from surgery.layers import format_layers
-from surgery.plan_step import PlanStep
+from surgery.plan_step import PlanStep, Run
 from surgery.selectors import (
     Selector,
     span_field,
@@ -43,7 +43,6 @@ class ResolvedPrune:
 
 NODES = (PruneStmt,)
 GRAMMAR = ("prune_stmt",)
-ACTIONS = ("prune experts",)
 
 
 def unparse(statement: PruneStmt) -> str:
@@ -77,10 +76,28 @@ def plan(state: PlanState) -> list[PlanStep]:
         layers = tuple(layer for layer in prune.layers if layer in state.mlp)
         parameters = {"keep": prune.keep, "rule": "frequency"}
         note = f"which experts: the {prune.keep} most used per layer, {state.counted}"
-        steps.append(mlp_step(state.checked.index, "prune experts", layers, parameters, prune.statement.span, note))
+        index, span = state.checked.index, prune.statement.span
+        steps.append(mlp_step(PruneStep, index, "prune experts", layers, parameters, span, note))
     return steps
 
 
-def describe(step: PlanStep) -> str:
-    """One line for `surgery plan`."""
-    return f"prune experts of layers {format_layers(step.layers)} to {step.parameters['keep']} by frequency"
+@dataclass(frozen=True)
+class PruneStep(PlanStep):
+    """A `prune experts` step: which experts stay is counted on the calibration data when it runs."""
+
+    timing: ClassVar[str] = "passes"
+
+    def describe(self) -> str:
+        """One line for `surgery plan`."""
+        return f"prune experts of layers {format_layers(self.layers)} to {self.parameters['keep']} by frequency"
+
+    def run(self, run: Run) -> PlanStep | None:
+        """Count expert use on the calibration tokens, keep the most used (rewrites a layer at a time
+        on a streamed model); returns the step with the kept experts filled in."""
+        from surgery.executor.experts import prune_by_frequency
+
+        if not self.layers:
+            return None
+        graph_pass, record = prune_by_frequency(run, self)
+        resolution = {"resolved_kept": {str(layer): list(kept) for layer, kept in graph_pass.kept}}
+        return run.graph_pass(self, graph_pass, resolution, record)

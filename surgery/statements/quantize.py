@@ -7,12 +7,12 @@ and passes/quantize_embedding.py (ONNX passes after export and verification)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from surgery.budgets import check_fit
 from surgery.diagnostics import Diagnostic
 from surgery.layers import format_layers
-from surgery.plan_step import PlanStep
+from surgery.plan_step import PlanStep, Run
 from surgery.selection import ImportanceQuery
 from surgery.selectors import (
     AllLayers,
@@ -103,7 +103,6 @@ class ResolvedQuantize:
 
 NODES = (QuantizeStmt, QuantizeGroupStmt)
 GRAMMAR = ("quantize_stmt", "quantize_group_stmt")
-ACTIONS = ("quantize",)
 
 
 def _width(item: QuantizeStmt | QuantizeRule | ResolvedQuantize) -> str:
@@ -350,7 +349,7 @@ def plan(state: PlanState) -> list[PlanStep]:
         for target in targets:
             owner[target] = item
         steps.append(
-            PlanStep(
+            QuantizeStep(
                 action="quantize",
                 phase="onnx",
                 parameters={**parameters, "layers": list(layers)},
@@ -381,15 +380,35 @@ def plan(state: PlanState) -> list[PlanStep]:
     return steps
 
 
-def describe(step: PlanStep) -> str:
-    """One line for `surgery plan`."""
-    p = step.parameters
-    part = {"layers": "linears", "attention": "attention linears", "mlp": "MLP linears"}.get(p["part"], "")
-    layers = f"layers {format_layers(step.layers)}" if step.layers else "no layer"
-    kind = "symmetric" if p["symmetric"] else "asymmetric"
-    if p.get("gptq"):
-        kind += ", GPTQ on the calibration data"
-    if p["part"] == "embedding":
-        return f"quantize embedding to int{p['bits']} (GatherBlockQuantized, block {p['block']}, {kind})"
-    what = "head" if p["part"] == "head" else f"{part} of {layers}"
-    return f"quantize {what} to int{p['bits']} (MatMulNBits, block {p['block']}, {kind})"
+@dataclass(frozen=True)
+class QuantizeStep(PlanStep):
+    """A `quantize` step; every quantize step of a plan acts as one (later ones override earlier
+    ones' widths), as linears quantized while written or as ONNX passes after the export."""
+
+    timing: ClassVar[str] = "quantize"
+    together: ClassVar[bool] = True
+
+    @property
+    def needs_whole_model(self) -> bool:
+        """The quantized embedding is an ONNX pass over the written table."""
+        return self.parameters["part"] == "embedding"
+
+    def describe(self) -> str:
+        """One line for `surgery plan`."""
+        p = self.parameters
+        part = {"layers": "linears", "attention": "attention linears", "mlp": "MLP linears"}.get(p["part"], "")
+        layers = f"layers {format_layers(self.layers)}" if self.layers else "no layer"
+        kind = "symmetric" if p["symmetric"] else "asymmetric"
+        if p.get("gptq"):
+            kind += ", GPTQ on the calibration data"
+        if p["part"] == "embedding":
+            return f"quantize embedding to int{p['bits']} (GatherBlockQuantized, block {p['block']}, {kind})"
+        what = "head" if p["part"] == "head" else f"{part} of {layers}"
+        return f"quantize {what} to int{p['bits']} (MatMulNBits, block {p['block']}, {kind})"
+
+    @classmethod
+    def run_all(cls, run: Run, steps: list[PlanStep]) -> None:
+        """Quantize the exported model's linears and embedding (surgery/executor/quantization.py)."""
+        from surgery.executor.quantization import quantize_output
+
+        quantize_output(run, steps)

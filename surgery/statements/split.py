@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery.diagnostics import raise_if_errors
 from surgery.layers import format_layers
-from surgery.plan_step import PlanStep
+from surgery.plan_step import PlanStep, Run
 from surgery.selection import ImportanceQuery
 from surgery.selectors import (
     ImportanceSelector,
@@ -47,7 +47,6 @@ class ResolvedSplit:
 
 NODES = (SplitStmt,)
 GRAMMAR = ("split_stmt",)
-ACTIONS = ("split mlp",)
 
 
 def unparse(statement: SplitStmt) -> str:
@@ -109,7 +108,7 @@ def plan(state: PlanState) -> list[PlanStep]:
             layers = tuple(layer for layer in split.layers if layer in state.mlp)
         parameters = {"experts": split.experts, "top_k": split.top_k, **extra}
         note = "" if layers else "no effect: every selected MLP was dropped"
-        steps.append(mlp_step(checked.index, "split mlp", layers, parameters, split.statement.span, note))
+        steps.append(mlp_step(SplitStep, checked.index, "split mlp", layers, parameters, split.statement.span, note))
     if any(split.query is not None for split in checked.of("split")):
         # Which layers an importance-ranked split chose is known only now: the rules `check`
         # applied to explicit splits apply to these layers here.
@@ -118,8 +117,23 @@ def plan(state: PlanState) -> list[PlanStep]:
     return steps
 
 
-def describe(step: PlanStep) -> str:
-    """One line for `surgery plan`."""
-    p = step.parameters
-    exact = " (all experts: the dense MLP exactly)" if p["top_k"] == p["experts"] else ""
-    return f"split mlp of layers {format_layers(step.layers)} into {p['experts']} experts, top {p['top_k']}{exact}"
+@dataclass(frozen=True)
+class SplitStep(PlanStep):
+    """A `split mlp` step: each dense MLP becomes a mixture of experts."""
+
+    timing: ClassVar[str] = "passes"
+
+    @property
+    def needs_whole_model(self) -> bool:
+        """The split rewrites weights across the model."""
+        return True
+
+    def describe(self) -> str:
+        """One line for `surgery plan`."""
+        p = self.parameters
+        exact = " (all experts: the dense MLP exactly)" if p["top_k"] == p["experts"] else ""
+        return f"split mlp of layers {format_layers(self.layers)} into {p['experts']} experts, top {p['top_k']}{exact}"
+
+    def run(self, run: Run) -> PlanStep | None:
+        """Split the MLPs (a pass over the decoder graph)."""
+        return run.graph_pass(self)

@@ -5,10 +5,10 @@ Grammar: `verify_stmt`. Run by surgery/pipeline.py (`verify perplexity` step).""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from surgery.checked import DEFAULT_PERPLEXITY_TOKENS, DEFAULT_WINDOW, MIN_PERPLEXITY_TOKENS, PerplexityCheck
-from surgery.plan_step import PlanStep
+from surgery.plan_step import PlanStep, Run
 from surgery.selectors import (
     number_text,
     span_field,
@@ -35,7 +35,6 @@ class VerifyStmt:
 
 NODES = (VerifyStmt,)
 GRAMMAR = ("verify_stmt",)
-ACTIONS = ("verify perplexity",)
 
 
 def unparse(statement: VerifyStmt) -> str:
@@ -70,7 +69,7 @@ def plan(state: PlanState) -> list[PlanStep]:
     if check is None:
         return []
     return [
-        PlanStep(
+        PerplexityStep(
             action="verify perplexity",
             phase="evaluate",
             parameters={"data": check.data, "max_increase": check.max_increase, "tokens": check.tokens},
@@ -79,10 +78,28 @@ def plan(state: PlanState) -> list[PlanStep]:
     ]
 
 
-def describe(step: PlanStep) -> str:
-    """One line for `surgery plan`."""
-    p = step.parameters
-    return (
-        f'perplexity on "{p["data"]}" ({p["tokens"]} tokens) in onnxruntime vs the original model '
-        f"in PyTorch: at most +{p['max_increase']:g}%"
-    )
+@dataclass(frozen=True)
+class PerplexityStep(PlanStep):
+    """The `verify perplexity` step: its reference is measured before anything changes the model."""
+
+    timing: ClassVar[str] = "perplexity"
+
+    def describe(self) -> str:
+        """One line for `surgery plan`."""
+        p = self.parameters
+        return (
+            f'perplexity on "{p["data"]}" ({p["tokens"]} tokens) in onnxruntime vs the original model '
+            f"in PyTorch: at most +{p['max_increase']:g}%"
+        )
+
+    def prepare(self, run: Run) -> None:
+        """The original model's perplexity, before any pass."""
+        from surgery.executor.perplexity import reference_perplexity
+
+        reference_perplexity(run)
+
+    def run(self, run: Run) -> None:
+        """The output's perplexity in onnxruntime against the reference."""
+        from surgery.executor.perplexity import perplexity_check
+
+        perplexity_check(run)

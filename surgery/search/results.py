@@ -1,0 +1,186 @@
+"""A search's results: the candidates measured, what each budget reads from them, the table
+`surgery plan` prints and the content of search.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from surgery.budgets import DEFAULT_BUDGET_TOKENS, DEFAULT_LATENCY_PROMPT, Budget, LatencyBudget, QualityBudget
+from surgery.checked import DEFAULT_WINDOW
+from surgery.search.candidates import SearchTarget
+from surgery.search.measure import QualityRequest, quality_key
+
+
+@dataclass
+class Candidate:
+    """One measured count."""
+
+    count: int
+    layers: tuple[int, ...]
+    measured: dict[str, Any]
+    cached: bool
+    verdicts: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        """Every budget holds."""
+        return all(self.verdicts.values())
+
+
+@dataclass
+class SearchResult:
+    """One statement's search: every candidate measured, and the answer."""
+
+    target: SearchTarget
+    method: str
+    maximum: int
+    candidates: list[Candidate]
+    answer: Candidate | None
+    seconds: float
+    settled_text: str
+
+    def built(self) -> int:
+        """Candidates built in this run (not read from the cache)."""
+        return sum(not c.cached for c in self.candidates)
+
+    def to_json(self) -> dict[str, Any]:
+        """search.json's entry for this statement."""
+        fit = self.target.fit
+        return {
+            "line": self.target.line,
+            "statement": self.target.statement.span.source.text[
+                self.target.statement.span.start : self.target.statement.span.end
+            ],
+            "counting": self.target.counting(),
+            "method": self.method,
+            "rescore": fit.rescore,
+            "budgets": [b.describe() for b in fit.budgets],
+            "counts_possible": self.maximum + 1,
+            "candidates_measured": len(self.candidates),
+            "candidates_built": self.built(),
+            "answer": None if self.answer is None else {"count": self.answer.count, "layers": list(self.answer.layers)},
+            "settled_statement": self.settled_text,
+            "seconds": round(self.seconds, 2),
+            "candidates": [
+                {
+                    "count": c.count,
+                    "layers": list(c.layers),
+                    "fits": c.fits,
+                    "verdicts": c.verdicts,
+                    "cached": c.cached,
+                    **c.measured,
+                }  # fmt: skip
+                for c in sorted(self.candidates, key=lambda c: c.count)
+            ],
+        }
+
+
+def budget_key(budget: Budget, max_positions: int) -> str:
+    """The measurement a budget reads from a candidate's results (windows fit the model's context)."""
+    if isinstance(budget, QualityBudget):
+        return quality_key(quality_request(budget, False, max_positions))
+    if isinstance(budget, LatencyBudget):
+        return f"{budget.measure}_ms prompt {budget.prompt or DEFAULT_LATENCY_PROMPT}"
+    return budget.measure
+
+
+def quality_request(budget: QualityBudget, compare: bool, max_positions: int = 1 << 30) -> QualityRequest:
+    """The measurement a quality budget asks of a candidate (windows fit the model's context)."""
+    window = budget.window or min(DEFAULT_WINDOW, max_positions)
+    return QualityRequest(budget.data, budget.tokens or DEFAULT_BUDGET_TOKENS, window, compare)
+
+
+def read_value(budget: Budget, measured: dict[str, Any], max_positions: int) -> float:
+    """The number a budget compares, from a candidate's measurements: increase (%), KL, top-1 (%),
+    ms, MB or bits."""
+    if isinstance(budget, QualityBudget):
+        quality = measured["quality"][budget_key(budget, max_positions)]
+        if budget.measure == "perplexity":
+            return quality["increase"] * 100
+        return quality["kl"] if budget.measure == "kl" else quality["top1"] * 100
+    if isinstance(budget, LatencyBudget):
+        return measured["latency"][budget_key(budget, max_positions)]
+    return measured["bytes"] / 1e6 if budget.measure == "size" else measured["bits"]
+
+
+def budget_value(budget: Budget, measured: dict[str, Any]) -> float:
+    """The number a budget compares, as the search recorded it on the candidate (`values`)."""
+    return measured["values"][budget.describe()]
+
+
+def holds(budget: Budget, measured: dict[str, Any]) -> bool:
+    """Whether the measured candidate keeps the budget."""
+    value = budget_value(budget, measured)
+    if isinstance(budget, QualityBudget):
+        return value >= budget.limit if budget.measure == "top1" else value <= budget.limit
+    if isinstance(budget, LatencyBudget):
+        return value <= budget.ms
+    limit = budget.limit_bytes / 1e6 if budget.measure == "size" else budget.limit
+    return value <= limit
+
+
+def limit_of(budget: Budget) -> float:
+    """A budget's limit in the unit its value is shown in."""
+    if isinstance(budget, QualityBudget):
+        return budget.limit
+    if isinstance(budget, LatencyBudget):
+        return budget.ms
+    return budget.limit_bytes / 1e6 if budget.measure == "size" else budget.limit
+
+
+def shown(budget: Budget, value: float) -> str:
+    """A budget's measured value as tables and messages show it."""
+    if isinstance(budget, QualityBudget):
+        return f"{value:+.2f}%" if budget.measure == "perplexity" else (
+            f"{value:.4f}" if budget.measure == "kl" else f"{value:.1f}%"
+        )  # fmt: skip
+    if isinstance(budget, LatencyBudget):
+        return f"{value:.2f} ms"
+    return f"{value:.1f} MB" if budget.measure == "size" else f"{value:.3f} bits"
+
+
+def render_table(result: SearchResult) -> str:
+    """The candidates as a text table, the answer marked."""
+    budgets = result.target.fit.budgets
+    header = ["count", "layers"] + [_column(b) for b in budgets] + ["fits", ""]
+    rows = []
+    for c in sorted(result.candidates, key=lambda c: c.count):
+        values = [shown(b, budget_value(b, c.measured)) for b in budgets]
+        shown_layers = ",".join(map(str, c.layers)) if c.layers else "-"
+        if len(shown_layers) > 40:
+            shown_layers = shown_layers[:37] + "..."
+        mark = "<- answer" if result.answer is not None and c.count == result.answer.count else ""
+        rows.append(
+            [str(c.count), shown_layers, *values, "yes" if c.fits else "no", mark + (" (cached)" if c.cached else "")]
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in [header, *rows]]
+    fit = result.target.fit
+    summary = (
+        f"search (line {result.target.line}, {result.method}{', rescored' if fit.rescore else ''}): "
+        f"{result.target.counting()} = {result.answer.count if result.answer else 'none'}; "
+        f"{len(result.candidates)} of {result.maximum + 1} counts measured, {result.built()} built, "
+        f"{len(result.candidates) - result.built()} from the cache, {result.seconds:.1f} s"
+    )
+    return "\n".join([summary, *("  " + line for line in lines)])
+
+
+def _column(budget: Budget) -> str:
+    if isinstance(budget, QualityBudget):
+        return {"perplexity": "ppl increase", "kl": "KL", "top1": "top-1"}[budget.measure]
+    if isinstance(budget, LatencyBudget):
+        return f"{budget.measure} ms"
+    return "MB" if budget.measure == "size" else "bits"
+
+
+def search_json(results: list[SearchResult], settled_text: str) -> dict[str, Any]:
+    """The content of search.json."""
+    return {
+        "format": "surgery-search",
+        "version": 1,
+        "settled_recipe": settled_text,
+        "searches": [r.to_json() for r in results],
+        "notes": "counts are the original model's layers; perplexity increase is against the unmodified model in "
+        "PyTorch (fp32) on the same tokens; latency by surgery/latency.py's protocol on this machine",
+    }
