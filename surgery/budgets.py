@@ -7,14 +7,19 @@ max-increase 10% tokens 4096 }` asks for the largest count that keeps every budg
 (surgery/search/) builds candidates and measures them. This module holds the syntax nodes,
 their canonical text, the checks against the model, and the one rule both the check and the
 search use: which way each budget moves as the count grows.
+
+Each budget kind owns its behaviour: its text (`describe`), its check (`check`), the
+measurement it reads from a candidate (`key`, `read`), whether a value keeps it (`holds`), and
+how tables show it (`column`, `render`, `shown_limit`); whether it is a resource (`resource`:
+size, bits and latency shrink with a lighter model, quality does not).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from surgery.checked import MIN_PERPLEXITY_TOKENS
+from surgery.checked import DEFAULT_WINDOW, MIN_PERPLEXITY_TOKENS
 from surgery.source import Span, number_text, span_field
 
 if TYPE_CHECKING:
@@ -24,6 +29,21 @@ QualityMeasure = Literal["perplexity", "kl", "top1"]
 DEFAULT_BUDGET_TOKENS = 4096
 DEFAULT_LATENCY_PROMPT = 256  # the benchmark protocol: ms per token after a 256-token prompt
 SEARCH_METHODS = ("bisect", "exhaustive")
+
+
+@dataclass(frozen=True)
+class QualityRequest:
+    """One text to score a candidate on, and whether KL / top-1 against the original are needed."""
+
+    data: str
+    tokens: int
+    window: int
+    compare: bool  # KL and top-1 need the original model's logits beside the candidate's
+
+
+def quality_key(request: QualityRequest) -> str:
+    """How a quality measurement is named in results: `<text> tokens N window W`."""
+    return f"{request.data} tokens {request.tokens} window {request.window}"
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,60 @@ class QualityBudget:
         head += f" tokens {self.tokens}" if self.tokens is not None else ""
         return head + (f" window {self.window}" if self.window is not None else "")
 
+    resource: ClassVar[bool] = False
+
+    def check(self, c, index: ModelIndex) -> None:
+        """The limit is a sensible number; the tokens, the window and the text fit."""
+        if self.measure == "perplexity" and self.limit <= 0:
+            c.error("a perplexity budget needs a positive increase", self.span, "e.g. max-increase 10%")
+        if self.measure == "top1" and not 0 < self.limit <= 100:
+            c.error(f"{self.limit:g}% is not a share of tokens", self.span, "use a percentage in (0, 100]")
+        if self.tokens is not None and self.tokens < MIN_PERPLEXITY_TOKENS:
+            c.error(f"{self.tokens} tokens are too few to measure", self.span, f"use at least {MIN_PERPLEXITY_TOKENS}")
+        if self.window is not None and not 2 <= self.window <= index.max_positions:
+            c.error(
+                f"a window of {self.window} tokens does not fit the model",
+                self.span,
+                f"use 2..{index.max_positions} (the model's context)",
+            )
+        c.text_exists(self.data, self.data_span or self.span)
+
+    def request(self, compare: bool, max_positions: int = 1 << 30) -> QualityRequest:
+        """The measurement this budget asks of a candidate (windows fit the model's context)."""
+        window = self.window or min(DEFAULT_WINDOW, max_positions)
+        return QualityRequest(self.data, self.tokens or DEFAULT_BUDGET_TOKENS, window, compare)
+
+    def key(self, max_positions: int) -> str:
+        """The name of the measurement this budget reads from a candidate's results."""
+        return quality_key(self.request(False, max_positions))
+
+    def read(self, measured: dict[str, Any], max_positions: int) -> float:
+        """Increase (%), KL (nats) or top-1 (%) from a candidate's measurements."""
+        quality = measured["quality"][self.key(max_positions)]
+        if self.measure == "perplexity":
+            return quality["increase"] * 100
+        return quality["kl"] if self.measure == "kl" else quality["top1"] * 100
+
+    def holds(self, value: float) -> bool:
+        """Whether a value read by `read` keeps the budget."""
+        return value >= self.limit if self.measure == "top1" else value <= self.limit
+
+    @property
+    def shown_limit(self) -> float:
+        """The limit in the unit `read` gives."""
+        return self.limit
+
+    @property
+    def column(self) -> str:
+        """The column's heading in the search table."""
+        return {"perplexity": "ppl increase", "kl": "KL", "top1": "top-1"}[self.measure]
+
+    def render(self, value: float) -> str:
+        """A value as tables and messages show it."""
+        if self.measure == "perplexity":
+            return f"{value:+.2f}%"
+        return f"{value:.4f}" if self.measure == "kl" else f"{value:.1f}%"
+
 
 @dataclass(frozen=True)
 class LatencyBudget:
@@ -64,6 +138,45 @@ class LatencyBudget:
         unit = "ms per token" if self.measure == "decode" else "ms"
         text = f"{self.measure} at most {number_text(self.ms)} {unit}"
         return text + (f" prompt {self.prompt}" if self.prompt is not None else "")
+
+    resource: ClassVar[bool] = True
+
+    def check(self, c, index: ModelIndex) -> None:
+        """A positive time; the prompt fits the model."""
+        if self.ms <= 0:
+            c.error("a latency budget needs a positive time", self.span, None)
+        if self.prompt is not None and not 1 <= self.prompt < index.max_positions:
+            c.error(
+                f"a prompt of {self.prompt} tokens does not fit the model",
+                self.span,
+                f"use 1..{index.max_positions - 1}",
+            )
+
+    def key(self, max_positions: int) -> str:
+        """The name of the measurement this budget reads from a candidate's results."""
+        return f"{self.measure}_ms prompt {self.prompt or DEFAULT_LATENCY_PROMPT}"
+
+    def read(self, measured: dict[str, Any], max_positions: int) -> float:
+        """Milliseconds, from a candidate's measurements."""
+        return measured["latency"][self.key(max_positions)]
+
+    def holds(self, value: float) -> bool:
+        """Whether a value read by `read` keeps the budget."""
+        return value <= self.ms
+
+    @property
+    def shown_limit(self) -> float:
+        """The limit in the unit `read` gives."""
+        return self.ms
+
+    @property
+    def column(self) -> str:
+        """The column's heading in the search table."""
+        return f"{self.measure} ms"
+
+    def render(self, value: float) -> str:
+        """A value as tables and messages show it."""
+        return f"{value:.2f} ms"
 
 
 @dataclass(frozen=True)
@@ -85,6 +198,39 @@ class SizeBudget:
         if self.measure == "bits":
             return f"bits at most {number_text(self.limit)}"
         return f"size at most {number_text(self.limit)} {self.unit}"
+
+    resource: ClassVar[bool] = True
+
+    def check(self, c, index: ModelIndex) -> None:
+        """A positive limit."""
+        if self.limit <= 0:
+            c.error(f"a {self.measure} budget needs a positive limit", self.span, None)
+
+    def key(self, max_positions: int) -> str:
+        """The name of the measurement this budget reads from a candidate's results."""
+        return self.measure
+
+    def read(self, measured: dict[str, Any], max_positions: int) -> float:
+        """MB (10^6 bytes) or average stored bits per weight, from a candidate's measurements."""
+        return measured["bytes"] / 1e6 if self.measure == "size" else measured["bits"]
+
+    def holds(self, value: float) -> bool:
+        """Whether a value read by `read` keeps the budget."""
+        return value <= self.shown_limit
+
+    @property
+    def shown_limit(self) -> float:
+        """The limit in the unit `read` gives."""
+        return self.limit_bytes / 1e6 if self.measure == "size" else self.limit
+
+    @property
+    def column(self) -> str:
+        """The column's heading in the search table."""
+        return "MB" if self.measure == "size" else "bits"
+
+    def render(self, value: float) -> str:
+        """A value as tables and messages show it."""
+        return f"{value:.1f} MB" if self.measure == "size" else f"{value:.3f} bits"
 
 
 Budget = QualityBudget | LatencyBudget | SizeBudget
@@ -131,8 +277,7 @@ def improves_with_count(budget: Budget, more_is_lighter: bool) -> bool:
     bisects on the budgets that worsen and checks the others at the answer; `check` uses the
     same rule to say which budgets can bound a search.
     """
-    resource = not isinstance(budget, QualityBudget)
-    return resource == more_is_lighter
+    return budget.resource == more_is_lighter
 
 
 def check_fit(c, fit: Fit, index: ModelIndex, more_is_lighter: bool, what: str) -> None:
@@ -148,35 +293,7 @@ def check_fit(c, fit: Fit, index: ModelIndex, more_is_lighter: bool, what: str) 
     for position, budget in enumerate(fit.budgets):
         if kinds.index(kinds[position]) != position:
             c.error("this budget is given twice", budget.span, "keep one; every budget must hold")
-        if isinstance(budget, QualityBudget):
-            if budget.measure == "perplexity" and budget.limit <= 0:
-                c.error("a perplexity budget needs a positive increase", budget.span, "e.g. max-increase 10%")
-            if budget.measure == "top1" and not 0 < budget.limit <= 100:
-                c.error(f"{budget.limit:g}% is not a share of tokens", budget.span, "use a percentage in (0, 100]")
-            if budget.tokens is not None and budget.tokens < MIN_PERPLEXITY_TOKENS:
-                c.error(
-                    f"{budget.tokens} tokens are too few to measure",
-                    budget.span,
-                    f"use at least {MIN_PERPLEXITY_TOKENS}",
-                )
-            if budget.window is not None and not 2 <= budget.window <= index.max_positions:
-                c.error(
-                    f"a window of {budget.window} tokens does not fit the model",
-                    budget.span,
-                    f"use 2..{index.max_positions} (the model's context)",
-                )
-            c.text_exists(budget.data, budget.data_span or budget.span)
-        elif isinstance(budget, LatencyBudget):
-            if budget.ms <= 0:
-                c.error("a latency budget needs a positive time", budget.span, None)
-            if budget.prompt is not None and not 1 <= budget.prompt < index.max_positions:
-                c.error(
-                    f"a prompt of {budget.prompt} tokens does not fit the model",
-                    budget.span,
-                    f"use 1..{index.max_positions - 1}",
-                )
-        elif budget.limit <= 0:
-            c.error(f"a {budget.measure} budget needs a positive limit", budget.span, None)
+        budget.check(c, index)
     if not any(not improves_with_count(b, more_is_lighter) for b in fit.budgets):
         bound = "a quality budget (perplexity, kl, top-1)" if more_is_lighter else "a size, bits or latency budget"
         c.warning(

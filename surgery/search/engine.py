@@ -25,10 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from surgery import __version__
-from surgery.budgets import (
-    DEFAULT_LATENCY_PROMPT,
-    improves_with_count,
-)
+from surgery.budgets import DEFAULT_LATENCY_PROMPT, QualityRequest, improves_with_count, quality_key
 from surgery.diagnostics import Diagnostic, RecipeError
 from surgery.search.candidates import (
     SearchTarget,
@@ -38,18 +35,9 @@ from surgery.search.candidates import (
     search_targets,
     settled_recipe,
 )
-from surgery.search.measure import Job, QualityRequest, quality_key
+from surgery.search.measure import Job
 from surgery.search.rescore import RescoreOrder
-from surgery.search.results import (
-    Candidate,
-    SearchResult,
-    budget_value,
-    holds,
-    limit_of,
-    quality_request,
-    read_value,
-    shown,
-)
+from surgery.search.results import Candidate, SearchResult, budget_value
 from surgery.syntax import Recipe
 
 
@@ -95,7 +83,7 @@ class Searcher:
         from surgery.evaluate import eval_tokens, graph_perplexity
 
         for budget in fit.quality:
-            request = quality_request(budget, False, self.checked.index.max_positions)
+            request = budget.request(False, self.checked.index.max_positions)
             key = quality_key(request)
             if key in self.reference:
                 continue
@@ -112,7 +100,7 @@ class Searcher:
 
     def _job(self, fit, candidate: Recipe) -> Job:
         max_positions = self.checked.index.max_positions
-        quality = tuple(quality_request(b, b.measure != "perplexity", max_positions) for b in fit.quality)
+        quality = tuple(b.request(b.measure != "perplexity", max_positions) for b in fit.quality)
         # One request per text and size: a KL budget's comparison also gives its perplexity.
         merged: dict[str, QualityRequest] = {}
         for request in quality:
@@ -275,8 +263,8 @@ class Searcher:
                 prepare(count)
             for count, (values, cached) in self._measure(target, counts, jobs).items():
                 max_positions = self.checked.index.max_positions
-                values["values"] = {b.describe(): read_value(b, values, max_positions) for b in fit.budgets}
-                verdicts = {b.describe(): holds(b, values) for b in fit.budgets}
+                values["values"] = {b.describe(): b.read(values, max_positions) for b in fit.budgets}
+                verdicts = {b.describe(): b.holds(budget_value(b, values)) for b in fit.budgets}
                 measured[count] = Candidate(count, layers[count], values, cached, verdicts)
 
         harder = [b for b in fit.budgets if not improves_with_count(b, target.more_is_lighter)]
@@ -360,13 +348,13 @@ def _unmet(target: SearchTarget, candidates: list[Candidate], maximum: int) -> D
         excess = 0.0
         for budget in missed:
             value = budget_value(budget, candidate.measured)
-            limit = limit_of(budget)
+            limit = budget.shown_limit
             excess += abs(value - limit) / max(abs(limit), 1e-9)
         return len(missed), excess
 
     best = min(candidates, key=shortfall)
     missed = [
-        f"{b.describe()} (measured {shown(b, budget_value(b, best.measured))})"
+        f"{b.describe()} (measured {b.render(budget_value(b, best.measured))})"
         for b in target.fit.budgets
         if not best.verdicts[b.describe()]
     ]

@@ -17,18 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from surgery.budgets import QualityRequest, quality_key
 from surgery.formats.precision import precision as precision_record
 from surgery.recipe import Recipe
-
-
-@dataclass(frozen=True)
-class QualityRequest:
-    """One text to score the candidate on, and whether KL / top-1 against the original are needed."""
-
-    data: str
-    tokens: int
-    window: int
-    compare: bool  # KL and top-1 need the original model's logits beside the candidate's
 
 
 @dataclass(frozen=True)
@@ -46,11 +37,6 @@ class Job:
     prefill_prompts: tuple[int, ...] = ()
     threads: int | None = None
     scratch: str | None = None
-
-
-def quality_key(request: QualityRequest) -> str:
-    """How a quality measurement is named in results: `<text> tokens N window W`."""
-    return f"{request.data} tokens {request.tokens} window {request.window}"
 
 
 def measure_candidate(job: Job) -> dict[str, Any]:

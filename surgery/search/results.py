@@ -6,10 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from surgery.budgets import DEFAULT_BUDGET_TOKENS, DEFAULT_LATENCY_PROMPT, Budget, LatencyBudget, QualityBudget
-from surgery.checked import DEFAULT_WINDOW
+from surgery.budgets import Budget
 from surgery.search.candidates import SearchTarget
-from surgery.search.measure import QualityRequest, quality_key
 
 
 @dataclass
@@ -76,77 +74,18 @@ class SearchResult:
         }
 
 
-def budget_key(budget: Budget, max_positions: int) -> str:
-    """The measurement a budget reads from a candidate's results (windows fit the model's context)."""
-    if isinstance(budget, QualityBudget):
-        return quality_key(quality_request(budget, False, max_positions))
-    if isinstance(budget, LatencyBudget):
-        return f"{budget.measure}_ms prompt {budget.prompt or DEFAULT_LATENCY_PROMPT}"
-    return budget.measure
-
-
-def quality_request(budget: QualityBudget, compare: bool, max_positions: int = 1 << 30) -> QualityRequest:
-    """The measurement a quality budget asks of a candidate (windows fit the model's context)."""
-    window = budget.window or min(DEFAULT_WINDOW, max_positions)
-    return QualityRequest(budget.data, budget.tokens or DEFAULT_BUDGET_TOKENS, window, compare)
-
-
-def read_value(budget: Budget, measured: dict[str, Any], max_positions: int) -> float:
-    """The number a budget compares, from a candidate's measurements: increase (%), KL, top-1 (%),
-    ms, MB or bits."""
-    if isinstance(budget, QualityBudget):
-        quality = measured["quality"][budget_key(budget, max_positions)]
-        if budget.measure == "perplexity":
-            return quality["increase"] * 100
-        return quality["kl"] if budget.measure == "kl" else quality["top1"] * 100
-    if isinstance(budget, LatencyBudget):
-        return measured["latency"][budget_key(budget, max_positions)]
-    return measured["bytes"] / 1e6 if budget.measure == "size" else measured["bits"]
-
-
 def budget_value(budget: Budget, measured: dict[str, Any]) -> float:
     """The number a budget compares, as the search recorded it on the candidate (`values`)."""
     return measured["values"][budget.describe()]
 
 
-def holds(budget: Budget, measured: dict[str, Any]) -> bool:
-    """Whether the measured candidate keeps the budget."""
-    value = budget_value(budget, measured)
-    if isinstance(budget, QualityBudget):
-        return value >= budget.limit if budget.measure == "top1" else value <= budget.limit
-    if isinstance(budget, LatencyBudget):
-        return value <= budget.ms
-    limit = budget.limit_bytes / 1e6 if budget.measure == "size" else budget.limit
-    return value <= limit
-
-
-def limit_of(budget: Budget) -> float:
-    """A budget's limit in the unit its value is shown in."""
-    if isinstance(budget, QualityBudget):
-        return budget.limit
-    if isinstance(budget, LatencyBudget):
-        return budget.ms
-    return budget.limit_bytes / 1e6 if budget.measure == "size" else budget.limit
-
-
-def shown(budget: Budget, value: float) -> str:
-    """A budget's measured value as tables and messages show it."""
-    if isinstance(budget, QualityBudget):
-        return f"{value:+.2f}%" if budget.measure == "perplexity" else (
-            f"{value:.4f}" if budget.measure == "kl" else f"{value:.1f}%"
-        )  # fmt: skip
-    if isinstance(budget, LatencyBudget):
-        return f"{value:.2f} ms"
-    return f"{value:.1f} MB" if budget.measure == "size" else f"{value:.3f} bits"
-
-
 def render_table(result: SearchResult) -> str:
     """The candidates as a text table, the answer marked."""
     budgets = result.target.fit.budgets
-    header = ["count", "layers"] + [_column(b) for b in budgets] + ["fits", ""]
+    header = ["count", "layers"] + [b.column for b in budgets] + ["fits", ""]
     rows = []
     for c in sorted(result.candidates, key=lambda c: c.count):
-        values = [shown(b, budget_value(b, c.measured)) for b in budgets]
+        values = [b.render(budget_value(b, c.measured)) for b in budgets]
         shown_layers = ",".join(map(str, c.layers)) if c.layers else "-"
         if len(shown_layers) > 40:
             shown_layers = shown_layers[:37] + "..."
@@ -164,14 +103,6 @@ def render_table(result: SearchResult) -> str:
         f"{len(result.candidates) - result.built()} from the cache, {result.seconds:.1f} s"
     )
     return "\n".join([summary, *("  " + line for line in lines)])
-
-
-def _column(budget: Budget) -> str:
-    if isinstance(budget, QualityBudget):
-        return {"perplexity": "ppl increase", "kl": "KL", "top1": "top-1"}[budget.measure]
-    if isinstance(budget, LatencyBudget):
-        return f"{budget.measure} ms"
-    return "MB" if budget.measure == "size" else "bits"
 
 
 def search_json(results: list[SearchResult], settled_text: str) -> dict[str, Any]:
