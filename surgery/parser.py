@@ -21,12 +21,8 @@ from surgery.diagnostics import Diagnostic, RecipeError, did_you_mean
 from surgery.source import Source, Span
 from surgery.syntax import (
     AllLayers,
-    CalibrateStmt,
-    DropStmt,
     EvenlyLayers,
-    ExportStmt,
     FirstLayers,
-    FuseStmt,
     ImportanceRank,
     ImportanceSelector,
     ImportanceSource,
@@ -34,20 +30,9 @@ from surgery.syntax import (
     LayerIndex,
     LayerList,
     LayerRange,
-    MergeStmt,
-    ModelStmt,
-    PruneStmt,
-    QuantizeGroupStmt,
-    QuantizeRule,
-    QuantizeStmt,
     Recipe,
-    RestLayers,
-    SplitStmt,
     Statement,
-    VerifyStmt,
 )
-
-STATEMENT_KEYWORDS = ("model", "calibrate", "drop", "quantize", "verify", "fuse", "split", "prune", "merge", "export")
 
 # How expected terminals read in an error message.
 _TERMINAL_WORDS = {
@@ -71,26 +56,41 @@ _TERMINAL_WORDS = {
 }
 
 
-def registered_statements() -> list:
-    """The statement modules that declare their own syntax (`SYNTAX`, `GRAMMAR`, `BUILDERS`)."""
-    from surgery.statements import STATEMENTS
+def statement_modules() -> tuple:
+    """Every statement module, `model` first: each declares its syntax (`SYNTAX`: lark rules),
+    the rules a statement starts from (`GRAMMAR`) and its AST builders (`BUILDERS`)."""
+    from surgery.statements import STATEMENTS, model
 
-    return [module for module in STATEMENTS if hasattr(module, "SYNTAX")]
+    return (model, *STATEMENTS)
 
 
+@cache
 def grammar_text() -> str:
-    """The recipe grammar: grammar/surgery.lark, then each registered statement's rules and the
-    `registered_stmt` rule that offers them."""
-    grammar = resources.files("surgery.grammar").joinpath("surgery.lark").read_text()
-    modules = registered_statements()
+    """The recipe grammar: the `?statement` rule offering every module's statement rules, each
+    module's rules, then what they share (grammar/surgery.lark)."""
+    shared = resources.files("surgery.grammar").joinpath("surgery.lark").read_text()
+    modules = statement_modules()
     rules = [rule for module in modules for rule in module.GRAMMAR]
-    return "\n".join([grammar, *(module.SYNTAX for module in modules), "?registered_stmt: " + " | ".join(rules), ""])
+    statement = "?statement: " + "\n          | ".join(rules) + "\n"
+    return "\n".join([statement, *(module.SYNTAX for module in modules), shared])
 
 
 @cache
 def _builders() -> dict:
-    """The registered statements' AST builders by rule name."""
-    return {rule: build for module in registered_statements() for rule, build in module.BUILDERS.items()}
+    """The statement modules' AST builders by rule name."""
+    return {rule: build for module in statement_modules() for rule, build in module.BUILDERS.items()}
+
+
+@cache
+def statement_keywords() -> tuple[str, ...]:
+    """The words a statement starts with (`drop`, `quantize`, ...), read from the modules' rules."""
+    words = []
+    for module in statement_modules():
+        for rule in module.GRAMMAR:
+            found = re.search(rf'^{rule}:\s*"([a-z-]+)"', module.SYNTAX, flags=re.M)
+            if found and found[1] not in words:
+                words.append(found[1])
+    return tuple(words)
 
 
 @cache
@@ -189,7 +189,7 @@ class _ToAst:
         method = getattr(type(self), tree.data, None)
         if method is None:
             build = _builders().get(tree.data)
-            if build is not None:  # a registered statement's builder: (this builder, meta, children)
+            if build is not None:  # a statement module's builder: (this builder, meta, children)
                 return build(self, tree.meta, children)
             return lark.Tree(tree.data, children, tree.meta)
         if getattr(method, "takes_meta", False):
@@ -202,26 +202,21 @@ class _ToAst:
 
     _span = span
 
-    def _tok(self, token: Token) -> Span:
+    def tok(self, token: Token) -> Span:
+        """The source span of a token."""
         return self.source.span(self.offset + token.start_pos, self.offset + token.end_pos)
 
-    @_with_meta
-    def model_stmt(self, meta, children):
-        (string,) = children
-        return ModelStmt(spec=string[1:-1], span=self._span(meta), spec_span=self._tok(string))
+    _tok = tok
 
-    @_with_meta
-    def drop_stmt(self, meta, children):
-        part, selector = children
-        return DropStmt(part=str(part), selector=selector, span=self._span(meta))
+    @staticmethod
+    def options(options) -> dict[str, object]:
+        """Statement options (each built into a small dict) as keyword arguments."""
+        return _options(options)
 
-    @_with_meta
-    def drop_fit_stmt(self, meta, children):
-        part, rank, source, marker, *budgets = children
-        fit = _fit(budgets, marker, self._span(meta))
-        rank = replace(rank, fit=fit)
-        selector = ImportanceSelector(rank=rank, source=source, span=self.source.span(rank.span.start, fit.span.end))
-        return DropStmt(part=str(part), selector=selector, span=self._span(meta))
+    @staticmethod
+    def fit(items: list, marker: Span | None, statement: Span) -> Fit:
+        """A budget block (`as many as fit { ... }`) from its items (see `_fit`)."""
+        return _fit(items, marker, statement)
 
     @_with_meta
     def fit_rank(self, meta, children):
@@ -328,169 +323,8 @@ class _ToAst:
             file_span=self._tok(string),
         )
 
-    # calibrate, verify.
-
-    @_with_meta
-    def calibrate_stmt(self, meta, children):
-        string, *options = children
-        fields = _options(options)
-        return CalibrateStmt(data=string[1:-1], span=self._span(meta), data_span=self._tok(string), **fields)
-
-    def samples_option(self, children):
-        return {"samples": int(children[0])}
-
-    def length_option(self, children):
-        return {"length": int(children[0])}
-
-    def seed_option(self, children):
-        return {"seed": int(children[0])}
-
-    @_with_meta
-    def verify_stmt(self, meta, children):
-        string, percent, *options = children
-        fields = _options(options)
-        return VerifyStmt(
-            data=string[1:-1],
-            max_increase=float(percent[:-1]),
-            span=self._span(meta),
-            data_span=self._tok(string),
-            **fields,
-        )
-
     def tokens_option(self, children):
         return {"tokens": int(children[0])}
-
-    @_with_meta
-    def split_stmt(self, meta, children):
-        selector, experts, top_k = children
-        return SplitStmt(selector=selector, experts=int(experts), top_k=int(top_k), span=self._span(meta))
-
-    @_with_meta
-    def prune_stmt(self, meta, children):
-        selector, keep = children[0], children[1]
-        return PruneStmt(selector=selector, keep=int(keep), span=self._span(meta))
-
-    @_with_meta
-    def merge_stmt(self, meta, children):
-        selector, groups, *options = children
-        fields = _options(options)
-        return MergeStmt(selector=selector, groups=int(groups), span=self._span(meta), **fields)
-
-    def grouping_option(self, children):
-        return {"grouping": str(children[0])}
-
-    def weighting_option(self, children):
-        return {"weighting": str(children[0])}
-
-    def rank_option(self, children):
-        (token,) = children
-        if token.type == "PERCENT":
-            return {"rank_percent": float(token[:-1]), "rank_span": self._tok(token)}
-        return {"rank": int(token), "rank_span": self._tok(token)}
-
-    def prune_rule(self, children):
-        return None
-
-    # fuse.
-
-    @_with_meta
-    def fuse_stmt(self, meta, children):
-        (mode, layer), *options = children
-        fields = _options(options)
-        return FuseStmt(mode=mode, layer=layer, span=self._span(meta), **fields)
-
-    def fuse_static(self, children):
-        return "static", children[0]
-
-    def fuse_auto(self, children):
-        return "auto", None
-
-    def fuse_dynamic(self, children):
-        return "dynamic", None
-
-    def weight_option(self, children):
-        (token,) = children
-        return {"weight": float(token), "weight_span": self._tok(token)}
-
-    @_with_meta
-    def candidates_option(self, meta, children):
-        start, end = children
-        return {"candidates": LayerRange(start=start, end=end, span=self._span(meta))}
-
-    # quantize.
-
-    @_with_meta
-    def quantize_stmt(self, meta, children):
-        (part, selector), width, *options = children
-        fields = _options(options)
-        return QuantizeStmt(part=part, selector=selector, bits=int(width[3:]), span=self._span(meta), **fields)
-
-    @_with_meta
-    def quantize_layers(self, meta, children):
-        return "layers", replace(children[0], span=self._span(meta))
-
-    @_with_meta
-    def quantize_layers_by_importance(self, meta, children):
-        rank, source = children
-        return "layers", ImportanceSelector(rank=rank, source=source, span=self._span(meta))
-
-    def quantize_all_layers(self, children):
-        return "layers", None
-
-    def quantize_sublayer(self, children):
-        return str(children[0]), (children[1] if len(children) > 1 else None)
-
-    def quantize_head(self, children):
-        return "head", None
-
-    def quantize_embedding(self, children):
-        return "embedding", None
-
-    def block_option(self, children):
-        (token,) = children
-        return {"block": int(token), "block_span": self._tok(token)}
-
-    def symmetric_option(self, children):
-        return {"symmetric": True}
-
-    @_with_meta
-    def gptq_option(self, meta, children):
-        return {"gptq": True, "gptq_span": self._span(meta)}
-
-    @_with_meta
-    def quantize_group_stmt(self, meta, children):
-        part, source, *items = children
-        marker = items.pop(0) if items and isinstance(items[0], Span) else None
-        rules = tuple(item for item in items if isinstance(item, QuantizeRule))
-        budgets = [item for item in items if not isinstance(item, QuantizeRule)]
-        fit = _fit(budgets, marker, self._span(meta)) if marker is not None or budgets else None
-        return QuantizeGroupStmt(part=part, source=source, rules=rules, fit=fit, span=self._span(meta))
-
-    def group_layers(self, children):
-        return "layers"
-
-    def group_part(self, children):
-        return str(children[0])
-
-    @_with_meta
-    def quantize_rule(self, meta, children):
-        selector, width, *options = children
-        fields = _options(options)
-        return QuantizeRule(selector=selector, bits=int(width[3:]), span=self._span(meta), **fields)
-
-    def rule_importance(self, children):
-        return children[0]
-
-    def rule_fit(self, children):
-        return children[0]
-
-    @_with_meta
-    def rule_layers(self, meta, children):
-        return replace(children[0], span=self._span(meta))
-
-    @_with_meta
-    def rule_rest(self, meta, children):
-        return RestLayers(span=self._span(meta))
 
     @_with_meta
     def all_layers(self, meta, children):
@@ -526,28 +360,6 @@ class _ToAst:
     @_with_meta
     def layer_index(self, meta, children):
         return LayerIndex(value=int(children[0]), span=self._span(meta))
-
-    @_with_meta
-    def export_stmt(self, meta, children):
-        return ExportStmt(format=str(children[0]), span=self._span(meta), **_options(children[1:]))
-
-    def opset_option(self, children):
-        (token,) = children
-        return {"opset": int(token), "opset_span": self._tok(token)}
-
-    def without_option(self, children):
-        return {"kv_cache": False}
-
-    def precision_option(self, children):
-        (token,) = children
-        return {"precision": str(token), "precision_span": self._tok(token)}
-
-    def target_option(self, children):
-        (token,) = children
-        return {"target": str(token)}
-
-    def with_option(self, children):
-        return {"position_ids": True}
 
 
 @lru_cache(maxsize=256)
@@ -608,13 +420,13 @@ def _syntax_diagnostic(problem: _SyntaxProblem, source: Source, chunk_start: int
     keywords = _keywords_in(problem.expected)
     shown = found if len(found) <= 40 else found[:40] + "\u2026"
     # Where a statement keyword is expected, a wrong word is an unknown statement keyword.
-    if set(keywords) >= set(STATEMENT_KEYWORDS) and found not in STATEMENT_KEYWORDS:
+    if set(keywords) >= set(statement_keywords()) and found not in statement_keywords():
         return Diagnostic(
             "error",
             f"unknown keyword '{shown}'",
             span,
-            hint=did_you_mean(found, STATEMENT_KEYWORDS)
-            or "a statement starts with one of: " + ", ".join(STATEMENT_KEYWORDS),
+            hint=did_you_mean(found, statement_keywords())
+            or "a statement starts with one of: " + ", ".join(statement_keywords()),
         )
     hint = did_you_mean(found, keywords) if found.isalpha() else None
     expected = _describe_expected(problem.expected)

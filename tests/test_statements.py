@@ -11,18 +11,13 @@ from surgery.statements import STATEMENTS, for_step, model
 
 
 def _statement_rules() -> set[str]:
-    """The statement rules the parser offers: the grammar file's, and those the registered
-    statement modules bring (`registered_stmt`, assembled by surgery/parser.py)."""
+    """The statement rules the parser offers (its `?statement` rule, assembled from the modules)."""
     from surgery.parser import grammar_text
 
     grammar = grammar_text()
-    rules = set()
-    for head in ("?statement:", "?registered_stmt:"):
-        start = grammar.index(head)
-        end = grammar.find("\n\n", start)
-        block = grammar[start : end if end >= 0 else len(grammar)]
-        rules |= set(re.findall(r"\b(\w+_stmt)\b", block.split(":", 1)[1]))
-    return rules - {"registered_stmt"}
+    start = grammar.index("?statement:")
+    block = grammar[start : grammar.index("\n\n", start)]
+    return set(re.findall(r"\b(\w+_stmt)\b", block.split(":", 1)[1]))
 
 
 def test_every_grammar_statement_rule_has_exactly_one_module():

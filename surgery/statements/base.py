@@ -2,7 +2,9 @@
 
 A statement module (surgery/statements/<name>.py) is the one home of a recipe statement:
 - `NODES`: its syntax node class(es), frozen dataclasses with source spans;
-- `GRAMMAR`: the rule names in grammar/surgery.lark it is parsed from;
+- `SYNTAX`: its lark rules (the parser puts them with grammar/surgery.lark's shared ones);
+- `GRAMMAR`: the rules its statements start from (offered by the grammar's `?statement`);
+- `BUILDERS`: the AST builder of each of its rules, `(builder, meta, children) -> node`;
 - `unparse(node)`: its canonical text;
 - `check(checker, index, done)`: its check against the model index (config only), returning
   its resolved form (`done` holds the statements checked before it, by module name);
@@ -12,7 +14,8 @@ A statement module (surgery/statements/<name>.py) is the one home of a recipe st
 - optionally `metrics(resolved)`: the computed importance metrics it ranks by (by default those
   of its resolved items' importance queries).
 `surgery.check`, `surgery.planner` and `surgery.syntax.unparse` are loops over `STATEMENTS`;
-adding a statement adds its module and one line to `STATEMENTS` (and its grammar rule).
+adding a statement adds its module and one line to `STATEMENTS`; the parser and the grammar
+collect its syntax from the module.
 """
 
 from __future__ import annotations

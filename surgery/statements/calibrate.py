@@ -34,6 +34,25 @@ class CalibrateStmt:
 NODES = (CalibrateStmt,)
 GRAMMAR = ("calibrate_stmt",)
 
+SYNTAX = """
+calibrate_stmt: "calibrate" "on" STRING calibrate_option*
+?calibrate_option: "samples" INT -> samples_option
+                 | "length" INT  -> length_option
+                 | "seed" INT    -> seed_option
+"""
+
+def _calibrate_stmt(ast, meta, children) -> CalibrateStmt:
+    string, *options = children
+    return CalibrateStmt(data=string[1:-1], span=ast.span(meta), data_span=ast.tok(string), **ast.options(options))
+
+
+BUILDERS = {
+    "calibrate_stmt": _calibrate_stmt,
+    "samples_option": lambda ast, meta, children: {"samples": int(children[0])},
+    "length_option": lambda ast, meta, children: {"length": int(children[0])},
+    "seed_option": lambda ast, meta, children: {"seed": int(children[0])},
+}
+
 
 def unparse(statement: CalibrateStmt) -> str:
     """Canonical text."""

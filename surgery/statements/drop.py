@@ -1,11 +1,11 @@
 """`drop attention|mlp|block <selector>`: remove sub-blocks or whole layers.
 
-Grammar: `drop_stmt` in grammar/surgery.lark. Passes: passes/drop_attention.py, drop_mlp.py,
+Grammar: `drop_stmt` (`SYNTAX` below). Passes: passes/drop_attention.py, drop_mlp.py,
 drop_block.py (by the plan step's action)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery.budgets import check_fit
@@ -48,6 +48,27 @@ class ResolvedDrop:
 
 NODES = (DropStmt,)
 GRAMMAR = ("drop_stmt",)
+
+SYNTAX = """
+drop_stmt: "drop" PART selector
+         | "drop" PART fit_rank importance_source fit_marker "{" budget* "}" -> drop_fit_stmt
+PART: "attention" | "mlp" | "block"
+"""
+
+def _drop_stmt(ast, meta, children) -> DropStmt:
+    part, selector = children
+    return DropStmt(part=str(part), selector=selector, span=ast.span(meta))
+
+
+def _drop_fit_stmt(ast, meta, children) -> DropStmt:
+    part, rank, source, marker, *budgets = children
+    fit = ast.fit(budgets, marker, ast.span(meta))
+    rank = replace(rank, fit=fit)
+    selector = ImportanceSelector(rank=rank, source=source, span=ast.source.span(rank.span.start, fit.span.end))
+    return DropStmt(part=str(part), selector=selector, span=ast.span(meta))
+
+
+BUILDERS = {"drop_stmt": _drop_stmt, "drop_fit_stmt": _drop_fit_stmt}
 
 
 def unparse(statement: DropStmt) -> str:

@@ -1,6 +1,6 @@
 """`export onnx [opset N] [without kv-cache] [with position-ids] [precision fp32|fp16|bf16]
 [for cpu|cuda]`: the export options.
-Grammar: `export_stmt`. Run by surgery/export/decoder.py (`export onnx` step)."""
+Grammar: `export_stmt`. Its step runs surgery/executor/export.py (the exporter, surgery/export/decoder.py)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,35 @@ class ExportStmt:
 
 NODES = (ExportStmt,)
 GRAMMAR = ("export_stmt",)
+
+SYNTAX = """
+export_stmt: "export" FORMAT export_option*
+FORMAT: "onnx"
+?export_option: "opset" INT                -> opset_option
+              | "without" KV_CACHE         -> without_option
+              | "with" POSITION_IDS        -> with_option
+              | "precision" PRECISION      -> precision_option
+              | "for" TARGET               -> target_option
+PRECISION: "fp32" | "fp16" | "bf16"
+TARGET: "cpu" | "cuda"
+KV_CACHE: "kv-cache"
+POSITION_IDS: "position-ids"
+"""
+
+def _export_stmt(ast, meta, children) -> ExportStmt:
+    return ExportStmt(format=str(children[0]), span=ast.span(meta), **ast.options(children[1:]))
+
+
+BUILDERS = {
+    "export_stmt": _export_stmt,
+    "opset_option": lambda ast, meta, children: {"opset": int(children[0]), "opset_span": ast.tok(children[0])},
+    "without_option": lambda ast, meta, children: {"kv_cache": False},
+    "precision_option": lambda ast, meta, children: {
+        "precision": str(children[0]), "precision_span": ast.tok(children[0])
+    },
+    "target_option": lambda ast, meta, children: {"target": str(children[0])},
+    "with_option": lambda ast, meta, children: {"position_ids": True},
+}
 
 
 def unparse(statement: ExportStmt) -> str:

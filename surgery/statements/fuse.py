@@ -51,6 +51,32 @@ class ResolvedFuse:
 NODES = (FuseStmt,)
 GRAMMAR = ("fuse_stmt",)
 
+SYNTAX = """
+// fuse layer N|auto|dynamic into head [weight A] [candidates a..b]
+fuse_stmt: "fuse" "layer" fuse_layer "into" "head" fuse_option*
+?fuse_layer: layer_index  -> fuse_static
+           | "auto"       -> fuse_auto
+           | "dynamic"    -> fuse_dynamic
+?fuse_option: "weight" NUMBER                           -> weight_option
+            | "candidates" layer_index ".." layer_index -> candidates_option
+"""
+
+def _fuse_stmt(ast, meta, children) -> FuseStmt:
+    (mode, layer), *options = children
+    return FuseStmt(mode=mode, layer=layer, span=ast.span(meta), **ast.options(options))
+
+
+BUILDERS = {
+    "fuse_stmt": _fuse_stmt,
+    "fuse_static": lambda ast, meta, children: ("static", children[0]),
+    "fuse_auto": lambda ast, meta, children: ("auto", None),
+    "fuse_dynamic": lambda ast, meta, children: ("dynamic", None),
+    "weight_option": lambda ast, meta, children: {"weight": float(children[0]), "weight_span": ast.tok(children[0])},
+    "candidates_option": lambda ast, meta, children: {
+        "candidates": LayerRange(start=children[0], end=children[1], span=ast.span(meta))
+    },
+}
+
 
 def default_fuse_candidates(layers: int) -> tuple[int, ...]:
     """Even layers of the latter half, never the last (fusing the last layer changes nothing)."""

@@ -1,8 +1,8 @@
 """`drop heads <query heads> of <selector>`: remove query heads from the attention of some layers.
 
-Its syntax (`SYNTAX`, collected into the grammar by surgery/parser.py), its syntax node and
-builder, its check, its plan step and the step's description and run live here; its graph
-pass is passes/drop_heads.py; the rule both check and pass hold to is surgery/head_rules.py.
+Its syntax, node and builder, check, plan step and the step's description and run live here
+(as in every statement module); its graph pass is passes/drop_heads.py; the rule both check and
+pass hold to is surgery/head_rules.py.
 Head numbers are the original model's, 0-based, ranges inclusive (`0, 4..5`).
 """
 

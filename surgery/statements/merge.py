@@ -53,6 +53,35 @@ class ResolvedMerge:
 NODES = (MergeStmt,)
 GRAMMAR = ("merge_stmt",)
 
+SYNTAX = """
+// merge experts <selector> to M [grouping output|router] [weighting frequency|uniform] [rank R|P%]
+merge_stmt: "merge" "experts" selector "to" INT merge_option*
+?merge_option: "grouping" GROUPING   -> grouping_option
+             | "weighting" WEIGHTING -> weighting_option
+             | "rank" (PERCENT | INT) -> rank_option
+GROUPING: "output" | "router"
+WEIGHTING: "frequency" | "uniform"
+"""
+
+def _merge_stmt(ast, meta, children) -> MergeStmt:
+    selector, groups, *options = children
+    return MergeStmt(selector=selector, groups=int(groups), span=ast.span(meta), **ast.options(options))
+
+
+def _rank_option(ast, meta, children) -> dict:
+    (token,) = children
+    if token.type == "PERCENT":
+        return {"rank_percent": float(token[:-1]), "rank_span": ast.tok(token)}
+    return {"rank": int(token), "rank_span": ast.tok(token)}
+
+
+BUILDERS = {
+    "merge_stmt": _merge_stmt,
+    "grouping_option": lambda ast, meta, children: {"grouping": str(children[0])},
+    "weighting_option": lambda ast, meta, children: {"weighting": str(children[0])},
+    "rank_option": _rank_option,
+}
+
 
 def unparse(statement: MergeStmt) -> str:
     """Canonical text."""

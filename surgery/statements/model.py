@@ -32,6 +32,17 @@ class ModelStmt:
 NODES = (ModelStmt,)
 GRAMMAR = ("model_stmt",)
 
+SYNTAX = """
+model_stmt: "model" STRING
+"""
+
+def _model_stmt(ast, meta, children) -> ModelStmt:
+    (string,) = children
+    return ModelStmt(spec=string[1:-1], span=ast.span(meta), spec_span=ast.tok(string))
+
+
+BUILDERS = {"model_stmt": _model_stmt}
+
 
 def unparse(statement: ModelStmt) -> str:
     """Canonical text."""

@@ -44,6 +44,19 @@ class ResolvedPrune:
 NODES = (PruneStmt,)
 GRAMMAR = ("prune_stmt",)
 
+SYNTAX = """
+// prune experts <selector> to M [by frequency]
+prune_stmt: "prune" "experts" selector "to" INT prune_rule?
+prune_rule: "by" "frequency"
+"""
+
+def _prune_stmt(ast, meta, children) -> PruneStmt:
+    selector, keep = children[0], children[1]
+    return PruneStmt(selector=selector, keep=int(keep), span=ast.span(meta))
+
+
+BUILDERS = {"prune_stmt": _prune_stmt, "prune_rule": lambda ast, meta, children: None}
+
 
 def unparse(statement: PruneStmt) -> str:
     """Canonical text."""

@@ -104,6 +104,76 @@ class ResolvedQuantize:
 NODES = (QuantizeStmt, QuantizeGroupStmt)
 GRAMMAR = ("quantize_stmt", "quantize_group_stmt")
 
+SYNTAX = """
+// quantize <part> [<selector>] to int4|int8 [block N] [symmetric] [gptq]; part: layers, attention, mlp, head, embedding
+quantize_stmt: "quantize" quantize_target "to" WIDTH quantize_option*
+?quantize_target: "layers" layer_set         -> quantize_layers
+                | "layers" importance_rank importance_source -> quantize_layers_by_importance
+                | "layers"                   -> quantize_all_layers
+                | SUBLAYER selector?         -> quantize_sublayer
+                | "head"                     -> quantize_head
+                | "embedding"                -> quantize_embedding
+SUBLAYER: "attention" | "mlp"
+WIDTH: "int4" | "int8"
+?quantize_option: "block" INT  -> block_option
+                | "symmetric"  -> symmetric_option
+                | "gptq"       -> gptq_option
+
+// quantize layers by <source> { <rule> -> <width> ... }: the first rule that matches a layer wins.
+quantize_group_stmt: "quantize" group_part importance_source fit_marker? "{" group_item* "}"
+?group_item: quantize_rule
+           | budget
+group_part: "layers" -> group_layers
+          | SUBLAYER
+quantize_rule: rule_selector "->" WIDTH quantize_option*
+?rule_selector: importance_rank      -> rule_importance
+              | fit_rank             -> rule_fit
+              | "layers" layer_set   -> rule_layers
+              | "rest"               -> rule_rest
+"""
+
+def _quantize_stmt(ast, meta, children) -> QuantizeStmt:
+    (part, selector), width, *options = children
+    return QuantizeStmt(part=part, selector=selector, bits=int(width[3:]), span=ast.span(meta), **ast.options(options))
+
+
+def _quantize_group_stmt(ast, meta, children) -> QuantizeGroupStmt:
+    part, source, *items = children
+    marker = items.pop(0) if items and isinstance(items[0], Span) else None
+    rules = tuple(item for item in items if isinstance(item, QuantizeRule))
+    budgets = [item for item in items if not isinstance(item, QuantizeRule)]
+    fit = ast.fit(budgets, marker, ast.span(meta)) if marker is not None or budgets else None
+    return QuantizeGroupStmt(part=part, source=source, rules=rules, fit=fit, span=ast.span(meta))
+
+
+def _quantize_rule(ast, meta, children) -> QuantizeRule:
+    selector, width, *options = children
+    return QuantizeRule(selector=selector, bits=int(width[3:]), span=ast.span(meta), **ast.options(options))
+
+
+BUILDERS = {
+    "quantize_stmt": _quantize_stmt,
+    "quantize_layers": lambda ast, meta, children: ("layers", replace(children[0], span=ast.span(meta))),
+    "quantize_layers_by_importance": lambda ast, meta, children: (
+        "layers", ImportanceSelector(rank=children[0], source=children[1], span=ast.span(meta))
+    ),
+    "quantize_all_layers": lambda ast, meta, children: ("layers", None),
+    "quantize_sublayer": lambda ast, meta, children: (str(children[0]), children[1] if len(children) > 1 else None),
+    "quantize_head": lambda ast, meta, children: ("head", None),
+    "quantize_embedding": lambda ast, meta, children: ("embedding", None),
+    "block_option": lambda ast, meta, children: {"block": int(children[0]), "block_span": ast.tok(children[0])},
+    "symmetric_option": lambda ast, meta, children: {"symmetric": True},
+    "gptq_option": lambda ast, meta, children: {"gptq": True, "gptq_span": ast.span(meta)},
+    "quantize_group_stmt": _quantize_group_stmt,
+    "group_layers": lambda ast, meta, children: "layers",
+    "group_part": lambda ast, meta, children: str(children[0]),
+    "quantize_rule": _quantize_rule,
+    "rule_importance": lambda ast, meta, children: children[0],
+    "rule_fit": lambda ast, meta, children: children[0],
+    "rule_layers": lambda ast, meta, children: replace(children[0], span=ast.span(meta)),
+    "rule_rest": lambda ast, meta, children: RestLayers(span=ast.span(meta)),
+}
+
 
 def _width(item: QuantizeStmt | QuantizeRule | ResolvedQuantize) -> str:
     text = f"int{item.bits}"

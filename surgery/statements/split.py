@@ -48,6 +48,18 @@ class ResolvedSplit:
 NODES = (SplitStmt,)
 GRAMMAR = ("split_stmt",)
 
+SYNTAX = """
+// split mlp <selector> into E experts top K
+split_stmt: "split" "mlp" selector "into" INT "experts" "top" INT
+"""
+
+def _split_stmt(ast, meta, children) -> SplitStmt:
+    selector, experts, top_k = children
+    return SplitStmt(selector=selector, experts=int(experts), top_k=int(top_k), span=ast.span(meta))
+
+
+BUILDERS = {"split_stmt": _split_stmt}
+
 
 def unparse(statement: SplitStmt) -> str:
     """Canonical text."""

@@ -1,6 +1,6 @@
 """`verify perplexity on "<text>" max-increase P% [tokens N]`: after export, the output's
 perplexity in onnxruntime against the original model's in PyTorch must stay within the bound.
-Grammar: `verify_stmt`. Run by surgery/pipeline.py (`verify perplexity` step)."""
+Grammar: `verify_stmt`. Its step runs surgery/executor/perplexity.py."""
 
 from __future__ import annotations
 
@@ -35,6 +35,20 @@ class VerifyStmt:
 
 NODES = (VerifyStmt,)
 GRAMMAR = ("verify_stmt",)
+
+SYNTAX = """
+// verify perplexity on "<text>" max-increase P% [tokens N]
+verify_stmt: "verify" "perplexity" "on" STRING "max-increase" PERCENT verify_option*
+?verify_option: "tokens" INT -> tokens_option
+"""
+
+def _verify_stmt(ast, meta, children) -> VerifyStmt:
+    string, percent, *options = children
+    return VerifyStmt(data=string[1:-1], max_increase=float(percent[:-1]), span=ast.span(meta),
+                      data_span=ast.tok(string), **ast.options(options))  # fmt: skip
+
+
+BUILDERS = {"verify_stmt": _verify_stmt}
 
 
 def unparse(statement: VerifyStmt) -> str:
