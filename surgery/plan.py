@@ -15,6 +15,7 @@ from typing import Any
 from surgery.diagnostics import Diagnostic
 from surgery.export.options import ExportOptions
 from surgery.formats.names import EMBEDDING, LINEAR_ORDER, linear_kind
+from surgery.formats.weights import QuantizedTarget, WeightFormat
 from surgery.layers import format_layers
 from surgery.plan_step import PlanStep
 
@@ -46,16 +47,16 @@ class Plan:
         `phases`, default all) needs the whole model in memory."""
         return not any(step.needs_whole_model for step in self.steps if phases is None or step.phase in phases)
 
-    def quantization(self) -> dict[str, dict[str, Any]]:
-        """Final width per quantized tensor (linear layers, and `model.embed_tokens` for the
+    def quantization(self) -> dict[str, QuantizedTarget]:
+        """Final format per quantized tensor (linear layers, and `model.embed_tokens` for the
         embedding): later quantize statements override earlier ones."""
-        final: dict[str, dict[str, Any]] = {}
+        final: dict[str, QuantizedTarget] = {}
         for step in self.steps:
             if step.action == "quantize":
                 p = step.parameters
+                target = QuantizedTarget(WeightFormat(p["bits"], p["block"], p["symmetric"]), bool(p.get("gptq")))
                 for linear in step.targets:
-                    final[linear] = {"bits": p["bits"], "block": p["block"], "symmetric": p["symmetric"],
-                                     "gptq": bool(p.get("gptq"))}  # fmt: skip
+                    final[linear] = target
         return final
 
     def to_json(self) -> dict[str, Any]:
@@ -114,16 +115,16 @@ class Plan:
             lines.append("  quantized linear layers: " + ", ".join(f"{n} at {w}" for w, n in widths.items()))
         embedding = self.quantization().get(EMBEDDING)
         if embedding:
-            lines.append(f"  quantized embedding: int{embedding['bits']}")
+            lines.append(f"  quantized embedding: {embedding.format.name}")
         return "\n".join(lines)
 
 
-def _count_widths(assignment: dict[str, dict[str, Any]]) -> dict[str, int]:
+def _count_widths(assignment: dict[str, QuantizedTarget]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for target, config in assignment.items():
         if target == EMBEDDING:
             continue
-        key = f"int{config['bits']}"
+        key = config.format.name
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))
 

@@ -23,6 +23,7 @@ from conftest import run_cli, write
 from surgery.calibration import CalibrationSpec
 from surgery.export.decoder import export_decoder
 from surgery.export.options import ExportOptions
+from surgery.formats.weights import WeightFormat
 from surgery.importance.compute import ScoreRequest, compute_importance
 from surgery.importance.measures import residual_statistics
 from surgery.models import builtin
@@ -171,7 +172,7 @@ def test_quantizing_while_writing_writes_what_the_quantize_pass_writes(tmp_path)
     assignment = [(node, *settings[i % len(settings)]) for i, (_, node) in enumerate(linears)]
     model = onnx.load(str(tmp_path / "float" / "model.onnx"))
     run_pass(Quantize(assignment=tuple(assignment)), model)
-    written = tuple((linear, *settings[i % len(settings)]) for i, (linear, _) in enumerate(linears))
+    written = tuple((linear, WeightFormat(*settings[i % len(settings)])) for i, (linear, _) in enumerate(linears))
     result = export_decoder(graph, str(tmp_path / "written"), ExportOptions(untie_head=True, quantize_linears=written))
     streamed = onnx.load(str(tmp_path / "written" / "model.onnx"))
     assert result.parameter_count == export.parameter_count
@@ -196,9 +197,9 @@ def test_the_exact_check_of_a_quantized_export_needs_the_quantized_weights(tmp_p
     out = tmp_path / "out"
     out.mkdir()
     assignment = tuple(
-        (f"model.layers.{i}.{part}", 4, 32, False) for i in range(graph.index.num_layers)
+        (f"model.layers.{i}.{part}", WeightFormat(4, 32, False)) for i in range(graph.index.num_layers)
         for part in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
-    ) + (("lm_head", 8, 32, True),)  # fmt: skip
+    ) + (("lm_head", WeightFormat(8, 32, True)),)  # fmt: skip
     export_decoder(graph, str(out), ExportOptions(untie_head=True, quantize_linears=assignment))
     twin = float_compute_twin(str(out))
     tokenizer = builtin.byte_tokenizer()

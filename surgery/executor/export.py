@@ -34,7 +34,7 @@ def export_model(run: Run) -> None:
         run.clock.lap("gptq")
     if run.stream and linears:
         # Quantized as they are written: no float copy of the model is written or read back.
-        assignment = tuple((linear, c["bits"], c["block"], c["symmetric"]) for linear, c in linears.items())
+        assignment = tuple((linear, target.format) for linear, target in linears.items())
         options = replace(options, quantize_linears=assignment, accuracy_level=ACCURACY_LEVELS[options.target])
     run.options = options
     kv = "with" if plan.export.kv_cache else "without"
@@ -54,10 +54,10 @@ def export_model(run: Run) -> None:
     (run.folder.path / "recipe.surg").write_text(run.text, encoding="utf-8")
 
 
-def _gptq(run: Run, linears: dict[str, dict]) -> dict:
+def _gptq(run: Run, linears: dict) -> dict:
     """GPTQ blocks for the linears marked `gptq`, calibrated on the recipe's calibration tokens
     (surgery.calibrated_quantization); empty when none is."""
-    settings = {linear: (c["bits"], c["block"], c["symmetric"]) for linear, c in linears.items() if c.get("gptq")}
+    settings = {linear: (t.format.bits, t.format.block, t.format.symmetric) for linear, t in linears.items() if t.gptq}
     if not settings:
         return {}
     from surgery.calibrated_quantization import calibrated_blocks

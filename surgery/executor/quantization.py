@@ -43,8 +43,8 @@ def quantize_output(run: Run, steps: list[PlanStep]) -> None:
     linears = {target: config for target, config in quantization.items() if target != EMBEDDING}
     if linears:
         assignment = tuple(
-            (export.linears[linear], config["bits"], config["block"], config["symmetric"])
-            for linear, config in linears.items()
+            (export.linears[linear], target.format.bits, target.format.block, target.format.symmetric)
+            for linear, target in linears.items()
         )
         # int8 activations on CPU (accuracy_level 4, the fast path there); float compute on CUDA.
         quantize = Quantize(assignment=assignment, accuracy_level=ACCURACY_LEVELS[plan.export.target])
@@ -60,11 +60,12 @@ def quantize_output(run: Run, steps: list[PlanStep]) -> None:
         progress(f"quantize: {result.summary}")
         linear_steps = [step for step in steps if step.targets != (EMBEDDING,)]
         record = pass_record(quantize, result, linear_steps[0].source if linear_steps else None)
-        record["parameters"] = {"linears": linears}
+        record["parameters"] = {"linears": {linear: target.to_json() for linear, target in linears.items()}}
         run.passes.append(record)
     if embedding:
+        table = embedding.format
         quantize_embedding = QuantizeEmbedding(
-            bits=embedding["bits"], block=embedding["block"], symmetric=embedding["symmetric"], tied_head=run.tied_head
+            bits=table.bits, block=table.block, symmetric=table.symmetric, tied_head=run.tied_head
         )
         result = run_pass(quantize_embedding, model)
         progress(f"quantize embedding: {result.summary}")

@@ -42,10 +42,8 @@ from onnx import TensorProto, helper
 from surgery.export.options import ExportOptions
 from surgery.export.writer import GraphWriter
 from surgery.models.graph import DecoderGraph
-from surgery.nodes.context import MS
 from surgery.nodes.moe import emit_moe, is_moe
 from surgery.nodes.norm import RMSNorm
-from surgery.quantization import quantize_blocks_nk
 
 # The element type every component writes (weights, activations, KV cache and logits) is the
 # export's one `Precision` record (surgery.formats.precision), read by every component.
@@ -123,7 +121,7 @@ class _Emitter:
         self.residual = ""
         self.pending: str | None = None  # a sub-block's output not yet added to the residual
         self.linears: dict[str, str] = {}
-        self.quantized = {linear: (bits, block, sym) for linear, bits, block, sym in options.quantize_linears}
+        self.quantized = dict(options.quantize_linears)  # linear -> WeightFormat
         self.context_length = int(graph.config.max_position_embeddings)
 
     def array(self, tensor: torch.Tensor) -> np.ndarray:
@@ -144,37 +142,25 @@ class _Emitter:
         `parameter=False`: the weight is counted elsewhere (a tied head written on its own).
 
         A float MatMul against the transposed weight, or, when the options assign this linear a
-        width, a MatMulNBits written straight from the float weight: the quantized model is
-        produced in one streaming pass, holding one weight at a time (names as onnxruntime's
-        quantizer gives them: `<node>_Q<bits>`, `<weight>_Q<bits>`, `_scales`, `_zero_points`).
+        weight format, the format's node written straight from the float weight (its `emit_linear`):
+        the quantized model is produced in one streaming pass, holding one weight at a time.
         """
         self.linears[linear] = node
         # The MatMul's output name either way, as the quantize pass keeps it.
         outputs = [output or f"{node}/output_0"]
-        setting = self.quantized.get(linear)
-        if setting is None:
+        stored = self.quantized.get(linear)
+        if stored is None:
             operand = self.w.weight(weight_name, self.array(weight).T, parameter=parameter)
             return self.w.node("MatMul", [x, operand], node, outputs)[0]
-        bits, block, symmetric = setting
         blocks = self.calibrated.get(linear)  # GPTQ's, when the recipe asked for it
         if blocks is None:
-            blocks = quantize_blocks_nk(weight, bits, block, symmetric)
+            blocks = stored.quantize(weight)
         if self.dtype is not np.float32:  # scales in the element type, as the quantizer writes them
             blocks = replace(blocks, scales=blocks.scales.astype(self.dtype))
         n, k = weight.shape
         if parameter:
             self.w.parameter_count += n * k  # the float parameters these blocks stand for
-        inputs = [
-            x,
-            self.w.weight(f"{weight_name}_Q{bits}", blocks.packed, parameter=False),
-            self.w.weight(f"{weight_name}_scales", blocks.scales, parameter=False),
-        ]
-        if blocks.zero_points is not None:
-            inputs.append(self.w.weight(f"{weight_name}_zero_points", blocks.zero_points, parameter=False))
-        level = {"accuracy_level": self.options.accuracy_level} if self.options.accuracy_level else {}
-        return self.w.node(
-            "MatMulNBits", inputs, f"{node}_Q{bits}", outputs, MS, K=k, N=n, bits=bits, block_size=block, **level
-        )[0]
+        return stored.emit_linear(self.w, x, weight_name, blocks, node, outputs, n, k, self.options.accuracy_level)
 
     def scalar(self, value: float) -> str:
         """A scalar constant in the element type."""

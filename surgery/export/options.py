@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from surgery.formats.precision import Precision, precision
+from surgery.formats.weights import WeightFormat
 
 DEFAULT_OPSET = 21
 SUPPORTED_OPSETS = range(17, 24)
@@ -42,9 +43,9 @@ class ExportOptions:
     # The execution provider the output is built for (`export onnx for cpu|cuda`): it picks the
     # default precision and the provider options written into genai_config.json.
     target: str = "cpu"
-    # Linear layers written as MatMulNBits as they are exported, each (linear, bits, block,
-    # symmetric): one weight in memory at a time, never a float copy of the model on disk.
-    quantize_linears: tuple[tuple[str, int, int, bool], ...] = ()
+    # Linear layers written quantized as they are exported, each (linear, its WeightFormat): one
+    # weight in memory at a time, never a float copy of the model on disk.
+    quantize_linears: tuple[tuple[str, WeightFormat], ...] = ()
     # MatMulNBits' accuracy_level for those: 4 (int8 activations) on CPU, 0 (float) on CUDA.
     accuracy_level: int = 4
 

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from surgery.budgets import check_fit
 from surgery.diagnostics import Diagnostic
+from surgery.formats.names import EMBEDDING, HEAD
+from surgery.formats.weights import BLOCKS, DEFAULT_BLOCK, WeightFormat
 from surgery.layers import format_layers
 from surgery.plan_step import PlanStep, Run
 from surgery.selection import ImportanceQuery
@@ -35,10 +37,9 @@ if TYPE_CHECKING:
     from surgery.statements.base import Checker, PlanState
 
 
-DEFAULT_QUANT_BLOCK = 32
-QUANT_BLOCKS = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
+DEFAULT_QUANT_BLOCK = DEFAULT_BLOCK  # the weight format's facts (surgery/formats/weights.py)
+QUANT_BLOCKS = BLOCKS
 QuantizePart = Literal["layers", "attention", "mlp", "head", "embedding"]
-EMBEDDING = "model.embed_tokens"  # the plan target of `quantize embedding`
 
 
 @dataclass(frozen=True)
@@ -377,7 +378,7 @@ def plan(state: PlanState) -> list[PlanStep]:
         }
         if item.part in ("head", "embedding"):
             layers: tuple[int, ...] = ()
-            targets = ["lm_head" if item.part == "head" else EMBEDDING]
+            targets = [HEAD if item.part == "head" else EMBEDDING]
         else:
             present = {"layers": blocks, "attention": attention, "mlp": mlp}[item.part]
             candidates = sorted(present)
@@ -429,7 +430,7 @@ def plan(state: PlanState) -> list[PlanStep]:
                 note=note,
             )
         )
-    embedding, head = owner.get(EMBEDDING), owner.get("lm_head")
+    embedding, head = owner.get(EMBEDDING), owner.get(HEAD)
     if embedding is not None and index.tied_embeddings:
         same = head is not None and (head.bits, head.block, head.symmetric) == (
             embedding.bits, embedding.block, embedding.symmetric
@@ -468,13 +469,12 @@ class QuantizeStep(PlanStep):
         p = self.parameters
         part = {"layers": "linears", "attention": "attention linears", "mlp": "MLP linears"}.get(p["part"], "")
         layers = f"layers {format_layers(self.layers)}" if self.layers else "no layer"
-        kind = "symmetric" if p["symmetric"] else "asymmetric"
-        if p.get("gptq"):
-            kind += ", GPTQ on the calibration data"
+        stored = WeightFormat(p["bits"], p["block"], p["symmetric"])
+        note = "GPTQ on the calibration data" if p.get("gptq") else ""
         if p["part"] == "embedding":
-            return f"quantize embedding to int{p['bits']} (GatherBlockQuantized, block {p['block']}, {kind})"
+            return f"quantize embedding to {stored.describe(stored.embedding_operator, note)}"
         what = "head" if p["part"] == "head" else f"{part} of {layers}"
-        return f"quantize {what} to int{p['bits']} (MatMulNBits, block {p['block']}, {kind})"
+        return f"quantize {what} to {stored.describe(note=note)}"
 
     @classmethod
     def run_all(cls, run: Run, steps: list[PlanStep]) -> None:
