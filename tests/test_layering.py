@@ -73,9 +73,9 @@ def _importers(graph: nx.DiGraph, prefix: str) -> set[str]:
 
 def test_the_pipeline_and_the_search_sit_on_top():
     graph = _imports()
-    assert _importers(graph, "surgery.pipeline") <= {"surgery.cli"}
+    assert all(_under(module, "surgery.cli") for module in _importers(graph, "surgery.pipeline"))
     # The search is handed what it needs by the pipeline (which builds its candidates).
-    assert _importers(graph, "surgery.search") <= {"surgery.cli", "surgery.pipeline"}
+    assert all(_under(module, "surgery.cli", "surgery.pipeline") for module in _importers(graph, "surgery.search"))
 
 
 def test_the_executor_knows_no_statement_and_the_plan_no_executor():

@@ -1,0 +1,188 @@
+"""`surgery check`, `plan` and `apply`: a recipe through the pipeline (surgery/pipeline.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from surgery.cli.codes import (
+    EXIT_OK,
+    EXIT_VERIFY_FAILED,
+)
+
+
+class ProgressLines:
+    """Phase lines on stderr with the time since the start."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        """Print one phase line."""
+        print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _print_warnings(warnings) -> None:
+    from surgery.diagnostics import render_all
+
+    if warnings:
+        print(render_all(warnings), file=sys.stderr)
+
+
+def run_check(args) -> int:
+    """`surgery check`: parse and check a recipe against its model's config; print what was found."""
+    from surgery.pipeline import check_recipe
+
+    _, checked = check_recipe(args.recipe, args.model)
+    _print_warnings(checked.warnings)
+    index = checked.index
+    print(f"ok: {args.recipe} checks against {checked.spec.text} ({index.architecture}, {index.num_layers} layers)")
+    return EXIT_OK
+
+
+def run_plan(args) -> int:
+    """`surgery plan`: print the resolved plan (or its JSON)."""
+    from surgery.pipeline import compile_recipe, resolve_expert_steps
+
+    compiled = compile_recipe(
+        args.recipe, args.model, progress=ProgressLines(), device=args.device, search=_search_settings(args)
+    )
+    compiled = resolve_expert_steps(compiled, ProgressLines(), args.device)
+    _print_warnings(compiled.plan.warnings)
+    if args.json:
+        content = compiled.plan.to_json()
+        if compiled.searches:
+            from surgery.search.results import search_json
+            from surgery.syntax import unparse
+
+            content["search"] = search_json(list(compiled.searches), unparse(compiled.checked.recipe))
+        print(json.dumps(content, indent=2))
+    else:
+        _print_searches(compiled.searches)
+        print(compiled.plan.render())
+    return EXIT_OK
+
+
+def _search_settings(args):
+    from surgery.search.engine import SearchSettings
+
+    return SearchSettings(executor=args.executor, workers=args.workers, threads=getattr(args, "threads", None))
+
+
+def _print_searches(searches) -> None:
+    from surgery.search.results import render_table
+
+    for search in searches:
+        print(render_table(search))
+
+
+def run_apply(args) -> int:
+    """`surgery apply`: run the recipe, write the output folder, print its summary."""
+    from surgery.pipeline import apply, default_output
+
+    progress = ProgressLines()
+    output = args.output or default_output(args.recipe)
+    result = apply(
+        args.recipe,
+        output,
+        model=args.model,
+        force=args.force,
+        run_verification=not args.no_verify,
+        threads=args.threads,
+        progress=progress,
+        provider=args.provider,
+        device=args.device,
+        search=_search_settings(args),
+    )
+    _print_warnings(tuple(_Rendered(w) for w in result.report["warnings"]))
+    report = result.report
+    before, after = report["model"]["before"], report["model"]["after"]
+    _print_searches(result.searches)
+    print(f"wrote {result.output}")
+    print(
+        f"  layers {before['layers']} -> {after['layers']}, attention layers {len(before['attention_layers'])} -> "
+        f"{len(after['attention_layers'])}, parameters {before['parameters']:,} -> {after['parameters']:,}, "
+        f"{after['bytes'] / 1e6:.1f} MB"
+    )
+    code = EXIT_OK
+    verification = result.verification
+    if verification is None:
+        print("  verification skipped (--no-verify)")
+    else:
+        before_q = ""
+        if verification.quantized_weights:
+            before_q = " (quantized weights, float compute)"
+        elif "quantization" in report:
+            before_q = " (before quantization)"
+        if verification.reference != "greedy decode":
+            before_q = before_q[:-1] + f"; {verification.reference})" if before_q else f" ({verification.reference})"
+        print(
+            f"  verification{before_q}: max |logit diff| {verification.max_abs_logit_diff:.2e} "
+            f"(tolerance {verification.tolerance:g}), "
+            f"greedy tokens agree {verification.greedy_tokens_compared - verification.greedy_tokens_mismatched}/"
+            f"{verification.greedy_tokens_compared}"
+            + (
+                f"; {verification.fusion_ties} position(s) fused an equally scored other layer (IKS tie)"
+                if verification.fusion_ties
+                else ""
+            )
+            + (
+                f"; {verification.precision} against PyTorch in {verification.precision}, against fp32: "
+                f"KL {verification.fp32_kl:.2e}, top-1 {verification.fp32_top1:.1%}"
+                if verification.fp32_kl is not None
+                else ""
+            )
+        )
+        if not verification.passed:
+            print(f"error: verification failed: {verification.reason} (output kept for inspection)", file=sys.stderr)
+            code = EXIT_VERIFY_FAILED
+    quantization = report.get("quantization")
+    if quantization:
+        parts = []
+        if quantization["widths"]:
+            widths = ", ".join(f"{w['linears']} linears at {name}" for name, w in quantization["widths"].items())
+            parts.append(
+                f"{widths}; average bits per weight {quantization['quantized_linears_nominal_bits']:.3f} "
+                f"({quantization['quantized_linears_storage_bits']:.3f} with scales and zero points)"
+            )
+        embedding = quantization.get("embedding")
+        if embedding:
+            shared = ", sharing the head's tensors" if embedding["shared_with_head"] else ""
+            parts.append(f"embedding at int{embedding['bits']}{shared}")
+        print(
+            f"  quantization: {'; '.join(parts)}; whole model {quantization['model_storage_bits']:.3f} bits per "
+            f"weight; files {quantization['bytes_before'] / 1e6:.1f} MB -> {quantization['bytes_after'] / 1e6:.1f} MB"
+        )
+        moved = quantization.get("against_pytorch_fp32")
+        if moved:
+            agree = moved["greedy_tokens_compared"] - moved["greedy_tokens_mismatched"]
+            print(
+                f"  quantized vs PyTorch {moved.get('reference_precision', 'fp32')}: max |logit diff| "
+                f"{moved['max_abs_logit_diff']:.2f}, "
+                f"greedy tokens agree {agree}/{moved['greedy_tokens_compared']}"
+            )
+    perplexity = report.get("perplexity")
+    if perplexity:
+        before, after = perplexity["original_pytorch"], perplexity["output_onnxruntime"]
+        print(
+            f"  perplexity: {before['perplexity']:.2f} -> {after['perplexity']:.2f} ({perplexity['increase']:+.1%}, "
+            f"allowed +{perplexity['max_increase']:.0%}) on {after['tokens_scored']} tokens"
+        )
+        if not perplexity["passed"]:
+            print("error: the perplexity check failed (output kept for inspection)", file=sys.stderr)
+            code = EXIT_VERIFY_FAILED
+    return code
+
+
+class _Rendered:
+    """A warning already rendered to text (from the report)."""
+
+    severity = "warning"
+    span = None
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def render(self) -> str:
+        return self.text
