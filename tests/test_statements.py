@@ -12,7 +12,7 @@ from surgery.statements import STATEMENTS, for_step, model
 
 def _statement_rules() -> set[str]:
     """The statement rules the parser offers (its `?statement` rule, assembled from the modules)."""
-    from surgery.parser import grammar_text
+    from surgery.grammar import grammar_text
 
     grammar = grammar_text()
     start = grammar.index("?statement:")
