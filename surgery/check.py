@@ -13,15 +13,13 @@ selections are warnings.
 from __future__ import annotations
 
 import os
-from collections import Counter
 from dataclasses import replace
 
 from surgery.calibration import (
-    SHORTAGE_HINT,
     CalibrationSpec,
-    count_tokens,
-    shortage,
 )
+from surgery.check_selectors import SelectorChecks
+from surgery.check_texts import TextChecks
 from surgery.checked import (
     DEFAULT_PERPLEXITY_TOKENS,
     DEFAULT_WINDOW,
@@ -29,16 +27,13 @@ from surgery.checked import (
     CheckedRecipe,
     PerplexityCheck,
 )
-from surgery.data import TextSource, TextSourceError, resolve_text
-from surgery.diagnostics import Diagnostic, RecipeError, did_you_mean, raise_if_errors
+from surgery.data import TextSource, TextSourceError
+from surgery.diagnostics import Diagnostic, RecipeError, raise_if_errors
 from surgery.export.options import ExportOptions
-from surgery.files import InputFileError, path_exists
-from surgery.importance.file import ImportanceFile, load_importance
+from surgery.importance.file import ImportanceFile
 from surgery.importance.metrics import METRICS
-from surgery.layers import evenly_spaced, format_layers
 from surgery.models.index import ModelIndex
-from surgery.models.loading import ModelSpec, tokenizer_without_weights
-from surgery.selection import ImportanceQuery, ScoreSource
+from surgery.models.loading import ModelSpec
 from surgery.source import Span
 from surgery.statements import STATEMENTS
 from surgery.statements import export as export_statement
@@ -54,21 +49,14 @@ from surgery.statements.prune import ResolvedPrune
 from surgery.statements.quantize import DEFAULT_QUANT_BLOCK, QUANT_BLOCKS, ResolvedQuantize
 from surgery.statements.split import ResolvedSplit
 from surgery.syntax import (
-    AllLayers,
-    EvenlyLayers,
-    FirstLayers,
-    ImportanceRank,
-    ImportanceSource,
-    LastLayers,
-    LayerIndex,
     Recipe,
-    Selector,
 )
 
-_TOKEN_COUNTS: dict[tuple[int, str, int], int] = {}
 
+class _Checker(SelectorChecks, TextChecks):
+    """Reports diagnostics and resolves what statements share (selectors: check_selectors.py; texts:
+    check_texts.py)."""
 
-class _Checker:
     def __init__(self, recipe: Recipe, model_override: str | None):
         self.recipe = recipe
         self.model_override = model_override
@@ -97,246 +85,9 @@ class _Checker:
 
     # Selectors.
 
-    def selector(self, selector: Selector, index: ModelIndex) -> tuple[int, ...] | None:
-        """Original layer numbers of a layer selector (importance selectors go to `importance`)."""
-        n = index.num_layers
-        range_hint = f"model has {n} layers; valid indices 0..{n - 1} (or -{n}..-1 counting from the end)"
-        if isinstance(selector, AllLayers):
-            return tuple(range(n))
-        if isinstance(selector, (FirstLayers, LastLayers, EvenlyLayers)):
-            word = {FirstLayers: "first", LastLayers: "last", EvenlyLayers: "evenly"}[type(selector)]
-            limit = n - 2 if isinstance(selector, EvenlyLayers) else n
-            if selector.count == 0:
-                self.error(f"`layers {word} 0` selects no layers", selector.span)
-                return None
-            if selector.count > limit:
-                extra = " (evenly never picks the first or last layer)" if word == "evenly" else ""
-                self.error(
-                    f"`layers {word} {selector.count}` asks for more layers than there are{extra}",
-                    selector.span,
-                    f"model has {n} layers; at most {limit} here",
-                )
-                return None
-            if isinstance(selector, FirstLayers):
-                return tuple(range(selector.count))
-            if isinstance(selector, LastLayers):
-                return tuple(range(n - selector.count, n))
-            return tuple(evenly_spaced(selector.count, n))
-        chosen: list[int] = []
-        ok = True
-        for item in selector.items:
-            if isinstance(item, LayerIndex):
-                layer = self.layer_number(item, n, range_hint)
-                ok &= layer is not None
-                if layer is not None:
-                    chosen.append(layer)
-                continue
-            start = self.layer_number(item.start, n, range_hint)
-            end = self.layer_number(item.end, n, range_hint)
-            if start is None or end is None:
-                ok = False
-                continue
-            if start > end:
-                self.error(
-                    f"reversed range {item.start.value}..{item.end.value} (layers {start} down to {end})",
-                    item.span,
-                    f"ranges run from low to high and include both ends: write {item.end.value}..{item.start.value}"
-                    if (item.start.value < 0) == (item.end.value < 0)
-                    else "ranges run from low to high and include both ends",
-                )
-                ok = False
-                continue
-            chosen.extend(range(start, end + 1))
-        duplicates = sorted(layer for layer, times in Counter(chosen).items() if times > 1)
-        if duplicates:
-            self.warning(f"layer(s) {format_layers(duplicates)} selected more than once", selector.span)
-        return tuple(sorted(set(chosen))) if ok else None
-
-    def layer_number(self, item: LayerIndex, n: int, hint: str) -> int | None:
-        if -n <= item.value < n:
-            return item.value % n
-        self.error(f"layer {item.value} is out of range", item.span, hint)
-        return None
-
     # Importance selectors.
 
-    def importance(
-        self, rank: ImportanceRank, source: ImportanceSource, part: str, index: ModelIndex, span: Span | None
-    ) -> ImportanceQuery | None:
-        n = index.num_layers
-        ok = True
-        if rank.count is None and rank.percent is None and rank.fit is None:
-            # Only a grouped quantize with `as many as fit` gives a rule no amount (checked there).
-            self.error(
-                f"`{rank.rank} important` needs an amount",
-                rank.span,
-                f"e.g. `{rank.rank} important 4` or `{rank.rank} important 25%`, or search for it with "
-                "`as many as fit { budgets }`",
-            )
-            ok = False
-        if rank.count is not None and not 1 <= rank.count <= n:
-            problem = "selects no layers" if rank.count == 0 else "asks for more layers than there are"
-            self.error(
-                f"`{rank.rank} important {rank.count}` {problem}", rank.span, f"model has {n} layers; ask for 1..{n}"
-            )
-            ok = False
-        if rank.percent is not None and not 0 < rank.percent <= 100:
-            self.error(f"{rank.percent:g}% is not a share of the layers", rank.span, "use a percentage in (0, 100]")
-            ok = False
-        score_source = self.score_source(source, part, index)
-        if not ok or score_source is None:
-            return None
-        return ImportanceQuery(rank.rank, rank.count, rank.percent, score_source, part, span)
-
-    def score_source(self, source: ImportanceSource, part: str, index: ModelIndex) -> ScoreSource | None:
-        if source.file is None:
-            metric = source.metric
-            if metric not in METRICS:
-                self.error(
-                    f"unknown importance metric '{metric}'",
-                    source.metric_span,
-                    did_you_mean(metric, METRICS) or "metrics: " + ", ".join(METRICS) + ', or a file: by "imp.json"',
-                )
-                return None
-            if part not in METRICS[metric].parts:
-                self.error(
-                    f"{metric} has no {part} scores (it scores: {', '.join(METRICS[metric].parts)})",
-                    source.metric_span,
-                    "rank attention and MLPs by similarity or zd; lim ranks whole layers (drop block, quantize layers)",
-                )
-                return None
-            return ScoreSource(metric)
-        path = (
-            source.file
-            if os.path.isabs(source.file) or self.base_dir is None
-            else os.path.join(self.base_dir, source.file)
-        )
-        if path not in self.files:
-            self.files[path] = self.importance_file(path, source, index)
-        importance = self.files[path]
-        if importance is None:
-            return None
-        names = list(importance.metrics)
-        metric = source.metric
-        if metric is None:
-            if len(names) > 1:
-                self.error(
-                    f"importance file '{source.file}' has several metrics ({', '.join(names)}); say which",
-                    source.file_span,
-                    f'write: by {names[0]} in "{source.file}"',
-                )
-                return None
-            metric = names[0]
-        elif metric not in importance.metrics:
-            self.error(
-                f"importance file '{source.file}' has no metric '{metric}'",
-                source.metric_span,
-                did_you_mean(metric, names) or "it has: " + ", ".join(names),
-            )
-            return None
-        if part not in importance.metrics[metric].scores:
-            have = ", ".join(importance.metrics[metric].scores)
-            self.error(
-                f"importance file '{source.file}': {metric} has no {part} scores (it has: {have})",
-                source.file_span,
-            )
-            return None
-        return ScoreSource(metric, path, source.file)
-
-    def importance_file(self, path: str, source: ImportanceSource, index: ModelIndex) -> ImportanceFile | None:
-        if not path_exists(path):
-            self.error(
-                f"importance file '{source.file}' not found",
-                source.file_span,
-                "write one with `surgery importance --metric ... -o FILE`; relative paths start at the recipe's folder",
-            )
-            return None
-        try:
-            importance, problems = load_importance(path, index.num_layers)
-        except InputFileError as problem:
-            self.error(str(problem), source.file_span, problem.hint)
-            return None
-        where = source.file_span.location() if source.file_span else None
-        for problem in problems:
-            hint = (problem.hint + "; " if problem.hint else "") + (f"file read for {where}" if where else "")
-            self.diagnostics.append(replace(problem, hint=hint or None))
-        return importance
-
     # Texts and token counts (calibration, perplexity).
-
-    def text(self, name: str) -> TextSource | TextSourceError:
-        """A named text resolved once per check (resolving reads the whole file to hash and check it)."""
-        if name not in self.texts:
-            try:
-                self.texts[name] = resolve_text(name, self.base_dir)
-            except TextSourceError as problem:
-                self.texts[name] = problem
-        return self.texts[name]
-
-    def text_exists(self, name: str, span: Span | None) -> bool:
-        found = self.text(name)
-        if isinstance(found, TextSourceError):
-            self.error(str(found), span, found.hint)
-            return False
-        return True
-
-    def tokenizer(self, spec: ModelSpec):
-        """The model's tokenizer if it loads without weights (see `tokenizer_without_weights`), once."""
-        if not hasattr(self, "_tokenizer"):
-            self._tokenizer = tokenizer_without_weights(spec)
-        return self._tokenizer
-
-    def tokens_in(self, name: str, spec: ModelSpec, enough: int) -> tuple[int, bool] | None:
-        """(tokens, exact) in a text, counted up to `enough`: exactly with the model's tokenizer,
-        else an upper bound (no token is shorter than a byte, bar one leading space marker)."""
-        source = self.text(name)
-        if isinstance(source, TextSourceError):
-            return None  # reported where the text is named
-        tokenizer = self.tokenizer(spec)
-        if tokenizer is None:
-            return os.path.getsize(source.path) + 1, False
-        # Counted once per tokenizer, text (by content) and bound in a process that checks often.
-        key = (id(tokenizer), source.sha256, enough)
-        if key not in _TOKEN_COUNTS:
-            _TOKEN_COUNTS[key] = count_tokens(tokenizer, source.read(), enough)
-        return _TOKEN_COUNTS[key], True
-
-    def calibration_fits(self, checked: CheckedRecipe, what: str | None = None) -> None:
-        """The calibration (the statement's, or the defaults) fits the model and its text is long enough."""
-        spec, index = checked.calibration, checked.index
-        span = checked.calibration_span or checked.model_span
-        if what is None:
-            what = "calibration" if checked.calibration_span else f"the default calibration ({spec.describe()})"
-        if not 2 <= spec.length <= index.max_positions:
-            if checked.calibration_span is None:  # a statement's length is checked with the statement
-                self.error(
-                    f"{what} is longer than the model's context of {index.max_positions} tokens",
-                    span,
-                    f"ask for samples of at most {index.max_positions} tokens",
-                )
-            return
-        needed = spec.samples * spec.length
-        counted = self.tokens_in(spec.data, checked.spec, needed)
-        if counted is None:
-            return
-        tokens, exact = counted
-        problem = shortage(spec, tokens)
-        if problem:
-            if not exact:
-                problem = problem.replace(f"has {tokens:,} tokens", f"has at most {tokens:,} tokens")
-            self.error(problem, span, SHORTAGE_HINT)
-
-    def evaluation_fits(self, checked: CheckedRecipe) -> None:
-        """`verify perplexity`'s text has enough tokens to score."""
-        check = checked.perplexity
-        counted = self.tokens_in(check.data, checked.spec, MIN_PERPLEXITY_TOKENS)
-        if counted is not None and counted[0] < MIN_PERPLEXITY_TOKENS:
-            at_most = "" if counted[1] else "at most "
-            self.error(
-                f"'{check.data}' has {at_most}{counted[0]} tokens, too few for a perplexity",
-                check.span,
-                f"give a text of at least {MIN_PERPLEXITY_TOKENS} tokens",
-            )
 
 
 def check_command_inputs(model: str, calibration: CalibrationSpec | None) -> tuple[ModelSpec, ModelIndex]:
