@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from surgery.gptq import gptq_blocks
-from surgery.models.graph import DecoderGraph, _Sequence, calibration_batches
+from surgery.models.graph import DecoderGraph, _Sequence
+from surgery.models.inputs import calibration_batches
 from surgery.quantization import BlockQuantized
 from surgery.verify_layerwise import fill_dequantized, linear_owner, linear_weights
 

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from surgery import expert_rules
-from surgery.models.graph import DecoderGraph, calibration_batches
+from surgery.models.graph import DecoderGraph
+from surgery.models.inputs import calibration_batches
 
 _BATCH_ROWS = 8  # calibration samples per batch
 

@@ -22,7 +22,8 @@ import torch
 
 from surgery.evaluate import divergence, log_probs
 from surgery.formats.precision import precision as precision_record
-from surgery.models.graph import DecoderGraph, position_ids_from_mask
+from surgery.models.graph import DecoderGraph
+from surgery.models.inputs import position_ids_from_mask
 from surgery.runtime import OnnxCausalLM
 
 PROMPTS = (

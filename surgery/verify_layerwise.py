@@ -33,7 +33,8 @@ import numpy as np
 import onnx
 import torch
 
-from surgery.models.graph import DecoderGraph, DecoderLayer, position_ids_from_mask
+from surgery.models.graph import DecoderGraph, DecoderLayer
+from surgery.models.inputs import position_ids_from_mask
 from surgery.quantization import BlockQuantized
 from surgery.runtime import OnnxCausalLM, StepOutput
 from surgery.verify import PROMPTS, OnnxRun, ReferenceTrace, onnx_steps, prompt_batch

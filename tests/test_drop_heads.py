@@ -11,7 +11,7 @@ import torch
 from conftest import TINY, run_cli, tiny_graph, write
 from surgery.check import check
 from surgery.diagnostics import RecipeError
-from surgery.models.graph import position_ids_from_mask
+from surgery.models.inputs import position_ids_from_mask
 from surgery.parser import parse
 from surgery.passes import PassContractError, run_pass
 from surgery.passes.drop_heads import DropHeads

@@ -21,7 +21,7 @@ import torch
 from conftest import REPO, run_cli, tiny_graph
 from surgery.export.decoder import export_decoder
 from surgery.export.options import ExportOptions
-from surgery.models.graph import position_ids_from_mask
+from surgery.models.inputs import position_ids_from_mask
 from surgery.passes import PassContractError, Quantize, run_pass
 from surgery.quantization import dequantize, initializer_arrays, quantized_linears
 from surgery.runtime import OnnxCausalLM
