@@ -22,6 +22,10 @@ class Run(Protocol):
     graph: Any
     progress: Any
 
+    def graph_pass(self, step: PlanStep, graph_pass: Any = None, resolution: dict | None = None,
+                   record: dict | None = None) -> PlanStep | None:  # fmt: skip
+        """Run a step's graph pass and record it (surgery.executor.run.Run.graph_pass)."""
+
 
 @dataclass(frozen=True)
 class PlanStep:
@@ -76,3 +80,16 @@ class PlanStep:
     def run_all(cls, run: Run, steps: list[PlanStep]) -> list[PlanStep] | None:
         """Run every step of this kind (for kinds that act `together`)."""
         return [step.run(run) or step for step in steps]
+
+
+@dataclass(frozen=True)
+class GraphPassStep(PlanStep):
+    """A step that is one pass over the decoder graph: by default the pass its action names
+    (passes/<action>.py, built from the step), run under its contract, a layer at a time where
+    the weights stream."""
+
+    timing: ClassVar[str] = "passes"
+
+    def run(self, run: Run) -> PlanStep | None:
+        """Run the step's graph pass."""
+        return run.graph_pass(self)

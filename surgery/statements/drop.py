@@ -6,11 +6,11 @@ drop_block.py (by the plan step's action)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from surgery.budgets import check_fit
 from surgery.layers import format_layers
-from surgery.plan_step import PlanStep, Run
+from surgery.plan_step import GraphPassStep, PlanStep
 from surgery.selection import ImportanceQuery
 from surgery.selectors import (
     ImportanceSelector,
@@ -164,15 +164,10 @@ def plan(state: PlanState) -> list[PlanStep]:
 
 
 @dataclass(frozen=True)
-class DropStep(PlanStep):
+class DropStep(GraphPassStep):
     """A `drop attention|mlp|block` step: the graph pass of its action over its layers."""
-
-    timing: ClassVar[str] = "passes"
 
     def describe(self) -> str:
         """One line for `surgery plan`."""
         return f"{self.action} layers {format_layers(self.layers)}"
 
-    def run(self, run: Run) -> PlanStep | None:
-        """Remove the parts from the graph (a pass over the decoder graph)."""
-        return run.graph_pass(self)

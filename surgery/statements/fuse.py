@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from surgery.diagnostics import Diagnostic, RecipeError
 from surgery.layers import format_layers
-from surgery.plan_step import PlanStep, Run
+from surgery.plan_step import GraphPassStep, PlanStep
 from surgery.selectors import (
     LayerIndex,
     LayerRange,
@@ -209,10 +209,8 @@ def plan(state: PlanState) -> list[PlanStep]:
 
 
 @dataclass(frozen=True)
-class FuseStep(PlanStep):
+class FuseStep(GraphPassStep):
     """A `fuse layer ... into head` step."""
-
-    timing: ClassVar[str] = "passes"
 
     @property
     def needs_whole_model(self) -> bool:
@@ -229,6 +227,3 @@ class FuseStep(PlanStep):
             )
         return f"fuse layer {self.layers[0]} into the head, weight {p['weight']:g}"
 
-    def run(self, run: Run) -> PlanStep | None:
-        """Fuse the layer into the head (a pass over the decoder graph)."""
-        return run.graph_pass(self)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from surgery import architectures
 from surgery.head_rules import head_problems
 from surgery.layers import format_layers
-from surgery.plan_step import PlanStep, Run
+from surgery.plan_step import GraphPassStep, PlanStep, Run
 from surgery.selectors import ImportanceSelector, LayerIndex, LayerList, Selector, span_field, unparse_selector
 from surgery.source import Span
 
@@ -138,10 +138,8 @@ def plan(state: PlanState) -> list[PlanStep]:
 
 
 @dataclass(frozen=True)
-class DropHeadsStep(PlanStep):
+class DropHeadsStep(GraphPassStep):
     """A `drop heads` step: its graph pass (passes/drop_heads.py) over its layers."""
-
-    timing: ClassVar[str] = "passes"
 
     def describe(self) -> str:
         """One line for `surgery plan`."""

@@ -5,11 +5,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from surgery.expert_rules import merge_problem
 from surgery.layers import format_layers
-from surgery.plan_step import PlanStep, Run
+from surgery.plan_step import GraphPassStep, PlanStep, Run
 from surgery.selectors import (
     Selector,
     span_field,
@@ -149,10 +149,8 @@ def plan(state: PlanState) -> list[PlanStep]:
 
 
 @dataclass(frozen=True)
-class MergeStep(PlanStep):
+class MergeStep(GraphPassStep):
     """A `merge experts` step: its groups come from statistics counted when it runs."""
-
-    timing: ClassVar[str] = "passes"
 
     def describe(self) -> str:
         """One line for `surgery plan`."""

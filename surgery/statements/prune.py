@@ -5,11 +5,11 @@ passes/prune_experts.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from surgery.expert_rules import prune_problem
 from surgery.layers import format_layers
-from surgery.plan_step import PlanStep, Run
+from surgery.plan_step import GraphPassStep, PlanStep, Run
 from surgery.selectors import (
     Selector,
     span_field,
@@ -95,10 +95,8 @@ def plan(state: PlanState) -> list[PlanStep]:
 
 
 @dataclass(frozen=True)
-class PruneStep(PlanStep):
+class PruneStep(GraphPassStep):
     """A `prune experts` step: which experts stay is counted on the calibration data when it runs."""
-
-    timing: ClassVar[str] = "passes"
 
     def describe(self) -> str:
         """One line for `surgery plan`."""

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from surgery.diagnostics import raise_if_errors
 from surgery.layers import format_layers
-from surgery.plan_step import PlanStep, Run
+from surgery.plan_step import GraphPassStep, PlanStep
 from surgery.selection import ImportanceQuery
 from surgery.selectors import (
     ImportanceSelector,
@@ -130,10 +130,8 @@ def plan(state: PlanState) -> list[PlanStep]:
 
 
 @dataclass(frozen=True)
-class SplitStep(PlanStep):
+class SplitStep(GraphPassStep):
     """A `split mlp` step: each dense MLP becomes a mixture of experts."""
-
-    timing: ClassVar[str] = "passes"
 
     @property
     def needs_whole_model(self) -> bool:
@@ -146,6 +144,3 @@ class SplitStep(PlanStep):
         exact = " (all experts: the dense MLP exactly)" if p["top_k"] == p["experts"] else ""
         return f"split mlp of layers {format_layers(self.layers)} into {p['experts']} experts, top {p['top_k']}{exact}"
 
-    def run(self, run: Run) -> PlanStep | None:
-        """Split the MLPs (a pass over the decoder graph)."""
-        return run.graph_pass(self)
