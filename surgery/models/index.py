@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from surgery.architectures import lookup, unknown_architecture
+from surgery.formats.names import ATTENTION_LINEARS, MLP_LINEARS, layer_linear
 
 # RoPE variants whose cos/sin tables do not depend on the sequence length, so they can be
 # precomputed into the graph ("longrope" has two tables, picked by the total length).
@@ -140,8 +141,8 @@ class ModelIndex:
 
         Q, K and V are exported as one packed `qkv_proj`, so attention has two linears.
         """
-        attention = [f"model.layers.{layer}.self_attn.qkv_proj", f"model.layers.{layer}.self_attn.o_proj"]
-        mlp = [f"model.layers.{layer}.mlp.{name}" for name in ("gate_proj", "up_proj", "down_proj")]
+        attention = [layer_linear(layer, kind) for kind in ATTENTION_LINEARS]
+        mlp = [layer_linear(layer, kind) for kind in MLP_LINEARS]
         return {"attention": attention, "mlp": mlp, "layers": attention + mlp}[part]
 
     def unsupported_reasons(self) -> list[str]:
