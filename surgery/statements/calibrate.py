@@ -1,6 +1,6 @@
 """`calibrate on "<text>" [samples N] [length L] [seed S]`: the data importance metrics and
 expert statistics are computed on. Grammar: `calibrate_stmt`. The plan's `compute importance`
-step (surgery/plan.py) carries it."""
+step (surgery/planner.py) carries it."""
 
 from __future__ import annotations
 
