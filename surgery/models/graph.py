@@ -30,13 +30,10 @@ from surgery.architectures.build import build
 from surgery.architectures.description import Architecture
 from surgery.fusion import FusionChoice, HeadFusion, fused_logits
 from surgery.models.index import ModelIndex
-from surgery.models.inputs import KVCache, attention_bias, on_device
+from surgery.models.inputs import KVCache, ResidualObserver, attention_bias, on_device
 from surgery.models.lazy import LazyWeights, unique_parameters
 from surgery.nodes.attention import Attention
 from surgery.nodes.norm import RMSNorm
-
-# observer(layer number, x entering the layer, m after attention, h leaving the layer)
-ResidualObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass

@@ -4,11 +4,15 @@ bias and positions, calibration batches, and where its modules run (`on_device`)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+# observer(layer number, x entering the layer, m after attention, h leaving the layer): what a
+# forward reports of each layer's residual stream to importance scoring and verification.
+ResidualObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass

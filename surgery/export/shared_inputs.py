@@ -1,0 +1,48 @@
+"""What every attention layer of an export reads: sequence lengths, the total length, the padding
+bias, positions, and the rotary cos/sin tables by RoPE kind (written once, on first use)."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper
+
+
+class SharedInputs:
+    """What every attention layer reads: lengths, padding bias, positions, rotary tables by kind."""
+
+    def __init__(self, emitter):
+        self.e = emitter
+        self.seqlens_k = self.total_len = self.bias = self.position_ids = ""
+        self._tables: dict[str | None, tuple[str, str]] = {}
+
+    def rotary(self, kind: str | None) -> tuple[str, str]:
+        """cos/sin cache names of one RoPE kind, written on first use."""
+        if kind not in self._tables:
+            self._tables[kind] = self._write(kind)
+        return self._tables[kind]
+
+    def _write(self, kind: str | None) -> tuple[str, str]:
+        e = self.e
+        w = e.w
+        suffix = f"_{kind}" if kind else ""
+        tables = e.graph.rotary.tables(kind, e.context_length)
+        cos = w.weight(f"cos_cache{suffix}", tables.cos.astype(e.dtype), parameter=False)
+        sin = w.weight(f"sin_cache{suffix}", tables.sin.astype(e.dtype), parameter=False)
+        if tables.switch_at is None:
+            return cos, sin
+        # longrope: the long tables once the total length passes the original context.
+        long_cos = w.weight(f"cos_cache_long{suffix}", tables.long_cos.astype(e.dtype), parameter=False)
+        long_sin = w.weight(f"sin_cache_long{suffix}", tables.long_sin.astype(e.dtype), parameter=False)
+        name = f"/model/rotary{suffix}"
+        is_long = w.op("Greater", [self.total_len, w.constant(tables.switch_at, np.int32)], f"{name}/is_long")
+
+        def branch(label: str, pair: tuple[str, str]):
+            outs = [f"{name}/{label}_cos", f"{name}/{label}_sin"]
+            nodes = [helper.make_node("Identity", [src], [dst]) for src, dst in zip(pair, outs, strict=True)]
+            values = [helper.make_tensor_value_info(o, e.onnx_type, None) for o in outs]
+            return helper.make_graph(nodes, f"{name}/{label}", [], values)
+
+        return tuple(
+            w.node("If", [is_long], f"{name}/If", [f"{name}/cos", f"{name}/sin"],
+                   then_branch=branch("long", (long_cos, long_sin)), else_branch=branch("short", (cos, sin)))
+        )  # fmt: skip
