@@ -46,7 +46,7 @@ from surgery.statements.experts import check_expert_layers, expert_layer_problem
 from surgery.statements.fuse import DEFAULT_FUSE_WEIGHT, ResolvedFuse, default_fuse_candidates
 from surgery.statements.merge import ResolvedMerge
 from surgery.statements.prune import ResolvedPrune
-from surgery.statements.quantize import DEFAULT_QUANT_BLOCK, QUANT_BLOCKS, ResolvedQuantize
+from surgery.statements.quantize import ResolvedQuantize
 from surgery.statements.split import ResolvedSplit
 from surgery.syntax import (
     Recipe,
@@ -197,10 +197,8 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
 __all__ = [
     "DEFAULT_FUSE_WEIGHT",
     "DEFAULT_PERPLEXITY_TOKENS",
-    "DEFAULT_QUANT_BLOCK",
     "DEFAULT_WINDOW",
     "MIN_PERPLEXITY_TOKENS",
-    "QUANT_BLOCKS",
     "SCORE_PART",
     "CheckedRecipe",
     "default_fuse_candidates",

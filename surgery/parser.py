@@ -86,29 +86,6 @@ class _SearchOption:
     span: Span
 
 
-def _fit(items: list, marker: Span | None, statement: Span) -> Fit:
-    """A budget block from its items; its span runs from `as many as fit` (or the statement's
-    start) to the statement's closing brace.
-
-    Budgets without the marker (a grouped quantize with budgets but no `as many as fit`) keep
-    `marked` False, which the check reports.
-    """
-    budgets = tuple(item for item in items if not isinstance(item, _SearchOption))
-    options = {item.name: item.value for item in items if isinstance(item, _SearchOption)}
-    start = marker or statement
-    span = statement.source.span(start.start, statement.end)
-    return Fit(budgets=budgets, search=str(options.get("search", "bisect")), rescore=bool(options.get("rescore")),
-               marked=marker is not None, span=span)  # fmt: skip
-
-
-def _options(options) -> dict[str, object]:
-    """Statement options (each transformed into a small dict) as keyword arguments."""
-    fields: dict[str, object] = {}
-    for option in options:
-        fields.update(option)
-    return fields
-
-
 def _with_meta(method):
     """Mark a rule method that also takes the node's position (lark's `meta`)."""
     method.takes_meta = True
@@ -143,39 +120,49 @@ class _ToAst:
         """The source span of a parsed node (lark's `meta`)."""
         return self.source.span(self.offset + meta.start_pos, self.offset + meta.end_pos)
 
-    _span = span
 
     def tok(self, token: Token) -> Span:
         """The source span of a token."""
         return self.source.span(self.offset + token.start_pos, self.offset + token.end_pos)
 
-    _tok = tok
-
     @staticmethod
     def options(options) -> dict[str, object]:
         """Statement options (each built into a small dict) as keyword arguments."""
-        return _options(options)
+        fields: dict[str, object] = {}
+        for option in options:
+            fields.update(option)
+        return fields
 
     @staticmethod
     def fit(items: list, marker: Span | None, statement: Span) -> Fit:
-        """A budget block (`as many as fit { ... }`) from its items (see `_fit`)."""
-        return _fit(items, marker, statement)
+        """A budget block from its items; its span runs from `as many as fit` (or the statement's
+        start) to the statement's closing brace.
+
+        Budgets without the marker (a grouped quantize with budgets but no `as many as fit`) keep
+        `marked` False, which the check reports.
+        """
+        budgets = tuple(item for item in items if not isinstance(item, _SearchOption))
+        options = {item.name: item.value for item in items if isinstance(item, _SearchOption)}
+        start = marker or statement
+        span = statement.source.span(start.start, statement.end)
+        return Fit(budgets=budgets, search=str(options.get("search", "bisect")),
+                   rescore=bool(options.get("rescore")), marked=marker is not None, span=span)  # fmt: skip
 
     @_with_meta
     def fit_rank(self, meta, children):
-        return ImportanceRank(rank=str(children[0]), span=self._span(meta))
+        return ImportanceRank(rank=str(children[0]), span=self.span(meta))
 
     @_with_meta
     def fit_marker(self, meta, children):
-        return self._span(meta)
+        return self.span(meta)
 
     # Budgets (surgery/budgets.py).
 
     def _quality_budget(self, kind: str, meta, children, percent: bool) -> QualityBudget:
         string, limit, *options = children
         value = float(limit[:-1] if percent else limit)
-        return QualityBudget(kind, string[1:-1], value, span=self._span(meta), data_span=self._tok(string),
-                             **_options(options))  # fmt: skip
+        return QualityBudget(kind, string[1:-1], value, span=self.span(meta), data_span=self.tok(string),
+                             **self.options(options))  # fmt: skip
 
     @_with_meta
     def perplexity_budget(self, meta, children):
@@ -192,12 +179,12 @@ class _ToAst:
     @_with_meta
     def decode_budget(self, meta, children):
         number, *prompt = children
-        return LatencyBudget("decode", float(number), prompt[0] if prompt else None, span=self._span(meta))
+        return LatencyBudget("decode", float(number), prompt[0] if prompt else None, span=self.span(meta))
 
     @_with_meta
     def prefill_budget(self, meta, children):
         number, *prompt = children
-        return LatencyBudget("prefill", float(number), prompt[0] if prompt else None, span=self._span(meta))
+        return LatencyBudget("prefill", float(number), prompt[0] if prompt else None, span=self.span(meta))
 
     def prompt_option(self, children):
         return int(children[0])
@@ -208,39 +195,39 @@ class _ToAst:
     @_with_meta
     def size_budget(self, meta, children):
         number, unit = children
-        return SizeBudget("size", float(number), str(unit), span=self._span(meta))
+        return SizeBudget("size", float(number), str(unit), span=self.span(meta))
 
     @_with_meta
     def bits_budget(self, meta, children):
-        return SizeBudget("bits", float(children[0]), span=self._span(meta))
+        return SizeBudget("bits", float(children[0]), span=self.span(meta))
 
     @_with_meta
     def search_option(self, meta, children):
-        return _SearchOption("search", str(children[0]), self._span(meta))
+        return _SearchOption("search", str(children[0]), self.span(meta))
 
     @_with_meta
     def rescore_option(self, meta, children):
-        return _SearchOption("rescore", True, self._span(meta))
+        return _SearchOption("rescore", True, self.span(meta))
 
     @_with_meta
     def selector(self, meta, children):
         (layer_set,) = children
         # The selector's span covers the `layers` keyword too.
-        return replace(layer_set, span=self._span(meta))
+        return replace(layer_set, span=self.span(meta))
 
     # Importance selectors.
 
     @_with_meta
     def importance_selector(self, meta, children):
         rank, source = children
-        return ImportanceSelector(rank=rank, source=source, span=self._span(meta))
+        return ImportanceSelector(rank=rank, source=source, span=self.span(meta))
 
     @_with_meta
     def importance_rank(self, meta, children):
         rank, amount = children
         if amount.type == "PERCENT":
-            return ImportanceRank(rank=str(rank), percent=float(amount[:-1]), span=self._span(meta))
-        return ImportanceRank(rank=str(rank), count=int(amount), span=self._span(meta))
+            return ImportanceRank(rank=str(rank), percent=float(amount[:-1]), span=self.span(meta))
+        return ImportanceRank(rank=str(rank), count=int(amount), span=self.span(meta))
 
     def amount(self, children):
         return children[0]
@@ -248,12 +235,12 @@ class _ToAst:
     @_with_meta
     def metric_source(self, meta, children):
         (name,) = children
-        return ImportanceSource(metric=str(name), span=self._span(meta), metric_span=self._tok(name))
+        return ImportanceSource(metric=str(name), span=self.span(meta), metric_span=self.tok(name))
 
     @_with_meta
     def file_source(self, meta, children):
         (string,) = children
-        return ImportanceSource(file=string[1:-1], span=self._span(meta), file_span=self._tok(string))
+        return ImportanceSource(file=string[1:-1], span=self.span(meta), file_span=self.tok(string))
 
     @_with_meta
     def metric_in_file_source(self, meta, children):
@@ -261,9 +248,9 @@ class _ToAst:
         return ImportanceSource(
             metric=str(name),
             file=string[1:-1],
-            span=self._span(meta),
-            metric_span=self._tok(name),
-            file_span=self._tok(string),
+            span=self.span(meta),
+            metric_span=self.tok(name),
+            file_span=self.tok(string),
         )
 
     def tokens_option(self, children):
@@ -271,19 +258,19 @@ class _ToAst:
 
     @_with_meta
     def all_layers(self, meta, children):
-        return AllLayers(span=self._span(meta))
+        return AllLayers(span=self.span(meta))
 
     @_with_meta
     def first_layers(self, meta, children):
-        return FirstLayers(count=int(children[0]), span=self._span(meta))
+        return FirstLayers(count=int(children[0]), span=self.span(meta))
 
     @_with_meta
     def last_layers(self, meta, children):
-        return LastLayers(count=int(children[0]), span=self._span(meta))
+        return LastLayers(count=int(children[0]), span=self.span(meta))
 
     @_with_meta
     def evenly_layers(self, meta, children):
-        return EvenlyLayers(count=int(children[0]), span=self._span(meta))
+        return EvenlyLayers(count=int(children[0]), span=self.span(meta))
 
     @_with_meta
     def layer_list(self, meta, children):
@@ -302,7 +289,7 @@ class _ToAst:
 
     @_with_meta
     def layer_index(self, meta, children):
-        return LayerIndex(value=int(children[0]), span=self._span(meta))
+        return LayerIndex(value=int(children[0]), span=self.span(meta))
 
 
 @lru_cache(maxsize=4096)

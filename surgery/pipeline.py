@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING
 from surgery.check import check
 from surgery.checked import CheckedRecipe
 from surgery.diagnostics import Diagnostic, RecipeError
-from surgery.executor.run import Clock, Run, Settings
+from surgery.executor.run import Clock, Progress, Run, Settings, quiet
 from surgery.files import RECIPE_LIMIT, InputFileError, read_source
 from surgery.output import OutputFolder
 from surgery.parser import parse_source
@@ -32,11 +31,6 @@ from surgery.source import Source
 if TYPE_CHECKING:
     from surgery.verify import Verification
 
-Progress = Callable[[str], None]
-
-
-def _quiet(message: str) -> None:
-    pass
 
 
 @dataclass(frozen=True)
@@ -138,7 +132,7 @@ def compile_recipe(
     path: str,
     model: str | None = None,
     verify: bool = True,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
     device: str | None = None,
     search=None,
 ) -> Compiled:
@@ -162,7 +156,7 @@ def compile_recipe(
     return Compiled(text, checked, build_plan(checked, verify=verify, computed=computed), searches)
 
 
-def resolve_expert_steps(compiled: Compiled, progress: Progress = _quiet, device: str | None = None) -> Compiled:
+def resolve_expert_steps(compiled: Compiled, progress: Progress = quiet, device: str | None = None) -> Compiled:
     """The plan with each merge step's groups and each prune step's kept experts filled in
     (their statistics counted on `device`, one layer there at a time).
 
@@ -192,7 +186,7 @@ def apply(
     force: bool = False,
     run_verification: bool = True,
     threads: int | None = None,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
     provider: str = "cpu",
     device: str | None = None,
     recipe: Recipe | None = None,

@@ -5,14 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-Progress = Callable[[str], None]
 
-
-def _quiet(message: str) -> None:
-    pass
-
-
-def run_on_graph(graph_pass, graph, scratch: Callable[[], Path] | None, progress: Progress = _quiet):
+def run_on_graph(graph_pass, graph, scratch: Callable[[], Path] | None, progress: Callable[[str], None]):
     """`run_pass`, except on a lazily loaded graph for a pass that rewrites weights (one with
     `layer_passes`: prune and merge experts). There it runs a layer at a time: the layer is
     loaded, its one-layer pass applied, the new weights written to a file in `scratch()` and

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 Progress = Callable[[str], None]
 
 
-def _quiet(message: str) -> None:
-    pass
+def quiet(message: str) -> None:
+    """A progress callback that says nothing."""
 
 
 class Clock:
@@ -69,7 +69,7 @@ class Run:
         checked: CheckedRecipe,
         text: str,
         settings: Settings,
-        progress: Progress = _quiet,
+        progress: Progress = quiet,
         folder: Any = None,
         clock: Clock | None = None,
         scratch: Callable[[], Path] | None = None,

@@ -41,8 +41,6 @@ if TYPE_CHECKING:
     from surgery.statements.base import Checker, PlanState
 
 
-DEFAULT_QUANT_BLOCK = DEFAULT_BLOCK  # the weight format's facts (surgery/formats/weights.py)
-QUANT_BLOCKS = BLOCKS
 
 
 @dataclass(frozen=True)
@@ -97,7 +95,7 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedQuantize]:
                         f"the embedding's rows ({index.hidden_size} values) do not split into blocks of {block}",
                         statement.block_span or statement.span,
                         "choose a block that divides the hidden size: "
-                        + ", ".join(str(b) for b in QUANT_BLOCKS if index.hidden_size % b == 0),
+                        + ", ".join(str(b) for b in BLOCKS if index.hidden_size % b == 0),
                     )
                     continue
                 resolved.append(
@@ -206,12 +204,12 @@ def _fit_rules(c, statement: QuantizeGroupStmt, index: ModelIndex) -> bool:
 
 def _block(c, item: QuantizeStmt | QuantizeRule) -> int:
     if item.block is None:
-        return DEFAULT_QUANT_BLOCK
-    if item.block not in QUANT_BLOCKS:
+        return DEFAULT_BLOCK
+    if item.block not in BLOCKS:
         c.error(
             f"block size {item.block} is not supported",
             item.block_span or item.span,
-            "MatMulNBits blocks: " + ", ".join(map(str, QUANT_BLOCKS)) + f" (default {DEFAULT_QUANT_BLOCK})",
+            "MatMulNBits blocks: " + ", ".join(map(str, BLOCKS)) + f" (default {DEFAULT_BLOCK})",
         )
     return item.block
 
@@ -341,6 +339,6 @@ class QuantizeStep(PlanStep):
 
 
 __all__ = [
-    "BUILDERS", "DEFAULT_QUANT_BLOCK", "GRAMMAR", "NODES", "QUANT_BLOCKS", "SYNTAX", "QuantizeGroupStmt",
+    "BUILDERS", "GRAMMAR", "NODES", "SYNTAX", "QuantizeGroupStmt",
     "QuantizePart", "QuantizeRule", "QuantizeStep", "QuantizeStmt", "ResolvedQuantize", "check", "plan", "unparse",
 ]  # fmt: skip
