@@ -22,6 +22,7 @@ from typing import ClassVar
 
 import onnx
 
+from surgery.formats.weights import WeightFormat
 from surgery.passes.base import OnnxPass, PassResult
 
 ACCURACY_LEVEL = 4  # int8 activations: the fast CPU path
@@ -31,7 +32,7 @@ FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)  # weights the 
 
 @dataclass(frozen=True)
 class Quantize(OnnxPass):
-    """Convert the named MatMul nodes to MatMulNBits; `assignment` is (node, bits, block, symmetric).
+    """Convert the named MatMul nodes to MatMulNBits; `assignment` is (node, its WeightFormat).
 
     `accuracy_level` 4 computes with int8 activations (fast on CPU); 0 computes in float with
     the dequantized weights, which tests use for exact parity with PyTorch.
@@ -39,8 +40,15 @@ class Quantize(OnnxPass):
 
     name: ClassVar[str] = "quantize"
     preserves_semantics: ClassVar[bool] = False
-    assignment: tuple[tuple[str, int, int, bool], ...]
+    assignment: tuple[tuple[str, WeightFormat], ...]
     accuracy_level: int = ACCURACY_LEVEL
+
+    def parameters(self) -> dict:
+        """The assignment (node, format as plain data) and the accuracy level."""
+        return {
+            "assignment": [[node, stored.to_json()] for node, stored in self.assignment],
+            "accuracy_level": self.accuracy_level,
+        }
 
     def requires(self, model: onnx.ModelProto) -> list[str]:
         """Every assigned node is a MatMul whose weight is a 2-D float initializer, assigned once."""
@@ -48,7 +56,7 @@ class Quantize(OnnxPass):
         weights = {init.name: init for init in model.graph.initializer}
         problems = []
         seen = set()
-        for node_name, bits, block, _ in self.assignment:
+        for node_name, stored in self.assignment:
             if node_name in seen:
                 problems.append(f"{node_name} is assigned twice")
             seen.add(node_name)
@@ -59,8 +67,7 @@ class Quantize(OnnxPass):
             weight = weights.get(node.input[1])
             if weight is None or len(weight.dims) != 2 or weight.data_type not in FLOAT_TYPES:
                 problems.append(f"{node_name}: its weight is not a 2-D float initializer")
-            if bits not in (4, 8) or block < 16 or block & (block - 1):
-                problems.append(f"{node_name}: unsupported int{bits} block {block}")
+            problems += [f"{node_name}: {problem}" for problem in stored.problems()]
         return problems
 
     def apply(self, model: onnx.ModelProto) -> PassResult:
@@ -71,23 +78,18 @@ class Quantize(OnnxPass):
         )
 
         logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-        by_setting: dict[tuple[int, int, bool], set[str]] = defaultdict(set)
-        for node_name, bits, block, symmetric in self.assignment:
-            by_setting[(bits, block, symmetric)].add(node_name)
-        for (bits, block, symmetric), chosen in sorted(by_setting.items()):
+        by_format: dict[WeightFormat, set[str]] = defaultdict(set)
+        for node_name, stored in self.assignment:
+            by_format[stored].add(node_name)
+        order = sorted(by_format, key=lambda f: (f.bits, f.block, f.symmetric))
+        for stored in order:
+            chosen = by_format[stored]
             # Recomputed per run: earlier runs renamed their nodes to MatMulNBits.
             exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in chosen]
-            config = DefaultWeightOnlyQuantConfig(
-                block_size=block, is_symmetric=symmetric, accuracy_level=self.accuracy_level, bits=bits
-            )
+            settings = stored.quantizer_settings()
+            config = DefaultWeightOnlyQuantConfig(**settings, accuracy_level=self.accuracy_level)
             quantizer = MatMulNBitsQuantizer(
-                model,
-                bits=bits,
-                block_size=block,
-                is_symmetric=symmetric,
-                accuracy_level=self.accuracy_level,
-                nodes_to_exclude=exclude,
-                algo_config=config,
+                model, **settings, accuracy_level=self.accuracy_level, nodes_to_exclude=exclude, algo_config=config
             )
             quantizer.process()
             converted = quantizer.model.model
@@ -97,7 +99,7 @@ class Quantize(OnnxPass):
 
     def summary(self) -> str:
         """What the pass does, in one line: how many linears go to each width."""
-        widths = Counter(bits for _, bits, _, _ in self.assignment)
+        widths = Counter(stored.bits for _, stored in self.assignment)
         return f"quantized {len(self.assignment)} linear layer(s): " + ", ".join(
             f"{count} to int{bits}" for bits, count in sorted(widths.items())
         )
@@ -105,18 +107,18 @@ class Quantize(OnnxPass):
     def ensures(self, model: onnx.ModelProto) -> list[str]:
         """Exactly the assigned MatMuls are now MatMulNBits of the assigned width and block."""
         nodes = {node.name: node for node in model.graph.node}
-        expected = {f"{name}_Q{bits}": (bits, block) for name, bits, block, _ in self.assignment}
+        expected = {stored.node_name(name): stored for name, stored in self.assignment}
         problems = []
-        for name, (bits, block) in expected.items():
+        for name, stored in expected.items():
             node = nodes.get(name)
             if node is None or node.op_type != "MatMulNBits":
                 problems.append(f"{name} was not created")
                 continue
             attributes = {a.name: a.i for a in node.attribute}
-            if (attributes.get("bits"), attributes.get("block_size")) != (bits, block):
+            if {key: attributes.get(key) for key in stored.node_attributes()} != stored.node_attributes():
                 problems.append(f"{name} has bits {attributes.get('bits')} block {attributes.get('block_size')}")
         extra = [n for n, node in nodes.items() if node.op_type == "MatMulNBits" and n not in expected]
         problems += [f"{name} was quantized but not selected" for name in extra]
-        assigned = {name for name, *_ in self.assignment}
+        assigned = {name for name, _ in self.assignment}
         problems += [f"{name} is still a MatMul" for name in assigned if name in nodes]
         return problems

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from surgery.formats.weights import WeightFormat
 from surgery.passes.base import OnnxPass, PassResult
 from surgery.passes.quantize import FLOAT_TYPES
 
@@ -33,37 +34,19 @@ def _attributes(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def block_quantize(table: np.ndarray, bits: int, block: int, symmetric: bool):
-    """(packed [rows, blocks * block * bits / 8] uint8, scales [rows, blocks], zero points or None).
-
-    Row r of `table` is quantized as column r of a MatMulNBits weight, by onnxruntime's packer.
-    """
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
-
-    rows, hidden = table.shape
-    blocks = hidden // block
-    packed = np.zeros((rows, blocks, block * bits // 8), np.uint8)
-    scales = np.zeros(rows * blocks, np.float32)
-    zero_points = np.zeros(rows * ((blocks * bits + 7) // 8), np.uint8)
-    packer = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
-    packer(packed, np.ascontiguousarray(table.T), scales, zero_points, block, rows, hidden, symmetric)
-    return (
-        packed.reshape(rows, -1),
-        scales.reshape(rows, blocks),
-        None if symmetric else zero_points.reshape(rows, -1),
-    )
-
-
 @dataclass(frozen=True)
 class QuantizeEmbedding(OnnxPass):
-    """Replace the embedding Gather by GatherBlockQuantized; share a tied, equally quantized head's tensors."""
+    """Replace the embedding Gather by GatherBlockQuantized in `stored`'s format; share a tied head's
+    tensors when the head is quantized to the same format."""
 
     name: ClassVar[str] = "quantize embedding"
     preserves_semantics: ClassVar[bool] = False
-    bits: int
-    block: int
-    symmetric: bool
+    stored: WeightFormat
     tied_head: bool = False  # the model ties its head to the embedding (the head's weight is the table)
+
+    def parameters(self) -> dict:
+        """The format's fields (bits, block, symmetric) and whether the head is tied, as plain data."""
+        return {**self.stored.to_json(), "tied_head": self.tied_head}
 
     def _gather(self, model: onnx.ModelProto) -> onnx.NodeProto | None:
         return next((n for n in model.graph.node if n.name == EMBEDDING_GATHER and n.op_type == "Gather"), None)
@@ -76,25 +59,21 @@ class QuantizeEmbedding(OnnxPass):
         table = next((i for i in model.graph.initializer if i.name == gather.input[0]), None)
         if table is None or len(table.dims) != 2 or table.data_type not in FLOAT_TYPES:
             return ["the embedding table is not a 2-D fp32 or fp16 initializer"]
-        problems = []
-        if self.bits not in (4, 8):
-            problems.append(f"unsupported width int{self.bits}")
-        if table.dims[1] % self.block:
-            problems.append(f"hidden size {table.dims[1]} is not a multiple of block {self.block}")
+        problems = list(self.stored.problems())
+        if table.dims[1] % self.stored.block:
+            problems.append(f"hidden size {table.dims[1]} is not a multiple of block {self.stored.block}")
         return problems
 
     def _shared_head(self, model: onnx.ModelProto, rows: int, hidden: int) -> list[str] | None:
         """The quantized head's (weight, scales[, zero points]) if the lookup can read them."""
         if not self.tied_head:
             return None
-        head = next((n for n in model.graph.node if n.name == f"{HEAD_NODE}_Q{self.bits}"), None)
+        head = next((n for n in model.graph.node if n.name == self.stored.node_name(HEAD_NODE)), None)
         if head is None or head.op_type != "MatMulNBits":
             return None
         a = _attributes(head)
-        if (a.get("bits"), a.get("block_size"), a.get("K"), a.get("N")) != (self.bits, self.block, hidden, rows):
-            return None
         has_zero_points = len(head.input) > 3 and head.input[3] != ""
-        if has_zero_points == self.symmetric:
+        if WeightFormat.of_node(a, has_zero_points) != self.stored or (a.get("K"), a.get("N")) != (hidden, rows):
             return None
         return list(head.input[1 : 4 if has_zero_points else 3])
 
@@ -105,7 +84,7 @@ class QuantizeEmbedding(OnnxPass):
         table_name, ids = gather.input[0], gather.input[1]
         table_init = next(i for i in graph.initializer if i.name == table_name)
         rows, hidden = (int(d) for d in table_init.dims)
-        blocks = hidden // self.block
+        blocks = hidden // self.stored.block
         shared = self._shared_head(model, rows, hidden)
         new_nodes = []
         if shared is not None:
@@ -121,11 +100,9 @@ class QuantizeEmbedding(OnnxPass):
             how = "shares the tied head's quantized tensors"
         else:
             table = numpy_helper.to_array(table_init, base_dir="")
-            packed, scales, zero_points = block_quantize(
-                table.astype(np.float32), self.bits, self.block, self.symmetric
-            )
+            packed, scales, zero_points = self.stored.quantize_table(table.astype(np.float32))
             scales = scales.astype(table.dtype)  # the lookup returns rows in the scales' type
-            base = f"{table_name}_Q{self.bits}"
+            base = self.stored.node_name(table_name)
             tensors = [(packed, base), (scales, f"{base}_scales")]
             if zero_points is not None:
                 tensors.append((zero_points, f"{base}_zero_points"))
@@ -140,8 +117,7 @@ class QuantizeEmbedding(OnnxPass):
             list(gather.output),
             name=f"{EMBEDDING_GATHER}BlockQuantized",
             domain="com.microsoft",
-            bits=self.bits,
-            block_size=self.block,
+            **self.stored.node_attributes(),
             gather_axis=0,
             quantize_axis=1,
         )
@@ -153,8 +129,9 @@ class QuantizeEmbedding(OnnxPass):
             graph.initializer.remove(table_init)
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-        kind = "symmetric" if self.symmetric else "asymmetric"
-        return PassResult(True, f"embedding to int{self.bits} (block {self.block}, {kind}), {how}")
+        stored = self.stored
+        kind = "symmetric" if stored.symmetric else "asymmetric"
+        return PassResult(True, f"embedding to {stored.name} (block {stored.block}, {kind}), {how}")
 
     def ensures(self, model: onnx.ModelProto) -> list[str]:
         """The lookup is block-quantized at the asked width and no float table is left for it."""
@@ -163,7 +140,7 @@ class QuantizeEmbedding(OnnxPass):
             return ["the embedding lookup was not replaced"]
         a = _attributes(nodes[0])
         problems = []
-        if (a.get("bits"), a.get("block_size")) != (self.bits, self.block):
+        if {key: a.get(key) for key in self.stored.node_attributes()} != self.stored.node_attributes():
             problems.append(f"the lookup has bits {a.get('bits')} block {a.get('block_size')}")
         if any(n.name == EMBEDDING_GATHER for n in model.graph.node):
             problems.append("the float embedding Gather is still there")

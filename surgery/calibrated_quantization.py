@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from surgery.gptq import gptq_blocks
-from surgery.models.graph import DecoderGraph, _Sequence
+from surgery.formats.weights import WeightFormat
+from surgery.models.graph import DecoderGraph, ReferenceSequence
 from surgery.models.inputs import calibration_batches
 from surgery.quantization import BlockQuantized
 from surgery.verify_layerwise import fill_dequantized, linear_owner, linear_weights
@@ -86,15 +86,15 @@ class _Hessians:
 
 
 @contextlib.contextmanager
-def _rounded(graph: DecoderGraph, blocks: dict[str, tuple[BlockQuantized, int, int]]) -> Iterator[None]:
+def _rounded(graph: DecoderGraph, blocks: dict[str, tuple[BlockQuantized, WeightFormat]]) -> Iterator[None]:
     """Within the block, the given linears compute with their rounded weights; restored after."""
     saved = []
     try:
-        for linear, (quantized, bits, block) in blocks.items():
+        for linear, (quantized, stored) in blocks.items():
             start = 0
             for weight in linear_weights(graph, linear):  # q, k and v are stacked by rows
                 saved.append((weight, weight.data.clone()))
-                fill_dequantized(weight.data, quantized, weight.shape[1], bits, block, start)
+                fill_dequantized(weight.data, quantized, weight.shape[1], stored, start)
                 start += weight.shape[0]
         yield
     finally:
@@ -105,22 +105,22 @@ def _rounded(graph: DecoderGraph, blocks: dict[str, tuple[BlockQuantized, int, i
 @torch.no_grad()
 def calibrated_blocks(
     graph: DecoderGraph,
-    settings: dict[str, tuple[int, int, bool]],
+    settings: dict[str, WeightFormat],
     tokens: np.ndarray,
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, BlockQuantized]:
-    """GPTQ blocks for each linear of `settings` (exported name -> (bits, block, symmetric)),
+    """GPTQ blocks for each linear of `settings` (exported name -> its WeightFormat),
     calibrated on `tokens` (samples, length), layer-major (see the module docstring)."""
-    runs = [_Sequence(*batch) for batch in calibration_batches(tokens, BATCH_ROWS)]
+    runs = [ReferenceSequence(*batch) for batch in calibration_batches(tokens, BATCH_ROWS)]
     with graph.materialized(graph.embedding):
         hidden = [graph.embedding(run.input_ids) for run in runs]
     result: dict[str, BlockQuantized] = {}
 
-    def quantize(linear: str, hessian: torch.Tensor) -> tuple[BlockQuantized, int, int]:
-        bits, block, symmetric = settings[linear]
+    def quantize(linear: str, hessian: torch.Tensor) -> tuple[BlockQuantized, WeightFormat]:
+        stored = settings[linear]
         weight = torch.cat([w.detach().float() for w in linear_weights(graph, linear)])
-        result[linear] = gptq_blocks(weight, hessian, bits, block, symmetric)
-        return result[linear], bits, block
+        result[linear] = stored.quantize_gptq(weight, hessian)
+        return result[linear], stored
 
     by_layer: dict[int, list[str]] = {}
     for linear in settings:
@@ -128,7 +128,7 @@ def calibrated_blocks(
             by_layer.setdefault(int(linear.split(".")[2]), []).append(linear)
     for layer in graph.each_layer_materialized():
         linears = by_layer.get(layer.index, [])
-        rounded: dict[str, tuple[BlockQuantized, int, int]] = {}
+        rounded: dict[str, tuple[BlockQuantized, WeightFormat]] = {}
         if linears:
             hessians = _Hessians({linear: input_module(graph, linear) for linear in linears})
             with hessians.installed():

@@ -13,6 +13,7 @@ import torch
 from surgery import expert_rules
 from surgery.models.graph import DecoderGraph
 from surgery.models.inputs import calibration_batches
+from surgery.nodes.moe import EmitsMoE
 
 _BATCH_ROWS = 8  # calibration samples per batch
 
@@ -188,7 +189,7 @@ def full_rank(gate_up: torch.Tensor, down: torch.Tensor) -> int:
     return expert_rules.full_rank(int(down.shape[-2]), int(down.shape[-1]))
 
 
-class MergedMoE(torch.nn.Module):
+class MergedMoE(EmitsMoE, torch.nn.Module):
     """Experts merged into groups; the router still scores the N original experts.
 
     Each group's members are first aligned neuron by neuron to its first member (the caller

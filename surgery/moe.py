@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from surgery.nodes.moe import EmitsMoE
+
 
 class _Router(torch.nn.Module):
     def __init__(self, weight: torch.Tensor, top_k: int):
@@ -39,7 +41,7 @@ class _Experts(torch.nn.Module):
         self.down_proj = torch.nn.Parameter(down)  # (experts, hidden, I)
 
 
-class SplitMoE(torch.nn.Module):
+class SplitMoE(EmitsMoE, torch.nn.Module):
     """A dense SwiGLU MLP refactored into experts with a hard top-k router."""
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, router: torch.Tensor, top_k: int):

@@ -113,6 +113,26 @@ def quantize_blocks(weight: np.ndarray, bits: int, block: int, symmetric: bool) 
     return BlockQuantized(packed, scales, None if symmetric else zero_points)
 
 
+def quantize_table(table: np.ndarray, bits: int, block: int, symmetric: bool):
+    """(packed [rows, blocks * block * bits / 8] uint8, scales [rows, blocks], zero points or None):
+    an embedding table in GatherBlockQuantized's layout. Row r of `table` is quantized as column
+    r of a MatMulNBits weight, by onnxruntime's packer."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    rows, hidden = table.shape
+    blocks = hidden // block
+    packed = np.zeros((rows, blocks, block * bits // 8), np.uint8)
+    scales = np.zeros(rows * blocks, np.float32)
+    zero_points = np.zeros(rows * ((blocks * bits + 7) // 8), np.uint8)
+    packer = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    packer(packed, np.ascontiguousarray(table.T), scales, zero_points, block, rows, hidden, symmetric)
+    return (
+        packed.reshape(rows, -1),
+        scales.reshape(rows, blocks),
+        None if symmetric else zero_points.reshape(rows, -1),
+    )
+
+
 @dataclass(frozen=True)
 class QuantizedLinear:
     """One MatMulNBits node: its shape, width and storage."""
@@ -243,7 +263,8 @@ def replace_blocks(model: onnx.ModelProto, blocks: dict[str, BlockQuantized]) ->
     nodes = {node.name: node for node in model.graph.node if node.op_type == "MatMulNBits"}
     initializers = {init.name: init for init in model.graph.initializer}
     for matmul, quantized in blocks.items():
-        node = next(nodes[name] for name in (f"{matmul}_Q4", f"{matmul}_Q8") if name in nodes)
+        # `<matmul>_Q<bits>`, whatever the width (WeightFormat.node_name)
+        node = next(node for name, node in nodes.items() if name.rpartition("_Q")[0] == matmul)
         arrays = [quantized.packed, quantized.scales, quantized.zero_points]
         for name, array in zip(node.input[1:4], arrays, strict=False):
             if not name or array is None:

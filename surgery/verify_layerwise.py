@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 import torch
 
+from surgery.formats.weights import WeightFormat
 from surgery.models.graph import DecoderGraph, DecoderLayer
 from surgery.models.inputs import position_ids_from_mask
 from surgery.quantization import BlockQuantized
@@ -128,13 +129,13 @@ def linear_weights(graph: DecoderGraph, linear: str) -> list[torch.nn.Parameter]
     return [getattr(sub, leaf).weight]
 
 
-def fill_dequantized(target: torch.Tensor, blocks: BlockQuantized, k: int, bits: int, block: int, start: int) -> None:
-    """Write rows `start`.. of the (N, K) weight `blocks` stand for into `target` (as many rows
-    as it has), a chunk of rows at a time so the float temporaries stay small."""
+def fill_dequantized(target: torch.Tensor, blocks: BlockQuantized, k: int, stored: WeightFormat, start: int) -> None:
+    """Write rows `start`.. of the (N, K) weight `blocks` (in format `stored`) stand for into
+    `target` (as many rows as it has), a chunk of rows at a time so the float temporaries stay small."""
     step = max(1, _ROWS_BYTES // (4 * k))
     for first in range(0, target.shape[0], step):
         last = min(first + step, target.shape[0])
-        target[first:last] = blocks.dequantize_rows(k, bits, block, start + first, start + last)
+        target[first:last] = stored.dequantize_rows(blocks, k, start + first, start + last)
 
 
 class WrittenBlocks:
@@ -160,13 +161,13 @@ class WrittenBlocks:
         path = os.path.join(self.folder, where["location"])
         return np.fromfile(path, dtype, count, offset=int(where.get("offset", 0))).reshape(tuple(init.dims))
 
-    def blocks(self, linear: str) -> tuple[BlockQuantized, int, int, int]:
-        """(the blocks, K, bits, block size) of a quantized linear."""
+    def blocks(self, linear: str) -> tuple[BlockQuantized, int, WeightFormat]:
+        """(the blocks, K, the weight format) of a quantized linear."""
         node = self.nodes[linear]
         attributes = {a.name: a.i for a in node.attribute}
         zero_points = self._array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
         blocks = BlockQuantized(self._array(node.input[1]), self._array(node.input[2]), zero_points)
-        return blocks, attributes["K"], attributes["bits"], attributes["block_size"]
+        return blocks, attributes["K"], WeightFormat.of_node(attributes, zero_points is not None)
 
 
 def written_weights(graph: DecoderGraph, model_path: str) -> Variant:
@@ -190,13 +191,13 @@ def written_weights(graph: DecoderGraph, model_path: str) -> Variant:
         saved, spent = [], []
         try:
             for linear in by_layer.get(layer.index if layer else None, ()):
-                blocks, k, bits, block = written.blocks(linear)
+                blocks, k, stored = written.blocks(linear)
                 start = 0
                 for weight in linear_weights(graph, linear):  # q, k and v are stacked by rows
                     stop = start + weight.shape[0]
                     in_place = weights is not None and weights.knows(weight)
                     target = weight.data if in_place else torch.empty_like(weight.data)
-                    fill_dequantized(target, blocks, k, bits, block, start)
+                    fill_dequantized(target, blocks, k, stored, start)
                     if in_place:
                         spent.append(weight)
                     else:

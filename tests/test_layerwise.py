@@ -169,7 +169,7 @@ def test_quantizing_while_writing_writes_what_the_quantize_pass_writes(tmp_path)
     export = export_decoder(graph, str(tmp_path / "float"), ExportOptions(untie_head=True))
     settings = [(4, 32, False), (8, 16, False), (4, 16, True), (8, 32, True)]
     linears = sorted(export.linears.items())
-    assignment = [(node, *settings[i % len(settings)]) for i, (_, node) in enumerate(linears)]
+    assignment = [(node, WeightFormat(*settings[i % len(settings)])) for i, (_, node) in enumerate(linears)]
     model = onnx.load(str(tmp_path / "float" / "model.onnx"))
     run_pass(Quantize(assignment=tuple(assignment)), model)
     written = tuple((linear, WeightFormat(*settings[i % len(settings)])) for i, (linear, _) in enumerate(linears))

@@ -21,6 +21,7 @@ import torch
 from conftest import REPO, run_cli, tiny_graph
 from surgery.export.decoder import export_decoder
 from surgery.export.options import ExportOptions
+from surgery.formats.weights import WeightFormat
 from surgery.models.inputs import position_ids_from_mask
 from surgery.passes import PassContractError, Quantize, run_pass
 from surgery.quantization import dequantize, initializer_arrays, quantized_linears
@@ -143,7 +144,7 @@ def test_onnxruntime_matches_pytorch_with_the_dequantized_weights(tmp_path, bits
     graph = tiny_graph("tiny-qwen2")  # tied head, QKV biases
     export = export_decoder(graph, str(tmp_path), ExportOptions(untie_head=True))
     model = onnx.load(export.model_path)
-    assignment = tuple((node, bits, block, symmetric) for node in export.linears.values())
+    assignment = tuple((node, WeightFormat(bits, block, symmetric)) for node in export.linears.values())
     run_pass(Quantize(assignment=assignment, accuracy_level=0), model)
     weights, _ = _quantized_weights(model)
     (tmp_path / "q").mkdir()  # (saving moves the weights out of `model`, so read them first)
@@ -177,9 +178,9 @@ def test_quantize_pass_contract(tmp_path):
     export = export_decoder(graph, str(tmp_path))
     model = onnx.load(export.model_path)
     with pytest.raises(PassContractError, match="not a MatMul"):
-        run_pass(Quantize(assignment=(("/no/such/MatMul", 4, 32, False),)), model)
+        run_pass(Quantize(assignment=(("/no/such/MatMul", WeightFormat(4, 32, False)),)), model)
     chosen = export.linears["model.layers.2.mlp.up_proj"]
-    result = run_pass(Quantize(assignment=((chosen, 4, 32, False),)), model)
+    result = run_pass(Quantize(assignment=((chosen, WeightFormat(4, 32, False)),)), model)
     assert result.modified
     assert [q.node for q in quantized_linears(model)] == [f"{chosen}_Q4"]  # and nothing else
 

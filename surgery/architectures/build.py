@@ -18,7 +18,7 @@ from surgery.nodes.embedding import Embedding
 from surgery.nodes.head import Head
 from surgery.nodes.linear import linear_view
 from surgery.nodes.mlp import GatedMLP
-from surgery.nodes.moe import is_moe
+from surgery.nodes.moe import MixtureOfExperts, is_moe
 from surgery.nodes.norm import RMSNorm
 from surgery.nodes.rotary import Rotary
 
@@ -101,7 +101,7 @@ def _attention(arch: Architecture, config: Any, module: torch.nn.Module, index: 
 
 def _mlp(arch: Architecture, module: torch.nn.Module, path: str) -> torch.nn.Module:
     if is_moe(module):
-        return module  # the MoE component: transformers' block runs itself; see surgery.nodes.moe
+        return MixtureOfExperts(module)  # transformers' block runs itself; the node emits it
     spec = arch.mlp
     if spec.gate_up is not None:
         fused = _part(module, spec.gate_up, path, arch).weight

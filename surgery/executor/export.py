@@ -57,7 +57,7 @@ def export_model(run: Run) -> None:
 def _gptq(run: Run, linears: dict) -> dict:
     """GPTQ blocks for the linears marked `gptq`, calibrated on the recipe's calibration tokens
     (surgery.calibrated_quantization); empty when none is."""
-    settings = {linear: (t.format.bits, t.format.block, t.format.symmetric) for linear, t in linears.items() if t.gptq}
+    settings = {linear: target.format for linear, target in linears.items() if target.gptq}
     if not settings:
         return {}
     from surgery.calibrated_quantization import calibrated_blocks

@@ -42,10 +42,7 @@ def quantize_output(run: Run, steps: list[PlanStep]) -> None:
     model = onnx.load(os.path.join(folder, "model.onnx"), load_external_data=not written)
     linears = {target: config for target, config in quantization.items() if target != EMBEDDING}
     if linears:
-        assignment = tuple(
-            (export.linears[linear], target.format.bits, target.format.block, target.format.symmetric)
-            for linear, target in linears.items()
-        )
+        assignment = tuple((export.linears[linear], target.format) for linear, target in linears.items())
         # int8 activations on CPU (accuracy_level 4, the fast path there); float compute on CUDA.
         quantize = Quantize(assignment=assignment, accuracy_level=ACCURACY_LEVELS[plan.export.target])
         if written:
@@ -63,10 +60,7 @@ def quantize_output(run: Run, steps: list[PlanStep]) -> None:
         record["parameters"] = {"linears": {linear: target.to_json() for linear, target in linears.items()}}
         run.passes.append(record)
     if embedding:
-        table = embedding.format
-        quantize_embedding = QuantizeEmbedding(
-            bits=table.bits, block=table.block, symmetric=table.symmetric, tied_head=run.tied_head
-        )
+        quantize_embedding = QuantizeEmbedding(stored=embedding.format, tied_head=run.tied_head)
         result = run_pass(quantize_embedding, model)
         progress(f"quantize embedding: {result.summary}")
         source = next(step.source for step in reversed(steps) if step.targets == (EMBEDDING,))

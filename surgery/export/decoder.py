@@ -43,7 +43,7 @@ from surgery.export.options import ExportOptions
 from surgery.export.shared_inputs import SharedInputs
 from surgery.export.writer import GraphWriter
 from surgery.models.graph import DecoderGraph
-from surgery.nodes.moe import emit_moe, is_moe
+from surgery.models.layer import DecoderLayer, walk_layer
 from surgery.nodes.norm import RMSNorm
 
 # The element type every component writes (weights, activations, KV cache and logits) is the
@@ -64,11 +64,13 @@ class ExportResult:
 
 
 class _Emitter:
-    """Walks the layers once, keeping the residual stream and the pending residual update.
+    """The exporter's side of the layer walk (`surgery.models.layer`): its residual stream is a
+    value name plus the pending residual update, which the next norm fuses
+    (SkipSimplifiedLayerNormalization) instead of a separate Add.
 
-    Every node emits itself (`surgery.nodes`); the emitter owns the graph's inputs and outputs,
-    the residual stream (each norm fuses the pending add: SkipSimplifiedLayerNormalization) and
-    the head with layer fusion.
+    Every node emits itself (`surgery.nodes`: attention, MLPs, MoE, the head; layer fusion in
+    `surgery.fusion`); the emitter owns the graph's inputs, the attention context every
+    attention layer shares, and the stream.
     """
 
     def __init__(
@@ -83,6 +85,15 @@ class _Emitter:
         self.linears: dict[str, str] = {}
         self.quantized = dict(options.quantize_linears)  # linear -> WeightFormat
         self.context_length = int(graph.config.max_position_embeddings)
+        self.slot = 0  # the next KV cache slot
+        fusion = graph.fusion
+        self.fusion = fusion if fusion is not None and fusion.weight > 0 else None
+        self.readouts: dict[int, tuple[str | None, str]] = {}  # fused layer -> FinalNorm(m), FinalNorm(h)
+        self.readout_before_mlp: str | None = None
+
+    def quantizes(self, linear: str) -> bool:
+        """Whether the options assign `linear` a weight format."""
+        return linear in self.quantized
 
     def array(self, tensor: torch.Tensor) -> np.ndarray:
         """A tensor as a numpy array in the export's element type."""
@@ -157,6 +168,32 @@ class _Emitter:
         if scale != 1.0:
             update = self.w.op("Mul", [update, self.scalar(scale)], f"/{name}/residual_scale")
         return update
+
+    def attention(self, node, x: str, name: str) -> str:
+        """The attention's nodes, on the next KV slot."""
+        self.slot += 1
+        return node.emit(self, x, name, self.shared, self.slot - 1)
+
+    def mlp(self, node, x: str, name: str) -> str:
+        """The MLP's nodes (dense or a mixture of experts: each emits itself)."""
+        return node.emit(self, x, name)
+
+    def add(self, update: str) -> None:
+        """The update waits for the next norm, which adds it (one fused node)."""
+        self.pending = update
+
+    def after_attention(self, layer: DecoderLayer) -> None:
+        """Dynamic layer fusion reads a fused layer's residual after attention here."""
+        self.readout_before_mlp = None
+        if self.fusion is not None and layer.mlp is not None:
+            self.readout_before_mlp = self.fusion.emit_readout_before_mlp(self, self.graph.head.final_norm, layer.index)
+
+    def after_layer(self, layer: DecoderLayer) -> None:
+        """Layer fusion reads a fused layer's residual leaving it here."""
+        if self.fusion is not None:
+            readout = self.fusion.emit_readout(self, self.graph.head.final_norm, layer.index)
+            if readout is not None:
+                self.readouts[layer.index] = (self.readout_before_mlp, readout)
 
     # Graph inputs and the pieces every attention layer shares.
 
@@ -233,128 +270,17 @@ class _Emitter:
             self.layers_and_head(embed)
 
     def layers_and_head(self, embed: str) -> None:
-        """Every layer, then the final norm and the head (layer fusion's readouts included)."""
+        """Every layer (the layer walk), then the head (layer fusion's mix included)."""
         graph = self.graph
-        slot = 0
-        fusion = graph.fusion if graph.fusion is not None and graph.fusion.weight > 0 else None
-        fused = set(fusion.layers) if fusion else set()
-        readouts: dict[int, tuple[str | None, str]] = {}  # layer -> FinalNorm(m), FinalNorm(h)
+        names = graph.architecture.names
         for layer in graph.each_layer_materialized():
-            slot = self.layer(layer, slot, fusion, fused, readouts)
+            walk_layer(layer, self, names)
             self.w.flush()
         # A head stored apart from the embedding is loaded for its MatMul; a shared table is not.
         shares_table = graph.tied_head and not self.options.untie_head
         with graph.materialized(None if shares_table else graph.head):
-            self.head(embed, fusion, readouts, shares_table)
+            graph.head.emit(self, embed, graph.index.vocab_size, self.fusion, self.readouts)
             self.w.flush()
-
-    def layer(self, layer, slot: int, fusion, fused: set[int], readouts: dict) -> int:
-        """One layer's nodes; returns the next KV slot."""
-        names = self.graph.architecture.names
-        final_norm = self.graph.head.final_norm
-        prefix = f"model.layers.{layer.index}"
-        if layer.attention is not None:
-            x = self.pre(layer.attention_norm, f"{prefix}.{names.attention_pre_norm}")
-            update = layer.attention.emit(self, x, f"{prefix}.self_attn", self.shared, slot)
-            self.pending = self.post(layer.attention_post_norm, update, f"{prefix}.{names.attention_post_norm}",
-                                     layer.residual_scale)  # fmt: skip
-            slot += 1
-        pre = None
-        if layer.mlp is not None:
-            if layer.index in fused and fusion.dynamic:
-                pre = self.pre(final_norm, f"/lm_head/fusion/layer{layer.index}_pre_mlp_norm", scale=1.0)
-            x = self.pre(layer.mlp_norm, f"{prefix}.{names.mlp_pre_norm}")
-            mlp_name = f"{prefix}.mlp"
-            update = emit_moe(self, layer.mlp, x, mlp_name) if is_moe(layer.mlp) else layer.mlp.emit(self, x, mlp_name)
-            self.pending = self.post(layer.mlp_post_norm, update, f"{prefix}.{names.mlp_post_norm}",
-                                     layer.residual_scale)  # fmt: skip
-        if layer.index in fused:
-            # Static: the mixing weight folds into the gain, so the head reads a plain sum.
-            scale = 1.0 if fusion.dynamic else fusion.weight
-            readouts[layer.index] = (pre, self.pre(final_norm, f"/lm_head/fusion/layer{layer.index}_norm", scale))
-        return slot
-
-    def head(self, embed: str, fusion, readouts: dict, shares_table: bool) -> None:
-        """The final norm and the head's nodes: its MatMul (or the tied table's Transpose), fusion,
-        post-processing."""
-        graph, w = self.graph, self.w
-        final_norm = graph.head.final_norm
-        if fusion is None:
-            x = self.pre(final_norm, "model.norm")
-        else:
-            x = self.pre(final_norm, "model.norm", scale=1 - fusion.weight, derived=False)
-        # Quantized as it is written when the options assign the head a width (never a shared table).
-        quantized = "lm_head" in self.quantized and not shares_table and not (fusion is not None and fusion.dynamic)
-        if not quantized:
-            self.linears["lm_head"] = "/lm_head/MatMul"
-            head = self.head_weight(embed, shares_table)
-        vocab = graph.index.vocab_size
-        post = graph.head.has_post
-        if fusion is not None and fusion.dynamic:
-            self.dynamic_fusion(x, head, [readouts[layer] for layer in fusion.layers], fusion)
-        else:
-            if fusion is not None:
-                x = w.op("Add", [x, readouts[fusion.layers[0]][1]], "/lm_head/fusion/Add")
-            output = "/lm_head/MatMul/output" if post else "logits"
-            if quantized:
-                # A tied head written separately is the same parameters again: not counted twice.
-                logits = self.linear("lm_head", x, graph.head.weight, "lm_head.weight", "/lm_head/MatMul", output,
-                                     parameter=not graph.tied_head)  # fmt: skip
-            else:
-                logits = w.node("MatMul", [x, head], "/lm_head/MatMul", [output])[0]
-            if post:
-                graph.head.emit_post(self, logits, "/lm_head/post", "logits")
-        w.add_output("logits", self.onnx_type, ["batch_size", "sequence_length", vocab])
-        if fusion is not None and fusion.dynamic:
-            w.add_output("fused_layer", TensorProto.INT64, ["batch_size", "sequence_length"])
-
-    def head_weight(self, embed: str, shares_table: bool) -> str:
-        """The head's float (hidden, vocab) operand: the embedding table transposed, or its own weight."""
-        if shares_table:
-            # Stored once; onnxruntime folds the transpose of a constant when the session loads.
-            return self.w.op("Transpose", [embed], "/lm_head/Transpose", perm=[1, 0])
-        # A tied head written separately is the same parameters again: not counted twice.
-        graph = self.graph
-        return self.w.weight("lm_head.weight", self.array(graph.head.weight).T, parameter=not graph.tied_head)
-
-    def dynamic_fusion(self, final: str, head: str, readouts: list[tuple[str, str]], fusion) -> None:
-        """Per token: IKS of every candidate, argmin, and that candidate's readout mixed in.
-
-        All readouts go through the head in one MatMul over a stacked axis, so a decode step
-        reads the vocabulary projection once however many candidates there are. The IKS
-        compared is `sum p log p + q log q - (p+q) log(p+q)`, which is 2 JSD(p||q) - 2 log 2:
-        the same argmin with fewer operations. `final` already carries the weight 1 - a.
-        """
-        w, c = self.w, self.w.constant
-        name = "/lm_head/fusion"
-        k = len(readouts)
-        rows = [final] + [h for _, h in readouts] + [m for m, _ in readouts]
-        stacked = w.op("Concat", [w.op("Unsqueeze", [r, c([2])], f"{name}/stack{i}") for i, r in enumerate(rows)],
-                       f"{name}/stack", axis=2)  # fmt: skip
-        logits = w.op("MatMul", [stacked, head], "/lm_head/MatMul")  # (batch, seq, 1 + 2k, vocab)
-        if self.graph.head.has_post:
-            logits = self.graph.head.emit_post(self, logits, "/lm_head/post")
-        last, post, pre = w.node("Split", [logits, c([1, k, k])], f"{name}/split", 3, axis=2)
-        log_q = w.op("LogSoftmax", [post], f"{name}/log_post", axis=-1)
-        log_p = w.op("LogSoftmax", [pre], f"{name}/log_pre", axis=-1)
-        p = w.op("Exp", [log_p], f"{name}/p")
-        q = w.op("Exp", [log_q], f"{name}/q")
-        both = w.op("Add", [p, q], f"{name}/p_plus_q")
-        # Where both probabilities underflow, (p+q) log(p+q) is 0: clamp so 0 * log(0) is not NaN.
-        log_both = w.op("Log", [w.op("Max", [both, self.scalar(1e-30)], f"{name}/clamp")], f"{name}/log_p_plus_q")
-        own = w.op("Add", [w.op("Mul", [p, log_p], f"{name}/p_log_p"), w.op("Mul", [q, log_q], f"{name}/q_log_q")],
-                   f"{name}/own")  # fmt: skip
-        divergence = w.op("Sub", [own, w.op("Mul", [both, log_both], f"{name}/mix")], f"{name}/divergence")
-        iks = w.op("ReduceSum", [divergence, c([-1])], f"{name}/iks", keepdims=0)  # (batch, seq, k)
-        pick = w.op("ArgMin", [iks], f"{name}/argmin", axis=-1, keepdims=1)  # (batch, seq, 1)
-        pick4 = w.op("Unsqueeze", [pick, c([3])], f"{name}/pick4")
-        index = w.op("Expand", [pick4, c([1, 1, 1, self.graph.index.vocab_size])], f"{name}/pick_expand")
-        chosen = w.op("GatherElements", [post, index], f"{name}/chosen", axis=2)
-        weighted = w.op("Mul", [chosen, self.scalar(fusion.weight)], f"{name}/weighted")
-        mixed = w.op("Add", [last, weighted], f"{name}/Add")
-        w.node("Squeeze", [mixed, c([2])], f"{name}/logits", ["logits"])
-        layers = c(list(fusion.layers))
-        w.node("Gather", [layers, w.op("Squeeze", [pick, c([2])], f"{name}/pick2")], f"{name}/layer", ["fused_layer"])
 
 
 def export_decoder(

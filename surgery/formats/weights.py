@@ -2,10 +2,12 @@
 
 `quantize ... to int4|int8 [block N] [symmetric]` resolves to a `WeightFormat`. The record says
 which widths and blocks exist, how it is described, what it costs in bytes, how a float weight
-is rounded into it, and how the exporter emits a linear stored in it (onnxruntime's MatMulNBits:
-packed unsigned integers in blocks along K, a scale per block, and a zero point per block unless
-symmetric). The plan's `quantization()` maps each quantized target to one; the exporter asks it
-to emit. Importable without torch or onnx: `check` reads it.
+is rounded into it (to nearest, or by GPTQ against a Hessian), how it is read back to floats
+for verification, and how a linear or the embedding stored in it is emitted (onnxruntime's
+MatMulNBits and GatherBlockQuantized: packed unsigned integers in blocks along K, a scale per
+block, and a zero point per block unless symmetric). The plan's `quantization()` maps each
+quantized target to one; the exporter, the ONNX quantize passes, GPTQ and verification ask it.
+Importable without torch or onnx: `check` reads it (the heavy work is imported where it runs).
 """
 
 from __future__ import annotations
@@ -48,11 +50,55 @@ class WeightFormat:
         zero_points = 0 if self.symmetric else rows * -(-blocks * self.bits // 8)
         return packed + rows * blocks * scale_bytes + zero_points
 
+    @classmethod
+    def of_node(cls, attributes: dict[str, Any], has_zero_points: bool) -> WeightFormat:
+        """The format a written MatMulNBits or GatherBlockQuantized node stores (its attributes,
+        and whether it reads zero points)."""
+        return cls(int(attributes["bits"]), int(attributes["block_size"]), symmetric=not has_zero_points)
+
+    def problems(self) -> list[str]:
+        """Why onnxruntime's operators cannot hold this format (empty when they can)."""
+        if self.bits not in WIDTHS or self.block < 16 or self.block & (self.block - 1):
+            return [f"unsupported int{self.bits} block {self.block}"]
+        return []
+
+    def node_name(self, matmul: str) -> str:
+        """The name of the MatMulNBits node that replaces the MatMul `matmul` (onnxruntime's
+        quantizer's naming, which the exporter follows)."""
+        return f"{matmul}_Q{self.bits}"
+
+    def quantizer_settings(self) -> dict[str, Any]:
+        """The keyword arguments onnxruntime's MatMulNBitsQuantizer takes for this format."""
+        return {"bits": self.bits, "block_size": self.block, "is_symmetric": self.symmetric}
+
+    def node_attributes(self) -> dict[str, int]:
+        """The width and block attributes its operators carry."""
+        return {"bits": self.bits, "block_size": self.block}
+
     def quantize(self, weight) -> Any:
-        """Round an (N, K) torch weight into blocks (surgery.quantization.BlockQuantized)."""
+        """Round an (N, K) torch weight to nearest into blocks (surgery.quantization.BlockQuantized)."""
         from surgery.quantization import quantize_blocks_nk
 
         return quantize_blocks_nk(weight, self.bits, self.block, self.symmetric)
+
+    def quantize_gptq(self, weight, hessian) -> Any:
+        """Round an (N, K) torch weight into blocks by GPTQ against `hessian` (K x K, X^T X)."""
+        from surgery.gptq import gptq_blocks
+
+        return gptq_blocks(weight, hessian, self.bits, self.block, self.symmetric)
+
+    def quantize_table(self, table) -> tuple[Any, Any, Any]:
+        """An embedding table (rows, hidden) in GatherBlockQuantized's layout: (packed [rows,
+        blocks * block * bits / 8] uint8, scales [rows, blocks], zero points or None). Row r is
+        quantized as column r of a MatMulNBits weight, by onnxruntime's packer."""
+        from surgery.quantization import quantize_table
+
+        return quantize_table(table, self.bits, self.block, self.symmetric)
+
+    def dequantize_rows(self, blocks, k: int, start: int, stop: int) -> Any:
+        """Rows start..stop of the (N, K) float32 weight `blocks` stand for, as a torch tensor:
+        what verification computes with to check the written bytes."""
+        return blocks.dequantize_rows(k, self.bits, self.block, start, stop)
 
     def emit_linear(self, writer, x: str, weight_name: str, blocks, node: str, outputs: list[str], n: int, k: int,
                     accuracy_level: int = 0) -> str:  # fmt: skip

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,68 +30,10 @@ from surgery.architectures.description import Architecture
 from surgery.fusion import FusionChoice, HeadFusion, fused_logits
 from surgery.models.index import ModelIndex
 from surgery.models.inputs import KVCache, ResidualObserver, attention_bias, on_device
+from surgery.models.layer import DecoderLayer, walk_layer
 from surgery.models.lazy import LazyWeights, unique_parameters
 from surgery.nodes.attention import Attention
 from surgery.nodes.norm import RMSNorm
-
-
-@dataclass
-class DecoderLayer:
-    """One decoder layer; a sub-block set to None was dropped (its residual passes through)."""
-
-    index: int
-    attention: Attention | None
-    mlp: torch.nn.Module | None  # a GatedMLP node, or an MoE module (surgery.nodes.moe)
-    attention_norm: RMSNorm | None = None  # before the attention (Llama's input_layernorm)
-    attention_post_norm: RMSNorm | None = None  # after it, before the residual add (Gemma 3, OLMo 2)
-    mlp_norm: RMSNorm | None = None
-    mlp_post_norm: RMSNorm | None = None
-    residual_scale: float = 1.0  # multiplies each sub-block's update (Granite)
-
-    @property
-    def has_attention(self) -> bool:
-        """Whether the attention sub-block is still there."""
-        return self.attention is not None
-
-    @property
-    def has_mlp(self) -> bool:
-        """Whether the MLP sub-block is still there."""
-        return self.mlp is not None
-
-    @property
-    def sliding_window(self) -> int | None:
-        """The attention's sliding window (None: full attention, or no attention)."""
-        return self.attention.sliding_window if self.attention is not None else None
-
-    def drop_attention(self) -> None:
-        """Remove the attention sub-block and its norms: the residual passes through."""
-        self.attention = self.attention_norm = self.attention_post_norm = None
-
-    def drop_mlp(self) -> None:
-        """Remove the MLP sub-block and its norms: the residual passes through."""
-        self.mlp = self.mlp_norm = self.mlp_post_norm = None
-
-    def modules(self) -> list[torch.nn.Module]:
-        """The nodes still in this layer."""
-        parts = (self.attention_norm, self.attention, self.attention_post_norm,
-                 self.mlp_norm, self.mlp, self.mlp_post_norm)  # fmt: skip
-        return [m for m in parts if m is not None]
-
-    def attention_update(self, hidden: torch.Tensor, cos_sin, mask: torch.Tensor, cache) -> torch.Tensor:
-        """The attention sub-block's contribution to the residual."""
-        x = self.attention_norm(hidden) if self.attention_norm is not None else hidden
-        out = self.attention(x, cos_sin, mask, cache)
-        if self.attention_post_norm is not None:
-            out = self.attention_post_norm(out)
-        return out * self.residual_scale if self.residual_scale != 1.0 else out
-
-    def mlp_update(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The MLP sub-block's contribution to the residual."""
-        x = self.mlp_norm(hidden) if self.mlp_norm is not None else hidden
-        out = self.mlp(x)
-        if self.mlp_post_norm is not None:
-            out = self.mlp_post_norm(out)
-        return out * self.residual_scale if self.residual_scale != 1.0 else out
 
 
 class DecoderGraph:
@@ -296,7 +237,7 @@ class DecoderGraph:
         """
         fused = set(self.fusion.layers) if self.fusion is not None and logits else set()
         residuals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        run = _Sequence(input_ids, attention_mask, position_ids, cache)
+        run = ReferenceSequence(input_ids, attention_mask, position_ids, cache)
         hidden = self.embedding(input_ids)
         for layer in self.layers:
             hidden, after_attention = run.through(layer, hidden, self.rotary, observer)
@@ -341,7 +282,7 @@ class DecoderGraph:
         variants = variants or [lambda _: contextlib.nullcontext()] * len(batches)
         if device is not None:
             batches = [tuple(t.to(device) for t in batch) for batch in batches]  # type: ignore[misc]
-        runs = [_Sequence(ids, mask, positions) for ids, mask, positions in batches]
+        runs = [ReferenceSequence(ids, mask, positions) for ids, mask, positions in batches]
         with self.materialized(self.embedding, device=device):
             hidden = [self.embedding(ids) for ids, _, _ in batches]
         with on_device([self.rotary.module] if self.rotary is not None else [], device):
@@ -362,9 +303,10 @@ class DecoderGraph:
             return out
 
 
-class _Sequence:
-    """One batch's pass through the layers: its masks and rotary tables (built on first use per
-    window and RoPE kind), its KV cache, and the next cache slot."""
+class ReferenceSequence:
+    """One batch's pass through the layers in PyTorch: the reference forward's side of the layer
+    walk (`surgery.models.layer`). It holds the batch's masks and rotary tables (built on first
+    use per window and RoPE kind), its KV cache, the next cache slot, and the residual."""
 
     def __init__(self, input_ids, attention_mask, position_ids, cache: KVCache | None = None):
         self.input_ids, self.attention_mask, self.position_ids, self.cache = (
@@ -373,26 +315,56 @@ class _Sequence:
         self.tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
         self.masks: dict[int | None, torch.Tensor] = {}
         self.slot = 0
+        self.rotary = None
+        self.hidden: torch.Tensor | None = None
+        self.after: torch.Tensor | None = None  # the residual after the current layer's attention
 
     def through(self, layer: DecoderLayer, hidden: torch.Tensor, rotary, observer: ResidualObserver | None):
         """(the residual leaving `layer`, the residual after its attention)."""
-        entering = hidden
-        attention = layer.attention
-        if attention is not None:
-            if attention.rope not in self.tables:
-                self.tables[attention.rope] = rotary.cos_sin(hidden, self.position_ids, attention.rope)
-            window = attention.sliding_window
-            if window not in self.masks:
-                self.masks[window] = attention_bias(
-                    self.attention_mask, self.input_ids.shape[1], self.past, window, hidden.dtype
-                )
-            slot_cache = (self.cache, self.slot) if self.cache is not None else None
-            cos_sin = self.tables[attention.rope]
-            hidden = hidden + layer.attention_update(hidden, cos_sin, self.masks[window], slot_cache)
-            self.slot += 1
-        after_attention = hidden
-        if layer.mlp is not None:
-            hidden = hidden + layer.mlp_update(hidden)
+        self.hidden, self.rotary = hidden, rotary
+        walk_layer(layer, self)
+        out, after = self.hidden, self.after
+        self.hidden = self.after = None  # this object holds no activations between layers
         if observer is not None:
-            observer(layer.index, entering, after_attention, hidden)
-        return hidden, after_attention
+            observer(layer.index, hidden, after, out)
+        return out, after
+
+    # The residual stream (surgery.models.layer.ResidualStream), computed.
+
+    def pre(self, norm: RMSNorm | None, name: str) -> torch.Tensor:
+        """The residual, normalized when the family has a pre-norm here."""
+        return norm(self.hidden) if norm is not None else self.hidden
+
+    def attention(self, node: Attention, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The attention on `x` with this batch's rotary table, mask and next cache slot."""
+        if node.rope not in self.tables:
+            self.tables[node.rope] = self.rotary.cos_sin(self.hidden, self.position_ids, node.rope)
+        window = node.sliding_window
+        if window not in self.masks:
+            self.masks[window] = attention_bias(
+                self.attention_mask, self.input_ids.shape[1], self.past, window, self.hidden.dtype
+            )
+        slot_cache = (self.cache, self.slot) if self.cache is not None else None
+        self.slot += 1
+        return node(x, self.tables[node.rope], self.masks[window], slot_cache)
+
+    def mlp(self, node: torch.nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The MLP (dense or experts) on `x`."""
+        return node(x)
+
+    def post(self, norm: RMSNorm | None, update: torch.Tensor, name: str, scale: float) -> torch.Tensor:
+        """The update after the post-norm and the residual multiplier, where the family has them."""
+        if norm is not None:
+            update = norm(update)
+        return update * scale if scale != 1.0 else update
+
+    def add(self, update: torch.Tensor) -> None:
+        """residual += update."""
+        self.hidden = self.hidden + update
+
+    def after_attention(self, layer: DecoderLayer) -> None:
+        """Keep the residual after attention (the layer's "m")."""
+        self.after = self.hidden
+
+    def after_layer(self, layer: DecoderLayer) -> None:
+        """Nothing: `through` hands the residual back."""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
 from surgery.export.options import ExportOptions
 from surgery.export.writer import GraphWriter
+
+if TYPE_CHECKING:
+    from surgery.formats.precision import Precision
 
 MS = "com.microsoft"
 
@@ -19,6 +22,7 @@ class EmitContext(Protocol):
     w: GraphWriter
     options: ExportOptions
     linears: dict[str, str]  # exported linear name -> its MatMul node (for quantization passes)
+    element: Precision  # the export's element type
 
     def array(self, tensor: torch.Tensor) -> np.ndarray:
         """A tensor as a numpy array in the export's element type."""
@@ -39,4 +43,13 @@ class EmitContext(Protocol):
 
     def scalar(self, value: float) -> str:
         """A scalar constant in the export's element type."""
+        ...
+
+    def quantizes(self, linear: str) -> bool:
+        """Whether the export writes `linear` in a quantized weight format."""
+        ...
+
+    def pre(self, norm, name: str, scale: float | None = None, derived: bool = True) -> str:
+        """The residual stream (any pending update added), normalized by `norm` when given, its
+        gain times `scale` when given (a copy that is `derived`, not a parameter, by default)."""
         ...

@@ -3,10 +3,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+from onnx import TensorProto
 
 from surgery.nodes.context import EmitContext
 from surgery.nodes.norm import RMSNorm
+
+if TYPE_CHECKING:
+    from surgery.fusion import HeadFusion
 
 
 class Head(torch.nn.Module):
@@ -59,3 +65,57 @@ class Head(torch.nn.Module):
     def has_post(self) -> bool:
         """Whether the family post-processes its logits at all."""
         return self.divisor != 1.0 or self.softcap is not None
+
+    def emit(
+        self,
+        e: EmitContext,
+        embed: str,
+        vocab: int,
+        fusion: HeadFusion | None = None,
+        readouts: dict[int, tuple[str | None, str]] | None = None,
+    ) -> None:
+        """The final norm (fusing the last pending residual add), the vocabulary projection and
+        the post-processing, writing the `logits` output; layer fusion's mix when the graph fuses.
+
+        The projection is the embedding table `embed` transposed when the head shares it, else
+        the head's own weight: a float MatMul, or the weight format's node when the export
+        quantizes the head (written as it is quantized; never a shared table, never under
+        dynamic fusion, whose one MatMul also projects every readout).
+        """
+        w = e.w
+        shares_table = self.tied and not e.options.untie_head
+        if fusion is None:
+            x = e.pre(self.final_norm, "model.norm")
+        else:
+            x = e.pre(self.final_norm, "model.norm", scale=1 - fusion.weight, derived=False)
+        dynamic = fusion is not None and fusion.dynamic
+        quantized = e.quantizes("lm_head") and not shares_table and not dynamic
+        if not quantized:
+            e.linears["lm_head"] = "/lm_head/MatMul"
+            operand = self.float_operand(e, embed, shares_table)
+        if dynamic:
+            post = (lambda logits: self.emit_post(e, logits, "/lm_head/post")) if self.has_post else None
+            fusion.emit_dynamic(e, x, operand, [readouts[layer] for layer in fusion.layers], vocab, post)
+        else:
+            if fusion is not None:
+                x = fusion.emit_static(e, x, readouts)
+            output = "/lm_head/MatMul/output" if self.has_post else "logits"
+            if quantized:
+                # A tied head written separately is the same parameters again: not counted twice.
+                logits = e.linear("lm_head", x, self.weight, "lm_head.weight", "/lm_head/MatMul", output,
+                                  parameter=not self.tied)  # fmt: skip
+            else:
+                logits = w.node("MatMul", [x, operand], "/lm_head/MatMul", [output])[0]
+            if self.has_post:
+                self.emit_post(e, logits, "/lm_head/post", "logits")
+        w.add_output("logits", e.element.onnx_type, ["batch_size", "sequence_length", vocab])
+        if dynamic:
+            w.add_output("fused_layer", TensorProto.INT64, ["batch_size", "sequence_length"])
+
+    def float_operand(self, e: EmitContext, embed: str, shares_table: bool) -> str:
+        """The head's float (hidden, vocab) operand: the embedding table transposed, or its own weight."""
+        if shares_table:
+            # Stored once; onnxruntime folds the transpose of a constant when the session loads.
+            return e.w.op("Transpose", [embed], "/lm_head/Transpose", perm=[1, 0])
+        # A tied head written separately is the same parameters again: not counted twice.
+        return e.w.weight("lm_head.weight", e.array(self.weight).T, parameter=not self.tied)

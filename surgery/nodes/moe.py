@@ -1,7 +1,8 @@
-"""Mixture-of-experts MLPs in ONNX: the component for transformers' MoE blocks and surgery's own
-(split, pruned, merged, low-rank) ones, which share a layout: a router `gate` (weight: experts x
-hidden, `top_k`) and stacked `experts.gate_up_proj` / `experts.down_proj`. In PyTorch these
-modules run themselves.
+"""The mixture-of-experts MLP node: transformers' MoE blocks and surgery's own (split, pruned,
+merged, low-rank) ones, which share a layout: a router `gate` (weight: experts x hidden,
+`top_k`) and stacked `experts.gate_up_proj` / `experts.down_proj`. In PyTorch these modules run
+themselves; in ONNX they emit themselves with `emit_moe` (transformers' blocks through the
+`MixtureOfExperts` node that wraps them, surgery's through `EmitsMoE`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,36 @@ from surgery.nodes.mlp import GatedMLP
 def is_moe(module: torch.nn.Module) -> bool:
     """Whether an MLP module is a mixture of experts (this component's kind)."""
     return hasattr(module, "experts")
+
+
+class EmitsMoE:
+    """Mixed into surgery's own MoE modules: they emit themselves as `emit_moe` writes a MoE."""
+
+    def emit(self, e: EmitContext, x: str, name: str) -> str:
+        """This MoE's router, experts and mixture (see `emit_moe`)."""
+        return emit_moe(e, self, x, name)
+
+
+class MixtureOfExperts(EmitsMoE, torch.nn.Module):
+    """The node for a transformers MoE block: it runs the block's own forward and emits itself.
+
+    The block's parts (`gate`, `experts`, `shared_expert`, ...) read through the node, so
+    passes and analyses see one MoE layout whatever built it; the parameters stay the block's
+    own (references, not copies)."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output for the (normalized) residual x."""
+        return self.block(x)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("block"), name)
 
 
 def softmax_routed(moe: torch.nn.Module) -> bool:
