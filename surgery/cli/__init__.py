@@ -87,6 +87,9 @@ def entry() -> None:
     the time `main` returns every file surgery wrote is closed and renamed into place, so
     only the standard streams need flushing.
     """
+    from surgery.bytecode import cache_bytecode_if_read_only
+
+    cache_bytecode_if_read_only()  # before torch is imported
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()

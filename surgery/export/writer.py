@@ -42,6 +42,35 @@ def _as_torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array.view(f"u{array.itemsize}" if array.itemsize == 1 else f"i{array.itemsize}"))
 
 
+def _transpose_workers() -> int:
+    """Threads that transpose at once: half the cores (the other half read the checkpoint,
+    quantize and write), one on a machine of two cores or fewer, where the transposes already
+    overlap the reading and writing threads."""
+    return max(1, min(8, (os.cpu_count() or 1) // 2))
+
+
+_TRANSPOSERS: ThreadPoolExecutor | None = None  # created on first use, shared by every export
+
+
+def parallel_transpose_rows_into(source: torch.Tensor, first: int, target: torch.Tensor) -> None:
+    """`transpose_rows_into`, its target rows split between threads (torch's copies release the
+    GIL): a 16-core machine transposes a 7 GB model several times faster than one thread.
+    The bytes are the same however many threads there are."""
+    global _TRANSPOSERS
+    workers = _transpose_workers()
+    rows = target.shape[0]
+    if workers == 1 or rows < 2 * workers or target.numel() < (1 << 20):
+        transpose_rows_into(source, first, target)
+        return
+    if _TRANSPOSERS is None:
+        _TRANSPOSERS = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="transpose")
+    step = -(-rows // workers)
+    parts = [(start, min(start + step, rows)) for start in range(0, rows, step)]
+    done = [_TRANSPOSERS.submit(transpose_rows_into, source, first + a, target[a:b]) for a, b in parts]
+    for future in done:
+        future.result()
+
+
 def transpose_rows_into(source: torch.Tensor, first: int, target: torch.Tensor) -> None:
     """Fill `target` (r, out) with rows `first`..`first + r` of `source.T`, `source` being
     (out, in) and contiguous, a tile of source rows at a time.
@@ -270,7 +299,7 @@ class GraphWriter:
                 start += 1
                 continue
             target = room[: count * row_bytes].view(source.dtype).view(count, array.shape[1])
-            transpose_rows_into(source, start, target)
+            parallel_transpose_rows_into(source, start, target)
             self._data.advance(count * row_bytes)
             start += count
 
