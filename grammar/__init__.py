@@ -14,7 +14,7 @@ import lark
 def statement_modules() -> tuple:
     """Every statement module, `model` first: each declares its syntax (`SYNTAX`: lark rules),
     the rules a statement starts from (`GRAMMAR`) and its AST builders (`BUILDERS`)."""
-    from surgery.statements import STATEMENTS, model
+    from surgery.front.statements import STATEMENTS, model
 
     return (model, *STATEMENTS)
 

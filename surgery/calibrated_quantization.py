@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from surgery.formats.names import HEAD, linear_layer
 from surgery.formats.weights import WeightFormat
 from surgery.models.graph import DecoderGraph, ReferenceSequence
 from surgery.models.inputs import calibration_batches
@@ -124,8 +125,8 @@ def calibrated_blocks(
 
     by_layer: dict[int, list[str]] = {}
     for linear in settings:
-        if linear != "lm_head":
-            by_layer.setdefault(int(linear.split(".")[2]), []).append(linear)
+        if linear != HEAD:
+            by_layer.setdefault(linear_layer(linear), []).append(linear)
     for layer in graph.each_layer_materialized():
         linears = by_layer.get(layer.index, [])
         rounded: dict[str, tuple[BlockQuantized, WeightFormat]] = {}

@@ -16,16 +16,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from surgery.check import check
-from surgery.checked import CheckedRecipe
 from surgery.diagnostics import Diagnostic, RecipeError
 from surgery.executor.run import Clock, Progress, Run, Settings, quiet
 from surgery.files import RECIPE_LIMIT, InputFileError, read_source
+from surgery.front.check import check
+from surgery.front.checked import CheckedRecipe
+from surgery.front.parser import parse_source
+from surgery.front.plan import Plan
+from surgery.front.planner import build_plan
+from surgery.front.recipe import Recipe
 from surgery.output import OutputFolder
-from surgery.parser import parse_source
-from surgery.plan import Plan
-from surgery.planner import build_plan
-from surgery.recipe import Recipe
 from surgery.source import Source
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def check_recipe(path: str, model: str | None = None, recipe: Recipe | None = No
     """
     with _collector_paused():
         if recipe is not None:
-            from surgery.syntax import unparse
+            from surgery.front.syntax import unparse
 
             return unparse(recipe), check(recipe, model_override=model)
         source = read_recipe(path)
@@ -278,9 +278,9 @@ def _write_search(searches: tuple, checked, folder: str) -> dict:
     latency, when matplotlib is installed); the report's summary of them."""
     import json
 
+    from surgery.front.syntax import unparse
     from surgery.search.plot import plot_searches
     from surgery.search.results import search_json
-    from surgery.syntax import unparse
 
     content = search_json(list(searches), unparse(checked.recipe))
     with open(os.path.join(folder, "search.json"), "w", encoding="utf-8") as handle:

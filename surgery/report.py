@@ -10,9 +10,9 @@ from typing import Any
 from surgery import __version__
 from surgery.diagnostics import Diagnostic
 from surgery.export.decoder import ExportResult
+from surgery.front.plan import Plan
 from surgery.models.graph import DecoderGraph
 from surgery.passes import GraphPass, PassResult
-from surgery.plan import Plan
 from surgery.source import Span
 from surgery.verify import Verification
 

@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 import torch
 
+from surgery.formats.names import linear_layer, linear_of_packed_weight
 from surgery.formats.weights import WeightFormat
 from surgery.models.graph import DecoderGraph, DecoderLayer
 from surgery.models.inputs import position_ids_from_mask
@@ -147,7 +148,7 @@ class WrittenBlocks:
         self.initializers = {init.name: init for init in model.graph.initializer}
         # linear name -> its node; the exporter names the packed weight `<linear>.weight_Q<bits>`.
         self.nodes = {
-            node.input[1].rsplit(".weight_Q", 1)[0]: node for node in model.graph.node if node.op_type == "MatMulNBits"
+            linear_of_packed_weight(node.input[1]): node for node in model.graph.node if node.op_type == "MatMulNBits"
         }
 
     def _array(self, name: str) -> np.ndarray:
@@ -183,7 +184,7 @@ def written_weights(graph: DecoderGraph, model_path: str) -> Variant:
     written = WrittenBlocks(model_path)
     by_layer: dict[int | None, list[str]] = {}
     for linear in written.nodes:
-        by_layer.setdefault(None if linear == "lm_head" else int(linear.split(".")[2]), []).append(linear)
+        by_layer.setdefault(linear_layer(linear), []).append(linear)
     weights = graph.weights
 
     @contextlib.contextmanager

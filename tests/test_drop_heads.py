@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from conftest import TINY, run_cli, tiny_graph, write
-from surgery.check import check
 from surgery.diagnostics import RecipeError
+from surgery.front.check import check
+from surgery.front.parser import parse
+from surgery.front.planner import build_plan
+from surgery.front.syntax import unparse
 from surgery.models.inputs import position_ids_from_mask
-from surgery.parser import parse
 from surgery.passes import PassContractError, run_pass
 from surgery.passes.drop_heads import DropHeads
-from surgery.planner import build_plan
-from surgery.syntax import unparse
 
 PROMPT_IDS = torch.tensor(
     [[258, 258, 72, 101, 108, 108, 111, 44, 32, 119], [84, 104, 101, 32, 113, 117, 105, 99, 107, 32]]

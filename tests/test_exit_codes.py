@@ -7,8 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import surgery.front.planner
 import surgery.pipeline
-import surgery.planner
 from conftest import run_cli, write
 from surgery.cli import main
 
@@ -49,7 +49,7 @@ def test_an_internal_error_is_one_line_exit_4_and_a_report(in_tmp, monkeypatch):
 def test_a_failure_inside_the_package_names_our_frame(in_tmp, monkeypatch):
     monkeypatch.setenv("SURGERY_CACHE", str(in_tmp / "cache"))
     recipe = write(in_tmp / "r.surg", RECIPE)
-    monkeypatch.setattr(surgery.planner, "VERIFY_DECODE_STEPS", "eight")  # a type error deep inside
+    monkeypatch.setattr(surgery.front.planner, "VERIFY_DECODE_STEPS", "eight")  # a type error deep inside
     result = run_cli("apply", recipe, "-o", "out")
     assert result.code == 4 and "at surgery/" in result.err
     assert not (in_tmp / "out").exists()

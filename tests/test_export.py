@@ -10,9 +10,9 @@ import pytest
 from conftest import TINY, tiny_graph
 from surgery.export.decoder import export_decoder
 from surgery.export.options import ExportOptions
+from surgery.front.planner import VERIFY_DECODE_STEPS
 from surgery.models import builtin
 from surgery.passes import DropAttention, DropBlock, DropMlp, run_pass
-from surgery.planner import VERIFY_DECODE_STEPS
 from surgery.verify import verify
 
 EDITS = {

@@ -18,11 +18,11 @@ import torch
 from conftest import TINY, run_cli, tiny_graph, write
 from surgery.calibration import CalibrationSpec, calibration_tokens
 from surgery.export.decoder import export_decoder
+from surgery.front.planner import VERIFY_DECODE_STEPS
 from surgery.fusion import jsd
 from surgery.importance.measures import iks_scores
 from surgery.models import builtin
 from surgery.passes import DropAttention, Fuse, PassContractError, run_pass
-from surgery.planner import VERIFY_DECODE_STEPS
 from surgery.runtime import OnnxCausalLM
 from surgery.verify import verify
 

@@ -16,11 +16,11 @@ import torch
 from conftest import TINY, run_cli, tiny_graph, write
 from surgery import architectures
 from surgery.calibration import CalibrationSpec, calibration_tokens
+from surgery.front.selection import ImportanceQuery, ScoreSource, ranking, resolve_query
 from surgery.importance.file import load_importance
 from surgery.importance.measures import lim_scores, residual_statistics, similarity_scores, zd_scores
 from surgery.importance.metrics import MetricScores
 from surgery.models import builtin
-from surgery.selection import ImportanceQuery, ScoreSource, ranking, resolve_query
 
 SPEC = CalibrationSpec(samples=6, length=48, seed=3)
 

@@ -81,11 +81,25 @@ def test_the_pipeline_and_the_search_sit_on_top():
 def test_the_executor_knows_no_statement_and_the_plan_no_executor():
     graph = _imports()
     executor = {m for m in graph if m.startswith("surgery.executor")}
-    above = ("surgery.statements", "surgery.planner", "surgery.check", "surgery.parser", "surgery.syntax")
+    above = ("surgery.front.statements", "surgery.front.planner", "surgery.front.check", "surgery.front.parser",
+             "surgery.front.syntax")  # fmt: skip
     for module in executor:
         assert not [t for t in graph.successors(module) if _under(t, *above)], module
-    for module in ("surgery.plan", "surgery.plan_step", "surgery.checked", "surgery.recipe"):
-        assert not [t for t in graph.successors(module) if _under(t, "surgery.executor", "surgery.statements")]
+    for module in ("surgery.front.plan", "surgery.front.plan_step", "surgery.front.checked", "surgery.front.recipe"):
+        assert not [t for t in graph.successors(module) if _under(t, "surgery.executor", "surgery.front.statements")]
+
+
+def test_the_middle_the_ir_and_model_io_know_no_front_end():
+    """Passes, analyses, the IR, the exporter, the records and model IO are below the language:
+    none of them imports the front end (surgery.front)."""
+    graph = _imports()
+    below = ("surgery.passes", "surgery.models", "surgery.nodes", "surgery.architectures", "surgery.export",
+             "surgery.formats", "surgery.importance", "surgery.experts", "surgery.moe", "surgery.fusion",
+             "surgery.gptq", "surgery.quantization", "surgery.calibrated_quantization", "surgery.verify",
+             "surgery.verify_layerwise", "surgery.runtime")  # fmt: skip
+    for module in graph:
+        if _under(module, *below):
+            assert not [t for t in graph.successors(module) if _under(t, "surgery.front")], module
 
 
 def test_records_and_the_index_import_nothing_heavy():
@@ -94,7 +108,7 @@ def test_records_and_the_index_import_nothing_heavy():
     import sys
 
     code = (
-        "import sys, surgery.check, surgery.formats.precision, surgery.models.index_cache, surgery.planner;"
+        "import sys, surgery.front.check, surgery.formats.precision, surgery.models.index_cache, surgery.front.planner;"
         "print(sorted(m for m in ('torch', 'transformers', 'onnx', 'onnxruntime') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)

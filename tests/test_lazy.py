@@ -227,7 +227,7 @@ def test_expert_rewrites_of_a_lazy_moe_write_what_the_whole_model_writes(name, r
     and plan equal those of the same recipe with the whole model loaded; nothing is left aside."""
     import json
 
-    from surgery.plan import Plan
+    from surgery.front.plan import Plan
 
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     folder = saved(name, tmp_path / name)

@@ -27,10 +27,10 @@ from surgery.experts import (
 )
 from surgery.export.decoder import export_decoder
 from surgery.export.options import ExportOptions
+from surgery.front.planner import VERIFY_DECODE_STEPS
 from surgery.models import builtin
 from surgery.moe import SplitMoE, split_mlp
 from surgery.passes import DropAttention, DropBlock, DropMlp, MergeExperts, PruneExperts, SplitMlp, run_pass
-from surgery.planner import VERIFY_DECODE_STEPS
 from surgery.verify import PROMPTS, prompt_batch, verify
 
 EDITS = {"none": [], "mixed": [DropAttention(layers=(1,)), DropMlp(layers=(3,)), DropBlock(layers=(5,))]}

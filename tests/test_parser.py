@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from surgery.diagnostics import RecipeError
-from surgery.parser import parse, split_statements
-from surgery.syntax import (
+from surgery.front.parser import parse, split_statements
+from surgery.front.syntax import (
     AllLayers,
     DropStmt,
     EvenlyLayers,

@@ -15,12 +15,12 @@ import pytest
 
 from conftest import run_cli
 from surgery.diagnostics import RecipeError
-from surgery.parser import parse_source
+from surgery.front.parser import parse_source
+from surgery.front.syntax import unparse
 from surgery.pipeline import compile_recipe
 from surgery.search import executors
 from surgery.search.engine import SearchSettings
 from surgery.source import Source
-from surgery.syntax import unparse
 
 DROP = """model "tiny-llama"
 calibrate on "wikitext-2-valid" samples 4 length 32

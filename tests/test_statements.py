@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 
-from surgery import statements
-from surgery.plan_step import PlanStep
-from surgery.planner import build_plan
-from surgery.statements import STATEMENTS, for_step, model
+from surgery.front import statements
+from surgery.front.plan_step import PlanStep
+from surgery.front.planner import build_plan
+from surgery.front.statements import STATEMENTS, for_step, model
 
 
 def _statement_rules() -> set[str]:
@@ -41,8 +41,8 @@ def test_every_module_declares_its_parts():
 
 
 def test_plan_steps_are_described_by_the_statement_that_made_them(tmp_path):
-    from surgery.check import check
-    from surgery.parser import parse
+    from surgery.front.check import check
+    from surgery.front.parser import parse
 
     recipe = parse(
         'model "tiny-llama"\ndrop attention layers 1\ndrop mlp layers 2\nquantize layers 3..4 to int4\n'

@@ -53,8 +53,8 @@ def run_plan(args) -> int:
     if args.json:
         content = compiled.plan.to_json()
         if compiled.searches:
+            from surgery.front.syntax import unparse
             from surgery.search.results import search_json
-            from surgery.syntax import unparse
 
             content["search"] = search_json(list(compiled.searches), unparse(compiled.checked.recipe))
         print(json.dumps(content, indent=2))

@@ -57,8 +57,8 @@ def run_run(args) -> int:
 def run_importance(args) -> int:
     """`surgery importance`: per-layer importance scores written as an importance file."""
     from surgery.calibration import CalibrationSpec
-    from surgery.check import check_command_inputs
     from surgery.data import DEFAULT_CALIBRATION_TEXT, text_file
+    from surgery.front.check import check_command_inputs
     from surgery.importance.compute import ScoreRequest, checked_device, compute_importance
     from surgery.importance.file import is_importance_file, save_importance
     from surgery.importance.metrics import METRICS

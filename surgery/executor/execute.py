@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from surgery.plan import Plan
-from surgery.plan_step import PlanStep
+from surgery.front.plan import Plan
+from surgery.front.plan_step import PlanStep
 
 if TYPE_CHECKING:
     from surgery.executor.run import Run

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from surgery.executor.run import Run
-    from surgery.plan_step import PlanStep
+    from surgery.front.plan_step import PlanStep
 
 
 def _rounded(frequencies: dict[int, list[float]]) -> dict[str, list[float]]:

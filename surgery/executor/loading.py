@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from surgery.checked import CheckedRecipe
 from surgery.diagnostics import Diagnostic, RecipeError
+from surgery.front.checked import CheckedRecipe
 
 
 def weights_error(checked: CheckedRecipe, problem) -> RecipeError:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from surgery.checked import MIN_PERPLEXITY_TOKENS
 from surgery.diagnostics import Diagnostic, RecipeError
+from surgery.front.checked import MIN_PERPLEXITY_TOKENS
 
 if TYPE_CHECKING:
     from surgery.executor.run import Run

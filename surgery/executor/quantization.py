@@ -13,7 +13,7 @@ from surgery.formats.precision import precision as precision_record
 
 if TYPE_CHECKING:
     from surgery.executor.run import Run
-    from surgery.plan_step import PlanStep
+    from surgery.front.plan_step import PlanStep
 
 
 def quantize_output(run: Run, steps: list[PlanStep]) -> None:

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from surgery.checked import CheckedRecipe
 from surgery.diagnostics import Diagnostic, RecipeError
+from surgery.front.checked import CheckedRecipe
 
 if TYPE_CHECKING:
+    from surgery.front.plan import Plan
+    from surgery.front.plan_step import PlanStep
     from surgery.importance.file import ImportanceFile
-    from surgery.plan import Plan
-    from surgery.plan_step import PlanStep
 
 Progress = Callable[[str], None]
 

@@ -18,3 +18,16 @@ def layer_linear(layer: int, kind: str) -> str:
 def linear_kind(name: str) -> str:
     """The kind of an exported linear ("qkv_proj", ..., "lm_head")."""
     return name.rsplit(".", 1)[-1]
+
+
+def linear_layer(name: str) -> int | None:
+    """The layer an exported linear belongs to (`model.layers.3.mlp.up_proj` -> 3); None for the head."""
+    if name == HEAD:
+        return None
+    return int(name.split(".")[2])
+
+
+def linear_of_packed_weight(initializer: str) -> str:
+    """The exported linear a MatMulNBits' packed weight belongs to (`<linear>.weight_Q<bits>` ->
+    `<linear>`): the exporter and onnxruntime's quantizer name it so."""
+    return initializer.rsplit(".weight_Q", 1)[0]

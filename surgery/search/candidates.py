@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from surgery.budgets import Fit
-from surgery.selectors import ImportanceSelector, LayerIndex, LayerList
-from surgery.statements import STATEMENTS, for_node
-from surgery.syntax import (
+from surgery.front.budgets import Fit
+from surgery.front.selectors import ImportanceSelector, LayerIndex, LayerList
+from surgery.front.statements import STATEMENTS, for_node
+from surgery.front.syntax import (
     CalibrateStmt,
     DropStmt,
     ExportStmt,

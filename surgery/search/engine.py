@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from surgery import __version__
-from surgery.budgets import DEFAULT_LATENCY_PROMPT, QualityRequest, improves_with_count, quality_key
 from surgery.diagnostics import Diagnostic, RecipeError
+from surgery.front.budgets import DEFAULT_LATENCY_PROMPT, QualityRequest, improves_with_count, quality_key
+from surgery.front.syntax import Recipe
 from surgery.search.candidates import (
     SearchTarget,
     candidate_recipe,
@@ -38,7 +39,6 @@ from surgery.search.candidates import (
 from surgery.search.measure import Job
 from surgery.search.rescore import RescoreOrder
 from surgery.search.results import Candidate, SearchResult, budget_value
-from surgery.syntax import Recipe
 
 
 @dataclass(frozen=True)
@@ -224,8 +224,8 @@ class Searcher:
 
     def search(self, recipe, target: SearchTarget, settled: dict) -> SearchResult:
         """The largest count of `target` that keeps every budget (settled statements before it)."""
-        from surgery.check import check
-        from surgery.planner import build_plan
+        from surgery.front.check import check
+        from surgery.front.planner import build_plan
 
         start = time.perf_counter()
         fit = target.fit
@@ -297,7 +297,7 @@ class Searcher:
             raise RecipeError([_unmet(target, list(measured.values()), maximum)])
         statement = concrete(target, answer.count, order.first(answer.count) if order is not None else None)
         settled[target.position] = statement
-        from surgery.syntax import unparse_statement
+        from surgery.front.syntax import unparse_statement
 
         return SearchResult(
             target,

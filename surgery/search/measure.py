@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from surgery.budgets import QualityRequest, quality_key
 from surgery.formats.precision import precision as precision_record
-from surgery.recipe import Recipe
+from surgery.front.budgets import QualityRequest, quality_key
+from surgery.front.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def _original_graph(job: Job):
     key = (job.recipe_path, job.model)
     if key not in _ORIGINAL:
         from surgery.architectures.conformance import checked_graph
-        from surgery.check import check
+        from surgery.front.check import check
         from surgery.models.loading import load_model
 
         checked = check(job.recipe, job.model)

@@ -8,7 +8,7 @@ count; the answer is circled, and the limits are dashed lines.
 
 from __future__ import annotations
 
-from surgery.budgets import LatencyBudget, QualityBudget, SizeBudget
+from surgery.front.budgets import LatencyBudget, QualityBudget, SizeBudget
 from surgery.output import write_atomically
 
 

@@ -3,8 +3,8 @@ again on the model without them, and the next least important goes."""
 
 from __future__ import annotations
 
+from surgery.front.statements.base import SCORE_PART
 from surgery.search.candidates import SearchTarget
-from surgery.statements.base import SCORE_PART
 
 
 class RescoreOrder:
@@ -26,9 +26,9 @@ class RescoreOrder:
 
         from surgery.calibration import calibration_tokens
         from surgery.data import resolve_text
+        from surgery.front.selection import ranking
         from surgery.importance.measures import lim_scores, residual_statistics, similarity_scores
         from surgery.passes import DropAttention, DropBlock, DropMlp, run_pass
-        from surgery.selection import ranking
 
         statement = self.target.statement
         metric = statement.selector.source.metric

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from surgery.budgets import Budget
+from surgery.front.budgets import Budget
 from surgery.search.candidates import SearchTarget
 
 

@@ -3,7 +3,7 @@
 The recipe is first split into statements (one per line; a `{` opens a block that runs to its
 matching `}`), and each statement is parsed on its own by the LALR grammar in
 `grammar/surgery.lark`. A bad statement therefore cannot hide the errors of the next one.
-The lark Transformer only builds AST nodes; meaning is checked later (surgery.check).
+The lark Transformer only builds AST nodes; meaning is checked later (surgery.front.check).
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ from functools import cache, lru_cache
 import lark
 from lark import Token
 
-from surgery.budgets import Fit, LatencyBudget, QualityBudget, SizeBudget
 from surgery.diagnostics import Diagnostic, RecipeError
-from surgery.grammar import lark_parser, statement_modules
-from surgery.source import Source, Span
-from surgery.syntax import (
+from surgery.front.budgets import Fit, LatencyBudget, QualityBudget, SizeBudget
+from surgery.front.syntax import (
     AllLayers,
     EvenlyLayers,
     FirstLayers,
@@ -32,7 +30,9 @@ from surgery.syntax import (
     Recipe,
     Statement,
 )
-from surgery.syntax_errors import SyntaxProblem, layer_items, lexical_diagnostics, syntax_diagnostic
+from surgery.front.syntax_errors import SyntaxProblem, layer_items, lexical_diagnostics, syntax_diagnostic
+from surgery.grammar import lark_parser, statement_modules
+from surgery.source import Source, Span
 
 
 @cache
@@ -156,7 +156,7 @@ class _ToAst:
     def fit_marker(self, meta, children):
         return self.span(meta)
 
-    # Budgets (surgery/budgets.py).
+    # Budgets (surgery/front/budgets.py).
 
     def _quality_budget(self, kind: str, meta, children, percent: bool) -> QualityBudget:
         string, limit, *options = children

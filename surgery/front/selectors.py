@@ -1,7 +1,7 @@
 """Selectors and shared AST pieces: which of the original model's layers a statement targets.
 
 Frozen dataclasses carrying the span they were parsed from; spans are excluded from equality.
-Each statement's own node lives with the statement (surgery/statements/).
+Each statement's own node lives with the statement (surgery/front/statements/).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal
 from surgery.source import Span, number_text, span_field
 
 if TYPE_CHECKING:
-    from surgery.budgets import Fit
+    from surgery.front.budgets import Fit
 
 Part = Literal["attention", "mlp", "block"]
 

@@ -8,19 +8,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from surgery.expert_rules import prune_problem
-from surgery.layers import format_layers
-from surgery.plan_step import GraphPassStep, PlanStep, Run
-from surgery.selectors import (
+from surgery.front.plan_step import GraphPassStep, PlanStep, Run
+from surgery.front.selectors import (
     Selector,
     span_field,
     unparse_selector,
 )
+from surgery.front.statements.experts import expert_total, mlp_step
+from surgery.layers import format_layers
 from surgery.source import Span
-from surgery.statements.experts import expert_total, mlp_step
 
 if TYPE_CHECKING:
+    from surgery.front.statements.base import Checker, PlanState
     from surgery.models.index import ModelIndex
-    from surgery.statements.base import Checker, PlanState
 
 
 @dataclass(frozen=True)

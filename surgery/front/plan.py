@@ -2,7 +2,7 @@
 
 Each step names its action, its parameters, its concrete targets (module paths of the
 original model) and the recipe span it came from, and runs itself under the executor
-(surgery/executor/). The planner (surgery/planner.py) orders them: importance analysis, graph
+(surgery/executor/). The planner (surgery/front/planner.py) orders them: importance analysis, graph
 passes in recipe order, export, verification against PyTorch, ONNX passes (quantization), and
 the perplexity check.
 """
@@ -16,8 +16,8 @@ from surgery.diagnostics import Diagnostic
 from surgery.export.options import ExportOptions
 from surgery.formats.names import EMBEDDING, LINEAR_ORDER, linear_kind
 from surgery.formats.weights import QuantizedTarget, WeightFormat
+from surgery.front.plan_step import PlanStep
 from surgery.layers import format_layers
-from surgery.plan_step import PlanStep
 
 
 @dataclass(frozen=True)

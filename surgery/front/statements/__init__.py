@@ -2,14 +2,14 @@
 
 `STATEMENTS` is the order statements are checked and planned in (the plan then orders steps by
 phase, keeping recipe order within a phase). The model statement is special: it yields the
-model index every other check needs (surgery/check.py resolves it first).
+model index every other check needs (surgery/front/check.py resolves it first).
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from surgery.statements import calibrate, drop, export, fuse, heads, merge, prune, quantize, split, verify
+from surgery.front.statements import calibrate, drop, export, fuse, heads, merge, prune, quantize, split, verify
 
 # calibrate first (the importance step reads it); the graph statements in the order their
 # passes run: drops, then split before prune and merge (they act on its experts), prune before
@@ -35,4 +35,4 @@ def for_step(step: object) -> ModuleType | None:
     return next((module for module in STATEMENTS if module.__name__ == type(step).__module__), None)
 
 
-from surgery.statements import model  # noqa: E402  (the model statement; see the docstring)
+from surgery.front.statements import model  # noqa: E402  (the model statement; see the docstring)

@@ -2,8 +2,8 @@
 
 Spans are excluded from equality, so two recipes that say the same thing compare equal
 wherever they were written (this is what the parse -> unparse -> parse round trip checks).
-The selectors live in `surgery.selectors`; each statement's node lives with its statement in
-`surgery/statements/` (one module per statement: node, check, plan step, description) and is
+The selectors live in `surgery.front.selectors`; each statement's node lives with its statement in
+`surgery/front/statements/` (one module per statement: node, check, plan step, description) and is
 re-exported here. `unparse` prints the canonical text of a recipe.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from surgery.recipe import Recipe
-from surgery.selectors import (
+from surgery.front.recipe import Recipe
+from surgery.front.selectors import (
     AllLayers,
     EvenlyLayers,
     FirstLayers,
@@ -30,23 +30,23 @@ from surgery.selectors import (
     unparse_selector,
     unparse_source,
 )
+from surgery.front.statements import for_node
+from surgery.front.statements.calibrate import CalibrateStmt
+from surgery.front.statements.drop import DropStmt
+from surgery.front.statements.export import ExportStmt
+from surgery.front.statements.fuse import FuseStmt
+from surgery.front.statements.merge import MergeStmt
+from surgery.front.statements.model import ModelStmt
+from surgery.front.statements.prune import PruneStmt
+from surgery.front.statements.quantize import QuantizeGroupStmt, QuantizePart, QuantizeRule, QuantizeStmt
+from surgery.front.statements.split import SplitStmt
+from surgery.front.statements.verify import VerifyStmt
 from surgery.source import Span
-from surgery.statements import for_node
-from surgery.statements.calibrate import CalibrateStmt
-from surgery.statements.drop import DropStmt
-from surgery.statements.export import ExportStmt
-from surgery.statements.fuse import FuseStmt
-from surgery.statements.merge import MergeStmt
-from surgery.statements.model import ModelStmt
-from surgery.statements.prune import PruneStmt
-from surgery.statements.quantize import QuantizeGroupStmt, QuantizePart, QuantizeRule, QuantizeStmt
-from surgery.statements.split import SplitStmt
-from surgery.statements.verify import VerifyStmt
 
 
 class Statement(Protocol):
     """A statement's syntax node (each statement module's `NODES`): a frozen dataclass carrying
-    the span it was parsed from. Which module owns a node is `surgery.statements.for_node`."""
+    the span it was parsed from. Which module owns a node is `surgery.front.statements.for_node`."""
 
     span: Span
 

@@ -1,6 +1,6 @@
 """`calibrate on "<text>" [samples N] [length L] [seed S]`: the data importance metrics and
 expert statistics are computed on. Grammar: `calibrate_stmt`. The plan's `compute importance`
-step (surgery/planner.py) carries it."""
+step (surgery/front/planner.py) carries it."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from surgery.calibration import DEFAULT_LENGTH, DEFAULT_SAMPLES, DEFAULT_SEED, CalibrationSpec
-from surgery.plan_step import PlanStep
-from surgery.selectors import (
+from surgery.front.plan_step import PlanStep
+from surgery.front.selectors import (
     span_field,
 )
 from surgery.source import Span
 
 if TYPE_CHECKING:
+    from surgery.front.statements.base import Checker, PlanState
     from surgery.models.index import ModelIndex
-    from surgery.statements.base import Checker, PlanState
 
 
 @dataclass(frozen=True)

@@ -7,19 +7,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from surgery.diagnostics import Diagnostic, RecipeError
-from surgery.layers import format_layers
-from surgery.plan_step import GraphPassStep, PlanStep
-from surgery.selectors import (
+from surgery.front.plan_step import GraphPassStep, PlanStep
+from surgery.front.selectors import (
     LayerIndex,
     LayerRange,
     number_text,
     span_field,
 )
+from surgery.layers import format_layers
 from surgery.source import Span
 
 if TYPE_CHECKING:
+    from surgery.front.statements.base import Checker, PlanState
     from surgery.models.index import ModelIndex
-    from surgery.statements.base import Checker, PlanState
 
 
 DEFAULT_FUSE_WEIGHT = 0.02  # chosen by measurement on smollm2-135m: docs/fusion.md

@@ -1,5 +1,5 @@
 """A parsed recipe: its statements in source order (each a statement module's syntax node, see
-`surgery.syntax.Statement`). Kept apart from the statement modules so that every stage can name
+`surgery.front.syntax.Statement`). Kept apart from the statement modules so that every stage can name
 it without importing them."""
 
 from __future__ import annotations

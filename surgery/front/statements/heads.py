@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from surgery import architectures
+from surgery.front.plan_step import GraphPassStep, PlanStep, Run
+from surgery.front.selectors import ImportanceSelector, LayerIndex, LayerList, Selector, span_field, unparse_selector
 from surgery.head_rules import head_problems
 from surgery.layers import format_layers
-from surgery.plan_step import GraphPassStep, PlanStep, Run
-from surgery.selectors import ImportanceSelector, LayerIndex, LayerList, Selector, span_field, unparse_selector
 from surgery.source import Span
 
 if TYPE_CHECKING:
+    from surgery.front.statements.base import Checker, PlanState
     from surgery.models.index import ModelIndex
-    from surgery.statements.base import Checker, PlanState
 
 SYNTAX = """
 // drop heads <query heads> of <selector>: head numbers of the original model, 0-based

@@ -7,16 +7,16 @@ from typing import TYPE_CHECKING
 
 from surgery.diagnostics import Diagnostic
 from surgery.expert_rules import full_rank, merge_problem, merge_rank, prune_problem, rank_problem
-from surgery.layers import format_layers
-from surgery.plan_step import PlanStep
-from surgery.selectors import (
+from surgery.front.plan_step import PlanStep
+from surgery.front.selectors import (
     ImportanceSelector,
 )
+from surgery.layers import format_layers
 from surgery.source import Span
 
 if TYPE_CHECKING:
+    from surgery.front.statements.base import Checker
     from surgery.models.index import ModelIndex
-    from surgery.statements.base import Checker
 
 
 def expert_total(c: Checker, statement, verb: str, index: ModelIndex, splits) -> int | None:

@@ -1,12 +1,12 @@
 """`quantize` (one form and the grouped form): syntax nodes, grammar rules, AST builders and
-canonical text. Its check, plan and step: surgery/statements/quantize/__init__.py."""
+canonical text. Its check, plan and step: surgery/front/statements/quantize/__init__.py."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from surgery.selectors import (
+from surgery.front.selectors import (
     ImportanceRank,
     ImportanceSelector,
     ImportanceSource,
@@ -20,7 +20,7 @@ from surgery.selectors import (
 from surgery.source import Span
 
 if TYPE_CHECKING:
-    from surgery.budgets import Fit
+    from surgery.front.budgets import Fit
 
 QuantizePart = Literal["layers", "attention", "mlp", "head", "embedding"]
 

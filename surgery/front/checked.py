@@ -1,6 +1,6 @@
 """A recipe that passed the check: what every later stage reads (the plan, the executor, the search).
 
-The checker (surgery/check.py) fills it: the model, the export options, the calibration and the
+The checker (surgery/front/check.py) fills it: the model, the export options, the calibration and the
 perplexity check every stage shares, and each statement module's resolved form under the module's
 name (`checked.of("drop")`). A new statement therefore adds nothing here. This module imports no
 statement module: the statements read it.
@@ -16,7 +16,7 @@ from surgery.calibration import CalibrationSpec
 from surgery.data import text_file
 from surgery.diagnostics import Diagnostic
 from surgery.export.options import ExportOptions
-from surgery.recipe import Recipe
+from surgery.front.recipe import Recipe
 from surgery.source import Span
 
 if TYPE_CHECKING:

@@ -9,13 +9,8 @@ from dataclasses import replace
 
 from surgery.diagnostics import did_you_mean
 from surgery.files import InputFileError, path_exists
-from surgery.importance.file import ImportanceFile, load_importance
-from surgery.importance.metrics import METRICS
-from surgery.layers import evenly_spaced, format_layers
-from surgery.models.index import ModelIndex
-from surgery.selection import ImportanceQuery, ScoreSource
-from surgery.source import Span
-from surgery.syntax import (
+from surgery.front.selection import ImportanceQuery, ScoreSource
+from surgery.front.syntax import (
     AllLayers,
     EvenlyLayers,
     FirstLayers,
@@ -25,10 +20,15 @@ from surgery.syntax import (
     LayerIndex,
     Selector,
 )
+from surgery.importance.file import ImportanceFile, load_importance
+from surgery.importance.metrics import METRICS
+from surgery.layers import evenly_spaced, format_layers
+from surgery.models.index import ModelIndex
+from surgery.source import Span
 
 
 class SelectorChecks:
-    """Resolving selectors and importance sources (a part of the checker, surgery/check.py)."""
+    """Resolving selectors and importance sources (a part of the checker, surgery/front/check.py)."""
 
     def selector(self, selector: Selector, index: ModelIndex) -> tuple[int, ...] | None:
         """Original layer numbers of a layer selector (importance selectors go to `importance`)."""

@@ -10,11 +10,11 @@ from surgery.calibration import (
     count_tokens,
     shortage,
 )
-from surgery.checked import (
+from surgery.data import TextSource, TextSourceError, resolve_text
+from surgery.front.checked import (
     MIN_PERPLEXITY_TOKENS,
     CheckedRecipe,
 )
-from surgery.data import TextSource, TextSourceError, resolve_text
 from surgery.models.loading import ModelSpec, tokenizer_without_weights
 from surgery.source import Span
 
@@ -22,7 +22,7 @@ _TOKEN_COUNTS: dict[tuple[int, str, int], int] = {}
 
 
 class TextChecks:
-    """Texts and their token counts (a part of the checker, surgery/check.py)."""
+    """Texts and their token counts (a part of the checker, surgery/front/check.py)."""
 
     def text(self, name: str) -> TextSource | TextSourceError:
         """A named text resolved once per check (resolving reads the whole file to hash and check it)."""

@@ -9,23 +9,21 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from surgery.budgets import check_fit
 from surgery.diagnostics import Diagnostic
 from surgery.formats.names import EMBEDDING, HEAD
 from surgery.formats.weights import BLOCKS, DEFAULT_BLOCK, WeightFormat
-from surgery.layers import format_layers
-from surgery.plan_step import PlanStep, Run
-from surgery.selection import ImportanceQuery
-from surgery.selectors import (
+from surgery.front.budgets import check_fit
+from surgery.front.plan_step import PlanStep, Run
+from surgery.front.selection import ImportanceQuery
+from surgery.front.selectors import (
     AllLayers,
     ImportanceRank,
     ImportanceSelector,
     RestLayers,
     unparse_source,
 )
-from surgery.source import Span
-from surgery.statements.base import SCORE_PART
-from surgery.statements.quantize.syntax import (
+from surgery.front.statements.base import SCORE_PART
+from surgery.front.statements.quantize.syntax import (
     BUILDERS,
     SYNTAX,
     QuantizeGroupStmt,
@@ -35,10 +33,12 @@ from surgery.statements.quantize.syntax import (
     _width,
     unparse,
 )
+from surgery.layers import format_layers
+from surgery.source import Span
 
 if TYPE_CHECKING:
+    from surgery.front.statements.base import Checker, PlanState
     from surgery.models.index import ModelIndex
-    from surgery.statements.base import Checker, PlanState
 
 
 

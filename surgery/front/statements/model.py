@@ -10,14 +10,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from surgery import architectures
+from surgery.front.selectors import span_field
 from surgery.models.index import ModelIndex
 from surgery.models.index_cache import cached_index, keep_index
 from surgery.models.loading import ModelSpec, ModelSpecError, load_config, resolve_spec
-from surgery.selectors import span_field
 from surgery.source import Span
 
 if TYPE_CHECKING:
-    from surgery.statements.base import Checker
+    from surgery.front.statements.base import Checker
 
 
 @dataclass(frozen=True)

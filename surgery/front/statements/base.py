@@ -1,6 +1,6 @@
 """What every statement module shares: the checker it reports to and the plan state it updates.
 
-A statement module (surgery/statements/<name>.py) is the one home of a recipe statement:
+A statement module (surgery/front/statements/<name>.py) is the one home of a recipe statement:
 - `NODES`: its syntax node class(es), frozen dataclasses with source spans;
 - `SYNTAX`: its lark rules (the parser puts them with grammar/surgery.lark's shared ones);
 - `GRAMMAR`: the rules its statements start from (offered by the grammar's `?statement`);
@@ -13,7 +13,7 @@ A statement module (surgery/statements/<name>.py) is the one home of a recipe st
   itself under the executor (surgery/executor/);
 - optionally `metrics(resolved)`: the computed importance metrics it ranks by (by default those
   of its resolved items' importance queries).
-`surgery.check`, `surgery.planner` and `surgery.syntax.unparse` are loops over `STATEMENTS`;
+`surgery.front.check`, `surgery.front.planner` and `surgery.front.syntax.unparse` are loops over `STATEMENTS`;
 adding a statement adds its module and one line to `STATEMENTS`; the parser and the grammar
 collect its syntax from the module.
 """
@@ -25,19 +25,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from surgery.diagnostics import Diagnostic
-from surgery.plan_step import PlanStep
+from surgery.front.plan_step import PlanStep
 
 if TYPE_CHECKING:
-    from surgery.checked import CheckedRecipe
+    from surgery.front.checked import CheckedRecipe
+    from surgery.front.selection import ImportanceQuery
     from surgery.importance.metrics import MetricScores
-    from surgery.selection import ImportanceQuery
 
 # Which importance scores rank the layers for a statement's part.
 SCORE_PART = {"attention": "attention", "mlp": "mlp", "block": "block", "layers": "block"}
 
 
 class Checker(Protocol):
-    """The checker as statements see it (surgery.check._Checker): reporting and shared resolution."""
+    """The checker as statements see it (surgery.front.check._Checker): reporting and shared resolution."""
 
     recipe: Any
     diagnostics: list[Diagnostic]

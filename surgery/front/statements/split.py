@@ -7,21 +7,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from surgery.diagnostics import raise_if_errors
-from surgery.layers import format_layers
-from surgery.plan_step import GraphPassStep, PlanStep
-from surgery.selection import ImportanceQuery
-from surgery.selectors import (
+from surgery.front.plan_step import GraphPassStep, PlanStep
+from surgery.front.selection import ImportanceQuery
+from surgery.front.selectors import (
     ImportanceSelector,
     Selector,
     span_field,
     unparse_selector,
 )
+from surgery.front.statements.experts import expert_layer_problems, mlp_step
+from surgery.layers import format_layers
 from surgery.source import Span
-from surgery.statements.experts import expert_layer_problems, mlp_step
 
 if TYPE_CHECKING:
+    from surgery.front.statements.base import Checker, PlanState
     from surgery.models.index import ModelIndex
-    from surgery.statements.base import Checker, PlanState
 
 
 @dataclass(frozen=True)

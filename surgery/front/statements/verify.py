@@ -7,17 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from surgery.checked import DEFAULT_PERPLEXITY_TOKENS, DEFAULT_WINDOW, MIN_PERPLEXITY_TOKENS, PerplexityCheck
-from surgery.plan_step import PlanStep, Run
-from surgery.selectors import (
+from surgery.front.checked import DEFAULT_PERPLEXITY_TOKENS, DEFAULT_WINDOW, MIN_PERPLEXITY_TOKENS, PerplexityCheck
+from surgery.front.plan_step import PlanStep, Run
+from surgery.front.selectors import (
     number_text,
     span_field,
 )
 from surgery.source import Span
 
 if TYPE_CHECKING:
+    from surgery.front.statements.base import Checker, PlanState
     from surgery.models.index import ModelIndex
-    from surgery.statements.base import Checker, PlanState
 
 
 

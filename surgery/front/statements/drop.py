@@ -8,23 +8,23 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from surgery.budgets import check_fit
-from surgery.layers import format_layers
-from surgery.plan_step import GraphPassStep, PlanStep
-from surgery.selection import ImportanceQuery
-from surgery.selectors import (
+from surgery.front.budgets import check_fit
+from surgery.front.plan_step import GraphPassStep, PlanStep
+from surgery.front.selection import ImportanceQuery
+from surgery.front.selectors import (
     ImportanceSelector,
     Part,
     Selector,
     span_field,
     unparse_selector,
 )
+from surgery.front.statements.base import SCORE_PART
+from surgery.layers import format_layers
 from surgery.source import Span
-from surgery.statements.base import SCORE_PART
 
 if TYPE_CHECKING:
+    from surgery.front.statements.base import Checker, PlanState
     from surgery.models.index import ModelIndex
-    from surgery.statements.base import Checker, PlanState
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,15 @@ from typing import ClassVar
 
 import networkx as nx
 
-from surgery.checked import CheckedRecipe
 from surgery.export.options import verification_pads_prompts
+from surgery.front.checked import CheckedRecipe
+from surgery.front.plan import Plan
+from surgery.front.plan_step import PlanStep, Run
+from surgery.front.selection import ImportanceQuery, ranking, resolve_query
+from surgery.front.statements import STATEMENTS
+from surgery.front.statements.base import PlanState
 from surgery.importance.file import ImportanceFile
 from surgery.importance.metrics import METRICS, MetricScores
-from surgery.plan import Plan
-from surgery.plan_step import PlanStep, Run
-from surgery.selection import ImportanceQuery, ranking, resolve_query
-from surgery.statements import STATEMENTS
-from surgery.statements.base import PlanState
 
 VERIFY_DECODE_STEPS = 8
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from surgery.checked import DEFAULT_WINDOW, MIN_PERPLEXITY_TOKENS
+from surgery.front.checked import DEFAULT_WINDOW, MIN_PERPLEXITY_TOKENS
 from surgery.source import Span, number_text, span_field
 
 if TYPE_CHECKING:

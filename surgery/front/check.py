@@ -2,7 +2,7 @@
 
 Resolves every layer selector to original layer numbers and checks every importance selector
 (amount, metric, importance file) so that only the ranking remains for the plan. Each
-statement's own rules live in its module (surgery/statements/); this module holds what they
+statement's own rules live in its module (surgery/front/statements/); this module holds what they
 share (selectors, importance sources, texts, token counts) and the loop over them. Reports, all
 at once: layers out of range, reversed or empty ranges, dropping every attention layer, bad
 model specs, unsupported architectures, unknown metrics, invalid importance files (pointing
@@ -18,39 +18,39 @@ from dataclasses import replace
 from surgery.calibration import (
     CalibrationSpec,
 )
-from surgery.check_selectors import SelectorChecks
-from surgery.check_texts import TextChecks
-from surgery.checked import (
+from surgery.data import TextSource, TextSourceError
+from surgery.diagnostics import Diagnostic, RecipeError, raise_if_errors
+from surgery.export.options import ExportOptions
+from surgery.front.check_selectors import SelectorChecks
+from surgery.front.check_texts import TextChecks
+from surgery.front.checked import (
     DEFAULT_PERPLEXITY_TOKENS,
     DEFAULT_WINDOW,
     MIN_PERPLEXITY_TOKENS,
     CheckedRecipe,
     PerplexityCheck,
 )
-from surgery.data import TextSource, TextSourceError
-from surgery.diagnostics import Diagnostic, RecipeError, raise_if_errors
-from surgery.export.options import ExportOptions
+from surgery.front.statements import STATEMENTS
+from surgery.front.statements import export as export_statement
+from surgery.front.statements import model as model_statement
+from surgery.front.statements import name as statement_name
+from surgery.front.statements import verify as verify_statement
+from surgery.front.statements.base import SCORE_PART
+from surgery.front.statements.drop import ResolvedDrop
+from surgery.front.statements.experts import check_expert_layers, expert_layer_problems
+from surgery.front.statements.fuse import DEFAULT_FUSE_WEIGHT, ResolvedFuse, default_fuse_candidates
+from surgery.front.statements.merge import ResolvedMerge
+from surgery.front.statements.prune import ResolvedPrune
+from surgery.front.statements.quantize import ResolvedQuantize
+from surgery.front.statements.split import ResolvedSplit
+from surgery.front.syntax import (
+    Recipe,
+)
 from surgery.importance.file import ImportanceFile
 from surgery.importance.metrics import METRICS
 from surgery.models.index import ModelIndex
 from surgery.models.loading import ModelSpec
 from surgery.source import Span
-from surgery.statements import STATEMENTS
-from surgery.statements import export as export_statement
-from surgery.statements import model as model_statement
-from surgery.statements import name as statement_name
-from surgery.statements import verify as verify_statement
-from surgery.statements.base import SCORE_PART
-from surgery.statements.drop import ResolvedDrop
-from surgery.statements.experts import check_expert_layers, expert_layer_problems
-from surgery.statements.fuse import DEFAULT_FUSE_WEIGHT, ResolvedFuse, default_fuse_candidates
-from surgery.statements.merge import ResolvedMerge
-from surgery.statements.prune import ResolvedPrune
-from surgery.statements.quantize import ResolvedQuantize
-from surgery.statements.split import ResolvedSplit
-from surgery.syntax import (
-    Recipe,
-)
 
 
 class _Checker(SelectorChecks, TextChecks):

@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING, ClassVar
 from surgery.export.options import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportOptions
 from surgery.formats.precision import DEFAULT_FOR_TARGET
 from surgery.formats.precision import precision as precision_record
-from surgery.plan_step import PlanStep, Run
-from surgery.selectors import (
+from surgery.front.plan_step import PlanStep, Run
+from surgery.front.selectors import (
     span_field,
 )
 from surgery.source import Span
 
 if TYPE_CHECKING:
+    from surgery.front.statements.base import Checker, PlanState
     from surgery.models.index import ModelIndex
-    from surgery.statements.base import Checker, PlanState
 
 
 @dataclass(frozen=True)
