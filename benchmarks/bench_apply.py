@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import measure, paired_latency, write_result  # noqa: E402
 
+from surgery.backend.runtime import OnnxCausalLM  # noqa: E402
 from surgery.models import builtin  # noqa: E402
-from surgery.runtime import OnnxCausalLM  # noqa: E402
 
 
 def main() -> None:

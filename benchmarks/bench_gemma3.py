@@ -12,7 +12,7 @@ Measured in one run, on this machine:
    rounds, ours against the builder's.
 The builder's Gemma 3 model keeps its sliding-window layers' KV cache in fixed buffers that
 onnxruntime-genai allocates, so it runs (perplexity and decode) through onnxruntime-genai;
-ours runs through onnxruntime with the same greedy loop (surgery.runtime).
+ours runs through onnxruntime with the same greedy loop (surgery.backend.runtime).
 
     python benchmarks/bench_gemma3.py [--json bench-results/gemma3.json] [--rounds 12]
 """
@@ -36,10 +36,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import GenaiModel, measure, paired_latency, write_result  # noqa: E402
 
+from surgery.backend.evaluate import eval_tokens, onnx_logits, perplexity  # noqa: E402
+from surgery.backend.runtime import OnnxCausalLM  # noqa: E402
 from surgery.data import resolve_text  # noqa: E402
-from surgery.evaluate import eval_tokens, onnx_logits, perplexity  # noqa: E402
 from surgery.models import builtin  # noqa: E402
-from surgery.runtime import OnnxCausalLM  # noqa: E402
 
 RECIPES = {
     "unmodified": 'model "gemma3-270m"\nexport onnx\n',

@@ -40,10 +40,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import apply_recipe, measure, paired_latency, size_mb, write_result  # noqa: E402
 
+from surgery.backend.evaluate import eval_tokens, onnx_logits, perplexity  # noqa: E402
+from surgery.backend.runtime import OnnxCausalLM  # noqa: E402
 from surgery.data import resolve_text  # noqa: E402
-from surgery.evaluate import eval_tokens, onnx_logits, perplexity  # noqa: E402
 from surgery.models import builtin  # noqa: E402
-from surgery.runtime import OnnxCausalLM  # noqa: E402
 
 MODEL = 'model "smollm2-135m"\n'
 

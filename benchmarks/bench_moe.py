@@ -37,9 +37,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import paired_latency, write_result  # noqa: E402
 
+from surgery.backend.evaluate import eval_tokens, onnx_logits, perplexity  # noqa: E402
+from surgery.backend.runtime import OnnxCausalLM  # noqa: E402
 from surgery.data import resolve_text  # noqa: E402
-from surgery.evaluate import eval_tokens, onnx_logits, perplexity  # noqa: E402
-from surgery.runtime import OnnxCausalLM  # noqa: E402
 
 METHODS = {
     "merge: output grouping, frequency weighting": "merge experts {at} to {m} grouping output weighting frequency",

@@ -33,8 +33,8 @@ def one(folder: str, device: str, tokens: int, window: int) -> dict:
     import torch
 
     from surgery.architectures.conformance import checked_graph
+    from surgery.backend.evaluate import eval_tokens, graph_perplexity
     from surgery.data import resolve_text
-    from surgery.evaluate import eval_tokens, graph_perplexity
     from surgery.models.index import ModelIndex
     from surgery.models.loading import load_config, load_model, resolve_spec
 

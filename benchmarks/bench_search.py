@@ -132,8 +132,8 @@ def main() -> None:
                        check=True, capture_output=True)  # fmt: skip
         from transformers import AutoTokenizer
 
+        from surgery.backend.evaluate import eval_tokens, onnx_logits, perplexity
         from surgery.data import resolve_text
-        from surgery.evaluate import eval_tokens, onnx_logits, perplexity
 
         tokenizer = AutoTokenizer.from_pretrained(builtin.smollm2_folder())
         tokens = eval_tokens(tokenizer, resolve_text("wikitext-2-test"), 16384)

@@ -33,8 +33,8 @@ def measure(command: list[str]) -> dict:
 
 def decode_ms_per_token(model, prompt: np.ndarray, steps: int) -> float:
     """ms/token of one-token decode steps after prefilling `prompt` (batch 1): one round of
-    the package's protocol (surgery/latency.py), which budgets use too."""
-    from surgery.latency import decode_once
+    the package's protocol (surgery/backend/latency.py), which budgets use too."""
+    from surgery.backend.latency import decode_once
 
     return decode_once(model, prompt, steps)
 

@@ -166,7 +166,7 @@ def score(folder: str, items: list[Item], max_new_tokens: int = 8, threads: int 
     import numpy as np  # noqa: F401  (onnxruntime needs it loaded first in some builds)
     from transformers import AutoTokenizer
 
-    from surgery.runtime import OnnxCausalLM
+    from surgery.backend.runtime import OnnxCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = OnnxCausalLM(folder, threads=threads)

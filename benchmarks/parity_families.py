@@ -25,6 +25,7 @@ from common import write_result  # noqa: E402
 
 from surgery import architectures  # noqa: E402
 from surgery.architectures.hf_reference import HuggingFaceForward, edit_like_graph  # noqa: E402
+from surgery.backend.verify import compare, trace_reference  # noqa: E402
 from surgery.export.decoder import export_decoder  # noqa: E402
 from surgery.export.options import ExportOptions  # noqa: E402
 from surgery.front.planner import VERIFY_DECODE_STEPS  # noqa: E402
@@ -32,7 +33,6 @@ from surgery.models import builtin  # noqa: E402
 from surgery.models.graph import DecoderGraph  # noqa: E402
 from surgery.models.index import ModelIndex  # noqa: E402
 from surgery.passes import DropAttention, DropBlock, DropMlp, run_pass  # noqa: E402
-from surgery.verify import compare, trace_reference  # noqa: E402
 
 EDITS = {"none": None, "attention": DropAttention, "mlp": DropMlp, "block": DropBlock}
 

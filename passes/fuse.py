@@ -7,7 +7,7 @@ is linear. `dynamic` fuses, per token, the candidate layer whose MLP changed the
 distribution least (lowest IKS, computed in the graph). Why: intermediate layers of the latter
 half carry in-context knowledge that the last layers override with parametric knowledge (LFD,
 arXiv 2508.19614); mixing one back in makes answers follow the given context more. `auto`
-is resolved by the plan to a static layer from calibration IKS. Definitions: surgery/fusion.py.
+is resolved by the plan to a static layer from calibration IKS. Definitions: surgery/nodes/fusion.py.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from surgery.fusion import HeadFusion
 from surgery.models.graph import DecoderGraph
+from surgery.nodes.fusion import HeadFusion
 from surgery.passes.base import GraphPass, PassResult
 
 

@@ -9,7 +9,7 @@ shared subspace) and is stored as two factors, which is what saves bytes. The ro
 its N rows: it takes top-k over the N original logits, maps each chosen expert to its group,
 and adds the weights that land on one group (as MC-SMoE, HC-SMoE and Sub-MoE do). With M = N
 every group is one expert and the layer is unchanged. Groups and weights are decided from
-calibration statistics (surgery/experts.py) when the graph steps run (`plan` and `apply`) and
+calibration statistics (surgery/analysis/experts.py) when the graph steps run (`plan` and `apply`) and
 recorded in the plan, the pass parameters and the report. Why: experts dominate an MoE's memory; merging
 similar experts keeps more of their function than deleting them.
 """
@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from surgery.expert_rules import rank_problem
-from surgery.experts import MergedMoE, expert_count, full_rank
+from surgery.analysis.expert_rules import rank_problem
+from surgery.analysis.experts import MergedMoE, expert_count, full_rank
 from surgery.models.graph import DecoderGraph
 from surgery.passes.base import GraphPass, PassResult
 

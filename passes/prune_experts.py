@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from surgery.experts import expert_count, keep_experts
+from surgery.analysis.experts import expert_count, keep_experts
 from surgery.models.graph import DecoderGraph
 from surgery.passes.base import GraphPass, PassResult
 

@@ -1,6 +1,6 @@
 """`split mlp <selector> into E experts top K`: refactor dense MLPs into mixtures of experts.
 
-Graph effect: each selected layer's SwiGLU MLP becomes a `SplitMoE` (surgery/moe.py): its
+Graph effect: each selected layer's SwiGLU MLP becomes a `SplitMoE` (surgery/analysis/moe.py): its
 intermediate neurons partitioned into E equal groups (balanced k-means on the gate rows), one
 expert per group, and a router derived from the weights that sends each token to its K
 highest-scoring experts with weight 1. With K = E every neuron runs and the layer computes
@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from surgery.analysis.moe import SplitMoE, split_mlp
 from surgery.models.graph import DecoderGraph
-from surgery.moe import SplitMoE, split_mlp
 from surgery.nodes.mlp import GatedMLP
 from surgery.passes.base import GraphPass, PassResult, parts_present
 

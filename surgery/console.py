@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-# Read by surgery.runtime when it opens onnxruntime sessions.
+# Read by surgery.backend.runtime when it opens onnxruntime sessions.
 state = {"verbose": False}
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from surgery.backend.output import OutputFolder
 from surgery.diagnostics import Diagnostic, RecipeError
 from surgery.executor.run import Clock, Progress, Run, Settings, quiet
 from surgery.files import RECIPE_LIMIT, InputFileError, read_source
@@ -25,11 +26,10 @@ from surgery.front.parser import parse_source
 from surgery.front.plan import Plan
 from surgery.front.planner import build_plan
 from surgery.front.recipe import Recipe
-from surgery.output import OutputFolder
 from surgery.source import Source
 
 if TYPE_CHECKING:
-    from surgery.verify import Verification
+    from surgery.backend.verify import Verification
 
 
 
@@ -200,9 +200,9 @@ def apply(
     `as many as fit` statements are searched first (`search`: the executor settings); the
     output then holds search.json and, with matplotlib, search.png.
     """
+    from surgery.backend.report import build_report, folder_bytes, structure, write_report
     from surgery.executor.execute import execute
     from surgery.importance.compute import checked_device
-    from surgery.report import build_report, folder_bytes, structure, write_report
 
     clock = Clock()
     text, checked = check_recipe(path, model, recipe)
@@ -260,8 +260,8 @@ def apply(
 
 def _verification_providers(checked: CheckedRecipe, provider: str, run_verification: bool) -> list[str]:
     """The providers verification runs on; refused before anything heavy when they cannot run the export."""
+    from surgery.backend.runtime import execution_providers
     from surgery.diagnostics import HintedError
-    from surgery.runtime import execution_providers
 
     providers = execution_providers(provider)
     if run_verification and not checked.export.element.runs_on(provider):

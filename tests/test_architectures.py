@@ -15,13 +15,13 @@ from surgery import architectures
 from surgery.architectures.conformance import DescriptionMismatch, checked_graph, first_difference
 from surgery.architectures.description import Norms, Scale
 from surgery.architectures.hf_reference import HuggingFaceForward, edit_like_graph
+from surgery.backend.verify import compare, trace_reference
 from surgery.export.decoder import export_decoder
 from surgery.export.options import ExportOptions
 from surgery.models import builtin
 from surgery.models.graph import DecoderGraph
 from surgery.models.index import ModelIndex
 from surgery.passes import DropAttention, DropBlock, DropMlp, run_pass
-from surgery.verify import compare, trace_reference
 
 ALL_TINY = tuple(builtin.TINY_MODELS)
 NEW_FAMILIES = ("tiny-gemma3", "tiny-phi3", "tiny-granite", "tiny-olmo2")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_graph, write
+from surgery.backend.evaluate import compare, eval_tokens, onnx_logits, perplexity, torch_logits
 from surgery.data import resolve_text
-from surgery.evaluate import compare, eval_tokens, onnx_logits, perplexity, torch_logits
 from surgery.export.decoder import export_decoder
 from surgery.models import builtin
 

@@ -8,12 +8,12 @@ import onnx
 import pytest
 
 from conftest import TINY, tiny_graph
+from surgery.backend.verify import verify
 from surgery.export.decoder import export_decoder
 from surgery.export.options import ExportOptions
 from surgery.front.planner import VERIFY_DECODE_STEPS
 from surgery.models import builtin
 from surgery.passes import DropAttention, DropBlock, DropMlp, run_pass
-from surgery.verify import verify
 
 EDITS = {
     "none": [],

@@ -16,15 +16,15 @@ import pytest
 import torch
 
 from conftest import TINY, run_cli, tiny_graph, write
+from surgery.backend.runtime import OnnxCausalLM
+from surgery.backend.verify import verify
 from surgery.calibration import CalibrationSpec, calibration_tokens
 from surgery.export.decoder import export_decoder
 from surgery.front.planner import VERIFY_DECODE_STEPS
-from surgery.fusion import jsd
 from surgery.importance.measures import iks_scores
 from surgery.models import builtin
+from surgery.nodes.fusion import jsd
 from surgery.passes import DropAttention, Fuse, PassContractError, run_pass
-from surgery.runtime import OnnxCausalLM
-from surgery.verify import verify
 
 IDS = np.array([[72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33]])
 

@@ -15,12 +15,12 @@ import onnxruntime_genai as og
 import pytest
 
 from conftest import tiny_graph
+from surgery.backend.runtime import OnnxCausalLM
 from surgery.export.decoder import export_decoder
 from surgery.export.genai import GENAI_MODEL_TYPES, genai_config, write_genai_config
 from surgery.export.options import ExportOptions
 from surgery.models import builtin
 from surgery.passes import DropAttention, DropBlock, DropMlp, run_pass
-from surgery.runtime import OnnxCausalLM
 
 EDITS = {"none": None, "drop attention": DropAttention, "drop mlp": DropMlp, "drop block": DropBlock}
 PROMPTS = ([5, 17, 42, 99, 3, 64, 8, 120, 77, 31], [9, 200, 14, 61])

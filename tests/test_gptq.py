@@ -1,5 +1,5 @@
-"""`quantize ... gptq`: GPTQ rounding onto MatMulNBits' grid (surgery.gptq), calibrated layer by
-layer (surgery.calibrated_quantization), written by the exporter or over the quantize pass."""
+"""`quantize ... gptq`: GPTQ rounding onto MatMulNBits' grid (surgery.analysis.gptq), calibrated layer by
+layer (surgery.analysis.calibrated_quantization), written by the exporter or over the quantize pass."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from surgery.gptq import gptq_blocks
-from surgery.quantization import dequantize, initializer_arrays, quantize_blocks_nk
+from surgery.analysis.gptq import gptq_blocks
+from surgery.analysis.quantization import dequantize, initializer_arrays, quantize_blocks_nk
 
 CASES = [  # (N, K, bits, block, symmetric); K=100 and block 128 of 576 pad K
     (64, 576, 4, 32, False),
@@ -71,8 +71,8 @@ def _apply(folder: Path, lines: str) -> Path:
 
 def _kl_to(reference: Path, candidate: Path) -> float:
     """Mean KL(reference || candidate) per token on WikiText-2 valid (the calibration's text)."""
+    from surgery.backend.evaluate import compare, eval_tokens, onnx_logits
     from surgery.data import resolve_text
-    from surgery.evaluate import compare, eval_tokens, onnx_logits
     from surgery.models.builtin import byte_tokenizer
 
     tokens = eval_tokens(byte_tokenizer(), resolve_text("wikitext-2-valid"), 1024, 256)

@@ -20,6 +20,8 @@ from onnx import numpy_helper
 from test_lazy import CONVERTED_ON_LOADING, eager_graph, lazy_graph, saved
 
 from conftest import run_cli, write
+from surgery.backend.verify import compare, prompt_batch, trace_reference
+from surgery.backend.verify_layerwise import float_compute_twin, teacher_forced_traces, written_weights
 from surgery.calibration import CalibrationSpec
 from surgery.export.decoder import export_decoder
 from surgery.export.options import ExportOptions
@@ -31,8 +33,6 @@ from surgery.models.inputs import calibration_batches, position_ids_from_mask
 from surgery.models.lazy import LazyWeights, resident_bytes, unique_parameters
 from surgery.models.loading import resolve_spec
 from surgery.passes import DropAttention, Quantize, run_pass
-from surgery.verify import compare, prompt_batch, trace_reference
-from surgery.verify_layerwise import float_compute_twin, teacher_forced_traces, written_weights
 
 DENSE_TINY = tuple(name for name in builtin.TINY_MODELS if name not in CONVERTED_ON_LOADING)
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
@@ -127,9 +127,8 @@ def test_teacher_forced_logits_equal_the_greedy_decodes(name, tmp_path):
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gemma3"])
 def test_layer_major_perplexity_and_comparison_equal_the_window_by_window_ones(name, tmp_path):
     """`verify perplexity`'s reference and `surgery eval --against <model>` run layer-major."""
-    from surgery.data import resolve_text
-    from surgery.evaluate import compare as eval_compare
-    from surgery.evaluate import (
+    from surgery.backend.evaluate import compare as eval_compare
+    from surgery.backend.evaluate import (
         compare_with_graph,
         eval_tokens,
         graph_perplexity,
@@ -137,6 +136,7 @@ def test_layer_major_perplexity_and_comparison_equal_the_window_by_window_ones(n
         perplexity,
         torch_logits,
     )
+    from surgery.data import resolve_text
 
     folder = saved(name, tmp_path / name)
     lazy, eager = lazy_graph(folder), eager_graph(folder)
@@ -352,8 +352,8 @@ def test_device_cuda_without_cuda_is_a_message(tmp_path):
 def test_layer_major_perplexity_on_cuda_equals_the_cpu_one(name, tmp_path):
     """`verify perplexity`'s reference and `eval --against --device cuda` with one layer on the
     GPU at a time: the CPU's perplexity, every parameter back in the checkpoint after."""
+    from surgery.backend.evaluate import eval_tokens, graph_perplexity
     from surgery.data import resolve_text
-    from surgery.evaluate import eval_tokens, graph_perplexity
 
     folder = saved(name, tmp_path / name)
     (tmp_path / "text.txt").write_text(TEXT)
@@ -432,8 +432,8 @@ def test_eval_device_without_a_pytorch_reference_is_a_message(tmp_path):
 def test_layer_major_perplexity_keeps_no_window_log_probs(tmp_path, monkeypatch):
     """What the per-window callback returns is kept by forward_layerwise until the end: the
     perplexity's callback returns nothing, so no window's (T, vocab) log-probs pile up."""
+    from surgery.backend.evaluate import eval_tokens, graph_perplexity
     from surgery.data import resolve_text
-    from surgery.evaluate import eval_tokens, graph_perplexity
 
     graph = lazy_graph(saved("tiny-llama", tmp_path / "m"))
     (tmp_path / "text.txt").write_text(TEXT)

@@ -194,8 +194,8 @@ def test_a_transposed_weight_is_written_in_blocks_of_rows(tmp_path, monkeypatch)
 def test_expert_statistics_of_a_lazy_moe_equal_the_whole_models(name, tmp_path):
     """Expert use and mean outputs, counted layer-major on a model whose fused experts are built
     from the per-expert checkpoint tensors a layer at a time, equal those of the model loaded whole."""
+    from surgery.analysis.experts import expert_count, expert_statistics
     from surgery.calibration import CalibrationSpec, calibration_tokens
-    from surgery.experts import expert_count, expert_statistics
 
     folder = saved(name, tmp_path / name)
     lazy, eager = lazy_graph(folder), eager_graph(folder)
@@ -273,8 +273,8 @@ def test_a_tokenizer_with_ids_beyond_the_embedding_is_a_message(tmp_path, monkey
 def test_expert_statistics_on_cuda_equal_the_cpu_ones(name, tmp_path):
     """`--device cuda` for prune and merge: expert use and mean outputs counted with one layer
     on the GPU at a time equal the CPU's; nothing stays loaded or on the GPU."""
+    from surgery.analysis.experts import expert_count, expert_statistics
     from surgery.calibration import CalibrationSpec, calibration_tokens
-    from surgery.experts import expert_count, expert_statistics
 
     folder = saved(name, tmp_path / name)
     graph = lazy_graph(folder)

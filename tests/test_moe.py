@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from conftest import TINY_MOE, run_cli, tiny_graph, write
-from surgery.calibration import CalibrationSpec, calibration_tokens
-from surgery.experts import (
+from surgery.analysis.experts import (
     LowRankExperts,
     MergedMoE,
     expert_frequencies,
@@ -25,13 +24,14 @@ from surgery.experts import (
     group_by_router,
     most_used,
 )
+from surgery.analysis.moe import SplitMoE, split_mlp
+from surgery.backend.verify import PROMPTS, prompt_batch, verify
+from surgery.calibration import CalibrationSpec, calibration_tokens
 from surgery.export.decoder import export_decoder
 from surgery.export.options import ExportOptions
 from surgery.front.planner import VERIFY_DECODE_STEPS
 from surgery.models import builtin
-from surgery.moe import SplitMoE, split_mlp
 from surgery.passes import DropAttention, DropBlock, DropMlp, MergeExperts, PruneExperts, SplitMlp, run_pass
-from surgery.verify import PROMPTS, prompt_batch, verify
 
 EDITS = {"none": [], "mixed": [DropAttention(layers=(1,)), DropMlp(layers=(3,)), DropBlock(layers=(5,))]}
 

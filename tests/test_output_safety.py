@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, write
-from surgery.output import OutputError, OutputFolder
+from surgery.backend.output import OutputError, OutputFolder
 
 RECIPE = 'model "tiny-llama"\ndrop attention layers 1..2\nexport onnx\n'
 OUTPUT_FILES = {".surgery-output", "surgery.json", "model.onnx", "model.onnx.data", "tokenizer.json", "recipe.surg"}
@@ -175,7 +175,7 @@ def test_killed_runs_leftovers_are_removed_and_reported(in_tmp):
 def test_the_scratch_folder_beside_the_staging_one_is_gone_when_the_run_ends(in_tmp, ending):
     """Rewritten layers go to a marked scratch folder, never into the output; committing or
     failing removes it, and a run killed before either leaves it to the next run's recovery."""
-    from surgery.output import OutputFolder
+    from surgery.backend.output import OutputFolder
 
     folder = OutputFolder(in_tmp / "out", force=False)
     scratch = folder.scratch()
@@ -193,7 +193,7 @@ def test_the_scratch_folder_beside_the_staging_one_is_gone_when_the_run_ends(in_
 
 
 def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run(in_tmp):
-    from surgery.output import OutputFolder
+    from surgery.backend.output import OutputFolder
 
     killed = OutputFolder(in_tmp / "out", force=False)
     scratch = killed.scratch()

@@ -121,7 +121,7 @@ def test_bf16_outputs_are_read_back_as_float32():
     """onnxruntime cannot give numpy a bfloat16 tensor; the runtime widens its words itself."""
     from onnx import TensorProto, helper
 
-    from surgery.runtime import float32_of
+    from surgery.backend.runtime import float32_of
 
     graph = helper.make_graph(
         [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.BFLOAT16)],
@@ -146,7 +146,7 @@ def test_a_bf16_pytorch_trace_is_recorded_in_float32():
     import torch
 
     from conftest import tiny_graph
-    from surgery.verify import trace_reference
+    from surgery.backend.verify import trace_reference
 
     graph = tiny_graph("tiny-llama")
     fp32 = trace_reference(graph, builtin.byte_tokenizer(), True, 4)

@@ -19,13 +19,13 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli, tiny_graph
+from surgery.analysis.quantization import dequantize, initializer_arrays, quantized_linears
+from surgery.backend.runtime import OnnxCausalLM
 from surgery.export.decoder import export_decoder
 from surgery.export.options import ExportOptions
 from surgery.formats.weights import WeightFormat
 from surgery.models.inputs import position_ids_from_mask
 from surgery.passes import PassContractError, Quantize, run_pass
-from surgery.quantization import dequantize, initializer_arrays, quantized_linears
-from surgery.runtime import OnnxCausalLM
 
 GOLDEN = REPO / "tests" / "golden" / "plans"
 

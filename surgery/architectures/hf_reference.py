@@ -2,7 +2,7 @@
 
 Tests and `benchmarks/parity_families.py` compare exported ONNX models with the Hugging Face
 model (not our reference): `HuggingFaceForward` gives it the `forward`/`new_cache` interface
-`surgery.verify.trace_reference` drives, with transformers' own KV cache; `edit_like_graph`
+`surgery.backend.verify.trace_reference` drives, with transformers' own KV cache; `edit_like_graph`
 makes it compute what a drop pass leaves (a dropped sub-block contributes zero, a dropped
 layer passes its input through).
 """

@@ -36,11 +36,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, argv: list[str]) -> int:
+    from surgery.backend.output import OutputError
     from surgery.cli.compile_commands import run_apply, run_check, run_plan
     from surgery.cli.model_commands import run_eval, run_importance, run_run
     from surgery.console import print_error, report_internal_error
     from surgery.diagnostics import HintedError, RecipeError
-    from surgery.output import OutputError
 
     handlers = {
         "check": run_check,

@@ -20,8 +20,8 @@ class _UserError(HintedError):
 
 def run_run(args) -> int:
     """`surgery run`: greedy generation with an output folder."""
+    from surgery.backend.runtime import OnnxCausalLM, execution_providers
     from surgery.model_folder import open_model_folder
-    from surgery.runtime import OnnxCausalLM, execution_providers
 
     folder = open_model_folder(args.output)
     tokenizer = folder.tokenizer
@@ -56,6 +56,7 @@ def run_run(args) -> int:
 
 def run_importance(args) -> int:
     """`surgery importance`: per-layer importance scores written as an importance file."""
+    from surgery.backend.output import check_replaceable_file
     from surgery.calibration import CalibrationSpec
     from surgery.data import DEFAULT_CALIBRATION_TEXT, text_file
     from surgery.front.check import check_command_inputs
@@ -64,7 +65,6 @@ def run_importance(args) -> int:
     from surgery.importance.metrics import METRICS
     from surgery.importance.plot import PNG_SIGNATURE
     from surgery.models.loading import load_model
-    from surgery.output import check_replaceable_file
 
     metrics = tuple(dict.fromkeys(m.strip() for m in args.metric.split(",") if m.strip()))
     unknown = [m for m in metrics if m not in METRICS]
@@ -127,8 +127,8 @@ def _require_matplotlib() -> None:
 
 def run_eval(args) -> int:
     """`surgery eval`: an output folder's perplexity, optionally against another model."""
+    from surgery.backend.evaluate import compare, compare_with_graph, eval_tokens, onnx_logits, perplexity
     from surgery.data import resolve_text
-    from surgery.evaluate import compare, compare_with_graph, eval_tokens, onnx_logits, perplexity
     from surgery.model_folder import open_model_folder
 
     folder = open_model_folder(args.output)
@@ -200,7 +200,7 @@ def _reference_device(args) -> str | None:
 def _reference_logits(spec_text: str, tokenizer, threads: int | None, window: int, provider: str = "cpu"):
     """The `--against` model: another output folder's logits in onnxruntime, or, for a model spec,
     its decoder graph in PyTorch with the weights left in the checkpoint (run layer-major)."""
-    from surgery.evaluate import onnx_logits
+    from surgery.backend.evaluate import onnx_logits
     from surgery.model_folder import open_model_folder
     from surgery.models.index import ModelIndex
     from surgery.models.loading import load_config, load_model, resolve_spec

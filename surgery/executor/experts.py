@@ -17,8 +17,8 @@ def _rounded(frequencies: dict[int, list[float]]) -> dict[str, list[float]]:
 def merge_by_statistics(run: Run, step: PlanStep):
     """The merge pass for a step: usage and output statistics on the calibration data, then
     groups; and the report's record of them."""
-    from surgery.expert_rules import merge_rank
-    from surgery.experts import expert_statistics, full_rank, group_by_outputs, group_by_router
+    from surgery.analysis.expert_rules import merge_rank
+    from surgery.analysis.experts import expert_statistics, full_rank, group_by_outputs, group_by_router
     from surgery.passes import MergeExperts
 
     graph, p = run.graph, step.parameters
@@ -58,7 +58,7 @@ def merge_by_statistics(run: Run, step: PlanStep):
 def prune_by_frequency(run: Run, step: PlanStep):
     """The prune pass for a step: count expert use on the calibration data, keep the most used;
     and the report's record of the counts."""
-    from surgery.experts import expert_frequencies, most_used
+    from surgery.analysis.experts import expert_frequencies, most_used
     from surgery.passes import PruneExperts
 
     run.progress(f"counting expert use on {run.checked.calibration.describe()}")

@@ -15,11 +15,11 @@ if TYPE_CHECKING:
 
 def export_model(run: Run) -> None:
     """Write the model, tokenizer and configs into the run's output folder."""
+    from surgery.backend.report import structure
     from surgery.executor.loading import weights_error
     from surgery.export.decoder import export_decoder
     from surgery.models.weights import WeightsError
     from surgery.passes.quantize import ACCURACY_LEVELS
-    from surgery.report import structure
 
     plan, graph, folder = run.plan, run.graph, str(run.folder.path)
     run.after = structure(graph)  # the graph is final
@@ -56,11 +56,11 @@ def export_model(run: Run) -> None:
 
 def _gptq(run: Run, linears: dict) -> dict:
     """GPTQ blocks for the linears marked `gptq`, calibrated on the recipe's calibration tokens
-    (surgery.calibrated_quantization); empty when none is."""
+    (surgery.analysis.calibrated_quantization); empty when none is."""
     settings = {linear: target.format for linear, target in linears.items() if target.gptq}
     if not settings:
         return {}
-    from surgery.calibrated_quantization import calibrated_blocks
+    from surgery.analysis.calibrated_quantization import calibrated_blocks
 
     run.progress(f"GPTQ: rounding {len(settings)} linear layer(s) against {run.checked.calibration.describe()}")
     return calibrated_blocks(run.graph, settings, run.calibration_tokens(), run.progress)

@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 
 def reference_perplexity(run: Run) -> None:
     """The original model's perplexity, its layers run one at a time on the run's device."""
+    from surgery.backend.evaluate import eval_tokens, graph_perplexity
     from surgery.data import resolve_text
-    from surgery.evaluate import eval_tokens, graph_perplexity
 
     checked, device = run.checked, run.settings.device
     request = checked.perplexity
@@ -31,7 +31,7 @@ def reference_perplexity(run: Run) -> None:
 def perplexity_check(run: Run) -> None:
     """The output's perplexity in onnxruntime (on the run's provider, as the rest of
     verification) against the original model's, and whether the increase is within the bound."""
-    from surgery.evaluate import onnx_logits, perplexity
+    from surgery.backend.evaluate import onnx_logits, perplexity
 
     settings = run.settings
     tokens, before = run.reference

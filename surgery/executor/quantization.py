@@ -26,10 +26,10 @@ def quantize_output(run: Run, steps: list[PlanStep]) -> None:
     """
     import onnx
 
+    from surgery.analysis.quantization import bits_summary, replace_blocks
+    from surgery.backend.report import folder_bytes, pass_record
     from surgery.passes import PassContractError, PassResult, Quantize, QuantizeEmbedding, run_pass
     from surgery.passes.quantize import ACCURACY_LEVELS
-    from surgery.quantization import bits_summary, replace_blocks
-    from surgery.report import folder_bytes, pass_record
 
     plan, export, progress = run.plan, run.export_result, run.progress
     quantization = plan.quantization()
@@ -100,7 +100,7 @@ def quantize_output(run: Run, steps: list[PlanStep]) -> None:
 
 def _moved_by_quantization(run: Run, section: dict) -> None:
     """Informational: how far quantization moved the logits from PyTorch's (no tolerance applies)."""
-    from surgery.verify import compare
+    from surgery.backend.verify import compare
 
     settings = run.settings
     precision = run.plan.export.precision
@@ -118,7 +118,7 @@ def _moved_by_quantization(run: Run, section: dict) -> None:
 
 def _float_excess(model, precision: str) -> int:
     """Bytes the quantized linears would take in the float element type beyond what they take."""
-    from surgery.quantization import quantized_linears
+    from surgery.analysis.quantization import quantized_linears
 
     itemsize = precision_record(precision).itemsize
     return sum(q.parameters * itemsize - q.storage_bytes for q in quantized_linears(model))

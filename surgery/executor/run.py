@@ -160,9 +160,9 @@ class Run:
         report. Returns the step with `resolution` added to its parameters, if any."""
         from dataclasses import replace
 
+        from surgery.backend.report import pass_record
         from surgery.executor.graph_passes import run_on_graph
         from surgery.passes import PASSES
-        from surgery.report import pass_record
 
         if not step.layers:
             return None

@@ -3,7 +3,7 @@
 Two ways, chosen by the executor's policy. With the whole model in memory, PyTorch's reference
 is traced while the exporter writes (`start_reference_trace`; torch and file writes both release
 the GIL), then compared with onnxruntime, before quantization. Where the weights stream,
-verification runs after the export, teacher-forced and layer-major (surgery.verify_layerwise):
+verification runs after the export, teacher-forced and layer-major (surgery.backend.verify_layerwise):
 onnxruntime's tokens fed to PyTorch a layer at a time, quantized linears checked exactly against
 PyTorch holding the quantized weights.
 """
@@ -26,7 +26,7 @@ def start_reference_trace(run: Run, decode_steps: int) -> None:
     """Whole-model runs: trace PyTorch's reference in the background while the export writes."""
     if run.stream:
         return
-    from surgery.verify import trace_reference
+    from surgery.backend.verify import trace_reference
 
     export = run.plan.export
     padded = verification_pads_prompts(export.target)
@@ -50,7 +50,7 @@ def verify(run: Run, decode_steps: int) -> None:
 
 
 def _verify_whole(run: Run, decode_steps: int) -> None:
-    from surgery.verify import compare, trace_reference
+    from surgery.backend.verify import compare, trace_reference
 
     settings, export = run.settings, run.plan.export
     precision = export.precision
@@ -83,8 +83,8 @@ def _verify_layerwise(run: Run, decode_steps: int):
     PyTorch with the quantized weights; the model as written is then compared with the original
     weights for information.
     """
-    from surgery.verify import compare
-    from surgery.verify_layerwise import float_compute_twin, teacher_forced_traces, written_weights
+    from surgery.backend.verify import compare
+    from surgery.backend.verify_layerwise import float_compute_twin, teacher_forced_traces, written_weights
 
     graph, options, settings = run.graph, run.options, run.settings
     folder = str(run.folder.path)

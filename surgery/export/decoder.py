@@ -24,7 +24,7 @@ split Q and K before attention, which costs 3-5% of a decode step.
 (onnxruntime's GroupQueryAttention refuses batch > 1 with both a past and several new tokens;
 prefill and one-token decode, the generation loop's two steps, work at any batch size.)
 A dropped attention emits nothing and has no KV input or output; KV slots are numbered
-compactly over the kept attention layers. Correctness is not assumed: `surgery.verify`
+compactly over the kept attention layers. Correctness is not assumed: `surgery.backend.verify`
 compares this graph against `DecoderGraph.forward` in PyTorch after every apply.
 """
 
@@ -69,7 +69,7 @@ class _Emitter:
     (SkipSimplifiedLayerNormalization) instead of a separate Add.
 
     Every node emits itself (`surgery.nodes`: attention, MLPs, MoE, the head; layer fusion in
-    `surgery.fusion`); the emitter owns the graph's inputs, the attention context every
+    `surgery.nodes.fusion`); the emitter owns the graph's inputs, the attention context every
     attention layer shares, and the stream.
     """
 
@@ -77,7 +77,7 @@ class _Emitter:
         self, graph: DecoderGraph, writer: GraphWriter, options: ExportOptions, calibrated: dict | None = None
     ):
         self.graph, self.w, self.options = graph, writer, options
-        self.calibrated = calibrated or {}  # linear -> GPTQ blocks (surgery.calibrated_quantization)
+        self.calibrated = calibrated or {}  # linear -> GPTQ blocks (surgery.analysis.calibrated_quantization)
         self.element = options.element
         self.dtype, self.onnx_type = self.element.numpy_dtype(), self.element.onnx_type
         self.residual = ""

@@ -76,14 +76,14 @@ class WeightFormat:
         return {"bits": self.bits, "block_size": self.block}
 
     def quantize(self, weight) -> Any:
-        """Round an (N, K) torch weight to nearest into blocks (surgery.quantization.BlockQuantized)."""
-        from surgery.quantization import quantize_blocks_nk
+        """Round an (N, K) torch weight to nearest into blocks (surgery.analysis.quantization.BlockQuantized)."""
+        from surgery.analysis.quantization import quantize_blocks_nk
 
         return quantize_blocks_nk(weight, self.bits, self.block, self.symmetric)
 
     def quantize_gptq(self, weight, hessian) -> Any:
         """Round an (N, K) torch weight into blocks by GPTQ against `hessian` (K x K, X^T X)."""
-        from surgery.gptq import gptq_blocks
+        from surgery.analysis.gptq import gptq_blocks
 
         return gptq_blocks(weight, hessian, self.bits, self.block, self.symmetric)
 
@@ -91,7 +91,7 @@ class WeightFormat:
         """An embedding table (rows, hidden) in GatherBlockQuantized's layout: (packed [rows,
         blocks * block * bits / 8] uint8, scales [rows, blocks], zero points or None). Row r is
         quantized as column r of a MatMulNBits weight, by onnxruntime's packer."""
-        from surgery.quantization import quantize_table
+        from surgery.analysis.quantization import quantize_table
 
         return quantize_table(table, self.bits, self.block, self.symmetric)
 

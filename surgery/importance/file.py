@@ -28,11 +28,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from surgery.backend.output import write_atomically
 from surgery.diagnostics import Diagnostic
 from surgery.files import IMPORTANCE_LIMIT, read_source
 from surgery.importance.jsonpos import JsonSyntaxError, Path, format_path, parse_with_positions
 from surgery.importance.metrics import PARTS, MetricScores
-from surgery.output import write_atomically
 from surgery.source import Source, Span
 
 FORMAT = "surgery-importance"

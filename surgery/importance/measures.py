@@ -85,7 +85,7 @@ def iks_scores(
     graph: DecoderGraph, tokens: np.ndarray, max_tokens: int = DEFAULT_IKS_TOKENS, device: str | None = None
 ) -> MetricScores:
     """Mean IKS per layer over the first calibration samples, at most `max_tokens` tokens (on `device`)."""
-    from surgery.fusion import iks
+    from surgery.nodes.fusion import iks
 
     samples = max(1, min(len(tokens), max_tokens // tokens.shape[1]))
     chosen = tokens[:samples, :max_tokens]

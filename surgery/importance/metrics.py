@@ -8,7 +8,7 @@ in fp32, means over every calibration token):
   cos(x, h). A high S means the sub-block barely changes the residual: lower is more important.
 - `lim` (Layer-Wise Quantization): LIM(l) = -mean cos(h_{l-1}, h_l), whole layers only; the
   input of layer l is h_{l-1}, so LIM = -S_block. Higher is more important.
-- `iks` (ours, for Layer Fused Decoding; surgery/fusion.py): JSD between the logit-lens
+- `iks` (ours, for Layer Fused Decoding; surgery/nodes/fusion.py): JSD between the logit-lens
   distributions of FinalNorm(m) and FinalNorm(h), mean over at most 512 calibration tokens
   (the first samples, whole); higher = the MLP injects more parametric knowledge.
 - `zd` (data-free): over the linear weights of a layer (or of its attention / MLP), z = (w -

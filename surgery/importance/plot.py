@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from surgery.backend.output import write_atomically
 from surgery.importance.file import ImportanceFile
-from surgery.output import write_atomically
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -27,12 +27,12 @@ import torch
 from surgery.architectures import lookup
 from surgery.architectures.build import build
 from surgery.architectures.description import Architecture
-from surgery.fusion import FusionChoice, HeadFusion, fused_logits
 from surgery.models.index import ModelIndex
 from surgery.models.inputs import KVCache, ResidualObserver, attention_bias, on_device
 from surgery.models.layer import DecoderLayer, walk_layer
 from surgery.models.lazy import LazyWeights, unique_parameters
 from surgery.nodes.attention import Attention
+from surgery.nodes.fusion import FusionChoice, HeadFusion, fused_logits
 from surgery.nodes.norm import RMSNorm
 
 

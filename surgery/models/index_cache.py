@@ -58,7 +58,7 @@ def keep_index(spec, index: ModelIndex) -> None:
     path = _entry(spec)
     if path is None:
         return
-    from surgery.output import write_atomically
+    from surgery.backend.output import write_atomically
 
     data = _plain(index)
     with contextlib.suppress(OSError):

@@ -12,7 +12,7 @@ from surgery.nodes.context import EmitContext
 from surgery.nodes.norm import RMSNorm
 
 if TYPE_CHECKING:
-    from surgery.fusion import HeadFusion
+    from surgery.nodes.fusion import HeadFusion
 
 
 class Head(torch.nn.Module):

@@ -66,7 +66,7 @@ def emit_moe(e: EmitContext, moe: torch.nn.Module, x: str, name: str) -> str:
     """A mixture-of-experts MLP in plain ONNX ops, exact for any routing.
 
     Router: softmax over the expert logits, top-k, optionally renormalized (Mixtral
-    always, Qwen by `norm_topk_prob`); a split MLP (surgery.moe) gives each chosen expert
+    always, Qwen by `norm_topk_prob`); a split MLP (surgery.analysis.moe) gives each chosen expert
     weight 1. The chosen weights are scattered into a dense (tokens, experts) matrix, zero
     elsewhere; every expert runs on every token as one batched MatMul over stacked
     weights, and the outputs are summed with those weights, so each token gets exactly

@@ -79,8 +79,8 @@ class Searcher:
 
     def _references(self, fit) -> None:
         """The unmodified model's perplexity (PyTorch, layer-major) on each quality budget's tokens."""
+        from surgery.backend.evaluate import eval_tokens, graph_perplexity
         from surgery.data import resolve_text
-        from surgery.evaluate import eval_tokens, graph_perplexity
 
         for budget in fit.quality:
             request = budget.request(False, self.checked.index.max_positions)

@@ -4,7 +4,7 @@ A job is plain data (picklable, JSON-able): the candidate's recipe text, where t
 recipe lives (relative paths resolve from there), the measurements the budgets need, and the
 original model's perplexities. `measure_candidate` builds the candidate with `apply` (no
 verification) into a scratch folder, measures it in onnxruntime, removes the folder and
-returns the numbers. Latency follows the benchmark protocol (surgery/latency.py).
+returns the numbers. Latency follows the benchmark protocol (surgery/backend/latency.py).
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def _average_bits(report: dict) -> float:
 
 
 def _quality(job: Job, out: str) -> dict[str, Any]:
+    from surgery.backend.evaluate import compare_with_graph, eval_tokens, onnx_logits, perplexity
     from surgery.data import resolve_text
-    from surgery.evaluate import compare_with_graph, eval_tokens, onnx_logits, perplexity
     from surgery.model_folder import open_model_folder
 
     if not job.quality:
@@ -133,8 +133,8 @@ def _original_graph(job: Job):
 
 
 def _latency(job: Job, out: str) -> dict[str, Any]:
-    from surgery.latency import decode_ms_per_token, latency_prompt, prefill_ms
-    from surgery.runtime import OnnxCausalLM
+    from surgery.backend.latency import decode_ms_per_token, latency_prompt, prefill_ms
+    from surgery.backend.runtime import OnnxCausalLM
 
     if not job.decode_prompts and not job.prefill_prompts:
         return {}

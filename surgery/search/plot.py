@@ -8,8 +8,8 @@ count; the answer is circled, and the limits are dashed lines.
 
 from __future__ import annotations
 
+from surgery.backend.output import write_atomically
 from surgery.front.budgets import LatencyBudget, QualityBudget, SizeBudget
-from surgery.output import write_atomically
 
 
 def _axes_budgets(search):

@@ -113,5 +113,5 @@ def search_json(results: list[SearchResult], settled_text: str) -> dict[str, Any
         "settled_recipe": settled_text,
         "searches": [r.to_json() for r in results],
         "notes": "counts are the original model's layers; perplexity increase is against the unmodified model in "
-        "PyTorch (fp32) on the same tokens; latency by surgery/latency.py's protocol on this machine",
+        "PyTorch (fp32) on the same tokens; latency by surgery/backend/latency.py's protocol on this machine",
     }

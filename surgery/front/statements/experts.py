@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from surgery.analysis.expert_rules import full_rank, merge_problem, merge_rank, prune_problem, rank_problem
 from surgery.diagnostics import Diagnostic
-from surgery.expert_rules import full_rank, merge_problem, merge_rank, prune_problem, rank_problem
 from surgery.front.plan_step import PlanStep
 from surgery.front.selectors import (
     ImportanceSelector,

@@ -2,7 +2,7 @@
 
 Its syntax, node and builder, check, plan step and the step's description and run live here
 (as in every statement module); its graph pass is passes/drop_heads.py; the rule both check and
-pass hold to is surgery/head_rules.py.
+pass hold to is surgery/analysis/head_rules.py.
 Head numbers are the original model's, 0-based, ranges inclusive (`0, 4..5`).
 """
 
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from surgery import architectures
+from surgery.analysis.head_rules import head_problems
 from surgery.front.plan_step import GraphPassStep, PlanStep, Run
 from surgery.front.selectors import ImportanceSelector, LayerIndex, LayerList, Selector, span_field, unparse_selector
-from surgery.head_rules import head_problems
 from surgery.layers import format_layers
 from surgery.source import Span
 
@@ -65,7 +65,7 @@ def unparse(statement: DropHeadsStmt) -> str:
 
 def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedDropHeads]:
     """Heads in range, each key/value head losing as many query heads as the others, and a Q
-    norm per head (surgery/head_rules.py); explicit layers; a layer's heads dropped by one
+    norm per head (surgery/analysis/head_rules.py); explicit layers; a layer's heads dropped by one
     statement at most."""
     resolved: list[ResolvedDropHeads] = []
     taken: dict[int, DropHeadsStmt] = {}

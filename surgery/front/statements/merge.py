@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from surgery.expert_rules import merge_problem
+from surgery.analysis.expert_rules import merge_problem
 from surgery.front.plan_step import GraphPassStep, PlanStep, Run
 from surgery.front.selectors import (
     Selector,

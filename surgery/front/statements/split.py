@@ -1,5 +1,5 @@
 """`split mlp <selector> into E experts top K`: a dense SwiGLU MLP becomes a mixture of experts
-(surgery/moe.py). Grammar: `split_stmt`. Pass: passes/split_mlp.py."""
+(surgery/analysis/moe.py). Grammar: `split_stmt`. Pass: passes/split_mlp.py."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The calibration tokens run through the model layer-major, as importance scoring does
 (`DecoderGraph.forward_layerwise`): a layer is loaded, every batch's hidden state passes
 through it once with hooks summing each quantized linear's input Hessian `X^T X`, its linears
-are rounded by GPTQ (`surgery.gptq`), and the batches pass through it again with the rounded
+are rounded by GPTQ (`surgery.analysis.gptq`), and the batches pass through it again with the rounded
 weights, so that the next layer is calibrated on what the quantized model will feed it (GPTQ's
 sequential order). Then the layer is released. What is held: one layer, the batches' hidden
 states, one Hessian per distinct linear input, and the quantized blocks, which are the output's
@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from surgery.analysis.quantization import BlockQuantized
+from surgery.backend.verify_layerwise import fill_dequantized, linear_owner, linear_weights
 from surgery.formats.names import HEAD, linear_layer
 from surgery.formats.weights import WeightFormat
 from surgery.models.graph import DecoderGraph, ReferenceSequence
 from surgery.models.inputs import calibration_batches
-from surgery.quantization import BlockQuantized
-from surgery.verify_layerwise import fill_dequantized, linear_owner, linear_weights
 
 BATCH_ROWS = 8  # calibration samples per forward batch
 

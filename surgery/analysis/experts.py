@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from surgery import expert_rules
+from surgery.analysis import expert_rules
 from surgery.models.graph import DecoderGraph
 from surgery.models.inputs import calibration_batches
 from surgery.nodes.moe import EmitsMoE

@@ -8,18 +8,18 @@ import os
 from typing import Any
 
 from surgery import __version__
+from surgery.backend.verify import Verification
 from surgery.diagnostics import Diagnostic
 from surgery.export.decoder import ExportResult
 from surgery.front.plan import Plan
 from surgery.models.graph import DecoderGraph
 from surgery.passes import GraphPass, PassResult
 from surgery.source import Span
-from surgery.verify import Verification
 
 
 def structure(graph: DecoderGraph) -> dict[str, Any]:
     """Layers, attention and MLP layers (original numbers), experts per MoE layer, and parameters."""
-    from surgery.experts import expert_count
+    from surgery.analysis.experts import expert_count
 
     experts = {str(layer.index): expert_count(layer.mlp) for layer in graph.layers if layer.has_mlp}
     found = {

@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from surgery.evaluate import divergence, log_probs
+from surgery.backend.evaluate import divergence, log_probs
+from surgery.backend.runtime import OnnxCausalLM
 from surgery.formats.precision import precision as precision_record
 from surgery.models.graph import DecoderGraph
 from surgery.models.inputs import position_ids_from_mask
-from surgery.runtime import OnnxCausalLM
 
 PROMPTS = (
     "The capital of France is",
@@ -80,7 +80,7 @@ class Verification:
     fp32_kl: float | None = None
     fp32_top1: float | None = None
     # How PyTorch's side ran: "greedy decode" (its own tokens, KV cache, the whole model loaded)
-    # or "teacher-forced, layer by layer" (onnxruntime's tokens; surgery.verify_layerwise).
+    # or "teacher-forced, layer by layer" (onnxruntime's tokens; surgery.backend.verify_layerwise).
     reference: str = "greedy decode"
     # Whether the export's quantized linears were checked exactly: the float-compute twin against
     # PyTorch with the quantized weights (otherwise verification ran before quantization).

@@ -6,12 +6,12 @@ own. GPTQ (Frantar et al., 2022) rounds the input columns of a weight one at a t
 each column's rounding error onto the columns not yet rounded, weighted by the inverse of the
 Hessian `H = X^T X` of the layer's inputs X on calibration data: the error a column leaves is
 cancelled, as far as the inputs allow, by the others. The grid is onnxruntime's own: a block's
-scale and zero point come from its kernel (`surgery.quantization.quantize_blocks`) applied to
+scale and zero point come from its kernel (`surgery.analysis.quantization.quantize_blocks`) applied to
 the block's columns as updated so far, so the result is an ordinary MatMulNBits weight (same
 layout, same size) and, with a diagonal Hessian (no column informs another), it equals
 round-to-nearest exactly.
 
-`gptq_blocks` quantizes one weight; `surgery.calibrated_quantization` collects the Hessians
+`gptq_blocks` quantizes one weight; `surgery.analysis.calibrated_quantization` collects the Hessians
 layer by layer and feeds each layer the outputs of the layers already quantized, as GPTQ does.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from surgery.quantization import BlockQuantized, quantize_blocks
+from surgery.analysis.quantization import BlockQuantized, quantize_blocks
 
 DAMPING = 0.01  # fraction of the Hessian's mean diagonal added to it (GPTQ's `percdamp`)
 _LAZY_COLUMNS = 128  # columns rounded before their error is pushed to the rest in one matmul

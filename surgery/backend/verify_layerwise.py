@@ -1,6 +1,6 @@
 """Verification of a model that never sits in memory whole: teacher-forced, layer by layer.
 
-`surgery.verify` decodes greedily in PyTorch with a KV cache, which needs every layer at every
+`surgery.backend.verify` decodes greedily in PyTorch with a KV cache, which needs every layer at every
 step. Here the order is turned around so PyTorch needs each layer once:
 
 1. onnxruntime prefills the prompts and greedily decodes `steps` tokens, keeping its logits
@@ -8,7 +8,7 @@ step. Here the order is turned around so PyTorch needs each layer once:
 2. that session is closed, and PyTorch runs the prompts followed by onnxruntime's tokens as one
    sequence through `DecoderGraph.forward_layerwise`: a layer is loaded, every sequence goes
    through it, it is released;
-3. `surgery.verify.compare` compares onnxruntime's kept logits with PyTorch's at every
+3. `surgery.backend.verify.compare` compares onnxruntime's kept logits with PyTorch's at every
    position (a replay of the same tokens would compute them again), and counts the positions
    where onnxruntime's greedy token is not PyTorch's argmax (beyond a tie).
 
@@ -33,13 +33,13 @@ import numpy as np
 import onnx
 import torch
 
+from surgery.analysis.quantization import BlockQuantized
+from surgery.backend.runtime import OnnxCausalLM, StepOutput
+from surgery.backend.verify import PROMPTS, OnnxRun, ReferenceTrace, onnx_steps, prompt_batch
 from surgery.formats.names import linear_layer, linear_of_packed_weight
 from surgery.formats.weights import WeightFormat
 from surgery.models.graph import DecoderGraph, DecoderLayer
 from surgery.models.inputs import position_ids_from_mask
-from surgery.quantization import BlockQuantized
-from surgery.runtime import OnnxCausalLM, StepOutput
-from surgery.verify import PROMPTS, OnnxRun, ReferenceTrace, onnx_steps, prompt_batch
 
 FLOAT_COMPUTE_MODEL = "model.float-compute.onnx"  # the exact part's twin, removed after use
 

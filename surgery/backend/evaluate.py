@@ -210,7 +210,7 @@ def compare_with_graph(candidate: LogitsFn, graph, tokens: EvalTokens, device: s
 
 def onnx_logits(folder: str, threads: int | None = None, provider: str = "cpu") -> LogitsFn:
     """Logits of an output folder in onnxruntime (empty KV cache, one window at a time)."""
-    from surgery.runtime import OnnxCausalLM, execution_providers
+    from surgery.backend.runtime import OnnxCausalLM, execution_providers
 
     model = OnnxCausalLM(folder, threads=threads, providers=execution_providers(provider))
 
