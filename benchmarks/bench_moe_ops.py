@@ -36,7 +36,7 @@ from common import decode_ms_per_token, write_result  # noqa: E402
 from surgery.backend.runtime import OnnxCausalLM  # noqa: E402
 from surgery.export.decoder import export_decoder  # noqa: E402
 from surgery.export.options import ExportOptions  # noqa: E402
-from surgery.models.graph import DecoderGraph  # noqa: E402
+from surgery.ir.graph import DecoderGraph  # noqa: E402
 from surgery.models.index import ModelIndex  # noqa: E402
 
 COMMON = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,

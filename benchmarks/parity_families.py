@@ -29,8 +29,8 @@ from surgery.backend.verify import compare, trace_reference  # noqa: E402
 from surgery.export.decoder import export_decoder  # noqa: E402
 from surgery.export.options import ExportOptions  # noqa: E402
 from surgery.front.planner import VERIFY_DECODE_STEPS  # noqa: E402
+from surgery.ir.graph import DecoderGraph  # noqa: E402
 from surgery.models import builtin  # noqa: E402
-from surgery.models.graph import DecoderGraph  # noqa: E402
 from surgery.models.index import ModelIndex  # noqa: E402
 from surgery.passes import DropAttention, DropBlock, DropMlp, run_pass  # noqa: E402
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from surgery.models.graph import DecoderGraph
+from surgery.ir.graph import DecoderGraph
 
 if TYPE_CHECKING:
     import onnx

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from surgery.analysis.head_rules import head_problems
-from surgery.models.graph import DecoderGraph
+from surgery.ir.graph import DecoderGraph
 from surgery.passes.base import GraphPass, PassResult
 
 

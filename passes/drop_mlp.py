@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from surgery.models.graph import DecoderGraph
+from surgery.ir.graph import DecoderGraph
 from surgery.passes.base import GraphPass, PassResult, parts_present
 
 

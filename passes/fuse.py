@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from surgery.models.graph import DecoderGraph
+from surgery.ir.graph import DecoderGraph
 from surgery.nodes.fusion import HeadFusion
 from surgery.passes.base import GraphPass, PassResult
 

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 from surgery.analysis.expert_rules import rank_problem
 from surgery.analysis.experts import MergedMoE, expert_count, full_rank
-from surgery.models.graph import DecoderGraph
+from surgery.ir.graph import DecoderGraph
 from surgery.passes.base import GraphPass, PassResult
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from surgery.analysis.experts import expert_count, keep_experts
-from surgery.models.graph import DecoderGraph
+from surgery.ir.graph import DecoderGraph
 from surgery.passes.base import GraphPass, PassResult
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from surgery.analysis.moe import SplitMoE, split_mlp
-from surgery.models.graph import DecoderGraph
+from surgery.ir.graph import DecoderGraph
 from surgery.nodes.mlp import GatedMLP
 from surgery.passes.base import GraphPass, PassResult, parts_present
 

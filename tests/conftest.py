@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from surgery.cli import main
+from surgery.ir.graph import DecoderGraph
 from surgery.models import builtin
-from surgery.models.graph import DecoderGraph
 from surgery.models.index import ModelIndex
 
 REPO = Path(__file__).resolve().parent.parent

@@ -18,8 +18,8 @@ from surgery.architectures.hf_reference import HuggingFaceForward, edit_like_gra
 from surgery.backend.verify import compare, trace_reference
 from surgery.export.decoder import export_decoder
 from surgery.export.options import ExportOptions
+from surgery.ir.graph import DecoderGraph
 from surgery.models import builtin
-from surgery.models.graph import DecoderGraph
 from surgery.models.index import ModelIndex
 from surgery.passes import DropAttention, DropBlock, DropMlp, run_pass
 

@@ -14,7 +14,7 @@ from surgery.front.check import check
 from surgery.front.parser import parse
 from surgery.front.planner import build_plan
 from surgery.front.syntax import unparse
-from surgery.models.inputs import position_ids_from_mask
+from surgery.ir.inputs import position_ids_from_mask
 from surgery.passes import PassContractError, run_pass
 from surgery.passes.drop_heads import DropHeads
 

@@ -115,7 +115,7 @@ def _variant(architecture: str, **overrides):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from surgery.models.graph import DecoderGraph
+    from surgery.ir.graph import DecoderGraph
     from surgery.models.index import ModelIndex
 
     base = builtin.tiny_config("tiny-llama").to_dict()

@@ -94,11 +94,22 @@ def test_the_middle_the_ir_and_model_io_know_no_front_end():
     the language: none of them imports the front end (surgery.front). The report is the one
     exception: it records the plan that ran (plain data)."""
     graph = _imports()
-    below = ("surgery.passes", "surgery.analysis", "surgery.importance", "surgery.models", "surgery.nodes",
-             "surgery.architectures", "surgery.export", "surgery.backend", "surgery.formats")  # fmt: skip
+    below = ("surgery.passes", "surgery.analysis", "surgery.importance", "surgery.models", "surgery.ir",
+             "surgery.nodes", "surgery.architectures", "surgery.export", "surgery.backend",
+             "surgery.formats")  # fmt: skip
     for module in graph:
         if _under(module, *below) and module != "surgery.backend.report":
             assert not [t for t in graph.successors(module) if _under(t, "surgery.front")], module
+
+
+def test_model_io_knows_no_graph_pass_or_exporter():
+    """Model IO (surgery.models: specs, configs, checkpoints, lazy weights) sits under the IR: it
+    imports neither the decoder graph nor a pass, the exporter or the executor."""
+    graph = _imports()
+    above = ("surgery.ir", "surgery.passes", "surgery.export", "surgery.executor", "surgery.analysis")
+    for module in graph:
+        if _under(module, "surgery.models"):
+            assert not [t for t in graph.successors(module) if _under(t, *above)], module
 
 
 def test_records_and_the_index_import_nothing_heavy():

@@ -28,8 +28,8 @@ from surgery.export.options import ExportOptions
 from surgery.formats.weights import WeightFormat
 from surgery.importance.compute import ScoreRequest, compute_importance
 from surgery.importance.measures import residual_statistics
+from surgery.ir.inputs import calibration_batches, position_ids_from_mask
 from surgery.models import builtin
-from surgery.models.inputs import calibration_batches, position_ids_from_mask
 from surgery.models.lazy import LazyWeights, resident_bytes, unique_parameters
 from surgery.models.loading import resolve_spec
 from surgery.passes import DropAttention, Quantize, run_pass

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import TINY, tiny_graph
-from surgery.models.inputs import position_ids_from_mask
+from surgery.ir.inputs import position_ids_from_mask
 from surgery.passes import DropAttention, DropBlock, DropMlp, PassContractError, run_pass
 
 PROMPT_IDS = torch.tensor(

@@ -24,7 +24,7 @@ from surgery.backend.runtime import OnnxCausalLM
 from surgery.export.decoder import export_decoder
 from surgery.export.options import ExportOptions
 from surgery.formats.weights import WeightFormat
-from surgery.models.inputs import position_ids_from_mask
+from surgery.ir.inputs import position_ids_from_mask
 from surgery.passes import PassContractError, Quantize, run_pass
 
 GOLDEN = REPO / "tests" / "golden" / "plans"

@@ -26,8 +26,8 @@ from surgery.analysis.quantization import BlockQuantized
 from surgery.backend.verify_layerwise import fill_dequantized, linear_owner, linear_weights
 from surgery.formats.names import HEAD, linear_layer
 from surgery.formats.weights import WeightFormat
-from surgery.models.graph import DecoderGraph, ReferenceSequence
-from surgery.models.inputs import calibration_batches
+from surgery.ir.graph import DecoderGraph, ReferenceSequence
+from surgery.ir.inputs import calibration_batches
 
 BATCH_ROWS = 8  # calibration samples per forward batch
 

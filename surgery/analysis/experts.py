@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from surgery.analysis import expert_rules
-from surgery.models.graph import DecoderGraph
-from surgery.models.inputs import calibration_batches
+from surgery.ir.graph import DecoderGraph
+from surgery.ir.inputs import calibration_batches
 from surgery.nodes.moe import EmitsMoE
 
 _BATCH_ROWS = 8  # calibration samples per batch

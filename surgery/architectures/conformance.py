@@ -24,9 +24,9 @@ import torch
 import surgery
 from surgery.architectures.description import DescriptionError
 from surgery.diagnostics import HintedError
+from surgery.ir.graph import DecoderGraph
+from surgery.ir.inputs import position_ids_from_mask
 from surgery.models.builtin import cache_dir
-from surgery.models.graph import DecoderGraph
-from surgery.models.inputs import position_ids_from_mask
 from surgery.models.weights import WeightsError, weight_files
 
 PROBE_TOKENS = 24

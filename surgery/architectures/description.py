@@ -4,7 +4,7 @@ A family is one `Architecture` value: the sub-blocks of a layer and where their 
 norm's form, the MLP's activation, the attention details (Q/K norms, scaling, soft-capping,
 sliding windows, RoPE per layer type), the scalar multipliers some families add, and the map
 to the Hugging Face parameter names. `surgery.architectures.build` turns a description and a
-loaded Hugging Face model into the typed nodes of `surgery.models.graph` (references to the
+loaded Hugging Face model into the typed nodes of `surgery.ir.graph` (references to the
 model's tensors, never copies); each node kind runs in PyTorch and emits itself in ONNX
 (`surgery.nodes`). Nothing else in the compiler looks at the family's name.
 

@@ -12,7 +12,7 @@ from surgery.backend.verify import Verification
 from surgery.diagnostics import Diagnostic
 from surgery.export.decoder import ExportResult
 from surgery.front.plan import Plan
-from surgery.models.graph import DecoderGraph
+from surgery.ir.graph import DecoderGraph
 from surgery.passes import GraphPass, PassResult
 from surgery.source import Span
 

@@ -23,8 +23,8 @@ import torch
 from surgery.backend.evaluate import divergence, log_probs
 from surgery.backend.runtime import OnnxCausalLM
 from surgery.formats.precision import precision as precision_record
-from surgery.models.graph import DecoderGraph
-from surgery.models.inputs import position_ids_from_mask
+from surgery.ir.graph import DecoderGraph
+from surgery.ir.inputs import position_ids_from_mask
 
 PROMPTS = (
     "The capital of France is",

@@ -38,8 +38,8 @@ from surgery.backend.runtime import OnnxCausalLM, StepOutput
 from surgery.backend.verify import PROMPTS, OnnxRun, ReferenceTrace, onnx_steps, prompt_batch
 from surgery.formats.names import linear_layer, linear_of_packed_weight
 from surgery.formats.weights import WeightFormat
-from surgery.models.graph import DecoderGraph, DecoderLayer
-from surgery.models.inputs import position_ids_from_mask
+from surgery.ir.graph import DecoderGraph, DecoderLayer
+from surgery.ir.inputs import position_ids_from_mask
 
 FLOAT_COMPUTE_MODEL = "model.float-compute.onnx"  # the exact part's twin, removed after use
 

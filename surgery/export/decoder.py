@@ -42,8 +42,8 @@ from onnx import TensorProto
 from surgery.export.options import ExportOptions
 from surgery.export.shared_inputs import SharedInputs
 from surgery.export.writer import GraphWriter
-from surgery.models.graph import DecoderGraph
-from surgery.models.layer import DecoderLayer, walk_layer
+from surgery.ir.graph import DecoderGraph
+from surgery.ir.layer import DecoderLayer, walk_layer
 from surgery.nodes.norm import RMSNorm
 
 # The element type every component writes (weights, activations, KV cache and logits) is the
@@ -64,7 +64,7 @@ class ExportResult:
 
 
 class _Emitter:
-    """The exporter's side of the layer walk (`surgery.models.layer`): its residual stream is a
+    """The exporter's side of the layer walk (`surgery.ir.layer`): its residual stream is a
     value name plus the pending residual update, which the next norm fuses
     (SkipSimplifiedLayerNormalization) instead of a separate Add.
 

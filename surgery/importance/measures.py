@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from surgery.importance.metrics import DEFAULT_IKS_TOKENS, DEFAULT_ZD_THRESHOLD, PARTS, Direction, MetricScores
-from surgery.models.graph import DecoderGraph
-from surgery.models.inputs import calibration_batches
+from surgery.ir.graph import DecoderGraph
+from surgery.ir.inputs import calibration_batches
 
 
 @torch.inference_mode()

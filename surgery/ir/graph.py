@@ -27,9 +27,9 @@ import torch
 from surgery.architectures import lookup
 from surgery.architectures.build import build
 from surgery.architectures.description import Architecture
+from surgery.ir.inputs import KVCache, ResidualObserver, attention_bias, on_device
+from surgery.ir.layer import DecoderLayer, walk_layer
 from surgery.models.index import ModelIndex
-from surgery.models.inputs import KVCache, ResidualObserver, attention_bias, on_device
-from surgery.models.layer import DecoderLayer, walk_layer
 from surgery.models.lazy import LazyWeights, unique_parameters
 from surgery.nodes.attention import Attention
 from surgery.nodes.fusion import FusionChoice, HeadFusion, fused_logits
@@ -305,7 +305,7 @@ class DecoderGraph:
 
 class ReferenceSequence:
     """One batch's pass through the layers in PyTorch: the reference forward's side of the layer
-    walk (`surgery.models.layer`). It holds the batch's masks and rotary tables (built on first
+    walk (`surgery.ir.layer`). It holds the batch's masks and rotary tables (built on first
     use per window and RoPE kind), its KV cache, the next cache slot, and the residual."""
 
     def __init__(self, input_ids, attention_mask, position_ids, cache: KVCache | None = None):
@@ -329,7 +329,7 @@ class ReferenceSequence:
             observer(layer.index, hidden, after, out)
         return out, after
 
-    # The residual stream (surgery.models.layer.ResidualStream), computed.
+    # The residual stream (surgery.ir.layer.ResidualStream), computed.
 
     def pre(self, norm: RMSNorm | None, name: str) -> torch.Tensor:
         """The residual, normalized when the family has a pre-norm here."""

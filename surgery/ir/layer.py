@@ -5,7 +5,7 @@ A layer is two optional sub-blocks, attention then MLP; each adds
 has (pre: Llama; post: OLMo 2; both: Gemma 3) and Granite's residual multiplier as the scale.
 `walk_layer` states that order and nothing else. What a step *does* belongs to a
 `ResidualStream`: the PyTorch reference forward computes tensors
-(`surgery.models.graph.ReferenceSequence`), the exporter writes ONNX nodes and names values
+(`surgery.ir.graph.ReferenceSequence`), the exporter writes ONNX nodes and names values
 (`surgery.export.decoder`). So the graph verification compares against and the graph the
 exporter writes cannot disagree on the topology, and a new sub-block kind or norm placement is
 one change here.
