@@ -146,11 +146,10 @@ def first_difference(
     return None
 
 
-def _fingerprint(model: Any, graph: DecoderGraph) -> str | None:
+def fingerprint(folder: str, architecture: Any) -> str | None:
     """What a verdict depends on: surgery's version, the description, the probe, and the size and
     modification time of the model folder's config and weight files. None when the model was
     not loaded from a folder (the tiny built-ins: checked every time, which is cheap)."""
-    folder = getattr(model.config, "_name_or_path", "") or ""
     if not folder or not os.path.isdir(folder):
         return None
     files = sorted(["config.json", *weight_files(folder)])
@@ -158,9 +157,21 @@ def _fingerprint(model: Any, graph: DecoderGraph) -> str | None:
         stats = [(name, (Path(folder) / name).stat()) for name in files]
     except OSError:
         return None
-    facts = [surgery.__version__, repr(graph.architecture), PROBE_TOKENS, RELATIVE_TOLERANCE, ABSOLUTE_TOLERANCE,
+    facts = [surgery.__version__, repr(architecture), PROBE_TOKENS, RELATIVE_TOLERANCE, ABSOLUTE_TOLERANCE,
              os.path.abspath(folder), [(name, st.st_size, st.st_mtime_ns) for name, st in stats]]  # fmt: skip
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:32]
+
+
+def _marker(folder: str, architecture: Any) -> Path | None:
+    key = fingerprint(folder, architecture)
+    return cache_dir() / "conformance" / key if key else None
+
+
+def already_checked(folder: str, architecture: Any) -> bool:
+    """Whether this checkpoint (these exact files) loaded and passed the check against the
+    Hugging Face forward with this description before: its marker is in the cache."""
+    marker = _marker(folder, architecture)
+    return marker is not None and marker.exists()
 
 
 def probe_layers(config: Any) -> int:
@@ -225,8 +236,7 @@ def check_description(model: Any, graph: DecoderGraph) -> None:
     `$SURGERY_CACHE/conformance`, keyed by `_fingerprint`): the two forwards cost about half a
     second on a 135M model, which every `surgery apply` would pay.
     """
-    key = _fingerprint(model, graph)
-    marker = cache_dir() / "conformance" / key if key else None
+    marker = _marker(getattr(model.config, "_name_or_path", "") or "", graph.architecture)
     if marker is not None and marker.exists():
         return
     if graph.weights is not None:

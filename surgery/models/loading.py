@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -150,7 +151,9 @@ def _first_line(error: Exception) -> str:
     return line if len(line) <= 200 else line[:200] + "\u2026"
 
 
-def load_model(spec: ModelSpec, progress=print, lazy: bool = False) -> tuple[Any, Any, Any]:
+def load_model(
+    spec: ModelSpec, progress=print, lazy: bool = False, checked_before: Callable[[str, Any], bool] | None = None
+) -> tuple[Any, Any, Any]:
     """(model, tokenizer, lazy weights or None) in fp32 with eager attention, in eval mode.
 
     The weights are checked first against their files (headers, sizes), then against the config
@@ -161,6 +164,9 @@ def load_model(spec: ModelSpec, progress=print, lazy: bool = False) -> tuple[Any
     the model's parameters stay on the meta device and the returned `LazyWeights` loads them
     when asked (surgery.models.lazy), checked for NaN then. A checkpoint transformers converts
     on loading (per-expert tensors fused into one, renamed keys) is loaded whole as before.
+    When `checked_before(folder, config)` says these files loaded and passed the description's
+    check before, a family that allows it is built from its tensor index without transformers'
+    model classes (surgery.models.skeleton).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -186,7 +192,9 @@ def load_model(spec: ModelSpec, progress=print, lazy: bool = False) -> tuple[Any
         )
     tokenizer = _tokenizer(spec, folder)
     if lazy:
-        found = _lazy_model(folder, files)
+        found = _skeleton(folder, files, checked_before) if checked_before is not None else None
+        if found is None:
+            found = _lazy_model(folder, files)
         if found is not None:
             return found[0], tokenizer, found[1]
     try:
@@ -222,6 +230,25 @@ def _tokenizer(spec: ModelSpec, folder: str) -> Any:
             f"cannot load the tokenizer of '{spec.text}': {_first_line(error)}",
             "a model folder needs its tokenizer files (tokenizer.json and tokenizer_config.json)",
         ) from error
+
+
+def _skeleton(folder: str, files: dict[str, list[str]], checked_before: Callable[[str, Any], bool]):
+    """(module tree, LazyWeights) of a checkpoint checked before, built without transformers'
+    model classes; None when the family or the checkpoint does not allow it."""
+    from transformers import AutoConfig
+
+    from surgery.architectures import lookup
+    from surgery.models.skeleton import FAMILIES, skeleton_model
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    architecture = lookup(str(config.model_type))
+    if config.model_type not in FAMILIES or architecture is None or not checked_before(folder, config):
+        return None
+    names = architecture.names
+    return skeleton_model(folder, files, config, names.body, names.embed, names.head)
 
 
 def _lazy_model(folder: str, files: dict[str, list[str]]) -> tuple[Any, Any] | None:
