@@ -29,7 +29,7 @@ from surgery.models.lazy import Checkpoint, LazyWeights
 
 # Families whose transformers rotary embedding is LlamaRotaryEmbedding's code, checked by
 # tests/test_skeleton.py against the installed transformers.
-FAMILIES = ("llama", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "granite", "qwen2", "qwen3")
 
 
 class RotaryEmbedding(torch.nn.Module):
