@@ -75,7 +75,7 @@ def test_a_checked_checkpoint_exports_the_same_bytes_without_transformers_model_
     assert not already_checked(str(folder), architecture)
     hf_model, hf_graph = _graph(folder)  # the usual load, which checks the description and marks it
     assert already_checked(str(folder), architecture)
-    model, graph = _graph(folder, lambda f, config: already_checked(f, architecture))
+    model, graph = _graph(folder, already_checked)
     assert not isinstance(model, type(hf_model))  # the module tree, not transformers' class
     assert graph.tied_head == hf_graph.tied_head
     names = sorted(graph.weights.names.values())
@@ -91,7 +91,7 @@ def test_a_checked_checkpoint_exports_the_same_bytes_without_transformers_model_
 def test_an_unchecked_checkpoint_loads_the_usual_way(tmp_path, monkeypatch):
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     folder = saved("tiny-llama", tmp_path / "tiny-llama")
-    model, _ = _graph(folder, lambda f, config: False)
+    model, _ = _graph(folder, lambda folder, architecture: False)
     assert type(model).__name__ == "LlamaForCausalLM"
 
 

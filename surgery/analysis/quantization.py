@@ -123,22 +123,12 @@ def quantize_blocks(weight: np.ndarray, bits: int, block: int, symmetric: bool) 
 
 def quantize_table(table: np.ndarray, bits: int, block: int, symmetric: bool):
     """(packed [rows, blocks * block * bits / 8] uint8, scales [rows, blocks], zero points or None):
-    an embedding table in GatherBlockQuantized's layout. Row r of `table` is quantized as column
-    r of a MatMulNBits weight, by onnxruntime's packer."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
-
-    rows, hidden = table.shape
-    blocks = hidden // block
-    packed = np.zeros((rows, blocks, block * bits // 8), np.uint8)
-    scales = np.zeros(rows * blocks, np.float32)
-    zero_points = np.zeros(rows * ((blocks * bits + 7) // 8), np.uint8)
-    packer = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
-    packer(packed, np.ascontiguousarray(table.T), scales, zero_points, block, rows, hidden, symmetric)
-    return (
-        packed.reshape(rows, -1),
-        scales.reshape(rows, blocks),
-        None if symmetric else zero_points.reshape(rows, -1),
-    )
+    an embedding table in GatherBlockQuantized's layout, which is MatMulNBits' layout of the
+    table's transpose (row r quantized as column r), flattened per row."""
+    rows = table.shape[0]
+    blocks = quantize_blocks(table.T, bits, block, symmetric)
+    zero_points = None if blocks.zero_points is None else blocks.zero_points.reshape(rows, -1)
+    return blocks.packed.reshape(rows, -1), blocks.scales, zero_points
 
 
 @dataclass(frozen=True)

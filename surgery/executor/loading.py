@@ -21,17 +21,13 @@ def load_graph(checked: CheckedRecipe, progress: Callable[[str], None], whole: b
 
     The weights of a safetensors checkpoint stay in their files and the graph loads them node
     by node (`DecoderGraph.materialized`), unless `whole`."""
-    from surgery.architectures import lookup
     from surgery.architectures.conformance import DescriptionMismatch, already_checked, checked_graph
     from surgery.models.loading import ModelSpecError, load_model
     from surgery.models.weights import WeightsError
 
     progress(f"loading {checked.spec.text}")
     try:
-        def checked_before(folder: str, config: Any) -> bool:
-            return already_checked(folder, lookup(checked.index.architecture))
-
-        hf_model, tokenizer, weights = load_model(checked.spec, progress, lazy=True, checked_before=checked_before)
+        hf_model, tokenizer, weights = load_model(checked.spec, progress, lazy=True, checked_before=already_checked)
         graph = checked_graph(hf_model, checked.index, weights)
         if whole:
             graph.materialize_all()

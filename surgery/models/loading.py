@@ -164,7 +164,7 @@ def load_model(
     the model's parameters stay on the meta device and the returned `LazyWeights` loads them
     when asked (surgery.models.lazy), checked for NaN then. A checkpoint transformers converts
     on loading (per-expert tensors fused into one, renamed keys) is loaded whole as before.
-    When `checked_before(folder, config)` says these files loaded and passed the description's
+    When `checked_before(folder, architecture)` says these files loaded and passed the description's
     check before, a family that allows it is built from its tensor index without transformers'
     model classes (surgery.models.skeleton).
     """
@@ -192,9 +192,12 @@ def load_model(
         )
     tokenizer = _tokenizer(spec, folder)
     if lazy:
-        found = _skeleton(folder, files, checked_before) if checked_before is not None else None
-        if found is None:
-            found = _lazy_model(folder, files)
+        found = None
+        config = _config(folder)  # None: the eager load below reports why
+        if config is not None and checked_before is not None:
+            found = _skeleton(folder, files, config, checked_before)
+        if config is not None and found is None:
+            found = _lazy_model(folder, files, config)
         if found is not None:
             return found[0], tokenizer, found[1]
     try:
@@ -232,26 +235,30 @@ def _tokenizer(spec: ModelSpec, folder: str) -> Any:
         ) from error
 
 
-def _skeleton(folder: str, files: dict[str, list[str]], checked_before: Callable[[str, Any], bool]):
-    """(module tree, LazyWeights) of a checkpoint checked before, built without transformers'
-    model classes; None when the family or the checkpoint does not allow it."""
+def _config(folder: str) -> Any | None:
+    """The folder's transformers config, or None when transformers cannot read it."""
     from transformers import AutoConfig
 
-    from surgery.architectures import lookup
-    from surgery.models.skeleton import FAMILIES, skeleton_model
-
     try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _skeleton(folder: str, files: dict[str, list[str]], config: Any, checked_before: Callable[[str, Any], bool]):
+    """(module tree, LazyWeights) of a checkpoint checked before, built without transformers'
+    model classes; None when the family or the checkpoint does not allow it."""
+    from surgery.architectures import lookup
+    from surgery.models.skeleton import skeleton_model
+
     architecture = lookup(str(config.model_type))
-    if config.model_type not in FAMILIES or architecture is None or not checked_before(folder, config):
+    if architecture is None or not checked_before(folder, architecture):
         return None
     names = architecture.names
     return skeleton_model(folder, files, config, names.body, names.embed, names.head)
 
 
-def _lazy_model(folder: str, files: dict[str, list[str]]) -> tuple[Any, Any] | None:
+def _lazy_model(folder: str, files: dict[str, list[str]], config: Any) -> tuple[Any, Any] | None:
     """(meta-device model, its LazyWeights) when every parameter is a checkpoint tensor, or is made
     from some the way transformers makes it (per-expert tensors stacked into one fused tensor,
     renamed keys: `surgery.models.conversion`), in the config's shapes, and no tensor is left
@@ -259,13 +266,12 @@ def _lazy_model(folder: str, files: dict[str, list[str]]) -> tuple[Any, Any] | N
     unexpected or mis-shaped with the file and tensor names.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from surgery.models.conversion import sources
     from surgery.models.lazy import Checkpoint, LazyWeights, parameters_on_meta
 
     try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         with parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     except (OSError, ValueError, RuntimeError, KeyError, TypeError):
