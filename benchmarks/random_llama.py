@@ -71,6 +71,7 @@ QWEN2_5_1_5B = {
     "tie_word_embeddings": False,
     "bos_token_id": 151643,
     "eos_token_id": 151645,
+    "pad_token_id": 151643,  # as the converted GGUF's config has it
     "torch_dtype": "float32",
 }
 # shape name -> (config, element type, whether q/k/v carry biases)

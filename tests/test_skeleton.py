@@ -14,8 +14,9 @@ from test_lazy import saved
 
 from conftest import REPO
 from surgery.architectures import lookup
-from surgery.architectures.conformance import already_checked, checked_graph
+from surgery.architectures.conformance import already_checked, checked_config, checked_graph
 from surgery.export.decoder import export_decoder
+from surgery.export.genai import genai_config
 from surgery.export.options import ExportOptions
 from surgery.models import builtin
 from surgery.models.index import ModelIndex
@@ -75,23 +76,26 @@ def test_a_checked_checkpoint_exports_the_same_bytes_without_transformers_model_
     assert not already_checked(str(folder), architecture)
     hf_model, hf_graph = _graph(folder)  # the usual load, which checks the description and marks it
     assert already_checked(str(folder), architecture)
-    model, graph = _graph(folder, already_checked)
+    model, graph = _graph(folder, checked_config)
     assert not isinstance(model, type(hf_model))  # the module tree, not transformers' class
+    assert type(model.config).__name__ == "PreTrainedConfig"  # rebuilt from the check's record
     assert graph.tied_head == hf_graph.tied_head
     names = sorted(graph.weights.names.values())
     assert names == sorted(hf_graph.weights.names.values())
     outputs = []
     for label, g in (("hf", hf_graph), ("skeleton", graph)):
         (tmp_path / label).mkdir()
-        export_decoder(g, str(tmp_path / label), ExportOptions())
-        outputs.append([_digest(tmp_path / label / f) for f in ("model.onnx", "model.onnx.data")])
+        export = export_decoder(g, str(tmp_path / label), ExportOptions())
+        outputs.append([_digest(tmp_path / label / f) for f in ("model.onnx", "model.onnx.data")]
+                       + [genai_config(g, export.context_length, kv_cache=True, position_ids=False)])  # fmt: skip
     assert outputs[0] == outputs[1]
+    assert model.generation_config.to_dict() == hf_model.generation_config.to_dict()
 
 
 def test_an_unchecked_checkpoint_loads_the_usual_way(tmp_path, monkeypatch):
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     folder = saved("tiny-llama", tmp_path / "tiny-llama")
-    model, _ = _graph(folder, lambda folder, architecture: False)
+    model, _ = _graph(folder, lambda folder, architecture: None)
     assert type(model).__name__ == "LlamaForCausalLM"
 
 
@@ -104,7 +108,9 @@ def test_a_second_apply_imports_no_model_class(tmp_path):
     env_code = (
         "import sys, os; from surgery.cli import main;"
         f"code = main(['apply', {str(recipe)!r}, '-o', {str(tmp_path / 'out')!r}, '--force', '--no-verify']);"
-        "print('MODELING', 'transformers.models.llama.modeling_llama' in sys.modules); sys.exit(code)"
+        "print('MODELING', 'transformers.models.llama.modeling_llama' in sys.modules);"
+        "print('AUTO', 'transformers.models.auto.modeling_auto' in sys.modules);"
+        "print('TOKENIZER', 'transformers.models.auto.tokenization_auto' in sys.modules); sys.exit(code)"
     )
     env = {"SURGERY_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
     runs = [subprocess.run([sys.executable, "-c", env_code], capture_output=True, text=True, cwd=REPO, env=env)
@@ -112,3 +118,7 @@ def test_a_second_apply_imports_no_model_class(tmp_path):
     assert [r.returncode for r in runs] == [0, 0], runs[-1].stderr
     assert "MODELING True" in runs[0].stdout
     assert "MODELING False" in runs[1].stdout
+    # Nor transformers' auto classes, which the family's config module and AutoTokenizer import.
+    assert "AUTO False" in runs[1].stdout and "TOKENIZER False" in runs[1].stdout
+    written = {name: (tmp_path / "out" / name).read_bytes() for name in ("tokenizer.json", "tokenizer_config.json")}
+    assert written == {name: (folder / name).read_bytes() for name in written}  # copied as they are

@@ -27,6 +27,7 @@ from surgery.diagnostics import HintedError
 from surgery.ir.graph import DecoderGraph
 from surgery.ir.inputs import position_ids_from_mask
 from surgery.models.builtin import cache_dir
+from surgery.models.skeleton import config_record
 from surgery.models.weights import WeightsError, weight_files
 
 PROBE_TOKENS = 24
@@ -174,6 +175,17 @@ def already_checked(folder: str, architecture: Any) -> bool:
     return marker is not None and marker.exists()
 
 
+def checked_config(folder: str, architecture: Any) -> dict | None:
+    """The config record (`surgery.models.skeleton.config_record`) stored when this checkpoint
+    passed the check with this description; None when it did not, or its marker holds none."""
+    marker = _marker(folder, architecture)
+    try:
+        content = json.loads(marker.read_text()) if marker is not None else None
+    except (OSError, ValueError):  # no marker, or one written before markers held the config
+        return None
+    return content.get("config") if isinstance(content, dict) else None
+
+
 def probe_layers(config: Any) -> int:
     """How many leading layers the lazily loaded probe keeps: one of every layer type there is
     (Gemma 3's first full-attention layer is its sixth), and at least two."""
@@ -236,8 +248,11 @@ def check_description(model: Any, graph: DecoderGraph) -> None:
     `$SURGERY_CACHE/conformance`, keyed by `_fingerprint`): the two forwards cost about half a
     second on a 135M model, which every `surgery apply` would pay.
     """
-    marker = _marker(getattr(model.config, "_name_or_path", "") or "", graph.architecture)
+    folder = getattr(model.config, "_name_or_path", "") or ""
+    marker = _marker(folder, graph.architecture)
     if marker is not None and marker.exists():
+        if checked_config(folder, graph.architecture) is None:  # a marker from before markers held the config
+            _mark(marker, graph, model)
         return
     if graph.weights is not None:
         small, small_graph, ids = lazy_probe(graph)
@@ -246,15 +261,24 @@ def check_description(model: Any, graph: DecoderGraph) -> None:
         difference = first_difference(model, graph)
     if difference is None:
         if marker is not None:
-            with contextlib.suppress(OSError):  # a read-only cache only costs the check next time
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(graph.architecture.model_type + "\n")
+            _mark(marker, graph, model)
         return
     raise DescriptionMismatch(
         difference.message(graph.architecture.model_type),
         "the architecture description (surgery/architectures/) or the model's config is wrong for this "
         "checkpoint; nothing was exported",
     )
+
+
+def _mark(marker: Path, graph: DecoderGraph, model: Any) -> None:
+    """Record that the checkpoint passed, with its config (what the skeleton load rebuilds it from);
+    written whole or not at all, and a read-only cache only costs the check next time."""
+    record = {"model_type": graph.architecture.model_type, "config": config_record(model.config)}
+    with contextlib.suppress(OSError):
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        partial = marker.with_name(f"{marker.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(record))
+        os.replace(partial, marker)
 
 
 def checked_graph(model: Any, index: Any, weights: Any = None) -> DecoderGraph:

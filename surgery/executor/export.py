@@ -49,8 +49,8 @@ def export_model(run: Run) -> None:
     except WeightsError as problem:  # a lazily loaded tensor that is damaged
         raise weights_error(run.checked, problem) from problem
     run.export_result = export
-    run.tokenizer.save_pretrained(folder)
-    run.sections["onnxruntime_genai"] = _write_genai_config(graph, export, plan.export, run.tokenizer, folder)
+    run.model_tokenizer.save(folder)
+    run.sections["onnxruntime_genai"] = _write_genai_config(graph, export, plan.export, run.model_tokenizer, folder)
     (run.folder.path / "recipe.surg").write_text(run.text, encoding="utf-8")
 
 

@@ -16,18 +16,21 @@ def weights_error(checked: CheckedRecipe, problem) -> RecipeError:
 
 
 def load_graph(checked: CheckedRecipe, progress: Callable[[str], None], whole: bool = False) -> tuple[Any, Any]:
-    """(graph, tokenizer): the model loaded, its nodes built from the architecture description,
+    """(graph, ModelTokenizer): the model loaded, its nodes built from the architecture description,
     and that description checked against the model's own forward; problems at the `model` line.
+    The tokenizer loads when first used (`ModelTokenizer.get`).
 
     The weights of a safetensors checkpoint stay in their files and the graph loads them node
     by node (`DecoderGraph.materialized`), unless `whole`."""
-    from surgery.architectures.conformance import DescriptionMismatch, already_checked, checked_graph
+    from surgery.architectures.conformance import DescriptionMismatch, checked_config, checked_graph
     from surgery.models.loading import ModelSpecError, load_model
     from surgery.models.weights import WeightsError
 
     progress(f"loading {checked.spec.text}")
     try:
-        hf_model, tokenizer, weights = load_model(checked.spec, progress, lazy=True, checked_before=already_checked)
+        hf_model, tokenizer, weights = load_model(
+            checked.spec, progress, lazy=True, checked_before=checked_config, tokenizer_on_use=True
+        )
         graph = checked_graph(hf_model, checked.index, weights)
         if whole:
             graph.materialize_all()

@@ -83,7 +83,7 @@ class Run:
         # step needs the whole model.
         self.stream = True
         self.graph: Any = None
-        self.tokenizer: Any = None
+        self.model_tokenizer: Any = None  # a ModelTokenizer: `tokenizer` loads it on first use
         self.computed: ImportanceFile | None = None
         self.before: dict | None = None  # the unmodified model's structure
         self.after: dict | None = None  # the structure the export wrote
@@ -108,7 +108,20 @@ class Run:
         """Load the model lazily (its weights stay in the checkpoint until a layer needs them)."""
         from surgery.executor.loading import load_graph
 
-        self.graph, self.tokenizer = load_graph(self.checked, self.progress)
+        self.graph, self.model_tokenizer = load_graph(self.checked, self.progress)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, loaded on first use; a failure to load it is reported at the
+        `model` line."""
+        from surgery.models.loading import ModelSpecError
+
+        if self.model_tokenizer is None:
+            return None
+        try:
+            return self.model_tokenizer.get()
+        except ModelSpecError as problem:
+            raise RecipeError([Diagnostic("error", str(problem), self.checked.model_span, problem.hint)]) from problem
 
     def release_graph(self) -> None:
         """Drop the PyTorch weights (before onnxruntime maps the exported ones: the copies never add up)."""

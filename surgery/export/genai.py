@@ -3,7 +3,8 @@
 onnxruntime-genai (the runtime ORT LLMs are deployed with: C, C#, Java and Python APIs) reads
 the model type, token ids, context length, head sizes and the KV input/output name patterns
 from this file, the tokenizer from `tokenizer.json`/`tokenizer_config.json` beside it (which
-`surgery apply` writes with the tokenizer's `save_pretrained`), and search defaults from its
+`surgery apply` copies from the model's folder, or writes with the tokenizer's `save_pretrained`
+when the folder has no tokenizer.json: `surgery.models.tokenizer`), and search defaults from its
 `search` section. Our graphs take `input_ids`, `attention_mask` (and `position_ids` when
 exported with them) and the KV slots `past_key_values.{slot}.key|value` -> `present.{slot}...`
 numbered over the layers that kept their attention, so genai's default KV cache finds them
@@ -21,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+
+from surgery.models.tokenizer import ModelTokenizer
 
 # Hugging Face model_type -> the model type onnxruntime-genai 0.18 knows for it. Every one of
 # these is genai's generic decoder-only model; the graph itself carries every family detail
@@ -73,10 +76,13 @@ def _ids(value) -> int | list[int] | None:
 
 
 def token_ids(config, generation, tokenizer) -> dict:
-    """bos/eos/pad ids: the generation config first, then the model config, then the tokenizer."""
+    """bos/eos/pad ids: the generation config first, then the model config, then the tokenizer
+    (a tokenizer, or a `ModelTokenizer` loaded only when the configs leave an id open)."""
 
     def first(name: str):
         for source in (generation, config, tokenizer):
+            if isinstance(source, ModelTokenizer):
+                source = source.get()
             value = getattr(source, f"{name}_token_id", None) if source is not None else None
             if value is not None:
                 return _ids(value)

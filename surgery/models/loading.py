@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 from surgery.diagnostics import HintedError
 from surgery.models import builtin
+from surgery.models.tokenizer import ModelTokenizer
 from surgery.models.weights import INDEX, SINGLE, WeightsError, loading_problems, weight_files
 
 SpecKind = Literal["builtin", "folder", "gguf", "hub"]
@@ -152,7 +153,11 @@ def _first_line(error: Exception) -> str:
 
 
 def load_model(
-    spec: ModelSpec, progress=print, lazy: bool = False, checked_before: Callable[[str, Any], bool] | None = None
+    spec: ModelSpec,
+    progress=print,
+    lazy: bool = False,
+    checked_before: Callable[[str, Any], bool] | None = None,
+    tokenizer_on_use: bool = False,
 ) -> tuple[Any, Any, Any]:
     """(model, tokenizer, lazy weights or None) in fp32 with eager attention, in eval mode.
 
@@ -164,15 +169,19 @@ def load_model(
     the model's parameters stay on the meta device and the returned `LazyWeights` loads them
     when asked (surgery.models.lazy), checked for NaN then. A checkpoint transformers converts
     on loading (per-expert tensors fused into one, renamed keys) is loaded whole as before.
-    When `checked_before(folder, architecture)` says these files loaded and passed the description's
-    check before, a family that allows it is built from its tensor index without transformers'
-    model classes (surgery.models.skeleton).
+    When `checked_before(folder, architecture)` gives the config record stored when these files
+    loaded and passed the description's check before, a family that allows it is built from its
+    tensor index without transformers' model or config classes (surgery.models.skeleton). With
+    `tokenizer_on_use`, the tokenizer is a `ModelTokenizer` that loads on first use
+    (surgery.models.tokenizer): transformers' auto classes are imported only when something
+    tokenizes or the model loads through them.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     if spec.kind == "builtin" and spec.location not in builtin.PACKAGED:
-        return builtin.tiny_model(spec.location), builtin.byte_tokenizer(), None
+        tokenizer = builtin.byte_tokenizer()
+        handle = ModelTokenizer.loaded(tokenizer) if tokenizer_on_use else tokenizer
+        return builtin.tiny_model(spec.location), handle, None
     try:
         if spec.kind == "builtin":
             folder = str(builtin.packaged_folder(spec.location, progress))
@@ -190,16 +199,16 @@ def load_model(
             f"'{spec.text}' has no safetensors weights ({SINGLE} or {INDEX})",
             "surgery loads safetensors weights only (pickled .bin checkpoints are refused)",
         )
-    tokenizer = _tokenizer(spec, folder)
+    tokenizer = _model_tokenizer(spec, folder) if tokenizer_on_use else _tokenizer(spec, folder)
     if lazy:
-        found = None
-        config = _config(folder)  # None: the eager load below reports why
-        if config is not None and checked_before is not None:
-            found = _skeleton(folder, files, config, checked_before)
-        if config is not None and found is None:
-            found = _lazy_model(folder, files, config)
+        found = _skeleton(folder, files, checked_before) if checked_before is not None else None
+        if found is None:
+            config = _config(folder)  # None: the eager load below reports why
+            found = _lazy_model(folder, files, config) if config is not None else None
         if found is not None:
             return found[0], tokenizer, found[1]
+    from transformers import AutoModelForCausalLM
+
     try:
         # safetensors only: pickled .bin checkpoints can run code when loaded.
         model, info = AutoModelForCausalLM.from_pretrained(
@@ -235,6 +244,16 @@ def _tokenizer(spec: ModelSpec, folder: str) -> Any:
         ) from error
 
 
+def _model_tokenizer(spec: ModelSpec, folder: str) -> ModelTokenizer:
+    """The folder's tokenizer, loaded on first use when its files can be copied as they are;
+    loaded now otherwise (a folder without tokenizer.json), so a missing tokenizer is reported
+    with the model."""
+    handle = ModelTokenizer(lambda: _tokenizer(spec, folder), folder)
+    if not handle.copyable():
+        handle.get()
+    return handle
+
+
 def _config(folder: str) -> Any | None:
     """The folder's transformers config, or None when transformers cannot read it."""
     from transformers import AutoConfig
@@ -245,15 +264,24 @@ def _config(folder: str) -> Any | None:
         return None
 
 
-def _skeleton(folder: str, files: dict[str, list[str]], config: Any, checked_before: Callable[[str, Any], bool]):
+def _skeleton(folder: str, files: dict[str, list[str]], checked_before: Callable[[str, Any], dict | None]):
     """(module tree, LazyWeights) of a checkpoint checked before, built without transformers'
-    model classes; None when the family or the checkpoint does not allow it."""
-    from surgery.architectures import lookup
-    from surgery.models.skeleton import skeleton_model
+    model or config classes from the config record its check stored; None when the family or
+    the checkpoint does not allow it."""
+    import json
 
-    architecture = lookup(str(config.model_type))
-    if architecture is None or not checked_before(folder, architecture):
+    from surgery.architectures import lookup
+    from surgery.models.skeleton import FAMILIES, config_from_record, skeleton_model
+
+    try:
+        model_type = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # the usual load reports it
+    architecture = lookup(str(model_type)) if model_type in FAMILIES else None
+    record = checked_before(folder, architecture) if architecture is not None else None
+    if record is None:
         return None
+    config = config_from_record(record)
     names = architecture.names
     return skeleton_model(folder, files, config, names.body, names.embed, names.head)
 

@@ -13,7 +13,11 @@ description and surgery's version), what the graph needs from the model is only
 - the rotary embedding, here transformers' `LlamaRotaryEmbedding` computation (the same class
   in every family listed in `FAMILIES`; its scaling variants come from transformers'
   `modeling_rope_utils`, which is light);
-- the config and the generation config made from it, as `from_config` makes them.
+- the config and the generation config made from it, as `from_config` makes them. The config
+  is rebuilt from the record the check stored beside its marker (`config_record`): every
+  attribute the family's config class resolved, defaults included, in transformers' base
+  `PreTrainedConfig`. Importing a family's config class would import transformers' auto model
+  classes (its docstring decorator looks them up), which is what this load avoids.
 
 So a checked checkpoint of those families loads from this tree instead. Shapes are not
 checked again here: the marker says these exact files loaded and matched the config before.
@@ -68,6 +72,28 @@ class RotaryEmbedding(torch.nn.Module):
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def config_record(config: Any) -> dict[str, Any]:
+    """A config as plain JSON data: its `to_dict()` and the plain instance attributes that leaves
+    out (`use_cache`), so `config_from_record` gives back every attribute the graph reads."""
+    record = config.to_dict()
+    for name, value in vars(config).items():
+        if name not in record and not name.startswith("_") and isinstance(value, (bool, int, float, str, type(None))):
+            record[name] = value
+    return record
+
+
+def config_from_record(record: dict[str, Any]) -> Any:
+    """The config a record holds, in transformers' base config class (no family module imported)."""
+    from transformers import configuration_utils
+
+    base = getattr(configuration_utils, "PreTrainedConfig", None) or configuration_utils.PretrainedConfig
+    config = base.from_dict(dict(record))
+    for name, value in record.items():  # what the base class sets aside (use_cache), as the family had it
+        if not hasattr(config, name):
+            setattr(config, name, value)
+    return config
 
 
 class _Gain(torch.nn.Module):
@@ -157,5 +183,6 @@ def skeleton_model(folder: str, files: dict[str, list[str]], config: Any, body: 
 
     config._name_or_path = folder
     model.config = config
-    model.generation_config = GenerationConfig.from_model_config(config)
+    # From the record, as transformers makes it from the family's config (use_cache included).
+    model.generation_config = GenerationConfig.from_model_config(config_record(config))
     return model.eval(), LazyWeights(model, checkpoint)
