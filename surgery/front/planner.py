@@ -4,16 +4,13 @@ Importance selectors are resolved here, so the plan shows which layers they chos
 scores that chose them; `build_plan` needs those scores (`surgery plan` computes or reads
 them from the cache first). Each statement module plans its own steps (`plan(state)`); the
 planner adds its two defaults, importance analysis and verification against PyTorch (their
-step kinds are below), and orders every step by phase with networkx (a dependency graph whose
-topological order is the execution order; within a phase, the order planned).
+step kinds are below), and orders every step by phase (within a phase, the order planned).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import ClassVar
-
-import networkx as nx
 
 from surgery.export.options import verification_pads_prompts
 from surgery.front.checked import CheckedRecipe
@@ -200,13 +197,8 @@ _PHASES = ("analyze", "graph", "export", "verify", "onnx", "evaluate")
 
 
 def _execution_order(steps: list[PlanStep]) -> list[PlanStep]:
-    """Order steps by their dependencies: every step of an earlier phase first, and within a
-    phase the order the statements were planned in (graph passes in recipe order)."""
-    dependencies = nx.DiGraph()
-    dependencies.add_nodes_from(range(len(steps)))
-    for i, step in enumerate(steps):
-        for j, other in enumerate(steps):
-            earlier_phase = _PHASES.index(other.phase) < _PHASES.index(step.phase)
-            if earlier_phase or (other.phase == step.phase and j < i):
-                dependencies.add_edge(j, i)
-    return [steps[i] for i in nx.lexicographical_topological_sort(dependencies)]
+    """Every step of an earlier phase first, and within a phase the order the statements were
+    planned in (graph passes in recipe order): a stable sort by phase. The phases are a total
+    order and the executor runs one step at a time, so this is the whole schedule (no step
+    kind today reads what a later step of an earlier phase writes; docs/design.md says more)."""
+    return sorted(steps, key=lambda step: _PHASES.index(step.phase))
