@@ -7,6 +7,7 @@ numpy's generator seeded by `seed`. The same spec and tokenizer always give the 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,13 +36,53 @@ class CalibrationSpec:
 
 
 _LINES_PER_CALL = 2000
+# A tokenizer's memory grows with its longest pre-token (a run without whitespace: ~250 bytes per
+# byte of it), and with the text of one call. Runs longer than this are cut into pieces of this
+# length, and a call holds at most about _CHARS_PER_CALL characters, so 8 MB of NUL bytes costs
+# what 8 MB of words does. No word of a real text comes near either bound: their tokens are
+# those of the whole text.
+_LONGEST_RUN = 4096
+_CHARS_PER_CALL = 1 << 20
+_LONG_RUN = re.compile(rf"\S{{{_LONGEST_RUN + 1}}}")
+_SEGMENTS = re.compile(rf"\s+|\S{{1,{_LONGEST_RUN}}}")
+
+
+def _pieces(text: str):
+    """The text in the pieces it is tokenized in: 2000 lines at a time, unless that is too many
+    characters or holds a run without whitespace too long to tokenize in bounded memory."""
+    lines = text.splitlines(keepends=True)
+    for start in range(0, len(lines), _LINES_PER_CALL):
+        group = "".join(lines[start : start + _LINES_PER_CALL])
+        if len(group) <= _CHARS_PER_CALL and not _LONG_RUN.search(group):
+            yield group
+        else:
+            yield from _bounded(group)
+
+
+def _bounded(text: str):
+    """`text` in pieces of about _CHARS_PER_CALL characters, cut before whitespace, and with
+    every run longer than _LONGEST_RUN cut into pieces of its own."""
+    piece: list[str] = []
+    size = 0
+    for match in _SEGMENTS.finditer(text):
+        segment = match.group()
+        if size >= _CHARS_PER_CALL and segment[0].isspace():
+            yield "".join(piece)
+            piece, size = [], 0
+        piece.append(segment)
+        size += len(segment)
+        end = match.end()
+        if len(segment) == _LONGEST_RUN and end < len(text) and not text[end].isspace():  # the run goes on
+            yield "".join(piece)
+            piece, size = [], 0
+    if piece:
+        yield "".join(piece)
 
 
 def _token_chunks(tokenizer: Any, text: str):
-    """The text's token ids, a chunk of lines at a time (newlines kept, no special tokens)."""
-    lines = text.splitlines(keepends=True)
-    for start in range(0, len(lines), _LINES_PER_CALL):
-        yield tokenizer("".join(lines[start : start + _LINES_PER_CALL]), add_special_tokens=False)["input_ids"]
+    """The text's token ids, a piece at a time (newlines kept, no special tokens)."""
+    for piece in _pieces(text):
+        yield tokenizer(piece, add_special_tokens=False)["input_ids"]
 
 
 def tokenize_text(tokenizer: Any, text: str) -> np.ndarray:

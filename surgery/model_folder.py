@@ -85,6 +85,9 @@ def open_model_folder(path: str, tokenizer: bool = True) -> ModelFolder:
         model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     except Exception:  # protobuf's DecodeError and friends: the file is not an ONNX model
         raise ModelFolderError(f"'{path}/model.onnx' is damaged (not an ONNX model)", _HINT) from None
+    if not model.graph.node or not model.graph.input or not model.graph.output:
+        # An empty file parses as an empty model: onnxruntime would refuse it with an internal error.
+        raise ModelFolderError(f"'{path}/model.onnx' is damaged (it holds no graph)", _HINT)
     _check_external_data(folder, model)
     loaded = None
     if tokenizer:

@@ -9,13 +9,17 @@ The protocol, for a target `DIR/NAME`:
   wrote it: it holds the marker file `.surgery-output` and `surgery.json`.
 - **Lock**: `DIR/.NAME.lock`, held with `flock` for the whole run. A second run to the same
   target finds it held and exits 1 naming the holder's process id. The kernel releases the lock
-  when its holder dies, even by `kill -9`, so a crashed run never blocks the next one.
+  when its holder dies, even by `kill -9`, so a crashed run never blocks the next one. The lock
+  path is opened with `O_NOFOLLOW` and must be a regular file (a symbolic link or FIFO planted
+  there is refused, never followed), and a lock file that cannot be written (a full disk) is
+  removed again.
 - **Staging**: everything is written into `DIR/.NAME.partial-XXXX` (marked as ours the moment
   it is created), then renamed onto the target. An existing target is swapped out atomically
   (`renameat2(RENAME_EXCHANGE)` on Linux; elsewhere moved aside to `DIR/.NAME.old-XXXX` first,
   so the target is briefly absent but never partial) and then deleted.
 - **Recovery**: holding the lock, a run removes the `.NAME.partial-*` and `.NAME.old-*` folders
-  that killed runs left (a live run would hold the lock) and says so.
+  that killed runs left (a live run would hold the lock) and says so, before any refusal of the
+  target, so a refused run still clears them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -82,9 +87,13 @@ class _Lock:
         self.fd: int | None = None
 
     def acquire(self, what: str) -> None:
-        """Take the lock or raise OutputError naming the process that holds it."""
+        """Take the lock or raise OutputError naming the process that holds it.
+
+        The lock path is never followed when it is a symbolic link, and never used when it is
+        not a regular file (a link planted there would have us truncate the file it points
+        to; a FIFO would block)."""
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -97,15 +106,34 @@ class _Lock:
             # The holder we waited for may have removed the file after we opened it; a lock on
             # a removed file guards nothing, so make sure the path is still our file.
             try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                same = os.path.samestat(os.fstat(fd), os.lstat(self.path))
             except FileNotFoundError:
                 same = False
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as error:  # a full disk: no lock file is left behind
+            self.release()
+            raise OutputError(f"cannot write the lock file '{self.path}': {error.strerror}") from None
+
+    def _open(self) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise OutputError(
+                    f"the lock file '{self.path}' is a symbolic link; surgery does not follow it: remove it"
+                ) from None
+            raise OutputError(f"cannot create the lock file '{self.path}': {error.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OutputError(f"the lock file '{self.path}' is not a regular file; remove it")
+        return fd
 
     def release(self) -> None:
         """Remove the lock file and let go of the lock."""
@@ -163,13 +191,14 @@ class OutputFolder:
         self.lock = _Lock(self.parent / f".{self.target.name}.lock")
         self.lock.acquire(self.shown)
         try:
-            self._refuse_existing()
+            # Leftovers first: they are ours to clear even when this run is then refused.
             self.removed_leftovers = self._remove_leftovers()
             if self.removed_leftovers:
                 progress(
                     f"removed {len(self.removed_leftovers)} unfinished folder(s) of an interrupted earlier run: "
                     + ", ".join(path.name for path in self.removed_leftovers)
                 )
+            self._refuse_existing()
             self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.parent))
             _write_marker(self.path)
             self._scratch: Path | None = None

@@ -69,13 +69,17 @@ class CheckedRecipe:
         return self.resolved.get(statement, ())
 
     def input_paths(self) -> list[str]:
-        """The files and folders this recipe reads: recipe, model, importance files, texts.
+        """The files and folders this recipe reads: recipe, model (with the cache folders its
+        weights come from), importance files, texts.
 
         An output may never replace or lie inside any of them.
         """
+        from surgery.models.loading import model_cache_folders
+
         paths = [self.recipe.source.name] if self.recipe.source and self.recipe.source.name != "<string>" else []
         if self.spec.kind in ("folder", "gguf"):
             paths.append(self.spec.location)
+        paths.extend(model_cache_folders(self.spec))  # a built-in's, a converted GGUF's, the hub's
         paths.extend(self.importance_files or ())
         texts = [self.calibration.data] + ([self.perplexity.data] if self.perplexity else [])
         paths.extend(path for path in (text_file(name, self.base_dir) for name in texts) if path is not None)

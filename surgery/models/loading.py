@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import socket
+import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,6 +106,12 @@ def _local_spec(text: str, path: Path) -> ModelSpec | None:
     if path.is_file() and path.suffix == ".gguf":
         return ModelSpec(text, "gguf", str(path.resolve()))
     if path.is_dir():
+        special = _special_files(path)
+        if special:
+            raise ModelSpecError(
+                f"folder '{text}' has model files that are not regular files: {', '.join(special)}",
+                "surgery reads a model's files whole; a FIFO, socket or device would block it or never end",
+            )
         if not (path / "config.json").is_file():
             raise ModelSpecError(
                 f"folder '{text}' has no config.json", "a Hugging Face model folder holds config.json and weights"
@@ -113,6 +120,28 @@ def _local_spec(text: str, path: Path) -> ModelSpec | None:
     if path.exists():
         raise ModelSpecError(f"'{text}' is neither a model folder nor a .gguf file")
     return None
+
+
+# The files of a model folder that surgery or transformers read (config, weights, index, tokenizer).
+_MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".model", ".jinja", ".tiktoken", ".txt")
+
+
+def _special_files(folder: Path) -> list[str]:
+    """Model files in `folder` that are not regular files once links are followed (FIFOs,
+    sockets, devices), each named with what it is."""
+    found = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not entry.name.endswith(_MODEL_FILE_SUFFIXES):
+                continue
+            try:
+                mode = os.stat(entry.path).st_mode
+            except OSError:  # a dangling link: reported as missing where it is needed
+                continue
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+                found.append(f"{entry.name} ({kind})")
+    return sorted(found)
 
 
 def load_config(spec: ModelSpec) -> Any:
@@ -143,6 +172,19 @@ def load_config(spec: ModelSpec) -> Any:
             else None
         )
         raise ModelSpecError(f"cannot read the config of '{spec.text}': {_first_line(error)}", hint) from error
+
+
+def model_cache_folders(spec: ModelSpec) -> list[str]:
+    """The cache folders a model's files are read from: surgery's model cache for a packaged
+    built-in or a converted GGUF, the Hugging Face cache for a hub id (inputs an output may
+    never replace or lie inside)."""
+    if spec.kind == "builtin" and spec.location in builtin.PACKAGED or spec.kind == "gguf":
+        return [str(builtin.cache_dir() / "models")]
+    if spec.kind == "hub":
+        from huggingface_hub import constants
+
+        return [str(constants.HF_HUB_CACHE)]
+    return []
 
 
 def _first_line(error: Exception) -> str:
