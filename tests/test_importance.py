@@ -192,3 +192,22 @@ def test_recipe_selectors_use_scores_computed_once_and_cached(in_tmp, monkeypatc
     widths = report["quantization"]["widths"]
     assert (widths["int8"]["linears"], widths["int4"]["linears"]) == (int8_linears, 3)
     assert "(cached)" in result.err  # `plan` computed the scores; `apply` read them back
+
+
+def test_scores_one_command_computed_are_read_by_the_next(in_tmp, monkeypatch):
+    """`plan` computes similarity; its pass gives lim too, so `surgery importance` of similarity,
+    lim and zd computes only zd (issue 25: it used to recompute all three)."""
+    monkeypatch.setenv("SURGERY_CACHE", str(in_tmp / "cache"))
+    recipe = write(in_tmp / "r.surg", 'model "tiny-llama"\ncalibrate on "wikitext-2-valid" samples 8 length 64\n'
+                                      "drop attention least important 2 by similarity\n")  # fmt: skip
+    assert run_cli("plan", recipe).code == 0
+    result = run_cli("importance", "--model", "tiny-llama", "--metric", "similarity,lim,zd", "--samples", "8",
+                     "--seq-len", "64", "-o", "scores.json")  # fmt: skip
+    assert result.code == 0, result.err
+    assert "importance: similarity, lim (cached)" in result.err
+    assert "importance: similarity, lim on" not in result.err and "importance: zd" in result.err
+    again = run_cli("importance", "--model", "tiny-llama", "--metric", "zd,lim", "--samples", "8", "--seq-len", "64",
+                    "-o", "again.json")  # fmt: skip
+    assert "importance: zd, lim (cached)" in again.err
+    first, second = (json.loads((in_tmp / name).read_text())["metrics"] for name in ("scores.json", "again.json"))
+    assert first["lim"] == second["lim"] and first["zd"] == second["zd"]

@@ -28,6 +28,7 @@ from surgery.formats.names import HEAD, linear_layer
 from surgery.formats.weights import WeightFormat
 from surgery.ir.graph import DecoderGraph, ReferenceSequence
 from surgery.ir.inputs import calibration_batches
+from surgery.progress import counted
 
 BATCH_ROWS = 8  # calibration samples per forward batch
 
@@ -127,6 +128,22 @@ def calibrated_blocks(
     for linear in settings:
         if linear != HEAD:
             by_layer.setdefault(linear_layer(linear), []).append(linear)
+    with counted(progress, f"GPTQ: {len(settings)} linear(s) in {len(by_layer)} layer(s)", len(graph.layers), "layer"):
+        _through_layers(graph, runs, hidden, by_layer, quantize)
+    if "lm_head" in settings:
+        with graph.materialized(graph.head.final_norm, graph.head):
+            hessian = None
+            for state in hidden:
+                x = graph.head.final_norm(state).reshape(-1, state.shape[-1]).float()
+                hessian = x.T @ x if hessian is None else hessian.addmm_(x.T, x)
+            quantize("lm_head", hessian)
+        progress("GPTQ: head")
+    return result
+
+
+def _through_layers(graph, runs, hidden, by_layer, quantize) -> None:
+    """Each layer in turn: its linears' Hessians from the hidden states, rounded, then the hidden
+    states through the rounded layer (what the next layer's linears will see)."""
     for layer in graph.each_layer_materialized():
         linears = by_layer.get(layer.index, [])
         rounded: dict[str, tuple[BlockQuantized, WeightFormat]] = {}
@@ -137,16 +154,6 @@ def calibrated_blocks(
                     run.through(layer, hidden[i], graph.rotary, None)
                     hessians.next_batch()
             rounded = {linear: quantize(linear, hessians.sum(linear)) for linear in linears}
-            progress(f"GPTQ: layer {layer.index}, {len(linears)} linear(s)")
         with _rounded(graph, rounded):
             for i, run in enumerate(runs):
                 hidden[i], _ = run.through(layer, hidden[i], graph.rotary, None)
-    if "lm_head" in settings:
-        with graph.materialized(graph.head.final_norm, graph.head):
-            hessian = None
-            for state in hidden:
-                x = graph.head.final_norm(state).reshape(-1, state.shape[-1]).float()
-                hessian = x.T @ x if hessian is None else hessian.addmm_(x.T, x)
-            quantize("lm_head", hessian)
-        progress("GPTQ: head")
-    return result

@@ -21,6 +21,7 @@ import torch
 
 from surgery.calibration import tokenize_text
 from surgery.data import TextSource
+from surgery.progress import advance
 
 DEFAULT_WINDOW = 512
 DEFAULT_MAX_TOKENS = 8192
@@ -146,6 +147,7 @@ def perplexity(model: LogitsFn, tokens: EvalTokens) -> Perplexity:
     scores = _Scores(tokens)
     for chunk in scores.windows:
         scores.add("model", chunk, lambda chunk=chunk: model(chunk[None]))
+        advance("window")
     return scores.perplexity("model")
 
 
@@ -156,6 +158,7 @@ def compare(candidate: LogitsFn, reference: LogitsFn, tokens: EvalTokens) -> Com
         theirs = scores.add("candidate", chunk, lambda chunk=chunk: candidate(chunk[None]))
         ours = scores.add("reference", chunk, lambda chunk=chunk: reference(chunk[None]))
         scores.add_divergence(ours, theirs)
+        advance("window")
     return scores.comparison()
 
 
@@ -202,6 +205,7 @@ def compare_with_graph(candidate: LogitsFn, graph, tokens: EvalTokens, device: s
         ours = scores.add("reference", chunk, lambda: logits)
         theirs = scores.add("candidate", chunk, lambda: candidate(chunk[None]))
         scores.add_divergence(ours, theirs)
+        advance("window")
 
     scores = _Scores(tokens)
     _graph_windows(graph, scores, each, device)

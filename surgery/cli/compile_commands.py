@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 from surgery.cli.codes import (
     EXIT_OK,
     EXIT_VERIFY_FAILED,
 )
-
-
-class ProgressLines:
-    """Phase lines on stderr with the time since the start."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        """Print one phase line."""
-        print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
+from surgery.progress import ProgressLines
 
 
 def _print_warnings(warnings) -> None:

@@ -10,8 +10,8 @@ import time
 from surgery.cli.codes import (
     EXIT_OK,
 )
-from surgery.cli.compile_commands import ProgressLines
 from surgery.diagnostics import HintedError
+from surgery.progress import ProgressLines, counted
 
 
 class _UserError(HintedError):
@@ -143,7 +143,10 @@ def run_eval(args) -> int:
     if tokens.scored() == 0:
         raise _UserError(f"'{text.name}' has fewer than 2 tokens; there is nothing to score", "give a longer text")
     device = _reference_device(args)
+    progress = ProgressLines()
     candidate = onnx_logits(args.output, args.threads, args.provider)
+    windows = len(tokens.windows())
+    scoring = f"perplexity of {args.output} on {tokens.scored()} tokens of {text.name}"
     result: dict = {
         "output": args.output,
         "text": text.to_json(),
@@ -151,15 +154,21 @@ def run_eval(args) -> int:
         "context; the first token of each window is not scored",
     }
     if args.against:
+        progress(f"loading {args.against}")
         reference = _reference_logits(args.against, tokenizer, args.threads, args.window, args.provider)
+        scoring += f", against {args.against}"
         if callable(reference):
-            comparison = compare(candidate, reference, tokens)
+            with counted(progress, scoring, windows, "window"):
+                comparison = compare(candidate, reference, tokens)
         else:  # a model in PyTorch, run layer-major: never loaded whole
-            comparison = compare_with_graph(candidate, reference, tokens, device)
+            with (counted(progress, f"{args.against} in PyTorch, layer-major", len(reference.layers), "layer"),
+                  counted(progress, scoring, windows, "window")):  # fmt: skip
+                comparison = compare_with_graph(candidate, reference, tokens, device)
         result.update(comparison.to_json())
         result["against"] = args.against
     else:
-        result["candidate"] = perplexity(candidate, tokens).to_json()
+        with counted(progress, scoring, windows, "window"):
+            result["candidate"] = perplexity(candidate, tokens).to_json()
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK

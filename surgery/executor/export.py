@@ -8,6 +8,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from surgery.formats.names import EMBEDDING, HEAD
+from surgery.progress import counted
 
 if TYPE_CHECKING:
     from surgery.executor.run import Run
@@ -43,9 +44,10 @@ def export_model(run: Run) -> None:
         if options.quantize_linears
         else ""
     )
-    run.progress(f"exporting ONNX (opset {plan.export.opset}, {kv} KV cache){quantizing}")
     try:
-        export = export_decoder(graph, folder, options, run.calibrated if run.stream else None)
+        with counted(run.progress, f"exporting ONNX (opset {plan.export.opset}, {kv} KV cache){quantizing}",
+                     len(graph.layers), "layer"):  # fmt: skip
+            export = export_decoder(graph, folder, options, run.calibrated if run.stream else None)
     except WeightsError as problem:  # a lazily loaded tensor that is damaged
         raise weights_error(run.checked, problem) from problem
     run.export_result = export

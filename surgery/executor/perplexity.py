@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from surgery.diagnostics import Diagnostic, RecipeError
 from surgery.front.checked import MIN_PERPLEXITY_TOKENS
+from surgery.progress import counted
 
 if TYPE_CHECKING:
     from surgery.executor.run import Run
@@ -23,8 +24,9 @@ def reference_perplexity(run: Run) -> None:
     if tokens.scored() < MIN_PERPLEXITY_TOKENS - 1:  # `check` bounded the count without the tokenizer
         raise RecipeError([Diagnostic("error", f"'{request.data}' has too few tokens for a perplexity", request.span)])
     where = f"PyTorch, {device}" if device else "PyTorch"
-    run.progress(f"perplexity of the original model on {tokens.scored()} tokens of {tokens.text.name} ({where})")
-    run.reference = tokens, graph_perplexity(run.graph, tokens, device)
+    with counted(run.progress, f"perplexity of the original model on {tokens.scored()} tokens of "
+                 f"{tokens.text.name} ({where}, layer by layer)", len(run.graph.layers), "layer"):  # fmt: skip
+        run.reference = tokens, graph_perplexity(run.graph, tokens, device)
     run.clock.lap("reference_perplexity")
 
 
@@ -35,8 +37,9 @@ def perplexity_check(run: Run) -> None:
 
     settings = run.settings
     tokens, before = run.reference
-    run.progress(f"perplexity of the output (onnxruntime, {settings.provider})")
-    after = perplexity(onnx_logits(str(run.folder.path), settings.threads, settings.provider), tokens)
+    with counted(run.progress, f"perplexity of the output (onnxruntime, {settings.provider})",
+                 len(tokens.windows()), "window"):  # fmt: skip
+        after = perplexity(onnx_logits(str(run.folder.path), settings.threads, settings.provider), tokens)
     increase = after.perplexity / before.perplexity - 1
     allowed = run.checked.perplexity.max_increase / 100
     run.sections["perplexity"] = {

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from surgery.export.options import verification_pads_prompts
 from surgery.formats.precision import FP32
 from surgery.formats.precision import precision as precision_record
+from surgery.progress import counted
 
 if TYPE_CHECKING:
     from surgery.executor.run import Run
@@ -97,17 +98,17 @@ def _verify_layerwise(run: Run, decode_steps: int):
         return teacher_forced_traces(graph, run.tokenizer, runs, decode_steps, options.kv_cache, padded,
                                      settings.threads, settings.providers, device=settings.device)  # fmt: skip
 
+    layers = len(graph.layers)
     if not options.quantize_linears:
-        run.progress("verifying against PyTorch (teacher-forced, layer by layer)")
-        ((trace, recorded),) = traces([(model, None)])
+        with counted(run.progress, "verifying against PyTorch (teacher-forced, layer by layer)", layers, "layer"):
+            ((trace, recorded),) = traces([(model, None)])
         return replace(compare(trace, model, tolerance, recorded=recorded), **layerwise), None
-    run.progress(
-        "verifying against PyTorch with the quantized weights (float compute; teacher-forced, layer by layer)"
-    )
     exact = float_compute_twin(folder) if options.accuracy_level else model
     try:
         # The run with the written weights comes last: it overwrites loaded weights in place.
-        original, quantized = traces([(model, None), (exact, written_weights(graph, model))])
+        with counted(run.progress, "verifying against PyTorch with the quantized weights "
+                     "(float compute; teacher-forced, layer by layer)", layers, "layer"):  # fmt: skip
+            original, quantized = traces([(model, None), (exact, written_weights(graph, model))])
         verification = compare(quantized[0], exact, tolerance, recorded=quantized[1])
         verification = replace(verification, **layerwise, quantized_weights=True)
     finally:

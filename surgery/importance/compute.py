@@ -15,7 +15,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from surgery.importance.file import ImportanceFile, load_importance, save_import
 from surgery.importance.measures import iks_scores, lim_scores, residual_statistics, similarity_scores, zd_scores
 from surgery.importance.metrics import DEFAULT_ZD_THRESHOLD, METRICS, Direction, MetricScores
 from surgery.models.loading import ModelSpec
+from surgery.progress import counted
 
 Progress = Callable[[str], None]
 
@@ -73,20 +74,29 @@ def _cache_path(spec: ModelSpec, request: ScoreRequest, metric: str, data_sha: s
 
 def cached_importance(spec: ModelSpec, request: ScoreRequest, layers: int) -> ImportanceFile | None:
     """The requested metrics from the cache if every one of them is there, else None."""
+    found, provenance, model = _cached_metrics(spec, request, layers)
+    if set(found) != set(request.metrics):
+        return None
+    return ImportanceFile({m: found[m] for m in request.metrics}, model, provenance)
+
+
+def _cached_metrics(spec: ModelSpec, request: ScoreRequest, layers: int) -> tuple[dict[str, MetricScores], dict, dict]:
+    """(the requested metrics the cache holds, their provenance, the model they were scored on)."""
     data_sha = resolve_text(request.calibration.data, request.data_dir).sha256 if request.needs_data else None
     found: dict[str, MetricScores] = {}
     provenance: dict[str, Any] = {}
+    model: dict[str, Any] = {}
     for metric in request.metrics:
         path = _cache_path(spec, request, metric, data_sha)
         if not path.exists():
-            return None
+            continue
         importance, problems = load_importance(str(path), layers)
         if importance is None or problems or metric not in importance.metrics:
-            return None
+            continue
         found[metric] = importance.metrics[metric]
         provenance.update(importance.provenance)
         model = importance.model
-    return ImportanceFile(found, model, provenance)
+    return found, provenance, model
 
 
 def checked_device(name: str | None) -> str | None:
@@ -119,46 +129,15 @@ def compute_importance(
     The calibration passes run on `device` (default the CPU), one layer there at a time.
     """
     index = graph.index
-    if use_cache:
-        cached = cached_importance(spec, request, index.num_layers)
-        if cached is not None:
-            progress("importance: " + ", ".join(request.metrics) + " (cached)")
-            return cached
-    metrics: dict[str, MetricScores] = {}
-    provenance: dict[str, Any] = {"tool": f"surgery {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    data_sha = None
-    data_metrics = [m for m in request.metrics if METRICS[m].needs_data]
-    if data_metrics:
-        calibration = request.calibration
-        source = resolve_text(calibration.data, request.data_dir)
-        data_sha = source.sha256
-        tokens = calibration_tokens(tokenizer, calibration, source)
-        progress(f"importance: {', '.join(data_metrics)} on {calibration.describe()} ({tokens.size} tokens)")
-        start = time.perf_counter()
-        residual = [m for m in data_metrics if m in ("similarity", "lim")]
-        statistics = residual_statistics(graph, tokens, device=device) if residual else {}
-        if "similarity" in data_metrics:
-            metrics["similarity"] = similarity_scores(statistics)
-        if "lim" in data_metrics:
-            metrics["lim"] = lim_scores(statistics)
-        if "iks" in data_metrics:
-            metrics["iks"] = iks_scores(graph, tokens, device=device)
-        provenance["calibration"] = {
-            **source.to_json(),
-            "samples": calibration.samples,
-            "length": calibration.length,
-            "seed": calibration.seed,
-            "tokens": int(tokens.size),
-            "seconds": round(time.perf_counter() - start, 2),
-        }
-    if "zd" in request.metrics:
-        progress(f"importance: zd (threshold {request.zd_threshold:g}, data-free)")
-        metrics["zd"] = zd_scores(graph, request.zd_threshold, request.zd_more_important)
+    found, cached_provenance, _ = _cached_metrics(spec, request, index.num_layers) if use_cache else ({}, {}, {})
+    if found:
+        progress("importance: " + ", ".join(found) + " (cached)")
+    missing = [m for m in request.metrics if m not in found]
+    metrics, provenance, data_sha = _computed(graph, tokenizer, replace(request, metrics=tuple(missing)), progress,
+                                              device) if missing else ({}, {}, None)  # fmt: skip
     model = {"spec": spec.text, "architecture": index.architecture, "layers": index.num_layers}
-    ordered = {m: metrics[m] for m in request.metrics}
-    result = ImportanceFile(ordered, model, provenance)
     if use_cache:
-        for metric, scores in ordered.items():
+        for metric, scores in metrics.items():  # a pass's every metric, asked for or not
             single = ImportanceFile(
                 {metric: scores},
                 model,
@@ -169,4 +148,45 @@ def compute_importance(
             path = _cache_path(spec, request, metric, data_sha)
             os.makedirs(path.parent, exist_ok=True)
             save_importance(single, str(path))
-    return result
+    ordered = {m: found[m] if m in found else metrics[m] for m in request.metrics}
+    return ImportanceFile(ordered, model, {**cached_provenance, **provenance})
+
+
+def _computed(graph: Any, tokenizer: Any, request: ScoreRequest, progress: Progress,
+              device: str | None) -> tuple[dict[str, MetricScores], dict[str, Any], str | None]:  # fmt: skip
+    """(scores, provenance, the calibration text's digest) of the request's metrics, computed.
+    A pass that gives more metrics than asked (similarity and lim come from one) gives them all,
+    so the cache holds them for the next command."""
+    metrics: dict[str, MetricScores] = {}
+    provenance: dict[str, Any] = {"tool": f"surgery {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    data_sha = None
+    data_metrics = [m for m in request.metrics if METRICS[m].needs_data]
+    if data_metrics:
+        calibration = request.calibration
+        source = resolve_text(calibration.data, request.data_dir)
+        data_sha = source.sha256
+        tokens = calibration_tokens(tokenizer, calibration, source)
+        start = time.perf_counter()
+        on = f"on {calibration.describe()} ({tokens.size} tokens)"
+        layers = len(graph.layers)
+        if any(m in ("similarity", "lim") for m in data_metrics):  # one layer-major pass gives both
+            with counted(progress, f"importance: similarity, lim {on}", layers, "layer"):
+                statistics = residual_statistics(graph, tokens, device=device)
+            metrics["similarity"] = similarity_scores(statistics)
+            metrics["lim"] = lim_scores(statistics)
+        if "iks" in data_metrics:
+            with counted(progress, f"importance: iks {on}", layers, "layer"):
+                metrics["iks"] = iks_scores(graph, tokens, device=device)
+        provenance["calibration"] = {
+            **source.to_json(),
+            "samples": calibration.samples,
+            "length": calibration.length,
+            "seed": calibration.seed,
+            "tokens": int(tokens.size),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+    if "zd" in request.metrics:
+        with counted(progress, f"importance: zd (threshold {request.zd_threshold:g}, data-free)",
+                     len(graph.layers), "layer"):  # fmt: skip
+            metrics["zd"] = zd_scores(graph, request.zd_threshold, request.zd_more_important)
+    return metrics, provenance, data_sha

@@ -34,6 +34,7 @@ from surgery.models.lazy import LazyWeights, unique_parameters
 from surgery.nodes.attention import Attention
 from surgery.nodes.fusion import FusionChoice, HeadFusion, fused_logits
 from surgery.nodes.norm import RMSNorm
+from surgery.progress import advance
 
 
 class DecoderGraph:
@@ -120,9 +121,13 @@ class DecoderGraph:
         release the GIL), so reading overlaps whatever the caller does: writing, for the exporter.
 
         At most two layers are loaded at once. A graph loaded in memory just yields its layers.
+        Each layer the caller is done with is counted (`surgery.progress.advance`), so any pass
+        run under `counted(..., unit="layer")` shows how far it is.
         """
         if self.weights is None:
-            yield from self.layers
+            for layer in self.layers:
+                yield layer
+                advance("layer")
             return
         weights = self.weights
 
@@ -141,6 +146,7 @@ class DecoderGraph:
                         yield layer
                     finally:
                         weights.release(loaded, recycle=pending is not None)
+                    advance("layer")
             finally:
                 if pending is not None:  # stopped early: the read ahead is not needed
                     with contextlib.suppress(Exception):

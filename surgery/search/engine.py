@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from surgery import __version__
 from surgery.diagnostics import Diagnostic, RecipeError
 from surgery.front.budgets import DEFAULT_LATENCY_PROMPT, QualityRequest, improves_with_count, quality_key
 from surgery.front.syntax import Recipe
+from surgery.progress import advance, counted
 from surgery.search.candidates import (
     SearchTarget,
     candidate_recipe,
@@ -200,6 +202,7 @@ class Searcher:
         for count in counts:
             if self.settings.use_cache and paths[count].exists():
                 found[count] = (json.loads(paths[count].read_text()), True)
+                advance("candidate")
             else:
                 todo.append(count)
         if todo:
@@ -212,6 +215,7 @@ class Searcher:
             for start in range(0, len(todo), self._parallel(target.fit)):  # latency: one at a time
                 chunk = todo[start : start + self._parallel(target.fit)]
                 results += executor.run([jobs[c] for c in chunk])
+                advance("candidate", len(chunk))
             for count, measured in zip(todo, results, strict=True):
                 if "error" in measured:
                     problem = f"the candidate with {count} {target.counting()} could not be built: {measured['error']}"
@@ -272,27 +276,12 @@ class Searcher:
         def bounded(count: int) -> bool:
             return all(measured[count].verdicts[b.describe()] for b in harder)
 
-        if fit.search == "exhaustive":
-            run(list(range(maximum + 1)))
-            fitting = [c for c in measured.values() if c.fits]
-            answer = max(fitting, key=lambda c: c.count) if fitting else None
-        else:
-            parallel = self._parallel(fit)
-            low, high = -1, maximum + 1  # bounded(low) holds (or low = -1); bounded(high) fails (or high = max + 1)
-            if not harder:
-                run([maximum])
-                low = maximum
-            while high - low > 1:
-                inner = high - low - 1
-                probes = sorted({low + max(1, round((i + 1) * (inner + 1) / (parallel + 1))) for i in range(parallel)})
-                probes = [p for p in probes if low < p < high] or [low + 1]
-                run(probes)
-                for probe in probes:
-                    if bounded(probe):
-                        low = max(low, probe)
-                high = min([p for p in probes if p > low and not bounded(p)] + [high])
-            answer = measured[low] if low >= 0 and measured[low].fits else None
+        expected = _candidates_expected(fit.search, maximum, self._parallel(fit), bool(harder))
+        with counted(self.progress, f"search line {target.line}: {target.counting()}, {fit.search}", expected,
+                     "candidate"):  # fmt: skip
+            answer = self._search(fit, maximum, harder, run, measured, bounded)
         seconds = time.perf_counter() - start
+
         if answer is None:
             raise RecipeError([_unmet(target, list(measured.values()), maximum)])
         statement = concrete(target, answer.count, order.first(answer.count) if order is not None else None)
@@ -308,6 +297,39 @@ class Searcher:
             seconds,
             unparse_statement(statement) if statement is not None else "(nothing: count 0)",
         )
+
+
+    def _search(self, fit, maximum: int, harder: list, run, measured: dict, bounded) -> Candidate | None:
+        """The fitting candidate with the largest count: every count (exhaustive), or bisection
+        with `parallel` probes a round over the counts the harder budgets allow."""
+        if fit.search == "exhaustive":
+            run(list(range(maximum + 1)))
+            fitting = [c for c in measured.values() if c.fits]
+            return max(fitting, key=lambda c: c.count) if fitting else None
+        parallel = self._parallel(fit)
+        low, high = -1, maximum + 1  # bounded(low) holds (or low = -1); bounded(high) fails (or high = max + 1)
+        if not harder:
+            run([maximum])
+            low = maximum
+        while high - low > 1:
+            inner = high - low - 1
+            probes = sorted({low + max(1, round((i + 1) * (inner + 1) / (parallel + 1))) for i in range(parallel)})
+            probes = [p for p in probes if low < p < high] or [low + 1]
+            run(probes)
+            for probe in probes:
+                if bounded(probe):
+                    low = max(low, probe)
+            high = min([p for p in probes if p > low and not bounded(p)] + [high])
+        return measured[low] if low >= 0 and measured[low].fits else None
+
+
+def _candidates_expected(search: str, maximum: int, parallel: int, harder: bool) -> int:
+    """About how many candidates a search measures, for its progress: every count (exhaustive),
+    or `parallel` a round for the rounds bisection needs over maximum + 1 counts."""
+    if search == "exhaustive":
+        return maximum + 1
+    rounds = math.ceil(math.log(maximum + 2) / math.log(parallel + 1)) if maximum >= 0 else 0
+    return parallel * rounds + (0 if harder else 1)
 
 
 def _file_digest(path: str) -> str:
@@ -382,7 +404,6 @@ def run_searches(recipe_path: str, checked, model: str | None, computed, setting
     results = []
     try:
         for target in targets:
-            progress(f"search line {target.line}: {target.counting()}, {target.fit.search}")
             results.append(searcher.search(checked.recipe, target, settled))
     finally:
         searcher.close()
