@@ -4,7 +4,9 @@ onnxruntime and transformers fail on a damaged folder with errors that name neit
 nor the tensor (or crash outright on a truncated data file), so `open_model_folder` checks what
 they will read: `model.onnx` parses, every tensor stored outside it lies inside its data file
 (which must be a file of the folder itself), and the tokenizer loads. Each problem is a
-`ModelFolderError` naming the file and the tensor.
+`ModelFolderError` naming the file and the tensor. An output that failed its checks when it was
+written is refused until it is accepted (`surgery accept`), or for one command with
+`--allow-failed`.
 """
 
 from __future__ import annotations
@@ -72,13 +74,24 @@ def _context_length(folder: Path) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-def open_model_folder(path: str, tokenizer: bool = True) -> ModelFolder:
-    """Check an output folder (see the module docstring); with `tokenizer`, load its tokenizer."""
+def open_model_folder(path: str, tokenizer: bool = True, allow_failed: bool = False) -> ModelFolder:
+    """Check an output folder (see the module docstring); with `tokenizer`, load its tokenizer.
+    An output that failed its checks and was not accepted is refused unless `allow_failed`
+    (surgery.backend.verdict)."""
     import onnx
+
+    from surgery.backend.verdict import unaccepted_failure
 
     folder = Path(path)
     if not folder.is_dir():
         raise ModelFolderError(f"'{path}' is not a folder" if folder.exists() else f"'{path}' not found", _HINT)
+    failed = unaccepted_failure(folder)
+    if failed and not allow_failed:
+        raise ModelFolderError(
+            f"'{path}' failed its checks when it was written: {'; '.join(failed)}",
+            f"inspect it with --allow-failed, or accept it with `surgery accept {path}` (which also lets "
+            "onnxruntime-genai load it)",
+        )
     if not (folder / "model.onnx").is_file():
         raise ModelFolderError(f"'{path}' has no model.onnx", _HINT)
     try:

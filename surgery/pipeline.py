@@ -201,6 +201,7 @@ def apply(
     output then holds search.json and, with matplotlib, search.png.
     """
     from surgery.backend.report import build_report, folder_bytes, structure, write_report
+    from surgery.backend.verdict import seal
     from surgery.executor.execute import execute
     from surgery.importance.compute import checked_device
 
@@ -250,6 +251,7 @@ def apply(
             warnings=plan.warnings,
             sections=run.sections,
         )
+        seal(folder.path, report)  # a failed check: said in the report, the genai config held back
         write_report(str(folder.path), report)
         target = folder.commit()
     except BaseException:

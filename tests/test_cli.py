@@ -109,6 +109,42 @@ def test_failed_verification_exits_3_and_keeps_the_output(in_tmp, monkeypatch):
     assert "exceeds the tolerance" in report["verification"]["reason"]
 
 
+def test_an_output_that_failed_its_check_is_not_used_until_accepted(in_tmp, monkeypatch):
+    """Kept for inspection, but marked: its report says so, genai cannot load it, `run` and
+    `eval` refuse it without --allow-failed, and `surgery accept` makes it usable."""
+    monkeypatch.setitem(PRECISIONS, "fp32", replace(FP32, tolerance=0.0))
+    recipe = write(in_tmp / "r.surg", RECIPE)
+    result = run_cli("apply", recipe, "-o", "out")
+    assert result.code == 3 and "marked as failed" in result.err and "surgery accept out" in result.err
+    verdict = json.loads((in_tmp / "out" / "surgery.json").read_text())["verdict"]
+    assert verdict["passed"] is False and verdict["accepted"] is None
+    assert verdict["failed"][0].startswith("verification against PyTorch: ")
+    assert not (in_tmp / "out" / "genai_config.json").exists()
+    assert (in_tmp / "out" / "genai_config.json.failed-check").exists()
+    for command in (("run", "out", "--prompt", "hi", "--max-new-tokens", "2"), ("eval", "out", "--max-tokens", "64", "--window", "32")):
+        refused = run_cli(*command)
+        assert refused.code == 1 and "failed its checks when it was written" in refused.err, command
+        allowed = run_cli(*command, "--allow-failed")
+        assert allowed.code == 0, allowed.err
+        assert "warning: 'out' failed its checks" in allowed.err
+    accepted = run_cli("accept", "out")
+    assert accepted.code == 0 and "accepted out" in accepted.out
+    assert (in_tmp / "out" / "genai_config.json").exists()
+    assert json.loads((in_tmp / "out" / "surgery.json").read_text())["verdict"]["accepted"]["at"]
+    used = run_cli("run", "out", "--prompt", "hi", "--max-new-tokens", "2")
+    assert used.code == 0 and "warning" not in used.err
+    assert run_cli("accept", "out").code == 1  # nothing left to accept
+
+
+def test_an_output_that_passed_says_so_and_cannot_be_accepted(in_tmp):
+    recipe = write(in_tmp / "r.surg", RECIPE)
+    assert run_cli("apply", recipe, "-o", "out").code == 0
+    verdict = json.loads((in_tmp / "out" / "surgery.json").read_text())["verdict"]
+    assert verdict == {"passed": True, "checked": True, "failed": [], "accepted": None}
+    refused = run_cli("accept", "out")
+    assert refused.code == 1 and "passed its checks; there is nothing to accept" in refused.err
+
+
 @pytest.mark.parametrize("kv", ["", " without kv-cache"])
 def test_run_generates_text(in_tmp, kv):
     recipe = write(in_tmp / "r.surg", RECIPE.replace("export onnx", "export onnx" + kv))

@@ -195,6 +195,22 @@ def argument_parser() -> argparse.ArgumentParser:
         default="cpu",
         help="generate on onnxruntime's CPU or CUDA execution provider (cuda needs onnxruntime-gpu: the gpu extra)",
     )
+    for command in (run, evaluate):
+        command.add_argument(
+            "--allow-failed",
+            action="store_true",
+            help="use an output that failed its verification or perplexity check when it was written "
+            "(refused otherwise, until `surgery accept`)",
+        )
+
+    accept = commands.add_parser(
+        "accept",
+        help="accept an output that failed its checks: `run`, `eval` and onnxruntime-genai use it from then on",
+        description="An output whose verification or perplexity check failed is kept for inspection, marked as "
+        "failed in its surgery.json, with its genai_config.json held back as genai_config.json.failed-check. "
+        "Accepting records when it was accepted and puts genai_config.json back.",
+    )
+    accept.add_argument("output", metavar="OUT", help="a folder written by `surgery apply`")
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from surgery.backend.verdict import HELD_BACK
 from surgery.cli.codes import (
     EXIT_OK,
     EXIT_VERIFY_FAILED,
@@ -124,7 +125,7 @@ def run_apply(args) -> int:
             )
         )
         if not verification.passed:
-            print(f"error: verification failed: {verification.reason} (output kept for inspection)", file=sys.stderr)
+            print(f"error: verification failed: {verification.reason}", file=sys.stderr)
             code = EXIT_VERIFY_FAILED
     quantization = report.get("quantization")
     if quantization:
@@ -159,8 +160,15 @@ def run_apply(args) -> int:
             f"allowed +{perplexity['max_increase']:.0%}) on {after['tokens_scored']} tokens"
         )
         if not perplexity["passed"]:
-            print("error: the perplexity check failed (output kept for inspection)", file=sys.stderr)
+            print("error: the perplexity check failed", file=sys.stderr)
             code = EXIT_VERIFY_FAILED
+    if code == EXIT_VERIFY_FAILED:
+        print(
+            f"  the output is kept for inspection and marked as failed: `surgery run` and `surgery eval` refuse it "
+            f"without --allow-failed, and its genai config is held back as {HELD_BACK} (onnxruntime-genai will not "
+            f"load it); `surgery accept {output}` accepts it",
+            file=sys.stderr,
+        )
     return code
 
 

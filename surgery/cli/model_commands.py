@@ -18,12 +18,34 @@ class _UserError(HintedError):
     """A problem with the command's arguments or inputs, told as a message (exit 1)."""
 
 
+def _say_if_failed(output: str) -> None:
+    """A line on stderr when an output that failed its checks is used anyway (--allow-failed)."""
+    from surgery.backend.verdict import unaccepted_failure
+
+    failed = unaccepted_failure(output)
+    if failed:
+        print(f"warning: '{output}' failed its checks when it was written: {'; '.join(failed)}", file=sys.stderr)
+
+
+def run_accept(args) -> int:
+    """`surgery accept`: mark an output that failed its checks as accepted (see surgery.backend.verdict)."""
+    from surgery.backend.verdict import AcceptError, accept
+
+    try:
+        failed = accept(args.output)
+    except AcceptError as problem:
+        raise _UserError(str(problem)) from None
+    print(f"accepted {args.output} (it had failed: {'; '.join(failed)}); genai_config.json is in place")
+    return EXIT_OK
+
+
 def run_run(args) -> int:
     """`surgery run`: greedy generation with an output folder."""
     from surgery.backend.runtime import OnnxCausalLM, execution_providers
     from surgery.model_folder import open_model_folder
 
-    folder = open_model_folder(args.output)
+    folder = open_model_folder(args.output, allow_failed=args.allow_failed)
+    _say_if_failed(args.output)
     tokenizer = folder.tokenizer
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
@@ -131,7 +153,8 @@ def run_eval(args) -> int:
     from surgery.data import resolve_text
     from surgery.model_folder import open_model_folder
 
-    folder = open_model_folder(args.output)
+    folder = open_model_folder(args.output, allow_failed=args.allow_failed)
+    _say_if_failed(args.output)
     if folder.context_length and args.window > folder.context_length:
         raise _UserError(
             f"--window {args.window} is longer than the model's context of {folder.context_length} tokens",
