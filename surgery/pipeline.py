@@ -251,6 +251,9 @@ def apply(
             warnings=plan.warnings,
             sections=run.sections,
         )
+        if run_verification and plan.export.target != provider:
+            report["verification"]["provider"] = provider
+            report["warnings"].append(_verified_elsewhere(plan.export.target, provider))
         seal(folder.path, report)  # a failed check: said in the report, the genai config held back
         write_report(str(folder.path), report)
         target = folder.commit()
@@ -258,6 +261,16 @@ def apply(
         folder.discard()
         raise
     return ApplyResult(target, report, run.verification, run.perplexity_passed, searches)
+
+
+def _verified_elsewhere(target: str, provider: str) -> str:
+    """What a user must know about an output verified on another provider than it was built for."""
+    return (
+        f"warning: exported for {target} but verified on onnxruntime's {provider.upper()} provider: the graph did "
+        f"not run {'on a GPU' if target == 'cuda' else 'on the CPU'} here. Verify it where it will run (`surgery eval OUT --provider {target}`, or "
+        f"`surgery apply --provider {target}`); its genai_config.json asks onnxruntime-genai for "
+        f"{'its CUDA provider (onnxruntime-genai-cuda on a GPU machine)' if target == 'cuda' else 'the CPU'}"
+    )
 
 
 def _verification_providers(checked: CheckedRecipe, provider: str, run_verification: bool) -> list[str]:

@@ -121,7 +121,8 @@ def test_an_output_that_failed_its_check_is_not_used_until_accepted(in_tmp, monk
     assert verdict["failed"][0].startswith("verification against PyTorch: ")
     assert not (in_tmp / "out" / "genai_config.json").exists()
     assert (in_tmp / "out" / "genai_config.json.failed-check").exists()
-    for command in (("run", "out", "--prompt", "hi", "--max-new-tokens", "2"), ("eval", "out", "--max-tokens", "64", "--window", "32")):
+    run, evaluate = ("run", "out", "--prompt", "hi", "--max-new-tokens", "2"), ("eval", "out", "--max-tokens", "64")
+    for command in (run, (*evaluate, "--window", "32")):
         refused = run_cli(*command)
         assert refused.code == 1 and "failed its checks when it was written" in refused.err, command
         allowed = run_cli(*command, "--allow-failed")
@@ -203,3 +204,20 @@ def test_unloadable_weights_point_at_the_model_line(in_tmp):
     assert "safetensors weights only" in result.err
     assert "Traceback" not in result.err
     assert not (in_tmp / "out").exists()
+
+
+def test_a_cuda_export_verified_on_the_cpu_says_so_and_run_says_where_it_runs(in_tmp):
+    cuda = 'model "tiny-llama"\ndrop attention layers 1\nexport onnx for cuda precision fp32\n'
+    recipe = write(in_tmp / "r.surg", cuda)
+    result = run_cli("apply", recipe, "-o", "out")
+    assert result.code == 0, result.err
+    assert "warning: exported for cuda but verified on onnxruntime's CPU provider" in result.err
+    report = json.loads((in_tmp / "out" / "surgery.json").read_text())
+    assert report["export"]["target"] == "cuda" and report["verification"]["provider"] == "cpu"
+    assert any("verified on onnxruntime's CPU provider" in w for w in report["warnings"])
+    ran = run_cli("run", "out", "--prompt", "hi", "--max-new-tokens", "2")
+    assert ran.code == 0
+    assert "note: 'out' was exported for cuda (fp32); running it on onnxruntime's CPU provider here" in ran.err
+    cpu = write(in_tmp / "cpu.surg", 'model "tiny-llama"\ndrop attention layers 1\n')
+    assert run_cli("apply", cpu, "-o", "cpu-out").code == 0
+    assert "note:" not in run_cli("run", "cpu-out", "--prompt", "hi", "--max-new-tokens", "2").err

@@ -91,6 +91,8 @@ def build_report(
         },
         "passes": passes,
         "export": {
+            "target": plan.export.target,
+            "precision": plan.export.precision,
             "opset": plan.export.opset,
             "kv_cache": plan.export.kv_cache,
             "context_length": export.context_length,

@@ -27,6 +27,23 @@ def _say_if_failed(output: str) -> None:
         print(f"warning: '{output}' failed its checks when it was written: {'; '.join(failed)}", file=sys.stderr)
 
 
+def _say_where_it_runs(output: str, provider: str) -> None:
+    """A line on stderr when an output built for one target runs on another provider here."""
+    try:
+        with open(os.path.join(output, "surgery.json"), encoding="utf-8") as handle:
+            export = json.load(handle).get("export") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    target = export.get("target")
+    if target and target != provider:
+        print(
+            f"note: '{output}' was exported for {target} ({export.get('precision', '?')}); running it on onnxruntime's "
+            f"{provider.upper()} provider here" + (", slower than on a GPU" if target == "cuda" else "")
+            + (f" (--provider {target} runs it where it was built for)" if target == "cuda" else ""),
+            file=sys.stderr,
+        )
+
+
 def run_accept(args) -> int:
     """`surgery accept`: mark an output that failed its checks as accepted (see surgery.backend.verdict)."""
     from surgery.backend.verdict import AcceptError, accept
@@ -46,6 +63,7 @@ def run_run(args) -> int:
 
     folder = open_model_folder(args.output, allow_failed=args.allow_failed)
     _say_if_failed(args.output)
+    _say_where_it_runs(args.output, args.provider)
     tokenizer = folder.tokenizer
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
@@ -155,6 +173,7 @@ def run_eval(args) -> int:
 
     folder = open_model_folder(args.output, allow_failed=args.allow_failed)
     _say_if_failed(args.output)
+    _say_where_it_runs(args.output, args.provider)
     if folder.context_length and args.window > folder.context_length:
         raise _UserError(
             f"--window {args.window} is longer than the model's context of {folder.context_length} tokens",
