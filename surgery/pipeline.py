@@ -267,8 +267,9 @@ def _verified_elsewhere(target: str, provider: str) -> str:
     """What a user must know about an output verified on another provider than it was built for."""
     return (
         f"warning: exported for {target} but verified on onnxruntime's {provider.upper()} provider: the graph did "
-        f"not run {'on a GPU' if target == 'cuda' else 'on the CPU'} here. Verify it where it will run (`surgery eval OUT --provider {target}`, or "
-        f"`surgery apply --provider {target}`); its genai_config.json asks onnxruntime-genai for "
+        f"not run {'on a GPU' if target == 'cuda' else 'on the CPU'} here. Verify it where it will run "
+        f"(`surgery eval OUT --provider {target}`, or `surgery apply --provider {target}`); its genai_config.json "
+        "asks onnxruntime-genai for "
         f"{'its CUDA provider (onnxruntime-genai-cuda on a GPU machine)' if target == 'cuda' else 'the CPU'}"
     )
 

@@ -221,3 +221,15 @@ def test_a_cuda_export_verified_on_the_cpu_says_so_and_run_says_where_it_runs(in
     cpu = write(in_tmp / "cpu.surg", 'model "tiny-llama"\ndrop attention layers 1\n')
     assert run_cli("apply", cpu, "-o", "cpu-out").code == 0
     assert "note:" not in run_cli("run", "cpu-out", "--prompt", "hi", "--max-new-tokens", "2").err
+
+
+def test_a_quantized_outputs_summary_leads_with_kl_and_top1(in_tmp):
+    recipe = write(in_tmp / "r.surg", 'model "tiny-llama"\nquantize layers to int4\n')
+    result = run_cli("apply", recipe, "-o", "out")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[2].startswith("  quality: quantized vs the same layers in PyTorch fp32: mean KL ")
+    assert "top-1 agreement" in lines[2]
+    assert any(line.startswith("  logits moved by quantization (informational") for line in lines[3:])
+    moved = json.loads((in_tmp / "out" / "surgery.json").read_text())["quantization"]["against_pytorch_fp32"]
+    assert moved["mean_kl"] >= 0 and 0 <= moved["top1_agreement"] <= 1 and moved["positions"] > 0

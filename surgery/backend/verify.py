@@ -82,6 +82,12 @@ class Verification:
     # How PyTorch's side ran: "greedy decode" (its own tokens, KV cache, the whole model loaded)
     # or "teacher-forced, layer by layer" (onnxruntime's tokens; surgery.backend.verify_layerwise).
     reference: str = "greedy decode"
+    # The prefill logits against PyTorch's (in the export's element type): mean KL(PyTorch ||
+    # output) in nats per position and top-1 agreement, over `positions` real prompt positions.
+    # What a user reads first where logits are meant to move (quantization, half precision).
+    mean_kl: float | None = None
+    top1_agreement: float | None = None
+    positions: int = 0
     # Whether the export's quantized linears were checked exactly: the float-compute twin against
     # PyTorch with the quantized weights (otherwise verification ran before quantization).
     quantized_weights: bool = False
@@ -233,6 +239,7 @@ def compare(
     fp32_kl = fp32_top1 = None
     if fp32 is not None:
         fp32_kl, fp32_top1 = _kl_top1(fp32.prefill_logits, out.logits, mask.astype(bool))
+    mean_kl, top1 = _kl_top1(reference, out.logits, real) if real.any() else (None, None)
     mismatched = 0
     previous = reference[:, -1]
     # A tie is judged at the precision's tolerance, also when the logits are only reported (inf).
@@ -283,6 +290,9 @@ def compare(
         precision=precision,
         fp32_kl=fp32_kl,
         fp32_top1=fp32_top1,
+        mean_kl=mean_kl,
+        top1_agreement=top1,
+        positions=int(real.sum()),
     )
 
 

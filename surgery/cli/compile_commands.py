@@ -95,6 +95,9 @@ def run_apply(args) -> int:
         f"{len(after['attention_layers'])}, parameters {before['parameters']:,} -> {after['parameters']:,}, "
         f"{after['bytes'] / 1e6:.1f} MB"
     )
+    quality = _quality_line(report, result.verification)
+    if quality:
+        print(quality)
     code = EXIT_OK
     verification = result.verification
     if verification is None:
@@ -148,9 +151,9 @@ def run_apply(args) -> int:
         if moved:
             agree = moved["greedy_tokens_compared"] - moved["greedy_tokens_mismatched"]
             print(
-                f"  quantized vs PyTorch {moved.get('reference_precision', 'fp32')}: max |logit diff| "
-                f"{moved['max_abs_logit_diff']:.2f}, "
-                f"greedy tokens agree {agree}/{moved['greedy_tokens_compared']}"
+                f"  logits moved by quantization (informational, no tolerance): max |logit diff| "
+                f"{moved['max_abs_logit_diff']:.2f}, greedy tokens agree {agree}/{moved['greedy_tokens_compared']} "
+                f"against PyTorch {moved.get('reference_precision', 'fp32')}"
             )
     perplexity = report.get("perplexity")
     if perplexity:
@@ -170,6 +173,28 @@ def run_apply(args) -> int:
             file=sys.stderr,
         )
     return code
+
+
+def _quality_line(report: dict, verification) -> str | None:
+    """For an output whose logits are meant to move (quantized, or below fp32), the measures
+    that say how much it matters, first: mean KL divergence and top-1 agreement against the same
+    graph in PyTorch (unquantized; in fp32), and the perplexity change against the original
+    model when the recipe measured it."""
+    moved = (report.get("quantization") or {}).get("against_pytorch_fp32") or {}
+    parts = []
+    if moved.get("mean_kl") is not None:
+        parts.append(f"quantized vs the same layers in PyTorch {moved.get('reference_precision', 'fp32')}: mean KL "
+                     f"{moved['mean_kl']:.4f} nats/token, top-1 agreement {moved['top1_agreement']:.1%} "
+                     f"({moved['positions']} prompt positions)")  # fmt: skip
+    elif verification is not None and verification.fp32_kl is not None:
+        parts.append(f"{verification.precision} vs the same layers in PyTorch fp32: mean KL {verification.fp32_kl:.2e} "
+                     f"nats/token, top-1 agreement {verification.fp32_top1:.1%} ({verification.positions} prompt "
+                     "positions)")  # fmt: skip
+    perplexity = report.get("perplexity")
+    if parts and perplexity:
+        before, after = perplexity["original_pytorch"]["perplexity"], perplexity["output_onnxruntime"]["perplexity"]
+        parts.append(f"perplexity vs the original model {before:.2f} -> {after:.2f} ({perplexity['increase']:+.1%})")
+    return "  quality: " + "; ".join(parts) if parts else None
 
 
 class _Rendered:

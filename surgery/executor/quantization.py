@@ -113,6 +113,9 @@ def _moved_by_quantization(run: Run, section: dict) -> None:
             "max_abs_logit_diff": run.moved.max_abs_logit_diff,
             "greedy_tokens_compared": run.moved.greedy_tokens_compared,
             "greedy_tokens_mismatched": run.moved.greedy_tokens_mismatched,
+            "mean_kl": run.moved.mean_kl,
+            "top1_agreement": run.moved.top1_agreement,
+            "positions": run.moved.positions,
         }
 
 
