@@ -235,6 +235,8 @@ def apply(
             run.close()
         if searches:
             run.sections["search"] = _write_search(searches, checked, str(folder.path))
+            if run.sections["search"]["plot_skipped"]:  # the README promises the plot: say why it is missing
+                progress(f"search.png not drawn: {run.sections['search']['plot_skipped']}")
         export = run.export_result
         if "quantization" in run.sections:
             export = replace(export, op_counts=run.sections["quantization"].pop("op_counts"))

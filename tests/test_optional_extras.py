@@ -55,3 +55,14 @@ drop attention least important by similarity as many as fit {
     assert result.code != 0
     assert "Ray" in result.err and "surgery[ray]" in result.err and "Traceback" not in result.err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_search_without_matplotlib_says_on_the_console_that_its_plot_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    search = "quantize layers by zd as many as fit {\n most important -> int8\n rest -> int4\n size at most 1 GB\n}\n"
+    recipe = write(tmp_path / "r.surg", 'model "tiny-llama"\n' + search)
+    result = run_cli("apply", recipe, "-o", str(tmp_path / "out"), "--no-verify")
+    assert result.code == 0, result.err
+    assert "search.png not drawn: matplotlib is not installed (pip install 'surgery[plot]')" in result.err
+    assert not (tmp_path / "out" / "search.png").exists()
