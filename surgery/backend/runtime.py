@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,8 +168,10 @@ class OnnxCausalLM:
             fused_layer=fused.numpy() if fused is not None else None,
         )
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_token_ids: set[int]) -> list[int]:
-        """Greedy decoding for one prompt; returns the new token ids."""
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_token_ids: set[int],
+                 choose: Callable[[np.ndarray], int] | None = None) -> list[int]:  # fmt: skip
+        """Decoding for one prompt, greedy unless `choose` picks the token from a position's
+        logits (surgery.backend.sampling); returns the new token ids."""
         ids = np.array([prompt_ids], np.int64)
         mask = np.ones_like(ids)
         positions = np.arange(ids.shape[1])[None]
@@ -176,7 +179,7 @@ class OnnxCausalLM:
         new_tokens: list[int] = []
         for _ in range(max_new_tokens):
             out = self.step(ids, mask, positions, past)
-            token = int(out.logits[0, -1].argmax())
+            token = int(out.logits[0, -1].argmax()) if choose is None else choose(out.logits[0, -1])
             new_tokens.append(token)
             if token in eos_token_ids:
                 break

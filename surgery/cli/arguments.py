@@ -49,6 +49,22 @@ def _finite(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    """An argparse type: a finite number of at least 0."""
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {text[:20]!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    """An argparse type: a number above 0 and at most 1."""
+    value = _finite(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number above 0 and at most 1, got {text[:20]!r}")
+    return value
+
+
 def argument_parser() -> argparse.ArgumentParser:
     """The `surgery` argument parser: every subcommand and its options."""
     parser = argparse.ArgumentParser(
@@ -183,11 +199,29 @@ def argument_parser() -> argparse.ArgumentParser:
         "(default cpu)",
     )
 
-    run = commands.add_parser("run", help="greedy generation with an output folder in ONNX Runtime")
+    run = commands.add_parser(
+        "run",
+        help="generate text with an output folder in ONNX Runtime (greedy unless --temperature)",
+        description="Generate from a prompt with an output folder in ONNX Runtime and print the text. An instruct "
+        "model answers best with --chat (its chat template); greedy decoding (the default) can repeat itself.",
+    )
     run.add_argument("output", metavar="OUT", help="a folder written by `surgery apply`")
-    run.add_argument("--prompt", required=True, metavar="TEXT")
-    run.add_argument("--max-new-tokens", type=_count(1), default=32, metavar="N")
+    run.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue (with --chat: to answer)")
+    run.add_argument(
+        "--max-new-tokens", type=_count(1), default=32, metavar="N", help="stop after N new tokens (default 32)"
+    )
     run.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    run.add_argument(
+        "--temperature", type=_non_negative, default=0.0, metavar="T",
+        help="sample with this temperature (default 0: greedy, the most likely token each step)",
+    )  # fmt: skip
+    run.add_argument(
+        "--top-p", type=_probability, default=1.0, metavar="P",
+        help="with --temperature, sample from the most likely tokens whose probability adds up to P (default 1: all)",
+    )  # fmt: skip
+    run.add_argument(
+        "--seed", type=_count(0), default=0, metavar="S", help="with --temperature, the draw's seed (default 0)"
+    )
     run.add_argument("--threads", type=_count(1), metavar="N", help="onnxruntime intra-op threads")
     run.add_argument(
         "--provider",

@@ -57,8 +57,9 @@ def run_accept(args) -> int:
 
 
 def run_run(args) -> int:
-    """`surgery run`: greedy generation with an output folder."""
+    """`surgery run`: generation with an output folder (greedy unless --temperature)."""
     from surgery.backend.runtime import OnnxCausalLM, execution_providers
+    from surgery.backend.sampling import token_chooser
     from surgery.model_folder import open_model_folder
 
     folder = open_model_folder(args.output, allow_failed=args.allow_failed)
@@ -86,7 +87,8 @@ def run_run(args) -> int:
     eos = tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
     start = time.perf_counter()
-    new_tokens = model.generate(list(prompt_ids), args.max_new_tokens, eos_ids)
+    choose = token_chooser(args.temperature, args.top_p, args.seed)
+    new_tokens = model.generate(list(prompt_ids), args.max_new_tokens, eos_ids, choose)
     seconds = time.perf_counter() - start
     answer = tokenizer.decode(new_tokens, skip_special_tokens=True)
     print(answer if args.chat else args.prompt + answer)
