@@ -32,6 +32,13 @@ class Diagnostic:
     hint: str | None = None
     quote: bool = True
 
+    def to_json(self) -> dict[str, object]:
+        """Plain data for `check --json`: severity, message, where (file, line, column), hint."""
+        where = None
+        if self.span is not None:
+            where = {"file": self.span.source.name, "line": self.span.line, "column": self.span.column}
+        return {"severity": self.severity, "message": self.message, "at": where, "hint": self.hint}
+
     def render(self) -> str:
         """rustc-style text: location, message, the source line with carets, then the hint."""
         # Messages quote recipe words and file names; neither may carry control characters.

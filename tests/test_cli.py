@@ -188,7 +188,7 @@ def test_local_model_folder(in_tmp):
 
 
 def test_unloadable_weights_point_at_the_model_line(in_tmp):
-    # A folder whose config is fine (so `check` passes) but whose weights are pickled: refused.
+    # A folder whose config is fine but whose weights are pickled: refused at `check` already.
     import torch
 
     from surgery.models import builtin
@@ -197,12 +197,13 @@ def test_unloadable_weights_point_at_the_model_line(in_tmp):
     builtin.tiny_config("tiny-llama").save_pretrained(folder)
     torch.save({}, folder / "pytorch_model.bin")
     recipe = write(in_tmp / "r.surg", '# pickled weights\nmodel "pickled"\ndrop mlp layers 1\n')
-    assert run_cli("check", recipe).code == 0
-    result = run_cli("apply", recipe, "-o", "out")
-    assert result.code == 1
-    assert "r.surg:2:7: error: 'pickled' has no safetensors weights" in result.err
-    assert "safetensors weights only" in result.err
-    assert "Traceback" not in result.err
+    for command in (("check", recipe), ("apply", recipe, "-o", "out")):
+        result = run_cli(*command)
+        assert result.code == 1
+        assert "r.surg:2:7: error: folder 'pickled' has only pickled .bin weights, no safetensors" in result.err
+        assert "surgery loads safetensors only" in result.err
+        assert "Traceback" not in result.err
+    assert not (in_tmp / "out").exists()
     assert not (in_tmp / "out").exists()
 
 
@@ -233,3 +234,36 @@ def test_a_quantized_outputs_summary_leads_with_kl_and_top1(in_tmp):
     assert any(line.startswith("  logits moved by quantization (informational") for line in lines[3:])
     moved = json.loads((in_tmp / "out" / "surgery.json").read_text())["quantization"]["against_pytorch_fp32"]
     assert moved["mean_kl"] >= 0 and 0 <= moved["top1_agreement"] <= 1 and moved["positions"] > 0
+
+
+def test_a_misspelt_built_in_gets_a_did_you_mean(in_tmp):
+    recipe = write(in_tmp / "r.surg", 'model "smolm2-135m"\ndrop attention layers 2\n')
+    result = run_cli("check", recipe)
+    assert result.code == 1
+    assert "model 'smolm2-135m' not found; did you mean 'smollm2-135m'?" in result.err
+
+
+def test_models_lists_the_built_ins_and_the_families():
+    result = run_cli("models", "--json")
+    assert result.code == 0
+    listed = json.loads(result.out)
+    names = [m["name"] for m in listed["builtin_models"]]
+    assert names[:2] == ["smollm2-135m", "gemma3-270m"] and "tiny-llama" in names
+    assert "4-bit grid" in listed["builtin_models"][0]["what"]
+    assert {"llama", "qwen2", "gemma3_text", "mixtral"} <= set(listed["families"])
+    assert "smollm2-135m" in run_cli("models").out
+
+
+def test_check_json_says_ok_or_lists_every_diagnostic(in_tmp):
+    good = write(in_tmp / "good.surg", RECIPE)
+    result = run_cli("check", good, "--json")
+    assert result.code == 0
+    assert json.loads(result.out) | {"diagnostics": []} == {
+        "ok": True, "recipe": good, "model": "tiny-llama", "architecture": "llama", "layers": 6, "diagnostics": []
+    }  # fmt: skip
+    bad = write(in_tmp / "bad.surg", 'model "tiny-llama"\ndrop attention layers 3..9\ndrop mlp layers 12\n')
+    result = run_cli("check", bad, "--json")
+    assert result.code == 1
+    content = json.loads(result.out)
+    assert content["ok"] is False
+    assert [(d["severity"], d["at"]["line"]) for d in content["diagnostics"]] == [("error", 2), ("error", 3)]

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, argv: list[str]) -> int:
     from surgery.backend.output import OutputError
     from surgery.cli.compile_commands import run_apply, run_check, run_plan
-    from surgery.cli.model_commands import run_accept, run_eval, run_importance, run_run
+    from surgery.cli.model_commands import run_accept, run_eval, run_importance, run_models, run_run
     from surgery.console import print_error, report_internal_error
     from surgery.diagnostics import HintedError, RecipeError
 
@@ -50,6 +50,7 @@ def _run(args, argv: list[str]) -> int:
         "eval": run_eval,
         "run": run_run,
         "accept": run_accept,
+        "models": run_models,
     }
     try:
         return handlers[args.command](args)

@@ -110,6 +110,9 @@ def argument_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="check a recipe against the model's config (no weights loaded)")
     check.add_argument("recipe", metavar="RECIPE")
     check.add_argument("--model", metavar="SPEC", help="model to use instead of the recipe's `model` statement")
+    check.add_argument(
+        "--json", action="store_true", help="print the result as JSON: ok, the model, and every error and warning"
+    )
 
     plan = commands.add_parser(
         "plan",
@@ -245,6 +248,9 @@ def argument_parser() -> argparse.ArgumentParser:
         "Accepting records when it was accepted and puts genai_config.json back.",
     )
     accept.add_argument("output", metavar="OUT", help="a folder written by `surgery apply`")
+
+    models = commands.add_parser("models", help="list the built-in models and the model families surgery reads")
+    models.add_argument("--json", action="store_true", help="print the list as JSON")
     return parser
 
 

@@ -8,6 +8,7 @@ import sys
 from surgery.backend.verdict import HELD_BACK
 from surgery.cli.codes import (
     EXIT_OK,
+    EXIT_USER_ERROR,
     EXIT_VERIFY_FAILED,
 )
 from surgery.progress import ProgressLines
@@ -22,8 +23,21 @@ def _print_warnings(warnings) -> None:
 
 def run_check(args) -> int:
     """`surgery check`: parse and check a recipe against its model's config; print what was found."""
+    from surgery.diagnostics import RecipeError
     from surgery.pipeline import check_recipe
 
+    if args.json:
+        try:
+            _, checked = check_recipe(args.recipe, args.model)
+        except RecipeError as error:
+            print(json.dumps({"ok": False, "recipe": args.recipe,
+                              "diagnostics": [d.to_json() for d in error.diagnostics]}, indent=2))  # fmt: skip
+            return EXIT_USER_ERROR
+        index = checked.index
+        print(json.dumps({"ok": True, "recipe": args.recipe, "model": checked.spec.text,
+                          "architecture": index.architecture, "layers": index.num_layers,
+                          "diagnostics": [d.to_json() for d in checked.warnings]}, indent=2))  # fmt: skip
+        return EXIT_OK
     _, checked = check_recipe(args.recipe, args.model)
     _print_warnings(checked.warnings)
     index = checked.index

