@@ -2,7 +2,9 @@
 
 A `.surg` recipe describes structural edits to a Hugging Face causal LM; `surgery apply` turns it
 into an ONNX Runtime model plus a report proving the result computes what the recipe says.
-The whole pipeline, in order, lives in :mod:`surgery.pipeline`.
+The whole pipeline, in order, lives in :mod:`surgery.pipeline`; the Python API is
+`surgery.check`, `surgery.plan` and `surgery.apply` (:mod:`surgery.api`, docs/api.md), imported
+on first use so that `import surgery` stays light.
 """
 
 import os as _os
@@ -17,3 +19,15 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "passes")) and _
     _os.path.join(_checkout, "passes", "base.py")
 ):
     __path__.append(_checkout)  # noqa: F821  (a package's __path__)
+
+
+_API = ("check", "plan", "apply", "Applied", "RecipeError", "OutputError", "HintedError")
+
+
+def __getattr__(name: str):
+    """The Python API (surgery.api), imported on first use."""
+    if name in _API:
+        from surgery import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'surgery' has no attribute {name!r}")
