@@ -128,6 +128,18 @@ def settle_searches(path: str, checked: CheckedRecipe, model: str | None, progre
     return settled, tuple(results)
 
 
+def planned_warnings(checked: CheckedRecipe) -> tuple | None:
+    """Every warning `surgery plan` will give, when the plan needs nothing but the config (no
+    selector ranks by computed scores, no search): `check` then says all of them. None when
+    the plan needs the model (importance scores, searches)."""
+    from surgery.front.planner import build_plan
+    from surgery.search.candidates import search_targets
+
+    if checked.metrics_to_compute() or search_targets(checked.recipe):
+        return None
+    return tuple(build_plan(checked, verify=False).warnings)
+
+
 def compile_recipe(
     path: str,
     model: str | None = None,

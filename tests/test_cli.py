@@ -258,12 +258,23 @@ def test_check_json_says_ok_or_lists_every_diagnostic(in_tmp):
     good = write(in_tmp / "good.surg", RECIPE)
     result = run_cli("check", good, "--json")
     assert result.code == 0
-    assert json.loads(result.out) | {"diagnostics": []} == {
-        "ok": True, "recipe": good, "model": "tiny-llama", "architecture": "llama", "layers": 6, "diagnostics": []
-    }  # fmt: skip
+    assert json.loads(result.out) == {"ok": True, "recipe": good, "model": "tiny-llama", "architecture": "llama",
+                                      "layers": 6, "selections_resolved": True, "diagnostics": []}  # fmt: skip
     bad = write(in_tmp / "bad.surg", 'model "tiny-llama"\ndrop attention layers 3..9\ndrop mlp layers 12\n')
     result = run_cli("check", bad, "--json")
     assert result.code == 1
     content = json.loads(result.out)
     assert content["ok"] is False
     assert [(d["severity"], d["at"]["line"]) for d in content["diagnostics"]] == [("error", 2), ("error", 3)]
+
+
+def test_check_warns_as_plan_does_when_the_plan_needs_no_model(in_tmp):
+    text = 'model "tiny-llama"\ndrop attention layers 1..5\nquantize attention layers 2 to int8\n'
+    recipe = write(in_tmp / "r.surg", text)
+    checked, planned = run_cli("check", recipe), run_cli("plan", recipe)
+    assert checked.code == planned.code == 0
+    assert "r.surg:3:1: warning: this quantize selection matches no layers" in checked.err
+    assert "r.surg:3:1: warning: this quantize selection matches no layers" in planned.err
+    by_importance = write(in_tmp / "i.surg", 'model "tiny-llama"\ndrop attention least important 2 by similarity\n')
+    result = run_cli("check", by_importance)
+    assert result.code == 0 and "resolved by `surgery plan`, which may warn about them" in result.out
