@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from surgery.progress import counted
+
 if TYPE_CHECKING:
     from surgery.executor.run import Run
     from surgery.front.plan_step import PlanStep
@@ -22,11 +24,12 @@ def merge_by_statistics(run: Run, step: PlanStep):
     from surgery.passes import MergeExperts
 
     graph, p = run.graph, step.parameters
-    counted = "expert use and outputs" if p["grouping"] == "output" else "expert use"
-    run.progress(f"counting {counted} on {run.checked.calibration.describe()}")
-    frequencies, outputs = expert_statistics(
-        graph, step.layers, run.calibration_tokens(), outputs=p["grouping"] == "output", device=run.settings.device
-    )
+    what = "expert use and outputs" if p["grouping"] == "output" else "expert use"
+    tokens = run.calibration_tokens()
+    with counted(run.progress, f"counting {what} on {run.checked.calibration.describe()}", len(graph.layers), "layer"):
+        frequencies, outputs = expert_statistics(
+            graph, step.layers, tokens, outputs=p["grouping"] == "output", device=run.settings.device
+        )
     rank = p.get("rank")
     if "rank_percent" in p:  # every layer's experts have one shape (one model, or one split)
         experts = graph.layer(step.layers[0]).mlp.experts
@@ -61,7 +64,9 @@ def prune_by_frequency(run: Run, step: PlanStep):
     from surgery.analysis.experts import expert_frequencies, most_used
     from surgery.passes import PruneExperts
 
-    run.progress(f"counting expert use on {run.checked.calibration.describe()}")
-    frequencies = expert_frequencies(run.graph, step.layers, run.calibration_tokens(), run.settings.device)
+    tokens = run.calibration_tokens()
+    with counted(run.progress, f"counting expert use on {run.checked.calibration.describe()}", len(run.graph.layers),
+                 "layer"):  # fmt: skip
+        frequencies = expert_frequencies(run.graph, step.layers, tokens, run.settings.device)
     kept = tuple((layer, most_used(frequencies[layer], step.parameters["keep"])) for layer in step.layers)
     return PruneExperts(kept=kept), {"frequencies": _rounded(frequencies)}
