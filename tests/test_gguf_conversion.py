@@ -7,6 +7,7 @@ model transformers loads from the same GGUF file in one piece.
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 from surgery.models import builtin
 from surgery.models.gguf_conversion import convert_gguf_streamed, write_safetensors_streamed
+from surgery.progress import ProgressLines
 
 
 def test_the_header_is_filled_in_after_the_data(tmp_path):
@@ -38,7 +40,9 @@ def test_streamed_conversion_equals_transformers_own(tmp_path):
     from transformers import AutoModelForCausalLM
 
     gguf = builtin.smollm2_gguf(progress=lambda *_: None)
-    convert_gguf_streamed(gguf, tmp_path)
+    log = io.StringIO()
+    convert_gguf_streamed(gguf, tmp_path, ProgressLines(log))  # counted a tensor at a time
+    assert f"converting {gguf.name} to fp32 safetensors (once)" in log.getvalue()
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     ours = load_file(tmp_path / "model.safetensors")
     parameters = dict(model.named_parameters())  # a tied head once, as save_pretrained writes it

