@@ -96,8 +96,9 @@ class Searcher:
                 continue
             graph, tokenizer = self.loaded()
             tokens = eval_tokens(tokenizer, text, request.tokens, request.window)
-            self.progress(f"search: perplexity of the original model on {tokens.scored()} tokens of {text.name}")
-            self.reference[key] = graph_perplexity(graph, tokens).perplexity
+            with counted(self.progress, f"search: perplexity of the original model on {tokens.scored()} tokens of "
+                         f"{text.name} (layer by layer)", len(graph.layers), "layer"):  # fmt: skip
+                self.reference[key] = graph_perplexity(graph, tokens).perplexity
             self._store(cache, {"perplexity": self.reference[key]})
 
     def _job(self, fit, candidate: Recipe) -> Job:
