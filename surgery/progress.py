@@ -120,19 +120,24 @@ class ProgressLines:
     @contextlib.contextmanager
     def _lines(self, description: str, total: int | None, unit: str) -> Iterator[Callable[[int], None]]:
         started = time.perf_counter()
-        state = {"done": 0, "next": started + FIRST_LINE_S}
+        # The rate is measured from the first unit done on (no estimate before a second one): a
+        # counter nested in another starts with it but may see its first unit only when the
+        # outer work is done, and its own units are what the time left is made of.
+        state = {"done": 0, "next": started + FIRST_LINE_S, "first_at": 0.0, "first_done": 0}
         of = f"/{total}" if total else ""
         self(description)
 
         def update(n: int) -> None:
-            state["done"] += n
             now = time.perf_counter()
+            if not state["done"]:
+                state["first_at"], state["first_done"] = now, n
+            state["done"] += n
             if now < state["next"]:
                 return
             state["next"] = now + LINE_INTERVAL_S
-            done, elapsed = state["done"], now - started
-            left = f", ~{_duration(elapsed / done * (total - done))} left" if total and done else ""
-            self(f"{description}: {done}{of} {unit}s{left}")
+            done, since = state["done"] - state["first_done"], now - state["first_at"]
+            left = f", ~{_duration(since / done * (total - state['done']))} left" if total and done and since else ""
+            self(f"{description}: {state['done']}{of} {unit}s{left}")
 
         try:
             yield update

@@ -107,3 +107,19 @@ def test_the_decoder_graphs_layer_iterator_counts_its_layers():
         for _ in graph.each_layer_materialized():
             pass
     assert counted_layers == [1] * len(graph.layers)
+
+
+def test_a_counter_whose_work_starts_late_estimates_from_its_own_units(clock):
+    """`eval --against`: the windows are scored only after the reference's layers; the time left
+    is made of windows, not of the wait before the first one."""
+    stream = io.StringIO()
+    with counted(ProgressLines(stream), "perplexity", 8, "window"):
+        clock.now = 30.0  # the first window comes after 30 s of other work
+        advance("window")
+        for _ in range(7):
+            clock.now += 10.0
+            advance("window")
+    text = stream.getvalue().splitlines()
+    assert text[1].endswith("perplexity: 1/8 windows")  # one unit: no rate yet
+    assert text[2].endswith("perplexity: 4/8 windows, ~40s left")  # 10 s a window since the first
+    assert text[-1].endswith("perplexity: 8/8 windows in 1:40")
