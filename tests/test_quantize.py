@@ -97,6 +97,23 @@ def test_report_counts_bits_exactly(grouped):
     assert report["verification"]["passed"] and report["plan"]["steps"][2]["parameters"]["quantized_weights"]
 
 
+def test_report_counts_bits_per_kind_of_linear(grouped):
+    """Where a mixed-precision recipe spent its bits: per kind of linear, counts at each width,
+    parameters, bytes and bits per weight stored, adding up to the totals."""
+    q = json.loads((grouped / "surgery.json").read_text())["quantization"]
+    kinds = q["by_kind"]
+    assert list(kinds) == ["qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    # qkv_proj: layers 1, 2, 4 at int8, 0 and 3 at int4 (layer 5 has no attention); down_proj: 1, 4, 5 at int8.
+    assert kinds["qkv_proj"]["widths"] == {"int8": 3, "int4": 2}
+    assert kinds["down_proj"]["widths"] == {"int8": 3, "int4": 3}
+    assert kinds["lm_head"]["widths"] == {"int8": 1}
+    assert sum(k["parameters"] for k in kinds.values()) == q["quantized_parameters"]
+    for width, totals in q["widths"].items():
+        assert sum(k["widths"].get(width, 0) for k in kinds.values()) == totals["linears"]
+    for kind in kinds.values():
+        assert kind["storage_bits"] == pytest.approx(8 * kind["bytes"] / kind["parameters"])
+
+
 def _quantized_weights(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     arrays = initializer_arrays(model, {name for n in model.graph.node for name in n.input})
     return {n.name: dequantize(n, arrays) for n in model.graph.node if n.op_type == "MatMulNBits"}, arrays

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from surgery.formats.names import LINEAR_ORDER, linear_kind, linear_of_packed_weight
+
 MS_DOMAIN = "com.microsoft"
 
 
@@ -140,6 +142,7 @@ class QuantizedLinear:
     block: int
     parameters: int  # K * N
     storage_bytes: int  # B + scales + zero points
+    linear: str = ""  # the exported linear it stands for (`model.layers.3.mlp.down_proj`, `lm_head`)
 
     @property
     def storage_bits(self) -> float:
@@ -162,6 +165,7 @@ def quantized_linears(model: onnx.ModelProto) -> list[QuantizedLinear]:
                 _attribute(node, "block_size"),
                 _attribute(node, "K") * _attribute(node, "N"),
                 storage,
+                linear_of_packed_weight(node.input[1]),
             )
         )
     return found
@@ -244,12 +248,30 @@ def bits_summary(model: onnx.ModelProto) -> dict[str, object]:
         "quantized_parameters": quantized,
         "float_parameters": rest,
         "widths": widths,
+        "by_kind": _by_kind(linears),
         "quantized_linears_nominal_bits": nominal_bits / quantized if quantized else None,
         "quantized_linears_storage_bits": storage_bits / quantized if quantized else None,
         "embedding": embedding,
         "model_nominal_bits": (model_nominal + 32 * rest) / (model_quantized + rest),
         "model_storage_bits": (model_storage + 32 * rest) / (model_quantized + rest),
     }
+
+
+def _by_kind(linears: list[QuantizedLinear]) -> dict[str, dict[str, object]]:
+    """Per kind of linear (qkv_proj, o_proj, gate_proj, up_proj, down_proj, lm_head): how many,
+    their parameters and bytes, the count at each width, and the bits per weight stored (scales
+    and zero points included): where a mixed-precision recipe spent its bits."""
+    kinds: dict[str, dict[str, object]] = {}
+    for q in linears:
+        entry = kinds.setdefault(linear_kind(q.linear), {"linears": 0, "parameters": 0, "bytes": 0, "widths": {}})
+        entry["linears"] += 1
+        entry["parameters"] += q.parameters
+        entry["bytes"] += q.storage_bytes
+        entry["widths"][f"int{q.bits}"] = entry["widths"].get(f"int{q.bits}", 0) + 1
+    for entry in kinds.values():
+        entry["storage_bits"] = 8 * entry["bytes"] / entry["parameters"]
+    order = {kind: i for i, kind in enumerate(LINEAR_ORDER)}
+    return dict(sorted(kinds.items(), key=lambda item: order.get(item[0], len(order))))
 
 
 def replace_blocks(model: onnx.ModelProto, blocks: dict[str, BlockQuantized]) -> None:
