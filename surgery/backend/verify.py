@@ -82,8 +82,9 @@ class Verification:
     # How PyTorch's side ran: "greedy decode" (its own tokens, KV cache, the whole model loaded)
     # or "teacher-forced, layer by layer" (onnxruntime's tokens; surgery.backend.verify_layerwise).
     reference: str = "greedy decode"
-    # The prefill logits against PyTorch's (in the export's element type): mean KL(PyTorch ||
-    # output) in nats per position and top-1 agreement, over `positions` real prompt positions.
+    # The logits against PyTorch's (in the export's element type): mean KL(PyTorch || output) in
+    # nats per position and top-1 agreement, over `positions`: the prompts' real positions and
+    # every decode step's.
     # What a user reads first where logits are meant to move (quantization, half precision).
     mean_kl: float | None = None
     top1_agreement: float | None = None
@@ -239,7 +240,9 @@ def compare(
     fp32_kl = fp32_top1 = None
     if fp32 is not None:
         fp32_kl, fp32_top1 = _kl_top1(fp32.prefill_logits, out.logits, mask.astype(bool))
-    mean_kl, top1 = _kl_top1(reference, out.logits, real) if real.any() else (None, None)
+    # KL and top-1 over every compared position: the prefill's real ones, then each decode step's.
+    kl_sum, agree = divergence(log_probs(reference[real]), log_probs(out.logits[real])) if real.any() else (0.0, 0)
+    positions = int(real.sum())
     mismatched = 0
     previous = reference[:, -1]
     # A tie is judged at the precision's tolerance, also when the logits are only reported (inf).
@@ -258,6 +261,8 @@ def compare(
         previous = trace.step_logits[step].astype(np.float32)
         if rows.any():
             max_diff = max(max_diff, float(np.abs(previous - out.logits[:, -1])[rows].max()))
+            step_kl, step_agree = divergence(log_probs(previous[rows]), log_probs(out.logits[:, -1][rows]))
+            kl_sum, agree, positions = kl_sum + step_kl, agree + step_agree, positions + int(rows.sum())
     compared = int(trace.tokens.size)
     if not finite:
         reason = "ONNX Runtime produced non-finite logits"
@@ -290,9 +295,9 @@ def compare(
         precision=precision,
         fp32_kl=fp32_kl,
         fp32_top1=fp32_top1,
-        mean_kl=mean_kl,
-        top1_agreement=top1,
-        positions=int(real.sum()),
+        mean_kl=kl_sum / positions if positions else None,
+        top1_agreement=agree / positions if positions else None,
+        positions=positions,
     )
 
 

@@ -205,11 +205,11 @@ def _quality_line(report: dict, verification) -> str | None:
     if moved.get("mean_kl") is not None:
         parts.append(f"quantized vs the same layers in PyTorch {moved.get('reference_precision', 'fp32')}: mean KL "
                      f"{moved['mean_kl']:.4f} nats/token, top-1 agreement {moved['top1_agreement']:.1%} "
-                     f"({moved['positions']} prompt positions)")  # fmt: skip
+                     f"({moved['positions']} positions of the verification prompts and decode steps)")  # fmt: skip
     elif verification is not None and verification.fp32_kl is not None:
         parts.append(f"{verification.precision} vs the same layers in PyTorch fp32: mean KL {verification.fp32_kl:.2e} "
-                     f"nats/token, top-1 agreement {verification.fp32_top1:.1%} ({verification.positions} prompt "
-                     "positions)")  # fmt: skip
+                     f"nats/token, top-1 agreement {verification.fp32_top1:.1%} "
+                     f"({sum(verification.prompt_lengths)} prompt positions)")  # fmt: skip
     perplexity = report.get("perplexity")
     if parts and perplexity:
         before, after = perplexity["original_pytorch"]["perplexity"], perplexity["output_onnxruntime"]["perplexity"]
