@@ -7,11 +7,15 @@ Measured in one run, on this machine:
      (block 32, accuracy_level 4: the builder's settings),
    - the same + `quantize embedding to int4 symmetric` (GatherBlockQuantized, sharing the
      tied head's tensors),
-   - `python -m onnxruntime_genai.models.builder -p int4 -e cpu` of the same weights;
+   - `python -m onnxruntime_genai.models.builder -p int4 -e cpu` of the same weights, with
+     each `--builder-algos` value as its `algo_config` (default: `default`, round to nearest,
+     and `k_quant_mixed`, llama.cpp's mixed strategy: k-quant int4 with int8 for the head and
+     the most sensitive layers);
 2. decode latency, ms per token after a 256-token prompt, batch 1, in rounds that open the
    models afresh in a rotated order (benchmarks/common.py).
 
     python benchmarks/bench_int4.py [--json bench-results/int4.json] [--tokens 16384] [--rounds 12]
+                                    [--builder-algos default k_quant_mixed]
 """
 
 from __future__ import annotations
@@ -54,18 +58,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--builder-algos", nargs="+", default=["default", "k_quant_mixed"], metavar="ALGO",
+                        help="the builder's algo_config values to build (the first is the baseline)")  # fmt: skip
     args = parser.parse_args()
     started = time.perf_counter()
 
     hf_folder = builtin.smollm2_folder()
     work = Path(tempfile.mkdtemp(prefix="surgery-bench-int4-"))
     folders = {name: apply_recipe(work, name, 'model "smollm2-135m"\n' + body) for name, body in RECIPES.items()}
-    folders[BUILDER] = work / "builder-int4"
-    subprocess.run(
-        [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o", str(folders[BUILDER]),
-         "-p", "int4", "-e", "cpu", "-c", str(work / "builder-cache")],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    builds = {}
+    for algo in args.builder_algos:
+        name = BUILDER if algo == args.builder_algos[0] else f"{BUILDER} {algo}"
+        folders[name] = work / f"builder-int4-{algo}"
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o", str(folders[name]),
+             "-p", "int4", "-e", "cpu", "-c", str(work / "builder-cache"), "--extra_options", f"algo_config={algo}"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        builds[name] = {"algo_config": algo, "seconds": round(time.perf_counter() - start, 1)}
 
     from transformers import AutoTokenizer
 
@@ -107,6 +118,7 @@ def main() -> None:
                 "threads": args.threads,
             },  # fmt: skip
             "models": rows,
+            "builder_builds": builds,
             "decode_ms_per_token": latency,
             "decode_rounds": rounds,
             "seconds": round(time.perf_counter() - started, 1),
