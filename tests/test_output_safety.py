@@ -202,3 +202,31 @@ def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run(in_tmp):
     again = OutputFolder(in_tmp / "out", force=False)
     assert scratch in again.removed_leftovers and not scratch.exists()
     again.discard()
+
+
+def test_a_folder_being_removed_keeps_its_marker_to_the_end(in_tmp, monkeypatch):
+    """Killed while it deletes one of its folders (an old output after the swap, a staging
+    folder), a run leaves a folder that still carries the marker, so the next run removes it;
+    an unmarked folder that is not empty would be someone else's and stay (the race CI hit)."""
+    from surgery.backend.output import MARKER, _remove_marked
+
+    folder = in_tmp / ".out.partial-killed"
+    folder.mkdir()
+    (folder / MARKER).write_text(json.dumps({"written_by": "surgery"}))
+    for name in ("model.onnx", "model.onnx.data", "surgery.json"):
+        (folder / name).write_text("x")
+    real_unlink, removed = Path.unlink, []
+
+    def killed_after_one(self, *args, **kwargs):
+        if removed:
+            raise SystemExit("killed")
+        removed.append(self.name)
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", killed_after_one)
+    with pytest.raises(SystemExit):
+        _remove_marked(folder)
+    monkeypatch.undo()
+    assert removed and removed[0] != MARKER and (folder / MARKER).exists()
+    OutputFolder(in_tmp / "out", force=False).discard()  # the next run to that target
+    assert not folder.exists()

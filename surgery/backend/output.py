@@ -69,6 +69,28 @@ def _write_marker(folder: Path) -> None:
         handle.write("\n")
 
 
+def _remove_marked(folder: Path) -> None:
+    """Delete one of our folders so that, killed at any moment, what is left of it still carries
+    the marker until it is empty: the next run then knows it as ours and removes the rest (an
+    unmarked folder that is not empty is never touched)."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name == MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+    with contextlib.suppress(OSError):
+        (folder / MARKER).unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 def _is_marked(folder: Path) -> bool:
     """Whether `folder` carries our marker (a staging folder does from the moment it exists)."""
     try:
@@ -252,7 +274,7 @@ class OutputFolder:
                 continue
             # Ours if marked; an unmarked one is empty (killed between creating and marking it).
             if _is_marked(entry) or not any(entry.iterdir()):
-                shutil.rmtree(entry, ignore_errors=True)
+                _remove_marked(entry)
                 removed.append(entry)
         return removed
 
@@ -267,7 +289,7 @@ class OutputFolder:
 
     def _remove_scratch(self) -> None:
         if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
+            _remove_marked(self._scratch)
 
     def commit(self) -> Path:
         """Move the finished folder onto the target; an older output is deleted only afterwards."""
@@ -294,18 +316,18 @@ class OutputFolder:
 
     def _swap_in(self) -> None:
         if _exchange(self.path, self.target):
-            shutil.rmtree(self.path, ignore_errors=True)  # now the previous output
+            _remove_marked(self.path)  # now the previous output
             return
         old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.parent))
         _write_marker(old)
         os.replace(self.target, old / "previous")
         os.replace(self.path, self.target)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_marked(old)
 
     def discard(self) -> None:
         """Remove the staging folder and release the lock (on failure)."""
         try:
-            shutil.rmtree(self.path, ignore_errors=True)
+            _remove_marked(self.path)
             self._remove_scratch()
         finally:
             self.lock.release()
