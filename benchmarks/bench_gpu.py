@@ -97,7 +97,8 @@ def hf_folder_of(name: str, source: Path, work: Path) -> Path:
         sys.path.insert(0, str(REPO))
         import torch
 
-        from surgery.models.loading import load_model, resolve_spec
+        from surgery.models.loading import load_model
+        from surgery.models.specs import resolve_spec
 
         model, tokenizer, _ = load_model(resolve_spec(str(source)), lambda message: None)
         model.to(dtype=torch.float16).save_pretrained(folder)

@@ -36,7 +36,8 @@ def one(folder: str, device: str, tokens: int, window: int) -> dict:
     from surgery.backend.evaluate import eval_tokens, graph_perplexity
     from surgery.data import resolve_text
     from surgery.models.index import ModelIndex
-    from surgery.models.loading import load_config, load_model, resolve_spec
+    from surgery.models.loading import load_config, load_model
+    from surgery.models.specs import resolve_spec
 
     spec = resolve_spec(folder)
     model, tokenizer, weights = load_model(spec, lambda _: None, lazy=True)

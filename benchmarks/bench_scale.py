@@ -160,7 +160,8 @@ def qwen_gguf(work: Path) -> Path:
 def surgery_folder(model: str, cache: Path) -> Path:
     """The Hugging Face folder surgery reads for `model` (a GGUF is converted once, into the cache)."""
     os.environ["SURGERY_CACHE"] = str(cache)
-    from surgery.models.loading import load_model, resolve_spec
+    from surgery.models.loading import load_model
+    from surgery.models.specs import resolve_spec
 
     spec = resolve_spec(model)
     if spec.kind != "gguf":

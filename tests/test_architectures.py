@@ -181,7 +181,8 @@ def test_each_new_family_applies_a_recipe_of_every_kind(name, in_tmp):
 def test_a_checkpoint_is_checked_once_per_description(tmp_path, monkeypatch):
     """The verdict is cached by folder files and description; another description is checked anew."""
     from surgery.architectures import conformance
-    from surgery.models.loading import load_model, resolve_spec
+    from surgery.models.loading import load_model
+    from surgery.models.specs import resolve_spec
 
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "granite"

@@ -156,7 +156,7 @@ quantize mlp least important 1 by zd to int4 block 16
 def test_recipe_selectors_use_scores_computed_once_and_cached(in_tmp, monkeypatch):
     monkeypatch.setenv("SURGERY_CACHE", str(in_tmp / "cache"))
     from surgery.importance.compute import ScoreRequest, compute_importance
-    from surgery.models.loading import resolve_spec
+    from surgery.models.specs import resolve_spec
 
     graph = tiny_graph("tiny-llama")
     request = ScoreRequest(("similarity", "lim", "zd"), CalibrationSpec("valid", 4, 32, 1))

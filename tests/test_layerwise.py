@@ -31,7 +31,7 @@ from surgery.importance.measures import residual_statistics
 from surgery.ir.inputs import calibration_batches, position_ids_from_mask
 from surgery.models import builtin
 from surgery.models.lazy import LazyWeights, resident_bytes, unique_parameters
-from surgery.models.loading import resolve_spec
+from surgery.models.specs import resolve_spec
 from surgery.passes import DropAttention, Quantize, run_pass
 
 DENSE_TINY = tuple(name for name in builtin.TINY_MODELS if name not in CONVERTED_ON_LOADING)

@@ -25,7 +25,8 @@ from surgery.export.options import ExportOptions
 from surgery.models import builtin
 from surgery.models.index import ModelIndex
 from surgery.models.lazy import LazyWeights, resident_bytes, unique_parameters
-from surgery.models.loading import load_model, resolve_spec
+from surgery.models.loading import load_model
+from surgery.models.specs import resolve_spec
 from surgery.passes import DropAttention, run_pass
 
 ALL_TINY = tuple(builtin.TINY_MODELS)

@@ -20,8 +20,9 @@ from surgery.export.genai import genai_config
 from surgery.export.options import ExportOptions
 from surgery.models import builtin
 from surgery.models.index import ModelIndex
-from surgery.models.loading import load_model, resolve_spec
+from surgery.models.loading import load_model
 from surgery.models.skeleton import FAMILIES, RotaryEmbedding
+from surgery.models.specs import resolve_spec
 
 SKELETON_MODELS = [name for name, m in builtin.TINY_MODELS.items() if m.architecture in FAMILIES]
 

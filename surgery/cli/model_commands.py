@@ -285,7 +285,8 @@ def _reference_logits(spec_text: str, tokenizer, threads: int | None, window: in
     from surgery.backend.evaluate import onnx_logits
     from surgery.model_folder import open_model_folder
     from surgery.models.index import ModelIndex
-    from surgery.models.loading import load_config, load_model, resolve_spec
+    from surgery.models.loading import load_config, load_model
+    from surgery.models.specs import resolve_spec
 
     if _is_output_folder(spec_text):
         other = open_model_folder(spec_text, tokenizer=False)

@@ -23,7 +23,8 @@ def load_graph(checked: CheckedRecipe, progress: Callable[[str], None], whole: b
     The weights of a safetensors checkpoint stay in their files and the graph loads them node
     by node (`DecoderGraph.materialized`), unless `whole`."""
     from surgery.architectures.conformance import DescriptionMismatch, checked_config, checked_graph
-    from surgery.models.loading import ModelSpecError, load_model
+    from surgery.models.loading import load_model
+    from surgery.models.specs import ModelSpecError
     from surgery.models.weights import WeightsError
 
     progress(f"loading {checked.spec.text}")

@@ -114,7 +114,7 @@ class Run:
     def tokenizer(self) -> Any:
         """The model's tokenizer, loaded on first use; a failure to load it is reported at the
         `model` line."""
-        from surgery.models.loading import ModelSpecError
+        from surgery.models.specs import ModelSpecError
 
         if self.model_tokenizer is None:
             return None

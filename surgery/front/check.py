@@ -49,7 +49,7 @@ from surgery.front.syntax import (
 from surgery.importance.file import ImportanceFile
 from surgery.importance.metrics import METRICS
 from surgery.models.index import ModelIndex
-from surgery.models.loading import ModelSpec
+from surgery.models.specs import ModelSpec
 from surgery.source import Span
 
 

@@ -15,7 +15,8 @@ from surgery.front.checked import (
     MIN_PERPLEXITY_TOKENS,
     CheckedRecipe,
 )
-from surgery.models.loading import ModelSpec, tokenizer_without_weights
+from surgery.models.loading import tokenizer_without_weights
+from surgery.models.specs import ModelSpec
 from surgery.source import Span
 
 _TOKEN_COUNTS: dict[tuple[int, str, int], int] = {}

@@ -22,7 +22,7 @@ from surgery.source import Span
 if TYPE_CHECKING:
     from surgery.importance.file import ImportanceFile
     from surgery.models.index import ModelIndex
-    from surgery.models.loading import ModelSpec
+    from surgery.models.specs import ModelSpec
 
 # A perplexity over fewer tokens than this says nothing (shared by `verify perplexity` and the
 # quality budgets of `as many as fit`).
@@ -74,7 +74,7 @@ class CheckedRecipe:
 
         An output may never replace or lie inside any of them.
         """
-        from surgery.models.loading import model_cache_folders
+        from surgery.models.specs import model_cache_folders
 
         paths = [self.recipe.source.name] if self.recipe.source and self.recipe.source.name != "<string>" else []
         if self.spec.kind in ("folder", "gguf"):

@@ -25,7 +25,7 @@ from surgery.data import resolve_text
 from surgery.importance.file import ImportanceFile, load_importance, save_importance
 from surgery.importance.measures import iks_scores, lim_scores, residual_statistics, similarity_scores, zd_scores
 from surgery.importance.metrics import DEFAULT_ZD_THRESHOLD, METRICS, Direction, MetricScores
-from surgery.models.loading import ModelSpec
+from surgery.models.specs import ModelSpec
 from surgery.progress import counted
 
 Progress = Callable[[str], None]

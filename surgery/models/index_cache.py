@@ -103,7 +103,8 @@ def _code_version() -> str:
 def builtin_indices() -> dict[str, dict]:
     """Every built-in model's index, read from its config through transformers."""
     from surgery.models import builtin
-    from surgery.models.loading import ModelSpec, load_config
+    from surgery.models.loading import load_config
+    from surgery.models.specs import ModelSpec
 
     return {
         name: _plain(ModelIndex.from_config(name, load_config(ModelSpec(name, "builtin", name))))

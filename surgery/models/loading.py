@@ -1,4 +1,4 @@
-"""Resolving a model spec (built-in name, local folder, .gguf file, hub id) and loading it.
+"""Loading a resolved model spec (surgery.models.specs): its config, or its weights.
 
 `load_config` reads the config only (for check/plan); `load_model` loads weights in fp32 with
 eager attention (the reference the exported graph is verified against). Remote code is never
@@ -7,153 +7,16 @@ trusted implicitly.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
-import os
-import re
-import socket
-import stat
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlparse
+from typing import Any
 
-from surgery.diagnostics import HintedError
 from surgery.models import builtin
+from surgery.models.specs import ModelSpec, ModelSpecError, first_line, hub_folder, hub_offline
 from surgery.models.tokenizer import ModelTokenizer
 from surgery.models.weights import INDEX, SINGLE, WeightsError, loading_problems, weight_files
-
-SpecKind = Literal["builtin", "folder", "gguf", "hub"]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class ModelSpecError(HintedError):
-    """A spec that names no loadable model; carries a hint for the diagnostic."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A resolved model spec: what kind of source, and where."""
-
-    text: str
-    kind: SpecKind
-    location: str
-
-
-def resolve_spec(text: str, base_dir: str | None = None) -> ModelSpec:
-    """Decide what a spec names. Relative paths are tried against `base_dir` (the recipe's folder)."""
-    if text in builtin.BUILTIN_NAMES:
-        return ModelSpec(text, "builtin", text)
-    candidates = [Path(text).expanduser()]
-    if base_dir and not os.path.isabs(text):
-        candidates.append(Path(base_dir) / text)
-    for path in candidates:
-        try:
-            found = _local_spec(text, path)
-        except (OSError, ValueError):  # a name too long for the file system, a NUL byte: not a path
-            found = None
-        if found is not None:
-            return found
-    close = difflib.get_close_matches(text, builtin.BUILTIN_NAMES, n=1, cutoff=0.8)
-    if close:  # a misspelt built-in, not a hub id or a path
-        known = ", ".join(builtin.BUILTIN_NAMES)
-        raise ModelSpecError(f"model '{text}' not found; did you mean '{close[0]}'?",
-                             f"the built-ins: {known} (`surgery models` lists them)")  # fmt: skip
-    if len(text) <= 200 and _HUB_ID.match(text) and not text.startswith((".", "/")):
-        return ModelSpec(text, "hub", text)
-    raise ModelSpecError(
-        f"model '{text}' not found",
-        "use a built-in (" + ", ".join(builtin.BUILTIN_NAMES) + "), a local model folder, a .gguf file, "
-        "or a hub id like 'org/name' (`surgery models` lists the built-ins and families)",
-    )
-
-
-_HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt"]
-
-
-@cache
-def _hub_offline() -> bool:
-    """Whether the hub cannot be reached (HF_HUB_OFFLINE, or no connection within 3 s).
-
-    Asked once per process: offline, every hub access goes to the local cache only, instead of
-    the hub client's retries for half a minute per file.
-    """
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return True
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError:
-        return True
-    return False
-
-
-def _hub_folder(spec: ModelSpec, progress) -> str:
-    """The local snapshot of a hub model (config, safetensors, tokenizer files), downloaded if needed."""
-    from huggingface_hub import snapshot_download
-
-    offline = _hub_offline()
-    if not offline:
-        progress(f"fetching {spec.text} from the Hugging Face hub (safetensors and tokenizer files)")
-    try:
-        return snapshot_download(spec.location, allow_patterns=_HUB_FILES, local_files_only=offline)
-    except Exception as error:  # the hub client raises many kinds for missing, gated or unreachable repos
-        hint = "the hub is unreachable; download the model and give its folder" if offline else None
-        raise ModelSpecError(f"cannot fetch '{spec.text}' from the hub: {_first_line(error)}", hint) from error
-
-
-def _local_spec(text: str, path: Path) -> ModelSpec | None:
-    """The spec when `path` is a local model (folder or .gguf file); None when nothing is there."""
-    if path.is_file() and path.suffix == ".gguf":
-        return ModelSpec(text, "gguf", str(path.resolve()))
-    if path.is_dir():
-        special = _special_files(path)
-        if special:
-            raise ModelSpecError(
-                f"folder '{text}' has model files that are not regular files: {', '.join(special)}",
-                "surgery reads a model's files whole; a FIFO, socket or device would block it or never end",
-            )
-        if not (path / "config.json").is_file():
-            raise ModelSpecError(
-                f"folder '{text}' has no config.json", "a Hugging Face model folder holds config.json and weights"
-            )
-        if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
-            raise ModelSpecError(
-                f"folder '{text}' has only pickled .bin weights, no safetensors",
-                "surgery loads safetensors only (a pickled checkpoint can run code when loaded); convert it, e.g. "
-                "load it with transformers and save_pretrained(..., safe_serialization=True)",
-            )
-        return ModelSpec(text, "folder", str(path.resolve()))
-    if path.exists():
-        raise ModelSpecError(f"'{text}' is neither a model folder nor a .gguf file")
-    return None
-
-
-# The files of a model folder that surgery or transformers read (config, weights, index, tokenizer).
-_MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".model", ".jinja", ".tiktoken", ".txt")
-
-
-def _special_files(folder: Path) -> list[str]:
-    """Model files in `folder` that are not regular files once links are followed (FIFOs,
-    sockets, devices), each named with what it is."""
-    found = []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if not entry.name.endswith(_MODEL_FILE_SUFFIXES):
-                continue
-            try:
-                mode = os.stat(entry.path).st_mode
-            except OSError:  # a dangling link: reported as missing where it is needed
-                continue
-            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-                found.append(f"{entry.name} ({kind})")
-    return sorted(found)
 
 
 def load_config(spec: ModelSpec) -> Any:
@@ -174,36 +37,16 @@ def load_config(spec: ModelSpec) -> Any:
                 return AutoConfig.from_pretrained(str(converted))
             return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         if spec.kind == "hub":
-            return AutoConfig.from_pretrained(spec.location, trust_remote_code=False, local_files_only=_hub_offline())
+            return AutoConfig.from_pretrained(spec.location, trust_remote_code=False, local_files_only=hub_offline())
         return AutoConfig.from_pretrained(spec.location, trust_remote_code=False)
     except Exception as error:  # transformers raises many kinds for missing or unreachable models
         hint = (
             "the hub is unreachable and the model is not in the local Hugging Face cache; "
             "download it and give its folder"
-            if spec.kind == "hub" and _hub_offline()
+            if spec.kind == "hub" and hub_offline()
             else None
         )
-        raise ModelSpecError(f"cannot read the config of '{spec.text}': {_first_line(error)}", hint) from error
-
-
-def model_cache_folders(spec: ModelSpec) -> list[str]:
-    """The cache folders a model's files are read from: surgery's model cache for a packaged
-    built-in or a converted GGUF, the Hugging Face cache for a hub id (inputs an output may
-    never replace or lie inside)."""
-    if spec.kind == "builtin" and spec.location in builtin.PACKAGED or spec.kind == "gguf":
-        return [str(builtin.cache_dir() / "models")]
-    if spec.kind == "hub":
-        from huggingface_hub import constants
-
-        return [str(constants.HF_HUB_CACHE)]
-    return []
-
-
-def _first_line(error: Exception) -> str:
-    """The first line of a library's error message, cut to a readable length."""
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
-    return line if len(line) <= 200 else line[:200] + "\u2026"
+        raise ModelSpecError(f"cannot read the config of '{spec.text}': {first_line(error)}", hint) from error
 
 
 def load_model(
@@ -242,7 +85,7 @@ def load_model(
         elif spec.kind == "gguf":
             folder = str(_converted_gguf(Path(spec.location), progress))
         elif spec.kind == "hub":
-            folder = _hub_folder(spec, progress)
+            folder = hub_folder(spec, progress)
         else:
             folder = spec.location
     except builtin.BuiltinModelError as problem:
@@ -276,7 +119,7 @@ def load_model(
         )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
         raise ModelSpecError(
-            f"cannot load the weights of '{spec.text}': {_first_line(error)}",
+            f"cannot load the weights of '{spec.text}': {first_line(error)}",
             "surgery loads safetensors weights only (pickled .bin checkpoints are refused)",
         ) from error
     problems = loading_problems(info, files, int(model.config.num_hidden_layers))
@@ -293,7 +136,7 @@ def _tokenizer(spec: ModelSpec, folder: str) -> Any:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ModelSpecError(
-            f"cannot load the tokenizer of '{spec.text}': {_first_line(error)}",
+            f"cannot load the tokenizer of '{spec.text}': {first_line(error)}",
             "a model folder needs its tokenizer files (tokenizer.json and tokenizer_config.json)",
         ) from error
 
@@ -454,7 +297,7 @@ def _converted_gguf(path: Path, progress) -> Path:
             builtin.convert_gguf(path, target, progress)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, IndexError, struct.error) as error:
             raise ModelSpecError(
-                f"cannot read the GGUF file '{path.name}': {_first_line(error)}",
+                f"cannot read the GGUF file '{path.name}': {first_line(error)}",
                 "the file is damaged or not a GGUF model transformers can read",
             ) from error
     return target

@@ -13,7 +13,8 @@ from surgery import architectures
 from surgery.front.selectors import span_field
 from surgery.models.index import ModelIndex
 from surgery.models.index_cache import cached_index, keep_index
-from surgery.models.loading import ModelSpec, ModelSpecError, load_config, resolve_spec
+from surgery.models.loading import load_config
+from surgery.models.specs import ModelSpec, ModelSpecError, resolve_spec
 from surgery.source import Span
 
 if TYPE_CHECKING:
