@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from surgery.backend.output import write_atomically
 from surgery.importance.file import ImportanceFile
+from surgery.plotting import pyplot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def plot_importance(importance: ImportanceFile, path: str) -> None:
     """Draw every metric's scores against the layer number and save a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metrics = list(importance.metrics.values())
     figure, axes = plt.subplots(len(metrics), 1, figsize=(9, 2.8 * len(metrics)), squeeze=False)

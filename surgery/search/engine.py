@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from surgery.search.candidates import (
 from surgery.search.measure import Job
 from surgery.search.rescore import RescoreOrder
 from surgery.search.results import Candidate, SearchResult, budget_value
+from surgery.search.strategy import candidates_expected, largest_fitting
 
 
 @dataclass(frozen=True)
@@ -277,10 +277,11 @@ class Searcher:
         def bounded(count: int) -> bool:
             return all(measured[count].verdicts[b.describe()] for b in harder)
 
-        expected = _candidates_expected(fit.search, maximum, self._parallel(fit), bool(harder))
+        parallel = self._parallel(fit)
+        expected = candidates_expected(fit.search, maximum, parallel, bool(harder))
         with counted(self.progress, f"search line {target.line}: {target.counting()}, {fit.search}", expected,
                      "candidate"):  # fmt: skip
-            answer = self._search(fit, maximum, harder, run, measured, bounded)
+            answer = largest_fitting(fit.search, maximum, parallel, bool(harder), run, measured, bounded)
         seconds = time.perf_counter() - start
 
         if answer is None:
@@ -298,39 +299,6 @@ class Searcher:
             seconds,
             unparse_statement(statement) if statement is not None else "(nothing: count 0)",
         )
-
-
-    def _search(self, fit, maximum: int, harder: list, run, measured: dict, bounded) -> Candidate | None:
-        """The fitting candidate with the largest count: every count (exhaustive), or bisection
-        with `parallel` probes a round over the counts the harder budgets allow."""
-        if fit.search == "exhaustive":
-            run(list(range(maximum + 1)))
-            fitting = [c for c in measured.values() if c.fits]
-            return max(fitting, key=lambda c: c.count) if fitting else None
-        parallel = self._parallel(fit)
-        low, high = -1, maximum + 1  # bounded(low) holds (or low = -1); bounded(high) fails (or high = max + 1)
-        if not harder:
-            run([maximum])
-            low = maximum
-        while high - low > 1:
-            inner = high - low - 1
-            probes = sorted({low + max(1, round((i + 1) * (inner + 1) / (parallel + 1))) for i in range(parallel)})
-            probes = [p for p in probes if low < p < high] or [low + 1]
-            run(probes)
-            for probe in probes:
-                if bounded(probe):
-                    low = max(low, probe)
-            high = min([p for p in probes if p > low and not bounded(p)] + [high])
-        return measured[low] if low >= 0 and measured[low].fits else None
-
-
-def _candidates_expected(search: str, maximum: int, parallel: int, harder: bool) -> int:
-    """About how many candidates a search measures, for its progress: every count (exhaustive),
-    or `parallel` a round for the rounds bisection needs over maximum + 1 counts."""
-    if search == "exhaustive":
-        return maximum + 1
-    rounds = math.ceil(math.log(maximum + 2) / math.log(parallel + 1)) if maximum >= 0 else 0
-    return parallel * rounds + (0 if harder else 1)
 
 
 def _file_digest(path: str) -> str:

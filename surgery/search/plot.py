@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from surgery.backend.output import write_atomically
 from surgery.front.budgets import LatencyBudget, QualityBudget, SizeBudget
+from surgery.plotting import PlotUnavailable, pyplot
 
 
 def _axes_budgets(search):
@@ -35,11 +36,9 @@ def plot_searches(searches: list, path: str) -> str | None:
     from surgery.search.results import budget_value
 
     try:
-        import matplotlib
-    except ImportError:
-        return "matplotlib is not installed (pip install 'surgery[plot]')"
-    matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
+        plt = pyplot()
+    except PlotUnavailable as problem:
+        return f"{problem} ({problem.hint})"
 
     figure, axes = plt.subplots(1, len(searches), figsize=(6.5 * len(searches), 4.5), squeeze=False)
     for ax, search in zip(axes[0], searches, strict=True):
