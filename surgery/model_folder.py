@@ -11,7 +11,6 @@ written is refused until it is accepted (`surgery accept`), or for one command w
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ class ModelFolder:
     path: str
     tokenizer: Any
     context_length: int | None
+    report: dict | None = None  # its surgery.json, read once
 
 
 def _check_external_data(folder: Path, model: Any) -> None:
@@ -65,11 +65,10 @@ def _check_external_data(folder: Path, model: Any) -> None:
             )
 
 
-def _context_length(folder: Path) -> int | None:
+def _context_length(report: dict | None) -> int | None:
     try:
-        with open(folder / "surgery.json", encoding="utf-8") as handle:
-            value = json.load(handle)["export"]["context_length"]
-    except (OSError, ValueError, KeyError, TypeError):
+        value = report["export"]["context_length"]
+    except (KeyError, TypeError):
         return None
     return value if isinstance(value, int) and value > 0 else None
 
@@ -80,12 +79,13 @@ def open_model_folder(path: str, tokenizer: bool = True, allow_failed: bool = Fa
     (surgery.backend.verdict)."""
     import onnx
 
-    from surgery.backend.verdict import unaccepted_failure
+    from surgery.backend.verdict import read_report, unaccepted_failure
 
     folder = Path(path)
     if not folder.is_dir():
         raise ModelFolderError(f"'{path}' is not a folder" if folder.exists() else f"'{path}' not found", _HINT)
-    failed = unaccepted_failure(folder)
+    report = read_report(folder)
+    failed = unaccepted_failure(report)
     if failed and not allow_failed:
         raise ModelFolderError(
             f"'{path}' failed its checks when it was written: {'; '.join(failed)}",
@@ -113,4 +113,4 @@ def open_model_folder(path: str, tokenizer: bool = True, allow_failed: bool = Fa
                 f"cannot load the tokenizer in '{path}' ({type(error).__name__})",
                 "the folder needs its tokenizer files (tokenizer.json, tokenizer_config.json) as apply wrote them",
             ) from None
-    return ModelFolder(str(folder), loaded, _context_length(folder))
+    return ModelFolder(str(folder), loaded, _context_length(report), report)

@@ -178,7 +178,10 @@ def already_checked(folder: str, architecture: Any) -> bool:
 def checked_config(folder: str, architecture: Any) -> dict | None:
     """The config record (`surgery.models.skeleton.config_record`) stored when this checkpoint
     passed the check with this description; None when it did not, or its marker holds none."""
-    marker = _marker(folder, architecture)
+    return _recorded_config(_marker(folder, architecture))
+
+
+def _recorded_config(marker: Path | None) -> dict | None:
     try:
         content = json.loads(marker.read_text()) if marker is not None else None
     except (OSError, ValueError):  # no marker, or one written before markers held the config
@@ -251,7 +254,7 @@ def check_description(model: Any, graph: DecoderGraph) -> None:
     folder = getattr(model.config, "_name_or_path", "") or ""
     marker = _marker(folder, graph.architecture)
     if marker is not None and marker.exists():
-        if checked_config(folder, graph.architecture) is None:  # a marker from before markers held the config
+        if _recorded_config(marker) is None:  # a marker from before markers held the config
             _mark(marker, graph, model)
         return
     if graph.weights is not None:

@@ -53,22 +53,22 @@ def seal(folder: str | os.PathLike, report: dict[str, Any]) -> None:
         report["verdict"]["genai_config"] = HELD_BACK
 
 
-def verdict_of(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """The verdict an output folder carries (None: no report, or one written before verdicts)."""
-    try:
-        with open(Path(folder) / REPORT, encoding="utf-8") as handle:
-            verdict = json.load(handle).get("verdict")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return verdict if isinstance(verdict, dict) else None
-
-
-def unaccepted_failure(folder: str | os.PathLike) -> list[str]:
-    """The failed checks of an output nobody accepted (empty when it may be used)."""
-    verdict = verdict_of(folder)
-    if not verdict or verdict.get("passed", True) or verdict.get("accepted"):
+def unaccepted_failure(report: dict[str, Any] | None) -> list[str]:
+    """The failed checks of an output nobody accepted, from its report (empty when it may be used)."""
+    verdict = (report or {}).get("verdict")
+    if not isinstance(verdict, dict) or verdict.get("passed", True) or verdict.get("accepted"):
         return []
     return list(verdict.get("failed") or ["a check failed"])
+
+
+def read_report(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """An output folder's surgery.json (None: none, or not a JSON object)."""
+    try:
+        with open(Path(folder) / REPORT, encoding="utf-8") as handle:
+            report = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) else None
 
 
 class AcceptError(Exception):
@@ -79,15 +79,14 @@ def accept(folder: str | os.PathLike) -> list[str]:
     """Accept an output that failed its checks: record when in its report, and put its genai
     config back under the name onnxruntime-genai loads. Returns the checks it had failed."""
     path = Path(folder)
-    if not path.is_dir() or not is_our_output(path):
+    report = read_report(path) if path.is_dir() and is_our_output(path) else None
+    if report is None:
         raise AcceptError(f"'{folder}' is not a folder written by `surgery apply`")
-    failed = unaccepted_failure(path)
+    failed = unaccepted_failure(report)
     if not failed:
-        verdict = verdict_of(path)
-        state = "was accepted already" if verdict and verdict.get("accepted") else "passed its checks"
-        raise AcceptError(f"'{folder}' {state}; there is nothing to accept")
-    with open(path / REPORT, encoding="utf-8") as handle:
-        report = json.load(handle)
+        accepted = (report.get("verdict") or {}).get("accepted")
+        raise AcceptError(f"'{folder}' {'was accepted already' if accepted else 'passed its checks'}; "
+                          "there is nothing to accept")  # fmt: skip
     report["verdict"]["accepted"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if (path / HELD_BACK).exists():
         os.replace(path / HELD_BACK, path / GENAI_CONFIG)

@@ -18,27 +18,23 @@ class _UserError(HintedError):
     """A problem with the command's arguments or inputs, told as a message (exit 1)."""
 
 
-def _say_if_failed(output: str) -> None:
+def _say_if_failed(folder) -> None:
     """A line on stderr when an output that failed its checks is used anyway (--allow-failed)."""
     from surgery.backend.verdict import unaccepted_failure
 
-    failed = unaccepted_failure(output)
+    failed = unaccepted_failure(folder.report)
     if failed:
-        print(f"warning: '{output}' failed its checks when it was written: {'; '.join(failed)}", file=sys.stderr)
+        print(f"warning: '{folder.path}' failed its checks when it was written: {'; '.join(failed)}", file=sys.stderr)
 
 
-def _say_where_it_runs(output: str, provider: str) -> None:
+def _say_where_it_runs(folder, provider: str) -> None:
     """A line on stderr when an output built for one target runs on another provider here."""
-    try:
-        with open(os.path.join(output, "surgery.json"), encoding="utf-8") as handle:
-            export = json.load(handle).get("export") or {}
-    except (OSError, ValueError, AttributeError):
-        return
+    export = (folder.report or {}).get("export") or {}
     target = export.get("target")
     if target and target != provider:
         print(
-            f"note: '{output}' was exported for {target} ({export.get('precision', '?')}); running it on onnxruntime's "
-            f"{provider.upper()} provider here" + (", slower than on a GPU" if target == "cuda" else "")
+            f"note: '{folder.path}' was exported for {target} ({export.get('precision', '?')}); running it on "
+            f"onnxruntime's {provider.upper()} provider here" + (", slower than on a GPU" if target == "cuda" else "")
             + (f" (--provider {target} runs it where it was built for)" if target == "cuda" else ""),
             file=sys.stderr,
         )
@@ -92,8 +88,8 @@ def run_run(args) -> int:
     from surgery.model_folder import open_model_folder
 
     folder = open_model_folder(args.output, allow_failed=args.allow_failed)
-    _say_if_failed(args.output)
-    _say_where_it_runs(args.output, args.provider)
+    _say_if_failed(folder)
+    _say_where_it_runs(folder, args.provider)
     tokenizer = folder.tokenizer
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
@@ -190,10 +186,13 @@ def run_importance(args) -> int:
 
 
 def _require_matplotlib() -> None:
+    """--plot is refused before any work when the `plot` extra is not installed."""
+    from surgery.plotting import PlotUnavailable, pyplot
+
     try:
-        import matplotlib  # noqa: F401
-    except ImportError as error:
-        raise _UserError("--plot needs matplotlib: pip install 'surgery[plot]'") from error
+        pyplot()
+    except PlotUnavailable as error:
+        raise _UserError(f"--plot needs matplotlib: {error.hint}") from error
 
 
 def run_eval(args) -> int:
@@ -203,8 +202,8 @@ def run_eval(args) -> int:
     from surgery.model_folder import open_model_folder
 
     folder = open_model_folder(args.output, allow_failed=args.allow_failed)
-    _say_if_failed(args.output)
-    _say_where_it_runs(args.output, args.provider)
+    _say_if_failed(folder)
+    _say_where_it_runs(folder, args.provider)
     if folder.context_length and args.window > folder.context_length:
         raise _UserError(
             f"--window {args.window} is longer than the model's context of {folder.context_length} tokens",

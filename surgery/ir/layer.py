@@ -109,15 +109,17 @@ def walk_layer(layer: DecoderLayer, stream: ResidualStream, names: Names = _UNNA
     the body, a post-norm and a residual add. A dropped sub-block contributes nothing: the
     residual passes through. Names are the exported ones (`model.layers.3.mlp`)."""
     prefix = f"model.layers.{layer.index}"
+
+    def sub_block(pre_norm, body, module, name: str, pre_name: str, post_norm, post_name: str) -> None:
+        x = stream.pre(pre_norm, f"{prefix}.{pre_name}")
+        update = body(module, x, f"{prefix}.{name}")
+        stream.add(stream.post(post_norm, update, f"{prefix}.{post_name}", layer.residual_scale))
+
     if layer.attention is not None:
-        x = stream.pre(layer.attention_norm, f"{prefix}.{names.attention_pre_norm}")
-        update = stream.attention(layer.attention, x, f"{prefix}.self_attn")
-        post = f"{prefix}.{names.attention_post_norm}"
-        stream.add(stream.post(layer.attention_post_norm, update, post, layer.residual_scale))
+        sub_block(layer.attention_norm, stream.attention, layer.attention, "self_attn", names.attention_pre_norm,
+                  layer.attention_post_norm, names.attention_post_norm)  # fmt: skip
     stream.after_attention(layer)
     if layer.mlp is not None:
-        x = stream.pre(layer.mlp_norm, f"{prefix}.{names.mlp_pre_norm}")
-        update = stream.mlp(layer.mlp, x, f"{prefix}.mlp")
-        post = f"{prefix}.{names.mlp_post_norm}"
-        stream.add(stream.post(layer.mlp_post_norm, update, post, layer.residual_scale))
+        sub_block(layer.mlp_norm, stream.mlp, layer.mlp, "mlp", names.mlp_pre_norm, layer.mlp_post_norm,
+                  names.mlp_post_norm)  # fmt: skip
     stream.after_layer(layer)
