@@ -30,6 +30,12 @@ EMBEDDING_GATHER = "/model/embed_tokens/Gather"
 HEAD_NODE = "/lm_head/MatMul"
 
 
+def lookup_shapes(rows: int, blocks: int) -> list[list[int]]:
+    """The shapes GatherBlockQuantized reads a tied head's MatMulNBits tensors in: packed rows
+    [rows, blocks * blob], scales [rows, blocks], zero points [rows, packed blocks]."""
+    return [[rows, -1], [rows, blocks], [rows, -1]]
+
+
 def _attributes(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
@@ -89,7 +95,7 @@ class QuantizeEmbedding(OnnxPass):
         new_nodes = []
         if shared is not None:
             # Views of the head's tensors in the lookup's shapes: [rows, blocks * blob], [rows, blocks], ...
-            shapes = [[rows, -1], [rows, blocks], [rows, -1]]
+            shapes = lookup_shapes(rows, blocks)
             inputs = []
             for position, (tensor, shape) in enumerate(zip(shared, shapes, strict=False)):
                 shape_name = f"{EMBEDDING_GATHER}/shape_{position}"

@@ -1,36 +1,52 @@
-"""Calibrated (GPTQ) quantization of a model's linear layers, layer by layer.
+"""Quantization that uses the calibration data, layer by layer: GPTQ, weighted grids, sensitivity.
 
-The calibration tokens run through the model layer-major, as importance scoring does
-(`DecoderGraph.forward_layerwise`): a layer is loaded, every batch's hidden state passes
-through it once with hooks summing each quantized linear's input Hessian `X^T X`, its linears
-are rounded by GPTQ (`surgery.analysis.gptq`), and the batches pass through it again with the rounded
-weights, so that the next layer is calibrated on what the quantized model will feed it (GPTQ's
-sequential order). Then the layer is released. What is held: one layer, the batches' hidden
-states, one Hessian per distinct linear input, and the quantized blocks, which are the output's
-size.
+The calibration tokens run through the model layer-major, as importance scoring does: a layer
+is loaded (on `device` when given), every batch's hidden state passes through it with hooks on
+the inputs of the linears being quantized, and the layer is released. What the hooks sum
+depends on what the linear asked for:
 
-The result maps each linear's exported name to its MatMulNBits blocks; the exporter writes
-them instead of rounding to nearest (`export_decoder(..., calibrated=)`), and the ONNX quantize
-pass's output is overwritten with them when the model was quantized after export.
+- `gptq`: the input Hessian `X^T X`. The layer's GPTQ linears are rounded
+  (`surgery.analysis.gptq`) and the batches pass through the layer again with the rounded
+  weights, so that the next layer is calibrated on what the quantized model will feed it
+  (GPTQ's sequential order).
+- `weighted` (without gptq): the Hessian's diagonal, the mean squared activation of each input
+  column; each block's grid is the one with the least error weighted by it
+  (`surgery.analysis.rounding.quantize_searched`, llama.cpp's importance matrix). The
+  activations are the float model's, as llama.cpp collects them: one pass.
+- the preset's sensitivity (`sensitivity=` formats): the same diagonal, and the error each
+  candidate format adds to the linear's output relative to the residual stream it perturbs,
+  turned into KL divergence at the output by a probe that follows a few samples through a
+  rounded copy of every layer (`surgery.analysis.sensitivity_probe`); the head's KL per format
+  is measured directly. `surgery.analysis.mixed_precision` chooses from these.
+
+What is held: one layer, the batches' hidden states, one Hessian (or diagonal) per distinct
+linear input, and the quantized blocks, which are the output's size. The result maps each
+linear's exported name to its MatMulNBits blocks; the exporter writes them instead of rounding
+to nearest, and the ONNX quantize pass's output is overwritten with them when the model was
+quantized after export.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from surgery.analysis.quantization import BlockQuantized
+from surgery.analysis.rounding import encode, padded_blocks, quantize_searched, range_grid
 from surgery.backend.verify_layerwise import fill_dequantized, linear_owner, linear_weights
 from surgery.formats.names import HEAD, linear_layer
-from surgery.formats.weights import WeightFormat
+from surgery.formats.weights import QuantizedTarget, WeightFormat
 from surgery.ir.graph import DecoderGraph, ReferenceSequence
-from surgery.ir.inputs import calibration_batches
+from surgery.ir.inputs import calibration_batches, on_device
+from surgery.analysis.sensitivity_probe import REFERENCE, mean_kl, probe_rows, to_kl
 from surgery.progress import counted
 
 BATCH_ROWS = 8  # calibration samples per forward batch
+Progress = Callable[[str], None]
 
 
 def input_module(graph: DecoderGraph, linear: str) -> torch.nn.Module:
@@ -40,16 +56,20 @@ def input_module(graph: DecoderGraph, linear: str) -> torch.nn.Module:
     return sub.q_proj if leaf == "qkv_proj" else getattr(sub, leaf)
 
 
-class _Hessians:
-    """Sums `X^T X` of the inputs of some modules while installed (forward pre-hooks).
+class _InputSums:
+    """Sums of the inputs of some modules while installed (forward pre-hooks): `X^T X` for the
+    linears in `full`, its diagonal (the sum of squares per column) for the others, and the count
+    of input rows.
 
     Linears that read the same tensor (gate and up read the normalized residual) share one
     sum, so it is computed once per batch.
     """
 
-    def __init__(self, modules: dict[str, torch.nn.Module]):
+    def __init__(self, modules: dict[str, torch.nn.Module], full: set[str]):
         self.modules = modules
+        self.full = full
         self._sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
         self._shared: dict[str, str] = {}  # linear -> the linear whose sum it reads
         # This batch's inputs, by id, with the linear that summed each; holding them keeps a
         # freed input's memory (and id) from being reused by a later one within the batch.
@@ -60,8 +80,25 @@ class _Hessians:
         self._seen.clear()
 
     def sum(self, linear: str) -> torch.Tensor:
-        """The summed `X^T X` of `linear`'s inputs."""
+        """The summed `X^T X` (or its diagonal) of `linear`'s inputs."""
         return self._sums[self._shared.get(linear, linear)]
+
+    def energy(self, linear: str) -> torch.Tensor:
+        """The mean squared activation of each input column (the Hessian's diagonal per row)."""
+        total = self.sum(linear)
+        diagonal = torch.diagonal(total) if total.dim() == 2 else total
+        return diagonal / max(1, self.rows[self._shared.get(linear, linear)])
+
+    def add(self, linear: str, x: torch.Tensor) -> None:
+        """Add the rows of one input of `linear` to its sum."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        total = self._sums.get(linear)
+        self.rows[linear] = self.rows.get(linear, 0) + x.shape[0]
+        if linear in self.full:
+            self._sums[linear] = x.T @ x if total is None else total.addmm_(x.T, x)
+        else:
+            squares = (x * x).sum(0)
+            self._sums[linear] = squares if total is None else total.add_(squares)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -71,13 +108,11 @@ class _Hessians:
             def hook(_module, args, linear=linear):
                 x = args[0]
                 seen = self._seen.get(id(x))
-                if seen is not None and seen[1] != linear:
-                    self._shared[linear] = seen[1]  # the very tensor another linear summed
+                if seen is not None and seen[1] != linear and (seen[1] in self.full) == (linear in self.full):
+                    self._shared[linear] = seen[1]  # the very tensor another linear summed the same way
                     return
                 self._seen[id(x)] = (x, linear)
-                x = x.reshape(-1, x.shape[-1]).float()
-                total = self._sums.get(linear)
-                self._sums[linear] = x.T @ x if total is None else total.addmm_(x.T, x)
+                self.add(linear, x)
 
             handles.append(module.register_forward_pre_hook(hook))
         try:
@@ -96,7 +131,9 @@ def _rounded(graph: DecoderGraph, blocks: dict[str, tuple[BlockQuantized, Weight
             start = 0
             for weight in linear_weights(graph, linear):  # q, k and v are stacked by rows
                 saved.append((weight, weight.data.clone()))
-                fill_dequantized(weight.data, quantized, weight.shape[1], stored, start)
+                part = torch.empty(weight.shape, dtype=torch.float32)
+                fill_dequantized(part, quantized, weight.shape[1], stored, start)
+                weight.data.copy_(part.to(weight.device, weight.dtype))
                 start += weight.shape[0]
         yield
     finally:
@@ -104,56 +141,160 @@ def _rounded(graph: DecoderGraph, blocks: dict[str, tuple[BlockQuantized, Weight
             weight.data.copy_(data)
 
 
+def _weight(graph: DecoderGraph, linear: str, device: str | None) -> torch.Tensor:
+    """A linear's (N, K) float32 weight (q, k and v stacked), on `device`."""
+    return torch.cat([w.detach().to(device or "cpu", torch.float32) for w in linear_weights(graph, linear)])
+
+
+def _round(weight: torch.Tensor, target: QuantizedTarget, sums: torch.Tensor | None) -> BlockQuantized:
+    """One linear rounded as its target asks: GPTQ against the Hessian `sums`, or to nearest on a
+    grid searched against the activation energy `sums`, or (no sums) onnxruntime's range grid."""
+    stored = target.format
+    if target.gptq:
+        return stored.quantize_gptq(weight, sums, searched=target.weighted, act_order=target.act_order)
+    if target.weighted:
+        return quantize_searched(weight, sums, stored.bits, stored.block, stored.symmetric)
+    return stored.quantize(weight.cpu())
+
+
+def _relative_errors(weight: torch.Tensor, energy: torch.Tensor, scale: float, formats) -> dict:
+    """What each format adds to the linear's output: sum_j energy_j * sum_i (W - Q(W))_ij^2
+    (onnxruntime's range grid) divided by `scale`, the energy of what the output perturbs."""
+    errors = {}
+    for stored in formats:
+        blocks = padded_blocks(weight, stored.block)
+        grid_scale, zero = range_grid(blocks, stored.bits, stored.symmetric)
+        rounded = (encode(blocks, grid_scale, zero, stored.bits) - zero[..., None]) * grid_scale[..., None]
+        squared = ((blocks - rounded) ** 2).reshape(weight.shape[0], -1)[:, : weight.shape[1]].sum(0)
+        errors[stored] = float((squared * energy.to(squared.device)).sum()) / max(scale, 1e-30)
+    return errors
+
+
+@dataclass
+class Calibration:
+    """What a calibration walk produced: blocks by linear, and for the preset each linear's error
+    per candidate format and its inputs' activation energy."""
+
+    blocks: dict[str, BlockQuantized] = field(default_factory=dict)
+    errors: dict[str, dict[WeightFormat, float]] = field(default_factory=dict)
+    energies: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 @torch.no_grad()
 def calibrated_blocks(
     graph: DecoderGraph,
-    settings: dict[str, WeightFormat],
+    targets: dict[str, QuantizedTarget],
     tokens: np.ndarray,
-    progress: Callable[[str], None] = lambda _: None,
-) -> dict[str, BlockQuantized]:
-    """GPTQ blocks for each linear of `settings` (exported name -> its WeightFormat),
-    calibrated on `tokens` (samples, length), layer-major (see the module docstring)."""
-    runs = [ReferenceSequence(*batch) for batch in calibration_batches(tokens, BATCH_ROWS)]
-    with graph.materialized(graph.embedding):
+    progress: Progress = lambda _: None,
+    device: str | None = None,
+    sensitivity: tuple[WeightFormat, ...] = (),
+) -> Calibration:
+    """GPTQ or weighted blocks for each linear of `targets` that asks for one (exported name ->
+    target), and, for every target when `sensitivity` names formats, the error each of them adds
+    (`_relative_errors`) and the activation energy; calibrated on `tokens` (samples, length),
+    layer-major (see the module docstring)."""
+    wanted = {linear: t for linear, t in targets.items() if t.gptq or t.weighted or sensitivity}
+    runs = [ReferenceSequence(*(t.to(device) if device else t for t in batch))
+            for batch in calibration_batches(tokens, BATCH_ROWS)]  # fmt: skip
+    probe = None
+    if sensitivity:  # the KL probe (surgery.analysis.sensitivity_probe): its samples, float and rounded
+        rows = probe_rows(tokens)
+        probe = ReferenceSequence(*(t.to(device) if device else t for t in calibration_batches(rows, len(rows))[0]))
+    with graph.materialized(graph.embedding, device=device):
         hidden = [graph.embedding(run.input_ids) for run in runs]
-    result: dict[str, BlockQuantized] = {}
-
-    def quantize(linear: str, hessian: torch.Tensor) -> tuple[BlockQuantized, WeightFormat]:
-        stored = settings[linear]
-        weight = torch.cat([w.detach().float() for w in linear_weights(graph, linear)])
-        result[linear] = stored.quantize_gptq(weight, hessian)
-        return result[linear], stored
-
+        probed = [graph.embedding(probe.input_ids)] * 2 if probe is not None else []
+    result = Calibration()
     by_layer: dict[int, list[str]] = {}
-    for linear in settings:
+    for linear in wanted:
         if linear != HEAD:
             by_layer.setdefault(linear_layer(linear), []).append(linear)
-    with counted(progress, f"GPTQ: {len(settings)} linear(s) in {len(by_layer)} layer(s)", len(graph.layers), "layer"):
-        _through_layers(graph, runs, hidden, by_layer, quantize)
-    if "lm_head" in settings:
-        with graph.materialized(graph.head.final_norm, graph.head):
-            hessian = None
-            for state in hidden:
-                x = graph.head.final_norm(state).reshape(-1, state.shape[-1]).float()
-                hessian = x.T @ x if hessian is None else hessian.addmm_(x.T, x)
-            quantize("lm_head", hessian)
-        progress("GPTQ: head")
+    what = "GPTQ" if any(t.gptq for t in wanted.values()) else "activation statistics"
+    rotary = [graph.rotary.module] if graph.rotary is not None else []
+    description = f"{what}: {len(wanted)} linear(s) in {len(by_layer)} layer(s)"
+    with counted(progress, description, len(graph.layers), "layer"), on_device(rotary, device):
+        for layer in graph.each_layer_materialized():
+            with on_device(layer.modules(), device):
+                linears = {k: wanted[k] for k in by_layer.get(layer.index, [])}
+                _layer(graph, layer, runs, hidden, linears, result, sensitivity, device)
+                if probe is not None:
+                    probed[0], _ = probe.through(layer, probed[0], graph.rotary, None)
+                    reference = {k: (REFERENCE.quantize(_weight(graph, k, None)), REFERENCE) for k in linears}
+                    with _rounded(graph, reference):
+                        probed[1], _ = probe.through(layer, probed[1], graph.rotary, None)
+    if HEAD in wanted:
+        with graph.materialized(graph.head.final_norm, graph.head, device=device):
+            sums = _InputSums({}, {HEAD} if wanted[HEAD].gptq else set())
+            for state in hidden:  # the head's input only: the logits are never computed
+                sums.add(HEAD, graph.head.final_norm(state))
+            weight = _weight(graph, HEAD, device)
+            if sensitivity:
+                result.energies[HEAD] = sums.energy(HEAD)
+                head_kl = {}
+                for stored in sensitivity:
+                    rounded = torch.empty(weight.shape, dtype=torch.float32)
+                    fill_dequantized(rounded, stored.quantize(weight.cpu()), weight.shape[1], stored, 0)
+                    head_kl[stored] = mean_kl(graph.head, probed[0], probed[0], rounded.to(weight.device))
+                result.errors[HEAD] = head_kl
+                to_kl(result.errors, mean_kl(graph.head, probed[0], probed[1]), head_kl, HEAD)
+            if wanted[HEAD].gptq or wanted[HEAD].weighted:
+                statistic = sums.sum(HEAD) if wanted[HEAD].gptq else sums.energy(HEAD)
+                result.blocks[HEAD] = _round(weight, wanted[HEAD], statistic)
+        progress(f"{what}: head")
     return result
 
 
-def _through_layers(graph, runs, hidden, by_layer, quantize) -> None:
-    """Each layer in turn: its linears' Hessians from the hidden states, rounded, then the hidden
-    states through the rounded layer (what the next layer's linears will see)."""
-    for layer in graph.each_layer_materialized():
-        linears = by_layer.get(layer.index, [])
-        rounded: dict[str, tuple[BlockQuantized, WeightFormat]] = {}
-        if linears:
-            hessians = _Hessians({linear: input_module(graph, linear) for linear in linears})
-            with hessians.installed():
-                for i, run in enumerate(runs):
-                    run.through(layer, hidden[i], graph.rotary, None)
-                    hessians.next_batch()
-            rounded = {linear: quantize(linear, hessians.sum(linear)) for linear in linears}
-        with _rounded(graph, rounded):
+def _layer(graph, layer, runs, hidden, linears: dict[str, QuantizedTarget], result: Calibration, sensitivity, device):
+    """One layer: its linears' input sums from the hidden states; rounded; the hidden states through
+    it (again, with the rounded weights, when GPTQ rounded any: what the next layer will see)."""
+    if not linears:
+        for i, run in enumerate(runs):
+            hidden[i], _ = run.through(layer, hidden[i], graph.rotary, None)
+        return
+    full = {linear for linear, t in linears.items() if t.gptq}
+    sums = _InputSums({linear: input_module(graph, linear) for linear in linears}, full)
+    residual = 0.0
+    rows = 0
+    with sums.installed():
+        for i, run in enumerate(runs):
+            residual += float((hidden[i].float() ** 2).sum())
+            rows += hidden[i].shape[0] * hidden[i].shape[1]
+            out, _ = run.through(layer, hidden[i], graph.rotary, None)
+            if not full:
+                hidden[i] = out  # the float model's activations feed the next layer
+            sums.next_batch()
+    rounded: dict[str, tuple[BlockQuantized, WeightFormat]] = {}
+    for linear, target in linears.items():
+        weight = _weight(graph, linear, device)
+        if sensitivity:
+            energy = result.energies[linear] = sums.energy(linear)
+            result.errors[linear] = _relative_errors(weight, energy, residual / max(1, rows), sensitivity)
+        if target.gptq or target.weighted:
+            statistic = sums.sum(linear) if target.gptq else sums.energy(linear)
+            result.blocks[linear] = _round(weight, target, statistic)
+            rounded[linear] = (result.blocks[linear], target.format)
+    if full:
+        with _rounded(graph, {linear: rounded[linear] for linear in full}):
             for i, run in enumerate(runs):
                 hidden[i], _ = run.through(layer, hidden[i], graph.rotary, None)
+
+
+@torch.no_grad()
+def rounded_with_energy(
+    graph: DecoderGraph, targets: dict[str, QuantizedTarget], energies: dict[str, torch.Tensor],
+    progress: Progress = lambda _: None, device: str | None = None,
+) -> dict[str, BlockQuantized]:  # fmt: skip
+    """Weighted blocks for `targets` from activation energies measured earlier (the preset's
+    second walk: its formats were chosen after the first), a layer at a time, no forward."""
+    blocks: dict[str, BlockQuantized] = {}
+    by_layer: dict[int, list[str]] = {}
+    for linear in targets:
+        if linear != HEAD:
+            by_layer.setdefault(linear_layer(linear), []).append(linear)
+    with counted(progress, f"rounding {len(targets)} linear(s) on searched grids", len(graph.layers), "layer"):
+        for layer in graph.each_layer_materialized():
+            for linear in by_layer.get(layer.index, []):
+                blocks[linear] = _round(_weight(graph, linear, device), targets[linear], energies[linear])
+    if HEAD in targets:
+        with graph.materialized(graph.head):
+            blocks[HEAD] = _round(_weight(graph, HEAD, device), targets[HEAD], energies[HEAD])
+    return blocks

@@ -11,42 +11,27 @@ the block's columns as updated so far, so the result is an ordinary MatMulNBits 
 layout, same size) and, with a diagonal Hessian (no column informs another), it equals
 round-to-nearest exactly.
 
+Two refinements, each an option: the grid of a block can be `searched` (the grid with the
+least error weighted by the Hessian's diagonal, `surgery.analysis.rounding.searched_grid`,
+instead of the range's), and `act_order` rounds the columns in order of decreasing input
+energy (the Hessian's diagonal), so that the columns that matter most are rounded first and
+their error is spread over the rest; with act-order every block's grid is chosen from the
+original weights before any column moves ("static groups"), so the blocks stay contiguous and
+MatMulNBits needs no `g_idx`. Everything runs in torch on the weight's device (`--device cuda`).
+
 `gptq_blocks` quantizes one weight; `surgery.analysis.calibrated_quantization` collects the Hessians
 layer by layer and feeds each layer the outputs of the layers already quantized, as GPTQ does.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from surgery.analysis.quantization import BlockQuantized, quantize_blocks
+from surgery.analysis.quantization import BlockQuantized
+from surgery.analysis.rounding import encode, range_grid, searched_grid, to_blocks
 
 DAMPING = 0.01  # fraction of the Hessian's mean diagonal added to it (GPTQ's `percdamp`)
 _LAZY_COLUMNS = 128  # columns rounded before their error is pushed to the rest in one matmul
-
-
-def _block_grid(columns: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero point) per output row for one block of input columns (N, block), exactly as
-    onnxruntime's quantizer chooses them (its kernel, run on these columns)."""
-    blocks = quantize_blocks(columns.T.contiguous().numpy(), bits, columns.shape[1], symmetric)
-    scale = torch.from_numpy(blocks.scales[:, 0].astype(np.float32))
-    if symmetric:
-        zero = torch.full_like(scale, float(1 << (bits - 1)))
-    else:
-        packed = torch.from_numpy(blocks.zero_points[:, 0].astype(np.int32))
-        zero = (packed & 0x0F if bits == 4 else packed).float()
-    return scale, zero
-
-
-def _pack(values: torch.Tensor, bits: int) -> np.ndarray:
-    """(rows, count) integer codes -> uint8, first element in the low bits (two per byte at 4 bits)."""
-    codes = values.to(torch.uint8)
-    if bits == 8:
-        return codes.numpy()
-    if codes.shape[-1] % 2:
-        codes = torch.nn.functional.pad(codes, (0, 1))
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).numpy()
 
 
 def _inverse_hessian_factor(hessian: torch.Tensor, damping: float) -> torch.Tensor:
@@ -54,64 +39,89 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damping: float) -> torch.Tens
     h = hessian.double().clone()
     dead = torch.diagonal(h) == 0  # inputs never seen: nothing to protect
     h[dead, dead] = 1
-    h += damping * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    h += damping * torch.diagonal(h).mean() * eye
     for attempt in range(4):  # a nearly singular H: dampen more until it factors
         try:
             inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
             return torch.linalg.cholesky(inverse, upper=True).float()
         except torch.linalg.LinAlgError:
-            h += (10**attempt) * damping * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+            h += (10**attempt) * damping * torch.diagonal(h).mean() * eye
     raise ValueError("the calibration Hessian is not positive definite even after damping")
+
+
+def _grid(columns: torch.Tensor, importance: torch.Tensor, bits: int, symmetric: bool, searched: bool):
+    """(scale, zero) per row for the block `columns` (N, block)."""
+    if searched:
+        return searched_grid(columns, importance, bits, symmetric)
+    return range_grid(columns, bits, symmetric)
 
 
 @torch.no_grad()
 def gptq_blocks(
-    weight: torch.Tensor, hessian: torch.Tensor, bits: int, block: int, symmetric: bool, damping: float = DAMPING
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    block: int,
+    symmetric: bool,
+    damping: float = DAMPING,
+    searched: bool = False,
+    act_order: bool = False,
 ) -> BlockQuantized:
     """`weight` (N, K), PyTorch's (out, in) layout, rounded by GPTQ against `hessian` (K, K,
     the inputs' X^T X) onto MatMulNBits blocks of `block` input columns; what
-    `quantize_blocks_nk` returns for round-to-nearest, in the same layout.
+    `quantize_blocks_nk` returns for round-to-nearest, in the same layout. Runs on the
+    Hessian's device.
 
-    Blocks are chosen in order: a block's scale and zero point are taken from its columns once
-    the errors of the blocks before it have been pushed onto them. K that is not a multiple of
-    `block` is padded with zero columns (as onnxruntime pads), which cost nothing.
+    Without act-order, blocks are chosen in order: a block's scale and zero point are taken
+    from its columns once the errors of the blocks before it have been pushed onto them. K that
+    is not a multiple of `block` is padded with zero columns (as onnxruntime pads), which cost
+    nothing.
     """
+    device = hessian.device
     n, k = weight.shape
     padded = -(-k // block) * block
-    w = torch.zeros(n, padded, dtype=torch.float32)
-    w[:, :k] = weight.detach().float()
-    h = torch.zeros(padded, padded, dtype=torch.float64)
+    blocks = padded // block
+    w = torch.zeros(n, padded, dtype=torch.float32, device=device)
+    w[:, :k] = weight.detach().to(device, torch.float32)
+    h = torch.zeros(padded, padded, dtype=torch.float64, device=device)
     h[:k, :k] = hessian.double()
-    dead = torch.diagonal(h) == 0
+    energy = torch.diagonal(h).float().clone()
+    dead = energy == 0
     w[:, dead] = 0
+    scales = torch.zeros(n, blocks, device=device)
+    zeros = torch.zeros(n, blocks, device=device)
+    order = torch.arange(padded, device=device)
+    if act_order:
+        # Static groups: every block's grid from the original weights, then the columns in
+        # order of decreasing input energy.
+        scales, zeros = _grid(w.reshape(n, blocks, block), energy.reshape(blocks, block), bits, symmetric, searched)
+        order = torch.argsort(energy, descending=True, stable=True)
+        w = w[:, order]
+        h = h[order][:, order]
     factor = _inverse_hessian_factor(h, damping)
-    top = (1 << bits) - 1
-    codes = torch.zeros(n, padded, dtype=torch.int16)
-    scales = torch.zeros(n, padded // block, dtype=torch.float32)
-    zeros = torch.zeros(n, padded // block, dtype=torch.float32)
+    codes = torch.zeros(n, padded, dtype=torch.int16, device=device)
     lazy = max(block, _LAZY_COLUMNS // block * block)  # whole blocks per lazy batch
-    scale = zero = torch.empty(0)
+    scale = zero = None
     for first in range(0, padded, lazy):
         last = min(first + lazy, padded)
         part = w[:, first:last].clone()
         errors = torch.zeros_like(part)
         inverse = factor[first:last, first:last]
         for i in range(last - first):
-            column = first + i
-            if column % block == 0:
-                scale, zero = _block_grid(part[:, i : i + block], bits, symmetric)
+            column = int(order[first + i])
+            if act_order:
+                scale, zero = scales[:, column // block], zeros[:, column // block]
+            elif column % block == 0:
+                weights = energy[column : column + block]
+                scale, zero = _grid(part[:, i : i + block], weights, bits, symmetric, searched)
                 scales[:, column // block], zeros[:, column // block] = scale, zero
             value = part[:, i]
-            code = torch.clamp(torch.round(value / torch.where(scale == 0, 1, scale)) + zero, 0, top)
-            rounded = (code - zero) * scale
+            code = encode(value[:, None], scale, zero, bits)[:, 0]
             codes[:, column] = code.to(torch.int16)
-            error = (value - rounded) / inverse[i, i]
+            error = (value - (code - zero) * scale) / inverse[i, i]
             part[:, i:] -= error[:, None] * inverse[i, i:][None, :]
             errors[:, i] = error
         w[:, last:] -= errors @ factor[first:last, last:]
     codes[:, k:] = 0  # the padding's codes, as onnxruntime leaves them (never read: K is k)
-    packed = _pack(codes.reshape(n, padded // block, block), bits)
-    zero_points = None
-    if not symmetric:
-        zero_points = _pack(zeros.to(torch.int16), bits)
-    return BlockQuantized(packed, scales.numpy(), zero_points)
+    return to_blocks(codes.reshape(n, blocks, block), scales, zeros, bits, symmetric)

@@ -39,11 +39,12 @@ from surgery.backend.verify import PROMPTS, OnnxRun, ReferenceTrace, onnx_steps,
 from surgery.formats.names import linear_layer, linear_of_packed_weight
 from surgery.formats.weights import WeightFormat
 from surgery.ir.graph import DecoderGraph, DecoderLayer
+from surgery.nodes.embedding import Embedding
 from surgery.ir.inputs import position_ids_from_mask
 
 FLOAT_COMPUTE_MODEL = "model.float-compute.onnx"  # the exact part's twin, removed after use
 
-Variant = Callable[[DecoderLayer | None], contextlib.AbstractContextManager]
+Variant = Callable[[DecoderLayer | Embedding | None], contextlib.AbstractContextManager]
 
 
 def onnx_greedy(model_path: str, ids: np.ndarray, mask: np.ndarray, steps: int, threads=None, providers=None):
@@ -145,6 +146,7 @@ class WrittenBlocks:
     def __init__(self, model_path: str):
         model = onnx.load(model_path, load_external_data=False)
         self.folder = os.path.dirname(model_path)
+        self.graph_nodes = list(model.graph.node)
         self.initializers = {init.name: init for init in model.graph.initializer}
         # linear name -> its node; the exporter names the packed weight `<linear>.weight_Q<bits>`.
         self.nodes = {
@@ -161,6 +163,23 @@ class WrittenBlocks:
         count = int(np.prod(init.dims))
         path = os.path.join(self.folder, where["location"])
         return np.fromfile(path, dtype, count, offset=int(where.get("offset", 0))).reshape(tuple(init.dims))
+
+    def lookup(self) -> tuple[BlockQuantized, int, WeightFormat] | None:
+        """(the blocks, hidden size, the weight format) of a GatherBlockQuantized embedding, read
+        through the Reshapes of a tied head's tensors; None when the lookup is a float Gather."""
+        node = next((n for n in self.graph_nodes if n.op_type == "GatherBlockQuantized"), None)
+        if node is None:
+            return None
+        producers = {output: n for n in self.graph_nodes for output in n.output}
+        names = [producers[name].input[0] if name in producers else name for name in node.input[:1] + node.input[2:4]]
+        attributes = {a.name: a.i for a in node.attribute}
+        packed, scales = self._array(names[0]), self._array(names[1])
+        rows = packed.shape[0]
+        stored = WeightFormat.of_node(attributes, len(names) > 2 and bool(names[2]))
+        zero_points = self._array(names[2]).reshape(rows, -1) if stored.symmetric is False else None
+        hidden = packed.size * 8 // stored.bits // rows
+        blocks = BlockQuantized(packed.reshape(rows, hidden // stored.block, -1), scales.reshape(rows, -1), zero_points)
+        return blocks, hidden, stored
 
     def blocks(self, linear: str) -> tuple[BlockQuantized, int, WeightFormat]:
         """(the blocks, K, the weight format) of a quantized linear."""
@@ -182,13 +201,30 @@ def written_weights(graph: DecoderGraph, model_path: str) -> Variant:
     `teacher_forced_traces` runs. A weight held in memory is replaced by a copy and restored.
     """
     written = WrittenBlocks(model_path)
+    lookup = written.lookup()
     by_layer: dict[int | None, list[str]] = {}
     for linear in written.nodes:
         by_layer.setdefault(linear_layer(linear), []).append(linear)
     weights = graph.weights
 
     @contextlib.contextmanager
-    def variant(layer: DecoderLayer | None) -> Iterator[None]:
+    def variant(layer: DecoderLayer | Embedding | None) -> Iterator[None]:
+        if isinstance(layer, Embedding):
+            # The lookup's rows as written, in a copy (other batches read the table in the same
+            # block; a tied head's weight is this very tensor).
+            if lookup is None:
+                yield
+                return
+            blocks, hidden, stored = lookup
+            table, original = layer.weight, layer.weight.data
+            rows = torch.empty(original.shape, dtype=torch.float32)
+            fill_dequantized(rows, blocks, hidden, stored, 0)
+            table.data = rows.to(original.device, original.dtype)
+            try:
+                yield
+            finally:
+                table.data = original
+            return
         saved, spent = [], []
         try:
             for linear in by_layer.get(layer.index if layer else None, ()):

@@ -8,6 +8,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from surgery.formats.names import EMBEDDING, HEAD
+from surgery.formats.precision import precision as precision_record
+from surgery.formats.weights import QuantizedTarget
 from surgery.progress import counted
 
 if TYPE_CHECKING:
@@ -25,25 +27,24 @@ def export_model(run: Run) -> None:
     plan, graph, folder = run.plan, run.graph, str(run.folder.path)
     run.after = structure(graph)  # the graph is final
     run.tied_head = graph.tied_head
-    quantization = plan.quantization()
+    quantization = run.quantization = _calibrate(run, plan.quantization())
     # A quantized head or embedding needs the head's weight as an initializer of its own
     # (the quantized embedding then shares it back when both have the same width).
     options = replace(plan.export, untie_head=HEAD in quantization or EMBEDDING in quantization)
     linears = {target: config for target, config in quantization.items() if target != EMBEDDING}
-    run.calibrated = _gptq(run, linears)
-    if run.calibrated:
-        run.clock.lap("gptq")
-    if run.stream and linears:
+    if run.stream and quantization:
         # Quantized as they are written: no float copy of the model is written or read back.
         assignment = tuple((linear, target.format) for linear, target in linears.items())
-        options = replace(options, quantize_linears=assignment, accuracy_level=ACCURACY_LEVELS[options.target])
+        embedding = quantization.get(EMBEDDING)
+        options = replace(options, quantize_linears=assignment, accuracy_level=ACCURACY_LEVELS[options.target],
+                          quantize_embedding=embedding.format if embedding else None)  # fmt: skip
     run.options = options
     kv = "with" if plan.export.kv_cache else "without"
-    quantizing = (
-        f", quantizing {len(options.quantize_linears)} linear layer(s) to MatMulNBits as they are written"
-        if options.quantize_linears
-        else ""
-    )
+    quantizing = ""
+    if options.quantize_linears or options.quantize_embedding:
+        what = [f"{len(options.quantize_linears)} linear layer(s)"] if options.quantize_linears else []
+        what += ["the embedding"] if options.quantize_embedding else []
+        quantizing = f", quantizing {' and '.join(what)} as they are written"
     try:
         with counted(run.progress, f"exporting ONNX (opset {plan.export.opset}, {kv} KV cache){quantizing}",
                      len(graph.layers), "layer"):  # fmt: skip
@@ -56,16 +57,44 @@ def export_model(run: Run) -> None:
     (run.folder.path / "recipe.surg").write_text(run.text, encoding="utf-8")
 
 
-def _gptq(run: Run, linears: dict) -> dict:
-    """GPTQ blocks for the linears marked `gptq`, calibrated on the recipe's calibration tokens
-    (surgery.analysis.calibrated_quantization); empty when none is."""
-    settings = {linear: target.format for linear, target in linears.items() if target.gptq}
-    if not settings:
-        return {}
-    from surgery.analysis.calibrated_quantization import calibrated_blocks
+def _calibrate(run: Run, quantization: dict[str, QuantizedTarget]) -> dict[str, QuantizedTarget]:
+    """The final format of every quantized tensor, with `run.calibrated` holding the blocks of the
+    linears whose rounding reads the calibration data (GPTQ, weighted grids); a
+    `quantize model to <bits> bits per weight` has its formats chosen here, by sensitivity
+    measured in one walk over the calibration data (surgery.analysis.mixed_precision)."""
+    linears = {linear: t for linear, t in quantization.items() if linear != EMBEDDING and t.uses_data}
+    if not linears:
+        return quantization
+    from surgery.analysis.calibrated_quantization import calibrated_blocks, rounded_with_energy
 
-    run.progress(f"GPTQ: rounding {len(settings)} linear layer(s) against {run.checked.calibration.describe()}")
-    return calibrated_blocks(run.graph, settings, run.calibration_tokens(), run.progress)
+    graph, device, tokens = run.graph, run.settings.device, run.calibration_tokens()
+    budget = next((t.bits_per_weight for t in linears.values() if t.bits_per_weight is not None), None)
+    describe = run.checked.calibration.describe()
+    if budget is None:
+        run.progress(f"rounding {len(linears)} linear layer(s) against {describe}")
+        run.calibrated = calibrated_blocks(graph, linears, tokens, run.progress, device).blocks
+        run.clock.lap("calibrated rounding")
+        return quantization
+    from surgery.analysis.mixed_precision import FORMATS, choose, section, tensor_shapes
+
+    run.progress(f"measuring the sensitivity of {len(linears)} tensor(s) to each format against {describe}")
+    plain = {linear: replace(t, gptq=False, weighted=False) for linear, t in linears.items()}
+    measured = calibrated_blocks(graph, plain, tokens, run.progress, device, sensitivity=FORMATS)
+    index, plan = run.checked.index, run.plan
+    shapes = tensor_shapes(index, {"attention": plan.kv_layers_after, "mlp": plan.mlp_layers_after})
+    scale_bytes = precision_record(plan.export.precision).itemsize
+    chosen = choose(shapes, measured.errors, budget, index.tied_embeddings, scale_bytes)
+    final = {name: replace(t, format=chosen[name]) for name, t in quantization.items()}
+    run.sections["mixed_precision"] = section(shapes, chosen, measured.errors, budget, index.tied_embeddings,
+                                              scale_bytes)  # fmt: skip
+    run.clock.lap("sensitivity")
+    rounded = {linear: final[linear] for linear in linears}
+    if any(t.gptq for t in rounded.values()):
+        run.calibrated = calibrated_blocks(graph, rounded, tokens, run.progress, device).blocks
+    else:
+        run.calibrated = rounded_with_energy(graph, rounded, measured.energies, run.progress, device)
+    run.clock.lap("calibrated rounding")
+    return final
 
 
 def _write_genai_config(graph, export, options, tokenizer, folder: str) -> dict:

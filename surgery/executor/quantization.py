@@ -32,10 +32,10 @@ def quantize_output(run: Run, steps: list[PlanStep]) -> None:
     from surgery.passes.quantize import ACCURACY_LEVELS
 
     plan, export, progress = run.plan, run.export_result, run.progress
-    quantization = plan.quantization()
+    quantization = run.quantization
     if not quantization:  # every quantize step matched nothing
         return
-    written = run.options.quantize_linears
+    written = bool(run.options.quantize_linears or run.options.quantize_embedding)
     folder = str(run.folder.path)
     files_before = folder_bytes(folder)
     embedding = quantization.get(EMBEDDING)
@@ -61,9 +61,18 @@ def quantize_output(run: Run, steps: list[PlanStep]) -> None:
         run.passes.append(record)
     if embedding:
         quantize_embedding = QuantizeEmbedding(stored=embedding.format, tied_head=run.tied_head)
-        result = run_pass(quantize_embedding, model)
+        if written:  # the exporter wrote the lookup: held to the pass's own contract
+            problems = quantize_embedding.ensures(model)
+            if problems:
+                raise PassContractError(quantize_embedding.name, "ensures", problems)
+            shared = (bits_summary(model).get("embedding") or {}).get("shared_with_head")
+            how = "shares the tied head's quantized tensors" if shared else "in tensors of its own"
+            result = PassResult(True, f"embedding to {embedding.format.describe('GatherBlockQuantized')}, {how}, "
+                                      "while writing")  # fmt: skip
+        else:
+            result = run_pass(quantize_embedding, model)
         progress(f"quantize embedding: {result.summary}")
-        source = next(step.source for step in reversed(steps) if step.targets == (EMBEDDING,))
+        source = next(step.source for step in reversed(steps) if EMBEDDING in step.targets)
         run.passes.append(pass_record(quantize_embedding, result, source))
     summary = bits_summary(model)
     if not written:

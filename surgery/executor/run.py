@@ -91,7 +91,10 @@ class Run:
         self.sections: dict[str, Any] = {}
         self.export_result: Any = None
         self.options: Any = None  # the export options as written (quantized linears included)
-        self.calibrated: dict = {}  # GPTQ blocks by linear
+        self.calibrated: dict = {}  # blocks by linear, where the rounding read the calibration data
+        # Final format per quantized tensor: the plan's, with a `quantize model` preset's chosen
+        # (set by the export step)
+        self.quantization: dict = {}
         self.tied_head = False
         self.verification: Any = None
         self.moved: Any = None  # how far quantization moved the logits (informational)

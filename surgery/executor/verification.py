@@ -99,7 +99,7 @@ def _verify_layerwise(run: Run, decode_steps: int):
                                      settings.threads, settings.providers, device=settings.device)  # fmt: skip
 
     layers = len(graph.layers)
-    if not options.quantize_linears:
+    if not (options.quantize_linears or options.quantize_embedding):
         with counted(run.progress, "verifying against PyTorch (teacher-forced, layer by layer)", layers, "layer"):
             ((trace, recorded),) = traces([(model, None)])
         return replace(compare(trace, model, tolerance, recorded=recorded), **layerwise), None

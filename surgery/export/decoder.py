@@ -84,6 +84,7 @@ class _Emitter:
         self.pending: str | None = None  # a sub-block's output not yet added to the residual
         self.linears: dict[str, str] = {}
         self.quantized = dict(options.quantize_linears)  # linear -> WeightFormat
+        self.written: dict[str, list[str]] = {}  # linear -> its blocks' tensors, written ahead of its node
         self.context_length = int(graph.config.max_position_embeddings)
         self.slot = 0  # the next KV cache slot
         fusion = graph.fusion
@@ -123,15 +124,44 @@ class _Emitter:
         if stored is None:
             operand = self.w.weight(weight_name, self.array(weight).T, parameter=parameter)
             return self.w.node("MatMul", [x, operand], node, outputs)[0]
-        blocks = self.calibrated.get(linear)  # GPTQ's, when the recipe asked for it
-        if blocks is None:
-            blocks = stored.quantize(weight)
-        if self.dtype is not np.float32:  # scales in the element type, as the quantizer writes them
-            blocks = replace(blocks, scales=blocks.scales.astype(self.dtype))
+        tensors = self.written.get(linear)  # a tied head whose blocks the embedding's lookup wrote
+        blocks = None if tensors else self.blocks(linear, weight)
         n, k = weight.shape
         if parameter:
             self.w.parameter_count += n * k  # the float parameters these blocks stand for
-        return stored.emit_linear(self.w, x, weight_name, blocks, node, outputs, n, k, self.options.accuracy_level)
+        return stored.emit_linear(self.w, x, weight_name, blocks, node, outputs, n, k, self.options.accuracy_level,
+                                  tensors)  # fmt: skip
+
+    def blocks(self, linear: str, weight: torch.Tensor):
+        """A quantized linear's blocks: the calibrated ones when the recipe's rounding read data
+        (GPTQ, weighted grids), else rounded to nearest; scales in the element type."""
+        blocks = self.calibrated.get(linear)
+        if blocks is None:
+            blocks = self.quantized[linear].quantize(weight)
+        if self.dtype is not np.float32:  # scales in the element type, as the quantizer writes them
+            blocks = replace(blocks, scales=blocks.scales.astype(self.dtype))
+        return blocks
+
+    def quantized_lookup(self, table: torch.Tensor, ids: str, stored: WeightFormat) -> str:
+        """The embedding's GatherBlockQuantized, written from the float table as it is exported.
+
+        When the head is tied and written in the same format, its MatMulNBits tensors are
+        written now (named as the head's) and the lookup reads them through Reshapes; the head
+        then reuses them, so the vocabulary matrix is stored once. Otherwise the table's own
+        blocks, named `model.embed_tokens.weight_Q<bits>`, `_scales`, `_zero_points` (what
+        surgery.passes.quantize_embedding writes after export).
+        """
+        rows, hidden = table.shape
+        shares = self.graph.tied_head and self.quantized.get("lm_head") == stored
+        if shares:
+            tensors = self.written["lm_head"] = stored.write_blocks(self.w, "lm_head.weight", self.blocks("lm_head", table))
+        else:
+            blocks = stored.quantize(table)
+            blocks = replace(blocks, packed=blocks.packed.reshape(rows, -1), scales=blocks.scales.astype(self.dtype),
+                             zero_points=None if blocks.zero_points is None else blocks.zero_points.reshape(rows, -1))
+            tensors = stored.write_blocks(self.w, "model.embed_tokens.weight", blocks)  # fmt: skip
+        self.w.parameter_count += rows * hidden  # the float parameters these blocks stand for
+        return stored.emit_lookup(self.w, tensors, ids, rows, hidden, views=shares)
 
     def scalar(self, value: float) -> str:
         """A scalar constant in the element type."""

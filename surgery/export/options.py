@@ -46,6 +46,9 @@ class ExportOptions:
     # Linear layers written quantized as they are exported, each (linear, its WeightFormat): one
     # weight in memory at a time, never a float copy of the model on disk.
     quantize_linears: tuple[tuple[str, WeightFormat], ...] = ()
+    # The embedding written as GatherBlockQuantized in this format as it is exported (reading a tied
+    # head's tensors when the head is written in the same format), or None: a float Gather.
+    quantize_embedding: WeightFormat | None = None
     # MatMulNBits' accuracy_level for those: 4 (int8 activations) on CPU, 0 (float) on CUDA.
     accuracy_level: int = 4
 

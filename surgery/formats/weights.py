@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 WIDTHS = (4, 8)
 BLOCKS = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
 DEFAULT_BLOCK = 32
@@ -81,11 +83,13 @@ class WeightFormat:
 
         return quantize_blocks_nk(weight, self.bits, self.block, self.symmetric)
 
-    def quantize_gptq(self, weight, hessian) -> Any:
-        """Round an (N, K) torch weight into blocks by GPTQ against `hessian` (K x K, X^T X)."""
+    def quantize_gptq(self, weight, hessian, searched: bool = False, act_order: bool = False) -> Any:
+        """Round an (N, K) torch weight into blocks by GPTQ against `hessian` (K x K, X^T X), on
+        the Hessian's device; `searched` grids and `act_order` as `surgery.analysis.gptq` says."""
         from surgery.analysis.gptq import gptq_blocks
 
-        return gptq_blocks(weight, hessian, self.bits, self.block, self.symmetric)
+        return gptq_blocks(weight, hessian, self.bits, self.block, self.symmetric, searched=searched,
+                           act_order=act_order)  # fmt: skip
 
     def quantize_table(self, table) -> tuple[Any, Any, Any]:
         """An embedding table (rows, hidden) in GatherBlockQuantized's layout: (packed [rows,
@@ -100,23 +104,46 @@ class WeightFormat:
         what verification computes with to check the written bytes."""
         return blocks.dequantize_rows(k, self.bits, self.block, start, stop)
 
-    def emit_linear(self, writer, x: str, weight_name: str, blocks, node: str, outputs: list[str], n: int, k: int,
-                    accuracy_level: int = 0) -> str:  # fmt: skip
-        """The MatMulNBits node of `x @ W.T` for blocks of an (N, K) weight, its initializers
-        named as onnxruntime's quantizer names them (`<node>_Q<bits>`, `<weight>_Q<bits>`,
-        `_scales`, `_zero_points`)."""
-        inputs = [
-            x,
+    def write_blocks(self, writer, weight_name: str, blocks) -> list[str]:
+        """The initializers of blocks of a weight, named as onnxruntime's quantizer names them
+        (`<weight>_Q<bits>`, `_scales`, `_zero_points`): MatMulNBits' inputs after the first."""
+        tensors = [
             writer.weight(f"{weight_name}_Q{self.bits}", blocks.packed, parameter=False),
             writer.weight(f"{weight_name}_scales", blocks.scales, parameter=False),
         ]
         if blocks.zero_points is not None:
-            inputs.append(writer.weight(f"{weight_name}_zero_points", blocks.zero_points, parameter=False))
+            tensors.append(writer.weight(f"{weight_name}_zero_points", blocks.zero_points, parameter=False))
+        return tensors
+
+    def emit_linear(self, writer, x: str, weight_name: str, blocks, node: str, outputs: list[str], n: int, k: int,
+                    accuracy_level: int = 0, tensors: list[str] | None = None) -> str:  # fmt: skip
+        """The MatMulNBits node of `x @ W.T` for blocks of an (N, K) weight (`write_blocks`), named
+        `<node>_Q<bits>` as onnxruntime's quantizer names it; `tensors`: blocks written already
+        (a tied head the embedding's lookup read first)."""
+        inputs = [x, *(tensors or self.write_blocks(writer, weight_name, blocks))]
         level = {"accuracy_level": accuracy_level} if accuracy_level else {}
         return writer.node(
             self.linear_operator, inputs, f"{node}_Q{self.bits}", outputs, "com.microsoft",
             K=k, N=n, bits=self.bits, block_size=self.block, **level,
         )[0]  # fmt: skip
+
+    def emit_lookup(self, writer, tensors: list[str], ids: str, rows: int, hidden: int, views: bool) -> str:
+        """The GatherBlockQuantized lookup of `ids` in a table stored as `tensors` (its packed rows,
+        scales[, zero points]); `views`: the tensors are a tied head's MatMulNBits blocks, read
+        through Reshapes into the lookup's shapes (as surgery.passes.quantize_embedding writes it)."""
+        from surgery.passes.quantize_embedding import EMBEDDING_GATHER, lookup_shapes
+
+        if views:
+            viewed = []
+            for position, (tensor, shape) in enumerate(zip(tensors, lookup_shapes(rows, hidden // self.block), strict=False)):
+                shape_name = writer.weight(f"{EMBEDDING_GATHER}/shape_{position}", np.array(shape, np.int64),
+                                           parameter=False)  # fmt: skip
+                view = f"{EMBEDDING_GATHER}/view_{position}"
+                viewed.append(writer.node("Reshape", [tensor, shape_name], view, [view])[0])
+            tensors = viewed
+        data, *rest = tensors
+        return writer.op(self.embedding_operator, [data, ids, *rest], f"{EMBEDDING_GATHER}BlockQuantized",
+                         "com.microsoft", **self.node_attributes(), gather_axis=0, quantize_axis=1)  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         """Plain data for the plan and the report."""
@@ -125,11 +152,36 @@ class WeightFormat:
 
 @dataclass(frozen=True)
 class QuantizedTarget:
-    """What the plan quantizes one target to: its format, and whether GPTQ rounds it."""
+    """What the plan quantizes one target to: its format, and how it is rounded: to nearest on
+    onnxruntime's range grid; `weighted`, on the grid with the least activation-weighted error;
+    `gptq`, by GPTQ (on weighted grids when both; `act_order`, largest inputs first).
+
+    `bits_per_weight` marks a target of `quantize model to <bits> bits per weight`: its format is
+    chosen at run time by measured sensitivity (`surgery.analysis.mixed_precision`); until then
+    `format` is the smallest the preset allows."""
 
     format: WeightFormat
     gptq: bool = False
+    weighted: bool = False
+    act_order: bool = False
+    bits_per_weight: float | None = None
+
+    @property
+    def uses_data(self) -> bool:
+        """Whether its rounding (or its format's choice) reads the calibration data."""
+        return self.gptq or self.weighted or self.bits_per_weight is not None
+
+    def rounding(self) -> str:
+        """How it is rounded, in words."""
+        if self.gptq:
+            how = "GPTQ on the calibration data"
+            return how + (", weighted grids" if self.weighted else "") + (", act-order" if self.act_order else "")
+        if self.weighted:
+            return "grids weighted by the calibration activations"
+        return "to nearest"
 
     def to_json(self) -> dict[str, Any]:
         """Plain data for the plan and the report."""
-        return {**self.format.to_json(), "gptq": self.gptq}
+        extra = {"bits_per_weight": self.bits_per_weight} if self.bits_per_weight is not None else {}
+        return {**self.format.to_json(), "gptq": self.gptq, "weighted": self.weighted, "act_order": self.act_order,
+                **extra}  # fmt: skip

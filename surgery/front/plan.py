@@ -54,10 +54,14 @@ class Plan:
         for step in self.steps:
             if step.action == "quantize":
                 p = step.parameters
-                target = QuantizedTarget(WeightFormat(p["bits"], p["block"], p["symmetric"]), bool(p.get("gptq")))
+                target = _target(p)
                 for linear in step.targets:
                     final[linear] = target
         return final
+
+    def chooses_formats(self) -> bool:
+        """Whether a `quantize model to <bits> bits per weight` leaves the formats to the run."""
+        return any(t.bits_per_weight is not None for t in self.quantization().values())
 
     def to_json(self) -> dict[str, Any]:
         """The whole plan as plain data (`surgery plan --json`, and the report)."""
@@ -88,8 +92,10 @@ class Plan:
                 scores = step.parameters["scores"]
                 lines.extend(_wrap(" ".join(f"{layer}={value:.4g}" for layer, value in scores.items()), indent=9))
             if step.action == "quantize" and step.layers:
-                kinds = sorted({linear_kind(t) for t in step.targets}, key=LINEAR_ORDER.index)
-                lines.append(f"       {len(step.targets)} linear layers ({', '.join(kinds)} of each layer)")
+                linears = [t for t in step.targets if t != EMBEDDING]
+                kinds = sorted({linear_kind(t) for t in linears} & set(LINEAR_ORDER), key=LINEAR_ORDER.index)
+                also = " and the embedding" if len(linears) < len(step.targets) else ""
+                lines.append(f"       {len(linears)} linear layers ({', '.join(kinds)} of each layer){also}")
             elif "resolved_groups" in step.parameters:
                 lines.append("       groups of original experts per layer (most used first):")
                 for layer, groups in step.parameters["resolved_groups"].items():
@@ -114,9 +120,19 @@ class Plan:
         if widths:
             lines.append("  quantized linear layers: " + ", ".join(f"{n} at {w}" for w, n in widths.items()))
         embedding = self.quantization().get(EMBEDDING)
-        if embedding:
+        if embedding and embedding.bits_per_weight is not None:
+            lines.append("  quantized embedding: chosen with the head (it reads the head's tensors when tied)")
+        elif embedding:
             lines.append(f"  quantized embedding: {embedding.format.name}")
         return "\n".join(lines)
+
+
+def _target(p: dict[str, Any]) -> QuantizedTarget:
+    """A quantize step's parameters as the target of each linear it names."""
+    # A preset's targets hold the smallest format until the run chooses (mixed_precision.FORMATS[0]).
+    stored = WeightFormat(4, 128) if p["part"] == "model" else WeightFormat(p["bits"], p["block"], p["symmetric"])
+    return QuantizedTarget(stored, bool(p.get("gptq")), bool(p.get("weighted")), bool(p.get("act_order")),
+                           p.get("bits_per_weight"))  # fmt: skip
 
 
 def _count_widths(assignment: dict[str, QuantizedTarget]) -> dict[str, int]:
@@ -124,7 +140,7 @@ def _count_widths(assignment: dict[str, QuantizedTarget]) -> dict[str, int]:
     for target, config in assignment.items():
         if target == EMBEDDING:
             continue
-        key = config.format.name
+        key = "int4 or int8, chosen by sensitivity" if config.bits_per_weight is not None else config.format.name
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))
 

@@ -272,9 +272,9 @@ class DecoderGraph:
         held is one or two layers plus the hidden states of the batches, never the model. The
         arithmetic is `forward`'s, batch for batch, so the results are identical.
 
-        `variants[i]`, when given, wraps batch i's pass through each layer (and, called with
-        None, through the head): verification uses it to compute with the written quantized
-        weights. `reduce(i, logits)`, when given, takes batch i's logits as soon as they are
+        `variants[i]`, when given, wraps batch i's pass through each layer (called with the
+        embedding module, its lookup; with None, the head): verification uses it to compute with
+        the written quantized weights. `reduce(i, logits)`, when given, takes batch i's logits as soon as they are
         computed and its result is returned instead, so only one batch's logits exist at a time
         (a perplexity over 16 windows of a 152k vocabulary would otherwise hold 5 GB).
         Dynamic layer fusion needs every readout at once and is not supported here.
@@ -289,8 +289,11 @@ class DecoderGraph:
         if device is not None:
             batches = [tuple(t.to(device) for t in batch) for batch in batches]  # type: ignore[misc]
         runs = [ReferenceSequence(ids, mask, positions) for ids, mask, positions in batches]
+        hidden = []
         with self.materialized(self.embedding, device=device):
-            hidden = [self.embedding(ids) for ids, _, _ in batches]
+            for i, (ids, _, _) in enumerate(batches):
+                with variants[i](self.embedding):
+                    hidden.append(self.embedding(ids))
         with on_device([self.rotary.module] if self.rotary is not None else [], device):
             for layer in self.each_layer_materialized():
                 with on_device(layer.modules(), device):

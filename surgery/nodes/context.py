@@ -12,6 +12,7 @@ from surgery.export.writer import GraphWriter
 
 if TYPE_CHECKING:
     from surgery.formats.precision import Precision
+    from surgery.formats.weights import WeightFormat
 
 MS = "com.microsoft"
 
@@ -47,6 +48,10 @@ class EmitContext(Protocol):
 
     def quantizes(self, linear: str) -> bool:
         """Whether the export writes `linear` in a quantized weight format."""
+        ...
+
+    def quantized_lookup(self, table: torch.Tensor, ids: str, stored: WeightFormat) -> str:
+        """The embedding's block-quantized lookup of `ids` in `table`, in format `stored`."""
         ...
 
     def pre(self, norm, name: str, scale: float | None = None, derived: bool = True) -> str:

@@ -34,9 +34,14 @@ class Embedding(torch.nn.Module):
         return hidden * self.scale if self.scale != 1.0 else hidden
 
     def emit(self, e: EmitContext, input_ids: str) -> tuple[str, str]:
-        """(the residual stream's first value, the table's initializer name for a tied head)."""
-        table = e.w.weight("model.embed_tokens.weight", e.array(self.weight))
-        hidden = e.w.op("Gather", [table, input_ids], "/model/embed_tokens/Gather")
+        """(the residual stream's first value, the table's initializer name for a tied head; empty
+        when the lookup is quantized, which a float head never shares)."""
+        stored = e.options.quantize_embedding
+        if stored is not None:
+            table, hidden = "", e.quantized_lookup(self.weight, input_ids, stored)
+        else:
+            table = e.w.weight("model.embed_tokens.weight", e.array(self.weight))
+            hidden = e.w.op("Gather", [table, input_ids], "/model/embed_tokens/Gather")
         if self.scale != 1.0:
             hidden = e.w.op("Mul", [hidden, e.scalar(self.scale)], "/model/embed_tokens/scale")
         return hidden, table

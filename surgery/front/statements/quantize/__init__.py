@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery.diagnostics import Diagnostic
 from surgery.formats.names import EMBEDDING, HEAD
-from surgery.formats.weights import BLOCKS, DEFAULT_BLOCK, WeightFormat
+from surgery.formats.weights import BLOCKS, DEFAULT_BLOCK, QuantizedTarget, WeightFormat
 from surgery.front.budgets import check_fit
 from surgery.front.plan_step import PlanStep, Run
 from surgery.front.selection import ImportanceQuery
@@ -27,6 +27,7 @@ from surgery.front.statements.quantize.syntax import (
     BUILDERS,
     SYNTAX,
     QuantizeGroupStmt,
+    QuantizeModelStmt,
     QuantizePart,
     QuantizeRule,
     QuantizeStmt,
@@ -61,10 +62,80 @@ class ResolvedQuantize:
     query: ImportanceQuery | None = None
     rest: bool = False
     group: int | None = None  # rules of one grouped statement share a number
+    weighted: bool = False
+    act_order: bool = False
+    bits_per_weight: float | None = None  # `quantize model to <bits> bits per weight`
 
 
-NODES = (QuantizeStmt, QuantizeGroupStmt)
-GRAMMAR = ("quantize_stmt", "quantize_group_stmt")
+NODES = (QuantizeStmt, QuantizeGroupStmt, QuantizeModelStmt)
+GRAMMAR = ("quantize_stmt", "quantize_group_stmt", "quantize_model_stmt")
+
+
+def _rounding(c, item) -> bool:
+    """`act-order` is an option of GPTQ; whether the item's rounding options hold together."""
+    if item.act_order and not item.gptq:
+        c.error(
+            "`act-order` is an order of GPTQ's rounding",
+            item.act_order_span or item.span,
+            "add `gptq` before it, or drop `act-order`",
+        )
+        return False
+    return True
+
+
+def _scale_bytes(c) -> int:
+    """Bytes of one scale in the recipe's export (its precision, or its target's default)."""
+    from surgery.formats.precision import DEFAULT_FOR_TARGET
+    from surgery.formats.precision import precision as precision_record
+    from surgery.front.statements.export import ExportStmt
+
+    export = next((s for s in c.recipe.statements if isinstance(s, ExportStmt)), None)
+    if export is None:
+        return DEFAULT_FOR_TARGET["cpu"].itemsize
+    return (precision_record(export.precision) if export.precision else DEFAULT_FOR_TARGET[export.target]).itemsize
+
+
+def _model_preset(c, statement: QuantizeModelStmt, index: ModelIndex) -> ResolvedQuantize | None:
+    """`quantize model to <bits> bits per weight`: alone among quantize statements, on a dense
+    model, with a budget the formats can meet (`surgery.analysis.mixed_precision.bounds`)."""
+    from surgery.analysis.mixed_precision import bounds, tensor_shapes
+
+    others = [s for s in c.recipe.statements if isinstance(s, NODES) and s is not statement]
+    fine = _rounding(c, statement)
+    if others:
+        fine = False
+        c.error(
+            "`quantize model` chooses the format of every linear, the head and the embedding",
+            others[0].span,
+            "remove the other quantize statements, or quantize part by part without `quantize model`",
+        )
+    if index.is_moe:
+        fine = False
+        c.error("quantizing mixture-of-experts MLPs is not supported yet", statement.span,
+                "quantize attention or head on this model")  # fmt: skip
+    if statement.block is not None or statement.symmetric:
+        fine = False
+        c.error(
+            "`quantize model` chooses each tensor's block itself, with zero points",
+            statement.block_span or statement.span,
+            "drop `block` and `symmetric`; for one format everywhere, write `quantize layers to int4 block 64` "
+            "and `quantize head to ...`",
+        )
+    every = tuple(range(index.num_layers))
+    shapes = tensor_shapes(index, {"attention": every, "mlp": every})
+    low, high = bounds(shapes, index.tied_embeddings, _scale_bytes(c))
+    if statement.bits_per_weight < low:
+        fine = False
+        c.error(
+            f"{statement.bits_per_weight:g} bits per weight is below what the formats reach on this model "
+            f"({low:.2f}: every tensor at int4 in the largest block it allows)",
+            statement.budget_span or statement.span,
+            f"ask for at least {low:.2f}; {min(high, low + 0.6):.1f} keeps the most sensitive tensors at int8",
+        )
+    if not fine:
+        return None
+    return ResolvedQuantize("model", 4, 0, False, statement.span, gptq=statement.gptq, weighted=True,
+                            act_order=statement.act_order, bits_per_weight=statement.bits_per_weight)  # fmt: skip
 
 
 def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedQuantize]:
@@ -72,21 +143,31 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedQuantize]:
     resolved: list[ResolvedQuantize] = []
     groups = 0
     for statement in c.recipe.statements:
+        if isinstance(statement, QuantizeModelStmt):
+            preset = _model_preset(c, statement, index)
+            if preset is not None:
+                resolved.append(preset)
+            continue
         if isinstance(statement, QuantizeStmt):
+            if not _rounding(c, statement):
+                continue
             block = _block(c, statement)
             if statement.part == "head":
                 resolved.append(
                     ResolvedQuantize(
-                        "head", statement.bits, block, statement.symmetric, statement.span, gptq=statement.gptq
+                        "head", statement.bits, block, statement.symmetric, statement.span, gptq=statement.gptq,
+                        weighted=statement.weighted, act_order=statement.act_order,
                     )  # fmt: skip
                 )
                 continue
             if statement.part == "embedding":
-                if statement.gptq:
+                if statement.gptq or statement.weighted:
                     c.error(
-                        "GPTQ rounds a linear layer against its inputs; the embedding is a table lookup",
-                        statement.gptq_span or statement.span,
-                        "drop `gptq` here (the embedding is rounded to nearest); a tied head shares its table "
+                        "GPTQ and weighted grids round a linear layer against its inputs; the embedding is a "
+                        "table lookup",
+                        statement.gptq_span or statement.weighted_span or statement.span,
+                        "drop `gptq` and `weighted` here (the embedding is rounded to nearest); a tied head shares "
+                        "its table "
                         "when both have the same width",
                     )
                     continue
@@ -111,7 +192,8 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedQuantize]:
                 continue
             selector = statement.selector or AllLayers(span=statement.span)
             item = ResolvedQuantize(statement.part, statement.bits, block, statement.symmetric, statement.span,
-                                    gptq=statement.gptq)  # fmt: skip
+                                    gptq=statement.gptq, weighted=statement.weighted,
+                                    act_order=statement.act_order)  # fmt: skip
             if isinstance(selector, ImportanceSelector):
                 query = c.importance(selector.rank, selector.source, SCORE_PART[statement.part], index, selector.span)
                 if query is not None:
@@ -150,8 +232,10 @@ def _group(c, statement: QuantizeGroupStmt, group: int, index: ModelIndex) -> li
                 "rules after `rest` can never match: every layer is taken by then",
             )
             continue
+        if not _rounding(c, rule):
+            continue
         item = ResolvedQuantize(statement.part, rule.bits, _block(c, rule), rule.symmetric, rule.span, group=group,
-                                gptq=rule.gptq)  # fmt: skip
+                                gptq=rule.gptq, weighted=rule.weighted, act_order=rule.act_order)  # fmt: skip
         if isinstance(rule.selector, RestLayers):
             resolved.append(replace(item, rest=True))
         elif isinstance(rule.selector, ImportanceRank):
@@ -229,7 +313,23 @@ def plan(state: PlanState) -> list[PlanStep]:
             "block": item.block,
             "symmetric": item.symmetric,
             "gptq": item.gptq,
+            "weighted": item.weighted,
+            "act_order": item.act_order,
         }
+        if item.part == "model":
+            parameters["bits_per_weight"] = item.bits_per_weight
+            layers = tuple(sorted(attention | mlp))
+            targets = []
+            for layer in layers:
+                if layer in attention:
+                    targets += index.linear_names(layer, "attention")
+                if layer in mlp:
+                    targets += index.linear_names(layer, "mlp")
+            targets += [HEAD, EMBEDDING]
+            parameters["layers"] = list(layers)
+            steps.append(QuantizeStep(action="quantize", phase="onnx", parameters=parameters, layers=layers,
+                                      targets=tuple(targets), source=item.span))  # fmt: skip
+            continue
         if item.part in ("head", "embedding"):
             layers: tuple[int, ...] = ()
             targets = [HEAD if item.part == "head" else EMBEDDING]
@@ -313,18 +413,24 @@ class QuantizeStep(PlanStep):
     timing: ClassVar[str] = "quantize"
     together: ClassVar[bool] = True
 
-    @property
-    def needs_whole_model(self) -> bool:
-        """The quantized embedding is an ONNX pass over the written table."""
-        return self.parameters["part"] == "embedding"
-
     def describe(self) -> str:
         """One line for `surgery plan`."""
         p = self.parameters
+        if p["part"] == "model":
+            rounding = "GPTQ on the calibration data, weighted grids" if p["gptq"] else "weighted grids"
+            rounding += ", act-order" if p.get("act_order") else ""
+            return (
+                f"quantize model to {p['bits_per_weight']:g} bits per weight: the linears of layers "
+                f"{format_layers(self.layers)}, the head and the embedding, each int4 or int8 (blocks of 128, 64 "
+                f"or 32, zero points) by its measured sensitivity on the calibration data; {rounding}"
+            )
         part = {"layers": "linears", "attention": "attention linears", "mlp": "MLP linears"}.get(p["part"], "")
         layers = f"layers {format_layers(self.layers)}" if self.layers else "no layer"
         stored = WeightFormat(p["bits"], p["block"], p["symmetric"])
-        note = "GPTQ on the calibration data" if p.get("gptq") else ""
+        note = ""
+        if p.get("gptq") or p.get("weighted"):
+            note = QuantizedTarget(stored, bool(p.get("gptq")), bool(p.get("weighted")), bool(p.get("act_order")))
+            note = note.rounding()
         if p["part"] == "embedding":
             return f"quantize embedding to {stored.describe(stored.embedding_operator, note)}"
         what = "head" if p["part"] == "head" else f"{part} of {layers}"
@@ -339,6 +445,6 @@ class QuantizeStep(PlanStep):
 
 
 __all__ = [
-    "BUILDERS", "GRAMMAR", "NODES", "SYNTAX", "QuantizeGroupStmt",
+    "BUILDERS", "GRAMMAR", "NODES", "SYNTAX", "QuantizeGroupStmt", "QuantizeModelStmt",
     "QuantizePart", "QuantizeRule", "QuantizeStep", "QuantizeStmt", "ResolvedQuantize", "check", "plan", "unparse",
 ]  # fmt: skip

@@ -35,9 +35,13 @@ class QuantizeStmt:
     block: int | None = None
     symmetric: bool = False
     gptq: bool = False  # rounded by GPTQ on the calibration data instead of to nearest
+    weighted: bool = False  # each block's grid searched against the calibration activations
+    act_order: bool = False  # GPTQ rounds the columns of largest input energy first
     span: Span = span_field()
     block_span: Span | None = span_field()
     gptq_span: Span | None = span_field()
+    weighted_span: Span | None = span_field()
+    act_order_span: Span | None = span_field()
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,32 @@ class QuantizeRule:
     block: int | None = None
     symmetric: bool = False
     gptq: bool = False  # rounded by GPTQ on the calibration data instead of to nearest
+    weighted: bool = False
+    act_order: bool = False
     span: Span = span_field()
     block_span: Span | None = span_field()
     gptq_span: Span | None = span_field()
+    weighted_span: Span | None = span_field()
+    act_order_span: Span | None = span_field()
+
+
+@dataclass(frozen=True)
+class QuantizeModelStmt:
+    """`quantize model to <bits> bits per weight [gptq] [act-order]`: every linear, the head and
+    the embedding, each tensor's format chosen by measured sensitivity under the budget."""
+
+    bits_per_weight: float
+    gptq: bool = False
+    act_order: bool = False
+    span: Span = span_field()
+    budget_span: Span | None = span_field()
+    block: int | None = None  # options the preset chooses itself; kept to point at them
+    symmetric: bool = False
+    weighted: bool = True
+    block_span: Span | None = span_field()
+    gptq_span: Span | None = span_field()
+    weighted_span: Span | None = span_field()
+    act_order_span: Span | None = span_field()
 
 
 @dataclass(frozen=True)
@@ -66,8 +93,11 @@ class QuantizeGroupStmt:
 
 
 SYNTAX = """
-// quantize <part> [<selector>] to int4|int8 [block N] [symmetric] [gptq]; part: layers, attention, mlp, head, embedding
+// quantize <part> [<selector>] to int4|int8 [block N] [symmetric] [weighted] [gptq] [act-order];
+// part: layers, attention, mlp, head, embedding
 quantize_stmt: "quantize" quantize_target "to" WIDTH quantize_option*
+// quantize model to <bits> bits per weight [gptq] [act-order]: formats per tensor by sensitivity
+quantize_model_stmt: "quantize" "model" "to" NUMBER "bits" "per" "weight" quantize_option*
 ?quantize_target: "layers" layer_set         -> quantize_layers
                 | "layers" importance_rank importance_source -> quantize_layers_by_importance
                 | "layers"                   -> quantize_all_layers
@@ -79,6 +109,8 @@ WIDTH: "int4" | "int8"
 ?quantize_option: "block" INT  -> block_option
                 | "symmetric"  -> symmetric_option
                 | "gptq"       -> gptq_option
+                | "weighted"   -> weighted_option
+                | "act-order"  -> act_order_option
 
 // quantize layers by <source> { <rule> -> <width> ... }: the first rule that matches a layer wins.
 quantize_group_stmt: "quantize" group_part importance_source fit_marker? "{" group_item* "}"
@@ -97,6 +129,12 @@ quantize_rule: rule_selector "->" WIDTH quantize_option*
 def _quantize_stmt(ast, meta, children) -> QuantizeStmt:
     (part, selector), width, *options = children
     return QuantizeStmt(part=part, selector=selector, bits=int(width[3:]), span=ast.span(meta), **ast.options(options))
+
+
+def _quantize_model_stmt(ast, meta, children) -> QuantizeModelStmt:
+    number, *options = children
+    fields = ast.options(options)
+    return QuantizeModelStmt(bits_per_weight=float(number), span=ast.span(meta), budget_span=ast.tok(number), **fields)
 
 
 def _quantize_group_stmt(ast, meta, children) -> QuantizeGroupStmt:
@@ -126,6 +164,9 @@ BUILDERS = {
     "block_option": lambda ast, meta, children: {"block": int(children[0]), "block_span": ast.tok(children[0])},
     "symmetric_option": lambda ast, meta, children: {"symmetric": True},
     "gptq_option": lambda ast, meta, children: {"gptq": True, "gptq_span": ast.span(meta)},
+    "weighted_option": lambda ast, meta, children: {"weighted": True, "weighted_span": ast.span(meta)},
+    "act_order_option": lambda ast, meta, children: {"act_order": True, "act_order_span": ast.span(meta)},
+    "quantize_model_stmt": _quantize_model_stmt,
     "quantize_group_stmt": _quantize_group_stmt,
     "group_layers": lambda ast, meta, children: "layers",
     "group_part": lambda ast, meta, children: str(children[0]),
@@ -142,7 +183,10 @@ def _width(item: Any) -> str:
     text = f"int{item.bits}"
     if item.block is not None:
         text += f" block {item.block}"
-    return text + (" symmetric" if item.symmetric else "") + (" gptq" if item.gptq else "")
+    text += " symmetric" if item.symmetric else ""
+    text += " weighted" if item.weighted else ""
+    text += " gptq" if item.gptq else ""
+    return text + (" act-order" if item.act_order else "")
 
 
 def _unparse_rule(rule: QuantizeRule) -> str:
@@ -155,8 +199,11 @@ def _unparse_rule(rule: QuantizeRule) -> str:
     return f"{target} -> {_width(rule)}"
 
 
-def unparse(statement: QuantizeStmt | QuantizeGroupStmt) -> str:
+def unparse(statement: QuantizeStmt | QuantizeGroupStmt | QuantizeModelStmt) -> str:
     """Canonical text."""
+    if isinstance(statement, QuantizeModelStmt):
+        options = (" gptq" if statement.gptq else "") + (" act-order" if statement.act_order else "")
+        return f"quantize model to {statement.bits_per_weight:g} bits per weight{options}"
     if isinstance(statement, QuantizeGroupStmt):
         lines = [_unparse_rule(rule) for rule in statement.rules]
         marker = ""
