@@ -37,12 +37,12 @@ import torch
 
 from surgery.analysis.quantization import BlockQuantized
 from surgery.analysis.rounding import encode, padded_blocks, quantize_searched, range_grid
+from surgery.analysis.sensitivity_probe import REFERENCE, mean_kl, probe_rows, to_kl
 from surgery.backend.verify_layerwise import fill_dequantized, linear_owner, linear_weights
 from surgery.formats.names import HEAD, linear_layer
 from surgery.formats.weights import QuantizedTarget, WeightFormat
 from surgery.ir.graph import DecoderGraph, ReferenceSequence
 from surgery.ir.inputs import calibration_batches, on_device
-from surgery.analysis.sensitivity_probe import REFERENCE, mean_kl, probe_rows, to_kl
 from surgery.progress import counted
 
 BATCH_ROWS = 8  # calibration samples per forward batch

@@ -39,8 +39,8 @@ from surgery.backend.verify import PROMPTS, OnnxRun, ReferenceTrace, onnx_steps,
 from surgery.formats.names import linear_layer, linear_of_packed_weight
 from surgery.formats.weights import WeightFormat
 from surgery.ir.graph import DecoderGraph, DecoderLayer
-from surgery.nodes.embedding import Embedding
 from surgery.ir.inputs import position_ids_from_mask
+from surgery.nodes.embedding import Embedding
 
 FLOAT_COMPUTE_MODEL = "model.float-compute.onnx"  # the exact part's twin, removed after use
 

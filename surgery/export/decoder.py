@@ -40,6 +40,7 @@ import torch
 from onnx import TensorProto
 
 from surgery.export.options import ExportOptions
+from surgery.formats.weights import WeightFormat
 from surgery.export.shared_inputs import SharedInputs
 from surgery.export.writer import GraphWriter
 from surgery.ir.graph import DecoderGraph
@@ -154,7 +155,8 @@ class _Emitter:
         rows, hidden = table.shape
         shares = self.graph.tied_head and self.quantized.get("lm_head") == stored
         if shares:
-            tensors = self.written["lm_head"] = stored.write_blocks(self.w, "lm_head.weight", self.blocks("lm_head", table))
+            blocks = self.blocks("lm_head", table)
+            tensors = self.written["lm_head"] = stored.write_blocks(self.w, "lm_head.weight", blocks)
         else:
             blocks = stored.quantize(table)
             blocks = replace(blocks, packed=blocks.packed.reshape(rows, -1), scales=blocks.scales.astype(self.dtype),

@@ -135,7 +135,8 @@ class WeightFormat:
 
         if views:
             viewed = []
-            for position, (tensor, shape) in enumerate(zip(tensors, lookup_shapes(rows, hidden // self.block), strict=False)):
+            shapes = lookup_shapes(rows, hidden // self.block)
+            for position, (tensor, shape) in enumerate(zip(tensors, shapes, strict=False)):
                 shape_name = writer.weight(f"{EMBEDDING_GATHER}/shape_{position}", np.array(shape, np.int64),
                                            parameter=False)  # fmt: skip
                 view = f"{EMBEDDING_GATHER}/view_{position}"
