@@ -40,9 +40,9 @@ import torch
 from onnx import TensorProto
 
 from surgery.export.options import ExportOptions
-from surgery.formats.weights import WeightFormat
 from surgery.export.shared_inputs import SharedInputs
 from surgery.export.writer import GraphWriter
+from surgery.formats.weights import WeightFormat
 from surgery.ir.graph import DecoderGraph
 from surgery.ir.layer import DecoderLayer, walk_layer
 from surgery.nodes.norm import RMSNorm
