@@ -9,7 +9,8 @@ Rows (each built in a fresh process, timed, its peak memory taken):
   to nearest (onnxruntime's own packer);
 - `ours gptq`: the same with `gptq` on the linears and the head (the recipe before issue 26);
 - `ours <bits> bpw`: `quantize model to <bits> bits per weight` for each `--budgets` value
-  (weighted grids, per-tensor formats by measured sensitivity), and with `gptq` if `--gptq`.
+  (weighted grids, per-tensor formats by measured sensitivity); a value ending in `g` (`6.55g`)
+  adds `gptq`.
 
 Columns: file MB; bits per weight of the quantized tensors and of the whole model
 (surgery.analysis.quantization.bits_summary, read from each model.onnx); perplexity on the first
@@ -18,7 +19,7 @@ agreement against the fp32 export on the same windows; decode ms per token after
 prompt (rounds that open the models afresh in a rotated order); build seconds and peak GB.
 
     python benchmarks/bench_int4_quality.py smollm2|gemma3|qwen [--tokens 16384] [--rounds 3]
-        [--budgets 4.8 5.2] [--gptq] [--builder-algos default k_quant_mixed] [--only TEXT ...]
+        [--budgets 4.8 6.55g] [--builder-algos default k_quant_mixed] [--only TEXT ...]
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--budgets", nargs="+", type=float, default=[4.8])
-    parser.add_argument("--gptq", action="store_true", help="also each budget with `gptq`")
+    parser.add_argument("--budgets", nargs="+", default=["4.8", "6.55g"],
+                        help="bits per weight of `quantize model`; a trailing g adds gptq")  # fmt: skip
     parser.add_argument("--calibration", default="samples 64 length 256", help="the calibrate statement's options")
     parser.add_argument("--builder-algos", nargs="+", default=["default", "k_quant_mixed"], metavar="ALGO")
     parser.add_argument("--only", nargs="+", default=None, metavar="TEXT", help="only rows whose name has one of these")
@@ -102,9 +103,8 @@ def main() -> None:
     recipes = {"fp32": f'model "{spec}"\nexport onnx\n', "ours rtn": f'model "{spec}"\n' + RTN}
     recipes["ours gptq"] = head + GPTQ
     for budget in args.budgets:
-        recipes[f"ours {budget:g} bpw"] = head + f"quantize model to {budget:g} bits per weight\n"
-        if args.gptq:
-            recipes[f"ours {budget:g} bpw gptq"] = head + f"quantize model to {budget:g} bits per weight gptq\n"
+        bits, gptq = float(budget.rstrip("g")), " gptq" if budget.endswith("g") else ""
+        recipes[f"ours {bits:g} bpw{gptq}"] = head + f"quantize model to {bits:g} bits per weight{gptq}\n"
     builders = {("builder int4" if a == "default" else f"builder int4 {a}"): a for a in args.builder_algos}
     names = [n for n in [*recipes, *builders] if n == "fp32" or not args.only or any(o in n for o in args.only)]
     folders: dict[str, Path] = {}

@@ -180,22 +180,27 @@ def test_the_hull_skips_formats_that_are_larger_and_no_better_or_never_the_best_
     assert [option[2] for option in hull] == [f[0], f[2]]
 
 
-def test_a_preset_recipe_writes_its_choice_and_keeps_its_budget(tmp_path):
-    """End to end on the tiny Llama: the report's choice, the written formats and bits per weight
-    of the quantized tensors within the budget, every linear and the embedding quantized."""
+@pytest.mark.parametrize(("model", "options"), [("tiny-llama", ""), ("tiny-qwen2", " gptq")])
+def test_a_preset_recipe_writes_its_choice_and_keeps_its_budget(tmp_path, model, options):
+    """End to end (untied and tied, weighted and GPTQ): the report's choice, the written formats
+    and bits per weight of the quantized tensors within the budget, every linear and the
+    embedding quantized as they were written, and verified exactly against PyTorch with the
+    written weights (the lookup's rows included)."""
     import json
 
     from conftest import run_cli
     from surgery.analysis.quantization import bits_summary, quantized_linears
 
     recipe = tmp_path / "r.surg"
-    recipe.write_text('model "tiny-llama"\ncalibrate on "wikitext-2-valid" samples 8 length 64\n'
-                      "quantize model to 5.5 bits per weight\n")  # fmt: skip
+    recipe.write_text(f'model "{model}"\ncalibrate on "wikitext-2-valid" samples 8 length 64\n'
+                      f"quantize model to 5.5 bits per weight{options}\n")  # fmt: skip
     result = run_cli("apply", str(recipe), "-o", str(tmp_path / "out"))
     assert result.code == 0, result.err
     report = json.loads((tmp_path / "out" / "surgery.json").read_text())
     section = report["mixed_precision"]
     assert section["bits_per_weight"] <= 5.5
+    assert report["quantization"]["quantized_while_writing"]  # streamed: no whole-model load
+    assert report["verification"]["quantized_weights"] and report["verification"]["passed"]
     model = onnx.load(str(tmp_path / "out" / "model.onnx"))
     linears = {q.linear: q for q in quantized_linears(model)}
     assert len(linears) == len(section["tensors"])  # every linear and the head

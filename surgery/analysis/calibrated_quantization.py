@@ -14,7 +14,8 @@ depends on what the linear asked for:
   (`surgery.analysis.rounding.quantize_searched`, llama.cpp's importance matrix). The
   activations are the float model's, as llama.cpp collects them: one pass.
 - the preset's sensitivity (`sensitivity=` formats): the same diagonal, and the error each
-  candidate format adds to the linear's output relative to the residual stream it perturbs,
+  candidate format adds to the linear's output relative to the residual stream it perturbs
+  (token by token),
   turned into KL divergence at the output by a probe that follows a few samples through a
   rounded copy of every layer (`surgery.analysis.sensitivity_probe`); the head's KL per format
   is measured directly. `surgery.analysis.mixed_precision` chooses from these.
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -69,6 +70,8 @@ class _InputSums:
         self.modules = modules
         self.full = full
         self._sums: dict[str, torch.Tensor] = {}
+        self._relative: dict[str, torch.Tensor] = {}  # diagonal sums, each row over its token's residual energy
+        self.token_weights: torch.Tensor | None = None  # this batch's 1 / |h_t|^2 per token, when known
         self.rows: dict[str, int] = {}
         self._shared: dict[str, str] = {}  # linear -> the linear whose sum it reads
         # This batch's inputs, by id, with the linear that summed each; holding them keeps a
@@ -97,8 +100,22 @@ class _InputSums:
         if linear in self.full:
             self._sums[linear] = x.T @ x if total is None else total.addmm_(x.T, x)
         else:
-            squares = (x * x).sum(0)
-            self._sums[linear] = squares if total is None else total.add_(squares)
+            squares = x * x
+            self._sums[linear] = squares.sum(0) if total is None else total.add_(squares.sum(0))
+            weights = self.token_weights
+            if weights is not None and weights.numel() == x.shape[0]:
+                relative = (squares * weights[:, None]).sum(0)
+                previous = self._relative.get(linear)
+                self._relative[linear] = relative if previous is None else previous.add_(relative)
+
+    def relative_energy(self, linear: str) -> torch.Tensor:
+        """Per input column, the mean over tokens of its squared activation divided by the energy
+        of the token's residual stream entering the layer: the weights under which the error a
+        rounded weight adds to the output is relative to what it perturbs, token by token (a few
+        tokens carry residuals hundreds of times larger than the rest, the "massive
+        activations" of most LLMs, and would otherwise dominate a mean over tokens)."""
+        name = self._shared.get(linear, linear)
+        return self._relative[name] / max(1, self.rows[name])
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -157,16 +174,17 @@ def _round(weight: torch.Tensor, target: QuantizedTarget, sums: torch.Tensor | N
     return stored.quantize(weight.cpu())
 
 
-def _relative_errors(weight: torch.Tensor, energy: torch.Tensor, scale: float, formats) -> dict:
+def _relative_errors(weight: torch.Tensor, energy: torch.Tensor, formats) -> dict:
     """What each format adds to the linear's output: sum_j energy_j * sum_i (W - Q(W))_ij^2
-    (onnxruntime's range grid) divided by `scale`, the energy of what the output perturbs."""
+    (onnxruntime's range grid), `energy` relative to what the output perturbs
+    (`_InputSums.relative_energy`)."""
     errors = {}
     for stored in formats:
         blocks = padded_blocks(weight, stored.block)
         grid_scale, zero = range_grid(blocks, stored.bits, stored.symmetric)
         rounded = (encode(blocks, grid_scale, zero, stored.bits) - zero[..., None]) * grid_scale[..., None]
         squared = ((blocks - rounded) ** 2).reshape(weight.shape[0], -1)[:, : weight.shape[1]].sum(0)
-        errors[stored] = float((squared * energy.to(squared.device)).sum()) / max(scale, 1e-30)
+        errors[stored] = float((squared * energy.to(squared.device)).sum())
     return errors
 
 
@@ -188,11 +206,13 @@ def calibrated_blocks(
     progress: Progress = lambda _: None,
     device: str | None = None,
     sensitivity: tuple[WeightFormat, ...] = (),
+    head_rounding: QuantizedTarget | None = None,
 ) -> Calibration:
     """GPTQ or weighted blocks for each linear of `targets` that asks for one (exported name ->
     target), and, for every target when `sensitivity` names formats, the error each of them adds
     (`_relative_errors`) and the activation energy; calibrated on `tokens` (samples, length),
-    layer-major (see the module docstring)."""
+    layer-major (see the module docstring). The head's errors are KL measured with it rounded as
+    `head_rounding` says (GPTQ helps a head of many rows far more than a layer's linears)."""
     wanted = {linear: t for linear, t in targets.items() if t.gptq or t.weighted or sensitivity}
     runs = [ReferenceSequence(*(t.to(device) if device else t for t in batch))
             for batch in calibration_batches(tokens, BATCH_ROWS)]  # fmt: skip
@@ -223,16 +243,20 @@ def calibrated_blocks(
                         probed[1], _ = probe.through(layer, probed[1], graph.rotary, None)
     if HEAD in wanted:
         with graph.materialized(graph.head.final_norm, graph.head, device=device):
-            sums = _InputSums({}, {HEAD} if wanted[HEAD].gptq else set())
+            gptq = wanted[HEAD].gptq or bool(sensitivity and head_rounding and head_rounding.gptq)
+            sums = _InputSums({}, {HEAD} if gptq else set())
             for state in hidden:  # the head's input only: the logits are never computed
                 sums.add(HEAD, graph.head.final_norm(state))
             weight = _weight(graph, HEAD, device)
             if sensitivity:
                 result.energies[HEAD] = sums.energy(HEAD)
                 head_kl = {}
+                how = head_rounding or QuantizedTarget(REFERENCE)
+                statistic = sums.sum(HEAD) if how.gptq else sums.energy(HEAD)
                 for stored in sensitivity:
                     rounded = torch.empty(weight.shape, dtype=torch.float32)
-                    fill_dequantized(rounded, stored.quantize(weight.cpu()), weight.shape[1], stored, 0)
+                    blocks = _round(weight, replace(how, format=stored), statistic)
+                    fill_dequantized(rounded, blocks, weight.shape[1], stored, 0)
                     head_kl[stored] = mean_kl(graph.head, probed[0], probed[0], rounded.to(weight.device))
                 result.errors[HEAD] = head_kl
                 to_kl(result.errors, mean_kl(graph.head, probed[0], probed[1]), head_kl, HEAD)
@@ -252,12 +276,11 @@ def _layer(graph, layer, runs, hidden, linears: dict[str, QuantizedTarget], resu
         return
     full = {linear for linear, t in linears.items() if t.gptq}
     sums = _InputSums({linear: input_module(graph, linear) for linear in linears}, full)
-    residual = 0.0
-    rows = 0
     with sums.installed():
         for i, run in enumerate(runs):
-            residual += float((hidden[i].float() ** 2).sum())
-            rows += hidden[i].shape[0] * hidden[i].shape[1]
+            if sensitivity:
+                energy = hidden[i].float().pow(2).sum(-1).reshape(-1)
+                sums.token_weights = 1 / energy.clamp_min(torch.finfo(torch.float32).tiny)
             out, _ = run.through(layer, hidden[i], graph.rotary, None)
             if not full:
                 hidden[i] = out  # the float model's activations feed the next layer
@@ -267,7 +290,7 @@ def _layer(graph, layer, runs, hidden, linears: dict[str, QuantizedTarget], resu
         weight = _weight(graph, linear, device)
         if sensitivity:
             energy = result.energies[linear] = sums.energy(linear)
-            result.errors[linear] = _relative_errors(weight, energy, residual / max(1, rows), sensitivity)
+            result.errors[linear] = _relative_errors(weight, sums.relative_energy(linear), sensitivity)
         if target.gptq or target.weighted:
             statistic = sums.sum(linear) if target.gptq else sums.energy(linear)
             result.blocks[linear] = _round(weight, target, statistic)

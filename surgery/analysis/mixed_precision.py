@@ -2,11 +2,13 @@
 
 `quantize model to <bits> bits per weight` gives every linear, the head and the embedding one of
 `FORMATS` (int4 or int8, blocks of 128, 64 or 32, with zero points). What a tensor loses in a
-format is measured on the calibration data: the squared error its rounded weight adds to its
-output, `sum_j a_j * sum_i (W_ij - Q(W)_ij)^2` with `a_j` the mean squared activation of input
-column j (the diagonal of GPTQ's Hessian, llama.cpp's importance matrix), relative to the
-energy of what that output perturbs: the residual stream entering the layer for a layer's
-linears, the logits for the head. The choice is a multiple-choice knapsack, solved the way
+format is measured on the calibration data (surgery.analysis.calibrated_quantization): for a
+layer's linear, the squared error its rounded weight adds to its output,
+`sum_j a_j * sum_i (W_ij - Q(W)_ij)^2` with `a_j` the mean over tokens of input column j's
+squared activation over the energy of the token's residual stream (the diagonal of GPTQ's
+Hessian, llama.cpp's importance matrix, token by token relative to what the output perturbs),
+turned into KL divergence at the output by a probe (surgery.analysis.sensitivity_probe); for
+the head, the KL divergence measured with it rounded. The choice is a multiple-choice knapsack, solved the way
 rate-distortion allocators solve it: every tensor starts in the smallest format, and the
 upgrade with the most error removed per byte added, along each tensor's lower convex hull of
 (bytes, error), is taken until the next one no longer fits the budget.

@@ -11,8 +11,10 @@ measures it on a few calibration samples while the walk runs:
   that model's next-token distribution from the float model's is known; dividing it by the
   sum of the layers' relative errors in that format gives the KL per unit of relative error,
   which turns every layer linear's error into KL;
-- the head is rounded in each candidate format and its KL on the float hidden states is
-  measured directly.
+- the head is rounded in each candidate format, as the output will round it (weighted grids,
+  and GPTQ when the recipe asks: GPTQ helps a head of many rows and few columns far more than
+  a layer's linears, so its error measured to nearest would overstate it), and its KL on the
+  float hidden states is measured directly.
 
 Quantization errors of separate tensors roughly add up in KL at these sizes, which is what
 the knapsack assumes. What is held: the probe's hidden states twice (`PROBE_TOKENS` tokens) and

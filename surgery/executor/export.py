@@ -79,7 +79,8 @@ def _calibrate(run: Run, quantization: dict[str, QuantizedTarget]) -> dict[str, 
 
     run.progress(f"measuring the sensitivity of {len(linears)} tensor(s) to each format against {describe}")
     plain = {linear: replace(t, gptq=False, weighted=False) for linear, t in linears.items()}
-    measured = calibrated_blocks(graph, plain, tokens, run.progress, device, sensitivity=FORMATS)
+    measured = calibrated_blocks(graph, plain, tokens, run.progress, device, sensitivity=FORMATS,
+                                 head_rounding=linears.get(HEAD))  # fmt: skip
     index, plan = run.checked.index, run.plan
     shapes = tensor_shapes(index, {"attention": plan.kv_layers_after, "mlp": plan.mlp_layers_after})
     scale_bytes = precision_record(plan.export.precision).itemsize
