@@ -22,18 +22,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from surgery.formats.weights import WeightFormat
+from surgery.formats.weights import EMBEDDING_GATHER, WeightFormat, lookup_shapes
 from surgery.passes.base import OnnxPass, PassResult
 from surgery.passes.quantize import FLOAT_TYPES
 
-EMBEDDING_GATHER = "/model/embed_tokens/Gather"
 HEAD_NODE = "/lm_head/MatMul"
-
-
-def lookup_shapes(rows: int, blocks: int) -> list[list[int]]:
-    """The shapes GatherBlockQuantized reads a tied head's MatMulNBits tensors in: packed rows
-    [rows, blocks * blob], scales [rows, blocks], zero points [rows, packed blocks]."""
-    return [[rows, -1], [rows, blocks], [rows, -1]]
 
 
 def _attributes(node: onnx.NodeProto) -> dict:

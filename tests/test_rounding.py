@@ -214,3 +214,46 @@ def test_a_preset_recipe_writes_its_choice_and_keeps_its_budget(tmp_path, model,
     stored = sum(8 * q.storage_bytes for q in linears.values()) + (0 if tied else 8 * embedding["storage_bytes"])
     weights = sum(q.parameters for q in linears.values()) + (0 if tied else embedding["parameters"])
     assert stored / weights == pytest.approx(section["bits_per_weight"], abs=1e-3)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+
+
+@CUDA
+def test_gptq_and_the_searched_grid_on_the_gpu_write_the_cpus_blocks():
+    """`--device cuda`: the same rounding on the GPU (the Hessian's device), to float rounding."""
+    weight = _weight(256, 512)
+    x = torch.randn(4096, 512)
+    hessian = x.T @ x
+    for searched, act_order in ((False, False), (True, True)):
+        cpu = gptq_blocks(weight, hessian, 4, 32, False, searched=searched, act_order=act_order)
+        gpu = gptq_blocks(weight.cuda(), hessian.cuda(), 4, 32, False, searched=searched, act_order=act_order)
+        assert (cpu.packed != gpu.packed).mean() < 0.01
+        np.testing.assert_allclose(cpu.scales, gpu.scales, rtol=1e-3, atol=1e-6)
+    importance = torch.rand(512)
+    cpu = quantize_searched(weight, importance, 4, 32, False)
+    gpu = quantize_searched(weight.cuda(), importance.cuda(), 4, 32, False)
+    assert (cpu.packed != gpu.packed).mean() < 0.001
+
+
+def test_the_device_flag_reaches_the_calibrated_rounding(tmp_path, monkeypatch):
+    """`apply --device` is where GPTQ, the weighted grids and the sensitivity walk run (the CPU
+    is None: nothing moves); on a CUDA machine the same recipe runs them there."""
+    import surgery.analysis.calibrated_quantization as calibrated
+    from conftest import run_cli
+
+    seen = []
+    original = calibrated.calibrated_blocks
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("device", args[4] if len(args) > 4 else None))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(calibrated, "calibrated_blocks", spy)
+    recipe = tmp_path / "r.surg"
+    recipe.write_text('model "tiny-llama"\ncalibrate on "wikitext-2-valid" samples 4 length 32\n'
+                      "quantize layers to int4 weighted\n")  # fmt: skip
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = run_cli("apply", str(recipe), "-o", str(tmp_path / "out"), "--device", device)
+    assert result.code == 0, result.err
+    assert seen == [None if device == "cpu" else device]

@@ -17,9 +17,16 @@ from typing import Any
 
 import numpy as np
 
+EMBEDDING_GATHER = "/model/embed_tokens/Gather"  # the embedding lookup's node, and its quantized form's prefix
 WIDTHS = (4, 8)
 BLOCKS = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
 DEFAULT_BLOCK = 32
+
+
+def lookup_shapes(rows: int, blocks: int) -> list[list[int]]:
+    """The shapes GatherBlockQuantized reads a tied head's MatMulNBits tensors in: packed rows
+    [rows, blocks * blob], scales [rows, blocks], zero points [rows, packed blocks]."""
+    return [[rows, -1], [rows, blocks], [rows, -1]]
 
 
 @dataclass(frozen=True)
@@ -131,8 +138,6 @@ class WeightFormat:
         """The GatherBlockQuantized lookup of `ids` in a table stored as `tensors` (its packed rows,
         scales[, zero points]); `views`: the tensors are a tied head's MatMulNBits blocks, read
         through Reshapes into the lookup's shapes (as surgery.passes.quantize_embedding writes it)."""
-        from surgery.passes.quantize_embedding import EMBEDDING_GATHER, lookup_shapes
-
         if views:
             viewed = []
             shapes = lookup_shapes(rows, hidden // self.block)

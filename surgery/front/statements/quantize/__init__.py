@@ -23,6 +23,7 @@ from surgery.front.selectors import (
     unparse_source,
 )
 from surgery.front.statements.base import SCORE_PART
+from surgery.front.statements.quantize.rounding import check_preset, rounding_holds
 from surgery.front.statements.quantize.syntax import (
     BUILDERS,
     SYNTAX,
@@ -71,85 +72,20 @@ NODES = (QuantizeStmt, QuantizeGroupStmt, QuantizeModelStmt)
 GRAMMAR = ("quantize_stmt", "quantize_group_stmt", "quantize_model_stmt")
 
 
-def _rounding(c, item) -> bool:
-    """`act-order` is an option of GPTQ; whether the item's rounding options hold together."""
-    if item.act_order and not item.gptq:
-        c.error(
-            "`act-order` is an order of GPTQ's rounding",
-            item.act_order_span or item.span,
-            "add `gptq` before it, or drop `act-order`",
-        )
-        return False
-    return True
-
-
-def _scale_bytes(c) -> int:
-    """Bytes of one scale in the recipe's export (its precision, or its target's default)."""
-    from surgery.formats.precision import DEFAULT_FOR_TARGET
-    from surgery.formats.precision import precision as precision_record
-    from surgery.front.statements.export import ExportStmt
-
-    export = next((s for s in c.recipe.statements if isinstance(s, ExportStmt)), None)
-    if export is None:
-        return DEFAULT_FOR_TARGET["cpu"].itemsize
-    return (precision_record(export.precision) if export.precision else DEFAULT_FOR_TARGET[export.target]).itemsize
-
-
-def _model_preset(c, statement: QuantizeModelStmt, index: ModelIndex) -> ResolvedQuantize | None:
-    """`quantize model to <bits> bits per weight`: alone among quantize statements, on a dense
-    model, with a budget the formats can meet (`surgery.analysis.mixed_precision.bounds`)."""
-    from surgery.analysis.mixed_precision import bounds, tensor_shapes
-
-    others = [s for s in c.recipe.statements if isinstance(s, NODES) and s is not statement]
-    fine = _rounding(c, statement)
-    if others:
-        fine = False
-        c.error(
-            "`quantize model` chooses the format of every linear, the head and the embedding",
-            others[0].span,
-            "remove the other quantize statements, or quantize part by part without `quantize model`",
-        )
-    if index.is_moe:
-        fine = False
-        c.error("quantizing mixture-of-experts MLPs is not supported yet", statement.span,
-                "quantize attention or head on this model")  # fmt: skip
-    if statement.block is not None or statement.symmetric:
-        fine = False
-        c.error(
-            "`quantize model` chooses each tensor's block itself, with zero points",
-            statement.block_span or statement.span,
-            "drop `block` and `symmetric`; for one format everywhere, write `quantize layers to int4 block 64` "
-            "and `quantize head to ...`",
-        )
-    every = tuple(range(index.num_layers))
-    shapes = tensor_shapes(index, {"attention": every, "mlp": every})
-    low, high = bounds(shapes, index.tied_embeddings, _scale_bytes(c))
-    if statement.bits_per_weight < low:
-        fine = False
-        c.error(
-            f"{statement.bits_per_weight:g} bits per weight is below what the formats reach on this model "
-            f"({low:.2f}: every tensor at int4 in the largest block it allows)",
-            statement.budget_span or statement.span,
-            f"ask for at least {low:.2f}; {min(high, low + 0.6):.1f} keeps the most sensitive tensors at int8",
-        )
-    if not fine:
-        return None
-    return ResolvedQuantize("model", 4, 0, False, statement.span, gptq=statement.gptq, weighted=True,
-                            act_order=statement.act_order, bits_per_weight=statement.bits_per_weight)  # fmt: skip
-
-
 def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedQuantize]:
     """Each quantize statement, and each rule of a grouped one, with its layers or query."""
     resolved: list[ResolvedQuantize] = []
     groups = 0
     for statement in c.recipe.statements:
         if isinstance(statement, QuantizeModelStmt):
-            preset = _model_preset(c, statement, index)
-            if preset is not None:
-                resolved.append(preset)
+            others = [s for s in c.recipe.statements if isinstance(s, NODES) and s is not statement]
+            if check_preset(c, statement, index, others):
+                resolved.append(ResolvedQuantize("model", 4, 0, False, statement.span, gptq=statement.gptq,
+                                                 weighted=True, act_order=statement.act_order,
+                                                 bits_per_weight=statement.bits_per_weight))  # fmt: skip
             continue
         if isinstance(statement, QuantizeStmt):
-            if not _rounding(c, statement):
+            if not rounding_holds(c, statement):
                 continue
             block = _block(c, statement)
             if statement.part == "head":
@@ -232,7 +168,7 @@ def _group(c, statement: QuantizeGroupStmt, group: int, index: ModelIndex) -> li
                 "rules after `rest` can never match: every layer is taken by then",
             )
             continue
-        if not _rounding(c, rule):
+        if not rounding_holds(c, rule):
             continue
         item = ResolvedQuantize(statement.part, rule.bits, _block(c, rule), rule.symmetric, rule.span, group=group,
                                 gptq=rule.gptq, weighted=rule.weighted, act_order=rule.act_order)  # fmt: skip
