@@ -257,3 +257,16 @@ def test_the_device_flag_reaches_the_calibrated_rounding(tmp_path, monkeypatch):
     result = run_cli("apply", str(recipe), "-o", str(tmp_path / "out"), "--device", device)
     assert result.code == 0, result.err
     assert seen == [None if device == "cpu" else device]
+
+
+def test_the_measuring_search_stands_for_the_blocks_a_search_would_write():
+    """`rounded_searched` (no packing, for measuring) is the weight `quantize_searched` writes."""
+    import surgery.analysis.rounding as rounding
+
+    weight = _weight()
+    importance = torch.rand(weight.shape[1])
+    for bits, block, symmetric in CASES:
+        blocks = quantize_searched(weight, importance, bits, block, symmetric)
+        written = torch.from_numpy(blocks.dequantize(weight.shape[1], bits, block)).T
+        measured = rounding.rounded_searched(weight, importance, bits, block, symmetric, rounding.SEARCH_FACTORS)
+        torch.testing.assert_close(measured, written, rtol=0, atol=1e-6)

@@ -37,14 +37,14 @@ import numpy as np
 import torch
 
 from surgery.analysis.quantization import BlockQuantized
-from surgery.analysis.rounding import encode, padded_blocks, quantize_searched, range_grid
+from surgery.analysis.rounding import encode, padded_blocks, quantize_searched, range_grid, rounded_searched
 from surgery.analysis.sensitivity_probe import REFERENCE, mean_kl, probe_rows, to_kl
 from surgery.backend.verify_layerwise import fill_dequantized, linear_owner, linear_weights
 from surgery.formats.names import HEAD, linear_layer
 from surgery.formats.weights import QuantizedTarget, WeightFormat
 from surgery.ir.graph import DecoderGraph, ReferenceSequence
 from surgery.ir.inputs import calibration_batches, on_device
-from surgery.progress import counted
+from surgery.progress import advance, counted
 
 BATCH_ROWS = 8  # calibration samples per forward batch
 Progress = Callable[[str], None]
@@ -251,13 +251,20 @@ def calibrated_blocks(
             if sensitivity:
                 result.energies[HEAD] = sums.energy(HEAD)
                 head_kl = {}
-                how = head_rounding or QuantizedTarget(REFERENCE)
-                statistic = sums.sum(HEAD) if how.gptq else sums.energy(HEAD)
-                for stored in sensitivity:
-                    rounded = torch.empty(weight.shape, dtype=torch.float32)
-                    blocks = _round(weight, replace(how, format=stored), statistic)
-                    fill_dequantized(rounded, blocks, weight.shape[1], stored, 0)
-                    head_kl[stored] = mean_kl(graph.head, probed[0], probed[0], rounded.to(weight.device))
+                how = head_rounding or QuantizedTarget(REFERENCE, weighted=True)
+                with counted(progress, f"sensitivity of the head in {len(sensitivity)} formats", len(sensitivity),
+                             "format"):  # fmt: skip
+                    for stored in sensitivity:
+                        if how.gptq:
+                            rounded = torch.empty(weight.shape, dtype=torch.float32)
+                            blocks = _round(weight, replace(how, format=stored), sums.sum(HEAD))
+                            fill_dequantized(rounded, blocks, weight.shape[1], stored, 0)
+                        else:  # a quick search: measuring, not writing
+                            rounded = rounded_searched(weight, sums.energy(HEAD), stored.bits, stored.block,
+                                                       stored.symmetric)  # fmt: skip
+                        head_kl[stored] = mean_kl(graph.head, probed[0], probed[0], rounded.to(weight.device))
+                        del rounded
+                        advance("format")
                 result.errors[HEAD] = head_kl
                 to_kl(result.errors, mean_kl(graph.head, probed[0], probed[1]), head_kl, HEAD)
             if wanted[HEAD].gptq or wanted[HEAD].weighted:

@@ -27,6 +27,9 @@ from surgery.analysis.quantization import BlockQuantized
 # weights) the weighted error against rounding to nearest: 8 steps over 0.7..1.05 -36%,
 # 15 steps -38%, these 25 over 0.6..1.2 -43%; the time grows with the count.
 SEARCH_FACTORS = tuple(round(0.6 + 0.025 * i, 3) for i in range(25))  # 0.6 .. 1.2
+# A quick search for measuring what a format costs (the sensitivity of a 150k-row head in six
+# formats), not for writing: most of the gain at a fifth of the evaluations.
+COARSE_FACTORS = (0.7, 0.8, 0.9, 1.0, 1.1)
 _CHUNK_VALUES = 1 << 21  # weights searched at once: small temporaries the allocator reuses
 
 
@@ -64,10 +67,10 @@ def _weighted_error(blocks, weights, scale, zero, bits) -> torch.Tensor:
 
 
 def searched_grid(
-    blocks: torch.Tensor, weights: torch.Tensor, bits: int, symmetric: bool
+    blocks: torch.Tensor, weights: torch.Tensor, bits: int, symmetric: bool, factors: tuple = SEARCH_FACTORS
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The grid of each block (..., block) with the least `weights`-weighted squared error among
-    the range grid scaled by SEARCH_FACTORS (asymmetric: each with its rounded zero point, then
+    the range grid scaled by `factors` (asymmetric: each with its rounded zero point, then
     the best one's zero point moved by one either way). `weights` broadcasts against `blocks`;
     never worse than `range_grid`, which is among the candidates."""
     base_scale, base_zero = range_grid(blocks, bits, symmetric)
@@ -84,7 +87,7 @@ def searched_grid(
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
 
-    for factor in SEARCH_FACTORS:
+    for factor in factors:
         if factor == 1.0:
             continue
         scale = base_scale * float(factor)
@@ -130,13 +133,8 @@ def padded_blocks(weight: torch.Tensor, block: int) -> torch.Tensor:
     return w.reshape(n, padded // block, block)
 
 
-@torch.no_grad()
-def quantize_searched(
-    weight: torch.Tensor, importance: torch.Tensor | None, bits: int, block: int, symmetric: bool
-) -> BlockQuantized:
-    """An (N, K) weight rounded to nearest on the grid `searched_grid` picks per block, its error
-    weighted per input column by `importance` (K,) (uniform when None). Rows are taken a chunk at
-    a time, on the weight's device."""
+def _searched_chunks(weight, importance, bits: int, block: int, symmetric: bool, factors: tuple):
+    """(blocks, scale, zero) of each chunk of rows of an (N, K) weight, its grids searched."""
     n, k = weight.shape
     padded = -(-k // block) * block
     weights = torch.ones(padded, device=weight.device)
@@ -145,14 +143,41 @@ def quantize_searched(
         weights[k:] = 0
     weights = weights.reshape(padded // block, block)
     rows = max(1, _CHUNK_VALUES // (padded * 4))
-    codes, scales, zeros = [], [], []
     for start in range(0, n, rows):
         part = padded_blocks(weight[start : start + rows].detach(), block)
-        scale, zero = searched_grid(part, weights, bits, symmetric)
+        yield (part, *searched_grid(part, weights, bits, symmetric, factors))
+
+
+@torch.no_grad()
+def rounded_searched(weight: torch.Tensor, importance: torch.Tensor | None, bits: int, block: int,
+                     symmetric: bool, factors: tuple = COARSE_FACTORS) -> torch.Tensor:  # fmt: skip
+    """The (N, K) float weight `quantize_searched` would stand for, with a quicker search by
+    default: what measuring a format's cost needs (no packing)."""
+    n, k = weight.shape
+    rounded = torch.empty(n, k, dtype=torch.float32, device=weight.device)
+    start = 0
+    for part, scale, zero in _searched_chunks(weight, importance, bits, block, symmetric, factors):
+        values = (encode(part, scale, zero, bits) - zero[..., None]) * scale[..., None]
+        rounded[start : start + len(part)] = values.reshape(len(part), -1)[:, :k]
+        start += len(part)
+    return rounded
+
+
+@torch.no_grad()
+def quantize_searched(
+    weight: torch.Tensor, importance: torch.Tensor | None, bits: int, block: int, symmetric: bool
+) -> BlockQuantized:
+    """An (N, K) weight rounded to nearest on the grid `searched_grid` picks per block, its error
+    weighted per input column by `importance` (K,) (uniform when None). Rows are taken a chunk at
+    a time, on the weight's device."""
+    n, k = weight.shape
+    codes, scales, zeros = [], [], []
+    for part, scale, zero in _searched_chunks(weight, importance, bits, block, symmetric, SEARCH_FACTORS):
         codes.append(encode(part, scale, zero, bits))
         scales.append(scale)
         zeros.append(zero)
     codes_all = torch.cat(codes)
+    padded = codes_all.shape[1] * block
     if padded != k:
         codes_all.view(n, -1)[:, k:] = 0  # the padding's codes, as onnxruntime leaves them
     return to_blocks(codes_all, torch.cat(scales), torch.cat(zeros), bits, symmetric)
