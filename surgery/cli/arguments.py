@@ -102,8 +102,9 @@ def argument_parser() -> argparse.ArgumentParser:
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
-        help="run PyTorch's work (importance scoring, expert statistics, the reference side of verification and "
-        "of `verify perplexity`) on this device, one layer there at a time (default cpu)",
+        help="run PyTorch's work (importance scoring, expert statistics, GPTQ, weighted grids and the sensitivity "
+        "of `quantize model`, the reference side of verification and of `verify perplexity`) on this device, one "
+        "layer there at a time (default cpu)",
     )
     _add_search_options(apply)
 
