@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from surgery.analysis.quantization import BlockQuantized
-from surgery.analysis.rounding import encode, padded_blocks, quantize_searched, range_grid, rounded_searched
+from surgery.analysis.rounding import padded_blocks, quantize_searched, range_grid, rounded_searched
+from surgery.analysis.rounding import rounded as on_grid
 from surgery.analysis.sensitivity_probe import REFERENCE, mean_kl, probe_rows, to_kl
 from surgery.backend.verify_layerwise import fill_dequantized, linear_owner, linear_weights
 from surgery.formats.names import HEAD, linear_layer
@@ -181,9 +182,9 @@ def _relative_errors(weight: torch.Tensor, energy: torch.Tensor, formats) -> dic
     errors = {}
     for stored in formats:
         blocks = padded_blocks(weight, stored.block)
-        grid_scale, zero = range_grid(blocks, stored.bits, stored.symmetric)
-        rounded = (encode(blocks, grid_scale, zero, stored.bits) - zero[..., None]) * grid_scale[..., None]
-        squared = ((blocks - rounded) ** 2).reshape(weight.shape[0], -1)[:, : weight.shape[1]].sum(0)
+        grid = range_grid(blocks, stored.bits, stored.symmetric)
+        squared = (blocks - on_grid(blocks, *grid, stored.bits)) ** 2
+        squared = squared.reshape(weight.shape[0], -1)[:, : weight.shape[1]].sum(0)
         errors[stored] = float((squared * energy.to(squared.device)).sum())
     return errors
 
@@ -296,7 +297,7 @@ def _layer(graph, layer, runs, hidden, linears: dict[str, QuantizedTarget], resu
     for linear, target in linears.items():
         weight = _weight(graph, linear, device)
         if sensitivity:
-            energy = result.energies[linear] = sums.energy(linear)
+            result.energies[linear] = sums.energy(linear)
             result.errors[linear] = _relative_errors(weight, sums.relative_energy(linear), sensitivity)
         if target.gptq or target.weighted:
             statistic = sums.sum(linear) if target.gptq else sums.energy(linear)

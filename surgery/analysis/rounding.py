@@ -61,9 +61,13 @@ def encode(blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: 
     return torch.clamp(torch.floor(blocks * inverse[..., None] + zero[..., None] + 0.5), 0, (1 << bits) - 1)
 
 
+def rounded(blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """The values `blocks` (..., block) stand for once rounded onto the grid (scale, zero) (...)."""
+    return (encode(blocks, scale, zero, bits) - zero[..., None]) * scale[..., None]
+
+
 def _weighted_error(blocks, weights, scale, zero, bits) -> torch.Tensor:
-    codes = encode(blocks, scale, zero, bits)
-    return (weights * (blocks - (codes - zero[..., None]) * scale[..., None]) ** 2).sum(-1)
+    return (weights * (blocks - rounded(blocks, scale, zero, bits)) ** 2).sum(-1)
 
 
 def searched_grid(
@@ -154,13 +158,12 @@ def rounded_searched(weight: torch.Tensor, importance: torch.Tensor | None, bits
     """The (N, K) float weight `quantize_searched` would stand for, with a quicker search by
     default: what measuring a format's cost needs (no packing)."""
     n, k = weight.shape
-    rounded = torch.empty(n, k, dtype=torch.float32, device=weight.device)
+    result = torch.empty(n, k, dtype=torch.float32, device=weight.device)
     start = 0
     for part, scale, zero in _searched_chunks(weight, importance, bits, block, symmetric, factors):
-        values = (encode(part, scale, zero, bits) - zero[..., None]) * scale[..., None]
-        rounded[start : start + len(part)] = values.reshape(len(part), -1)[:, :k]
+        result[start : start + len(part)] = rounded(part, scale, zero, bits).reshape(len(part), -1)[:, :k]
         start += len(part)
-    return rounded
+    return result
 
 
 @torch.no_grad()
