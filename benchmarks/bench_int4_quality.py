@@ -25,6 +25,7 @@ prompt (rounds that open the models afresh in a rotated order); build seconds an
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -92,7 +93,9 @@ def main() -> None:
     parser.add_argument("--calibration", default="samples 64 length 256", help="the calibrate statement's options")
     parser.add_argument("--builder-algos", nargs="+", default=["default", "k_quant_mixed"], metavar="ALGO")
     parser.add_argument("--only", nargs="+", default=None, metavar="TEXT", help="only rows whose name has one of these")
-    parser.add_argument("--keep", type=Path, default=None, help="write the outputs here and keep them")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="write the outputs here and keep them; a row already built there is reused")  # fmt: skip
+    parser.add_argument("--build-only", action="store_true", help="build the rows (into --keep) and stop")
     args = parser.parse_args()
     started = time.perf_counter()
     spec, hf_folder = _model(args)
@@ -111,6 +114,11 @@ def main() -> None:
     builds: dict[str, dict] = {}
     for name in names:
         out = work / name.replace(" ", "-")
+        record = work / f"{name.replace(' ', '-')}.build.json"
+        if args.keep and record.exists() and (out / "model.onnx").exists():
+            builds[name], folders[name] = json.loads(record.read_text()), out  # built by an earlier run
+            print(f"reusing {name}: {builds[name]}", flush=True)
+            continue
         shutil.rmtree(out, ignore_errors=True)
         if name in recipes:
             recipe = work / f"{name.replace(' ', '-')}.surg"
@@ -123,7 +131,10 @@ def main() -> None:
         print(f"building {name} ...", flush=True)
         builds[name] = measure(command)
         folders[name] = out
+        record.write_text(json.dumps(builds[name]))
         print(f"  {builds[name]}", flush=True)
+    if args.build_only:
+        return
 
     from transformers import AutoTokenizer
 

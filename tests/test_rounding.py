@@ -270,3 +270,27 @@ def test_the_measuring_search_stands_for_the_blocks_a_search_would_write():
         written = torch.from_numpy(blocks.dequantize(weight.shape[1], bits, block)).T
         measured = rounding.rounded_searched(weight, importance, bits, block, symmetric, rounding.SEARCH_FACTORS)
         torch.testing.assert_close(measured, written, rtol=0, atol=1e-6)
+
+
+@CUDA
+def test_a_gptq_preset_on_the_gpu_chooses_and_verifies_as_on_the_cpu(tmp_path):
+    """`apply --device cuda` of `quantize model to ... gptq`: the sensitivity walk, the head's KL
+    and GPTQ on the GPU; the output verifies against PyTorch, and the formats chosen are the
+    CPU's but for the odd near-tie (float rounding differs between the devices)."""
+    import json
+
+    from conftest import run_cli
+
+    recipe = tmp_path / "r.surg"
+    recipe.write_text('model "tiny-qwen2"\ncalibrate on "wikitext-2-valid" samples 8 length 64\n'
+                      "quantize model to 5.5 bits per weight gptq\n")  # fmt: skip
+    sections = []
+    for device in ("cuda", "cpu"):
+        out = tmp_path / f"out-{device}"
+        result = run_cli("apply", str(recipe), "-o", str(out), "--device", device)
+        assert result.code == 0, result.err
+        report = json.loads((out / "surgery.json").read_text())
+        assert report["verification"]["passed"]
+        sections.append(report["mixed_precision"])
+    gpu, cpu = ({name: t["format"] for name, t in s["tensors"].items()} for s in sections)
+    assert sum(gpu[name] != cpu[name] for name in cpu) <= max(1, len(cpu) // 10)
