@@ -25,10 +25,11 @@ layer by layer and feeds each layer the outputs of the layers already quantized,
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from surgery.analysis.quantization import BlockQuantized
-from surgery.analysis.rounding import encode, range_grid, searched_grid, to_blocks
+from surgery.analysis.rounding import range_grid, searched_grid, to_blocks
 
 DAMPING = 0.01  # fraction of the Hessian's mean diagonal added to it (GPTQ's `percdamp`)
 # Columns rounded before their error is pushed to the rest in one matmul. GPTQ's reference
@@ -88,46 +89,77 @@ def gptq_blocks(
     Without act-order, blocks are chosen in order: a block's scale and zero point are taken
     from its columns once the errors of the blocks before it have been pushed onto them. K that
     is not a multiple of `block` is padded with zero columns (as onnxruntime pads), which cost
-    nothing.
+    nothing. Rows never exchange errors, so they are rounded a chunk at a time: a 150k-row head
+    holds one chunk of float temporaries, not three copies of itself.
     """
     device = hessian.device
     n, k = weight.shape
     padded = -(-k // block) * block
-    blocks = padded // block
-    w = torch.zeros(n, padded, dtype=torch.float32, device=device)
-    w[:, :k] = weight.detach().to(device, torch.float32)
     h = torch.zeros(padded, padded, dtype=torch.float32, device=device)
     h[:k, :k] = hessian.float()
     energy = torch.diagonal(h).clone()
-    dead = energy == 0
-    w[:, dead] = 0
+    order = torch.argsort(energy, descending=True, stable=True) if act_order else None
+    if order is not None:
+        h = h[order][:, order]
+    factor = _inverse_hessian_factor(h, damping)
+    del h
+    rows = max(1, _chunk_values(device) // padded)
+    parts = []
+    for start in range(0, n, rows):
+        w = torch.zeros(min(rows, n - start), padded, dtype=torch.float32, device=device)
+        w[:, :k] = weight[start : start + rows].detach().to(device, torch.float32)
+        w[:, energy == 0] = 0  # inputs never seen: nothing to protect
+        codes, scales, zeros = _gptq_rows(w, factor, energy, order, bits, block, symmetric, searched)
+        codes[:, k:] = 0  # the padding's codes, as onnxruntime leaves them (never read: K is k)
+        parts.append(to_blocks(codes.reshape(len(w), -1, block), scales, zeros, bits, symmetric))
+    return BlockQuantized(
+        np.concatenate([p.packed for p in parts]),
+        np.concatenate([p.scales for p in parts]),
+        None if symmetric else np.concatenate([p.zero_points for p in parts]),
+    )
+
+
+def _chunk_values(device: torch.device) -> int:
+    """Weights rounded at once: on the GPU as many as a kernel fills (the per-column steps are
+    launches), on the CPU what stays near the caches."""
+    return 1 << 28 if device.type == "cuda" else 1 << 24
+
+
+def _gptq_rows(w, factor, energy, order, bits: int, block: int, symmetric: bool, searched: bool):
+    """GPTQ over rows `w` (rows, padded), updated in place: (codes, scales, zeros) with codes
+    (rows, padded) uint8 by original column, grids (rows, blocks). `order` is act-order's column
+    order (None: in order), `factor` the inverse Hessian's upper Cholesky factor in that order."""
+    n, padded = w.shape
+    blocks = padded // block
+    top = (1 << bits) - 1
+    device = w.device
     scales = torch.zeros(n, blocks, device=device)
     zeros = torch.zeros(n, blocks, device=device)
-    order = torch.arange(padded, device=device)
-    if act_order:
+    if order is not None:
         # Static groups: every block's grid from the original weights, then the columns in
         # order of decreasing input energy.
         scales, zeros = _grid(w.reshape(n, blocks, block), energy.reshape(blocks, block), bits, symmetric, searched)
-        order = torch.argsort(energy, descending=True, stable=True)
         w = w[:, order]
-        h = h[order][:, order]
-    factor = _inverse_hessian_factor(h, damping)
-    codes = torch.zeros(n, padded, dtype=torch.int16, device=device)
+    columns_in_order = (order if order is not None else torch.arange(padded, device=device)).tolist()
+    codes = torch.zeros(n, padded, dtype=torch.uint8, device=device)
     # A batch holds whole blocks, or a block holds whole batches: a block's grid is taken when
     # every column before it has pushed its error onto the block's columns.
     lazy = _LAZY_COLUMNS // block * block if block <= _LAZY_COLUMNS else _LAZY_COLUMNS
     if block % lazy and lazy % block:
         lazy = block
-    scale = zero = None
+    scale = zero = inverse_scale = None
     for first in range(0, padded, lazy):
         last = min(first + lazy, padded)
         part = w[:, first:last].clone()
         errors = torch.zeros_like(part)
         inverse = factor[first:last, first:last]
+        diagonal = torch.diagonal(inverse).tolist()
         for i in range(last - first):
-            column = int(order[first + i])
-            if act_order:
-                scale, zero = scales[:, column // block], zeros[:, column // block]
+            column = columns_in_order[first + i]
+            if order is not None:
+                if i == 0 or column // block != columns_in_order[first + i - 1] // block:
+                    scale, zero = scales[:, column // block], zeros[:, column // block]
+                    inverse_scale = torch.where(scale != 0, 1 / torch.where(scale != 0, scale, 1), 0)
             elif column % block == 0:
                 weights = energy[column : column + block]
                 # the block's columns: in this batch, or (a block of several batches, i == 0)
@@ -135,12 +167,13 @@ def gptq_blocks(
                 columns = part[:, i : i + block] if i + block <= last - first else w[:, column : column + block]
                 scale, zero = _grid(columns, weights, bits, symmetric, searched)
                 scales[:, column // block], zeros[:, column // block] = scale, zero
+                inverse_scale = torch.where(scale != 0, 1 / torch.where(scale != 0, scale, 1), 0)
             value = part[:, i]
-            code = encode(value[:, None], scale, zero, bits)[:, 0]
-            codes[:, column] = code.to(torch.int16)
-            error = (value - (code - zero) * scale) / inverse[i, i]
-            part[:, i:] -= error[:, None] * inverse[i, i:][None, :]
+            # encode(): floor(v / scale + zero + 0.5), clamped, in the same order of operations
+            code = (value * inverse_scale).add_(zero).add_(0.5).floor_().clamp_(0, top)
+            codes[:, column] = code.to(torch.uint8)
+            error = (value - (code - zero) * scale).div_(diagonal[i])
+            part[:, i:].addr_(error, inverse[i, i:], alpha=-1)
             errors[:, i] = error
         w[:, last:] -= errors @ factor[first:last, last:]
-    codes[:, k:] = 0  # the padding's codes, as onnxruntime leaves them (never read: K is k)
-    return to_blocks(codes.reshape(n, blocks, block), scales, zeros, bits, symmetric)
+    return codes, scales, zeros
