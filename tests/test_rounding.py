@@ -155,6 +155,33 @@ def _bits(chosen, shapes=None, tied=True) -> float:
     return 8 * spent / sum(s.weights for s in tensors)
 
 
+@pytest.mark.parametrize(("block", "act_order"), [(16, False), (128, False), (32, True)])
+def test_gptq_rounds_rows_a_chunk_at_a_time_as_it_rounds_them_whole(monkeypatch, block, act_order):
+    """Rows never exchange errors: chunks of rows (what bounds a large head's memory) write the
+    whole weight's blocks, byte for byte, for blocks smaller and larger than GPTQ's lazy batch."""
+    import surgery.analysis.gptq as gptq
+
+    weight, x = _weight(96, 200), torch.randn(1024, 200) * torch.rand(200) * 3
+    hessian = x.T @ x
+    hessian[7], hessian[:, 7] = 0, 0  # an input never seen
+    whole = gptq_blocks(weight, hessian, 4, block, False, searched=True, act_order=act_order)
+    monkeypatch.setattr(gptq, "_chunk_values", lambda device: 40 * 256)
+    chunked = gptq_blocks(weight, hessian, 4, block, False, searched=True, act_order=act_order)
+    assert np.array_equal(whole.packed, chunked.packed) and np.array_equal(whole.zero_points, chunked.zero_points)
+    assert np.array_equal(whole.scales, chunked.scales)
+
+
+def test_the_inverse_hessians_factor_is_the_upper_cholesky_factor_of_the_dampened_inverse():
+    from surgery.analysis.gptq import _inverse_hessian_factor
+
+    x = torch.randn(300, 64, dtype=torch.float64) * torch.rand(64, dtype=torch.float64)
+    hessian = x.T @ x
+    factor = _inverse_hessian_factor(hessian.float(), 0.01).double()
+    dampened = hessian + 0.01 * hessian.diagonal().mean() * torch.eye(64, dtype=torch.float64)
+    assert torch.equal(factor, factor.triu())
+    torch.testing.assert_close(factor.T @ factor, torch.linalg.inv(dampened), rtol=1e-3, atol=1e-4)
+
+
 def test_the_choice_stays_within_the_budget_and_upgrades_the_most_sensitive_first():
     low, high = bounds(_shapes(), True, 4)
     assert low == pytest.approx(4.28125) and high == pytest.approx(9.25)
