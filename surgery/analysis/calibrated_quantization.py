@@ -37,8 +37,7 @@ import numpy as np
 import torch
 
 from surgery.analysis.quantization import BlockQuantized
-from surgery.analysis.rounding import padded_blocks, quantize_searched, range_grid, rounded_searched
-from surgery.analysis.rounding import rounded as on_grid
+from surgery.analysis.rounding import padded_blocks, quantize_searched, range_grid, rounded_searched, squared_error
 from surgery.analysis.sensitivity_probe import REFERENCE, mean_kl, probe_rows, to_kl
 from surgery.backend.verify_layerwise import fill_dequantized, linear_owner, linear_weights
 from surgery.formats.names import HEAD, linear_layer
@@ -182,8 +181,7 @@ def _relative_errors(weight: torch.Tensor, energy: torch.Tensor, formats) -> dic
     errors = {}
     for stored in formats:
         blocks = padded_blocks(weight, stored.block)
-        grid = range_grid(blocks, stored.bits, stored.symmetric)
-        squared = (blocks - on_grid(blocks, *grid, stored.bits)) ** 2
+        squared = squared_error(blocks, *range_grid(blocks, stored.bits, stored.symmetric), stored.bits)
         squared = squared.reshape(weight.shape[0], -1)[:, : weight.shape[1]].sum(0)
         errors[stored] = float((squared * energy.to(squared.device)).sum())
     return errors

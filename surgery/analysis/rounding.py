@@ -66,13 +66,17 @@ def rounded(blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits:
     return (encode(blocks, scale, zero, bits) - zero[..., None]) * scale[..., None]
 
 
-def _weighted_error(blocks, weights, scale, zero, bits) -> torch.Tensor:
-    """sum(weights * (blocks - rounded(blocks, scale, zero))^2) per block: `rounded`'s operations
-    in place on one temporary (the search evaluates it 27 times over every weight)."""
+def squared_error(blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """(blocks - rounded(blocks, scale, zero))^2, elementwise: `rounded`'s operations in place on
+    one temporary (the search evaluates it 27 times over every weight)."""
     inverse = torch.where(scale != 0, 1 / torch.where(scale != 0, scale, 1), 0)
     zero, scale = zero[..., None], scale[..., None]
     codes = (blocks * inverse[..., None]).add_(zero).add_(0.5).floor_().clamp_(0, (1 << bits) - 1)
-    return codes.sub_(zero).mul_(scale).sub_(blocks).square_().mul_(weights).sum(-1)
+    return codes.sub_(zero).mul_(scale).sub_(blocks).square_()
+
+
+def _weighted_error(blocks, weights, scale, zero, bits) -> torch.Tensor:
+    return squared_error(blocks, scale, zero, bits).mul_(weights).sum(-1)
 
 
 def searched_grid(
