@@ -10,7 +10,7 @@ Rows (each built in a fresh process, timed, its peak memory taken):
 - `ours gptq`: the same with `gptq` on the linears and the head (the recipe before issue 26);
 - `ours <bits> bpw`: `quantize model to <bits> bits per weight` for each `--budgets` value
   (weighted grids, per-tensor formats by measured sensitivity); a value ending in `g` (`6.55g`)
-  adds `gptq`.
+  adds `gptq`, in `ga` `gptq act-order`.
 
 Columns: file MB; bits per weight of the quantized tensors and of the whole model
 (surgery.analysis.quantization.bits_summary, read from each model.onnx); perplexity on the first
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--budgets", nargs="+", default=["4.8", "6.55g"],
-                        help="bits per weight of `quantize model`; a trailing g adds gptq")  # fmt: skip
+                        help="bits per weight of `quantize model`; g adds gptq, ga gptq act-order")  # fmt: skip
     parser.add_argument("--calibration", default="samples 64 length 256", help="the calibrate statement's options")
     parser.add_argument("--builder-algos", nargs="+", default=["default", "k_quant_mixed"], metavar="ALGO")
     parser.add_argument("--only", nargs="+", default=None, metavar="TEXT", help="only rows whose name has one of these")
@@ -106,8 +106,10 @@ def main() -> None:
     recipes = {"fp32": f'model "{spec}"\nexport onnx\n', "ours rtn": f'model "{spec}"\n' + RTN}
     recipes["ours gptq"] = head + GPTQ
     for budget in args.budgets:
-        bits, gptq = float(budget.rstrip("g")), " gptq" if budget.endswith("g") else ""
-        recipes[f"ours {bits:g} bpw{gptq}"] = head + f"quantize model to {bits:g} bits per weight{gptq}\n"
+        options = budget.lstrip("0123456789.")
+        bits = float(budget[: len(budget) - len(options)])
+        words = (" gptq" if "g" in options else "") + (" act-order" if "a" in options else "")
+        recipes[f"ours {bits:g} bpw{words}"] = head + f"quantize model to {bits:g} bits per weight{words}\n"
     builders = {("builder int4" if a == "default" else f"builder int4 {a}"): a for a in args.builder_algos}
     names = [n for n in [*recipes, *builders] if n == "fp32" or not args.only or any(o in n for o in args.only)]
     folders: dict[str, Path] = {}
