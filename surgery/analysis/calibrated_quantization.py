@@ -159,8 +159,10 @@ def _rounded(graph: DecoderGraph, blocks: dict[str, tuple[BlockQuantized, Weight
 
 
 def _weight(graph: DecoderGraph, linear: str, device: str | None) -> torch.Tensor:
-    """A linear's (N, K) float32 weight (q, k and v stacked), on `device`."""
-    return torch.cat([w.detach().to(device or "cpu", torch.float32) for w in linear_weights(graph, linear)])
+    """A linear's (N, K) float32 weight (q, k and v stacked), on `device`; a single weight already
+    there is not copied (a large head would be held twice). Nothing writes into it."""
+    weights = [w.detach().to(device or "cpu", torch.float32) for w in linear_weights(graph, linear)]
+    return weights[0] if len(weights) == 1 else torch.cat(weights)
 
 
 def _round(weight: torch.Tensor, target: QuantizedTarget, sums: torch.Tensor | None) -> BlockQuantized:
