@@ -12,9 +12,10 @@ Rows, each `surgery apply --no-verify` in a fresh process, timed, its peak memor
 phases read from the report's timings:
 - `rtn`: every linear, the head and the embedding at int4, rounded to nearest;
 - `gptq`: the same with `gptq` on the linears and the head;
-- `<bits> bpw` / `<bits> bpw gptq`: `quantize model to <bits> bits per weight [gptq]`.
+- `<bits> bpw [gptq] [act-order]`: `quantize model to <bits> bits per weight [gptq] [act-order]`
+  (`--rows 4.9`, `4.9g`, `4.9ga`).
 
-    python benchmarks/bench_quantize_time.py [--device cuda] [--rows rtn gptq 4.9 4.9g]
+    python benchmarks/bench_quantize_time.py [--device cuda] [--rows rtn gptq 4.9 4.9g 4.9ga]
         [--calibration "samples 32 length 256"] [--work DIR] [--json FILE]
 """
 
@@ -81,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where calibration and rounding run")
     parser.add_argument("--rows", nargs="+", default=["rtn", "gptq", "4.9", "4.9g"],
-                        help="rtn, gptq, or a bits-per-weight budget (a trailing g adds gptq)")  # fmt: skip
+                        help="rtn, gptq, or bits per weight (g adds gptq, ga gptq act-order)")  # fmt: skip
     parser.add_argument("--calibration", default="samples 32 length 256", help="the calibrate statement's options")
     parser.add_argument("--layers", type=int, default=28, help="fewer layers for a quick try (28: the real shape)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="a folder with tokenizer.json")
@@ -102,9 +103,11 @@ def main() -> None:
         if row in ("rtn", "gptq"):
             recipe = f'model "{model}"\n' + RTN if row == "rtn" else head + GPTQ
         else:
-            bits, gptq = float(row.rstrip("g")), " gptq" if row.endswith("g") else ""
-            recipe = head + f"quantize model to {bits:g} bits per weight{gptq}\n"
-            row = f"{bits:g} bpw{gptq}"
+            options = row.lstrip("0123456789.")
+            bits = float(row[: len(row) - len(options)])
+            words = (" gptq" if "g" in options else "") + (" act-order" if "a" in options else "")
+            recipe = head + f"quantize model to {bits:g} bits per weight{words}\n"
+            row = f"{bits:g} bpw{words}"
         path, out = work / f"{row.replace(' ', '-')}.surg", work / row.replace(" ", "-")
         path.write_text(recipe)
         shutil.rmtree(out, ignore_errors=True)
