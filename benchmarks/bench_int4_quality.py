@@ -41,11 +41,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # noqa: E402  (run from a checkout without installing)
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import measure, paired_latency, size_mb, write_result  # noqa: E402
+from common import GPTQ, RTN, measure, paired_latency, preset, size_mb, write_result  # noqa: E402
 
 MODELS = {"smollm2": "smollm2-135m", "gemma3": "gemma3-270m"}
-RTN = "quantize layers to int4\nquantize head to int4\nquantize embedding to int4\n"
-GPTQ = "quantize layers to int4 gptq\nquantize head to int4 gptq\nquantize embedding to int4\n"
 
 
 def _model(args) -> tuple[str, Path]:
@@ -106,10 +104,8 @@ def main() -> None:
     recipes = {"fp32": f'model "{spec}"\nexport onnx\n', "ours rtn": f'model "{spec}"\n' + RTN}
     recipes["ours gptq"] = head + GPTQ
     for budget in args.budgets:
-        options = budget.lstrip("0123456789.")
-        bits = float(budget[: len(budget) - len(options)])
-        words = (" gptq" if "g" in options else "") + (" act-order" if "a" in options else "")
-        recipes[f"ours {bits:g} bpw{words}"] = head + f"quantize model to {bits:g} bits per weight{words}\n"
+        name, statement = preset(budget)
+        recipes[f"ours {name}"] = head + statement
     builders = {("builder int4" if a == "default" else f"builder int4 {a}"): a for a in args.builder_algos}
     names = [n for n in [*recipes, *builders] if n == "fp32" or not args.only or any(o in n for o in args.only)]
     folders: dict[str, Path] = {}

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # noqa: E402  (run from a checkout without installing)
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import measure, size_mb, write_result  # noqa: E402
+from common import GPTQ, RTN, measure, preset, size_mb, write_result  # noqa: E402
 
 QWEN_1_5B = {
     "hidden_size": 1536,
@@ -52,8 +52,6 @@ QWEN_1_5B = {
     "eos_token_id": 151645,
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-RTN = "quantize layers to int4\nquantize head to int4\nquantize embedding to int4\n"
-GPTQ = "quantize layers to int4 gptq\nquantize head to int4 gptq\nquantize embedding to int4\n"
 
 
 def random_qwen(folder: Path, tokenizer: Path, layers: int) -> None:
@@ -103,11 +101,8 @@ def main() -> None:
         if row in ("rtn", "gptq"):
             recipe = f'model "{model}"\n' + RTN if row == "rtn" else head + GPTQ
         else:
-            options = row.lstrip("0123456789.")
-            bits = float(row[: len(row) - len(options)])
-            words = (" gptq" if "g" in options else "") + (" act-order" if "a" in options else "")
-            recipe = head + f"quantize model to {bits:g} bits per weight{words}\n"
-            row = f"{bits:g} bpw{words}"
+            row, statement = preset(row)
+            recipe = head + statement
         path, out = work / f"{row.replace(' ', '-')}.surg", work / row.replace(" ", "-")
         path.write_text(recipe)
         shutil.rmtree(out, ignore_errors=True)

@@ -141,3 +141,17 @@ class GenaiModel:
                 start = time.perf_counter()
             generator.generate_next_token()
         return (time.perf_counter() - start) / steps * 1000
+
+
+# int4 recipes the quality and time benchmarks share: every linear, the head and the embedding
+RTN = "quantize layers to int4\nquantize head to int4\nquantize embedding to int4\n"
+GPTQ = "quantize layers to int4 gptq\nquantize head to int4 gptq\nquantize embedding to int4\n"
+
+
+def preset(budget: str) -> tuple[str, str]:
+    """A `quantize model` row from its short form (`4.9`, `4.9g` with gptq, `4.9ga` with gptq
+    act-order): (its name, e.g. "4.9 bpw gptq", and its statement line)."""
+    options = budget.lstrip("0123456789.")
+    bits = float(budget[: len(budget) - len(options)])
+    words = (" gptq" if "g" in options else "") + (" act-order" if "a" in options else "")
+    return f"{bits:g} bpw{words}", f"quantize model to {bits:g} bits per weight{words}\n"
