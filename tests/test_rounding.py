@@ -263,6 +263,29 @@ def test_gptq_and_the_searched_grid_on_the_gpu_write_the_cpus_blocks():
     assert (cpu.packed != gpu.packed).mean() < 0.001
 
 
+@CUDA
+def test_gptqs_cuda_graphs_write_the_blocks_of_its_steps_run_one_by_one(monkeypatch):
+    """On the GPU a lazy batch's column steps are one replayed CUDA graph: the same kernels as
+    launching them one by one, so the same bytes; and a layer's rounded weights, dequantized on
+    the device for the next layer's calibration, are the CPU's."""
+    import surgery.analysis.gptq as gptq
+
+    weight = _weight(256, 512).cuda()
+    x = torch.randn(4096, 512, device="cuda")
+    hessian = x.T @ x
+    for block, act_order in ((16, False), (32, True), (128, False), (128, True)):
+        graphed = gptq_blocks(weight, hessian, 4, block, False, searched=True, act_order=act_order)
+        monkeypatch.setattr(gptq._ColumnSteps, "graphs", False)
+        eager = gptq_blocks(weight, hessian, 4, block, False, searched=True, act_order=act_order)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(graphed.packed, eager.packed)
+        np.testing.assert_array_equal(graphed.scales, eager.scales)
+        np.testing.assert_array_equal(graphed.zero_points, eager.zero_points)
+        on_gpu = graphed.dequantize_rows(512, 4, block, 0, 256, "cuda")
+        assert on_gpu.is_cuda
+        torch.testing.assert_close(on_gpu.cpu(), graphed.dequantize_rows(512, 4, block, 0, 256), rtol=0, atol=0)
+
+
 def test_the_device_flag_reaches_the_calibrated_rounding(tmp_path, monkeypatch):
     """`apply --device` is where GPTQ, the weighted grids and the sensitivity walk run (the CPU
     is None: nothing moves); on a CUDA machine the same recipe runs them there."""

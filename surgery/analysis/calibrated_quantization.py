@@ -37,7 +37,14 @@ import numpy as np
 import torch
 
 from surgery.analysis.quantization import BlockQuantized
-from surgery.analysis.rounding import padded_blocks, quantize_searched, range_grid, rounded_searched, squared_error
+from surgery.analysis.rounding import (
+    padded_blocks,
+    quantize_searched,
+    range_grid,
+    rounded,
+    rounded_searched,
+    squared_error,
+)
 from surgery.analysis.sensitivity_probe import REFERENCE, mean_kl, probe_rows, to_kl
 from surgery.backend.verify_layerwise import fill_dequantized, linear_owner, linear_weights
 from surgery.formats.names import HEAD, linear_layer
@@ -139,19 +146,28 @@ class _InputSums:
                 handle.remove()
 
 
+Rounded = tuple[BlockQuantized, WeightFormat] | torch.Tensor  # blocks, or the (N, K) weight they stand for
+
+
 @contextlib.contextmanager
-def _rounded(graph: DecoderGraph, blocks: dict[str, tuple[BlockQuantized, WeightFormat]]) -> Iterator[None]:
+def _rounded(graph: DecoderGraph, blocks: dict[str, Rounded]) -> Iterator[None]:
     """Within the block, the given linears compute with their rounded weights; restored after."""
     saved = []
     try:
-        for linear, (quantized, stored) in blocks.items():
+        for linear, rounded in blocks.items():
             start = 0
             for weight in linear_weights(graph, linear):  # q, k and v are stacked by rows
                 saved.append((weight, weight.data.clone()))
-                part = torch.empty(weight.shape, dtype=torch.float32)
-                fill_dequantized(part, quantized, weight.shape[1], stored, start)
-                weight.data.copy_(part.to(weight.device, weight.dtype))
-                start += weight.shape[0]
+                n, k = weight.shape
+                if isinstance(rounded, torch.Tensor):
+                    part = rounded[start : start + n]
+                elif weight.device.type == "cpu":  # in chunks of rows: small temporaries
+                    part = torch.empty(weight.shape, dtype=torch.float32)
+                    fill_dequantized(part, rounded[0], k, rounded[1], start)
+                else:  # on the device: the packed bytes cross, not the floats
+                    part = rounded[1].dequantize_rows(rounded[0], k, start, start + n, weight.device)
+                weight.data.copy_(part.to(weight.dtype))
+                start += n
         yield
     finally:
         for weight, data in saved:
@@ -163,6 +179,18 @@ def _weight(graph: DecoderGraph, linear: str, device: str | None) -> torch.Tenso
     there is not copied (a large head would be held twice). Nothing writes into it."""
     weights = [w.detach().to(device or "cpu", torch.float32) for w in linear_weights(graph, linear)]
     return weights[0] if len(weights) == 1 else torch.cat(weights)
+
+
+def _reference_rounded(weight: torch.Tensor) -> Rounded:
+    """`weight` rounded to nearest in the probe's `REFERENCE` format: onnxruntime's packer on the
+    CPU; on a GPU its grid (`range_grid`, the same) in torch, there (the CPU packer would take
+    most of the sensitivity walk's time)."""
+    if weight.device.type == "cpu":
+        return REFERENCE.quantize(weight), REFERENCE
+    n, k = weight.shape
+    blocks = padded_blocks(weight, REFERENCE.block)
+    grid = range_grid(blocks, REFERENCE.bits, REFERENCE.symmetric)
+    return rounded(blocks, *grid, REFERENCE.bits).reshape(n, -1)[:, :k]
 
 
 def _round(weight: torch.Tensor, target: QuantizedTarget, sums: torch.Tensor | None) -> BlockQuantized:
@@ -239,7 +267,7 @@ def calibrated_blocks(
                 _layer(graph, layer, runs, hidden, linears, result, sensitivity, device)
                 if probe is not None:
                     probed[0], _ = probe.through(layer, probed[0], graph.rotary, None)
-                    reference = {k: (REFERENCE.quantize(_weight(graph, k, None)), REFERENCE) for k in linears}
+                    reference = {k: _reference_rounded(_weight(graph, k, device)) for k in linears}
                     with _rounded(graph, reference):
                         probed[1], _ = probe.through(layer, probed[1], graph.rotary, None)
     if HEAD in wanted:
@@ -260,15 +288,19 @@ def calibrated_blocks(
                         # int8 head's is small either way. Its grids unsearched: measuring, not
                         # writing (the search costs as much again on a 150k-row head).
                         if how.gptq and stored.bits == 4:
-                            rounded = torch.empty(weight.shape, dtype=torch.float32)
                             plain = replace(how, format=stored, weighted=False, act_order=False)
                             blocks = _round(weight, plain, sums.sum(HEAD))
-                            fill_dequantized(rounded, blocks, weight.shape[1], stored, 0)
+                            if weight.device.type == "cpu":
+                                head_rounded = torch.empty(weight.shape, dtype=torch.float32)
+                                fill_dequantized(head_rounded, blocks, weight.shape[1], stored, 0)
+                            else:
+                                head_rounded = stored.dequantize_rows(blocks, weight.shape[1], 0, len(weight),
+                                                                      weight.device)  # fmt: skip
                         else:  # a quick search: measuring, not writing
-                            rounded = rounded_searched(weight, sums.energy(HEAD), stored.bits, stored.block,
-                                                       stored.symmetric)  # fmt: skip
-                        head_kl[stored] = mean_kl(graph.head, probed[0], probed[0], rounded.to(weight.device))
-                        del rounded
+                            head_rounded = rounded_searched(weight, sums.energy(HEAD), stored.bits, stored.block,
+                                                            stored.symmetric)  # fmt: skip
+                        head_kl[stored] = mean_kl(graph.head, probed[0], probed[0], head_rounded.to(weight.device))
+                        del head_rounded
                         advance("format")
                 result.errors[HEAD] = head_kl
                 to_kl(result.errors, mean_kl(graph.head, probed[0], probed[1]), head_kl, HEAD)

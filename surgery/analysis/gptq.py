@@ -32,10 +32,10 @@ from surgery.analysis.quantization import BlockQuantized
 from surgery.analysis.rounding import range_grid, searched_grid, to_blocks
 
 DAMPING = 0.01  # fraction of the Hessian's mean diagonal added to it (GPTQ's `percdamp`)
-# Columns rounded before their error is pushed to the rest in one matmul. GPTQ's reference
-# takes 128; each column's update touches the rest of its batch, so on the CPU 32 is faster
-# (a 151,936-row head: 20 s against 52 s on two cores), and on the GPU the launches per column
-# are the cost either way.
+# Columns rounded before their error is pushed to the rest in one matmul (at most: a smaller
+# block is a batch). GPTQ's reference takes 128; each column's update touches the rest of its
+# batch, so on the CPU 32 is faster (a 151,936-row head: 20 s against 52 s on two cores); on
+# the GPU a batch is one replayed CUDA graph.
 _LAZY_COLUMNS = 32
 
 
@@ -103,7 +103,10 @@ def gptq_blocks(
         h = h[order][:, order]
     factor = _inverse_hessian_factor(h, damping)
     del h
-    rows = max(1, _chunk_values(device) // padded)
+    # Whole multiples of 64 rows: a column's kernels run over the rows with vector instructions
+    # and a scalar tail, which may round differently; chunks that start on such a multiple
+    # round every row as the whole weight would.
+    rows = max(64, _chunk_values(device) // padded // 64 * 64)
     parts = []
     for start in range(0, n, rows):
         w = torch.zeros(min(rows, n - start), padded, dtype=torch.float32, device=device)
@@ -128,10 +131,13 @@ def _chunk_values(device: torch.device) -> int:
 def _gptq_rows(w, factor, energy, order, bits: int, block: int, symmetric: bool, searched: bool):
     """GPTQ over rows `w` (rows, padded), updated in place: (codes, scales, zeros) with codes
     (rows, padded) uint8 by original column, grids (rows, blocks). `order` is act-order's column
-    order (None: in order), `factor` the inverse Hessian's upper Cholesky factor in that order."""
+    order (None: in order), `factor` the inverse Hessian's upper Cholesky factor in that order.
+
+    The columns go in lazy batches: a batch's columns are rounded one at a time, each pushing its
+    error onto the rest of the batch (`_ColumnSteps`), then the batch's errors onto every later
+    column in one matmul."""
     n, padded = w.shape
     blocks = padded // block
-    top = (1 << bits) - 1
     device = w.device
     scales = torch.zeros(n, blocks, device=device)
     zeros = torch.zeros(n, blocks, device=device)
@@ -140,40 +146,111 @@ def _gptq_rows(w, factor, energy, order, bits: int, block: int, symmetric: bool,
         # order of decreasing input energy.
         scales, zeros = _grid(w.reshape(n, blocks, block), energy.reshape(blocks, block), bits, symmetric, searched)
         w = w[:, order]
-    columns_in_order = (order if order is not None else torch.arange(padded, device=device)).tolist()
     codes = torch.zeros(n, padded, dtype=torch.uint8, device=device)
-    # A batch holds whole blocks, or a block holds whole batches: a block's grid is taken when
-    # every column before it has pushed its error onto the block's columns.
-    lazy = _LAZY_COLUMNS // block * block if block <= _LAZY_COLUMNS else _LAZY_COLUMNS
-    if block % lazy and lazy % block:
-        lazy = block
-    scale = zero = inverse_scale = None
+    lazy = _batch_columns(block)
+    steps = _ColumnSteps(n, lazy, bits, device)
+    inverse_scales = _inverse(scales) if order is not None else None
     for first in range(0, padded, lazy):
         last = min(first + lazy, padded)
-        part = w[:, first:last].clone()
-        errors = torch.zeros_like(part)
-        inverse = factor[first:last, first:last]
-        diagonal = torch.diagonal(inverse).tolist()
-        for i in range(last - first):
-            column = columns_in_order[first + i]
-            if order is not None:
-                if i == 0 or column // block != columns_in_order[first + i - 1] // block:
-                    scale, zero = scales[:, column // block], zeros[:, column // block]
-                    inverse_scale = torch.where(scale != 0, 1 / torch.where(scale != 0, scale, 1), 0)
-            elif column % block == 0:
-                weights = energy[column : column + block]
-                # the block's columns: in this batch, or (a block of several batches, i == 0)
-                # in w, where the batches before have pushed their errors
-                columns = part[:, i : i + block] if i + block <= last - first else w[:, column : column + block]
-                scale, zero = _grid(columns, weights, bits, symmetric, searched)
-                scales[:, column // block], zeros[:, column // block] = scale, zero
-                inverse_scale = torch.where(scale != 0, 1 / torch.where(scale != 0, scale, 1), 0)
-            value = part[:, i]
-            # encode(): floor(v / scale + zero + 0.5), clamped, in the same order of operations
-            code = (value * inverse_scale).add_(zero).add_(0.5).floor_().clamp_(0, top)
-            codes[:, column] = code.to(torch.uint8)
-            error = (value - (code - zero) * scale).div_(diagonal[i])
-            part[:, i:].addr_(error, inverse[i, i:], alpha=-1)
-            errors[:, i] = error
+        width = last - first
+        if order is None:  # the batch lies in one block
+            if first % block == 0:  # the block's columns, where the batches before have pushed their errors
+                scale, zero = _grid(w[:, first : first + block], energy[first : first + block], bits, symmetric,
+                                    searched)  # fmt: skip
+                scales[:, first // block], zeros[:, first // block] = scale, zero
+                inverse_scale = _inverse(scale)
+            grid = (scale[:, None].expand(n, width), zero[:, None].expand(n, width),
+                    inverse_scale[:, None].expand(n, width))  # fmt: skip
+            where = slice(first, last)
+        else:
+            where = order[first:last]
+            batch_blocks = where // block
+            grid = (scales[:, batch_blocks], zeros[:, batch_blocks], inverse_scales[:, batch_blocks])
+        errors, batch_codes = steps.run(w[:, first:last], factor[first:last, first:last], *grid)
+        codes[:, where] = batch_codes.to(torch.uint8)
         w[:, last:] -= errors @ factor[first:last, last:]
     return codes, scales, zeros
+
+
+def _batch_columns(block: int) -> int:
+    """Columns per lazy batch: a block smaller than a batch is a batch, so that each block's grid
+    is taken, before its first column is rounded, from its columns as the columns before them
+    have moved them; a larger block holds whole batches."""
+    if block <= _LAZY_COLUMNS:
+        return block
+    return _LAZY_COLUMNS if block % _LAZY_COLUMNS == 0 else block
+
+
+def _inverse(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale != 0, 1 / torch.where(scale != 0, scale, 1), 0)
+
+
+class _ColumnSteps:
+    """One lazy batch of GPTQ's column steps on fixed buffers: column i is encoded on its grid
+    (encode()'s order of operations: floor(v / scale + zero + 0.5), clamped), its error divided
+    by the factor's diagonal and pushed onto columns i+1.. of the batch.
+
+    On the GPU a step is a handful of small kernels whose launches, not their work, are the cost
+    (15,104 columns a layer of a 1.5B model), so the batch's steps are captured once as a CUDA
+    graph and replayed for every batch of the same width; on the CPU they run as they are. Both
+    run the same kernels, so they write the same codes."""
+
+    graphs = True  # on a CUDA device; False runs the steps as they are there too (tests compare)
+
+    def __init__(self, rows: int, width: int, bits: int, device: torch.device):
+        self.width, self.bits = width, bits
+        # by column: each column's values are contiguous, as the kernels want them
+        new = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
+        self.part, self.errors, self.codes = new(width, rows), new(width, rows), new(width, rows)
+        self.scale, self.zero, self.inverse_scale = new(width, rows), new(width, rows), new(width, rows)
+        self.inverse, self.diagonal = new(width, width), torch.ones(width, device=device)
+        self.graph = None
+        self.graphed = device.type == "cuda" and self.graphs
+
+    def run(self, columns, inverse, scale, zero, inverse_scale):
+        """(errors, codes as floats), both (rows, width), of the batch `columns` (rows, width)
+        with the factor's block `inverse` and each column's grid `scale`, `zero` and
+        `_inverse(scale)` (rows, width)."""
+        width = columns.shape[1]
+        if width != self.width:  # a ragged last batch: eager, on buffers of its width
+            steps = _ColumnSteps(columns.shape[0], width, self.bits, columns.device)
+            steps.graphed = False
+            return steps.run(columns, inverse, scale, zero, inverse_scale)
+        self.part.copy_(columns.T)
+        self.inverse.copy_(inverse)
+        self.diagonal.copy_(torch.diagonal(inverse))
+        self.scale.copy_(scale.T)
+        self.zero.copy_(zero.T)
+        self.inverse_scale.copy_(inverse_scale.T)
+        if not self.graphed:
+            self._steps()
+        else:
+            if self.graph is None:
+                self.graph = _captured(self._steps)
+            self.graph.replay()
+        return self.errors.T, self.codes.T
+
+    def _steps(self) -> None:
+        part, errors, codes, inverse, top = self.part, self.errors, self.codes, self.inverse, (1 << self.bits) - 1
+        for i in range(self.width):
+            value, code, error = part[i], codes[i], errors[i]
+            torch.mul(value, self.inverse_scale[i], out=code)
+            code.add_(self.zero[i]).add_(0.5).floor_().clamp_(0, top)
+            torch.sub(code, self.zero[i], out=error)
+            error.mul_(self.scale[i])
+            torch.sub(value, error, out=error)
+            error.div_(self.diagonal[i])
+            part[i:].addr_(inverse[i, i:], error, alpha=-1)
+
+
+def _captured(steps) -> torch.cuda.CUDAGraph:
+    """`steps` recorded as a CUDA graph, after one warm-up run on a side stream (as capture needs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        steps()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        steps()
+    return graph

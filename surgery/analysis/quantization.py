@@ -53,20 +53,21 @@ class BlockQuantized:
         """The (K, N) float32 weight these blocks stand for."""
         return self.dequantize_rows(k, bits, block, 0, self.packed.shape[0]).numpy().T
 
-    def dequantize_rows(self, k: int, bits: int, block: int, start: int, stop: int):
-        """Rows start..stop of the (N, K) weight (PyTorch's layout) as a float32 torch tensor
-        (a chunk at a time keeps the temporaries of a weight of billions small)."""
+    def dequantize_rows(self, k: int, bits: int, block: int, start: int, stop: int, device=None):
+        """Rows start..stop of the (N, K) weight (PyTorch's layout) as a float32 torch tensor on
+        `device` (default the CPU; the packed bytes travel, not the floats); a chunk at a time
+        keeps the temporaries of a weight of billions small."""
         import torch
 
-        packed = torch.from_numpy(np.array(self.packed[start:stop]))
+        packed = torch.from_numpy(np.array(self.packed[start:stop])).to(device)
         n, blocks = packed.shape[0], packed.shape[1]
         q = _unpack_torch(packed, bits).reshape(n, blocks, -1)[:, :, :block]
         if self.zero_points is not None:
-            zero = _unpack_torch(torch.from_numpy(np.array(self.zero_points[start:stop])), bits)
+            zero = _unpack_torch(torch.from_numpy(np.array(self.zero_points[start:stop])).to(device), bits)
             zero = zero.reshape(n, -1)[:, :blocks, None]
         else:
-            zero = torch.full((1, 1, 1), 1 << (bits - 1), dtype=torch.int16)
-        scales = torch.from_numpy(np.array(self.scales[start:stop])).reshape(n, blocks, 1).float()
+            zero = torch.full((1, 1, 1), 1 << (bits - 1), dtype=torch.int16, device=device)
+        scales = torch.from_numpy(np.array(self.scales[start:stop])).to(device).reshape(n, blocks, 1).float()
         return ((q.to(torch.int16) - zero.to(torch.int16)).float() * scales).reshape(n, -1)[:, :k]
 
 

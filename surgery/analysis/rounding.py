@@ -117,12 +117,12 @@ def searched_grid(
 def pack_codes(codes: torch.Tensor, bits: int, pad: int = 0) -> np.ndarray:
     """(..., count) integer codes -> uint8 bytes, first element in the low bits (two per byte at
     4 bits; an odd count's last byte has `pad` in its high bits)."""
-    codes = codes.to(torch.uint8).cpu()
+    codes = codes.to(torch.uint8)  # packed where they are: half the bytes cross from a GPU
     if bits == 8:
-        return codes.numpy()
+        return codes.cpu().numpy()
     if codes.shape[-1] % 2:
         codes = torch.nn.functional.pad(codes, (0, 1), value=pad)
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).numpy()
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).cpu().numpy()
 
 
 def to_blocks(

@@ -106,10 +106,11 @@ class WeightFormat:
 
         return quantize_table(table, self.bits, self.block, self.symmetric)
 
-    def dequantize_rows(self, blocks, k: int, start: int, stop: int) -> Any:
-        """Rows start..stop of the (N, K) float32 weight `blocks` stand for, as a torch tensor:
-        what verification computes with to check the written bytes."""
-        return blocks.dequantize_rows(k, self.bits, self.block, start, stop)
+    def dequantize_rows(self, blocks, k: int, start: int, stop: int, device=None) -> Any:
+        """Rows start..stop of the (N, K) float32 weight `blocks` stand for, as a torch tensor
+        (on `device`, default the CPU): what verification computes with to check the written
+        bytes, and what GPTQ's next layer is calibrated on."""
+        return blocks.dequantize_rows(k, self.bits, self.block, start, stop, device)
 
     def write_blocks(self, writer, weight_name: str, blocks) -> list[str]:
         """The initializers of blocks of a weight, named as onnxruntime's quantizer names them
