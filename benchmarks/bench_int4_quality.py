@@ -3,7 +3,8 @@
 Rows (each built in a fresh process, timed, its peak memory taken):
 - `fp32`: our fp32 export, the reference every KL and top-1 is measured against;
 - `builder int4` and `builder int4 <algo>`: `python -m onnxruntime_genai.models.builder -p int4
-  -e cpu`, once per `--builder-algos` value as its `algo_config` (`default`: round to nearest;
+  -e cpu` (through genai_builder_compat.py, which lets it read Gemma 3's config), once per
+  `--builder-algos` value as its `algo_config` (`default`: round to nearest;
   `k_quant_mixed`: llama.cpp's mixed strategy, int8 for the head and the most sensitive linears);
 - `ours rtn`: every linear, the head and the embedding at int4 (block 32, zero points), rounded
   to nearest (onnxruntime's own packer);
@@ -123,7 +124,8 @@ def main() -> None:
             recipe.write_text(recipes[name])
             command = [sys.executable, "-m", "surgery", "apply", str(recipe), "-o", str(out), "--no-verify"]
         else:
-            command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o", str(out),
+            command = [sys.executable, str(REPO / "benchmarks" / "genai_builder_compat.py"), "-i", str(hf_folder),
+                       "-o", str(out),
                        "-p", "int4", "-e", "cpu", "-c", str(work / "builder-cache"),
                        "--extra_options", f"algo_config={builders[name]}"]  # fmt: skip
         print(f"building {name} ...", flush=True)
