@@ -16,7 +16,7 @@ phases read from the report's timings:
   (`--rows 4.9`, `4.9g`, `4.9ga`).
 
     python benchmarks/bench_quantize_time.py [--device cuda] [--rows rtn gptq 4.9 4.9g 4.9ga]
-        [--calibration "samples 32 length 256"] [--work DIR] [--json FILE]
+        [--calibration "samples 32 length 256"] [--dtype float16|float32] [--work DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -54,15 +54,15 @@ QWEN_1_5B = {
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
-def random_qwen(folder: Path, tokenizer: Path, layers: int) -> None:
-    """A seeded random model of Qwen2.5-1.5B's shape (`layers` of them) in fp16 safetensors, with
-    `tokenizer`'s files."""
+def random_qwen(folder: Path, tokenizer: Path, layers: int, dtype: str = "float16") -> None:
+    """A seeded random model of Qwen2.5-1.5B's shape (`layers` of them) in `dtype` safetensors,
+    with `tokenizer`'s files."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(**{**QWEN_1_5B, "num_hidden_layers": layers}, torch_dtype="float16")
-    model = Qwen2ForCausalLM(config).to(torch.float16)
+    config = Qwen2Config(**{**QWEN_1_5B, "num_hidden_layers": layers}, torch_dtype=dtype)
+    model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(folder)
     for name in TOKENIZER_FILES:
         if (tokenizer / name).exists():
@@ -83,6 +83,8 @@ def main() -> None:
                         help="rtn, gptq, or bits per weight (g adds gptq, ga gptq act-order)")  # fmt: skip
     parser.add_argument("--calibration", default="samples 32 length 256", help="the calibrate statement's options")
     parser.add_argument("--layers", type=int, default=28, help="fewer layers for a quick try (28: the real shape)")
+    parser.add_argument("--dtype", default="float16", choices=("float16", "float32"),
+                        help="the random model's weights (float32: as the GGUF-dequantized real one)")  # fmt: skip
     parser.add_argument("--tokenizer", type=Path, default=None, help="a folder with tokenizer.json")
     parser.add_argument("--work", type=Path, default=None, help="default: a temporary folder, removed after")
     parser.add_argument("--json", default=None, help="default: bench-results/quantize-time-<device>.json")
@@ -91,10 +93,10 @@ def main() -> None:
     if tokenizer is None or not (tokenizer / "tokenizer.json").exists():
         raise SystemExit("no tokenizer: pass --tokenizer DIR (a folder with tokenizer.json)")
     work = args.work or Path(tempfile.mkdtemp(prefix="surgery-quantize-time-"))
-    model = work / f"random-qwen2.5-1.5b-{args.layers}-layers"
-    if not (model / "model.safetensors").exists():
+    model = work / f"random-qwen2.5-1.5b-{args.layers}-layers-{args.dtype}"
+    if not (model / "config.json").exists():
         print(f"writing a random model of Qwen2.5-1.5B's shape to {model} ...", flush=True)
-        random_qwen(model, tokenizer, args.layers)
+        random_qwen(model, tokenizer, args.layers, args.dtype)
     head = f'model "{model}"\ncalibrate on "wikitext-2-valid" {args.calibration}\n'
     rows = {}
     for row in args.rows:
@@ -128,7 +130,7 @@ def main() -> None:
     write_result(
         args.json or str(REPO / "bench-results" / f"quantize-time-{args.device.split(':')[0]}.json"),
         {
-            "model": f"random Qwen2.5-1.5B shape (seeded), {args.layers} layers, fp16 safetensors",
+            "model": f"random Qwen2.5-1.5B shape (seeded), {args.layers} layers, {args.dtype} safetensors",
             "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "device": device_name},
             "calibration": args.calibration,
             "rows": rows,
