@@ -159,7 +159,8 @@ def main() -> None:
     genai = {name for name in folders if name.startswith("builder") and args.model == "gemma3"}
     rows: dict[str, dict] = {}
     for name, folder in folders.items():
-        logits = GenaiModel(str(folder), args.threads).logits if name in genai else onnx_logits(str(folder), args.threads)
+        threads = args.threads
+        logits = GenaiModel(str(folder), threads).logits if name in genai else onnx_logits(str(folder), threads)
         result = compare(logits, cached_reference, tokens)
         rows[name] = {
             "mb": round(size_mb(folder), 1),
