@@ -161,11 +161,8 @@ def _rounded(graph: DecoderGraph, blocks: dict[str, Rounded]) -> Iterator[None]:
                 n, k = weight.shape
                 if isinstance(rounded, torch.Tensor):
                     part = rounded[start : start + n]
-                elif weight.device.type == "cpu":  # in chunks of rows: small temporaries
-                    part = torch.empty(weight.shape, dtype=torch.float32)
-                    fill_dequantized(part, rounded[0], k, rounded[1], start)
-                else:  # on the device: the packed bytes cross, not the floats
-                    part = rounded[1].dequantize_rows(rounded[0], k, start, start + n, weight.device)
+                else:
+                    part = _dequantized(*rounded, k, start, n, weight.device)
                 weight.data.copy_(part.to(weight.dtype))
                 start += n
         yield
@@ -179,6 +176,18 @@ def _weight(graph: DecoderGraph, linear: str, device: str | None) -> torch.Tenso
     there is not copied (a large head would be held twice). Nothing writes into it."""
     weights = [w.detach().to(device or "cpu", torch.float32) for w in linear_weights(graph, linear)]
     return weights[0] if len(weights) == 1 else torch.cat(weights)
+
+
+def _dequantized(blocks: BlockQuantized, stored: WeightFormat, k: int, start: int, rows: int,
+                 device: torch.device) -> torch.Tensor:  # fmt: skip
+    """Rows start.. (`rows` of them) of the (N, K) weight `blocks` stand for, on `device`: on
+    the CPU a chunk of rows at a time (small temporaries), on a GPU there (the packed bytes
+    cross, not the floats)."""
+    if device.type == "cpu":
+        part = torch.empty(rows, k, dtype=torch.float32)
+        fill_dequantized(part, blocks, k, stored, start)
+        return part
+    return stored.dequantize_rows(blocks, k, start, start + rows, device)
 
 
 def _reference_rounded(weight: torch.Tensor) -> Rounded:
@@ -290,12 +299,7 @@ def calibrated_blocks(
                         if how.gptq and stored.bits == 4:
                             plain = replace(how, format=stored, weighted=False, act_order=False)
                             blocks = _round(weight, plain, sums.sum(HEAD))
-                            if weight.device.type == "cpu":
-                                head_rounded = torch.empty(weight.shape, dtype=torch.float32)
-                                fill_dequantized(head_rounded, blocks, weight.shape[1], stored, 0)
-                            else:
-                                head_rounded = stored.dequantize_rows(blocks, weight.shape[1], 0, len(weight),
-                                                                      weight.device)  # fmt: skip
+                            head_rounded = _dequantized(blocks, stored, weight.shape[1], 0, len(weight), weight.device)
                         else:  # a quick search: measuring, not writing
                             head_rounded = rounded_searched(weight, sums.energy(HEAD), stored.bits, stored.block,
                                                             stored.symmetric)  # fmt: skip

@@ -156,17 +156,16 @@ def _gptq_rows(w, factor, energy, order, bits: int, block: int, symmetric: bool,
     lazy = _batch_columns(block)
     steps = _ColumnSteps(n, lazy, bits, device)
     inverse_scales = _inverse(scales) if order is not None else None
-    for first in range(0, padded, lazy):
-        last = min(first + lazy, padded)
-        width = last - first
+    for first in range(0, padded, lazy):  # padded is a whole number of batches (_batch_columns)
+        last = first + lazy
         if order is None:  # the batch lies in one block
             if first % block == 0:  # the block's columns, where the batches before have pushed their errors
                 scale, zero = _grid(w[:, first : first + block], energy[first : first + block], bits, symmetric,
                                     searched)  # fmt: skip
                 scales[:, first // block], zeros[:, first // block] = scale, zero
                 inverse_scale = _inverse(scale)
-            grid = (scale[:, None].expand(n, width), zero[:, None].expand(n, width),
-                    inverse_scale[:, None].expand(n, width))  # fmt: skip
+            grid = (scale[:, None].expand(n, lazy), zero[:, None].expand(n, lazy),
+                    inverse_scale[:, None].expand(n, lazy))  # fmt: skip
             where = slice(first, last)
         else:
             where = order[first:last]
@@ -179,9 +178,10 @@ def _gptq_rows(w, factor, energy, order, bits: int, block: int, symmetric: bool,
 
 
 def _batch_columns(block: int) -> int:
-    """Columns per lazy batch: a block smaller than a batch is a batch, so that each block's grid
-    is taken, before its first column is rounded, from its columns as the columns before them
-    have moved them; a larger block holds whole batches."""
+    """Columns per lazy batch, dividing the block (so a padded weight is whole batches): a block
+    smaller than a batch is a batch, so that each block's grid is taken, before its first column
+    is rounded, from its columns as the columns before them have moved them; a larger block
+    holds whole batches."""
     if block <= _LAZY_COLUMNS:
         return block
     return _LAZY_COLUMNS if block % _LAZY_COLUMNS == 0 else block
@@ -217,11 +217,6 @@ class _ColumnSteps:
         """(errors, codes as floats), both (rows, width), of the batch `columns` (rows, width)
         with the factor's block `inverse` and each column's grid `scale`, `zero` and
         `_inverse(scale)` (rows, width)."""
-        width = columns.shape[1]
-        if width != self.width:  # a ragged last batch: eager, on buffers of its width
-            steps = _ColumnSteps(columns.shape[0], width, self.bits, columns.device)
-            steps.graphed = False
-            return steps.run(columns, inverse, scale, zero, inverse_scale)
         if self.graphed and self.graph is None:  # before the batch's values: capturing runs the steps once
             self.graph = _captured(self._steps)
         self.part.copy_(columns.T)
