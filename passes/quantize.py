@@ -11,6 +11,11 @@ restrict the selection (it only adds to the op-type match), so selection is by e
 one quantizer run per (bits, block, symmetric) setting, excluding every MatMul not assigned
 that setting. `ensures` checks the outcome node by node: exactly the assigned MatMuls became
 `<name>_Q<bits>` with the right width and block, and every other MatMul is untouched.
+
+A format with fp16 scales (`WeightFormat.half_scales`) is then rewritten weight by weight from
+the float weight, as the exporter writes it (`write_scales_in_fp16`): the codes on grids whose
+scales are fp16 values, the scales stored in fp16 and read through a Cast to the activations'
+type unless that is fp16.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from surgery.formats.weights import WeightFormat
 from surgery.passes.base import OnnxPass, PassResult
@@ -81,9 +88,10 @@ class Quantize(OnnxPass):
         by_format: dict[WeightFormat, set[str]] = defaultdict(set)
         for node_name, stored in self.assignment:
             by_format[stored].add(node_name)
-        order = sorted(by_format, key=lambda f: (f.bits, f.block, f.symmetric))
+        order = sorted(by_format, key=lambda f: (f.bits, f.block, f.symmetric, f.half_scales))
         for stored in order:
             chosen = by_format[stored]
+            floats = _float_weights(model, chosen) if stored.half_scales else {}
             # Recomputed per run: earlier runs renamed their nodes to MatMulNBits.
             exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in chosen]
             settings = stored.quantizer_settings()
@@ -95,6 +103,8 @@ class Quantize(OnnxPass):
             converted = quantizer.model.model
             if converted is not model:
                 model.CopyFrom(converted)
+            for node_name, weight in floats.items():
+                write_scales_in_fp16(model, stored, stored.node_name(node_name), weight)
         return PassResult(True, self.summary())
 
     def summary(self) -> str:
@@ -108,6 +118,8 @@ class Quantize(OnnxPass):
         """Exactly the assigned MatMuls are now MatMulNBits of the assigned width and block."""
         nodes = {node.name: node for node in model.graph.node}
         expected = {stored.node_name(name): stored for name, stored in self.assignment}
+        initializers = {init.name: init for init in model.graph.initializer}
+        producers = {output: node for node in model.graph.node for output in node.output}
         problems = []
         for name, stored in expected.items():
             node = nodes.get(name)
@@ -117,8 +129,46 @@ class Quantize(OnnxPass):
             attributes = {a.name: a.i for a in node.attribute}
             if {key: attributes.get(key) for key in stored.node_attributes()} != stored.node_attributes():
                 problems.append(f"{name} has bits {attributes.get('bits')} block {attributes.get('block_size')}")
+            scales = node.input[2]
+            cast = producers.get(scales)
+            source = cast.input[0] if cast is not None and cast.op_type == "Cast" else scales
+            if stored.half_scales and getattr(initializers.get(source), "data_type", None) != onnx.TensorProto.FLOAT16:
+                problems.append(f"{name}: its scales are not stored in fp16")
         extra = [n for n, node in nodes.items() if node.op_type == "MatMulNBits" and n not in expected]
         problems += [f"{name} was quantized but not selected" for name in extra]
         assigned = {name for name, _ in self.assignment}
         problems += [f"{name} is still a MatMul" for name in assigned if name in nodes]
         return problems
+
+
+def _float_weights(model: onnx.ModelProto, chosen: set[str]) -> dict[str, np.ndarray]:
+    """The (K, N) float weights of the chosen MatMuls, before the quantizer replaces them."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    return {
+        node.name: numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+        for node in model.graph.node
+        if node.name in chosen
+    }
+
+
+def write_scales_in_fp16(model: onnx.ModelProto, stored: WeightFormat, node_name: str, weight: np.ndarray) -> None:
+    """Rewrite the MatMulNBits `node_name` (onnxruntime's quantizer's, from the (K, N) float
+    `weight`) in `stored`'s fp16-scale form: the weight rounded by `stored.quantize` (grids on
+    fp16 scales), the scales stored in fp16 and, when the activations are of another type,
+    read through a Cast to it (which onnxruntime folds when the session loads)."""
+    import torch
+
+    from surgery.analysis.quantization import replace_blocks
+
+    node = next(n for n in model.graph.node if n.name == node_name)
+    initializers = {init.name: init for init in model.graph.initializer}
+    scales = initializers[node.input[2]]
+    element_type = scales.data_type  # the quantizer writes scales in the activations' type
+    replace_blocks(model, {node_name.rpartition("_Q")[0]: stored.quantize(torch.from_numpy(weight.T))})
+    half = numpy_helper.to_array(scales).astype(np.float16)
+    scales.CopyFrom(numpy_helper.from_array(half, scales.name))
+    if element_type != onnx.TensorProto.FLOAT16:
+        cast = f"{scales.name}/Cast"
+        position = list(model.graph.node).index(node)
+        model.graph.node.insert(position, helper.make_node("Cast", [scales.name], [cast], name=cast, to=element_type))
+        node.input[2] = cast

@@ -72,7 +72,8 @@ class QuantizeEmbedding(OnnxPass):
             return None
         a = _attributes(head)
         has_zero_points = len(head.input) > 3 and head.input[3] != ""
-        if WeightFormat.of_node(a, has_zero_points) != self.stored or (a.get("K"), a.get("N")) != (hidden, rows):
+        half = any(n.op_type == "Cast" and head.input[2] in n.output for n in model.graph.node)
+        if WeightFormat.of_node(a, has_zero_points, half) != self.stored or (a.get("K"), a.get("N")) != (hidden, rows):
             return None
         return list(head.input[1 : 4 if has_zero_points else 3])
 
@@ -100,7 +101,8 @@ class QuantizeEmbedding(OnnxPass):
         else:
             table = numpy_helper.to_array(table_init, base_dir="")
             packed, scales, zero_points = self.stored.quantize_table(table.astype(np.float32))
-            scales = scales.astype(table.dtype)  # the lookup returns rows in the scales' type
+            # the lookup returns rows in the scales' type: fp16 ones are read through a Cast
+            scales = scales.astype(self.stored.scale_dtype(table.dtype))
             base = self.stored.node_name(table_name)
             tensors = [(packed, base), (scales, f"{base}_scales")]
             if zero_points is not None:
@@ -108,6 +110,11 @@ class QuantizeEmbedding(OnnxPass):
             for array, name in tensors:
                 graph.initializer.append(numpy_helper.from_array(array, name))
             inputs = [name for _, name in tensors]
+            if scales.dtype != table.dtype:
+                cast = f"{base}_scales/Cast"
+                new_nodes.append(helper.make_node("Cast", [inputs[1]], [cast], name=cast,
+                                                  to=helper.np_dtype_to_tensor_dtype(table.dtype)))  # fmt: skip
+                inputs[1] = cast
             how = "in tensors of its own"
         data, *rest = inputs
         quantized = helper.make_node(
@@ -129,8 +136,7 @@ class QuantizeEmbedding(OnnxPass):
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         stored = self.stored
-        kind = "symmetric" if stored.symmetric else "asymmetric"
-        return PassResult(True, f"embedding to {stored.name} (block {stored.block}, {kind}), {how}")
+        return PassResult(True, f"embedding to {stored.describe('GatherBlockQuantized')}, {how}")
 
     def ensures(self, model: onnx.ModelProto) -> list[str]:
         """The lookup is block-quantized at the asked width and no float table is left for it."""

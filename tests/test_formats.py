@@ -27,8 +27,9 @@ def test_a_precision_names_the_same_type_in_every_library(name):
 @pytest.mark.parametrize("bits", WIDTHS)
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b <= 128])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_a_weight_format_knows_its_stored_size(bits, block, symmetric):
-    stored = WeightFormat(bits, block, symmetric)
+@pytest.mark.parametrize("half_scales", [False, True])
+def test_a_weight_format_knows_its_stored_size(bits, block, symmetric, half_scales):
+    stored = WeightFormat(bits, block, symmetric, half_scales)
     weight = torch.randn(24, 256, generator=torch.Generator().manual_seed(0))
     blocks = stored.quantize(weight)
     zero_points = 0 if blocks.zero_points is None else blocks.zero_points.nbytes
@@ -36,3 +37,5 @@ def test_a_weight_format_knows_its_stored_size(bits, block, symmetric):
     assert stored.storage_bytes(24, 256) == written
     assert (blocks.zero_points is None) == symmetric
     assert stored.name == f"int{bits}" and f"block {block}" in stored.describe()
+    assert ("fp16 scales" in stored.describe()) == half_scales
+    assert WeightFormat.from_json(stored.to_json()) == stored

@@ -19,7 +19,13 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli, tiny_graph
-from surgery.analysis.quantization import dequantize, initializer_arrays, quantized_linears
+from surgery.analysis.quantization import (
+    dequantize,
+    initializer_arrays,
+    producers_of,
+    quantized_linears,
+    stored_tensor,
+)
 from surgery.backend.runtime import OnnxCausalLM
 from surgery.export.decoder import export_decoder
 from surgery.export.options import ExportOptions
@@ -116,7 +122,8 @@ def test_report_counts_bits_per_kind_of_linear(grouped):
 
 def _quantized_weights(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     arrays = initializer_arrays(model, {name for n in model.graph.node for name in n.input})
-    return {n.name: dequantize(n, arrays) for n in model.graph.node if n.op_type == "MatMulNBits"}, arrays
+    producers = producers_of(model.graph)
+    return {n.name: dequantize(n, arrays, producers) for n in model.graph.node if n.op_type == "MatMulNBits"}, arrays
 
 
 def test_packed_weights_reproduce_the_float_weights(grouped):
@@ -150,19 +157,25 @@ def test_packed_weights_reproduce_the_float_weights(grouped):
         assert error.max() > 0  # quantization did happen
 
 
-@pytest.mark.parametrize("bits, block, symmetric", [(4, 32, False), (4, 16, True), (8, 32, False), (8, 64, True)])
-def test_onnxruntime_matches_pytorch_with_the_dequantized_weights(tmp_path, bits, block, symmetric):
+@pytest.mark.parametrize(
+    "bits, block, symmetric, half",
+    [(4, 32, False, False), (4, 16, True, False), (8, 32, False, False), (8, 64, True, False), (4, 32, False, True)],
+)
+def test_onnxruntime_matches_pytorch_with_the_dequantized_weights(tmp_path, bits, block, symmetric, half):
     """With float compute (accuracy_level 0) the quantized model is PyTorch with the quantized weights.
 
     Every linear (and the head, untied) is quantized; PyTorch gets the weights `dequantize`
     reads back from the packed tensors. Any mistake in selection, packing, the head's untying
-    or the Q/K/V split would show up as a large logit difference.
+    or the Q/K/V split would show up as a large logit difference. `half`: scales stored in fp16
+    and read through Casts that onnxruntime folds.
     """
     graph = tiny_graph("tiny-qwen2")  # tied head, QKV biases
     export = export_decoder(graph, str(tmp_path), ExportOptions(untie_head=True))
     model = onnx.load(export.model_path)
-    assignment = tuple((node, WeightFormat(bits, block, symmetric)) for node in export.linears.values())
+    assignment = tuple((node, WeightFormat(bits, block, symmetric, half)) for node in export.linears.values())
     run_pass(Quantize(assignment=assignment, accuracy_level=0), model)
+    casts = [n for n in model.graph.node if n.op_type == "Cast" and n.name.endswith("_scales/Cast")]
+    assert len(casts) == (len(assignment) if half else 0)
     weights, _ = _quantized_weights(model)
     (tmp_path / "q").mkdir()  # (saving moves the weights out of `model`, so read them first)
     onnx.save(model, str(tmp_path / "q" / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
@@ -237,11 +250,14 @@ def _lookup_table(folder: Path, rows: int) -> np.ndarray:
     return session.run(None, {"input_ids": np.arange(rows, dtype=np.int64)})[0]
 
 
-@pytest.mark.parametrize("bits, block, symmetric", [(4, 32, False), (4, 16, True), (8, 32, False), (8, 64, True)])
-def test_the_quantized_embedding_is_the_table_to_within_a_step(tmp_path, bits, block, symmetric):
+@pytest.mark.parametrize(
+    "bits, block, symmetric, half",
+    [(4, 32, False, False), (4, 16, True, False), (8, 32, False, False), (8, 64, True, False), (4, 32, False, True)],
+)
+def test_the_quantized_embedding_is_the_table_to_within_a_step(tmp_path, bits, block, symmetric, half):
     graph = tiny_graph("tiny-llama")  # untied: the table is quantized into tensors of its own
     original = graph.embedding.weight.detach().numpy()
-    width = f"int{bits} block {block}" + (" symmetric" if symmetric else "")
+    width = f"int{bits} block {block}" + (" symmetric" if symmetric else "") + (" scales fp16" if half else "")
     out = _apply(tmp_path, "tiny-llama", f"quantize embedding to {width}")
     nodes = _nodes(out)
     assert "/model/embed_tokens/Gather" not in nodes
@@ -251,7 +267,10 @@ def test_the_quantized_embedding_is_the_table_to_within_a_step(tmp_path, bits, b
     assert (len(lookup.input) == 4) != symmetric  # zero points only when asymmetric
     table = _lookup_table(out, original.shape[0])
     blocks = original.reshape(original.shape[0], -1, block)
-    scales = initializer_arrays(onnx.load(str(out / "model.onnx")), {lookup.input[2]})[lookup.input[2]]
+    written = onnx.load(str(out / "model.onnx"))
+    stored = stored_tensor(lookup.input[2], producers_of(written.graph))
+    scales = initializer_arrays(written, {stored})[stored]
+    assert (scales.dtype == np.float16) == half and (stored != lookup.input[2]) == half  # read through a Cast
     step = np.abs(scales).reshape(original.shape[0], -1, 1)
     error = np.abs(table - original).reshape(blocks.shape)
     # Half a step, except that symmetric blocks map the largest magnitude to -2^(bits-1), so the

@@ -47,6 +47,30 @@ def test_the_range_grid_is_onnxruntimes_own(bits, block, symmetric):
     assert (ours.packed != theirs.packed).mean() <= (1e-3 if bits == 8 else 0)  # int8: an exact tie, rarely
 
 
+@pytest.mark.parametrize(("bits", "block", "symmetric"), CASES)
+def test_fp16_scales_hold_the_grid_the_codes_were_chosen_on(bits, block, symmetric):
+    """`half`: every block's scale is an fp16 value, stored as fp16, and the codes are the
+    range grid's codes on that scale, so the stored blocks dequantize to exactly what the codes
+    stand for on it; without it, `quantize_range` writes onnxruntime's packer's bytes."""
+    from surgery.analysis.rounding import quantize_range, rounded
+
+    weight = _weight()
+    n, k = weight.shape
+    half = quantize_range(weight, bits, block, symmetric, half=True)
+    assert half.scales.dtype == np.float16
+    blocks = padded_blocks(weight, block)
+    scale, zero = range_grid(blocks, bits, symmetric, half=True)
+    assert torch.equal(scale, scale.half().float()) and np.array_equal(scale.half().numpy(), half.scales)
+    expected = rounded(blocks, scale, zero, bits).reshape(n, -1)[:, :k]
+    np.testing.assert_array_equal(half.dequantize(k, bits, block).T, expected.numpy())
+    plain = quantize_range(weight, bits, block, symmetric)
+    theirs = quantize_blocks_nk(weight, bits, block, symmetric)
+    np.testing.assert_array_equal(plain.scales, theirs.scales)
+    assert (plain.packed != theirs.packed).mean() <= (1e-3 if bits == 8 else 0)  # int8: an exact tie, rarely
+    gptq = gptq_blocks(weight, torch.eye(k) + 0.1, bits, block, symmetric, searched=True, half=True)
+    assert gptq.scales.dtype == np.float16 and np.all(np.isfinite(gptq.scales))
+
+
 def _weighted_error(weight, blocks, importance, bits, block) -> float:
     rounded = torch.from_numpy(blocks.dequantize(weight.shape[1], bits, block)).T
     return float(((weight - rounded) ** 2 * importance).sum())
@@ -184,19 +208,20 @@ def test_the_inverse_hessians_factor_is_the_upper_cholesky_factor_of_the_dampene
 
 def test_the_choice_stays_within_the_budget_and_upgrades_the_most_sensitive_first():
     low, high = bounds(_shapes(), True, 4)
-    assert low == pytest.approx(4.28125) and high == pytest.approx(9.25)
+    # fp16 scales: int4 block 128 is 4 + 16/128 + 4/128 bits, int8 block 32 8 + 16/32 + 8/32
+    assert low == pytest.approx(4.15625) and high == pytest.approx(8.75)
     smallest = choose(_shapes(), _errors("a"), low, True, 4)
-    assert {f for f in smallest.values()} == {WeightFormat(4, 128)}
+    assert {f for f in smallest.values()} == {WeightFormat(4, 128, half_scales=True)}
     chosen = choose(_shapes(), _errors("a"), 5.0, True, 4)
     assert _bits(chosen) <= 5.0
     assert chosen["a"].storage_bytes(64, 256) > chosen["b"].storage_bytes(64, 256)  # the sensitive one first
     assert chosen[EMBEDDING] == chosen[HEAD]  # tied: the lookup reads the head's tensors
-    assert set(choose(_shapes(), _errors("a"), high, True, 4).values()) == {WeightFormat(8, 32)}
+    assert set(choose(_shapes(), _errors("a"), high, True, 4).values()) == {WeightFormat(8, 32, half_scales=True)}
 
 
 def test_an_untied_embedding_is_counted_and_keeps_its_format():
     chosen = choose(_shapes(), _errors("b"), 6.0, False, 4)
-    assert chosen[EMBEDDING] == WeightFormat(4, 32)
+    assert chosen[EMBEDDING] == WeightFormat(4, 32, half_scales=True)
     assert _bits(chosen, tied=False) <= 6.0
 
 

@@ -198,7 +198,7 @@ def _reference_rounded(weight: torch.Tensor) -> Rounded:
         return REFERENCE.quantize(weight), REFERENCE
     n, k = weight.shape
     blocks = padded_blocks(weight, REFERENCE.block)
-    grid = range_grid(blocks, REFERENCE.bits, REFERENCE.symmetric)
+    grid = range_grid(blocks, REFERENCE.bits, REFERENCE.symmetric, REFERENCE.half_scales)
     return rounded(blocks, *grid, REFERENCE.bits).reshape(n, -1)[:, :k]
 
 
@@ -209,7 +209,7 @@ def _round(weight: torch.Tensor, target: QuantizedTarget, sums: torch.Tensor | N
     if target.gptq:
         return stored.quantize_gptq(weight, sums, searched=target.weighted, act_order=target.act_order)
     if target.weighted:
-        return quantize_searched(weight, sums, stored.bits, stored.block, stored.symmetric)
+        return quantize_searched(weight, sums, stored.bits, stored.block, stored.symmetric, stored.half_scales)
     return stored.quantize(weight.cpu())
 
 
@@ -220,7 +220,8 @@ def _relative_errors(weight: torch.Tensor, energy: torch.Tensor, formats) -> dic
     errors = {}
     for stored in formats:
         blocks = padded_blocks(weight, stored.block)
-        squared = squared_error(blocks, *range_grid(blocks, stored.bits, stored.symmetric), stored.bits)
+        grid = range_grid(blocks, stored.bits, stored.symmetric, stored.half_scales)
+        squared = squared_error(blocks, *grid, stored.bits)
         squared = squared.reshape(weight.shape[0], -1)[:, : weight.shape[1]].sum(0)
         errors[stored] = float((squared * energy.to(squared.device)).sum())
     return errors
@@ -302,7 +303,7 @@ def calibrated_blocks(
                             head_rounded = _dequantized(blocks, stored, weight.shape[1], 0, len(weight), weight.device)
                         else:  # a quick search: measuring, not writing
                             head_rounded = rounded_searched(weight, sums.energy(HEAD), stored.bits, stored.block,
-                                                            stored.symmetric)  # fmt: skip
+                                                            stored.symmetric, half=stored.half_scales)  # fmt: skip
                         head_kl[stored] = mean_kl(graph.head, probed[0], probed[0], head_rounded.to(weight.device))
                         del head_rounded
                         advance("format")

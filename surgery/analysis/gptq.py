@@ -69,11 +69,12 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damping: float, order: torch.
     raise ValueError("the calibration Hessian is not positive definite even after damping")
 
 
-def _grid(columns: torch.Tensor, importance: torch.Tensor, bits: int, symmetric: bool, searched: bool):
-    """(scale, zero) per row for the block `columns` (N, block)."""
+def _grid(columns: torch.Tensor, importance: torch.Tensor, bits: int, symmetric: bool, searched: bool,
+          half: bool):  # fmt: skip
+    """(scale, zero) per row for the block `columns` (N, block); `half`: scales on fp16 values."""
     if searched:
-        return searched_grid(columns, importance, bits, symmetric)
-    return range_grid(columns, bits, symmetric)
+        return searched_grid(columns, importance, bits, symmetric, half=half)
+    return range_grid(columns, bits, symmetric, half)
 
 
 @torch.no_grad()
@@ -86,6 +87,7 @@ def gptq_blocks(
     damping: float = DAMPING,
     searched: bool = False,
     act_order: bool = False,
+    half: bool = False,
 ) -> BlockQuantized:
     """`weight` (N, K), PyTorch's (out, in) layout, rounded by GPTQ against `hessian` (K, K,
     the inputs' X^T X) onto MatMulNBits blocks of `block` input columns; what
@@ -96,7 +98,8 @@ def gptq_blocks(
     from its columns once the errors of the blocks before it have been pushed onto them. K that
     is not a multiple of `block` is padded with zero columns (as onnxruntime pads), which cost
     nothing. Rows never exchange errors, so they are rounded a chunk at a time: a 150k-row head
-    holds one chunk of float temporaries, not three copies of itself.
+    holds one chunk of float temporaries, not three copies of itself. `half`: every grid's
+    scale is on an fp16 value, and the scales are returned as fp16.
     """
     device = hessian.device
     n, k = weight.shape
@@ -118,9 +121,9 @@ def gptq_blocks(
         w = torch.zeros(min(rows, n - start), padded, dtype=torch.float32, device=device)
         w[:, :k] = weight[start : start + rows].detach().to(device, torch.float32)
         w[:, energy == 0] = 0  # inputs never seen: nothing to protect
-        codes, scales, zeros = _gptq_rows(w, factor, energy, order, bits, block, symmetric, searched)
+        codes, scales, zeros = _gptq_rows(w, factor, energy, order, bits, block, symmetric, searched, half)
         codes[:, k:] = 0  # the padding's codes, as onnxruntime leaves them (never read: K is k)
-        parts.append(to_blocks(codes.reshape(len(w), -1, block), scales, zeros, bits, symmetric))
+        parts.append(to_blocks(codes.reshape(len(w), -1, block), scales, zeros, bits, symmetric, half))
     return BlockQuantized(
         np.concatenate([p.packed for p in parts]),
         np.concatenate([p.scales for p in parts]),
@@ -134,7 +137,7 @@ def _chunk_values(device: torch.device) -> int:
     return 1 << 28 if device.type == "cuda" else 1 << 24
 
 
-def _gptq_rows(w, factor, energy, order, bits: int, block: int, symmetric: bool, searched: bool):
+def _gptq_rows(w, factor, energy, order, bits: int, block: int, symmetric: bool, searched: bool, half: bool):
     """GPTQ over rows `w` (rows, padded), updated in place: (codes, scales, zeros) with codes
     (rows, padded) uint8 by original column, grids (rows, blocks). `order` is act-order's column
     order (None: in order), `factor` the inverse Hessian's upper Cholesky factor in that order.
@@ -150,7 +153,8 @@ def _gptq_rows(w, factor, energy, order, bits: int, block: int, symmetric: bool,
     if order is not None:
         # Static groups: every block's grid from the original weights, then the columns in
         # order of decreasing input energy.
-        scales, zeros = _grid(w.reshape(n, blocks, block), energy.reshape(blocks, block), bits, symmetric, searched)
+        scales, zeros = _grid(w.reshape(n, blocks, block), energy.reshape(blocks, block), bits, symmetric, searched,
+                              half)  # fmt: skip
         w = w[:, order]
     codes = torch.zeros(n, padded, dtype=torch.uint8, device=device)
     lazy = _batch_columns(block)
@@ -161,7 +165,7 @@ def _gptq_rows(w, factor, energy, order, bits: int, block: int, symmetric: bool,
         if order is None:  # the batch lies in one block
             if first % block == 0:  # the block's columns, where the batches before have pushed their errors
                 scale, zero = _grid(w[:, first : first + block], energy[first : first + block], bits, symmetric,
-                                    searched)  # fmt: skip
+                                    searched, half)  # fmt: skip
                 scales[:, first // block], zeros[:, first // block] = scale, zero
                 inverse_scale = _inverse(scale)
             grid = (scale[:, None].expand(n, lazy), zero[:, None].expand(n, lazy),

@@ -1,7 +1,7 @@
 """Mixed precision per tensor under a bits-per-weight budget: which linear takes which format.
 
 `quantize model to <bits> bits per weight` gives every linear, the head and the embedding one of
-`FORMATS` (int4 or int8, blocks of 128, 64 or 32, with zero points). What a tensor loses in a
+`FORMATS` (int4 or int8, blocks of 128, 64 or 32, with zero points, scales in fp16). What a tensor loses in a
 format is measured on the calibration data (surgery.analysis.calibrated_quantization): for a
 layer's linear, the squared error its rounded weight adds to its output,
 `sum_j a_j * sum_i (W_ij - Q(W)_ij)^2` with `a_j` the mean over tokens of input column j's
@@ -13,7 +13,7 @@ rate-distortion allocators solve it: every tensor starts in the smallest format,
 upgrade with the most error removed per byte added, along each tensor's lower convex hull of
 (bytes, error), is taken until the next one no longer fits the budget.
 
-The budget counts the quantized tensors' bytes (packed weights, scales and zero points; a tied
+The budget counts the quantized tensors' bytes (packed weights, fp16 scales and zero points; a tied
 embedding that reads the head's tensors once): `bits_per_weight = 8 * bytes / weights`. Float
 norms and biases are not counted (well under 0.1% of a model's weights). `check` and the run
 share `tensor_shapes` and `bounds`, so a budget `check` accepts always has a choice.
@@ -27,8 +27,11 @@ from dataclasses import dataclass
 from surgery.formats.names import EMBEDDING, HEAD, layer_linear
 from surgery.formats.weights import WeightFormat
 
-FORMATS = tuple(WeightFormat(bits, block) for bits in (4, 8) for block in (128, 64, 32))
-UNTIED_EMBEDDING = WeightFormat(4, 32)  # a lookup table: its rows are read, not multiplied
+# Scales in fp16 whatever the export's type (as llama.cpp's K-quants keep theirs): in an fp32
+# export they would otherwise take a fifth of an int4 block-32 weight's bytes, which the budget
+# spends better on int8 for the tensors that need it.
+FORMATS = tuple(WeightFormat(bits, block, half_scales=True) for bits in (4, 8) for block in (128, 64, 32))
+UNTIED_EMBEDDING = WeightFormat(4, 32, half_scales=True)  # a lookup table: its rows are read, not multiplied
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,8 @@ def allowed(shape: TensorShape, tied: bool) -> tuple[WeightFormat, ...]:
     return FORMATS
 
 
-def _bytes(shape: TensorShape, stored: WeightFormat, scale_bytes: int) -> int:
-    return stored.storage_bytes(shape.rows, shape.columns, scale_bytes)
+def _bytes(shape: TensorShape, stored: WeightFormat, element_bytes: int) -> int:
+    return stored.storage_bytes(shape.rows, shape.columns, element_bytes)
 
 
 def counted(shapes: list[TensorShape], tied: bool) -> list[TensorShape]:
@@ -82,11 +85,11 @@ def counted(shapes: list[TensorShape], tied: bool) -> list[TensorShape]:
     return [s for s in shapes if not (tied and s.name == EMBEDDING)]
 
 
-def bounds(shapes: list[TensorShape], tied: bool, scale_bytes: int) -> tuple[float, float]:
+def bounds(shapes: list[TensorShape], tied: bool, element_bytes: int) -> tuple[float, float]:
     """The fewest and the most bits per weight the preset can reach on these tensors."""
     weights = sum(s.weights for s in counted(shapes, tied))
-    low = sum(min(_bytes(s, f, scale_bytes) for f in allowed(s, tied)) for s in counted(shapes, tied))
-    high = sum(max(_bytes(s, f, scale_bytes) for f in allowed(s, tied)) for s in counted(shapes, tied))
+    low = sum(min(_bytes(s, f, element_bytes) for f in allowed(s, tied)) for s in counted(shapes, tied))
+    high = sum(max(_bytes(s, f, element_bytes) for f in allowed(s, tied)) for s in counted(shapes, tied))
     return 8 * low / weights, 8 * high / weights
 
 
@@ -113,7 +116,7 @@ def choose(
     errors: dict[str, dict[WeightFormat, float]],
     bits_per_weight: float,
     tied: bool,
-    scale_bytes: int,
+    element_bytes: int,
 ) -> dict[str, WeightFormat]:
     """Each tensor's format: the least total error within `bits_per_weight` (see the module
     docstring). `errors[name][format]` is what the tensor loses in that format."""
@@ -122,7 +125,7 @@ def choose(
     hulls = {}
     for s in tensors:
         formats = allowed(s, tied)
-        hulls[s.name] = _hull([(_bytes(s, f, scale_bytes), errors.get(s.name, {}).get(f, 0.0), f) for f in formats])
+        hulls[s.name] = _hull([(_bytes(s, f, element_bytes), errors.get(s.name, {}).get(f, 0.0), f) for f in formats])
     position = {name: 0 for name in hulls}
     spent = sum(hull[0][0] for hull in hulls.values())
     queue: list[tuple[float, str]] = []
@@ -160,13 +163,13 @@ def section(
     errors: dict[str, dict[WeightFormat, float]],
     bits_per_weight: float,
     tied: bool,
-    scale_bytes: int,
+    element_bytes: int,
 ) -> dict:
     """The report's account of the choice: the budget, the bits per weight reached, how many
     tensors took each format, and per tensor its format and measured relative error in each."""
     tensors = counted(shapes, tied)
     weights = sum(s.weights for s in tensors)
-    spent = sum(_bytes(s, chosen[s.name], scale_bytes) for s in tensors)
+    spent = sum(_bytes(s, chosen[s.name], element_bytes) for s in tensors)
     formats: dict[str, int] = {}
     for s in tensors:
         formats[_label(chosen[s.name])] = formats.get(_label(chosen[s.name]), 0) + 1

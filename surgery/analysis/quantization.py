@@ -33,10 +33,27 @@ def _attribute(node: onnx.NodeProto, name: str) -> int:
     return next(int(a.i) for a in node.attribute if a.name == name)
 
 
-def dequantize(node: onnx.NodeProto, initializers: dict[str, np.ndarray]) -> np.ndarray:
-    """The (K, N) float weight a MatMulNBits node computes with."""
-    zero_points = initializers[node.input[3]] if len(node.input) > 3 and node.input[3] else None
-    blocks = BlockQuantized(initializers[node.input[1]], initializers[node.input[2]], zero_points)
+def producers_of(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Each node output's producing node."""
+    return {output: node for node in graph.node for output in node.output}
+
+
+def stored_tensor(name: str, producers: dict[str, onnx.NodeProto]) -> str:
+    """The initializer a quantized operator's input `name` reads: itself, or the one behind the
+    Casts (fp16 scales in another element type) and Reshapes (a tied head's tensors viewed by
+    the embedding's lookup) that the exporter puts between them."""
+    while name in producers and producers[name].op_type in ("Cast", "Reshape"):
+        name = producers[name].input[0]
+    return name
+
+
+def dequantize(node: onnx.NodeProto, initializers: dict[str, np.ndarray],
+               producers: dict[str, onnx.NodeProto] | None = None) -> np.ndarray:  # fmt: skip
+    """The (K, N) float weight a MatMulNBits node computes with (`producers`: the graph's, when
+    an input is read through a Cast)."""
+    names = [stored_tensor(name, producers or {}) if name else name for name in node.input]
+    zero_points = initializers[names[3]] if len(names) > 3 and names[3] else None
+    blocks = BlockQuantized(initializers[names[1]], initializers[names[2]], zero_points)
     return blocks.dequantize(_attribute(node, "K"), _attribute(node, "bits"), _attribute(node, "block_size"))
 
 
@@ -154,11 +171,12 @@ class QuantizedLinear:
 def quantized_linears(model: onnx.ModelProto) -> list[QuantizedLinear]:
     """Every MatMulNBits node of the model with its exact storage."""
     sizes = {init.name: _tensor_bytes(init) for init in model.graph.initializer}
+    producers = producers_of(model.graph)
     found = []
     for node in model.graph.node:
         if node.op_type != "MatMulNBits":
             continue
-        storage = sum(sizes.get(name, 0) for name in node.input[1:4] if name)
+        storage = sum(sizes.get(stored_tensor(name, producers), 0) for name in node.input[1:4] if name)
         found.append(
             QuantizedLinear(
                 node.name,
@@ -184,11 +202,12 @@ def float_weights(model: onnx.ModelProto) -> int:
     its own quantized weight next to the float embedding counts as two stored weights.
     """
     consumed = set()
+    producers = producers_of(model.graph)
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
-            consumed.update(node.input[1:4])
+            consumed.update(stored_tensor(name, producers) for name in node.input[1:4])
         elif node.op_type == "GatherBlockQuantized":
-            consumed.update(node.input[:1] + node.input[2:4])
+            consumed.update(stored_tensor(name, producers) for name in node.input[:1] + node.input[2:4])
     total = 0
     for init in model.graph.initializer:
         if init.name in consumed or init.name in ("cos_cache", "sin_cache") or init.name.startswith("/constants/"):
@@ -204,9 +223,9 @@ def quantized_embedding(model: onnx.ModelProto) -> dict[str, object] | None:
     if node is None:
         return None
     initializers = {init.name: init for init in model.graph.initializer}
-    producers = {output: n for n in model.graph.node for output in n.output}
+    producers = producers_of(model.graph)
     shared = node.input[0] not in initializers  # a Reshape view of the quantized head's weight
-    names = [producers[name].input[0] if name in producers else name for name in (node.input[:1] + node.input[2:4])]
+    names = [stored_tensor(name, producers) if name else name for name in (node.input[:1] + node.input[2:4])]
     data = initializers[names[0]]
     bits = _attribute(node, "bits")
     rows = int(data.dims[0])
@@ -283,6 +302,7 @@ def replace_blocks(model: onnx.ModelProto, blocks: dict[str, BlockQuantized]) ->
         return
     nodes = {node.name: node for node in model.graph.node if node.op_type == "MatMulNBits"}
     initializers = {init.name: init for init in model.graph.initializer}
+    producers = producers_of(model.graph)
     for matmul, quantized in blocks.items():
         # `<matmul>_Q<bits>`, whatever the width (WeightFormat.node_name)
         node = next(node for name, node in nodes.items() if name.rpartition("_Q")[0] == matmul)
@@ -290,6 +310,7 @@ def replace_blocks(model: onnx.ModelProto, blocks: dict[str, BlockQuantized]) ->
         for name, array in zip(node.input[1:4], arrays, strict=False):
             if not name or array is None:
                 continue
+            name = stored_tensor(name, producers)
             old = initializers[name]
             array = np.asarray(array, dtype=onnx.helper.tensor_dtype_to_np_dtype(old.data_type))
             if array.size != int(np.prod(old.dims)):

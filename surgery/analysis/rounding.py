@@ -13,6 +13,9 @@ data: llama.cpp's importance matrix (`imatrix`), whose weights are the mean squa
 activation of each input column, the diagonal of GPTQ's Hessian `X^T X`. With no calibration
 data the weights are uniform. Whatever is chosen is an ordinary MatMulNBits block: the format,
 layout and size do not change, only which grid the codes sit on.
+
+With `half` (a format whose scales are stored in fp16) every grid's scale is rounded to fp16
+before its zero point and codes are taken, so the codes sit on the scale that is stored.
 """
 
 from __future__ import annotations
@@ -37,22 +40,34 @@ def _middle(bits: int) -> int:
     return 1 << (bits - 1)
 
 
-def range_grid(blocks: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _halved(scale: torch.Tensor, half: bool) -> torch.Tensor:
+    """`scale` rounded to the nearest fp16 value (kept float32) when stored in fp16."""
+    return scale.half().float() if half else scale
+
+
+def _zero_point(low: torch.Tensor, scale: torch.Tensor, top: int) -> torch.Tensor:
+    """The rounded code of 0 on a grid from `low` (<= 0) in steps of `scale`."""
+    position = torch.where(scale != 0, -low / torch.where(scale != 0, scale, 1), 0)
+    return torch.floor(position + 0.5).clamp(0, top)  # roundf of a non-negative value
+
+
+def range_grid(
+    blocks: torch.Tensor, bits: int, symmetric: bool, half: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """onnxruntime's grid of each block of `blocks` (..., block): (scale, zero point), both
-    float (...), the zero point a whole number (2^(bits-1) when symmetric)."""
+    float (...), the zero point a whole number (2^(bits-1) when symmetric); `half`: the scale
+    rounded to fp16 first."""
     top = (1 << bits) - 1
     low = blocks.amin(-1)
     high = blocks.amax(-1)
     if symmetric:
         extreme = torch.where(high.abs() > low.abs(), high, low)
-        scale = extreme / -_middle(bits)  # negative when the extreme is positive, as onnxruntime's
+        scale = _halved(extreme / -_middle(bits), half)  # negative when the extreme is positive, as onnxruntime's
         return scale, torch.full_like(scale, float(_middle(bits)))
     low = low.clamp(max=0)
     high = high.clamp(min=0)
-    scale = (high - low) / top
-    position = torch.where(scale != 0, -low / torch.where(scale != 0, scale, 1), low)
-    zero = torch.floor(position + 0.5).clamp(0, top)  # roundf of a non-negative value
-    return scale, zero
+    scale = _halved((high - low) / top, half)
+    return scale, _zero_point(low, scale, top)
 
 
 def encode(blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -78,13 +93,15 @@ def _weighted_error(blocks, weights, scale, zero, bits) -> torch.Tensor:
 
 
 def searched_grid(
-    blocks: torch.Tensor, weights: torch.Tensor, bits: int, symmetric: bool, factors: tuple = SEARCH_FACTORS
+    blocks: torch.Tensor, weights: torch.Tensor, bits: int, symmetric: bool, factors: tuple = SEARCH_FACTORS,
+    half: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The grid of each block (..., block) with the least `weights`-weighted squared error among
     the range grid scaled by `factors` (asymmetric: each with its rounded zero point, then
     the best one's zero point moved by one either way). `weights` broadcasts against `blocks`;
-    never worse than `range_grid`, which is among the candidates."""
-    base_scale, base_zero = range_grid(blocks, bits, symmetric)
+    never worse than `range_grid`, which is among the candidates; `half`: every scale tried
+    is rounded to fp16."""
+    base_scale, base_zero = range_grid(blocks, bits, symmetric, half)
     best_scale, best_zero = base_scale, base_zero
     best = _weighted_error(blocks, weights, base_scale, base_zero, bits)
     top = (1 << bits) - 1
@@ -101,12 +118,11 @@ def searched_grid(
     for factor in factors:
         if factor == 1.0:
             continue
-        scale = base_scale * float(factor)
+        scale = _halved(base_scale * float(factor), half)
         if symmetric:
             consider(scale, base_zero)
         else:
-            position = torch.where(scale != 0, -low / torch.where(scale != 0, scale, 1), 0)
-            consider(scale, torch.floor(position + 0.5).clamp(0, top))
+            consider(scale, _zero_point(low, scale, top))
     if not symmetric:
         scale, zero = best_scale, best_zero
         for shift in (-1, 1):
@@ -126,12 +142,14 @@ def pack_codes(codes: torch.Tensor, bits: int, pad: int = 0) -> np.ndarray:
 
 
 def to_blocks(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool, half: bool = False
 ) -> BlockQuantized:
-    """Codes (N, blocks, block) with their grid (N, blocks) in MatMulNBits' layout."""
+    """Codes (N, blocks, block) with their grid (N, blocks) in MatMulNBits' layout; `half`:
+    the scales (already on fp16 values) stored as fp16."""
     # onnxruntime fills an odd count's last zero-point nibble with the symmetric zero point
     zero_points = None if symmetric else pack_codes(zero, bits, pad=_middle(bits))
-    return BlockQuantized(pack_codes(codes, bits), scale.float().cpu().numpy(), zero_points)
+    scales = scale.half() if half else scale.float()
+    return BlockQuantized(pack_codes(codes, bits), scales.cpu().numpy(), zero_points)
 
 
 def padded_blocks(weight: torch.Tensor, block: int) -> torch.Tensor:
@@ -144,8 +162,10 @@ def padded_blocks(weight: torch.Tensor, block: int) -> torch.Tensor:
     return w.reshape(n, padded // block, block)
 
 
-def _searched_chunks(weight, importance, bits: int, block: int, symmetric: bool, factors: tuple):
-    """(blocks, scale, zero) of each chunk of rows of an (N, K) weight, its grids searched."""
+def _searched_chunks(weight, importance, bits: int, block: int, symmetric: bool, factors: tuple,
+                     half: bool = False):  # fmt: skip
+    """(blocks, scale, zero) of each chunk of rows of an (N, K) weight, its grids searched (no
+    `factors`: onnxruntime's range grid)."""
     n, k = weight.shape
     padded = -(-k // block) * block
     weights = torch.ones(padded, device=weight.device)
@@ -156,18 +176,21 @@ def _searched_chunks(weight, importance, bits: int, block: int, symmetric: bool,
     rows = max(1, _CHUNK_VALUES // (padded * 4))
     for start in range(0, n, rows):
         part = padded_blocks(weight[start : start + rows].detach(), block)
-        yield (part, *searched_grid(part, weights, bits, symmetric, factors))
+        if factors:
+            yield (part, *searched_grid(part, weights, bits, symmetric, factors, half))
+        else:
+            yield (part, *range_grid(part, bits, symmetric, half))
 
 
 @torch.no_grad()
 def rounded_searched(weight: torch.Tensor, importance: torch.Tensor | None, bits: int, block: int,
-                     symmetric: bool, factors: tuple = COARSE_FACTORS) -> torch.Tensor:  # fmt: skip
+                     symmetric: bool, factors: tuple = COARSE_FACTORS, half: bool = False) -> torch.Tensor:  # fmt: skip
     """The (N, K) float weight `quantize_searched` would stand for, with a quicker search by
     default: what measuring a format's cost needs (no packing)."""
     n, k = weight.shape
     result = torch.empty(n, k, dtype=torch.float32, device=weight.device)
     start = 0
-    for part, scale, zero in _searched_chunks(weight, importance, bits, block, symmetric, factors):
+    for part, scale, zero in _searched_chunks(weight, importance, bits, block, symmetric, factors, half):
         result[start : start + len(part)] = rounded(part, scale, zero, bits).reshape(len(part), -1)[:, :k]
         start += len(part)
     return result
@@ -175,14 +198,15 @@ def rounded_searched(weight: torch.Tensor, importance: torch.Tensor | None, bits
 
 @torch.no_grad()
 def quantize_searched(
-    weight: torch.Tensor, importance: torch.Tensor | None, bits: int, block: int, symmetric: bool
+    weight: torch.Tensor, importance: torch.Tensor | None, bits: int, block: int, symmetric: bool,
+    half: bool = False, factors: tuple = SEARCH_FACTORS,
 ) -> BlockQuantized:
     """An (N, K) weight rounded to nearest on the grid `searched_grid` picks per block, its error
-    weighted per input column by `importance` (K,) (uniform when None). Rows are taken a chunk at
-    a time, on the weight's device."""
+    weighted per input column by `importance` (K,) (uniform when None); no `factors`: on
+    onnxruntime's range grid. Rows are taken a chunk at a time, on the weight's device."""
     n, k = weight.shape
     codes, scales, zeros = [], [], []
-    for part, scale, zero in _searched_chunks(weight, importance, bits, block, symmetric, SEARCH_FACTORS):
+    for part, scale, zero in _searched_chunks(weight, importance, bits, block, symmetric, factors, half):
         codes.append(encode(part, scale, zero, bits))
         scales.append(scale)
         zeros.append(zero)
@@ -190,4 +214,10 @@ def quantize_searched(
     padded = codes_all.shape[1] * block
     if padded != k:
         codes_all.view(n, -1)[:, k:] = 0  # the padding's codes, as onnxruntime leaves them
-    return to_blocks(codes_all, torch.cat(scales), torch.cat(zeros), bits, symmetric)
+    return to_blocks(codes_all, torch.cat(scales), torch.cat(zeros), bits, symmetric, half)
+
+
+def quantize_range(weight: torch.Tensor, bits: int, block: int, symmetric: bool, half: bool = False) -> BlockQuantized:
+    """An (N, K) weight rounded to nearest on onnxruntime's range grid, in torch (its packer's
+    bytes: tests/test_rounding.py), scales rounded to fp16 first with `half`."""
+    return quantize_searched(weight, None, bits, block, symmetric, half, factors=())

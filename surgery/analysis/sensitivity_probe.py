@@ -28,7 +28,7 @@ import torch
 
 from surgery.formats.weights import WeightFormat
 
-REFERENCE = WeightFormat(4, 64)
+REFERENCE = WeightFormat(4, 64, half_scales=True)  # one of the preset's FORMATS
 PROBE_TOKENS = 1024  # calibration tokens the probe follows through the model
 _LOGIT_VALUES = 1 << 24  # logits computed at once (64 MB of fp32)
 

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 import torch
 
-from surgery.analysis.quantization import BlockQuantized
+from surgery.analysis.quantization import BlockQuantized, producers_of, stored_tensor
 from surgery.backend.runtime import OnnxCausalLM, StepOutput
 from surgery.backend.verify import PROMPTS, OnnxRun, ReferenceTrace, onnx_steps, prompt_batch
 from surgery.formats.names import linear_layer, linear_of_packed_weight
@@ -148,6 +148,7 @@ class WrittenBlocks:
         self.folder = os.path.dirname(model_path)
         self.graph_nodes = list(model.graph.node)
         self.initializers = {init.name: init for init in model.graph.initializer}
+        self.producers = producers_of(model.graph)
         # linear name -> its node; the exporter names the packed weight `<linear>.weight_Q<bits>`.
         self.nodes = {
             linear_of_packed_weight(node.input[1]): node for node in model.graph.node if node.op_type == "MatMulNBits"
@@ -170,12 +171,11 @@ class WrittenBlocks:
         node = next((n for n in self.graph_nodes if n.op_type == "GatherBlockQuantized"), None)
         if node is None:
             return None
-        producers = {output: n for n in self.graph_nodes for output in n.output}
-        names = [producers[name].input[0] if name in producers else name for name in node.input[:1] + node.input[2:4]]
+        names = [stored_tensor(name, self.producers) if name else name for name in node.input[:1] + node.input[2:4]]
         attributes = {a.name: a.i for a in node.attribute}
         packed, scales = self._array(names[0]), self._array(names[1])
         rows = packed.shape[0]
-        stored = WeightFormat.of_node(attributes, len(names) > 2 and bool(names[2]))
+        stored = WeightFormat.of_node(attributes, len(names) > 2 and bool(names[2]), self._half(node.input[2]))
         zero_points = self._array(names[2]).reshape(rows, -1) if stored.symmetric is False else None
         hidden = packed.size * 8 // stored.bits // rows
         blocks = BlockQuantized(packed.reshape(rows, hidden // stored.block, -1), scales.reshape(rows, -1), zero_points)
@@ -185,9 +185,19 @@ class WrittenBlocks:
         """(the blocks, K, the weight format) of a quantized linear."""
         node = self.nodes[linear]
         attributes = {a.name: a.i for a in node.attribute}
-        zero_points = self._array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-        blocks = BlockQuantized(self._array(node.input[1]), self._array(node.input[2]), zero_points)
-        return blocks, attributes["K"], WeightFormat.of_node(attributes, zero_points is not None)
+        names = [stored_tensor(name, self.producers) if name else name for name in node.input]
+        zero_points = self._array(names[3]) if len(names) > 3 and names[3] else None
+        blocks = BlockQuantized(self._array(names[1]), self._array(names[2]), zero_points)
+        half = self._half(node.input[2])
+        return blocks, attributes["K"], WeightFormat.of_node(attributes, zero_points is not None, half)
+
+    def _half(self, scales: str) -> bool:
+        """Whether the input `scales` reads fp16 scales through a Cast to another element type."""
+        while scales in self.producers and self.producers[scales].op_type in ("Cast", "Reshape"):
+            if self.producers[scales].op_type == "Cast":
+                return True
+            scales = self.producers[scales].input[0]
+        return False
 
 
 def written_weights(graph: DecoderGraph, model_path: str) -> Variant:

@@ -83,11 +83,11 @@ def _calibrate(run: Run, quantization: dict[str, QuantizedTarget]) -> dict[str, 
                                  head_rounding=linears.get(HEAD))  # fmt: skip
     index, plan = run.checked.index, run.plan
     shapes = tensor_shapes(index, {"attention": plan.kv_layers_after, "mlp": plan.mlp_layers_after})
-    scale_bytes = precision_record(plan.export.precision).itemsize
-    chosen = choose(shapes, measured.errors, budget, index.tied_embeddings, scale_bytes)
+    element_bytes = precision_record(plan.export.precision).itemsize
+    chosen = choose(shapes, measured.errors, budget, index.tied_embeddings, element_bytes)
     final = {name: replace(t, format=chosen[name]) for name, t in quantization.items()}
     run.sections["mixed_precision"] = section(shapes, chosen, measured.errors, budget, index.tied_embeddings,
-                                              scale_bytes)  # fmt: skip
+                                              element_bytes)  # fmt: skip
     run.clock.lap("sensitivity")
     rounded = {linear: final[linear] for linear in linears}
     if any(t.gptq for t in rounded.values()):

@@ -131,17 +131,17 @@ class _Emitter:
         if parameter:
             self.w.parameter_count += n * k  # the float parameters these blocks stand for
         return stored.emit_linear(self.w, x, weight_name, blocks, node, outputs, n, k, self.options.accuracy_level,
-                                  tensors)  # fmt: skip
+                                  tensors, self.onnx_type)  # fmt: skip
 
     def blocks(self, linear: str, weight: torch.Tensor):
         """A quantized linear's blocks: the calibrated ones when the recipe's rounding read data
-        (GPTQ, weighted grids), else rounded to nearest; scales in the element type."""
+        (GPTQ, weighted grids), else rounded to nearest; scales in the element type, as the
+        quantizer writes them (or in fp16, when the format says so)."""
         blocks = self.calibrated.get(linear)
+        stored = self.quantized[linear]
         if blocks is None:
-            blocks = self.quantized[linear].quantize(weight)
-        if self.dtype is not np.float32:  # scales in the element type, as the quantizer writes them
-            blocks = replace(blocks, scales=blocks.scales.astype(self.dtype))
-        return blocks
+            blocks = stored.quantize(weight)
+        return replace(blocks, scales=blocks.scales.astype(stored.scale_dtype(self.dtype), copy=False))
 
     def quantized_lookup(self, table: torch.Tensor, ids: str, stored: WeightFormat) -> str:
         """The embedding's GatherBlockQuantized, written from the float table as it is exported.
@@ -156,12 +156,13 @@ class _Emitter:
         shares = self.graph.tied_head and self.quantized.get("lm_head") == stored
         if shares:
             blocks = self.blocks("lm_head", table)
-            tensors = self.written["lm_head"] = stored.write_blocks(self.w, "lm_head.weight", blocks)
+            tensors = self.written["lm_head"] = stored.write_blocks(self.w, "lm_head.weight", blocks, self.onnx_type)
         else:
             blocks = stored.quantize(table)
-            blocks = replace(blocks, packed=blocks.packed.reshape(rows, -1), scales=blocks.scales.astype(self.dtype),
+            scales = blocks.scales.astype(stored.scale_dtype(self.dtype), copy=False)
+            blocks = replace(blocks, packed=blocks.packed.reshape(rows, -1), scales=scales,
                              zero_points=None if blocks.zero_points is None else blocks.zero_points.reshape(rows, -1))
-            tensors = stored.write_blocks(self.w, "model.embed_tokens.weight", blocks)  # fmt: skip
+            tensors = stored.write_blocks(self.w, "model.embed_tokens.weight", blocks, self.onnx_type)  # fmt: skip
         self.w.parameter_count += rows * hidden  # the float parameters these blocks stand for
         return stored.emit_lookup(self.w, tensors, ids, rows, hidden, views=shares)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from surgery.analysis.mixed_precision import FORMATS
 from surgery.diagnostics import Diagnostic
 from surgery.export.options import ExportOptions
 from surgery.formats.names import EMBEDDING, LINEAR_ORDER, linear_kind
@@ -129,8 +130,8 @@ class Plan:
 
 def _target(p: dict[str, Any]) -> QuantizedTarget:
     """A quantize step's parameters as the target of each linear it names."""
-    # A preset's targets hold the smallest format until the run chooses (mixed_precision.FORMATS[0]).
-    stored = WeightFormat(4, 128) if p["part"] == "model" else WeightFormat(p["bits"], p["block"], p["symmetric"])
+    # A preset's targets hold the smallest format until the run chooses.
+    stored = FORMATS[0] if p["part"] == "model" else WeightFormat.from_json(p)
     return QuantizedTarget(stored, bool(p.get("gptq")), bool(p.get("weighted")), bool(p.get("act_order")),
                            p.get("bits_per_weight"))  # fmt: skip
 

@@ -66,6 +66,7 @@ class ResolvedQuantize:
     weighted: bool = False
     act_order: bool = False
     bits_per_weight: float | None = None  # `quantize model to <bits> bits per weight`
+    half_scales: bool = False  # `scales fp16`
 
 
 NODES = (QuantizeStmt, QuantizeGroupStmt, QuantizeModelStmt)
@@ -93,6 +94,7 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedQuantize]:
                     ResolvedQuantize(
                         "head", statement.bits, block, statement.symmetric, statement.span, gptq=statement.gptq,
                         weighted=statement.weighted, act_order=statement.act_order,
+                        half_scales=statement.half_scales,
                     )  # fmt: skip
                 )
                 continue
@@ -116,7 +118,8 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedQuantize]:
                     )
                     continue
                 resolved.append(
-                    ResolvedQuantize("embedding", statement.bits, block, statement.symmetric, statement.span)
+                    ResolvedQuantize("embedding", statement.bits, block, statement.symmetric, statement.span,
+                                     half_scales=statement.half_scales)  # fmt: skip
                 )
                 continue
             if index.is_moe and statement.part in ("layers", "mlp"):
@@ -129,7 +132,7 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedQuantize]:
             selector = statement.selector or AllLayers(span=statement.span)
             item = ResolvedQuantize(statement.part, statement.bits, block, statement.symmetric, statement.span,
                                     gptq=statement.gptq, weighted=statement.weighted,
-                                    act_order=statement.act_order)  # fmt: skip
+                                    act_order=statement.act_order, half_scales=statement.half_scales)  # fmt: skip
             if isinstance(selector, ImportanceSelector):
                 query = c.importance(selector.rank, selector.source, SCORE_PART[statement.part], index, selector.span)
                 if query is not None:
@@ -171,7 +174,8 @@ def _group(c, statement: QuantizeGroupStmt, group: int, index: ModelIndex) -> li
         if not rounding_holds(c, rule):
             continue
         item = ResolvedQuantize(statement.part, rule.bits, _block(c, rule), rule.symmetric, rule.span, group=group,
-                                gptq=rule.gptq, weighted=rule.weighted, act_order=rule.act_order)  # fmt: skip
+                                gptq=rule.gptq, weighted=rule.weighted, act_order=rule.act_order,
+                                half_scales=rule.half_scales)  # fmt: skip
         if isinstance(rule.selector, RestLayers):
             resolved.append(replace(item, rest=True))
         elif isinstance(rule.selector, ImportanceRank):
@@ -248,6 +252,7 @@ def plan(state: PlanState) -> list[PlanStep]:
             "bits": item.bits,
             "block": item.block,
             "symmetric": item.symmetric,
+            "half_scales": item.half_scales,
             "gptq": item.gptq,
             "weighted": item.weighted,
             "act_order": item.act_order,
@@ -322,8 +327,8 @@ def plan(state: PlanState) -> list[PlanStep]:
         )
     embedding, head = owner.get(EMBEDDING), owner.get(HEAD)
     if embedding is not None and index.tied_embeddings:
-        same = head is not None and (head.bits, head.block, head.symmetric) == (
-            embedding.bits, embedding.block, embedding.symmetric
+        same = head is not None and (head.bits, head.block, head.symmetric, head.half_scales) == (
+            embedding.bits, embedding.block, embedding.symmetric, embedding.half_scales
         )  # fmt: skip
         if not same:
             mb = index.vocab_size * index.hidden_size * 4 / 1e6
@@ -358,11 +363,11 @@ class QuantizeStep(PlanStep):
             return (
                 f"quantize model to {p['bits_per_weight']:g} bits per weight: the linears of layers "
                 f"{format_layers(self.layers)}, the head and the embedding, each int4 or int8 (blocks of 128, 64 "
-                f"or 32, zero points) by its measured sensitivity on the calibration data; {rounding}"
+                f"or 32, zero points, fp16 scales) by its measured sensitivity on the calibration data; {rounding}"
             )
         part = {"layers": "linears", "attention": "attention linears", "mlp": "MLP linears"}.get(p["part"], "")
         layers = f"layers {format_layers(self.layers)}" if self.layers else "no layer"
-        stored = WeightFormat(p["bits"], p["block"], p["symmetric"])
+        stored = WeightFormat.from_json(p)
         note = ""
         if p.get("gptq") or p.get("weighted"):
             note = QuantizedTarget(stored, bool(p.get("gptq")), bool(p.get("weighted")), bool(p.get("act_order")))

@@ -19,8 +19,8 @@ def rounding_holds(c, item) -> bool:
     return True
 
 
-def scale_bytes(c) -> int:
-    """Bytes of one scale in the recipe's export (its precision, or its target's default)."""
+def element_bytes(c) -> int:
+    """Bytes of one element of the recipe's export (its precision, or its target's default)."""
     from surgery.formats.precision import DEFAULT_FOR_TARGET
     from surgery.formats.precision import precision as precision_record
     from surgery.front.statements.export import ExportStmt
@@ -60,7 +60,7 @@ def check_preset(c, statement: QuantizeModelStmt, index, others: list) -> bool:
         )
     every = tuple(range(index.num_layers))
     shapes = tensor_shapes(index, {"attention": every, "mlp": every})
-    low, high = bounds(shapes, index.tied_embeddings, scale_bytes(c))
+    low, high = bounds(shapes, index.tied_embeddings, element_bytes(c))
     if statement.bits_per_weight < low:
         fine = False
         c.error(

@@ -27,7 +27,8 @@ QuantizePart = Literal["layers", "attention", "mlp", "head", "embedding"]
 
 @dataclass(frozen=True)
 class QuantizeStmt:
-    """`quantize <part> [<selector>] to int4|int8 [block N] [symmetric] [gptq]`; no selector = every layer."""
+    """`quantize <part> [<selector>] to int4|int8 [block N] [symmetric] [scales fp16] [gptq]`; no
+    selector = every layer."""
 
     part: QuantizePart
     selector: Selector | None
@@ -37,6 +38,7 @@ class QuantizeStmt:
     gptq: bool = False  # rounded by GPTQ on the calibration data instead of to nearest
     weighted: bool = False  # each block's grid searched against the calibration activations
     act_order: bool = False  # GPTQ rounds the columns of largest input energy first
+    half_scales: bool = False  # `scales fp16`: scales stored in fp16 whatever the export's type
     span: Span = span_field()
     block_span: Span | None = span_field()
     gptq_span: Span | None = span_field()
@@ -55,6 +57,7 @@ class QuantizeRule:
     gptq: bool = False  # rounded by GPTQ on the calibration data instead of to nearest
     weighted: bool = False
     act_order: bool = False
+    half_scales: bool = False
     span: Span = span_field()
     block_span: Span | None = span_field()
     gptq_span: Span | None = span_field()
@@ -75,6 +78,7 @@ class QuantizeModelStmt:
     block: int | None = None  # options the preset chooses itself; kept to point at them
     symmetric: bool = False
     weighted: bool = True
+    half_scales: bool = False  # the preset stores fp16 scales whether or not it says so
     block_span: Span | None = span_field()
     gptq_span: Span | None = span_field()
     weighted_span: Span | None = span_field()
@@ -93,7 +97,7 @@ class QuantizeGroupStmt:
 
 
 SYNTAX = """
-// quantize <part> [<selector>] to int4|int8 [block N] [symmetric] [weighted] [gptq] [act-order];
+// quantize <part> [<selector>] to int4|int8 [block N] [symmetric] [scales fp16] [weighted] [gptq] [act-order];
 // part: layers, attention, mlp, head, embedding
 quantize_stmt: "quantize" quantize_target "to" WIDTH quantize_option*
 // quantize model to <bits> bits per weight [gptq] [act-order]: formats per tensor by sensitivity
@@ -111,6 +115,7 @@ WIDTH: "int4" | "int8"
                 | "gptq"       -> gptq_option
                 | "weighted"   -> weighted_option
                 | "act-order"  -> act_order_option
+                | "scales" "fp16" -> half_scales_option
 
 // quantize layers by <source> { <rule> -> <width> ... }: the first rule that matches a layer wins.
 quantize_group_stmt: "quantize" group_part importance_source fit_marker? "{" group_item* "}"
@@ -166,6 +171,7 @@ BUILDERS = {
     "gptq_option": lambda ast, meta, children: {"gptq": True, "gptq_span": ast.span(meta)},
     "weighted_option": lambda ast, meta, children: {"weighted": True, "weighted_span": ast.span(meta)},
     "act_order_option": lambda ast, meta, children: {"act_order": True, "act_order_span": ast.span(meta)},
+    "half_scales_option": lambda ast, meta, children: {"half_scales": True},
     "quantize_model_stmt": _quantize_model_stmt,
     "quantize_group_stmt": _quantize_group_stmt,
     "group_layers": lambda ast, meta, children: "layers",
@@ -184,6 +190,7 @@ def _width(item: Any) -> str:
     if item.block is not None:
         text += f" block {item.block}"
     text += " symmetric" if item.symmetric else ""
+    text += " scales fp16" if item.half_scales else ""
     text += " weighted" if item.weighted else ""
     text += " gptq" if item.gptq else ""
     return text + (" act-order" if item.act_order else "")
