@@ -230,6 +230,8 @@ def apply(
         run = Run(checked, text, Settings(run_verification, threads, provider, providers, device), progress, folder,
                   clock)  # fmt: skip
         run.searches = searches
+        run.build = lambda other, out: apply(path, out, model, False, run_verification, threads, progress, provider,
+                                             device, recipe=other)  # fmt: skip
         run.load()
         run.before = structure(run.graph)
         clock.lap("load")

@@ -38,6 +38,9 @@ def failed_checks(report: dict[str, Any]) -> list[str]:
             f"perplexity check: {perplexity['increase']:+.1%} against the original, allowed "
             f"+{perplexity['max_increase']:.0%}"
         )
+    draft = report.get("draft") or {}
+    if draft.get("passed") is False:
+        failed.append(f"draft: {draft.get('reason') or 'failed'}")
     return failed
 
 

@@ -185,6 +185,12 @@ def run_apply(args) -> int:
         if not perplexity["passed"]:
             print("error: the perplexity check failed", file=sys.stderr)
             code = EXIT_VERIFY_FAILED
+    draft = report.get("draft")
+    if draft:
+        print(_draft_line(draft))
+        if draft.get("passed") is False:
+            print(f"error: the draft failed: {draft['reason']}", file=sys.stderr)
+            code = EXIT_VERIFY_FAILED
     if code == EXIT_VERIFY_FAILED:
         print(
             f"  the output is kept for inspection and marked as failed: `surgery run` and `surgery eval` refuse it "
@@ -193,6 +199,30 @@ def run_apply(args) -> int:
             file=sys.stderr,
         )
     return code
+
+
+def _draft_line(draft: dict) -> str:
+    """What the draft is and what it measured: its acceptance predicted and measured, and the
+    speed-up of greedy generation in onnxruntime-genai."""
+    k = draft.get("max_draft_tokens")
+    if draft.get("kind") == "ngram":
+        what = f"n-grams of {draft['ngram_size']} tokens, {k} drafted at a time"
+    elif "predicted" in draft:
+        files = draft["files"]
+        what = (f"draft.onnx ({files['own_bytes'] / 1e6:.1f} MB of its own, {files['shared_bytes'] / 1e6:.1f} MB shared "
+                f"with the target), {k} tokens at a time{' (chosen)' if draft.get('max_draft_tokens_chosen') else ''}; "
+                f"acceptance predicted {draft['predicted']['top1_agreement']:.2f}")  # fmt: skip
+    else:
+        what = "not built"
+    genai = draft.get("genai")
+    if isinstance(genai, dict):
+        accepted = f"{genai['acceptance']:.2f}" if genai["acceptance"] is not None else "-"
+        what += (f", measured {accepted}; greedy tokens {'equal' if genai['tokens_equal'] else 'DIFFERENT'}, "
+                 f"{genai['speedup']:.2f}x tokens per second in onnxruntime-genai (median of {len(genai['prompts'])} "
+                 f"prompts)")  # fmt: skip
+    elif genai:
+        what += f"; {genai}"
+    return f"  draft: {what}"
 
 
 def _quality_line(report: dict, verification) -> str | None:

@@ -102,6 +102,9 @@ class Run:
         self.reference: Any = None  # (tokens, the original model's perplexity) for `verify perplexity`
         self.perplexity_passed: bool | None = None
         self.searches: tuple = ()
+        # Applies another recipe (the draft's) into a folder, as this run was applied: set by
+        # surgery.pipeline.apply (the executor sits below it).
+        self.build: Callable[[Any, str], Any] | None = None
         self._calibration_tokens = None
         self._background: ThreadPoolExecutor | None = None
 

@@ -9,12 +9,26 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from surgery.front.statements import calibrate, drop, export, fuse, heads, merge, prune, quantize, split, verify
+from surgery.front.statements import (
+    calibrate,
+    draft,
+    drop,
+    export,
+    fuse,
+    heads,
+    merge,
+    prune,
+    quantize,
+    split,
+    verify,
+)
 
 # calibrate first (the importance step reads it); the graph statements in the order their
 # passes run: drops, then split before prune and merge (they act on its experts), prune before
-# merge, then fuse (its layer must be kept); quantize plans on the layers that are left.
-STATEMENTS: tuple[ModuleType, ...] = (calibrate, drop, heads, split, prune, merge, fuse, quantize, export, verify)
+# merge, then fuse (its layer must be kept); quantize plans on the layers that are left; the
+# draft last (its block is checked as a recipe of its own, with the export resolved).
+STATEMENTS: tuple[ModuleType, ...] = (calibrate, drop, heads, split, prune, merge, fuse, quantize, export, verify,
+                                      draft)  # fmt: skip
 
 
 def name(module: ModuleType) -> str:

@@ -1,0 +1,210 @@
+"""Speculative decoding with a draft: its tensors shared with the target's, the number of tokens
+to draft, the acceptance it should reach, and what onnxruntime-genai measures.
+
+- `share_tensors` writes the draft's graph beside the target's and points every tensor whose
+  name, type, shape and bytes equal one of the target's at the target's data file: a
+  layer-dropped draft adds almost nothing, a quantized one its own quantized tensors only.
+- `top1_agreement`: how often the draft's most likely next token is the target's, teacher-forced
+  on text. With greedy search genai accepts a drafted token exactly when it is the target's
+  choice, so this predicts the acceptance rate (within 0.02 on SmolLM2's drafts, issue 27).
+- `best_draft_tokens`: K for an acceptance rate `a` and a draft that costs `c` of a target
+  step, by the expected speed-up of Leviathan et al. (2023), (1 - a^(K+1)) / ((1 - a)(K c + 1)).
+- `genai_speculation`: greedy generation in onnxruntime-genai with and without the draft on
+  several prompts, interleaved: the tokens must be equal; the acceptance rate and tokens per
+  second are measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+_COPY_BYTES = 64 << 20  # tensors are compared and copied this much at a time
+_ALIGN = 64
+
+
+def _external(tensor: onnx.TensorProto) -> dict[str, str] | None:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _same_bytes(a, a_offset: int, b, b_offset: int, length: int) -> bool:
+    done = 0
+    while done < length:
+        size = min(_COPY_BYTES, length - done)
+        a.seek(a_offset + done)
+        b.seek(b_offset + done)
+        if a.read(size) != b.read(size):
+            return False
+        done += size
+    return True
+
+
+def share_tensors(target: Path, draft_folder: Path, name: str = "draft.onnx") -> dict[str, int]:
+    """Write the draft model of `draft_folder` into `target` as `name` (+ `name`.data): tensors
+    equal to one of the target's (same name, type, shape and bytes) read the target's data file,
+    the rest are copied, a tensor at a time. Returns the bytes shared and the bytes of its own."""
+    target_model = onnx.load(str(target / "model.onnx"), load_external_data=False)
+    theirs = {t.name: t for t in target_model.graph.initializer if _external(t)}
+    model = onnx.load(str(draft_folder / "model.onnx"), load_external_data=False)
+    shared = own = 0
+    opened: dict[str, object] = {}
+
+    def handle(folder: Path, location: str):
+        key = str(folder / location)
+        if key not in opened:
+            opened[key] = open(key, "rb")  # noqa: SIM115 (closed below, all at once)
+        return opened[key]
+
+    data_name = name + ".data"
+    try:
+        with open(target / data_name, "wb") as out:
+            for tensor in model.graph.initializer:
+                where = _external(tensor)
+                if where is None:
+                    continue
+                offset, length = int(where.get("offset", 0)), int(where["length"])
+                source = handle(draft_folder, where["location"])
+                twin = theirs.get(tensor.name)
+                twin_where = _external(twin) if twin is not None else None
+                if (
+                    twin_where is not None
+                    and (twin.data_type, list(twin.dims)) == (tensor.data_type, list(tensor.dims))
+                    and int(twin_where["length"]) == length
+                    and _same_bytes(source, offset, handle(target, twin_where["location"]),
+                                    int(twin_where.get("offset", 0)), length)  # fmt: skip
+                ):
+                    _set_external(tensor, twin_where["location"], int(twin_where.get("offset", 0)), length)
+                    shared += length
+                    continue
+                out.write(b"\0" * (-out.tell() % _ALIGN))
+                start = out.tell()
+                source.seek(offset)
+                remaining = length
+                while remaining:
+                    chunk = source.read(min(_COPY_BYTES, remaining))
+                    out.write(chunk)
+                    remaining -= len(chunk)
+                _set_external(tensor, data_name, start, length)
+                own += length
+    finally:
+        for opened_file in opened.values():
+            opened_file.close()
+    if own == 0:
+        os.remove(target / data_name)
+    onnx.save(model, str(target / name))
+    return {"shared_bytes": shared, "own_bytes": own}
+
+
+def top1_agreement(target_logits, draft_logits, windows: list[np.ndarray]) -> dict[str, float | int]:
+    """How often the draft's argmax equals the target's over every position of `windows`
+    (teacher-forced on the same tokens, each window from an empty cache)."""
+    agree = total = 0
+    for ids in windows:
+        batch = ids[None].astype(np.int64)
+        a = target_logits(batch).argmax(-1)
+        b = draft_logits(batch).argmax(-1)
+        agree += int((a == b).sum())
+        total += int(a.size)
+    return {"top1_agreement": agree / max(1, total), "positions": total}
+
+
+def expected_speedup(acceptance: float, cost: float, k: int) -> float:
+    """Leviathan et al.'s expected speed-up of drafting `k` tokens at `acceptance`, the draft
+    costing `cost` of a target step."""
+    a = min(acceptance, 0.999999)
+    return (1 - a ** (k + 1)) / ((1 - a) * (k * cost + 1))
+
+
+def best_draft_tokens(acceptance: float, cost: float, most: int = 16) -> int:
+    """The K of 1..`most` with the highest expected speed-up."""
+    return max(range(1, most + 1), key=lambda k: expected_speedup(acceptance, cost, k))
+
+
+def _alone(folder: Path, scratch: Path) -> Path:
+    """A view of `folder` whose genai_config.json has no draft: the target alone."""
+    view = scratch / "target-alone"
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    for entry in os.listdir(folder):
+        if entry != "genai_config.json":
+            os.symlink(folder / entry, view / entry)
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"].pop("draft", None)
+    config.pop("speculative", None)
+    (view / "genai_config.json").write_text(json.dumps(config, indent=4))
+    return view
+
+
+def _generate(og, model, tokenizer, prompt: str, new_tokens: int) -> tuple[list[int], float, dict]:
+    ids = tokenizer.encode(prompt)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    start = time.perf_counter()
+    generator.append_tokens(ids)
+    stats: dict = {}
+    while not generator.is_done():
+        generator.generate_next_token()
+        stats = generator.get_speculative_stats() or stats  # reset once generation is done
+    seconds = time.perf_counter() - start
+    return [int(t) for t in generator.get_sequence(0)][len(ids) :], seconds, stats
+
+
+def genai_speculation(folder: Path, scratch: Path, prompts: tuple[str, ...], new_tokens: int,
+                      rounds: int = 3) -> dict:  # fmt: skip
+    """Greedy generation in onnxruntime-genai from the folder as it is (with its draft) and from
+    the target alone, interleaved, `rounds` times per prompt: whether the tokens are equal, the
+    acceptance rate (drafted tokens accepted over drafted tokens checked) and tokens per second
+    (the median round of each). Raises ImportError without onnxruntime-genai."""
+    import onnxruntime_genai as og
+
+    with_draft = og.Model(str(folder))
+    alone = og.Model(str(_alone(folder, scratch)))
+    tokenizer = og.Tokenizer(with_draft)
+    per_prompt = []
+    for prompt in prompts:
+        times: dict[str, list[float]] = {"target": [], "with_draft": []}
+        tokens: dict[str, list[int]] = {}
+        stats: dict = {}
+        for _ in range(rounds):
+            tokens["target"], seconds, _ = _generate(og, alone, tokenizer, prompt, new_tokens)
+            times["target"].append(seconds)
+            tokens["with_draft"], seconds, stats = _generate(og, with_draft, tokenizer, prompt, new_tokens)
+            times["with_draft"].append(seconds)
+        count = len(tokens["target"])
+        evaluated = stats.get("draft_tokens_evaluated", 0)
+        per_prompt.append({
+            "prompt": prompt,
+            "tokens": count,
+            "equal": tokens["target"] == tokens["with_draft"],
+            "acceptance": stats.get("draft_tokens_accepted", 0) / evaluated if evaluated else None,
+            "target_tokens_per_second": count / statistics.median(times["target"]),
+            "with_draft_tokens_per_second": count / statistics.median(times["with_draft"]),
+        })  # fmt: skip
+    for entry in per_prompt:
+        entry["speedup"] = entry["with_draft_tokens_per_second"] / entry["target_tokens_per_second"]
+    accepted = [e["acceptance"] for e in per_prompt if e["acceptance"] is not None]
+    return {
+        "prompts": per_prompt,
+        "tokens_equal": all(e["equal"] for e in per_prompt),
+        "acceptance": statistics.mean(accepted) if accepted else None,
+        "speedup": statistics.median(e["speedup"] for e in per_prompt),
+        "new_tokens": new_tokens,
+        "rounds": rounds,
+    }

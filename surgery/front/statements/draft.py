@@ -1,0 +1,212 @@
+"""`draft [tokens K] { <statements> }` and `draft ngram N [tokens K]`: speculative decoding.
+
+A draft is a second, faster model built from the same checkpoint by the statements in its
+block (quantize, drop, fuse: any that shrink a model), written beside the target as
+`draft.onnx` and wired into the target's genai_config.json, so onnxruntime-genai drafts `K`
+tokens with it and the target checks them in one pass: with greedy search the tokens are the
+target's own, only sooner. `draft ngram N` asks genai to draft from the text so far (n-grams of
+N tokens) with no model. The block's statements mean what they mean at the top of a recipe
+(layer numbers are the original model's) and apply to the checkpoint, not to the target.
+
+Grammar: `draft_stmt`. Check: the block is checked as a recipe of its own (the recipe's model,
+calibration and export with the block's statements), its errors reported where they are.
+Step: `DraftStep`, run by surgery/executor/draft.py after the target is final.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from surgery.front.plan_step import PlanStep, Run
+from surgery.front.selectors import span_field
+from surgery.source import Span
+
+if TYPE_CHECKING:
+    from surgery.front.checked import CheckedRecipe
+    from surgery.front.recipe import Recipe
+    from surgery.front.statements.base import Checker, PlanState
+    from surgery.models.index import ModelIndex
+
+# onnxruntime-genai 0.18's bounds: "max_draft_tokens (K) must be in [1, 16]"; n-grams of 2 or more.
+MAX_DRAFT_TOKENS = 16
+MIN_NGRAM = 2
+DEFAULT_NGRAM_TOKENS = 3  # K for n-gram drafting when not given: its proposals are short
+
+
+@dataclass(frozen=True)
+class DraftStmt:
+    """`draft [tokens K] { statements }`, or `draft ngram N [tokens K]` (`statements` empty)."""
+
+    statements: tuple[Any, ...] = ()
+    tokens: int | None = None  # genai's max_draft_tokens; None: chosen by measurement
+    ngram: int | None = None  # n-gram drafting, no model
+    span: Span = span_field()
+    tokens_span: Span | None = span_field()
+    ngram_span: Span | None = span_field()
+
+
+@dataclass(frozen=True)
+class ResolvedDraft:
+    """A checked draft: its own recipe (None for n-gram drafting), checked, and its options."""
+
+    recipe: Recipe | None
+    checked: CheckedRecipe | None
+    tokens: int | None
+    ngram: int | None
+    span: Span
+
+
+NODES = (DraftStmt,)
+GRAMMAR = ("draft_stmt",)
+
+SYNTAX = """
+// draft [tokens K] { <statements> }: a second model from the same checkpoint drafts K tokens
+// draft ngram N [tokens K]: onnxruntime-genai drafts from n-grams of the text so far (no model)
+draft_stmt: "draft" draft_tokens? "{" draft_item* "}"
+          | "draft" "ngram" INT draft_tokens? -> draft_ngram_stmt
+draft_tokens: "tokens" INT
+?draft_item: quantize_stmt
+           | quantize_group_stmt
+           | quantize_model_stmt
+           | drop_stmt
+           | drop_heads_stmt
+           | fuse_stmt
+"""
+
+
+def _draft_stmt(ast, meta, children) -> DraftStmt:
+    options = [c for c in children if isinstance(c, dict)]
+    statements = tuple(c for c in children if not isinstance(c, dict))
+    return DraftStmt(statements=statements, span=ast.span(meta), **ast.options(options))
+
+
+def _draft_ngram_stmt(ast, meta, children) -> DraftStmt:
+    size, *options = children
+    return DraftStmt(ngram=int(size), ngram_span=ast.tok(size), span=ast.span(meta), **ast.options(options))
+
+
+BUILDERS = {
+    "draft_stmt": _draft_stmt,
+    "draft_ngram_stmt": _draft_ngram_stmt,
+    "draft_tokens": lambda ast, meta, children: {"tokens": int(children[0]), "tokens_span": ast.tok(children[0])},
+}
+
+
+def unparse(statement: DraftStmt) -> str:
+    """Canonical text (the block one statement per line, indented)."""
+    from surgery.front.statements import for_node
+
+    tokens = f" tokens {statement.tokens}" if statement.tokens is not None else ""
+    if statement.ngram is not None:
+        return f"draft ngram {statement.ngram}{tokens}"
+    body = "".join(
+        "".join(f"    {line}\n" for line in for_node(s).unparse(s).split("\n")) for s in statement.statements
+    )
+    return f"draft{tokens} {{\n{body}}}"
+
+
+def draft_recipe(recipe: Recipe, statement: DraftStmt) -> Recipe:
+    """The draft's own recipe: the recipe's model, calibration and export statements around the
+    block's statements, in the same source (so its diagnostics point into the recipe)."""
+    from dataclasses import replace
+
+    from surgery.front.statements.calibrate import CalibrateStmt
+    from surgery.front.statements.export import ExportStmt
+    from surgery.front.statements.model import ModelStmt
+
+    shared = (ModelStmt, CalibrateStmt, ExportStmt)
+    around = [s for s in recipe.statements if isinstance(s, shared)]
+    heads = [s for s in around if not isinstance(s, ExportStmt)]
+    tails = [s for s in around if isinstance(s, ExportStmt)]
+    return replace(recipe, statements=(*heads, *statement.statements, *tails))
+
+
+def _within(span: Span | None, outer: Span) -> bool:
+    return span is not None and outer.start <= span.start and span.end <= outer.end
+
+
+def check(c: Checker, index: ModelIndex, done: dict) -> ResolvedDraft | None:
+    """The draft: genai's bounds on K and n-grams, an export with a KV cache, and the block checked
+    as a recipe of its own against the same model (its errors and warnings inside the block)."""
+    statements = c.single(DraftStmt, "draft")
+    if not statements:
+        return None
+    statement = statements[0]
+    ok = True
+    if statement.tokens is not None and not 1 <= statement.tokens <= MAX_DRAFT_TOKENS:
+        c.error(f"onnxruntime-genai drafts 1 to {MAX_DRAFT_TOKENS} tokens at a time", statement.tokens_span,
+                "drop `tokens` to have K chosen by measurement")  # fmt: skip
+        ok = False
+    export = done["export"][0]
+    if not export.kv_cache:
+        c.error("speculative decoding needs the KV cache: the target verifies drafted tokens against it",
+                statement.span, "drop `without kv-cache` from the export")  # fmt: skip
+        ok = False
+    if statement.ngram is not None:
+        if statement.ngram < MIN_NGRAM:
+            c.error(f"n-grams of {statement.ngram} tokens predict nothing", statement.ngram_span,
+                    f"use {MIN_NGRAM} or more (3 is genai's usual)")  # fmt: skip
+            ok = False
+        return ResolvedDraft(None, None, statement.tokens, statement.ngram, statement.span) if ok else None
+    if not statement.statements:
+        c.error(
+            "an empty draft is the target itself: every token is accepted and nothing is saved",
+            statement.span,
+            "add what makes it faster, e.g. `quantize layers to int8`, `quantize head to int8` and `quantize "
+            "embedding to int8`, or use `draft ngram 3`",
+        )
+        return None
+    from surgery.diagnostics import RecipeError
+    from surgery.front.check import check as check_recipe
+
+    recipe = draft_recipe(c.recipe, statement)
+    try:
+        checked = check_recipe(recipe, c.model_override)
+    except RecipeError as error:
+        # Problems of the shared statements are the recipe's own, reported once by its check.
+        c.diagnostics.extend(d for d in error.diagnostics if _within(d.span, statement.span))
+        return None
+    c.diagnostics.extend(d for d in checked.warnings if _within(d.span, statement.span))
+    return ResolvedDraft(recipe, checked, statement.tokens, None, statement.span) if ok else None
+
+
+def plan(state: PlanState) -> list[PlanStep]:
+    """The draft step, built and checked once the target is final."""
+    resolved: ResolvedDraft | None = state.checked.of("draft") or None
+    if resolved is None:
+        return []
+    from surgery.front.syntax import unparse_statement
+
+    statements = [unparse_statement(s) for s in resolved.recipe.statements] if resolved.recipe else []
+    kept = [text for text in statements if text.split(" ", 1)[0] not in ("model", "calibrate", "export")]
+    parameters = {"statements": kept, "max_draft_tokens": resolved.tokens, "ngram_size": resolved.ngram}
+    return [DraftStep(action="draft", phase="evaluate", parameters=parameters, source=resolved.span,
+                      recipe=resolved.recipe)]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DraftStep(PlanStep):
+    """`draft`: build the draft, share its tensors with the target's, wire it into genai_config.json
+    and check that speculation gives the target's own tokens (surgery/executor/draft.py)."""
+
+    timing: ClassVar[str] = "draft"
+    recipe: Recipe | None = field(default=None, compare=False, repr=False)  # the draft's own recipe
+
+    def describe(self) -> str:
+        """One line for `surgery plan`."""
+        p = self.parameters
+        k = f"{p['max_draft_tokens']} tokens" if p["max_draft_tokens"] else "K tokens (K chosen by measurement)"
+        if p["ngram_size"]:
+            k = f"{p['max_draft_tokens'] or DEFAULT_NGRAM_TOKENS} tokens"
+            return f"draft: onnxruntime-genai drafts {k} from {p['ngram_size']}-grams of the text so far (no model)"
+        return (
+            f"draft: a second model from the checkpoint ({'; '.join(p['statements'])}) as draft.onnx, sharing the "
+            f"target's identical tensors; drafts {k}; greedy tokens with it checked against the target's alone"
+        )
+
+    def run(self, run: Run) -> None:
+        """Build, wire and check the draft."""
+        from surgery.executor.draft import build_draft
+
+        build_draft(run, self)
