@@ -208,3 +208,66 @@ def genai_speculation(folder: Path, scratch: Path, prompts: tuple[str, ...], new
         "new_tokens": new_tokens,
         "rounds": rounds,
     }
+
+
+def _trimmed(present: list, length: int) -> list:
+    """The KV cache cut back to its first `length` positions (the drafts that were rejected go)."""
+    import onnxruntime as ort
+
+    cut = []
+    for value in present:
+        array = value.numpy() if isinstance(value, ort.OrtValue) else value
+        cut.append(np.ascontiguousarray(array[:, :, :length]))
+    return cut
+
+
+def speculative_generate(target, draft, prompt_ids: list[int], max_new_tokens: int, eos_token_ids: set[int],
+                         k: int) -> tuple[list[int], dict[str, int]]:  # fmt: skip
+    """Greedy decoding of `target` (an OnnxCausalLM with a KV cache) with `draft` proposing `k`
+    tokens a round, which the target checks in one step: the target's own greedy tokens, and
+    how many drafted tokens it accepted of those it checked.
+
+    Each round the draft is fed the committed tokens it has not seen and proposes k tokens; the
+    target reads the last committed token and the k drafts at once, keeps the drafts up to the
+    first it would not have chosen, and adds its own token there. Both caches are then cut back
+    to the committed tokens (the target's holds all but the last)."""
+    committed = list(prompt_ids)
+    new_tokens: list[int] = []
+    accepted = checked = 0
+
+    def feed(model, past, seen: int, tokens: list[int]):
+        ids = np.array([tokens], np.int64)
+        mask = np.ones((1, seen + len(tokens)), np.int64)
+        positions = np.arange(seen, seen + len(tokens))[None]
+        return model.step(ids, mask, positions, past)
+
+    out = feed(target, None, 0, committed)
+    committed.append(int(out.logits[0, -1].argmax()))
+    new_tokens.append(committed[-1])
+    target_past, target_seen = out.present, len(committed) - 1
+    draft_past, draft_seen = None, 0
+    while len(new_tokens) < max_new_tokens and new_tokens[-1] not in eos_token_ids:
+        proposals: list[int] = []
+        pending = committed[draft_seen:]
+        for _ in range(min(k, max_new_tokens - len(new_tokens))):
+            out = feed(draft, draft_past, draft_seen, pending)
+            draft_past, draft_seen = out.present, draft_seen + len(pending)
+            proposals.append(int(out.logits[0, -1].argmax()))
+            pending = proposals[-1:]
+        out = feed(target, target_past, target_seen, [committed[-1], *proposals])
+        choices = out.logits[0].argmax(-1)
+        n = 0
+        while n < len(proposals) and proposals[n] == int(choices[n]):
+            n += 1
+        accepted, checked = accepted + n, checked + len(proposals)
+        before = len(committed)
+        for token in [*proposals[:n], int(choices[n])]:
+            if len(new_tokens) == max_new_tokens or new_tokens[-1] in eos_token_ids:
+                break
+            committed.append(token)
+            new_tokens.append(token)
+        target_seen = len(committed) - 1
+        target_past = _trimmed(out.present, target_seen)
+        draft_seen = min(draft_seen, before + n)  # its cache holds the drafts that were kept, no more
+        draft_past = _trimmed(draft_past, draft_seen)
+    return new_tokens, {"draft_tokens_accepted": accepted, "draft_tokens_checked": checked}

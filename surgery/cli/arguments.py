@@ -226,6 +226,11 @@ def argument_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--seed", type=_count(0), default=0, metavar="S", help="with --temperature, the draw's seed (default 0)"
     )
+    run.add_argument(
+        "--no-draft", action="store_true",
+        help="greedy decoding without the folder's draft model (by default a `draft { ... }` output drafts tokens "
+        "that the model checks: the same tokens, sooner)",
+    )  # fmt: skip
     run.add_argument("--threads", type=_count(1), metavar="N", help="onnxruntime intra-op threads")
     run.add_argument(
         "--provider",

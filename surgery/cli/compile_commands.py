@@ -208,10 +208,10 @@ def _draft_line(draft: dict) -> str:
     if draft.get("kind") == "ngram":
         what = f"n-grams of {draft['ngram_size']} tokens, {k} drafted at a time"
     elif "predicted" in draft:
-        files = draft["files"]
-        what = (f"draft.onnx ({files['own_bytes'] / 1e6:.1f} MB of its own, {files['shared_bytes'] / 1e6:.1f} MB shared "
-                f"with the target), {k} tokens at a time{' (chosen)' if draft.get('max_draft_tokens_chosen') else ''}; "
-                f"acceptance predicted {draft['predicted']['top1_agreement']:.2f}")  # fmt: skip
+        own, shared = draft["files"]["own_bytes"] / 1e6, draft["files"]["shared_bytes"] / 1e6
+        chosen = " (chosen)" if draft.get("max_draft_tokens_chosen") else ""
+        what = (f"draft.onnx ({own:.1f} MB of its own, {shared:.1f} MB shared with the target), {k} tokens at a "
+                f"time{chosen}; acceptance predicted {draft['predicted']['top1_agreement']:.2f}")  # fmt: skip
     else:
         what = "not built"
     genai = draft.get("genai")

@@ -108,17 +108,42 @@ def run_run(args) -> int:
             f"context of {folder.context_length} tokens",
             "shorten the prompt or ask for fewer new tokens",
         )
-    model = OnnxCausalLM(args.output, threads=args.threads, providers=execution_providers(args.provider))
+    providers = execution_providers(args.provider)
+    model = OnnxCausalLM(args.output, threads=args.threads, providers=providers)
     eos = tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    draft = None if args.no_draft or args.temperature > 0 else _draft_of(args.output)
     start = time.perf_counter()
-    choose = token_chooser(args.temperature, args.top_p, args.seed)
-    new_tokens = model.generate(list(prompt_ids), args.max_new_tokens, eos_ids, choose)
+    note = ""
+    if draft is not None:  # greedy with the folder's draft: the target's own tokens, sooner
+        from surgery.backend.speculative import speculative_generate
+
+        draft_model = OnnxCausalLM(os.path.join(args.output, draft["filename"]), threads=args.threads,
+                                   providers=providers)  # fmt: skip
+        new_tokens, stats = speculative_generate(model, draft_model, list(prompt_ids), args.max_new_tokens, eos_ids,
+                                                 draft["max_draft_tokens"])  # fmt: skip
+        note = (f", the draft {draft['filename']} drafting {draft['max_draft_tokens']} at a time: "
+                f"{stats['draft_tokens_accepted']}/{stats['draft_tokens_checked']} drafts accepted")  # fmt: skip
+    else:
+        choose = token_chooser(args.temperature, args.top_p, args.seed)
+        new_tokens = model.generate(list(prompt_ids), args.max_new_tokens, eos_ids, choose)
     seconds = time.perf_counter() - start
     answer = tokenizer.decode(new_tokens, skip_special_tokens=True)
     print(answer if args.chat else args.prompt + answer)
-    print(f"[{len(new_tokens)} tokens in {seconds:.2f}s]", file=sys.stderr)
+    print(f"[{len(new_tokens)} tokens in {seconds:.2f}s{note}]", file=sys.stderr)
     return EXIT_OK
+
+
+def _draft_of(folder: str) -> dict | None:
+    """The draft model a folder's genai_config.json wires in (its file and how many tokens it
+    drafts), or None (no draft, or n-gram drafting, which is onnxruntime-genai's own)."""
+    try:
+        with open(os.path.join(folder, "genai_config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+        filename = config["model"]["draft"]["filename"]
+        return {"filename": filename, "max_draft_tokens": int(config["speculative"]["max_draft_tokens"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def run_importance(args) -> int:

@@ -96,9 +96,10 @@ def _build_model(run: Run, step: DraftStep, folder: Path, section: dict) -> bool
                                for key in ("passed", "max_abs_logit_diff", "greedy_agreement")}  # fmt: skip
     section["quantization"] = {key: (report.get("quantization") or {}).get(key)
                                for key in ("model_storage_bits", "quantized_linears_storage_bits")}  # fmt: skip
-    section["layers"] = report.get("after", {}).get("layers")
+    section["layers"] = report["model"]["after"]["layers"]
     if not report.get("verdict", {}).get("passed", True):
-        section.update(passed=False, reason="the draft failed its own checks: " + "; ".join(report["verdict"]["failed"]))
+        failed = "; ".join(report["verdict"]["failed"])
+        section.update(passed=False, reason=f"the draft failed its own checks: {failed}")
         return False
     decoder = (_config(scratch) or {}).get("model", {}).get("decoder")
     if decoder is None:

@@ -145,7 +145,7 @@ def check(c: Checker, index: ModelIndex, done: dict) -> ResolvedDraft | None:
         ok = False
     if statement.ngram is not None:
         if statement.ngram < MIN_NGRAM:
-            c.error(f"n-grams of {statement.ngram} tokens predict nothing", statement.ngram_span,
+            c.error(f"an n-gram of {statement.ngram} token predicts nothing", statement.ngram_span,
                     f"use {MIN_NGRAM} or more (3 is genai's usual)")  # fmt: skip
             ok = False
         return ResolvedDraft(None, None, statement.tokens, statement.ngram, statement.span) if ok else None
