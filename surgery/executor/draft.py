@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from surgery.front.statements.draft import DEFAULT_NGRAM_TOKENS, MAX_DRAFT_TOKENS
+from surgery.formats.speculation import DEFAULT_NGRAM_TOKENS, MAX_DRAFT_TOKENS
 
 if TYPE_CHECKING:
     from surgery.executor.run import Run
-    from surgery.front.statements.draft import DraftStep
+    from surgery.front.plan_step import PlanStep
 
 DRAFT_FILE = "draft.onnx"
 # Greedy generation in genai with and without the draft: these prompts, this many new tokens.
@@ -83,7 +83,7 @@ def _predict(run: Run, folder: Path) -> dict:
     return {**predicted, "target_decode_ms": target_ms, "draft_decode_ms": draft_ms, "cost": draft_ms / target_ms}
 
 
-def _build_model(run: Run, step: DraftStep, folder: Path, section: dict) -> bool:
+def _build_model(run: Run, step: PlanStep, folder: Path, section: dict) -> bool:
     """Build the draft model and move it beside the target; False (with the reason in `section`)
     when it cannot be used."""
     from surgery.backend.speculative import best_draft_tokens, expected_speedup, share_tensors
@@ -118,7 +118,7 @@ def _build_model(run: Run, step: DraftStep, folder: Path, section: dict) -> bool
     return True
 
 
-def build_draft(run: Run, step: DraftStep) -> None:
+def build_draft(run: Run, step: PlanStep) -> None:
     """Run the draft step (see the module docstring); its account is the report's `draft`."""
     folder = Path(run.folder.path)
     p = step.parameters

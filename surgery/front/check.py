@@ -72,6 +72,10 @@ class _Checker(SelectorChecks, TextChecks):
     def warning(self, message: str, span: Span | None, hint: str | None = None) -> None:
         self.diagnostics.append(Diagnostic("warning", message, span, hint))
 
+    def check_recipe(self, recipe: Recipe) -> CheckedRecipe:
+        """Check another recipe against the same model (a draft's own); raises RecipeError."""
+        return check(recipe, self.model_override)
+
     def single(self, kind: type, what: str) -> list:
         """The statements of `kind`; every one after the first is an error."""
         statements = [s for s in self.recipe.statements if isinstance(s, kind)]

@@ -51,6 +51,9 @@ class Checker(Protocol):
     def single(self, kind: type, what: str) -> list:
         """The statements of `kind`; every one after the first is an error."""
 
+    def check_recipe(self, recipe) -> Any:
+        """Check another recipe (a draft's own) against the same model; raises RecipeError."""
+
     def selector(self, selector, index) -> tuple[int, ...] | None:
         """A layer selector resolved to original layer numbers (None, with errors, when it cannot be)."""
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from surgery.formats.speculation import DEFAULT_NGRAM_TOKENS, MAX_DRAFT_TOKENS, MIN_NGRAM
 from surgery.front.plan_step import PlanStep, Run
 from surgery.front.selectors import span_field
 from surgery.source import Span
@@ -27,11 +28,6 @@ if TYPE_CHECKING:
     from surgery.front.recipe import Recipe
     from surgery.front.statements.base import Checker, PlanState
     from surgery.models.index import ModelIndex
-
-# onnxruntime-genai 0.18's bounds: "max_draft_tokens (K) must be in [1, 16]"; n-grams of 2 or more.
-MAX_DRAFT_TOKENS = 16
-MIN_NGRAM = 2
-DEFAULT_NGRAM_TOKENS = 3  # K for n-gram drafting when not given: its proposals are short
 
 
 @dataclass(frozen=True)
@@ -158,11 +154,10 @@ def check(c: Checker, index: ModelIndex, done: dict) -> ResolvedDraft | None:
         )
         return None
     from surgery.diagnostics import RecipeError
-    from surgery.front.check import check as check_recipe
 
     recipe = draft_recipe(c.recipe, statement)
     try:
-        checked = check_recipe(recipe, c.model_override)
+        checked = c.check_recipe(recipe)
     except RecipeError as error:
         # Problems of the shared statements are the recipe's own, reported once by its check.
         c.diagnostics.extend(d for d in error.diagnostics if _within(d.span, statement.span))
@@ -176,9 +171,9 @@ def plan(state: PlanState) -> list[PlanStep]:
     resolved: ResolvedDraft | None = state.checked.of("draft") or None
     if resolved is None:
         return []
-    from surgery.front.syntax import unparse_statement
+    from surgery.front.statements import for_node
 
-    statements = [unparse_statement(s) for s in resolved.recipe.statements] if resolved.recipe else []
+    statements = [for_node(s).unparse(s) for s in resolved.recipe.statements] if resolved.recipe else []
     kept = [text for text in statements if text.split(" ", 1)[0] not in ("model", "calibrate", "export")]
     parameters = {"statements": kept, "max_draft_tokens": resolved.tokens, "ngram_size": resolved.ngram}
     return [DraftStep(action="draft", phase="evaluate", parameters=parameters, source=resolved.span,
