@@ -54,13 +54,22 @@ def test_the_cuda_form_has_no_padding_bias_and_runs_in_genai(name, tmp_path):
     assert attention and all(len(n.input) <= 10 or not n.input[10] for n in attention)
     config = json.loads((out / "genai_config.json").read_text())
     assert config["search"]["past_present_share_buffer"] is True
-    assert config["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {}}]
+    # CUDA graphs for genai's decode steps (no control flow in these graphs)
+    assert config["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {"enable_cuda_graph": "1"}}]
+    assert report["onnxruntime_genai"]["cuda_graphs"]
     # genai on this CPU machine, with the shared buffer: the same tokens as our runtime.
     config["model"]["decoder"]["session_options"]["provider_options"] = []
     (out / "genai_config.json").write_text(json.dumps(config))
     from test_genai import PROMPTS, genai_greedy, our_greedy
 
     assert genai_greedy(str(out), [PROMPTS[0]], 8) == [our_greedy(str(out), PROMPTS[0], 8)]
+
+
+def test_cuda_graphs_can_be_turned_off(tmp_path):
+    code, err, out = apply(tmp_path, "tiny-llama", "export onnx for cuda without cuda-graphs\n", "--no-verify")
+    assert code == 0, err
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {}}]
 
 
 def test_fp16_quantized_layers_head_and_embedding(tmp_path):

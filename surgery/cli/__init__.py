@@ -13,7 +13,14 @@ import os
 import sys
 
 from surgery.cli.arguments import argument_parser
-from surgery.cli.codes import ENVIRONMENT_ERRORS, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, EXIT_USER_ERROR
+from surgery.cli.codes import (
+    ENVIRONMENT_ERRORS,
+    EXIT_INTERNAL_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    EXIT_USER_ERROR,
+)
 from surgery.memory import return_freed_memory_to_the_system
 
 
@@ -63,6 +70,10 @@ def _run(args, argv: list[str]) -> int:
     except HintedError as error:  # a model spec, a text, a file, a built-in model that cannot be fetched
         print_error(f"error: {error}" + (f"\n  = hint: {error.hint}" if error.hint else ""))
         return EXIT_USER_ERROR
+    except BrokenPipeError:
+        # The reader of stdout went away (`surgery plan R | head`): nothing more to say to it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except MemoryError:
         print_error("error: out of memory\n  = hint: close other programs, or use a smaller model or fewer samples")
         return EXIT_USER_ERROR

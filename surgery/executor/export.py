@@ -98,13 +98,27 @@ def _calibrate(run: Run, quantization: dict[str, QuantizedTarget]) -> dict[str, 
     return final
 
 
+# onnxruntime's CUDA graphs replay one captured graph: no control flow, every node on the GPU.
+_CONTROL_FLOW = ("If", "Loop", "Scan")
+
+
+def cuda_provider_options(options, op_counts: dict[str, int]) -> dict[str, str]:
+    """genai's CUDA provider options for an output: CUDA graphs unless the recipe turned them off
+    or the graph has control flow, which onnxruntime cannot capture. genai's other constraints
+    (KV buffers shared between past and present at the context length, which the CUDA export
+    writes; batch size fixed for a generator) hold for every CUDA output."""
+    if options.cuda_graphs and not any(op_counts.get(op) for op in _CONTROL_FLOW):
+        return {"enable_cuda_graph": "1"}
+    return {}
+
+
 def _write_genai_config(graph, export, options, tokenizer, folder: str) -> dict:
     """genai_config.json beside the model, so onnxruntime-genai loads the folder as it is."""
     from surgery.export.genai import genai_config, write_genai_config
 
     try:
         # The CUDA target's outputs ask genai for its CUDA provider; the CPU's for none (CPU).
-        providers = [{"cuda": {}}] if options.target == "cuda" else []
+        providers = [{"cuda": cuda_provider_options(options, export.op_counts)}] if options.target == "cuda" else []
         content = genai_config(
             graph,
             export.context_length,
@@ -117,4 +131,7 @@ def _write_genai_config(graph, export, options, tokenizer, folder: str) -> dict:
     except ValueError as reason:
         return {"written": False, "reason": str(reason)}
     write_genai_config(folder, content)
-    return {"written": True, "config": "genai_config.json", "model_type": content["model"]["type"]}
+    written = {"written": True, "config": "genai_config.json", "model_type": content["model"]["type"]}
+    if options.target == "cuda":
+        written["cuda_graphs"] = bool(providers[0]["cuda"])
+    return written

@@ -43,6 +43,9 @@ class ExportOptions:
     # The execution provider the output is built for (`export onnx for cpu|cuda`): it picks the
     # default precision and the provider options written into genai_config.json.
     target: str = "cpu"
+    # A CUDA output asks onnxruntime-genai to capture its decode steps in CUDA graphs
+    # (`enable_cuda_graph` in genai_config.json) unless `without cuda-graphs`; never for the CPU.
+    cuda_graphs: bool = False
     # Linear layers written quantized as they are exported, each (linear, its WeightFormat): one
     # weight in memory at a time, never a float copy of the model on disk.
     quantize_linears: tuple[tuple[str, WeightFormat], ...] = ()

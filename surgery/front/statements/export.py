@@ -1,5 +1,5 @@
 """`export onnx [opset N] [without kv-cache] [with position-ids] [precision fp32|fp16|bf16]
-[for cpu|cuda]`: the export options.
+[for cpu|cuda] [without cuda-graphs]`: the export options.
 Grammar: `export_stmt`. Its step runs surgery/executor/export.py (the exporter, surgery/export/decoder.py)."""
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ class ExportStmt:
     position_ids: bool = False
     precision: str | None = None  # None: the target's default
     target: str = "cpu"
+    cuda_graphs: bool = True  # `without cuda-graphs`: genai runs a CUDA output without them
     span: Span = span_field()
     opset_span: Span | None = span_field()
+    cuda_graphs_span: Span | None = span_field()
     precision_span: Span | None = span_field()
 
 
@@ -44,12 +46,14 @@ export_stmt: "export" FORMAT export_option*
 FORMAT: "onnx"
 ?export_option: "opset" INT                -> opset_option
               | "without" KV_CACHE         -> without_option
+              | "without" CUDA_GRAPHS      -> without_cuda_graphs_option
               | "with" POSITION_IDS        -> with_option
               | "precision" PRECISION      -> precision_option
               | "for" TARGET               -> target_option
 PRECISION: "fp32" | "fp16" | "bf16"
 TARGET: "cpu" | "cuda"
 KV_CACHE: "kv-cache"
+CUDA_GRAPHS: "cuda-graphs"
 POSITION_IDS: "position-ids"
 """
 
@@ -61,6 +65,8 @@ BUILDERS = {
     "export_stmt": _export_stmt,
     "opset_option": lambda ast, meta, children: {"opset": int(children[0]), "opset_span": ast.tok(children[0])},
     "without_option": lambda ast, meta, children: {"kv_cache": False},
+    "without_cuda_graphs_option": lambda ast, meta, children: {"cuda_graphs": False,
+                                                                "cuda_graphs_span": ast.span(meta)},
     "precision_option": lambda ast, meta, children: {
         "precision": str(children[0]), "precision_span": ast.tok(children[0])
     },
@@ -82,6 +88,8 @@ def unparse(statement: ExportStmt) -> str:
         text += f" precision {statement.precision}"
     if statement.target != "cpu":
         text += f" for {statement.target}"
+    if not statement.cuda_graphs:
+        text += " without cuda-graphs"
     return text
 
 
@@ -105,12 +113,19 @@ def check(c: Checker, index: ModelIndex | None, done: dict) -> tuple[ExportOptio
             statement.precision_span or statement.span,
             f"{precision_record(precision).why_not}: use fp32 (or fp16) for cpu, or add `for cuda`",
         )
+    if not statement.cuda_graphs and statement.target != "cuda":
+        c.error(
+            "CUDA graphs are written only into a CUDA output's genai_config.json",
+            statement.cuda_graphs_span,
+            "drop `without cuda-graphs`, or add `for cuda`",
+        )
     options = ExportOptions(
         opset=opset,
         kv_cache=statement.kv_cache,
         position_ids=statement.position_ids,
         precision=precision,
         target=statement.target,
+        cuda_graphs=statement.cuda_graphs and statement.target == "cuda",
     )
     return options, statement
 
@@ -129,6 +144,7 @@ def plan(state: PlanState) -> list[PlanStep]:
                 "position_ids": export.position_ids,
                 "precision": export.precision,
                 "target": export.target,
+                "cuda_graphs": export.cuda_graphs,
             },
             source=statement.span if statement else None,
         )
@@ -146,7 +162,8 @@ class ExportStep(PlanStep):
         p = self.parameters
         positions = ", with position-ids" if p.get("position_ids") else ""
         kv = "with" if p["kv_cache"] else "without"
-        return f"export onnx opset {p['opset']} {kv} kv-cache{positions}, {p['precision']} for {p['target']}"
+        graphs = ", CUDA graphs in onnxruntime-genai" if p.get("cuda_graphs") else ""
+        return f"export onnx opset {p['opset']} {kv} kv-cache{positions}, {p['precision']} for {p['target']}{graphs}"
 
     def run(self, run: Run) -> None:
         """Write the output folder's model, tokenizer and configs (surgery/executor/export.py)."""
