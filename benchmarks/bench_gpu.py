@@ -14,6 +14,13 @@ for it (and for SmolLM2-135M when its GGUF is given):
   dropped in 4 of 16 layers (3, 7, 11, 15), and of `quantize layers|head|embedding to int4
   symmetric` for cuda; the fp16 ones verified on the CUDA provider against PyTorch in fp16, with
   KL divergence and top-1 agreement against fp32 (recorded from each surgery.json).
+Every timed model is also measured with CUDA graphs on and off (`enable_cuda_graph` in the cuda
+provider options of its genai_config.json, through a view of its folder): our CUDA outputs write
+it on, the builder's off, so each appears as its default and as the other; the greedy tokens of
+the two must be equal. With `--smollm2`, `surgery fp16 draft int4` is SmolLM2 for cuda with a
+draft of int4 layers, head and embedding (`draft { ... }`): its surgery.json has the draft's
+predicted and measured acceptance and its speed-up in genai; `measure` times it whole (the
+decode figure of a draft row is the mean over the steps: genai emits drafted tokens in bursts).
 With `--gemma FILE.gguf`, Gemma 3 270M's fp16 and bf16 CUDA exports are built and verified the
 same way (verification only: the builder is not run for it, and it is not timed); SmolLM2 also
 gets a bf16 export, verified and not timed.
@@ -116,6 +123,9 @@ def recipes_for(name: str) -> dict[str, str]:
         "surgery int4": int4,
         "surgery bf16": "export onnx precision bf16 for cuda\n",
     }
+    if name.startswith("smollm2"):
+        draft = "draft {\n    quantize layers to int4\n    quantize head to int4\n    quantize embedding to int4\n}\n"
+        recipes["surgery fp16 draft int4"] = draft + "export onnx for cuda\n"
     if name != "llama-1b-shape":
         recipes.pop("surgery fp16 drop attention 4")
     if name == "llama-1b-shape":
@@ -165,17 +175,40 @@ def build(work: Path, smollm2: str | None, gemma: str | None = None, llama: bool
                 "timed": not name.startswith("gemma") and "bf16" not in label,
                 "verification": report["verification"],
                 "quantization_moved": (report.get("quantization") or {}).get("against_pytorch_fp32"),
+                "draft": report.get("draft"),
                 "mb": round(sum(f.stat().st_size for f in out.glob("model.onnx*")) / 1e6, 1),
             }
             verification = rows[label]["verification"]
             print(f"{name} {label}: max diff {verification.get('max_abs_logit_diff')}, "
                   f"KL {verification.get('fp32_kl')}, top-1 {verification.get('fp32_top1')}", flush=True)  # fmt: skip
             (work / "built.json").write_text(json.dumps(built, indent=2))
+        for label in [label for label, row in rows.items() if row.get("timed") and "draft" not in label]:
+            graphs = "no graphs" if label.startswith("surgery") else "graphs"
+            rows[f"{label} {graphs}"] = {"folder": str(graph_view(Path(rows[label]["folder"]), graphs == "graphs")),
+                                         "timed": True, "variant_of": label}  # fmt: skip
     (work / "built.json").write_text(json.dumps(built, indent=2))
 
 
-def genai_timing(folder: str, prompt: np.ndarray, steps: int) -> tuple[float, float]:
-    """(prefill ms, decode ms per token) of one freshly opened model through onnxruntime-genai.
+def graph_view(folder: Path, graphs: bool) -> Path:
+    """A view of an output folder (links to its files) whose genai_config.json turns CUDA graphs on or off."""
+    view = folder.parent / f"{folder.name}-{'graphs' if graphs else 'no-graphs'}"
+    view.mkdir(exist_ok=True)
+    for entry in folder.iterdir():
+        if entry.name != "genai_config.json" and not (view / entry.name).exists():
+            os.symlink(entry, view / entry.name)
+    config = json.loads((folder / "genai_config.json").read_text())
+    for provider in config["model"]["decoder"]["session_options"]["provider_options"]:
+        if "cuda" in provider:
+            provider["cuda"].pop("enable_cuda_graph", None)
+            if graphs:
+                provider["cuda"]["enable_cuda_graph"] = "1"
+    (view / "genai_config.json").write_text(json.dumps(config, indent=4))
+    return view
+
+
+def genai_timing(folder: str, prompt: np.ndarray, steps: int, mean: bool = False) -> tuple[float, float, list[int]]:
+    """(prefill ms, decode ms per token, the greedy tokens) of one freshly opened model through
+    onnxruntime-genai (`mean`: the decode figure is the mean step, for a model with a draft).
 
     An untimed 16-token generation first pays onnxruntime's first-run costs (kernel selection,
     allocations), so the prefill figure is the prompt's. Each decode step is timed alone and the
@@ -203,19 +236,20 @@ def genai_timing(folder: str, prompt: np.ndarray, steps: int) -> tuple[float, fl
     np.asarray(generator.get_next_tokens())  # prefill done (the next token read back)
     prefill = (time.perf_counter() - started) * 1000
     step_ms = []
+    tokens = []
     for _ in range(steps):
         started = time.perf_counter()
         generator.generate_next_token()
-        np.asarray(generator.get_next_tokens())  # synchronises: the step's token is on the host
+        tokens.append(int(np.asarray(generator.get_next_tokens())[0]))  # synchronises: the token is on the host
         step_ms.append((time.perf_counter() - started) * 1000)
     del generator, model
-    return prefill, statistics.median(step_ms)
+    return prefill, (statistics.mean if mean else statistics.median)(step_ms), tokens
 
 
 def baselines_of(label: str) -> list[str]:
     """The models a row is compared with: the builder's of its width, and for a dropped export our unmodified one."""
-    compared = ["builder int4" if "int4" in label else "builder fp16"]
-    if "drop" in label:
+    compared = ["builder int4" if "int4" in label and "draft" not in label else "builder fp16"]
+    if "drop" in label or "draft" in label:
         compared.append("surgery fp16")
     return compared
 
@@ -239,10 +273,12 @@ def measure(
         for length in lengths:
             prompt = rng.integers(size // 100, size - size // 100, length)
             times = {label: {"prefill": [], "decode": []} for label in timed}
+            tokens = {}
             for index in range(rounds):
                 order = timed[index % len(timed) :] + timed[: index % len(timed)]
                 for label in order:
-                    prefill, decode = genai_timing(rows[label]["folder"], prompt, steps)
+                    prefill, decode, tokens[label] = genai_timing(rows[label]["folder"], prompt, steps,
+                                                                  mean="draft" in label)  # fmt: skip
                     times[label]["prefill"].append(prefill)
                     times[label]["decode"].append(decode)
             for label in timed:
@@ -253,6 +289,9 @@ def measure(
                     "rounds_decode_ms": [round(v, 3) for v in times[label]["decode"]],
                     "rounds_prefill_ms": [round(v, 2) for v in times[label]["prefill"]],
                 }
+                twin = rows[label].get("variant_of") or ("surgery fp16" if "draft" in label else None)
+                if twin in tokens:
+                    row[f"tokens_equal_to_{twin.replace(' ', '_')}"] = tokens[label] == tokens[twin]
                 for baseline in baselines_of(label):
                     for kind in ("decode", "prefill"):
                         ratios = [a / b for a, b in zip(times[label][kind], times[baseline][kind], strict=True)]
