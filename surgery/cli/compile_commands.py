@@ -211,7 +211,7 @@ def _draft_line(draft: dict) -> str:
         own, shared = draft["files"]["own_bytes"] / 1e6, draft["files"]["shared_bytes"] / 1e6
         chosen = " (chosen)" if draft.get("max_draft_tokens_chosen") else ""
         what = (f"draft.onnx ({own:.1f} MB of its own, {shared:.1f} MB shared with the target), {k} tokens at a "
-                f"time{chosen}; acceptance predicted {draft['predicted']['top1_agreement']:.2f}")  # fmt: skip
+                f"time{chosen}; acceptance predicted {draft['predicted']['acceptance']:.2f}")  # fmt: skip
     else:
         what = "not built"
     genai = draft.get("genai")
@@ -220,6 +220,8 @@ def _draft_line(draft: dict) -> str:
         what += (f", measured {accepted}; greedy tokens {'equal' if genai['tokens_equal'] else 'DIFFERENT'}, "
                  f"{genai['speedup']:.2f}x tokens per second in onnxruntime-genai (median of {len(genai['prompts'])} "
                  f"prompts)")  # fmt: skip
+        if genai["speedup"] < 1:
+            what += "; slower than the target alone here: a cheaper draft (fewer layers, int4) may pay"
     elif genai:
         what += f"; {genai}"
     return f"  draft: {what}"

@@ -34,7 +34,8 @@ PROMPTS = (
     "def fibonacci(n):\n    ",
 )
 NEW_TOKENS = 64
-AGREEMENT_WINDOWS = 8  # calibration samples the acceptance is predicted on
+AGREEMENT_WINDOWS = 8  # calibration samples the agreement on the text is measured on
+GREEDY_PROMPTS, PROMPT_TOKENS = 4, 32  # the target continues this many of their beginnings greedily
 
 
 def _config(folder: Path) -> dict | None:
@@ -66,20 +67,27 @@ def _unwire(folder: Path) -> None:
 
 
 def _predict(run: Run, folder: Path) -> dict:
-    """Top-1 agreement of draft and target on the calibration text (the predicted acceptance) and
-    their decode times (ms per token, batch 1) in onnxruntime."""
+    """The predicted acceptance, before genai runs the draft: the top-1 agreement of draft and
+    target in onnxruntime on the target's own greedy continuations of calibration-text prompts
+    (what speculation sees), and on the calibration text itself; and both models' decode times
+    (ms per token, batch 1), on the provider verification ran on."""
     from surgery.backend.evaluate import onnx_logits
     from surgery.backend.latency import decode_ms_per_token, latency_prompt
     from surgery.backend.runtime import OnnxCausalLM
-    from surgery.backend.speculative import top1_agreement
+    from surgery.backend.speculative import greedy_text_agreement, top1_agreement
 
-    threads = run.settings.threads
-    windows = [np.asarray(row) for row in run.calibration_tokens()[:AGREEMENT_WINDOWS]]
-    predicted = top1_agreement(onnx_logits(str(folder), threads), onnx_logits(str(folder / DRAFT_FILE), threads),
-                               windows)  # fmt: skip
+    threads, provider = run.settings.threads, run.settings.provider
+    providers = run.settings.providers
+    target = OnnxCausalLM(str(folder), threads=threads, providers=providers)
+    draft = OnnxCausalLM(str(folder / DRAFT_FILE), threads=threads, providers=providers)
+    target_logits = onnx_logits(str(folder), threads, provider)
+    draft_logits = onnx_logits(str(folder / DRAFT_FILE), threads, provider)
+    samples = [np.asarray(row) for row in run.calibration_tokens()[:AGREEMENT_WINDOWS]]
+    predicted = top1_agreement(target_logits, draft_logits, samples)
+    prompts = [row[:PROMPT_TOKENS] for row in samples[:GREEDY_PROMPTS]]
+    predicted |= greedy_text_agreement(target, target_logits, draft_logits, prompts, NEW_TOKENS)
     prompt = latency_prompt(64, str(folder))
-    target_ms = decode_ms_per_token(OnnxCausalLM(str(folder), threads=threads), prompt)
-    draft_ms = decode_ms_per_token(OnnxCausalLM(str(folder / DRAFT_FILE), threads=threads), prompt)
+    target_ms, draft_ms = decode_ms_per_token(target, prompt), decode_ms_per_token(draft, prompt)
     return {**predicted, "target_decode_ms": target_ms, "draft_decode_ms": draft_ms, "cost": draft_ms / target_ms}
 
 
@@ -109,8 +117,10 @@ def _build_model(run: Run, step: PlanStep, folder: Path, section: dict) -> bool:
     run.progress("measuring the draft: top-1 agreement with the target on the calibration text, decode times")
     predicted = _predict(run, folder)
     given = step.parameters["max_draft_tokens"]
-    k = given or best_draft_tokens(predicted["top1_agreement"], predicted["cost"], MAX_DRAFT_TOKENS)
-    predicted["expected_speedup"] = expected_speedup(predicted["top1_agreement"], predicted["cost"], k)
+    acceptance = predicted["greedy_text_agreement"]
+    k = given or best_draft_tokens(acceptance, predicted["cost"], MAX_DRAFT_TOKENS)
+    predicted["acceptance"] = acceptance
+    predicted["expected_speedup"] = expected_speedup(acceptance, predicted["cost"], k)
     section["predicted"] = predicted
     section["max_draft_tokens"] = k
     section["max_draft_tokens_chosen"] = given is None
