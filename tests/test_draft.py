@@ -117,3 +117,7 @@ def test_surgery_run_drafts_with_the_folders_draft_and_writes_the_targets_own_to
     assert with_draft.code == alone.code == 0
     assert with_draft.out == alone.out
     assert "drafts accepted" in with_draft.err and "drafts accepted" not in alone.err
+    evaluated = run_cli("eval", str(out), "--max-tokens", "512", "--window", "128", "--json")
+    assert evaluated.code == 0, evaluated.err
+    draft = json.loads(evaluated.out)["draft"]
+    assert draft["filename"] == "draft.onnx" and 0 < draft["top1_agreement"] < 1 and draft["positions"] > 0

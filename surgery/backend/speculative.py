@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from surgery.progress import advance
+
 _COPY_BYTES = 64 << 20  # tensors are compared and copied this much at a time
 _ALIGN = 64
 
@@ -123,6 +125,7 @@ def top1_agreement(target_logits, draft_logits, windows: list[np.ndarray]) -> di
         b = draft_logits(batch).argmax(-1)
         agree += int((a == b).sum())
         total += int(a.size)
+        advance("window")
     return {"top1_agreement": agree / max(1, total), "positions": total}
 
 

@@ -266,6 +266,14 @@ def run_eval(args) -> int:
     else:
         with counted(progress, scoring, windows, "window"):
             result["candidate"] = perplexity(candidate, tokens).to_json()
+    draft = _draft_of(args.output)
+    if draft is not None:
+        from surgery.backend.speculative import top1_agreement
+
+        path = os.path.join(args.output, draft["filename"])
+        with counted(progress, f"top-1 agreement of {draft['filename']} with the model", windows, "window"):
+            agreement = top1_agreement(candidate, onnx_logits(path, args.threads, args.provider), tokens.windows())
+        result["draft"] = {**draft, **agreement}
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK
@@ -279,6 +287,9 @@ def run_eval(args) -> int:
             f"  increase {result['perplexity_increase']:+.2%}, mean KL(reference || output) {result['mean_kl']:.4f} "
             f"nats/token, top-1 agreement {result['top1_agreement']:.2%}"
         )
+    if draft is not None:
+        print(f"  {draft['filename']} (the draft, {draft['max_draft_tokens']} tokens at a time): top-1 agreement with "
+              f"the model {result['draft']['top1_agreement']:.2%} on the same windows")  # fmt: skip
     return EXIT_OK
 
 
