@@ -203,18 +203,23 @@ def quantize_searched(
 ) -> BlockQuantized:
     """An (N, K) weight rounded to nearest on the grid `searched_grid` picks per block, its error
     weighted per input column by `importance` (K,) (uniform when None); no `factors`: on
-    onnxruntime's range grid. Rows are taken a chunk at a time, on the weight's device."""
+    onnxruntime's range grid. Rows are taken a chunk at a time, on the weight's device, and
+    each chunk is packed before the next (a 150k-row head never holds its codes as floats)."""
     n, k = weight.shape
-    codes, scales, zeros = [], [], []
+    parts = []
     for part, scale, zero in _searched_chunks(weight, importance, bits, block, symmetric, factors, half):
-        codes.append(encode(part, scale, zero, bits))
-        scales.append(scale)
-        zeros.append(zero)
-    codes_all = torch.cat(codes)
-    padded = codes_all.shape[1] * block
-    if padded != k:
-        codes_all.view(n, -1)[:, k:] = 0  # the padding's codes, as onnxruntime leaves them
-    return to_blocks(codes_all, torch.cat(scales), torch.cat(zeros), bits, symmetric, half)
+        codes = encode(part, scale, zero, bits)
+        if codes.shape[1] * block != k:
+            codes.view(len(codes), -1)[:, k:] = 0  # the padding's codes, as onnxruntime leaves them
+        parts.append(to_blocks(codes, scale, zero, bits, symmetric, half))
+        del codes, part
+    if len(parts) == 1:
+        return parts[0]
+    return BlockQuantized(
+        np.concatenate([p.packed for p in parts]),
+        np.concatenate([p.scales for p in parts]),
+        None if symmetric else np.concatenate([p.zero_points for p in parts]),
+    )
 
 
 def quantize_range(weight: torch.Tensor, bits: int, block: int, symmetric: bool, half: bool = False) -> BlockQuantized:
