@@ -121,3 +121,20 @@ def test_surgery_run_drafts_with_the_folders_draft_and_writes_the_targets_own_to
     assert evaluated.code == 0, evaluated.err
     draft = json.loads(evaluated.out)["draft"]
     assert draft["filename"] == "draft.onnx" and 0 < draft["top1_agreement"] < 1 and draft["positions"] > 0
+
+
+def test_as_fast_as_possible_builds_every_candidate_and_keeps_the_fastest_or_none(tmp_path):
+    result, out = _apply(tmp_path, "draft as fast as possible")
+    assert result.code == 0, result.err
+    draft = json.loads((out / "surgery.json").read_text())["draft"]
+    names = [c["name"] for c in draft["candidates"]]
+    assert names[0].startswith("int8") and names[-1] == "n-grams of 3 tokens" and len(names) == 4
+    assert all(c["genai"]["tokens_equal"] for c in draft["candidates"])
+    speedups = {c["name"]: c["genai"]["speedup"] for c in draft["candidates"]}
+    config = json.loads((out / "genai_config.json").read_text())
+    if draft["chosen"] is None:  # nothing beat the target alone: nothing is wired in
+        assert max(speedups.values()) <= 1 and "speculative" not in config
+        assert "none wired in" in result.out
+    else:
+        assert speedups[draft["chosen"]] == max(speedups.values()) > 1 and "speculative" in config
+    assert (out / "draft.onnx").exists() == ("draft" in config["model"])

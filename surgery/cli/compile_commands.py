@@ -212,8 +212,16 @@ def _draft_line(draft: dict) -> str:
         chosen = " (chosen)" if draft.get("max_draft_tokens_chosen") else ""
         what = (f"draft.onnx ({own:.1f} MB of its own, {shared:.1f} MB shared with the target), {k} tokens at a "
                 f"time{chosen}; acceptance predicted {draft['predicted']['acceptance']:.2f}")  # fmt: skip
+    elif draft.get("kind") == "none":
+        tried = draft.get("candidates") or []
+        best = max((c for c in tried if isinstance(c.get("genai"), dict)), key=lambda c: c["genai"]["speedup"],
+                   default=None)  # fmt: skip
+        fastest = f" (the fastest, {best['name']}: {best['genai']['speedup']:.2f}x)" if best else ""
+        return f"  draft: none wired in: no candidate of {len(tried)} was faster than the model alone{fastest}"
     else:
         what = "not built"
+    if draft.get("candidates"):
+        what = f"the fastest of {len(draft['candidates'])} candidates, {draft['chosen']}: {what}"
     genai = draft.get("genai")
     if isinstance(genai, dict):
         accepted = f"{genai['acceptance']:.2f}" if genai["acceptance"] is not None else "-"

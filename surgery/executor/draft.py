@@ -91,14 +91,15 @@ def _predict(run: Run, folder: Path) -> dict:
     return {**predicted, "target_decode_ms": target_ms, "draft_decode_ms": draft_ms, "cost": draft_ms / target_ms}
 
 
-def _build_model(run: Run, step: PlanStep, folder: Path, section: dict) -> bool:
-    """Build the draft model and move it beside the target; False (with the reason in `section`)
+def _build_model(run: Run, recipe, statements: list[str], given: int | None, scratch: Path, folder: Path,
+                 section: dict) -> bool:  # fmt: skip
+    """Build a draft model by its recipe into `scratch`, move it beside the target, predict its
+    acceptance, choose K (unless `given`) and wire it in; False (with the reason in `section`)
     when it cannot be used."""
     from surgery.backend.speculative import best_draft_tokens, expected_speedup, share_tensors
 
-    scratch = Path(run.folder.scratch()) / "draft"
-    run.progress(f"building the draft: {'; '.join(step.parameters['statements'])}")
-    built = run.build(step.recipe, str(scratch))
+    run.progress(f"building the draft: {'; '.join(statements)}")
+    built = run.build(recipe, str(scratch))
     report = built.report
     section["verification"] = {key: (report.get("verification") or {}).get(key)
                                for key in ("passed", "max_abs_logit_diff", "greedy_agreement")}  # fmt: skip
@@ -114,9 +115,8 @@ def _build_model(run: Run, step: PlanStep, folder: Path, section: dict) -> bool:
         section.update(passed=False, reason="the draft has no genai_config.json: onnxruntime-genai cannot run it")
         return False
     section["files"] = share_tensors(folder, scratch, DRAFT_FILE)
-    run.progress("measuring the draft: top-1 agreement with the target on the calibration text, decode times")
+    run.progress("measuring the draft: top-1 agreement with the target on its greedy text, decode times")
     predicted = _predict(run, folder)
-    given = step.parameters["max_draft_tokens"]
     acceptance = predicted["greedy_text_agreement"]
     k = given or best_draft_tokens(acceptance, predicted["cost"], MAX_DRAFT_TOKENS)
     predicted["acceptance"] = acceptance
@@ -126,6 +126,81 @@ def _build_model(run: Run, step: PlanStep, folder: Path, section: dict) -> bool:
     section["max_draft_tokens_chosen"] = given is None
     _wire(folder, decoder, {"max_draft_tokens": k})
     return True
+
+
+def _wire_ngram(folder: Path, size: int, given: int | None, section: dict) -> None:
+    k = given or DEFAULT_NGRAM_TOKENS
+    section.update(kind="ngram", ngram_size=size, max_draft_tokens=k)
+    _wire(folder, None, {"ngram_size": size, "max_draft_tokens": k})
+
+
+def _measure(run: Run, folder: Path, section: dict, rounds: int = 3) -> bool:
+    """Check the wired draft in onnxruntime-genai (section's `genai`, `passed`); False when the
+    draft changes the tokens (it is then taken out of genai_config.json) or genai is missing."""
+    run.progress(f"checking speculation in onnxruntime-genai: {len(PROMPTS)} prompts, {NEW_TOKENS} greedy tokens, "
+                 "with and without the draft")  # fmt: skip
+    try:
+        from surgery.backend.speculative import genai_speculation
+
+        measured = genai_speculation(folder, Path(run.folder.scratch()), PROMPTS, NEW_TOKENS, rounds)
+    except ImportError:
+        section.update(passed=None, genai="not measured: onnxruntime-genai is not installed (pip install "
+                                          "'surgery[genai]'); the draft is wired in but unchecked")  # fmt: skip
+        return False
+    section["genai"] = measured
+    if not measured["tokens_equal"]:
+        _unwire(folder)
+        section.update(passed=False, reason="greedy tokens with the draft differ from the target's alone; the draft "
+                                            "is left out of genai_config.json")  # fmt: skip
+        return False
+    section["passed"] = True
+    return True
+
+
+def _remove_draft(folder: Path) -> None:
+    _unwire(folder)
+    for name in (DRAFT_FILE, DRAFT_FILE + ".data"):
+        (folder / name).unlink(missing_ok=True)
+
+
+def _fastest(run: Run, step: PlanStep, folder: Path, section: dict) -> None:
+    """`draft as fast as possible`: build and measure every candidate, keep the one with the
+    highest measured speed-up in genai (the same tokens), or none when no candidate is faster
+    than the target alone."""
+    p = step.parameters
+    scratch = Path(run.folder.scratch())
+    tried = section["candidates"] = []
+    for position, (candidate, recipe) in enumerate(zip(p["candidates"], step.recipes, strict=True)):
+        run.progress(f"draft candidate {position + 1}/{len(p['candidates'])}: {candidate['name']}")
+        entry: dict = {"name": candidate["name"], "statements": candidate.get("statements", [])}
+        if candidate.get("ngram_size"):
+            _wire_ngram(folder, candidate["ngram_size"], p["max_draft_tokens"], entry)
+        else:
+            entry["kind"] = "model"
+            if not _build_model(run, recipe, entry["statements"], p["max_draft_tokens"], scratch / f"draft-{position}",
+                                folder, entry):  # fmt: skip
+                tried.append(entry)
+                continue
+        _measure(run, folder, entry, rounds=2)
+        tried.append(entry)
+        _remove_draft(folder)
+    usable = [e for e in tried if e.get("passed") and e["genai"]["speedup"] > 1]
+    if not usable:
+        section.update(kind="none", passed=True, chosen=None,
+                       reason="no candidate was faster than the target alone; no draft is wired in")  # fmt: skip
+        return
+    best = max(usable, key=lambda e: e["genai"]["speedup"])
+    position = tried.index(best)
+    section.update({k: v for k, v in best.items() if k != "name"}, chosen=best["name"])
+    section["statements"] = best["statements"]
+    if best["kind"] == "ngram":
+        _wire_ngram(folder, best["ngram_size"], p["max_draft_tokens"], section)
+        return
+    from surgery.backend.speculative import share_tensors
+
+    draft_scratch = scratch / f"draft-{position}"
+    share_tensors(folder, draft_scratch, DRAFT_FILE)
+    _wire(folder, _config(draft_scratch)["model"]["decoder"], {"max_draft_tokens": best["max_draft_tokens"]})
 
 
 def build_draft(run: Run, step: PlanStep) -> None:
@@ -138,29 +213,14 @@ def build_draft(run: Run, step: PlanStep) -> None:
         reason = (run.sections.get("onnxruntime_genai") or {}).get("error", "no genai_config.json was written")
         section.update(passed=False, reason=f"onnxruntime-genai cannot run the target: {reason}")
         return
+    if p.get("candidates"):
+        _fastest(run, step, folder, section)
+        return
     if p["ngram_size"]:
-        k = p["max_draft_tokens"] or DEFAULT_NGRAM_TOKENS
-        section.update(kind="ngram", ngram_size=p["ngram_size"], max_draft_tokens=k)
-        _wire(folder, None, {"ngram_size": p["ngram_size"], "max_draft_tokens": k})
+        _wire_ngram(folder, p["ngram_size"], p["max_draft_tokens"], section)
     else:
         section["kind"] = "model"
-        if not _build_model(run, step, folder, section):
+        if not _build_model(run, step.recipe, p["statements"], p["max_draft_tokens"],
+                            Path(run.folder.scratch()) / "draft", folder, section):  # fmt: skip
             return
-    run.progress(f"checking speculation in onnxruntime-genai: {len(PROMPTS)} prompts, {NEW_TOKENS} greedy tokens, "
-                 "with and without the draft")  # fmt: skip
-    try:
-        from surgery.backend.speculative import genai_speculation
-
-        measured = genai_speculation(folder, Path(run.folder.scratch()), PROMPTS, NEW_TOKENS)
-    except ImportError:
-        section.update(passed=None, genai="not measured: onnxruntime-genai is not installed (pip install "
-                                          "'surgery[genai]'); the draft is wired in but unchecked")  # fmt: skip
-        return
-    section["genai"] = measured
-    if not measured["tokens_equal"]:
-        _unwire(folder)
-        section.update(passed=False, reason="greedy tokens with the draft differ from the target's alone; the draft "
-                                            "is left out of genai_config.json")  # fmt: skip
-        return
-    section["passed"] = True
-
+    _measure(run, folder, section)

@@ -180,14 +180,16 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
     )
     perplexity, prunes, merges = checked.perplexity, checked.of("prune"), checked.of("merge")
     gptq = any(item.gptq for item in checked.of("quantize"))
-    uses_data = any(METRICS[m].needs_data for m in checked.metrics_to_compute()) or prunes or merges or gptq
+    # a draft's acceptance is predicted on the calibration text (and its candidates may rank by it)
+    drafts = bool(checked.of("draft"))
+    uses_data = any(METRICS[m].needs_data for m in checked.metrics_to_compute()) or prunes or merges or gptq or drafts
     clean = not any(d.severity == "error" for d in checker.diagnostics)  # else selectors may be missing
     if calibration_span is not None and not uses_data and clean:
         checker.warning(
             "calibration is not used: no selector ranks by a metric computed from data",
             calibration_span,
-            "similarity, lim, iks (fuse layer auto), prune and merge experts, and `gptq` use it; zd and "
-            "importance files do not",
+            "similarity, lim, iks (fuse layer auto), prune and merge experts, `gptq` and `draft` use it; zd "
+            "and importance files do not",
         )
     if uses_data and clean:
         checker.calibration_fits(checked)

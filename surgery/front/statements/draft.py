@@ -37,6 +37,7 @@ class DraftStmt:
     statements: tuple[Any, ...] = ()
     tokens: int | None = None  # genai's max_draft_tokens; None: chosen by measurement
     ngram: int | None = None  # n-gram drafting, no model
+    fastest: bool = False  # `draft as fast as possible`: candidates built and measured
     span: Span = span_field()
     tokens_span: Span | None = span_field()
     ngram_span: Span | None = span_field()
@@ -51,6 +52,7 @@ class ResolvedDraft:
     tokens: int | None
     ngram: int | None
     span: Span
+    candidates: tuple[tuple[str, Recipe | None], ...] = ()  # `as fast as possible`: (name, recipe)
 
 
 NODES = (DraftStmt,)
@@ -59,8 +61,10 @@ GRAMMAR = ("draft_stmt",)
 SYNTAX = """
 // draft [tokens K] { <statements> }: a second model from the same checkpoint drafts K tokens
 // draft ngram N [tokens K]: onnxruntime-genai drafts from n-grams of the text so far (no model)
+// draft as fast as possible [tokens K]: candidate drafts built and measured, the fastest kept
 draft_stmt: "draft" draft_tokens? "{" draft_item* "}"
           | "draft" "ngram" INT draft_tokens? -> draft_ngram_stmt
+          | "draft" "as" "fast" "as" "possible" draft_tokens? -> draft_fastest_stmt
 draft_tokens: "tokens" INT
 ?draft_item: quantize_stmt
            | quantize_group_stmt
@@ -85,6 +89,8 @@ def _draft_ngram_stmt(ast, meta, children) -> DraftStmt:
 BUILDERS = {
     "draft_stmt": _draft_stmt,
     "draft_ngram_stmt": _draft_ngram_stmt,
+    "draft_fastest_stmt": lambda ast, meta, children: DraftStmt(fastest=True, span=ast.span(meta),
+                                                                **ast.options(children)),
     "draft_tokens": lambda ast, meta, children: {"tokens": int(children[0]), "tokens_span": ast.tok(children[0])},
 }
 
@@ -96,6 +102,8 @@ def unparse(statement: DraftStmt) -> str:
     tokens = f" tokens {statement.tokens}" if statement.tokens is not None else ""
     if statement.ngram is not None:
         return f"draft ngram {statement.ngram}{tokens}"
+    if statement.fastest:
+        return f"draft as fast as possible{tokens}"
     body = "".join(
         "".join(f"    {line}\n" for line in for_node(s).unparse(s).split("\n")) for s in statement.statements
     )
@@ -116,6 +124,30 @@ def draft_recipe(recipe: Recipe, statement: DraftStmt) -> Recipe:
     heads = [s for s in around if not isinstance(s, ExportStmt)]
     tails = [s for s in around if isinstance(s, ExportStmt)]
     return replace(recipe, statements=(*heads, *statement.statements, *tails))
+
+
+FASTEST_NGRAM = 3
+
+
+def candidate_blocks(layers: int) -> list[tuple[str, tuple[Any, ...]]]:
+    """`draft as fast as possible`'s model candidates for a model of `layers` layers, cheapest to
+    build first: int8 and int4 (layers, head, embedding), and attention dropped in the least
+    important fifth of the layers by similarity with int4 (issue 27's measured drafts)."""
+    from surgery.front.selectors import ImportanceRank, ImportanceSelector, ImportanceSource
+    from surgery.front.statements.drop import DropStmt
+    from surgery.front.statements.quantize.syntax import QuantizeStmt
+
+    def everything(bits: int) -> tuple[Any, ...]:
+        return tuple(QuantizeStmt(part=part, selector=None, bits=bits) for part in ("layers", "head", "embedding"))
+
+    fifth = max(1, layers // 5)
+    drop = DropStmt(part="attention", selector=ImportanceSelector(ImportanceRank("least", count=fifth),
+                                                                  ImportanceSource(metric="similarity")))  # fmt: skip
+    return [
+        ("int8 layers, head and embedding", everything(8)),
+        ("int4 layers, head and embedding", everything(4)),
+        (f"attention dropped in {fifth} layer{'s' if fifth > 1 else ''} by similarity, int4", (drop, *everything(4))),
+    ]
 
 
 def _within(span: Span | None, outer: Span) -> bool:
@@ -139,6 +171,17 @@ def check(c: Checker, index: ModelIndex, done: dict) -> ResolvedDraft | None:
         c.error("speculative decoding needs the KV cache: the target verifies drafted tokens against it",
                 statement.span, "drop `without kv-cache` from the export")  # fmt: skip
         ok = False
+    if statement.fastest:
+        candidates: list[tuple[str, Recipe | None]] = []
+        for name, statements in candidate_blocks(index.num_layers):
+            from surgery.diagnostics import RecipeError
+
+            try:  # a candidate this model cannot take (a MoE's experts at int4) is left out
+                candidates.append((name, c.check_recipe(draft_recipe(c.recipe, DraftStmt(statements))).recipe))
+            except RecipeError:
+                continue
+        candidates.append((f"n-grams of {FASTEST_NGRAM} tokens", None))
+        return ResolvedDraft(None, None, statement.tokens, None, statement.span, tuple(candidates)) if ok else None
     if statement.ngram is not None:
         if statement.ngram < MIN_NGRAM:
             c.error(f"an n-gram of {statement.ngram} token predicts nothing", statement.ngram_span,
@@ -173,11 +216,19 @@ def plan(state: PlanState) -> list[PlanStep]:
         return []
     from surgery.front.statements import for_node
 
-    statements = [for_node(s).unparse(s) for s in resolved.recipe.statements] if resolved.recipe else []
-    kept = [text for text in statements if text.split(" ", 1)[0] not in ("model", "calibrate", "export")]
-    parameters = {"statements": kept, "max_draft_tokens": resolved.tokens, "ngram_size": resolved.ngram}
+    def block(recipe: Recipe | None) -> list[str]:
+        texts = [for_node(s).unparse(s) for s in recipe.statements] if recipe else []
+        return [text for text in texts if text.split(" ", 1)[0] not in ("model", "calibrate", "export")]
+
+    parameters: dict[str, Any] = {"statements": block(resolved.recipe), "max_draft_tokens": resolved.tokens,
+                                  "ngram_size": resolved.ngram}  # fmt: skip
+    if resolved.candidates:
+        parameters["candidates"] = [
+            {"name": name, "statements": block(recipe)} if recipe else {"name": name, "ngram_size": FASTEST_NGRAM}
+            for name, recipe in resolved.candidates
+        ]
     return [DraftStep(action="draft", phase="evaluate", parameters=parameters, source=resolved.span,
-                      recipe=resolved.recipe)]  # fmt: skip
+                      recipe=resolved.recipe, recipes=tuple(r for _, r in resolved.candidates))]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -187,11 +238,18 @@ class DraftStep(PlanStep):
 
     timing: ClassVar[str] = "draft"
     recipe: Recipe | None = field(default=None, compare=False, repr=False)  # the draft's own recipe
+    # `as fast as possible`: each candidate's recipe (None for n-gram drafting), as parameters' candidates
+    recipes: tuple[Recipe | None, ...] = field(default=(), compare=False, repr=False)
 
     def describe(self) -> str:
         """One line for `surgery plan`."""
         p = self.parameters
         k = f"{p['max_draft_tokens']} tokens" if p["max_draft_tokens"] else "K tokens (K chosen by measurement)"
+        if p.get("candidates"):
+            names = "; ".join(c["name"] for c in p["candidates"])
+            return (f"draft as fast as possible: builds and measures {len(p['candidates'])} candidates ({names}), "
+                    f"drafting {k}, and keeps the fastest in onnxruntime-genai with the target's own greedy "
+                    "tokens")  # fmt: skip
         if p["ngram_size"]:
             k = f"{p['max_draft_tokens'] or DEFAULT_NGRAM_TOKENS} tokens"
             return f"draft: onnxruntime-genai drafts {k} from {p['ngram_size']}-grams of the text so far (no model)"
