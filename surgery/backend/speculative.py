@@ -115,6 +115,15 @@ def share_tensors(target: Path, draft_folder: Path, name: str = "draft.onnx") ->
     return {"shared_bytes": shared, "own_bytes": own}
 
 
+def logits_of(model):
+    """The logits function (ids (1, T) -> (T, vocabulary)) of an OnnxCausalLM, from an empty cache."""
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        return model.step(ids, np.ones_like(ids), np.arange(ids.shape[1])[None]).logits[0]
+
+    return run
+
+
 def top1_agreement(target_logits, draft_logits, windows: list[np.ndarray]) -> dict[str, float | int]:
     """How often the draft's argmax equals the target's over every position of `windows`
     (teacher-forced on the same tokens, each window from an empty cache)."""

@@ -71,17 +71,15 @@ def _predict(run: Run, folder: Path) -> dict:
     target in onnxruntime on the target's own greedy continuations of calibration-text prompts
     (what speculation sees), and on the calibration text itself; and both models' decode times
     (ms per token, batch 1), on the provider verification ran on."""
-    from surgery.backend.evaluate import onnx_logits
     from surgery.backend.latency import decode_ms_per_token, latency_prompt
     from surgery.backend.runtime import OnnxCausalLM
-    from surgery.backend.speculative import greedy_text_agreement, top1_agreement
+    from surgery.backend.speculative import greedy_text_agreement, logits_of, top1_agreement
 
-    threads, provider = run.settings.threads, run.settings.provider
-    providers = run.settings.providers
+    # One session of each: the target of a 1.5B model is 7 GB in fp32.
+    threads, providers = run.settings.threads, run.settings.providers
     target = OnnxCausalLM(str(folder), threads=threads, providers=providers)
     draft = OnnxCausalLM(str(folder / DRAFT_FILE), threads=threads, providers=providers)
-    target_logits = onnx_logits(str(folder), threads, provider)
-    draft_logits = onnx_logits(str(folder / DRAFT_FILE), threads, provider)
+    target_logits, draft_logits = logits_of(target), logits_of(draft)
     samples = [np.asarray(row) for row in run.calibration_tokens()[:AGREEMENT_WINDOWS]]
     predicted = top1_agreement(target_logits, draft_logits, samples)
     prompts = [row[:PROMPT_TOKENS] for row in samples[:GREEDY_PROMPTS]]
