@@ -35,7 +35,6 @@ PROMPTS = (
 )
 NEW_TOKENS = 64
 AGREEMENT_WINDOWS = 8  # calibration samples the agreement on the text is measured on
-GREEDY_PROMPTS, PROMPT_TOKENS = 4, 32  # the target continues this many of their beginnings greedily
 
 
 def _config(folder: Path) -> dict | None:
@@ -68,8 +67,8 @@ def _unwire(folder: Path) -> None:
 
 def _predict(run: Run, folder: Path) -> dict:
     """The predicted acceptance, before genai runs the draft: the top-1 agreement of draft and
-    target in onnxruntime on the target's own greedy continuations of calibration-text prompts
-    (what speculation sees), and on the calibration text itself; and both models' decode times
+    target in onnxruntime on the target's own greedy continuations of the check's prompts (what
+    speculation sees there), and on the calibration text itself; and both models' decode times
     (ms per token, batch 1), on the provider verification ran on."""
     from surgery.backend.latency import decode_ms_per_token, latency_prompt
     from surgery.backend.runtime import OnnxCausalLM
@@ -82,7 +81,8 @@ def _predict(run: Run, folder: Path) -> dict:
     target_logits, draft_logits = logits_of(target), logits_of(draft)
     samples = [np.asarray(row) for row in run.calibration_tokens()[:AGREEMENT_WINDOWS]]
     predicted = top1_agreement(target_logits, draft_logits, samples)
-    prompts = [row[:PROMPT_TOKENS] for row in samples[:GREEDY_PROMPTS]]
+    # The prompts genai's check generates from: the same text speculation will see there.
+    prompts = [np.asarray(run.tokenizer(text)["input_ids"]) for text in PROMPTS]
     predicted |= greedy_text_agreement(target, target_logits, draft_logits, prompts, NEW_TOKENS)
     prompt = latency_prompt(64, str(folder))
     target_ms, draft_ms = decode_ms_per_token(target, prompt), decode_ms_per_token(draft, prompt)
