@@ -130,9 +130,10 @@ FASTEST_NGRAM = 3
 
 
 def candidate_blocks(layers: int) -> list[tuple[str, tuple[Any, ...]]]:
-    """`draft as fast as possible`'s model candidates for a model of `layers` layers, cheapest to
-    build first: int8 and int4 (layers, head, embedding), and attention dropped in the least
-    important fifth of the layers by similarity with int4 (issue 27's measured drafts)."""
+    """`draft as fast as possible`'s model candidates for a model of `layers` layers: int8 and
+    int4 (layers, head, embedding), attention dropped in the least important fifth of the
+    layers by similarity with int4, and the least important eighth of the blocks dropped with
+    int8 (issue 27's measured kinds of draft, and their combinations)."""
     from surgery.front.selectors import ImportanceRank, ImportanceSelector, ImportanceSource
     from surgery.front.statements.drop import DropStmt
     from surgery.front.statements.quantize.syntax import QuantizeStmt
@@ -140,13 +141,19 @@ def candidate_blocks(layers: int) -> list[tuple[str, tuple[Any, ...]]]:
     def everything(bits: int) -> tuple[Any, ...]:
         return tuple(QuantizeStmt(part=part, selector=None, bits=bits) for part in ("layers", "head", "embedding"))
 
-    fifth = max(1, layers // 5)
-    drop = DropStmt(part="attention", selector=ImportanceSelector(ImportanceRank("least", count=fifth),
-                                                                  ImportanceSource(metric="similarity")))  # fmt: skip
+    def least(part: str, count: int) -> DropStmt:
+        rank = ImportanceRank("least", count=count)
+        return DropStmt(part=part, selector=ImportanceSelector(rank, ImportanceSource(metric="similarity")))
+
+    def plural(count: int) -> str:
+        return f"{count} layer{'s' if count > 1 else ''}"
+
+    fifth, eighth = max(1, layers // 5), max(1, layers // 8)
     return [
         ("int8 layers, head and embedding", everything(8)),
         ("int4 layers, head and embedding", everything(4)),
-        (f"attention dropped in {fifth} layer{'s' if fifth > 1 else ''} by similarity, int4", (drop, *everything(4))),
+        (f"attention dropped in {plural(fifth)} by similarity, int4", (least("attention", fifth), *everything(4))),
+        (f"{plural(eighth)} dropped by similarity, int8", (least("block", eighth), *everything(8))),
     ]
 
 
