@@ -178,13 +178,13 @@ def check(c: Checker, index: ModelIndex, done: dict) -> ResolvedDraft | None:
         c.error("speculative decoding needs the KV cache: the target verifies drafted tokens against it",
                 statement.span, "drop `without kv-cache` from the export")  # fmt: skip
         ok = False
+    from surgery.diagnostics import RecipeError
+
     if statement.fastest:
         candidates: list[tuple[str, Recipe | None]] = []
-        for name, statements in candidate_blocks(index.num_layers):
-            from surgery.diagnostics import RecipeError
-
+        for name, block in candidate_blocks(index.num_layers):
             try:  # a candidate this model cannot take (a MoE's experts at int4) is left out
-                candidates.append((name, c.check_recipe(draft_recipe(c.recipe, DraftStmt(statements))).recipe))
+                candidates.append((name, c.check_recipe(draft_recipe(c.recipe, DraftStmt(block))).recipe))
             except RecipeError:
                 continue
         candidates.append((f"n-grams of {FASTEST_NGRAM} tokens", None))
@@ -203,8 +203,6 @@ def check(c: Checker, index: ModelIndex, done: dict) -> ResolvedDraft | None:
             "embedding to int8`, or use `draft ngram 3`",
         )
         return None
-    from surgery.diagnostics import RecipeError
-
     recipe = draft_recipe(c.recipe, statement)
     try:
         checked = c.check_recipe(recipe)
