@@ -128,7 +128,7 @@ def test_as_fast_as_possible_builds_every_candidate_and_keeps_the_fastest_or_non
     assert result.code == 0, result.err
     draft = json.loads((out / "surgery.json").read_text())["draft"]
     names = [c["name"] for c in draft["candidates"]]
-    assert names[0].startswith("int8") and names[-1] == "n-grams of 3 tokens" and len(names) == 5
+    assert names[0].startswith("int8") and names[-1] == "n-grams of 3 tokens" and len(names) == 6
     assert all(c["genai"]["tokens_equal"] for c in draft["candidates"])
     speedups = {c["name"]: c["genai"]["speedup"] for c in draft["candidates"]}
     config = json.loads((out / "genai_config.json").read_text())

@@ -132,10 +132,19 @@ FASTEST_NGRAM = 3
 def candidate_blocks(layers: int) -> list[tuple[str, tuple[Any, ...]]]:
     """`draft as fast as possible`'s model candidates for a model of `layers` layers: int8 and
     int4 (layers, head, embedding), attention dropped in the least important fifth of the
-    layers by similarity with int4, and the least important eighth of the blocks dropped with
-    int8 (issue 27's measured kinds of draft, and their combinations)."""
-    from surgery.front.selectors import ImportanceRank, ImportanceSelector, ImportanceSource
+    layers by similarity with int4, the least important eighth of the blocks dropped with int8,
+    and an early exit (the last quarter of the blocks dropped, the middle layer fused into the
+    head) with int8: issue 27's measured kinds of draft, and their combinations."""
+    from surgery.front.selectors import (
+        ImportanceRank,
+        ImportanceSelector,
+        ImportanceSource,
+        LayerIndex,
+        LayerList,
+        LayerRange,
+    )
     from surgery.front.statements.drop import DropStmt
+    from surgery.front.statements.fuse import FuseStmt
     from surgery.front.statements.quantize.syntax import QuantizeStmt
 
     def everything(bits: int) -> tuple[Any, ...]:
@@ -149,12 +158,22 @@ def candidate_blocks(layers: int) -> list[tuple[str, tuple[Any, ...]]]:
         return f"{count} layer{'s' if count > 1 else ''}"
 
     fifth, eighth = max(1, layers // 5), max(1, layers // 8)
-    return [
+    candidates = [
         ("int8 layers, head and embedding", everything(8)),
         ("int4 layers, head and embedding", everything(4)),
         (f"attention dropped in {plural(fifth)} by similarity, int4", (least("attention", fifth), *everything(4))),
         (f"{plural(eighth)} dropped by similarity, int8", (least("block", eighth), *everything(8))),
     ]
+    # An early exit: the last quarter of the blocks dropped, the middle layer fused into the head.
+    first, middle = layers - max(1, layers // 4), layers // 2
+    if 0 < middle < first - 1:
+        dropped = LayerList((LayerRange(LayerIndex(first), LayerIndex(layers - 1)),))
+        exit_blocks = DropStmt(part="block", selector=dropped)
+        fused = FuseStmt(mode="static", layer=LayerIndex(middle))
+        blocks = f"block {first}" if first == layers - 1 else f"blocks {first}..{layers - 1}"
+        candidates.append((f"{blocks} dropped, layer {middle} fused into the head, int8",
+                           (exit_blocks, fused, *everything(8))))  # fmt: skip
+    return candidates
 
 
 def _within(span: Span | None, outer: Span) -> bool:
