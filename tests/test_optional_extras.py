@@ -1,6 +1,6 @@
-"""Optional extras (`plot`, `ray`): without the package, a message naming the extra, never a traceback.
+"""Optional extras (`plot`, `ray`, `genai`): without the package, a message naming the extra, never a traceback.
 
-The test extra installs both, so their absence is simulated: a `None` entry in `sys.modules`
+The test extra installs them, so their absence is simulated: a `None` entry in `sys.modules`
 makes `import x` raise ImportError, as on a machine without the package.
 """
 
@@ -66,3 +66,16 @@ def test_a_search_without_matplotlib_says_on_the_console_that_its_plot_is_missin
     assert result.code == 0, result.err
     assert "search.png not drawn: matplotlib is not installed (pip install 'surgery[plot]')" in result.err
     assert not (tmp_path / "out" / "search.png").exists()
+
+
+def test_a_draft_without_onnxruntime_genai_is_built_and_says_it_was_not_checked(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)
+    recipe = tmp_path / "r.surg"
+    recipe.write_text('model "tiny-llama"\ndraft ngram 3\n')
+    result = run_cli("apply", str(recipe), "-o", str(tmp_path / "out"))
+    assert result.code == 0, result.err
+    draft = json.loads((tmp_path / "out" / "surgery.json").read_text())["draft"]
+    assert draft["passed"] is None and "surgery[genai]" in draft["genai"]
+    assert "surgery[genai]" in result.out and "Traceback" not in result.err

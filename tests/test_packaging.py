@@ -20,7 +20,7 @@ from conftest import REPO
 
 PACKAGE_FOLDERS = ("surgery", "passes", "grammar")
 # Extras whose imports are guarded where they are used (a message names the extra).
-GUARDED_EXTRAS = {"matplotlib": "plot", "ray": "ray"}
+GUARDED_EXTRAS = {"matplotlib": "plot", "ray": "ray", "onnxruntime_genai": "genai"}
 
 
 def _imported_names() -> dict[str, str]:

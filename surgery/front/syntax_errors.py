@@ -23,6 +23,7 @@ _TERMINAL_WORDS = {
     "STRING": 'a quoted string like "smollm2-135m"',
     "FORMAT": "onnx",
     "KV_CACHE": "kv-cache",
+    "CUDA_GRAPHS": "cuda-graphs",
     "POSITION_IDS": "position-ids",
     "PERCENT": "a percentage like 25%",
     "METRIC_NAME": "a metric (similarity, lim, zd)",
