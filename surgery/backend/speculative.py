@@ -28,7 +28,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from surgery.diagnostics import HintedError
 from surgery.progress import advance
+
+
+class GenaiUnavailable(HintedError):
+    """onnxruntime-genai is not installed: the hint names the extra that brings it."""
+
 
 _COPY_BYTES = 64 << 20  # tensors are compared and copied this much at a time
 _ALIGN = 64
@@ -202,11 +208,14 @@ def genai_speculation(folder: Path, scratch: Path, prompts: tuple[str, ...], new
     the target alone, interleaved round by round (each round opens one, generates from every
     prompt, and releases it before the other opens: the target is never held twice): whether
     the tokens are equal, the acceptance rate (drafted tokens accepted over drafted tokens
-    checked) and tokens per second (the median round of each). Raises ImportError without
-    onnxruntime-genai."""
+    checked) and tokens per second (the median round of each). Raises GenaiUnavailable
+    without onnxruntime-genai."""
     import gc
 
-    import onnxruntime_genai as og
+    try:
+        import onnxruntime_genai as og
+    except ImportError as error:
+        raise GenaiUnavailable("onnxruntime-genai is not installed", "pip install 'surgery[genai]'") from error
 
     folders = {"target": _alone(folder, scratch), "with_draft": folder}
     times = {name: [[] for _ in prompts] for name in folders}

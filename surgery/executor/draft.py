@@ -137,13 +137,13 @@ def _measure(run: Run, folder: Path, section: dict, rounds: int = 3) -> bool:
     draft changes the tokens (it is then taken out of genai_config.json) or genai is missing."""
     run.progress(f"checking speculation in onnxruntime-genai: {len(PROMPTS)} prompts, {NEW_TOKENS} greedy tokens, "
                  "with and without the draft")  # fmt: skip
-    try:
-        from surgery.backend.speculative import genai_speculation
+    from surgery.backend.speculative import GenaiUnavailable, genai_speculation
 
+    try:
         measured = genai_speculation(folder, Path(run.folder.scratch()), PROMPTS, NEW_TOKENS, rounds)
-    except ImportError:
-        section.update(passed=None, genai="not measured: onnxruntime-genai is not installed (pip install "
-                                          "'surgery[genai]'); the draft is wired in but unchecked")  # fmt: skip
+    except GenaiUnavailable as missing:
+        section.update(passed=None, genai=f"not measured: {missing} ({missing.hint}); the draft is wired in but "
+                                          "unchecked")  # fmt: skip
         return False
     section["genai"] = measured
     if not measured["tokens_equal"]:
