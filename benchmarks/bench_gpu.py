@@ -191,19 +191,17 @@ def build(work: Path, smollm2: str | None, gemma: str | None = None, llama: bool
 
 def graph_view(folder: Path, graphs: bool) -> Path:
     """A view of an output folder (links to its files) whose genai_config.json turns CUDA graphs on or off."""
-    view = folder.parent / f"{folder.name}-{'graphs' if graphs else 'no-graphs'}"
-    view.mkdir(exist_ok=True)
-    for entry in folder.iterdir():
-        if entry.name != "genai_config.json" and not (view / entry.name).exists():
-            os.symlink(entry, view / entry.name)
-    config = json.loads((folder / "genai_config.json").read_text())
-    for provider in config["model"]["decoder"]["session_options"]["provider_options"]:
-        if "cuda" in provider:
-            provider["cuda"].pop("enable_cuda_graph", None)
-            if graphs:
-                provider["cuda"]["enable_cuda_graph"] = "1"
-    (view / "genai_config.json").write_text(json.dumps(config, indent=4))
-    return view
+    sys.path.insert(0, str(REPO))
+    from surgery.backend.speculative import config_view
+
+    def switch(config: dict) -> None:
+        for provider in config["model"]["decoder"]["session_options"]["provider_options"]:
+            if "cuda" in provider:
+                provider["cuda"].pop("enable_cuda_graph", None)
+                if graphs:
+                    provider["cuda"]["enable_cuda_graph"] = "1"
+
+    return config_view(folder, folder.parent / f"{folder.name}-{'graphs' if graphs else 'no-graphs'}", switch)
 
 
 def genai_timing(folder: str, prompt: np.ndarray, steps: int, mean: bool = False) -> tuple[float, float, list[int]]:

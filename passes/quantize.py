@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from surgery.analysis.quantization import producers_of, stored_tensor
 from surgery.formats.weights import WeightFormat
 from surgery.passes.base import OnnxPass, PassResult
 
@@ -119,7 +120,7 @@ class Quantize(OnnxPass):
         nodes = {node.name: node for node in model.graph.node}
         expected = {stored.node_name(name): stored for name, stored in self.assignment}
         initializers = {init.name: init for init in model.graph.initializer}
-        producers = {output: node for node in model.graph.node for output in node.output}
+        producers = producers_of(model.graph)
         problems = []
         for name, stored in expected.items():
             node = nodes.get(name)
@@ -129,10 +130,8 @@ class Quantize(OnnxPass):
             attributes = {a.name: a.i for a in node.attribute}
             if {key: attributes.get(key) for key in stored.node_attributes()} != stored.node_attributes():
                 problems.append(f"{name} has bits {attributes.get('bits')} block {attributes.get('block_size')}")
-            scales = node.input[2]
-            cast = producers.get(scales)
-            source = cast.input[0] if cast is not None and cast.op_type == "Cast" else scales
-            if stored.half_scales and getattr(initializers.get(source), "data_type", None) != onnx.TensorProto.FLOAT16:
+            source = initializers.get(stored_tensor(node.input[2], producers))
+            if stored.half_scales and getattr(source, "data_type", None) != onnx.TensorProto.FLOAT16:
                 problems.append(f"{name}: its scales are not stored in fp16")
         extra = [n for n, node in nodes.items() if node.op_type == "MatMulNBits" and n not in expected]
         problems += [f"{name} was quantized but not selected" for name in extra]

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from surgery.analysis.quantization import producers_of, read_through_cast
 from surgery.formats.weights import EMBEDDING_GATHER, WeightFormat, lookup_shapes
 from surgery.passes.base import OnnxPass, PassResult
 from surgery.passes.quantize import FLOAT_TYPES
@@ -72,7 +73,7 @@ class QuantizeEmbedding(OnnxPass):
             return None
         a = _attributes(head)
         has_zero_points = len(head.input) > 3 and head.input[3] != ""
-        half = any(n.op_type == "Cast" and head.input[2] in n.output for n in model.graph.node)
+        half = read_through_cast(head.input[2], producers_of(model.graph))
         if WeightFormat.of_node(a, has_zero_points, half) != self.stored or (a.get("K"), a.get("N")) != (hidden, rows):
             return None
         return list(head.input[1 : 4 if has_zero_points else 3])

@@ -47,6 +47,16 @@ def stored_tensor(name: str, producers: dict[str, onnx.NodeProto]) -> str:
     return name
 
 
+def read_through_cast(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
+    """Whether input `name` reaches its initializer through a Cast: scales stored in fp16 in an
+    export of another element type (`WeightFormat.half_scales`)."""
+    while name in producers and producers[name].op_type in ("Cast", "Reshape"):
+        if producers[name].op_type == "Cast":
+            return True
+        name = producers[name].input[0]
+    return False
+
+
 def dequantize(node: onnx.NodeProto, initializers: dict[str, np.ndarray],
                producers: dict[str, onnx.NodeProto] | None = None) -> np.ndarray:  # fmt: skip
     """The (K, N) float weight a MatMulNBits node computes with (`producers`: the graph's, when
@@ -65,6 +75,13 @@ class BlockQuantized:
     packed: np.ndarray
     scales: np.ndarray
     zero_points: np.ndarray | None
+
+    def as_rows(self) -> BlockQuantized:
+        """The same blocks in GatherBlockQuantized's layout for a table (row r quantized as column
+        r of a MatMulNBits weight): packed weights and zero points flattened per row."""
+        rows = self.packed.shape[0]
+        zero_points = None if self.zero_points is None else self.zero_points.reshape(rows, -1)
+        return BlockQuantized(self.packed.reshape(rows, -1), self.scales, zero_points)
 
     def dequantize(self, k: int, bits: int, block: int) -> np.ndarray:
         """The (K, N) float32 weight these blocks stand for."""
@@ -139,16 +156,6 @@ def quantize_blocks(weight: np.ndarray, bits: int, block: int, symmetric: bool) 
     kernel = quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
     kernel(packed, weight, scales, zero_points, block, cols, rows, symmetric)
     return BlockQuantized(packed, scales, None if symmetric else zero_points)
-
-
-def quantize_table(table: np.ndarray, bits: int, block: int, symmetric: bool):
-    """(packed [rows, blocks * block * bits / 8] uint8, scales [rows, blocks], zero points or None):
-    an embedding table in GatherBlockQuantized's layout, which is MatMulNBits' layout of the
-    table's transpose (row r quantized as column r), flattened per row."""
-    rows = table.shape[0]
-    blocks = quantize_blocks(table.T, bits, block, symmetric)
-    zero_points = None if blocks.zero_points is None else blocks.zero_points.reshape(rows, -1)
-    return blocks.packed.reshape(rows, -1), blocks.scales, zero_points
 
 
 @dataclass(frozen=True)

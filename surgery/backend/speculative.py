@@ -172,19 +172,23 @@ def best_draft_tokens(acceptance: float, cost: float, most: int = 16) -> int:
     return max(range(1, most + 1), key=lambda k: expected_speedup(acceptance, cost, k))
 
 
-def _alone(folder: Path, scratch: Path) -> Path:
-    """A view of `folder` whose genai_config.json has no draft: the target alone."""
-    view = scratch / "target-alone"
+def config_view(folder: Path, view: Path, edit) -> Path:
+    """`view`: links to every file of the output `folder` but genai_config.json, which is
+    `edit(config)` of the folder's: the same model run by onnxruntime-genai another way."""
     shutil.rmtree(view, ignore_errors=True)
     view.mkdir(parents=True)
     for entry in os.listdir(folder):
         if entry != "genai_config.json":
-            os.symlink(folder / entry, view / entry)
-    config = json.loads((folder / "genai_config.json").read_text())
-    config["model"].pop("draft", None)
-    config.pop("speculative", None)
+            os.symlink(Path(folder) / entry, view / entry)
+    config = json.loads((Path(folder) / "genai_config.json").read_text())
+    edit(config)
     (view / "genai_config.json").write_text(json.dumps(config, indent=4))
     return view
+
+
+def _without_draft(config: dict) -> None:
+    config["model"].pop("draft", None)
+    config.pop("speculative", None)
 
 
 def _generate(og, model, tokenizer, prompt: str, new_tokens: int) -> tuple[list[int], float, dict]:
@@ -217,7 +221,7 @@ def genai_speculation(folder: Path, scratch: Path, prompts: tuple[str, ...], new
     except ImportError as error:
         raise GenaiUnavailable("onnxruntime-genai is not installed", "pip install 'surgery[genai]'") from error
 
-    folders = {"target": _alone(folder, scratch), "with_draft": folder}
+    folders = {"target": config_view(folder, scratch / "target-alone", _without_draft), "with_draft": folder}
     times = {name: [[] for _ in prompts] for name in folders}
     tokens: dict[str, list[list[int]]] = {}
     stats: list[dict] = [{} for _ in prompts]
@@ -262,12 +266,17 @@ def genai_speculation(folder: Path, scratch: Path, prompts: tuple[str, ...], new
 
 
 def _trimmed(present: list, length: int) -> list:
-    """The KV cache cut back to its first `length` positions (the drafts that were rejected go)."""
+    """The KV cache cut back to its first `length` positions (the drafts that were rejected go);
+    as it is when nothing was rejected (no copy of the cache on the rounds that accept all)."""
     import onnxruntime as ort
 
     cut = []
     for value in present:
-        array = value.numpy() if isinstance(value, ort.OrtValue) else value
+        is_ort = isinstance(value, ort.OrtValue)
+        if (value.shape() if is_ort else value.shape)[2] == length:
+            cut.append(value)
+            continue
+        array = value.numpy() if is_ort else value
         cut.append(np.ascontiguousarray(array[:, :, :length]))
     return cut
 

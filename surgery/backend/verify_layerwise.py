@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 import torch
 
-from surgery.analysis.quantization import BlockQuantized, producers_of, stored_tensor
+from surgery.analysis.quantization import BlockQuantized, producers_of, read_through_cast, stored_tensor
 from surgery.backend.runtime import OnnxCausalLM, StepOutput
 from surgery.backend.verify import PROMPTS, OnnxRun, ReferenceTrace, onnx_steps, prompt_batch
 from surgery.formats.names import linear_layer, linear_of_packed_weight
@@ -175,7 +175,8 @@ class WrittenBlocks:
         attributes = {a.name: a.i for a in node.attribute}
         packed, scales = self._array(names[0]), self._array(names[1])
         rows = packed.shape[0]
-        stored = WeightFormat.of_node(attributes, len(names) > 2 and bool(names[2]), self._half(node.input[2]))
+        half = read_through_cast(node.input[2], self.producers)
+        stored = WeightFormat.of_node(attributes, len(names) > 2 and bool(names[2]), half)
         zero_points = self._array(names[2]).reshape(rows, -1) if stored.symmetric is False else None
         hidden = packed.size * 8 // stored.bits // rows
         blocks = BlockQuantized(packed.reshape(rows, hidden // stored.block, -1), scales.reshape(rows, -1), zero_points)
@@ -188,16 +189,10 @@ class WrittenBlocks:
         names = [stored_tensor(name, self.producers) if name else name for name in node.input]
         zero_points = self._array(names[3]) if len(names) > 3 and names[3] else None
         blocks = BlockQuantized(self._array(names[1]), self._array(names[2]), zero_points)
-        half = self._half(node.input[2])
+        half = read_through_cast(node.input[2], self.producers)
         return blocks, attributes["K"], WeightFormat.of_node(attributes, zero_points is not None, half)
 
-    def _half(self, scales: str) -> bool:
-        """Whether the input `scales` reads fp16 scales through a Cast to another element type."""
-        while scales in self.producers and self.producers[scales].op_type in ("Cast", "Reshape"):
-            if self.producers[scales].op_type == "Cast":
-                return True
-            scales = self.producers[scales].input[0]
-        return False
+
 
 
 def written_weights(graph: DecoderGraph, model_path: str) -> Variant:

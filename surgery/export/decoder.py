@@ -158,10 +158,8 @@ class _Emitter:
             blocks = self.blocks("lm_head", table)
             tensors = self.written["lm_head"] = stored.write_blocks(self.w, "lm_head.weight", blocks, self.onnx_type)
         else:
-            blocks = stored.quantize(table)
-            scales = blocks.scales.astype(stored.scale_dtype(self.dtype), copy=False)
-            blocks = replace(blocks, packed=blocks.packed.reshape(rows, -1), scales=scales,
-                             zero_points=None if blocks.zero_points is None else blocks.zero_points.reshape(rows, -1))
+            blocks = stored.quantize(table).as_rows()
+            blocks = replace(blocks, scales=blocks.scales.astype(stored.scale_dtype(self.dtype), copy=False))
             tensors = stored.write_blocks(self.w, "model.embed_tokens.weight", blocks, self.onnx_type)  # fmt: skip
         self.w.parameter_count += rows * hidden  # the float parameters these blocks stand for
         return stored.emit_lookup(self.w, tensors, ids, rows, hidden, views=shares)

@@ -127,18 +127,12 @@ class WeightFormat:
 
     def quantize_table(self, table) -> tuple[Any, Any, Any]:
         """An embedding table (rows, hidden) in GatherBlockQuantized's layout: (packed [rows,
-        blocks * block * bits / 8] uint8, scales [rows, blocks], zero points or None). Row r is
-        quantized as column r of a MatMulNBits weight, as `quantize` rounds it."""
-        if self.half_scales:
-            import torch
+        blocks * block * bits / 8] uint8, scales [rows, blocks], zero points or None), rounded as
+        `quantize` rounds row r as column r of a MatMulNBits weight."""
+        import torch
 
-            rows = table.shape[0]
-            blocks = self.quantize(torch.from_numpy(np.asarray(table, np.float32)))
-            zero_points = None if blocks.zero_points is None else blocks.zero_points.reshape(rows, -1)
-            return blocks.packed.reshape(rows, -1), blocks.scales, zero_points
-        from surgery.analysis.quantization import quantize_table
-
-        return quantize_table(table, self.bits, self.block, self.symmetric)
+        blocks = self.quantize(torch.from_numpy(np.asarray(table, np.float32))).as_rows()
+        return blocks.packed, blocks.scales, blocks.zero_points
 
     def dequantize_rows(self, blocks, k: int, start: int, stop: int, device=None) -> Any:
         """Rows start..stop of the (N, K) float32 weight `blocks` stand for, as a torch tensor
