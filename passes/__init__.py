@@ -14,14 +14,18 @@ from surgery.passes.merge_experts import MergeExperts
 from surgery.passes.prune_experts import PruneExperts
 from surgery.passes.quantize import Quantize
 from surgery.passes.quantize_embedding import QuantizeEmbedding
+from surgery.passes.quantize_kv_cache import QuantizeKVCache
 from surgery.passes.split_mlp import SplitMlp
 
 PASSES: dict[str, type[GraphPass]] = {
     cls.name: cls for cls in (DropAttention, DropMlp, DropBlock, SplitMlp, PruneExperts, Fuse)
 }
+# Built by its step with the scales it calibrated (surgery/front/statements/kv_cache.py), not from the step alone.
+CALIBRATED_PASSES: dict[str, type[GraphPass]] = {QuantizeKVCache.name: QuantizeKVCache}
 ONNX_PASSES: dict[str, type[OnnxPass]] = {cls.name: cls for cls in (Quantize, QuantizeEmbedding)}
 
 __all__ = [
+    "CALIBRATED_PASSES",
     "ONNX_PASSES",
     "PASSES",
     "DropAttention",
@@ -36,6 +40,7 @@ __all__ = [
     "PruneExperts",
     "Quantize",
     "QuantizeEmbedding",
+    "QuantizeKVCache",
     "SplitMlp",
     "run_pass",
 ]

@@ -28,6 +28,8 @@ def structure(graph: DecoderGraph) -> dict[str, Any]:
         "attention_layers": graph.kv_layers(),
         "mlp_layers": [layer.index for layer in graph.layers if layer.has_mlp],
         "parameters": graph.parameter_count(),
+        # per layer with a cache: (key/value heads, head size, its quantized format or None)
+        "kv_layout": {str(index): _kv_layout(graph.layer(index).attention) for index in graph.kv_layers()},
     }
     if any(experts.values()):
         found["experts_per_layer"] = {layer: count for layer, count in experts.items() if count}
@@ -37,6 +39,11 @@ def structure(graph: DecoderGraph) -> dict[str, Any]:
         )  # fmt: skip
         found["expert_bytes_fp32"] = found["expert_parameters"] * 4  # experts are exported in fp32
     return found
+
+
+def _kv_layout(attention) -> list:
+    quant = attention.kv_quant
+    return [attention.num_kv_heads, attention.head_dim, quant.format.to_json() if quant is not None else None]
 
 
 def pass_record(graph_pass: GraphPass, result: PassResult, source: Span | None) -> dict[str, Any]:
@@ -88,6 +95,7 @@ def build_report(
             "enabled": plan.export.kv_cache,
             "slots": {str(slot): layer for slot, layer in enumerate(export.kv_layers)} if plan.export.kv_cache else {},
             "removed_layers": dropped_kv,
+            **_cache_figures(plan, before, after, export),
         },
         "passes": passes,
         "export": {
@@ -102,6 +110,23 @@ def build_report(
         **(sections or {}),
         "timings_s": {name: round(seconds, 3) for name, seconds in timings.items()},
         "warnings": [d.render() for d in warnings],
+    }
+
+
+def _cache_figures(plan: Plan, before: dict, after: dict, export: ExportResult) -> dict[str, Any]:
+    """KV bytes per token before and after (in the export's element type where not quantized),
+    and the longest context whose cache fits in 1, 4 and 16 GB."""
+    if not plan.export.kv_cache:
+        return {}
+    from surgery.formats.kv_cache import cache_budget
+
+    itemsize = plan.export.element.itemsize
+    original = {layer: (heads, size, None) for layer, (heads, size, _) in before["kv_layout"].items()}
+    return {
+        "element": plan.export.precision,
+        "before": cache_budget(original, itemsize, export.context_length),
+        "after": cache_budget(after["kv_layout"], itemsize, export.context_length),
+        "formats": {layer: stored for layer, (_, _, stored) in after["kv_layout"].items() if stored is not None},
     }
 
 

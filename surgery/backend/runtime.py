@@ -116,20 +116,17 @@ class OnnxCausalLM:
             folder = os.path.dirname(model_path)
             self.kv_dims = [_kv_dims(inputs[name].shape, folder) for name in self.past_names]
             self.kv_heads, self.head_dim = self.kv_dims[0]
-            self.kv_type = inputs[self.past_names[0]].type  # tensor(float), tensor(float16), tensor(bfloat16)
+            # tensor(float), tensor(float16), tensor(bfloat16); a quantized cache's layers
+            # (`quantize kv-cache`) hold tensor(int8) or tensor(uint8) codes.
+            self.kv_types = [inputs[name].type for name in self.past_names]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def empty_cache(self, batch: int) -> list[np.ndarray]:
+    def empty_cache(self, batch: int) -> list:
         """Zero-length past keys/values for a first (prefill) step."""
         if not self.uses_cache:
             return []
-        if self.kv_type == "tensor(bfloat16)":  # numpy has no bfloat16: an empty onnxruntime tensor
-            return [
-                ort.OrtValue.ortvalue_from_shape_and_type([batch, heads, 0, size], _BFLOAT16)
-                for heads, size in self.kv_dims
-            ]
-        dtype = from_ort_type(self.kv_type).numpy_dtype()
-        return [np.zeros((batch, heads, 0, size), dtype) for heads, size in self.kv_dims]
+        return [_empty_past(kind, batch, heads, size) for (heads, size), kind in zip(self.kv_dims, self.kv_types,
+                                                                                     strict=True)]  # fmt: skip
 
     def step(
         self,
@@ -192,6 +189,17 @@ class OnnxCausalLM:
                 ids = np.concatenate([ids, [[token]]], axis=1)
                 positions = np.arange(ids.shape[1])[None]
         return new_tokens
+
+
+_CACHE_CODES = {"tensor(int8)": np.int8, "tensor(uint8)": np.uint8}  # a quantized KV cache's codes
+
+
+def _empty_past(kind: str, batch: int, heads: int, size: int):
+    """One zero-length past tensor of onnxruntime type `kind`."""
+    if kind == "tensor(bfloat16)":  # numpy has no bfloat16: an empty onnxruntime tensor
+        return ort.OrtValue.ortvalue_from_shape_and_type([batch, heads, 0, size], _BFLOAT16)
+    dtype = _CACHE_CODES[kind] if kind in _CACHE_CODES else from_ort_type(kind).numpy_dtype()
+    return np.zeros((batch, heads, 0, size), dtype)
 
 
 def _has_quantized_matmul(model_path: str) -> bool:

@@ -115,6 +115,9 @@ def run_apply(args) -> int:
         f"{len(after['attention_layers'])}, parameters {before['parameters']:,} -> {after['parameters']:,}, "
         f"{after['bytes'] / 1e6:.1f} MB"
     )
+    cache = _cache_line(report["kv_cache"])
+    if cache:
+        print(cache)
     quality = _quality_line(report, result.verification)
     if quality:
         print(quality)
@@ -233,6 +236,20 @@ def _draft_line(draft: dict) -> str:
     elif genai:
         what += f"; {genai}"
     return f"  draft: {what}"
+
+
+def _cache_line(cache: dict) -> str | None:
+    """The KV cache's bytes per token before and after, and the context that fits 4 GB of it."""
+    if "after" not in cache:
+        return None
+    before, after = cache["before"], cache["after"]
+    if before["bytes_per_token"] == after["bytes_per_token"]:
+        return None
+    quantized = len(cache["formats"])
+    formats = f", {quantized} layer(s) quantized" if quantized else ""
+    return (f"  KV cache: {before['bytes_per_token']:,} -> {after['bytes_per_token']:,} bytes per token "
+            f"({cache['element']}{formats}); context in 4 GB: {before['longest_context_in']['4 GB']:,} -> "
+            f"{after['longest_context_in']['4 GB']:,} tokens")  # fmt: skip
 
 
 def _quality_line(report: dict, verification) -> str | None:

@@ -14,13 +14,18 @@ import os
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from surgery.export.options import verification_pads_prompts
+from surgery.export.options import plan_quantizes_cache, verification_pads_prompts
 from surgery.formats.precision import FP32
 from surgery.formats.precision import precision as precision_record
 from surgery.progress import counted
 
 if TYPE_CHECKING:
     from surgery.executor.run import Run
+
+
+def _padded(run: Run) -> bool:
+    """Whether verification left-pads its prompts (surgery.export.options.verification_pads_prompts)."""
+    return verification_pads_prompts(run.plan.export.target, plan_quantizes_cache(run.plan.steps))
 
 
 def start_reference_trace(run: Run, decode_steps: int) -> None:
@@ -30,7 +35,7 @@ def start_reference_trace(run: Run, decode_steps: int) -> None:
     from surgery.backend.verify import trace_reference
 
     export = run.plan.export
-    padded = verification_pads_prompts(export.target)
+    padded = _padded(run)
     graph, tokenizer = run.graph, run.tokenizer
     run.trace = run.background(lambda: trace_reference(graph, tokenizer, export.kv_cache, decode_steps, padded=padded))
 
@@ -62,7 +67,7 @@ def _verify_whole(run: Run, decode_steps: int) -> None:
         run.progress(f"tracing PyTorch in {precision}")
         fp32_trace = trace
         run.graph.to_dtype(precision_record(precision).torch_dtype())
-        padded = verification_pads_prompts(export.target)
+        padded = _padded(run)
         trace = run.trace = trace_reference(run.graph, run.tokenizer, export.kv_cache, decode_steps, padded=padded)
     quantized = bool(run.plan.quantization())
     run.progress("verifying against PyTorch (prefill + decode)" + (" before quantization" if quantized else ""))
@@ -92,7 +97,7 @@ def _verify_layerwise(run: Run, decode_steps: int):
     tolerance = precision_record(FP32.name).tolerance
     model = os.path.join(folder, "model.onnx")
     layerwise = {"reference": "teacher-forced, layer by layer"}
-    padded = verification_pads_prompts(options.target)
+    padded = _padded(run)
 
     def traces(runs):
         return teacher_forced_traces(graph, run.tokenizer, runs, decode_steps, options.kv_cache, padded,

@@ -239,14 +239,23 @@ class _Emitter:
         if not self.options.kv_cache:
             return
         nodes = [self.graph.layer(i).attention for i in self.kv_layers]
-        for slot, node in enumerate(nodes):  # head counts and sizes are per layer
+        # Head counts and sizes are per layer, and so is a quantized cache's type and packing.
+        stored = [self._cache_type(node) for node in nodes]
+        for slot, (node, (element, size)) in enumerate(zip(nodes, stored, strict=True)):
             for kind in ("key", "value"):
-                shape = ["batch_size", node.num_kv_heads, "past_sequence_length", node.head_dim]
-                w.add_input(f"past_key_values.{slot}.{kind}", self.onnx_type, shape)
-        for slot, node in enumerate(nodes):
+                shape = ["batch_size", node.num_kv_heads, "past_sequence_length", size]
+                w.add_input(f"past_key_values.{slot}.{kind}", element, shape)
+        for slot, (node, (element, size)) in enumerate(zip(nodes, stored, strict=True)):
             for kind in ("key", "value"):
-                shape = ["batch_size", node.num_kv_heads, "total_sequence_length", node.head_dim]
-                w.add_output(f"present.{slot}.{kind}", self.onnx_type, shape)
+                shape = ["batch_size", node.num_kv_heads, "total_sequence_length", size]
+                w.add_output(f"present.{slot}.{kind}", element, shape)
+
+    def _cache_type(self, node) -> tuple[int, int]:
+        """(element type, last dimension) of one layer's past and present tensors."""
+        if node.kv_quant is None:
+            return self.onnx_type, node.head_dim
+        cache = node.kv_quant.format
+        return cache.onnx_type, cache.stored_head_dim(node.head_dim)
 
     def attention_context(self) -> None:
         """seqlens_k, total_sequence_length and the padding bias shared by every attention.

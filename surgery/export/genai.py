@@ -110,6 +110,10 @@ def genai_config(
     layout = kv_layout(graph)
     if layout is None:
         raise ValueError("the KV slots differ in head counts or sizes: genai's default KV cache needs one shape")
+    formats = {_cache_format(graph.layer(index).attention) for index in graph.kv_layers()}
+    if len(formats) > 1:
+        raise ValueError("the layers' KV caches differ in width (" + ", ".join(sorted(formats)) + "): genai's "
+                         "default KV cache holds one element type; `surgery run` and onnxruntime run it")  # fmt: skip
     config = graph.model.config
     generation = getattr(graph.model, "generation_config", None)
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
@@ -160,6 +164,11 @@ def genai_config(
         },
         "search": search,
     }
+
+
+def _cache_format(node) -> str:
+    """One layer's cache as genai must allocate it: the element type, or a quantized format."""
+    return node.kv_quant.format.name if node.kv_quant is not None else "float"
 
 
 def write_genai_config(folder: str, content: dict) -> str:

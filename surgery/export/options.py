@@ -12,13 +12,21 @@ SUPPORTED_OPSETS = range(17, 24)
 TARGETS = ("cpu", "cuda")
 
 
-def verification_pads_prompts(target: str) -> bool:
+def verification_pads_prompts(target: str, quantized_cache: bool = False) -> bool:
     """Whether verification left-pads its prompts for an export of `target`.
 
     The CUDA form has no padding bias (onnxruntime's CUDA attention takes right padding only),
-    so its verification cuts the prompts to one length instead.
+    so its verification cuts the prompts to one length instead. So does a quantized KV cache:
+    it rounds keys after RoPE, and GroupQueryAttention rotates a left-padded row by its padded
+    index where PyTorch counts real tokens, which moves the rounding grid (equal in attention
+    without rounding: RoPE is relative).
     """
-    return target != "cuda"
+    return target != "cuda" and not quantized_cache
+
+
+def plan_quantizes_cache(steps) -> bool:
+    """Whether a plan's steps quantize any layer's KV cache."""
+    return any(step.action == "quantize kv-cache" and step.layers for step in steps)
 
 
 @dataclass(frozen=True)

@@ -182,13 +182,16 @@ def check(recipe: Recipe, model_override: str | None = None) -> CheckedRecipe:
     gptq = any(item.gptq for item in checked.of("quantize"))
     # a draft's acceptance is predicted on the calibration text (and its candidates may rank by it)
     drafts = bool(checked.of("draft"))
-    uses_data = any(METRICS[m].needs_data for m in checked.metrics_to_compute()) or prunes or merges or gptq or drafts
+    kv_cache = bool(checked.of("kv_cache"))  # its scales are calibrated on the calibration text
+    uses_data = (any(METRICS[m].needs_data for m in checked.metrics_to_compute()) or prunes or merges or gptq
+                 or drafts or kv_cache)  # fmt: skip
     clean = not any(d.severity == "error" for d in checker.diagnostics)  # else selectors may be missing
     if calibration_span is not None and not uses_data and clean:
         checker.warning(
             "calibration is not used: no selector ranks by a metric computed from data",
             calibration_span,
-            "similarity, lim, iks (fuse layer auto), prune and merge experts, `gptq` and `draft` use it; zd "
+            "similarity, lim, iks (fuse layer auto), prune and merge experts, `gptq`, `draft` and `quantize "
+            "kv-cache` use it; zd "
             "and importance files do not",
         )
     if uses_data and clean:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
-from surgery.export.options import verification_pads_prompts
+from surgery.export.options import plan_quantizes_cache, verification_pads_prompts
 from surgery.front.checked import CheckedRecipe
 from surgery.front.plan import Plan
 from surgery.front.plan_step import PlanStep, Run
@@ -165,7 +165,7 @@ def build_plan(checked: CheckedRecipe, verify: bool = True, computed: Importance
                     "decode_steps": VERIFY_DECODE_STEPS,
                     "tolerance": export.element.tolerance,
                     "precision": export.precision,
-                    "padded": verification_pads_prompts(export.target),
+                    "padded": verification_pads_prompts(export.target, plan_quantizes_cache(steps)),
                     # Streamed: onnxruntime's tokens fed to PyTorch layer by layer; quantized
                     # linears are checked exactly, against PyTorch with the quantized weights.
                     "layerwise": layerwise,

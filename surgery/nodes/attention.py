@@ -5,6 +5,10 @@ products (optionally soft-capped), the additive mask and an fp32 softmax, as tra
 eager attention computes them. ONNX: one packed QKV MatMul feeding onnxruntime's
 GroupQueryAttention, which applies RoPE, appends the KV cache and attends with grouped heads
 (see surgery/export/decoder.py for the padding and position conventions).
+
+A layer whose cache is quantized (`kv_quant`, set by `quantize kv-cache`) reads its keys and
+values back rounded to its format's grid in PyTorch as GroupQueryAttention does in onnxruntime
+(surgery/formats/kv_cache.py), and emits an int8 or packed int4 cache with its scales.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from surgery.formats.kv_cache import KVQuantization
 from surgery.nodes.context import MS, EmitContext
 from surgery.nodes.linear import emit_linear
 from surgery.nodes.norm import RMSNorm
@@ -64,6 +69,10 @@ class Attention(torch.nn.Module):
         self.clip = clip
         self.sliding_window = sliding_window
         self.rope = rope  # which rotary table this layer reads
+        self.kv_quant: KVQuantization | None = None  # a quantized KV cache: its format and scales
+        # Called with (keys after RoPE, values, rotary dims) before they are cached: the KV cache
+        # calibration's statistics (surgery/analysis/kv_calibration.py).
+        self.observe = None
 
     def forward(self, x: torch.Tensor, cos_sin, mask: torch.Tensor, cache=None) -> torch.Tensor:
         """Attention output (batch, seq, hidden) of the normalized residual x.
@@ -84,6 +93,12 @@ class Attention(torch.nn.Module):
         cos, sin = cos_sin
         # Some families' tables stay fp32 (OLMo 2 rotates in fp32): back to the element type.
         q, k = apply_rotary(q, cos, sin).to(x.dtype), apply_rotary(k, cos, sin).to(x.dtype)
+        if self.observe is not None:
+            self.observe(k, v, cos.shape[-1])
+        if self.kv_quant is not None:  # what attention reads back from a quantized cache
+            quant = self.kv_quant
+            k = quant.format.fake_quantize(k, quant.k_scale.to(k.device))
+            v = quant.format.fake_quantize(v, quant.v_scale.to(v.device))
         if cache is not None:
             store, slot = cache
             k, v = store.append(slot, k, v)
@@ -139,6 +154,11 @@ class Attention(torch.nn.Module):
         rotary = ["", ""] if explicit else [cos, sin]
         inputs = [q, k, v, past_k, past_v, shared.seqlens_k, shared.total_len, *rotary, "", shared.bias]
         extra = {"softcap": float(self.softcap)} if self.softcap is not None else {}
+        if self.kv_quant is not None:
+            inputs += ["", *self._kv_scales(e, name)]  # head_sink, k_scale, v_scale
+            quant_type = self.kv_quant.format.quant_type
+            extra |= {"k_quant_type": quant_type, "v_quant_type": quant_type,
+                      "kv_cache_bit_width": self.kv_quant.format.bits}  # fmt: skip
         out = w.node(
             "GroupQueryAttention",
             inputs,
@@ -155,6 +175,12 @@ class Attention(torch.nn.Module):
             **extra,
         )[0]
         return emit_linear(e, self.o_proj, out, f"{name}.o_proj")
+
+    def _kv_scales(self, e: EmitContext, name: str) -> list[str]:
+        """The quantized cache's float32 scales, as initializers."""
+        quant = self.kv_quant
+        return [e.w.weight(f"{name}.{kind}", scale.detach().float().cpu().numpy(), parameter=False)
+                for kind, scale in (("k_scale", quant.k_scale), ("v_scale", quant.v_scale))]  # fmt: skip
 
     def _qk_norm(self, e: EmitContext, norm: RMSNorm, x: str, name: str) -> str:
         """RMSNorm of a (batch, seq, heads * head_dim) tensor: per head, or over the whole projection."""

@@ -16,6 +16,7 @@ from surgery.front.statements import (
     export,
     fuse,
     heads,
+    kv_cache,
     merge,
     prune,
     quantize,
@@ -26,9 +27,11 @@ from surgery.front.statements import (
 # calibrate first (the importance step reads it); the graph statements in the order their
 # passes run: drops, then split before prune and merge (they act on its experts), prune before
 # merge, then fuse (its layer must be kept); quantize plans on the layers that are left; the
-# draft last (its block is checked as a recipe of its own, with the export resolved).
-STATEMENTS: tuple[ModuleType, ...] = (calibrate, drop, heads, split, prune, merge, fuse, quantize, export, verify,
-                                      draft)  # fmt: skip
+# KV cache after the export (it needs one with a cache) and planned after every graph pass
+# that removes attention; the draft last (its block is checked as a recipe of its own, with
+# the export resolved).
+STATEMENTS: tuple[ModuleType, ...] = (calibrate, drop, heads, split, prune, merge, fuse, quantize, export, kv_cache,
+                                      verify, draft)  # fmt: skip
 
 
 def name(module: ModuleType) -> str:

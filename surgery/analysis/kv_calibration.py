@@ -1,0 +1,148 @@
+"""The KV cache's scales, calibrated on the recipe's calibration text, a layer at a time.
+
+The calibration tokens run through the model layer-major (as GPTQ's walk does): a layer is
+loaded, every batch passes through it with its attention observing the keys (after RoPE) and
+values it caches, and the layer is released. What is kept per quantized layer is small: the
+largest magnitude per channel, and a strided sample of tokens for the clipping search.
+
+Keys rotate with position: a channel pair (i, i + rotary/2) holds (a cos t - b sin t, b cos t +
+a sin t) at position t, so a channel reaches the pair's norm sqrt(a^2 + b^2) at some position
+even where the calibration text is short. A key channel's threshold is therefore the pair's
+norm, its envelope (as onnxruntime-genai's KV calibration does), and its clipping is searched
+on the values the pair takes over every angle. Values do not rotate: their threshold is their
+largest magnitude.
+
+int8 keeps the whole range (clipping gains nothing at 255 levels). int4 has 15: each channel's
+(or the tensor's) threshold is the fraction of the range with the least squared error over the
+sample, searched on a grid (`CLIP_FRACTIONS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from surgery.formats.kv_cache import KVCacheFormat, KVQuantization
+from surgery.ir.graph import DecoderGraph, ReferenceSequence
+from surgery.ir.inputs import calibration_batches, on_device
+from surgery.progress import counted
+
+BATCH_ROWS = 8  # calibration samples per forward batch
+SAMPLE_TOKENS = 2048  # tokens per layer kept for the clipping search
+CLIP_FRACTIONS = torch.linspace(0.3, 1.0, 29)
+ANGLES = 8  # angles per sampled key pair (the positions its values will be seen at)
+
+
+class _LayerStatistics:
+    """One layer's observed keys and values: per-channel maxima and a sample of tokens."""
+
+    def __init__(self, stride: int):
+        self.stride = stride
+        self.k_max: torch.Tensor | None = None  # (kv_heads, head_dim): envelope on rotated channels
+        self.v_max: torch.Tensor | None = None
+        self.k_sample: list[torch.Tensor] = []  # (tokens, kv_heads, head_dim) each
+        self.v_sample: list[torch.Tensor] = []
+
+    def __call__(self, k: torch.Tensor, v: torch.Tensor, rotary: int) -> None:
+        """Observe one batch's (batch, kv_heads, seq, head_dim) keys and values."""
+        k = k.detach().float().permute(0, 2, 1, 3).reshape(-1, k.shape[1], k.shape[3])
+        v = v.detach().float().permute(0, 2, 1, 3).reshape(-1, v.shape[1], v.shape[3])
+        envelope = _envelope(k, rotary)
+        k_max, v_max = envelope.amax(0), v.abs().amax(0)
+        self.k_max = k_max if self.k_max is None else torch.maximum(self.k_max, k_max)
+        self.v_max = v_max if self.v_max is None else torch.maximum(self.v_max, v_max)
+        self.k_sample.append(_rotated(k[:: self.stride], rotary).cpu())
+        self.v_sample.append(v[:: self.stride].cpu())
+
+    def quantization(self, fmt: KVCacheFormat) -> KVQuantization:
+        """The layer's scales in `fmt`."""
+        k_threshold = _threshold(self.k_max.cpu(), torch.cat(self.k_sample), fmt)
+        v_threshold = _threshold(self.v_max.cpu(), torch.cat(self.v_sample), fmt)
+        kv_heads, head_dim = self.k_max.shape
+        shape = fmt.scale_shape(kv_heads, head_dim)
+        return KVQuantization(fmt, fmt.scale_of(k_threshold).reshape(shape), fmt.scale_of(v_threshold).reshape(shape))
+
+
+def _envelope(k: torch.Tensor, rotary: int) -> torch.Tensor:
+    """|k| with each rotated channel replaced by its pair's norm (what it reaches at some position)."""
+    envelope = k.abs()
+    half = rotary // 2
+    if half:
+        norm = torch.sqrt(k[..., :half].square() + k[..., half:rotary].square())
+        envelope[..., :half] = norm
+        envelope[..., half:rotary] = norm
+    return envelope
+
+
+def _rotated(k: torch.Tensor, rotary: int) -> torch.Tensor:
+    """Sampled keys with each rotated pair turned through `ANGLES` fixed angles: the values its
+    channels take at other positions (tokens x ANGLES, kv_heads, head_dim)."""
+    half = rotary // 2
+    if not half:
+        return k
+    angles = torch.arange(ANGLES, dtype=torch.float32) * (2 * torch.pi / ANGLES) + 0.1
+    cos, sin = angles.cos()[:, None, None, None], angles.sin()[:, None, None, None]
+    a, b = k[None, ..., :half], k[None, ..., half:rotary]
+    turned = torch.cat([a * cos - b * sin, b * cos + a * sin, k[None, ..., rotary:].expand(ANGLES, -1, -1, -1)], -1)
+    return turned.reshape(-1, *k.shape[1:])
+
+
+def _threshold(maximum: torch.Tensor, sample: torch.Tensor, fmt: KVCacheFormat) -> torch.Tensor:
+    """The magnitude that maps to the largest code: per channel (kv_heads, head_dim), or one."""
+    if not fmt.per_channel:
+        maximum = maximum.amax().reshape(1)
+        sample = sample.reshape(-1, 1)
+    else:
+        sample = sample.reshape(sample.shape[0], -1)
+        maximum = maximum.reshape(-1)
+    if fmt.bits == 8:
+        return maximum
+    # int4: the clip with the least squared error, per channel, over the sample.
+    best, best_error = maximum.clone(), torch.full_like(maximum, float("inf"))
+    for fraction in CLIP_FRACTIONS.tolist():
+        threshold = (maximum * fraction).clamp_min(torch.finfo(torch.float32).tiny)
+        scale = fmt.scale_of(threshold)
+        error = (fmt.fake_quantize(sample, scale) - sample).square().mean(0)
+        better = error < best_error
+        best = torch.where(better, threshold, best)
+        best_error = torch.where(better, error, best_error)
+    return best
+
+
+@torch.no_grad()
+def kv_quantizations(
+    graph: DecoderGraph,
+    formats: dict[int, KVCacheFormat],
+    tokens: np.ndarray,
+    progress: Callable[[str], None] = lambda _: None,
+    device: str | None = None,
+) -> dict[int, KVQuantization]:
+    """Each layer of `formats` (original layer number -> its cache format) with scales calibrated
+    on `tokens` (samples, length): one forward walk, a layer at a time."""
+    runs = [ReferenceSequence(*(t.to(device) if device else t for t in batch))
+            for batch in calibration_batches(tokens, BATCH_ROWS)]  # fmt: skip
+    stride = max(1, tokens.size // SAMPLE_TOKENS)
+    with graph.materialized(graph.embedding, device=device):
+        hidden = [graph.embedding(run.input_ids) for run in runs]
+    statistics: dict[int, _LayerStatistics] = {}
+    last = max(formats)
+    rotary = [graph.rotary.module] if graph.rotary is not None else []
+    description = f"KV cache calibration: {len(formats)} layer(s), {tokens.size} tokens"
+    with counted(progress, description, sum(1 for layer in graph.layers if layer.index <= last), "layer"), \
+            on_device(rotary, device):  # fmt: skip
+        for layer in graph.each_layer_materialized():
+            if layer.index > last:
+                break  # the layers after the last quantized cache change nothing it sees
+            attention = layer.attention if layer.index in formats else None
+            if attention is not None:
+                attention.observe = statistics[layer.index] = _LayerStatistics(stride)
+            try:
+                with on_device(layer.modules(), device):
+                    for i, run in enumerate(runs):
+                        hidden[i], _ = run.through(layer, hidden[i], graph.rotary, None)
+            finally:
+                if attention is not None:
+                    attention.observe = None
+    return {index: statistics[index].quantization(fmt) for index, fmt in formats.items()}

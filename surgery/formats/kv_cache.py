@@ -1,0 +1,143 @@
+"""The KV cache's storage format: a record that owns every fact about a quantized cache.
+
+onnxruntime 1.32's GroupQueryAttention stores the cache quantized when its `past_key` and
+`past_value` are int8 (8 bits) or uint8 holding two 4-bit values (4 bits, low nibble first),
+with float `k_scale` / `v_scale` inputs: one scale per tensor or one per channel (key/value
+head and head dimension, shape (1, kv_heads, 1, head_dim)). The CPU and CUDA kernels both run
+int8 and int4 caches; fp8 (float8e4m3fn) has a CUDA kernel only (measured: onnxruntime 1.32's
+CPU provider has no GroupQueryAttention for a float8 cache).
+
+Quantization is symmetric: q = clamp(round_half_even(x / scale), -2^(b-1), 2^(b-1) - 1), stored
+as is for int8 and offset by 8 for int4; attention reads q * scale, for the new tokens of a
+prompt too (measured on the CPU kernel: its output equals attention over the dequantized keys
+and values to 1e-7). The PyTorch side (`fake_quantize`) rounds the same way, so verification
+compares like with like.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the record itself imports neither torch nor onnx (check and plan use it)
+    import torch
+
+_ONNX_INT8, _ONNX_UINT8 = 3, 2  # onnx.TensorProto.INT8, UINT8
+_TINY = 1.1754943508222875e-38  # float32's smallest normal: a channel that was always 0
+
+WIDTHS = {"int8": 8, "int4": 4}
+GRANULARITIES = ("per-channel", "per-tensor")
+DEFAULT_GRANULARITY = "per-channel"
+
+
+@dataclass(frozen=True)
+class KVCacheFormat:
+    """How one layer's keys and values are stored: `bits` (8 or 4) and one scale per channel or
+    one per tensor."""
+
+    bits: int
+    per_channel: bool = True
+
+    @property
+    def name(self) -> str:
+        """`int8` or `int4`, as recipes write it."""
+        return f"int{self.bits}"
+
+    @property
+    def granularity(self) -> str:
+        """`per-channel` or `per-tensor`."""
+        return "per-channel" if self.per_channel else "per-tensor"
+
+    def describe(self) -> str:
+        """`int8 per-channel`."""
+        return f"{self.name} {self.granularity}"
+
+    @property
+    def onnx_type(self) -> int:
+        """The past/present tensors' element type."""
+        return _ONNX_INT8 if self.bits == 8 else _ONNX_UINT8
+
+    @property
+    def quant_type(self) -> str:
+        """GroupQueryAttention's `k_quant_type` / `v_quant_type`."""
+        return "PER_CHANNEL" if self.per_channel else "PER_TENSOR"
+
+    @property
+    def lowest(self) -> int:
+        """The smallest stored code."""
+        return -(1 << (self.bits - 1))
+
+    @property
+    def highest(self) -> int:
+        """The largest stored code (a threshold maps to it)."""
+        return (1 << (self.bits - 1)) - 1
+
+    def stored_head_dim(self, head_dim: int) -> int:
+        """The last dimension of the past/present tensors: int4 packs two values a byte."""
+        return head_dim if self.bits == 8 else (head_dim + 1) // 2
+
+    def bytes_per_token(self, kv_heads: int, head_dim: int) -> int:
+        """Bytes one token adds to one layer's cache (keys and values)."""
+        return 2 * kv_heads * self.stored_head_dim(head_dim)
+
+    def scale_shape(self, kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        """The shape of `k_scale` / `v_scale` (broadcast against the cache's BNSH layout)."""
+        return (1, kv_heads, 1, head_dim) if self.per_channel else (1,)
+
+    def scale_of(self, threshold: torch.Tensor) -> torch.Tensor:
+        """The scale that maps `threshold` (a magnitude, per channel or one) to the largest code."""
+        return (threshold.float() / self.highest).clamp_min(_TINY)
+
+    def fake_quantize(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """`x` (batch, kv_heads, seq, head_dim) as attention reads it back from the cache."""
+        codes = (x.float() / scale).round_().clamp_(self.lowest, self.highest)
+        return (codes * scale).to(x.dtype)
+
+    def to_json(self) -> dict:
+        """Plain data for the plan and the report."""
+        return {"bits": self.bits, "granularity": self.granularity}
+
+    @classmethod
+    def from_json(cls, data: dict) -> KVCacheFormat:
+        """The record `to_json` wrote."""
+        return cls(int(data["bits"]), data.get("granularity", DEFAULT_GRANULARITY) == "per-channel")
+
+
+def element_bytes_per_token(kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """Bytes one token adds to one layer's unquantized cache (keys and values)."""
+    return 2 * kv_heads * head_dim * itemsize
+
+
+def cache_bytes_per_token(layers: dict, itemsize: int) -> int:
+    """Bytes one token adds to the whole cache: `layers` maps each layer with a cache to
+    (kv_heads, head_dim, its format's JSON or None for the element type of `itemsize` bytes)."""
+    total = 0
+    for kv_heads, head_dim, stored in layers.values():
+        if stored is None:
+            total += element_bytes_per_token(kv_heads, head_dim, itemsize)
+        else:
+            total += KVCacheFormat.from_json(stored).bytes_per_token(kv_heads, head_dim)
+    return total
+
+
+MEMORY_SIZES_GB = (1, 4, 16)  # the report's "longest context in N GB of cache"
+
+
+def cache_budget(layers: dict, itemsize: int, context_length: int) -> dict:
+    """The report's KV figures: bytes per token, and the longest context whose cache fits in
+    each of `MEMORY_SIZES_GB` (at most the model's context length; batch 1)."""
+    per_token = cache_bytes_per_token(layers, itemsize)
+    fits = {f"{gb} GB": (min(context_length, gb * 10**9 // per_token) if per_token else context_length)
+            for gb in MEMORY_SIZES_GB}  # fmt: skip
+    return {"bytes_per_token": per_token, "bytes_at_context": per_token * context_length,
+            "longest_context_in": fits}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class KVQuantization:
+    """One attention layer's quantized cache: its format and calibrated scales (float32, in
+    `format.scale_shape`)."""
+
+    format: KVCacheFormat
+    k_scale: torch.Tensor
+    v_scale: torch.Tensor

@@ -1,0 +1,289 @@
+"""`quantize kv-cache [<selector>] to int8|int4 [per-channel|per-tensor]` and the grouped form
+`quantize kv-cache by <source> { <rule> -> int8|int4 ... }`: the selected layers' KV caches
+stored quantized, with scales calibrated on the recipe's calibration text.
+
+Syntax, check, plan step and its description live here; the format is
+surgery/formats/kv_cache.py, the calibration surgery/analysis/kv_calibration.py and the graph
+pass passes/quantize_kv_cache.py. The layers are the original model's; a layer whose attention
+was dropped has no cache, and is left out with a warning. Later statements win for a layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from surgery.diagnostics import Diagnostic
+from surgery.formats.kv_cache import DEFAULT_GRANULARITY, KVCacheFormat
+from surgery.front.plan_step import PlanStep, Run
+from surgery.front.selection import ImportanceQuery
+from surgery.front.selectors import (
+    ImportanceRank,
+    ImportanceSelector,
+    ImportanceSource,
+    RestLayers,
+    Selector,
+    span_field,
+    unparse_rank,
+    unparse_selector,
+    unparse_source,
+)
+from surgery.layers import format_layers
+from surgery.source import Span
+
+if TYPE_CHECKING:
+    from surgery.front.statements.base import Checker, PlanState
+    from surgery.models.index import ModelIndex
+
+SYNTAX = """
+// quantize kv-cache [<selector>] to int8|int4 [per-channel|per-tensor]
+quantize_kv_stmt: "quantize" "kv-cache" selector? "to" KV_WIDTH kv_option*
+// quantize kv-cache by <source> { <rule> -> int8|int4 [per-tensor] ... }: the first rule that matches wins
+quantize_kv_group_stmt: "quantize" "kv-cache" importance_source "{" kv_rule* "}"
+kv_rule: rule_selector "->" KV_WIDTH kv_option*
+KV_WIDTH: "int8" | "int4" | "fp8"
+?kv_option: "per-channel" -> per_channel_option
+          | "per-tensor"  -> per_tensor_option
+"""
+
+
+@dataclass(frozen=True)
+class QuantizeKVStmt:
+    """`quantize kv-cache [<selector>] to <width> [per-channel|per-tensor]`; no selector = every layer."""
+
+    selector: Selector | None
+    width: str
+    granularity: str = DEFAULT_GRANULARITY
+    span: Span = span_field()
+    width_span: Span = span_field()
+
+
+@dataclass(frozen=True)
+class KVRule:
+    """One `<rule> -> <width> [per-tensor]` line of a grouped `quantize kv-cache`."""
+
+    selector: ImportanceRank | Selector | RestLayers
+    width: str
+    granularity: str = DEFAULT_GRANULARITY
+    span: Span = span_field()
+    width_span: Span = span_field()
+
+
+@dataclass(frozen=True)
+class QuantizeKVGroupStmt:
+    """`quantize kv-cache by <source> { rules }`."""
+
+    source: ImportanceSource
+    rules: tuple[KVRule, ...]
+    span: Span = span_field()
+
+
+def _stmt(ast, meta, children) -> QuantizeKVStmt:
+    selector = children[0] if children and not isinstance(children[0], str) else None
+    rest = children[1:] if selector is not None else children
+    width, *options = rest
+    return QuantizeKVStmt(selector, str(width), span=ast.span(meta), width_span=ast.tok(width), **ast.options(options))
+
+
+def _rule(ast, meta, children) -> KVRule:
+    selector, width, *options = children
+    return KVRule(selector, str(width), span=ast.span(meta), width_span=ast.tok(width), **ast.options(options))
+
+
+def _group(ast, meta, children) -> QuantizeKVGroupStmt:
+    source, *rules = children
+    return QuantizeKVGroupStmt(source, tuple(rules), span=ast.span(meta))
+
+
+NODES = (QuantizeKVStmt, QuantizeKVGroupStmt)
+GRAMMAR = ("quantize_kv_stmt", "quantize_kv_group_stmt")
+BUILDERS = {
+    "quantize_kv_stmt": _stmt,
+    "quantize_kv_group_stmt": _group,
+    "kv_rule": _rule,
+    "per_channel_option": lambda ast, meta, children: {"granularity": "per-channel"},
+    "per_tensor_option": lambda ast, meta, children: {"granularity": "per-tensor"},
+}
+
+
+def _width(item: QuantizeKVStmt | KVRule) -> str:
+    return item.width + ("" if item.granularity == DEFAULT_GRANULARITY else f" {item.granularity}")
+
+
+def unparse(statement: QuantizeKVStmt | QuantizeKVGroupStmt) -> str:
+    """Canonical text."""
+    if isinstance(statement, QuantizeKVGroupStmt):
+        lines = []
+        for rule in statement.rules:
+            if isinstance(rule.selector, RestLayers):
+                target = "rest"
+            elif isinstance(rule.selector, ImportanceRank):
+                target = unparse_rank(rule.selector)
+            else:
+                target = unparse_selector(rule.selector)
+            lines.append(f"    {target} -> {_width(rule)}\n")
+        return f"quantize kv-cache {unparse_source(statement.source)} {{\n{''.join(lines)}}}"
+    target = f" {unparse_selector(statement.selector)}" if statement.selector is not None else ""
+    return f"quantize kv-cache{target} to {_width(statement)}"
+
+
+@dataclass(frozen=True)
+class ResolvedKV:
+    """One statement or rule, checked: its format and exactly one of explicit `layers`, an
+    importance `query` or the group's `rest` (every layer: `layers` None, no query, not rest)."""
+
+    format: KVCacheFormat
+    span: Span
+    layers: tuple[int, ...] | None = None
+    query: ImportanceQuery | None = None
+    rest: bool = False
+    group: int | None = None
+
+
+def _format(c: Checker, item: QuantizeKVStmt | KVRule, target: str) -> KVCacheFormat | None:
+    if item.width == "fp8":
+        c.error("fp8 KV caches are not supported", item.width_span,
+                "onnxruntime 1.32 runs a float8 cache only on CUDA (its CPU GroupQueryAttention has no kernel for "
+                "it); the int8 and int4 caches surgery writes run on both" + ("" if target == "cuda" else ": use int8"))
+        return None
+    return KVCacheFormat(int(item.width[3:]), item.granularity == "per-channel")
+
+
+def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedKV]:
+    """Formats the kernels run, layers in range (or an importance ranking of attention), an
+    export with a KV cache, and a grouped form whose `rest` comes last."""
+    statements = [s for s in c.recipe.statements if isinstance(s, (QuantizeKVStmt, QuantizeKVGroupStmt))]
+    if not statements:
+        return []
+    export, _ = done["export"]
+    resolved: list[ResolvedKV] = []
+    for group, statement in enumerate(statements):
+        if not export.kv_cache:
+            c.error("the KV cache is quantized but the export has none", statement.span,
+                    "drop `without kv-cache` from the export statement")  # fmt: skip
+            continue
+        if isinstance(statement, QuantizeKVStmt):
+            fmt = _format(c, statement, export.target)
+            if fmt is None:
+                continue
+            if statement.selector is None:
+                resolved.append(ResolvedKV(fmt, statement.span))
+            elif isinstance(statement.selector, ImportanceSelector):
+                query = c.importance(statement.selector.rank, statement.selector.source, "attention", index,
+                                     statement.selector.span)  # fmt: skip
+                if query is not None:
+                    resolved.append(ResolvedKV(fmt, statement.span, query=query))
+            else:
+                layers = c.selector(statement.selector, index)
+                if layers is not None:
+                    resolved.append(ResolvedKV(fmt, statement.span, layers=layers))
+            continue
+        resolved += _check_group(c, statement, group, index, export.target)
+    return resolved
+
+
+def _check_group(c: Checker, statement: QuantizeKVGroupStmt, group: int, index: ModelIndex, target: str):
+    if not statement.rules:
+        c.error("a grouped quantize needs at least one rule", statement.span, "e.g. `most important 25% -> int8`")
+        return []
+    resolved = []
+    for position, rule in enumerate(statement.rules):
+        if isinstance(rule.selector, RestLayers) and position != len(statement.rules) - 1:
+            c.error("`rest` must be the last rule", rule.span,
+                    "rules after `rest` can never match: every layer is taken by then")  # fmt: skip
+            continue
+        fmt = _format(c, rule, target)
+        if fmt is None:
+            continue
+        item = ResolvedKV(fmt, rule.span, group=group)
+        if isinstance(rule.selector, RestLayers):
+            resolved.append(replace(item, rest=True))
+        elif isinstance(rule.selector, ImportanceRank):
+            query = c.importance(rule.selector, statement.source, "attention", index, rule.selector.span)
+            if query is not None:
+                resolved.append(replace(item, query=query))
+        else:
+            layers = c.selector(rule.selector, index)
+            if layers is not None:
+                resolved.append(replace(item, layers=layers))
+    if not any(isinstance(rule.selector, ImportanceRank) for rule in statement.rules):
+        c.score_source(statement.source, "attention", index)
+    return resolved
+
+
+def plan(state: PlanState) -> list[PlanStep]:
+    """One step per statement or rule, over the layers that still have attention."""
+    steps: list[PlanStep] = []
+    owner: dict[int, ResolvedKV] = {}
+    taken: dict[int, set[int]] = {}  # group -> layers its earlier rules matched
+    present = sorted(state.attention)
+    for item in state.checked.of("kv_cache"):
+        candidates = [layer for layer in present if layer not in taken.get(item.group, set())]
+        extra: dict[str, Any] = {}
+        if item.query is not None:
+            chosen, extra = state.select(item.query, present)
+            layers = tuple(layer for layer in chosen if layer in candidates)
+        elif item.layers is not None:
+            layers = tuple(layer for layer in item.layers if layer in candidates)
+        else:
+            layers = tuple(candidates)
+        if item.group is not None:
+            taken.setdefault(item.group, set()).update(layers)
+        note = ""
+        if not layers:
+            reason = "earlier rules of the group took them" if item.group is not None else "their attention was dropped"
+            note = f"no effect: no layer with a KV cache left to match ({reason})"
+            state.warnings.append(Diagnostic("warning", "this KV cache selection matches no layers", item.span, reason))
+        overridden = sorted({owner[layer].span.line for layer in layers if layer in owner})
+        if overridden:
+            state.warnings.append(Diagnostic(
+                "warning", f"overrides the KV cache format set on line {', '.join(map(str, overridden))} for some "
+                "layers", item.span, "the later statement wins"))  # fmt: skip
+        owner.update({layer: item for layer in layers})
+        steps.append(QuantizeKVCacheStep(
+            action="quantize kv-cache", phase="graph",
+            parameters={**item.format.to_json(), "layers": list(layers), **extra},
+            layers=layers, targets=tuple(state.checked.index.part_path(layer, "attention") for layer in layers),
+            source=item.span, note=note))  # fmt: skip
+    return steps
+
+
+@dataclass(frozen=True)
+class QuantizeKVCacheStep(PlanStep):
+    """A `quantize kv-cache` step. Every one of a plan acts as one: the scales of all their
+    layers are calibrated in one walk over the calibration text, then each step's pass sets its
+    layers' formats (a later step's layers are taken from the earlier ones)."""
+
+    timing: ClassVar[str] = "passes"
+    together: ClassVar[bool] = True
+
+    @property
+    def format(self) -> KVCacheFormat:
+        """The cache format of this step's layers."""
+        return KVCacheFormat.from_json(self.parameters)
+
+    def describe(self) -> str:
+        """One line for `surgery plan`."""
+        layers = f"layers {format_layers(self.layers)}" if self.layers else "no layer"
+        scales = "scales calibrated on the calibration data"
+        return f"quantize the KV cache of {layers} to {self.format.describe()}, {scales}"
+
+    @classmethod
+    def run_all(cls, run: Run, steps: list[PlanStep]) -> None:
+        """Calibrate every quantized layer's scales, then run each step's pass over its layers."""
+        from surgery.analysis.kv_calibration import kv_quantizations
+        from surgery.passes.quantize_kv_cache import QuantizeKVCache
+
+        formats: dict[int, KVCacheFormat] = {}
+        for step in steps:
+            formats.update({layer: step.format for layer in step.layers})
+        if not formats:
+            return
+        quantizations = kv_quantizations(run.graph, formats, run.calibration_tokens(), run.progress,
+                                         run.settings.device)  # fmt: skip
+        for position, step in enumerate(steps):
+            later = {layer for other in steps[position + 1 :] for layer in other.layers}
+            layers = tuple(layer for layer in step.layers if layer not in later)
+            if layers:
+                chosen = {layer: quantizations[layer] for layer in layers}
+                run.graph_pass(step, QuantizeKVCache(layers, chosen))
