@@ -40,8 +40,9 @@ def _gqa_codes(fmt: KVCacheFormat, key: np.ndarray, scale: float) -> np.ndarray:
               oh.make_tensor_value_info("tl", TensorProto.INT32, [])]  # fmt: skip
     scales = [oh.make_tensor(n, TensorProto.FLOAT, [1], [scale]) for n in ("ks", "vs")]
     node = oh.make_node("GroupQueryAttention", ["q", "k", "v", "pk", "pv", "sk", "tl", "", "", "", "", "", "ks", "vs"],
-                        ["o", "present_key", "present_value"], domain="com.microsoft", num_heads=1, kv_num_heads=1,
-                        k_quant_type=fmt.quant_type, v_quant_type=fmt.quant_type, kv_cache_bit_width=fmt.bits)  # fmt: skip
+                        ["o", "present_key", "present_value"], domain="com.microsoft", num_heads=1,
+                        kv_num_heads=1, k_quant_type=fmt.quant_type, v_quant_type=fmt.quant_type,
+                        kv_cache_bit_width=fmt.bits)  # fmt: skip
     outputs = [oh.make_tensor_value_info("o", TensorProto.FLOAT, None),
                *(oh.make_tensor_value_info(n, cache, None) for n in ("present_key", "present_value"))]
     model = oh.make_model(oh.make_graph([node], "gqa", inputs, outputs, scales),
@@ -165,7 +166,8 @@ def test_apply_writes_a_quantized_cache_genai_runs(tmp_path):
 def test_mixed_widths_run_in_onnxruntime_but_genai_is_not_configured(tmp_path):
     recipe = tmp_path / "kv.surg"
     recipe.write_text('model "tiny-qwen2"\ncalibrate on "wikitext-2-valid" samples 8 length 64\n'
-                      "quantize kv-cache by similarity {\n  most important 50% -> int8\n  rest -> int4\n}\n")  # fmt: skip
+                      "quantize kv-cache by similarity {\n  most important 50% -> int8\n"
+                      "  rest -> int4\n}\n")  # fmt: skip
     result = run_cli("apply", str(recipe), "-o", str(tmp_path / "out"))
     assert result.code == 0, result.err
     report = json.loads(Path(tmp_path, "out", "surgery.json").read_text())
