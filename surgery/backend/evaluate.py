@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
+from surgery.backend import long_context
 from surgery.calibration import tokenize_text
 from surgery.data import TextSource
 from surgery.progress import advance
@@ -26,8 +27,9 @@ from surgery.progress import advance
 DEFAULT_WINDOW = 512
 DEFAULT_MAX_TOKENS = 8192
 
-# (1, T) token ids -> (T, vocab) float32 logits, from an empty context.
-LogitsFn = Callable[[np.ndarray], np.ndarray]
+# (1, T) token ids -> (T, vocab) float32 logits, from an empty context; or an iterator of them
+# in consecutive pieces of `long_context.PIECE` positions (a long window, streamed).
+LogitsFn = Callable[[np.ndarray], "np.ndarray | Iterator[np.ndarray]"]
 
 
 @dataclass(frozen=True)
@@ -101,13 +103,32 @@ def divergence(reference: torch.Tensor, candidate: torch.Tensor) -> tuple[float,
     return kl, int((reference.argmax(-1) == candidate.argmax(-1)).sum())
 
 
-def _nll(log_probs: torch.Tensor, chunk: np.ndarray) -> float:
-    targets = torch.from_numpy(chunk[1:]).long()
-    return float(-log_probs[:-1].gather(1, targets[:, None]).double().sum())
+def _pieces(result, timing: list[float]) -> Iterator[np.ndarray]:
+    """A window's logits as consecutive pieces of `long_context.PIECE` positions: slices of a
+    whole (T, vocab) array, or what a streamed model yields piece by piece (`streamed_prefill`);
+    the seconds spent producing them are added to `timing[0]`."""
+    if isinstance(result, np.ndarray):
+        for start in range(0, len(result), long_context.PIECE):
+            yield result[start : start + long_context.PIECE]
+        return
+    pieces = iter(result)
+    while True:
+        began = time.perf_counter()
+        piece = next(pieces, None)
+        timing[0] += time.perf_counter() - began
+        if piece is None:
+            return
+        yield piece
+
+
+def whole(result) -> np.ndarray:
+    """A window's (T, vocab) logits, whether they came whole or in pieces."""
+    return result if isinstance(result, np.ndarray) else np.concatenate(list(result))
 
 
 class _Scores:
-    """Summed NLL of each model and, between two, summed KL and top-1 agreement, window by window."""
+    """Summed NLL of each model and, between two, summed KL and top-1 agreement, window by window,
+    a piece of `long_context.PIECE` positions at a time."""
 
     def __init__(self, tokens: EvalTokens):
         self.tokens, self.windows = tokens, tokens.windows()
@@ -115,19 +136,35 @@ class _Scores:
         self.seconds: dict[str, float] = {}
         self.kl_sum, self.agree = 0.0, 0
 
-    def add(self, name: str, chunk: np.ndarray, logits: Callable[[], np.ndarray]) -> torch.Tensor:
-        """Score one window's logits (computed by `logits`, timed) under `name`; its log-probabilities."""
-        start = time.perf_counter()
-        window = log_probs(logits())
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-        self.nll[name] = self.nll.get(name, 0.0) + _nll(window, chunk)
-        return window
+    def pieces(self, name: str, chunk: np.ndarray, logits: Callable[[], object]) -> Iterator[torch.Tensor]:
+        """Score one window's logits (computed by `logits`, timed) under `name`, yielding each
+        piece's log-probabilities at the positions that have a next token in the window."""
+        timing = [0.0]
+        began = time.perf_counter()
+        result = logits()
+        timing[0] += time.perf_counter() - began
+        offset = 0
+        for piece in _pieces(result, timing):
+            targets = torch.from_numpy(chunk[offset + 1 : offset + 1 + len(piece)]).long()
+            scored = log_probs(piece)[: len(targets)]
+            self.nll[name] = self.nll.get(name, 0.0) + float(-scored.gather(1, targets[:, None]).double().sum())
+            offset += len(piece)
+            yield scored
+        self.seconds[name] = self.seconds.get(name, 0.0) + timing[0]
 
-    def add_divergence(self, reference: torch.Tensor, candidate: torch.Tensor) -> None:
-        """KL(reference || candidate) and top-1 agreement over a window's scored positions."""
-        kl, agreeing = divergence(reference[:-1], candidate[:-1])
-        self.kl_sum += kl
-        self.agree += agreeing
+    def add(self, name: str, chunk: np.ndarray, logits: Callable[[], object]) -> None:
+        """Score one window under `name`."""
+        for _ in self.pieces(name, chunk, logits):
+            pass
+
+    def add_both(self, chunk: np.ndarray, candidate: Callable[[], object], reference: Callable[[], object]) -> None:
+        """Score one window under both names, and the divergence between them, piece by piece."""
+        theirs = self.pieces("candidate", chunk, candidate)
+        ours = self.pieces("reference", chunk, reference)
+        for mine, other in zip(ours, theirs, strict=True):
+            kl, agreeing = divergence(mine, other)
+            self.kl_sum += kl
+            self.agree += agreeing
 
     def perplexity(self, name: str) -> Perplexity:
         """The perplexity of the model scored under `name`."""
@@ -155,9 +192,7 @@ def compare(candidate: LogitsFn, reference: LogitsFn, tokens: EvalTokens) -> Com
     """Perplexity of both, mean KL(reference || candidate), and top-1 agreement, window by window."""
     scores = _Scores(tokens)
     for chunk in scores.windows:
-        theirs = scores.add("candidate", chunk, lambda chunk=chunk: candidate(chunk[None]))
-        ours = scores.add("reference", chunk, lambda chunk=chunk: reference(chunk[None]))
-        scores.add_divergence(ours, theirs)
+        scores.add_both(chunk, lambda chunk=chunk: candidate(chunk[None]), lambda chunk=chunk: reference(chunk[None]))
         advance("window")
     return scores.comparison()
 
@@ -171,6 +206,11 @@ def _graph_windows(
     `device` ("cuda"): sequential onloading, each layer moved there while every window goes
     through it; the windows' hidden states stay there, each window's logits come back to the CPU.
     """
+    if scores.tokens.window > long_context.PIECE:  # long windows: a piece at a time
+        start = time.perf_counter()
+        long_context.graph_windows_streamed(graph, scores.windows, each, device)
+        scores.seconds["reference"] = time.perf_counter() - start - scores.seconds.get("candidate", 0.0)
+        return
     batches = []
     for chunk in scores.windows:
         ids = torch.from_numpy(chunk[None]).long()
@@ -202,9 +242,7 @@ def compare_with_graph(candidate: LogitsFn, graph, tokens: EvalTokens, device: s
     reference's layers run, one at a time."""
 
     def each(chunk: np.ndarray, logits: np.ndarray) -> None:
-        ours = scores.add("reference", chunk, lambda: logits)
-        theirs = scores.add("candidate", chunk, lambda: candidate(chunk[None]))
-        scores.add_divergence(ours, theirs)
+        scores.add_both(chunk, lambda: candidate(chunk[None]), lambda: logits)
         advance("window")
 
     scores = _Scores(tokens)
@@ -212,13 +250,17 @@ def compare_with_graph(candidate: LogitsFn, graph, tokens: EvalTokens, device: s
     return scores.comparison()
 
 
-def onnx_logits(folder: str, threads: int | None = None, provider: str = "cpu") -> LogitsFn:
-    """Logits of an output folder in onnxruntime (empty KV cache, one window at a time)."""
+def onnx_logits(folder: str, threads: int | None = None, provider: str = "cpu", stream: bool = False) -> LogitsFn:
+    """Logits of an output folder in onnxruntime (empty KV cache, one window at a time). With
+    `stream`, a window longer than `long_context.PIECE` is prefilled a piece at a time through
+    the output's KV cache and its logits come as an iterator of pieces."""
     from surgery.backend.runtime import OnnxCausalLM, execution_providers
 
     model = OnnxCausalLM(folder, threads=threads, providers=execution_providers(provider))
 
-    def run(ids: np.ndarray) -> np.ndarray:
+    def run(ids: np.ndarray):
+        if stream and model.uses_cache and ids.shape[1] > long_context.PIECE:
+            return long_context.streamed_prefill(model, ids)
         mask = np.ones_like(ids)
         positions = np.arange(ids.shape[1])[None]
         return model.step(ids, mask, positions).logits[0]

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from surgery.backend.evaluate import whole
 from surgery.diagnostics import HintedError
 from surgery.progress import advance
 
@@ -136,8 +137,8 @@ def top1_agreement(target_logits, draft_logits, windows: list[np.ndarray]) -> di
     agree = total = 0
     for ids in windows:
         batch = ids[None].astype(np.int64)
-        a = target_logits(batch).argmax(-1)
-        b = draft_logits(batch).argmax(-1)
+        a = whole(target_logits(batch)).argmax(-1)
+        b = whole(draft_logits(batch)).argmax(-1)
         agree += int((a == b).sum())
         total += int(a.size)
         advance("window")

@@ -241,7 +241,7 @@ def run_eval(args) -> int:
         raise _UserError(f"'{text.name}' has fewer than 2 tokens; there is nothing to score", "give a longer text")
     device = _reference_device(args)
     progress = ProgressLines()
-    candidate = onnx_logits(args.output, args.threads, args.provider)
+    candidate = onnx_logits(args.output, args.threads, args.provider, stream=True)
     windows = len(tokens.windows())
     scoring = f"perplexity of {args.output} on {tokens.scored()} tokens of {text.name}"
     result: dict = {
@@ -327,7 +327,7 @@ def _reference_logits(spec_text: str, tokenizer, threads: int | None, window: in
         other = open_model_folder(spec_text, tokenizer=False)
         if other.context_length and window > other.context_length:
             raise _UserError(f"--window {window} is longer than the context of '{spec_text}' ({other.context_length})")
-        return onnx_logits(spec_text, threads, provider)
+        return onnx_logits(spec_text, threads, provider, stream=True)
     spec = resolve_spec(spec_text)
     config = load_config(spec)
     model, reference_tokenizer, weights = load_model(spec, ProgressLines(), lazy=True)

@@ -39,7 +39,7 @@ def perplexity_check(run: Run) -> None:
     tokens, before = run.reference
     with counted(run.progress, f"perplexity of the output (onnxruntime, {settings.provider})",
                  len(tokens.windows()), "window"):  # fmt: skip
-        after = perplexity(onnx_logits(str(run.folder.path), settings.threads, settings.provider), tokens)
+        after = perplexity(onnx_logits(str(run.folder.path), settings.threads, settings.provider, stream=True), tokens)
     increase = after.perplexity / before.perplexity - 1
     allowed = run.checked.perplexity.max_increase / 100
     run.sections["perplexity"] = {

@@ -96,7 +96,7 @@ def _quality(job: Job, out: str) -> dict[str, Any]:
         return {}
     folder = open_model_folder(out)
     base_dir = os.path.dirname(os.path.abspath(job.recipe_path))
-    candidate = onnx_logits(out, job.threads)
+    candidate = onnx_logits(out, job.threads, stream=True)
     results: dict[str, Any] = {}
     for request in job.quality:
         tokens = eval_tokens(folder.tokenizer, resolve_text(request.data, base_dir), request.tokens, request.window)

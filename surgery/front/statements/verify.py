@@ -1,6 +1,8 @@
-"""`verify perplexity on "<text>" max-increase P% [tokens N]`: after export, the output's
-perplexity in onnxruntime against the original model's in PyTorch must stay within the bound.
-Grammar: `verify_stmt`. Its step runs surgery/executor/perplexity.py."""
+"""`verify perplexity on "<text>" max-increase P% [tokens N] [window W]`: after export, the
+output's perplexity in onnxruntime against the original model's in PyTorch must stay within the
+bound, on windows of W tokens (512 by default; up to the model's context, streamed a piece at a
+time: surgery/backend/long_context.py). Grammar: `verify_stmt`. Its step runs
+surgery/executor/perplexity.py."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ class VerifyStmt:
     data: str
     max_increase: float
     tokens: int | None = None
+    window: int | None = None
     span: Span = span_field()
     data_span: Span = span_field()
 
@@ -37,9 +40,10 @@ NODES = (VerifyStmt,)
 GRAMMAR = ("verify_stmt",)
 
 SYNTAX = """
-// verify perplexity on "<text>" max-increase P% [tokens N]
+// verify perplexity on "<text>" max-increase P% [tokens N] [window W]
 verify_stmt: "verify" "perplexity" "on" STRING "max-increase" PERCENT verify_option*
 ?verify_option: "tokens" INT -> tokens_option
+              | "window" INT -> window_option
 """
 
 def _verify_stmt(ast, meta, children) -> VerifyStmt:
@@ -54,7 +58,8 @@ BUILDERS = {"verify_stmt": _verify_stmt}
 def unparse(statement: VerifyStmt) -> str:
     """Canonical text."""
     text = f'verify perplexity on "{statement.data}" max-increase {number_text(statement.max_increase)}%'
-    return text + (f" tokens {statement.tokens}" if statement.tokens is not None else "")
+    text += f" tokens {statement.tokens}" if statement.tokens is not None else ""
+    return text + (f" window {statement.window}" if statement.window is not None else "")
 
 
 def check(c: Checker, index: ModelIndex | None, done: dict) -> PerplexityCheck | None:
@@ -64,7 +69,20 @@ def check(c: Checker, index: ModelIndex | None, done: dict) -> PerplexityCheck |
         return None
     statement = statements[0]
     c.text_exists(statement.data, statement.data_span)
-    tokens = statement.tokens if statement.tokens is not None else DEFAULT_PERPLEXITY_TOKENS
+    longest = index.max_positions if index is not None else None
+    window = statement.window if statement.window is not None else DEFAULT_WINDOW
+    if statement.window is None and longest is not None:
+        window = min(window, longest)
+    if window < 2:
+        c.error(f"a window of {window} tokens scores nothing", statement.span, "use a window of at least 2 tokens")
+    elif longest is not None and window > longest:
+        c.error(f"a window of {window} tokens is longer than the model's context of {longest}", statement.span,
+                f"use `window {longest}` or less")  # fmt: skip
+    # A long window needs its tokens: by default at least one window's worth.
+    tokens = statement.tokens if statement.tokens is not None else max(DEFAULT_PERPLEXITY_TOKENS, window)
+    if tokens < window:
+        c.error(f"{tokens} tokens do not fill one window of {window}", statement.span,
+                f"use `tokens {window}` or more, or a shorter window")  # fmt: skip
     if tokens < MIN_PERPLEXITY_TOKENS:
         c.error(
             f"{tokens} tokens is too few for a perplexity",
@@ -73,7 +91,6 @@ def check(c: Checker, index: ModelIndex | None, done: dict) -> PerplexityCheck |
         )
     if statement.max_increase <= 0:
         c.error("max-increase must be above 0%", statement.span)
-    window = min(DEFAULT_WINDOW, index.max_positions) if index is not None else DEFAULT_WINDOW
     return PerplexityCheck(statement.data, statement.max_increase, tokens, statement.span, window)
 
 
@@ -86,7 +103,8 @@ def plan(state: PlanState) -> list[PlanStep]:
         PerplexityStep(
             action="verify perplexity",
             phase="evaluate",
-            parameters={"data": check.data, "max_increase": check.max_increase, "tokens": check.tokens},
+            parameters={"data": check.data, "max_increase": check.max_increase, "tokens": check.tokens,
+                        "window": check.window},
             source=check.span,
         )
     ]
@@ -102,8 +120,8 @@ class PerplexityStep(PlanStep):
         """One line for `surgery plan`."""
         p = self.parameters
         return (
-            f'perplexity on "{p["data"]}" ({p["tokens"]} tokens) in onnxruntime vs the original model '
-            f"in PyTorch: at most +{p['max_increase']:g}%"
+            f'perplexity on "{p["data"]}" ({p["tokens"]} tokens, windows of {p.get("window", DEFAULT_WINDOW)}) in '
+            f"onnxruntime vs the original model in PyTorch: at most +{p['max_increase']:g}%"
         )
 
     def prepare(self, run: Run) -> None:
