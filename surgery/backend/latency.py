@@ -18,19 +18,26 @@ ROUNDS = 3
 
 
 def decode_once(model, prompt: np.ndarray, steps: int = DECODE_STEPS) -> float:
-    """ms per token of `steps` one-token decode steps after prefilling `prompt` (batch 1)."""
+    """ms per token of `steps` one-token decode steps after prefilling `prompt` (batch 1). A
+    prompt longer than a piece is prefilled a piece at a time (surgery.backend.long_context):
+    a 32k prompt in one step would hold heads x 32k x 32k attention scores."""
+    from surgery.backend.long_context import PIECE, prefill_in_pieces
+
     ids = prompt[None]
-    mask = np.ones_like(ids)
-    positions = np.arange(ids.shape[1])[None]
-    out = model.step(ids, mask, positions)
+    if ids.shape[1] > PIECE and model.uses_cache:
+        logits, past = prefill_in_pieces(model, ids)
+        token = int(logits[-1].argmax())
+    else:
+        out = model.step(ids, np.ones_like(ids), np.arange(ids.shape[1])[None])
+        token, past = int(out.logits[0, -1].argmax()), out.present
+    length = ids.shape[1]
     start = 0.0
     for i in range(WARMUP_STEPS + steps):
         if i == WARMUP_STEPS:
             start = time.perf_counter()
-        token = np.array([[int(out.logits[0, -1].argmax())]])
-        mask = np.concatenate([mask, [[1]]], axis=1)
-        positions = positions[:, -1:] + 1
-        out = model.step(token, mask, positions, out.present)
+        length += 1
+        out = model.step(np.array([[token]]), np.ones((1, length), np.int64), np.array([[length - 1]]), past)
+        token, past = int(out.logits[0, -1].argmax()), out.present
     return (time.perf_counter() - start) / steps * 1000
 
 

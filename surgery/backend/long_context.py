@@ -26,16 +26,25 @@ from surgery.ir.inputs import KVCache, on_device
 PIECE = 512  # a long window's positions go through the model (and are scored) this many at a time
 
 
-def streamed_prefill(model, ids: np.ndarray) -> Iterator[np.ndarray]:
+def streamed_prefill(model, ids: np.ndarray, with_cache: bool = False) -> Iterator:
     """The (piece, vocab) logits of a (1, T) window, prefilled `PIECE` tokens at a time through
-    `model`'s KV cache (an OnnxCausalLM exported with one)."""
-    past, size = None, PIECE
-    for start in range(0, ids.shape[1], size):
-        piece = ids[:, start : start + size]
+    `model`'s KV cache (an OnnxCausalLM exported with one); with `with_cache`, each piece's
+    logits and the cache after it (to decode from once the prompt is in)."""
+    past = None
+    for start in range(0, ids.shape[1], PIECE):
+        piece = ids[:, start : start + PIECE]
         end = start + piece.shape[1]
         out = model.step(piece, np.ones((1, end), np.int64), np.arange(start, end)[None], past)
         past = out.present
-        yield out.logits[0]
+        yield (out.logits[0], past) if with_cache else out.logits[0]
+
+
+def prefill_in_pieces(model, ids: np.ndarray) -> tuple[np.ndarray, list]:
+    """(the last piece's logits, the KV cache) after prefilling a (1, T) prompt a piece at a time."""
+    logits = present = None
+    for logits, present in streamed_prefill(model, ids, with_cache=True):  # noqa: B007 (the last is kept)
+        pass
+    return logits, present
 
 
 @torch.no_grad()

@@ -38,6 +38,10 @@ def failed_checks(report: dict[str, Any]) -> list[str]:
             f"perplexity check: {perplexity['increase']:+.1%} against the original, allowed "
             f"+{perplexity['max_increase']:.0%}"
         )
+    retrieval = report.get("retrieval") or {}
+    if retrieval.get("passed") is False:
+        lost = ", ".join(f"{loss:.0%} at {length}" for length, loss in retrieval["lost"].items())
+        failed.append(f"retrieval check: pass keys lost {lost} tokens, allowed {retrieval['max_loss']:.0%}")
     draft = report.get("draft") or {}
     if draft.get("passed") is False:
         failed.append(f"draft: {draft.get('reason') or 'failed'}")
@@ -48,7 +52,8 @@ def seal(folder: str | os.PathLike, report: dict[str, Any]) -> None:
     """Record the verdict in `report` (before it is written) and hold back the genai config of
     an output that failed its checks."""
     failed = failed_checks(report)
-    checked = not (report.get("verification") or {}).get("skipped", False) or "perplexity" in report
+    checked = (not (report.get("verification") or {}).get("skipped", False) or "perplexity" in report
+               or "retrieval" in report)
     report["verdict"] = {"passed": not failed, "checked": checked, "failed": failed, "accepted": None}
     config = Path(folder) / GENAI_CONFIG
     if failed and config.exists():

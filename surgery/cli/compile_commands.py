@@ -188,6 +188,15 @@ def run_apply(args) -> int:
         if not perplexity["passed"]:
             print("error: the perplexity check failed", file=sys.stderr)
             code = EXIT_VERIFY_FAILED
+    retrieval = report.get("retrieval")
+    if retrieval:
+        before, after = retrieval["original_pytorch"]["lengths"], retrieval["output_onnxruntime"]["lengths"]
+        found = ", ".join(f"{before[length]['accuracy']:.0%} -> {entry['accuracy']:.0%} at {int(length):,}"
+                          for length, entry in after.items())  # fmt: skip
+        print(f"  pass-key retrieval: {found} tokens (allowed loss {retrieval['max_loss']:.0%})")
+        if not retrieval["passed"]:
+            print("error: the retrieval check failed", file=sys.stderr)
+            code = EXIT_VERIFY_FAILED
     draft = report.get("draft")
     if draft:
         print(_draft_line(draft))

@@ -20,6 +20,7 @@ from surgery.front.statements import (
     merge,
     prune,
     quantize,
+    retrieval,
     split,
     verify,
 )
@@ -31,7 +32,7 @@ from surgery.front.statements import (
 # that removes attention; the draft last (its block is checked as a recipe of its own, with
 # the export resolved).
 STATEMENTS: tuple[ModuleType, ...] = (calibrate, drop, heads, split, prune, merge, fuse, quantize, export, kv_cache,
-                                      verify, draft)  # fmt: skip
+                                      verify, retrieval, draft)  # fmt: skip
 
 
 def name(module: ModuleType) -> str:
