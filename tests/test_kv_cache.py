@@ -175,3 +175,23 @@ def test_mixed_widths_run_in_onnxruntime_but_genai_is_not_configured(tmp_path):
     assert sorted(f["bits"] for f in report["kv_cache"]["formats"].values()) == [4] * 3 + [8] * 3
     ran = run_cli("run", str(tmp_path / "out"), "--prompt", "The cat", "--max-new-tokens", "4")
     assert ran.code == 0, ran.err
+
+
+def test_a_cache_budget_searches_how_many_layers_keep_int8(tmp_path):
+    # 6 layers of 2 key/value heads of 16: 64 bytes a token at int8, 32 at int4 (per layer).
+    recipe = tmp_path / "fit.surg"
+    recipe.write_text('model "tiny-llama"\ncalibrate on "wikitext-2-valid" samples 8 length 64\n'
+                      "quantize kv-cache by similarity as many as fit {\n    most important -> int8\n"
+                      "    rest -> int4\n    kv-cache at most 0.06 MB at 256 tokens\n}\n")  # fmt: skip
+    result = run_cli("apply", str(recipe), "-o", str(tmp_path / "out"))
+    assert result.code == 0, result.err
+    assert "layers with an int8 KV cache = 1" in result.out
+    report = json.loads(Path(tmp_path, "out", "surgery.json").read_text())
+    # (6 * 32 + n * 32) * 256 <= 60,000 bytes: n = 1 layer keeps int8.
+    assert sorted(f["bits"] for f in report["kv_cache"]["formats"].values()) == [4] * 5 + [8]
+    assert report["kv_cache"]["after"]["bytes_per_token"] * 256 <= 60_000
+    unmarked = tmp_path / "unmarked.surg"
+    unmarked.write_text('model "tiny-llama"\nquantize kv-cache by similarity {\n    most important 2 -> int8\n'
+                        "    rest -> int4\n    kv-cache at most 1 GB at 256 tokens\n}\n")  # fmt: skip
+    checked = run_cli("check", str(unmarked))
+    assert checked.code != 0 and "need `as many as fit`" in checked.err

@@ -233,7 +233,59 @@ class SizeBudget:
         return f"{value:.1f} MB" if self.measure == "size" else f"{value:.3f} bits"
 
 
-Budget = QualityBudget | LatencyBudget | SizeBudget
+@dataclass(frozen=True)
+class KVCacheBudget:
+    """`kv-cache at most X MB|GB at N tokens`: the KV cache of one sequence of N tokens, from the
+    output's bytes per token (layers with attention, each in its cache format)."""
+
+    limit: float
+    unit: str
+    tokens: int
+    span: Span = span_field()
+
+    measure: ClassVar[str] = "kv-cache"
+    resource: ClassVar[bool] = True
+
+    def describe(self) -> str:
+        """Canonical text."""
+        return f"kv-cache at most {number_text(self.limit)} {self.unit} at {self.tokens} tokens"
+
+    def check(self, c, index: ModelIndex) -> None:
+        """A positive limit; a length the model takes."""
+        if self.limit <= 0:
+            c.error("a kv-cache budget needs a positive limit", self.span, None)
+        if not 1 <= self.tokens <= index.max_positions:
+            c.error(f"{self.tokens} tokens do not fit the model", self.span,
+                    f"use 1..{index.max_positions} (the model's context)")  # fmt: skip
+
+    def key(self, max_positions: int) -> str:
+        """The name of the measurement this budget reads from a candidate's results."""
+        return "kv_bytes_per_token"
+
+    def read(self, measured: dict[str, Any], max_positions: int) -> float:
+        """MB (10^6 bytes) of cache at the budget's length."""
+        return measured["kv_bytes_per_token"] * self.tokens / 1e6
+
+    def holds(self, value: float) -> bool:
+        """Whether a value read by `read` keeps the budget."""
+        return value <= self.shown_limit
+
+    @property
+    def shown_limit(self) -> float:
+        """The limit in MB."""
+        return self.limit * (1e3 if self.unit == "GB" else 1.0)
+
+    @property
+    def column(self) -> str:
+        """The column's heading in the search table."""
+        return f"KV MB@{self.tokens}"
+
+    def render(self, value: float) -> str:
+        """A value as tables and messages show it (three significant digits: caches span GB to kB)."""
+        return f"{value:.3g} MB"
+
+
+Budget = QualityBudget | LatencyBudget | SizeBudget | KVCacheBudget
 
 
 @dataclass(frozen=True)
@@ -295,7 +347,8 @@ def check_fit(c, fit: Fit, index: ModelIndex, more_is_lighter: bool, what: str) 
             c.error("this budget is given twice", budget.span, "keep one; every budget must hold")
         budget.check(c, index)
     if not any(not improves_with_count(b, more_is_lighter) for b in fit.budgets):
-        bound = "a quality budget (perplexity, kl, top-1)" if more_is_lighter else "a size, bits or latency budget"
+        bound = ("a quality budget (perplexity, kl, top-1)" if more_is_lighter
+                 else "a size, bits, kv-cache or latency budget")  # fmt: skip
         c.warning(
             f"no budget here gets harder as {what} grows, so the search takes all of them",
             fit.span,

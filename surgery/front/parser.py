@@ -15,7 +15,7 @@ import lark
 from lark import Token
 
 from surgery.diagnostics import Diagnostic, RecipeError
-from surgery.front.budgets import Fit, LatencyBudget, QualityBudget, SizeBudget
+from surgery.front.budgets import Fit, KVCacheBudget, LatencyBudget, QualityBudget, SizeBudget
 from surgery.front.syntax import (
     AllLayers,
     EvenlyLayers,
@@ -200,6 +200,11 @@ class _ToAst:
     @_with_meta
     def bits_budget(self, meta, children):
         return SizeBudget("bits", float(children[0]), span=self.span(meta))
+
+    @_with_meta
+    def kv_cache_budget(self, meta, children):
+        number, unit, tokens = children
+        return KVCacheBudget(float(number), str(unit), int(tokens), span=self.span(meta))
 
     @_with_meta
     def search_option(self, meta, children):

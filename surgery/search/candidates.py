@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from surgery.front.budgets import Fit
 from surgery.front.selectors import ImportanceSelector, LayerIndex, LayerList
 from surgery.front.statements import STATEMENTS, for_node
+from surgery.front.statements.kv_cache import QuantizeKVGroupStmt
 from surgery.front.syntax import (
     CalibrateStmt,
     DropStmt,
@@ -33,12 +34,12 @@ class SearchTarget:
     """A statement whose amount is searched: where it is in the recipe and what its count means."""
 
     position: int  # index in recipe.statements
-    statement: DropStmt | QuantizeGroupStmt
+    statement: DropStmt | QuantizeGroupStmt | QuantizeKVGroupStmt
     fit: Fit
 
     @property
     def kind(self) -> str:
-        """ "drop" or "quantize"."""
+        """ "drop" or "quantize" (of weights or of the KV cache: both search the first rule's count)."""
         return "drop" if isinstance(self.statement, DropStmt) else "quantize"
 
     @property
@@ -59,6 +60,8 @@ class SearchTarget:
         if isinstance(self.statement, DropStmt):
             return {"attention": "attention layers", "mlp": "MLPs", "block": "layers"}[self.statement.part] + " dropped"
         first, _ = self.statement.rules
+        if isinstance(self.statement, QuantizeKVGroupStmt):
+            return f"layers with an {first.width} KV cache"
         return f"layers at int{first.bits}"
 
 
@@ -69,7 +72,7 @@ def search_targets(recipe: Recipe) -> list[SearchTarget]:
         if isinstance(statement, DropStmt) and isinstance(statement.selector, ImportanceSelector):
             if statement.selector.rank.fit is not None:
                 found.append(SearchTarget(position, statement, statement.selector.rank.fit))
-        elif isinstance(statement, QuantizeGroupStmt) and statement.fit is not None:
+        elif isinstance(statement, QuantizeGroupStmt | QuantizeKVGroupStmt) and statement.fit is not None:
             found.append(SearchTarget(position, statement, statement.fit))
     return sorted(found, key=lambda target: (_plan_order(target.statement), target.position))
 

@@ -68,6 +68,7 @@ def _measure(job: Job) -> dict[str, Any]:
         measured: dict[str, Any] = {
             "bytes": report["model"]["after"]["bytes"],
             "bits": _average_bits(report),
+            "kv_bytes_per_token": (report["kv_cache"].get("after") or {}).get("bytes_per_token", 0),
             "build_seconds": round(built, 2),
         }
         measured.update(_quality(job, out))

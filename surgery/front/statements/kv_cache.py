@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery.diagnostics import Diagnostic
 from surgery.formats.kv_cache import DEFAULT_GRANULARITY, KVCacheFormat
+from surgery.front.budgets import Fit, check_fit
 from surgery.front.plan_step import PlanStep, Run
 from surgery.front.selection import ImportanceQuery
 from surgery.front.selectors import (
@@ -38,8 +39,11 @@ if TYPE_CHECKING:
 SYNTAX = """
 // quantize kv-cache [<selector>] to int8|int4 [per-channel|per-tensor]
 quantize_kv_stmt: "quantize" "kv-cache" selector? "to" KV_WIDTH kv_option*
-// quantize kv-cache by <source> { <rule> -> int8|int4 [per-tensor] ... }: the first rule that matches wins
-quantize_kv_group_stmt: "quantize" "kv-cache" importance_source "{" kv_rule* "}"
+// quantize kv-cache by <source> [as many as fit] { <rule> -> int8|int4 [per-tensor] ... [budgets] }:
+// the first rule that matches wins; with `as many as fit`, how many layers the first rule takes is searched
+quantize_kv_group_stmt: "quantize" "kv-cache" importance_source fit_marker? "{" kv_group_item* "}"
+?kv_group_item: kv_rule
+              | budget
 kv_rule: rule_selector "->" KV_WIDTH kv_option*
 KV_WIDTH: "int8" | "int4" | "fp8"
 ?kv_option: "per-channel" -> per_channel_option
@@ -68,14 +72,22 @@ class KVRule:
     span: Span = span_field()
     width_span: Span = span_field()
 
+    @property
+    def bits(self) -> int:
+        """Bits per cached value."""
+        return _BITS[self.width]
+
 
 @dataclass(frozen=True)
 class QuantizeKVGroupStmt:
-    """`quantize kv-cache by <source> { rules }`."""
+    """`quantize kv-cache by <source> [as many as fit] { rules [budgets] }`."""
 
     source: ImportanceSource
     rules: tuple[KVRule, ...]
+    fit: Fit | None = None  # `as many as fit`: the first rule's amount is searched for
     span: Span = span_field()
+
+    part = "attention"  # the layers it ranks and searches over: those that keep attention (a cache)
 
 
 def _stmt(ast, meta, children) -> QuantizeKVStmt:
@@ -91,8 +103,12 @@ def _rule(ast, meta, children) -> KVRule:
 
 
 def _group(ast, meta, children) -> QuantizeKVGroupStmt:
-    source, *rules = children
-    return QuantizeKVGroupStmt(source, tuple(rules), span=ast.span(meta))
+    source, *items = children
+    marker = items.pop(0) if items and isinstance(items[0], Span) else None
+    rules = tuple(item for item in items if isinstance(item, KVRule))
+    budgets = [item for item in items if not isinstance(item, KVRule)]
+    fit = ast.fit(budgets, marker, ast.span(meta)) if marker is not None or budgets else None
+    return QuantizeKVGroupStmt(source, rules, fit, span=ast.span(meta))
 
 
 NODES = (QuantizeKVStmt, QuantizeKVGroupStmt)
@@ -104,6 +120,9 @@ BUILDERS = {
     "per_channel_option": lambda ast, meta, children: {"granularity": "per-channel"},
     "per_tensor_option": lambda ast, meta, children: {"granularity": "per-tensor"},
 }
+
+
+_BITS = {"int8": 8, "int4": 4, "fp8": 8}  # bits per cached value of each width the grammar takes
 
 
 def _width(item: QuantizeKVStmt | KVRule) -> str:
@@ -122,7 +141,11 @@ def unparse(statement: QuantizeKVStmt | QuantizeKVGroupStmt) -> str:
             else:
                 target = unparse_selector(rule.selector)
             lines.append(f"    {target} -> {_width(rule)}\n")
-        return f"quantize kv-cache {unparse_source(statement.source)} {{\n{''.join(lines)}}}"
+        marker = ""
+        if statement.fit is not None:
+            lines += [f"    {line}\n" for line in statement.fit.describe_items()]
+            marker = " as many as fit" if statement.fit.marked else ""
+        return f"quantize kv-cache {unparse_source(statement.source)}{marker} {{\n{''.join(lines)}}}"
     target = f" {unparse_selector(statement.selector)}" if statement.selector is not None else ""
     return f"quantize kv-cache{target} to {_width(statement)}"
 
@@ -186,6 +209,9 @@ def _check_group(c: Checker, statement: QuantizeKVGroupStmt, group: int, index: 
     if not statement.rules:
         c.error("a grouped quantize needs at least one rule", statement.span, "e.g. `most important 25% -> int8`")
         return []
+    fit = statement.fit
+    if fit is not None and not _fit_rules(c, statement, index):
+        return []
     resolved = []
     for position, rule in enumerate(statement.rules):
         if isinstance(rule.selector, RestLayers) and position != len(statement.rules) - 1:
@@ -199,7 +225,10 @@ def _check_group(c: Checker, statement: QuantizeKVGroupStmt, group: int, index: 
         if isinstance(rule.selector, RestLayers):
             resolved.append(replace(item, rest=True))
         elif isinstance(rule.selector, ImportanceRank):
-            query = c.importance(rule.selector, statement.source, "attention", index, rule.selector.span)
+            selector = rule.selector
+            if fit is not None and selector.count is None and selector.percent is None:
+                selector = replace(selector, fit=fit)  # the amount the search fills in
+            query = c.importance(selector, statement.source, "attention", index, rule.selector.span)
             if query is not None:
                 resolved.append(replace(item, query=query))
         else:
@@ -209,6 +238,27 @@ def _check_group(c: Checker, statement: QuantizeKVGroupStmt, group: int, index: 
     if not any(isinstance(rule.selector, ImportanceRank) for rule in statement.rules):
         c.score_source(statement.source, "attention", index)
     return resolved
+
+
+def _fit_rules(c: Checker, statement: QuantizeKVGroupStmt, index: ModelIndex) -> bool:
+    """A searched group is `most|least important -> W` then `rest -> W'` under `as many as fit`."""
+    fit = statement.fit
+    if not fit.marked:
+        c.error("budgets in a grouped quantize need `as many as fit` before the block",
+                fit.budgets[0].span if fit.budgets else statement.span,
+                f"write `quantize kv-cache {unparse_source(statement.source)} as many as fit {{ ... }}`")  # fmt: skip
+        return False
+    rules = statement.rules
+    first = rules[0].selector if rules else None
+    if not (len(rules) == 2 and isinstance(first, ImportanceRank) and first.count is None
+            and first.percent is None and isinstance(rules[1].selector, RestLayers)):  # fmt: skip
+        c.error("a searched grouped quantize has two rules: `most|least important -> <width>` and `rest -> <width>`",
+                statement.span, "the search finds how many layers the first rule takes; e.g. `most important -> "
+                "int8` and `rest -> int4`")  # fmt: skip
+        return False
+    lighter = rules[0].bits < rules[1].bits
+    check_fit(c, fit, index, more_is_lighter=lighter, what="the number of layers at the first rule's width")
+    return True
 
 
 def plan(state: PlanState) -> list[PlanStep]:
