@@ -7,7 +7,8 @@ key/value heads of 128, context 32k; generated on the machine, as ../shared/docs
 
 `build` writes the model, then `surgery apply --provider cuda` (verified on CUDA against PyTorch
 in fp16) of `export onnx for cuda` with a float cache, `quantize kv-cache to int8` and `to int4`
-(scales calibrated on WikiText-2 read byte by byte: the timing does not depend on the scales), and attention dropped in 7 of 28 layers plus int8.
+(scales calibrated on WikiText-2 read byte by byte: the timing does not depend
+on the scales), and attention dropped in 7 of 28 layers plus int8.
 `measure` times each through onnxruntime-genai-cuda (bench_gpu.genai_timing: an untimed
 warm-up, the prefill of a random prompt, then greedy steps timed one by one, the median step),
 in rounds that rotate the order; the KV bytes per token come from each surgery.json.
