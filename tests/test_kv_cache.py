@@ -195,3 +195,21 @@ def test_a_cache_budget_searches_how_many_layers_keep_int8(tmp_path):
                         "    rest -> int4\n    kv-cache at most 1 GB at 256 tokens\n}\n")  # fmt: skip
     checked = run_cli("check", str(unmarked))
     assert checked.code != 0 and "need `as many as fit`" in checked.err
+
+
+def test_verification_reads_onnxruntimes_codes_and_judges_their_rounding():
+    from surgery.backend.verify_cache import CacheReadBack, CodeCheck, unpack_codes
+
+    scale = torch.tensor(0.1)
+    k = torch.tensor([[[[0.25, 0.7, -0.31, 1.0]]]])  # x / scale: 2.5 (a tie), 7, -3.1, 10
+    v = torch.zeros_like(k)
+    check = CodeCheck()
+    theirs = torch.tensor([[[[3, 7, -3, 10]]]], dtype=torch.int16)  # the tie rounded up: allowed
+    keys, _ = CacheReadBack(theirs, torch.zeros_like(theirs), check).take(INT8, scale, scale, k, v)
+    assert torch.allclose(keys, theirs.float() * 0.1)  # attention reads onnxruntime's codes
+    assert (check.compared, check.differ, check.not_at_tie) == (8, 1, 0)
+    wrong = torch.tensor([[[[2, 8, -3, 10]]]], dtype=torch.int16)  # 7 read as 8: not a tie
+    CacheReadBack(wrong, torch.zeros_like(wrong), check).take(INT8, scale, scale, k, v)
+    assert check.not_at_tie == 1
+    packed = np.array([[[[0x1F, 0x80]]]], np.uint8)  # low nibble first, offset 8
+    assert unpack_codes(packed, INT4).tolist() == [[[[7, -7, -8, 0]]]]

@@ -92,6 +92,9 @@ class Verification:
     # Whether the export's quantized linears were checked exactly: the float-compute twin against
     # PyTorch with the quantized weights (otherwise verification ran before quantization).
     quantized_weights: bool = False
+    # A quantized KV cache: onnxruntime's codes against PyTorch's rounding (compared, differ,
+    # not at a tie), with PyTorch attending over onnxruntime's codes (surgery.backend.verify_cache).
+    kv_cache_codes: dict | None = None
 
     def to_json(self) -> dict:
         """Plain data for surgery.json."""
@@ -307,6 +310,7 @@ class OnnxRun:
 
     outputs: Iterable
     uses_cache: bool
+    cache: list | None = None  # the KV cache after the last step (numpy), when it was kept
 
 
 def onnx_steps(model: OnnxCausalLM, ids: np.ndarray, mask: np.ndarray, feed, steps: int):

@@ -36,6 +36,7 @@ import torch
 from surgery.analysis.quantization import BlockQuantized, producers_of, read_through_cast, stored_tensor
 from surgery.backend.runtime import OnnxCausalLM, StepOutput
 from surgery.backend.verify import PROMPTS, OnnxRun, ReferenceTrace, onnx_steps, prompt_batch
+from surgery.backend.verify_cache import CodeCheck, read_back_variant
 from surgery.formats.names import linear_layer, linear_of_packed_weight
 from surgery.formats.weights import WeightFormat
 from surgery.ir.graph import DecoderGraph, DecoderLayer
@@ -47,9 +48,11 @@ FLOAT_COMPUTE_MODEL = "model.float-compute.onnx"  # the exact part's twin, remov
 Variant = Callable[[DecoderLayer | Embedding | None], contextlib.AbstractContextManager]
 
 
-def onnx_greedy(model_path: str, ids: np.ndarray, mask: np.ndarray, steps: int, threads=None, providers=None):
+def onnx_greedy(model_path: str, ids: np.ndarray, mask: np.ndarray, steps: int, threads=None, providers=None,
+                keep_cache: bool = False):  # fmt: skip
     """(tokens (steps, batch), the run): onnxruntime's greedy tokens after the prompts, and its
-    outputs (logits only) of the prefill and of a decode step after each token."""
+    outputs (logits only) of the prefill and of a decode step after each token; with
+    `keep_cache`, also the KV cache after the last step (a quantized cache's codes)."""
     model = OnnxCausalLM(model_path, threads=threads, low_memory=True, providers=providers)
     tokens: list[np.ndarray] = []
 
@@ -57,10 +60,14 @@ def onnx_greedy(model_path: str, ids: np.ndarray, mask: np.ndarray, steps: int, 
         tokens.append(out.logits[:, -1].argmax(-1))
         return tokens[-1]
 
-    # The KV cache is dropped from what is kept: only the logits are compared.
-    outputs = [StepOutput(out.logits, []) for out in onnx_steps(model, ids, mask, choose, steps)]
+    # The KV cache is dropped from what is kept (only the logits are compared), but the last.
+    outputs, last = [], None
+    for out in onnx_steps(model, ids, mask, choose, steps):
+        outputs.append(StepOutput(out.logits, []))
+        last = out
+    cache = [p.numpy() if hasattr(p, "numpy") else np.asarray(p) for p in last.present] if keep_cache else None
     chosen = np.stack(tokens) if tokens else np.zeros((0, len(ids)), np.int64)
-    return chosen, OnnxRun(outputs, model.uses_cache)
+    return chosen, OnnxRun(outputs, model.uses_cache, cache)
 
 
 def teacher_forced_traces(
@@ -74,14 +81,21 @@ def teacher_forced_traces(
     providers: list[str] | None = None,
     prompts: tuple[str, ...] = PROMPTS,
     device: str | None = None,
+    read_back: list[CodeCheck] | None = None,
 ) -> list[tuple[ReferenceTrace, OnnxRun]]:
     """One ReferenceTrace per (onnx model path, PyTorch variant): onnxruntime's greedy tokens on
     that model, and PyTorch's logits at every position of prompts + tokens, all runs computed
     in one layer-major pass; with each, onnxruntime's recorded run, which `compare` takes instead
-    of replaying (the trace's inputs are exactly what onnxruntime was fed)."""
+    of replaying (the trace's inputs are exactly what onnxruntime was fed). With `read_back` (one
+    CodeCheck per run), a quantized KV cache's attention reads onnxruntime's codes and each
+    run's CodeCheck counts how they differ from PyTorch's rounding."""
     started = time.perf_counter()
     ids, mask = (t.numpy() for t in prompt_batch(tokenizer, prompts, padded))
-    greedy = [onnx_greedy(path, ids, mask, steps, threads, providers) for path, _ in runs]
+    keep = read_back is not None
+    greedy = [onnx_greedy(path, ids, mask, steps, threads, providers, keep) for path, _ in runs]
+    if keep:  # a quantized KV cache: PyTorch reads onnxruntime's codes (surgery.backend.verify_cache)
+        runs = [(path, _both(variant, read_back_variant(graph, run.cache, check)))
+                for (path, variant), (_, run), check in zip(runs, greedy, read_back, strict=True)]  # fmt: skip
     fed = [tokens for tokens, _ in greedy]
     batches = []
     for tokens in fed:
@@ -109,6 +123,17 @@ def teacher_forced_traces(
             )
         )
     return [(trace, run) for trace, (_, run) in zip(traces, greedy, strict=True)]
+
+
+def _both(first: Variant | None, second: Variant) -> Variant:
+    """A variant that applies `first` (if any) and then `second` to a layer's pass."""
+
+    @contextlib.contextmanager
+    def variant(layer):
+        with (first or (lambda _: contextlib.nullcontext()))(layer), second(layer):
+            yield
+
+    return variant
 
 
 def linear_owner(graph: DecoderGraph, linear: str) -> tuple[torch.nn.Module, str]:

@@ -99,15 +99,27 @@ def _verify_layerwise(run: Run, decode_steps: int):
     layerwise = {"reference": "teacher-forced, layer by layer"}
     padded = _padded(run)
 
+    # A quantized KV cache: PyTorch attends over onnxruntime's codes, checked against its own
+    # rounding (surgery.backend.verify_cache), one check per run.
+    from surgery.backend.verify_cache import CodeCheck, judged
+
+    cached = any(graph.layer(index).attention.kv_quant is not None for index in graph.kv_layers())
+    checks: list[CodeCheck] = []
+
     def traces(runs):
+        checks[:] = [CodeCheck() for _ in runs] if cached else []
         return teacher_forced_traces(graph, run.tokenizer, runs, decode_steps, options.kv_cache, padded,
-                                     settings.threads, settings.providers, device=settings.device)  # fmt: skip
+                                     settings.threads, settings.providers, device=settings.device,
+                                     read_back=checks or None)  # fmt: skip
+
+    def codes(verification, position: int = -1):
+        return judged(verification, checks[position]) if checks else verification
 
     layers = len(graph.layers)
     if not (options.quantize_linears or options.quantize_embedding):
         with counted(run.progress, "verifying against PyTorch (teacher-forced, layer by layer)", layers, "layer"):
             ((trace, recorded),) = traces([(model, None)])
-        return replace(compare(trace, model, tolerance, recorded=recorded), **layerwise), None
+        return codes(replace(compare(trace, model, tolerance, recorded=recorded), **layerwise)), None
     exact = float_compute_twin(folder) if options.accuracy_level else model
     try:
         # The run with the written weights comes last: it overwrites loaded weights in place.
@@ -115,7 +127,7 @@ def _verify_layerwise(run: Run, decode_steps: int):
                      "(float compute; teacher-forced, layer by layer)", layers, "layer"):  # fmt: skip
             original, quantized = traces([(model, None), (exact, written_weights(graph, model))])
         verification = compare(quantized[0], exact, tolerance, recorded=quantized[1])
-        verification = replace(verification, **layerwise, quantized_weights=True)
+        verification = codes(replace(verification, **layerwise, quantized_weights=True))
     finally:
         if exact != model:
             os.remove(exact)

@@ -70,6 +70,9 @@ class Attention(torch.nn.Module):
         self.sliding_window = sliding_window
         self.rope = rope  # which rotary table this layer reads
         self.kv_quant: KVQuantization | None = None  # a quantized KV cache: its format and scales
+        # Verification only: onnxruntime's cache codes, read instead of PyTorch's own rounding
+        # (surgery.backend.verify_cache.CacheReadBack).
+        self.kv_read_back = None
         # Called with (keys after RoPE, values, rotary dims) before they are cached: the KV cache
         # calibration's statistics (surgery/analysis/kv_calibration.py).
         self.observe = None
@@ -97,8 +100,11 @@ class Attention(torch.nn.Module):
             self.observe(k, v, cos.shape[-1])
         if self.kv_quant is not None:  # what attention reads back from a quantized cache
             quant = self.kv_quant
-            k = quant.format.fake_quantize(k, quant.k_scale.to(k.device))
-            v = quant.format.fake_quantize(v, quant.v_scale.to(v.device))
+            if self.kv_read_back is not None:
+                k, v = self.kv_read_back.take(quant.format, quant.k_scale, quant.v_scale, k, v)
+            else:
+                k = quant.format.fake_quantize(k, quant.k_scale.to(k.device))
+                v = quant.format.fake_quantize(v, quant.v_scale.to(v.device))
         if cache is not None:
             store, slot = cache
             k, v = store.append(slot, k, v)
