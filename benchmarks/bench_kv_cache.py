@@ -9,7 +9,7 @@ cache), KL and top-1 against the float-cache output, pass keys found at `--retri
 (5 depths each), decode ms per token after prompts of `--lengths` tokens. Prints a table, writes
 JSON (default bench-results/kv-cache-<model>.json).
 
-    python benchmarks/bench_kv_cache.py smollm2
+    python benchmarks/bench_kv_cache.py smollm2 --lengths 2048 8000 --budget 47 8192 4
     python benchmarks/bench_kv_cache.py qwen --gguf FILE --retrieval 4096 16384 --lengths 2048 8192 32768
 """
 
@@ -33,8 +33,18 @@ from common import measure, size_mb, write_result  # noqa: E402
 CALIBRATE = 'calibrate on "wikitext-2-valid" samples 32 length 256\n'
 
 
-def variants(drop: int) -> dict[str, str]:
-    """Name -> the statements after the model line (the float cache has none)."""
+def variants(drop: int, budget: tuple[float, int, int] | None = None) -> dict[str, str]:
+    """Name -> the statements after the model line (the float cache has none). `budget` (MB, at
+    tokens, attention layers dropped): the budgeted combination, which drops that many attention
+    layers and searches how many of the rest keep an int8 cache (the others int4) in the budget."""
+    found = {}
+    if budget is not None:
+        mb, tokens, dropped = budget
+        found[f"budgeted: {mb:g} MB at {tokens}"] = (
+            CALIBRATE + f"drop attention least important {dropped} by similarity\n"
+            "quantize kv-cache by similarity as many as fit {\n    most important -> int8\n    rest -> int4\n"
+            f"    kv-cache at most {mb:g} MB at {tokens} tokens\n}}\n"
+        )
     return {
         "fp cache": "",
         "int8 cache": CALIBRATE + "quantize kv-cache to int8\n",
@@ -42,6 +52,7 @@ def variants(drop: int) -> dict[str, str]:
         f"attention dropped in {drop}": CALIBRATE + f"drop attention least important {drop} by similarity\n",
         f"attention dropped in {drop} + int4": CALIBRATE + f"drop attention least important {drop} by similarity\n"
         "quantize kv-cache to int4\n",
+        **found,
     }
 
 
@@ -66,6 +77,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="+", default=None, metavar="TEXT", help="only variants whose name has one")
+    parser.add_argument("--budget", type=float, nargs=3, default=None, metavar=("MB", "TOKENS", "DROPPED"),
+                        help="the budgeted combination: cache MB at TOKENS, DROPPED attention layers")  # fmt: skip
     parser.add_argument("--keep", type=Path, default=None, help="build into this folder; reuse what is there")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -86,7 +99,8 @@ def main() -> None:
     drop = args.drop if args.drop is not None else layers // 4
     work = args.keep or Path(tempfile.mkdtemp(prefix="surgery-kv-"))
     work.mkdir(parents=True, exist_ok=True)
-    chosen = {name: body for name, body in variants(drop).items()
+    budget = (args.budget[0], int(args.budget[1]), int(args.budget[2])) if args.budget else None
+    chosen = {name: body for name, body in variants(drop, budget).items()
               if name == "fp cache" or not args.only or any(o in name for o in args.only)}  # fmt: skip
     folders, builds = {}, {}
     for name, body in chosen.items():
