@@ -95,7 +95,7 @@ SYNTAX_ERRORS = {
     "drop attention layers 20..": ("incomplete statement", None),
     "drop mlp 3": ("unexpected '3', expected 'layers'", None),
     "export onnx opset x": ("unexpected 'x', expected a number", None),
-    "export onnx without cache": ("unexpected 'cache', expected cuda-graphs or kv-cache", None),
+    "export onnx without cache": ("unexpected 'cache', expected 'cuda-graphs' or 'kv-cache'", None),
     "model smollm2": ("unexpected 'smollm2'", None),
 }
 

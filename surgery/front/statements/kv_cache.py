@@ -10,12 +10,13 @@ was dropped has no cache, and is left out with a warning. Later statements win f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery.diagnostics import Diagnostic
 from surgery.formats.kv_cache import DEFAULT_GRANULARITY, KVCacheFormat
-from surgery.front.budgets import Fit, check_fit
+from surgery.front.budgets import Fit
+from surgery.front.grouped import check_rules
 from surgery.front.plan_step import PlanStep, Run
 from surgery.front.selection import ImportanceQuery
 from surgery.front.selectors import (
@@ -212,59 +213,11 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedKV]:
 
 
 def _check_group(c: Checker, statement: QuantizeKVGroupStmt, group: int, index: ModelIndex, target: str):
-    if not statement.rules:
-        c.error("a grouped quantize needs at least one rule", statement.span, "e.g. `most important 25% -> int8`")
-        return []
-    fit = statement.fit
-    if fit is not None and not _fit_rules(c, statement, index):
-        return []
-    resolved = []
-    for position, rule in enumerate(statement.rules):
-        if isinstance(rule.selector, RestLayers) and position != len(statement.rules) - 1:
-            c.error("`rest` must be the last rule", rule.span,
-                    "rules after `rest` can never match: every layer is taken by then")  # fmt: skip
-            continue
+    def item_of(rule: KVRule) -> ResolvedKV | None:
         fmt = _format(c, rule, target)
-        if fmt is None:
-            continue
-        item = ResolvedKV(fmt, rule.span, group=group)
-        if isinstance(rule.selector, RestLayers):
-            resolved.append(replace(item, rest=True))
-        elif isinstance(rule.selector, ImportanceRank):
-            selector = rule.selector
-            if fit is not None and selector.count is None and selector.percent is None:
-                selector = replace(selector, fit=fit)  # the amount the search fills in
-            query = c.importance(selector, statement.source, "attention", index, rule.selector.span)
-            if query is not None:
-                resolved.append(replace(item, query=query))
-        else:
-            layers = c.selector(rule.selector, index)
-            if layers is not None:
-                resolved.append(replace(item, layers=layers))
-    if not any(isinstance(rule.selector, ImportanceRank) for rule in statement.rules):
-        c.score_source(statement.source, "attention", index)
-    return resolved
+        return ResolvedKV(fmt, rule.span, group=group) if fmt is not None else None
 
-
-def _fit_rules(c: Checker, statement: QuantizeKVGroupStmt, index: ModelIndex) -> bool:
-    """A searched group is `most|least important -> W` then `rest -> W'` under `as many as fit`."""
-    fit = statement.fit
-    if not fit.marked:
-        c.error("budgets in a grouped quantize need `as many as fit` before the block",
-                fit.budgets[0].span if fit.budgets else statement.span,
-                f"write `quantize kv-cache {unparse_source(statement.source)} as many as fit {{ ... }}`")  # fmt: skip
-        return False
-    rules = statement.rules
-    first = rules[0].selector if rules else None
-    if not (len(rules) == 2 and isinstance(first, ImportanceRank) and first.count is None
-            and first.percent is None and isinstance(rules[1].selector, RestLayers)):  # fmt: skip
-        c.error("a searched grouped quantize has two rules: `most|least important -> <width>` and `rest -> <width>`",
-                statement.span, "the search finds how many layers the first rule takes; e.g. `most important -> "
-                "int8` and `rest -> int4`")  # fmt: skip
-        return False
-    lighter = rules[0].bits < rules[1].bits
-    check_fit(c, fit, index, more_is_lighter=lighter, what="the number of layers at the first rule's width")
-    return True
+    return check_rules(c, statement, "attention", index, "quantize kv-cache", item_of)
 
 
 def plan(state: PlanState) -> list[PlanStep]:

@@ -12,16 +12,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from surgery.diagnostics import Diagnostic
 from surgery.formats.names import EMBEDDING, HEAD
 from surgery.formats.weights import BLOCKS, DEFAULT_BLOCK, QuantizedTarget, WeightFormat
-from surgery.front.budgets import check_fit
+from surgery.front.grouped import check_rules
 from surgery.front.plan_step import PlanStep, Run
 from surgery.front.selection import ImportanceQuery
-from surgery.front.selectors import (
-    AllLayers,
-    ImportanceRank,
-    ImportanceSelector,
-    RestLayers,
-    unparse_source,
-)
+from surgery.front.selectors import AllLayers, ImportanceSelector
 from surgery.front.statements.base import SCORE_PART
 from surgery.front.statements.quantize.rounding import check_preset, rounding_holds
 from surgery.front.statements.quantize.syntax import (
@@ -155,75 +149,15 @@ def _group(c, statement: QuantizeGroupStmt, group: int, index: ModelIndex) -> li
             "quantize attention or head on this model",
         )
         return []
-    if not statement.rules:
-        c.error("a grouped quantize needs at least one rule", statement.span, "e.g. `most important 25% -> int8`")
-        return []
-    fit = statement.fit
-    if fit is not None and not _fit_rules(c, statement, index):
-        return []
-    resolved = []
-    part = SCORE_PART[statement.part]
-    for position, rule in enumerate(statement.rules):
-        if isinstance(rule.selector, RestLayers) and position != len(statement.rules) - 1:
-            c.error(
-                "`rest` must be the last rule",
-                rule.span,
-                "rules after `rest` can never match: every layer is taken by then",
-            )
-            continue
+
+    def item_of(rule: QuantizeRule) -> ResolvedQuantize | None:
         if not rounding_holds(c, rule):
-            continue
-        item = ResolvedQuantize(statement.part, rule.bits, _block(c, rule), rule.symmetric, rule.span, group=group,
+            return None
+        return ResolvedQuantize(statement.part, rule.bits, _block(c, rule), rule.symmetric, rule.span, group=group,
                                 gptq=rule.gptq, weighted=rule.weighted, act_order=rule.act_order,
                                 half_scales=rule.half_scales)  # fmt: skip
-        if isinstance(rule.selector, RestLayers):
-            resolved.append(replace(item, rest=True))
-        elif isinstance(rule.selector, ImportanceRank):
-            selector = rule.selector
-            if fit is not None and selector.count is None and selector.percent is None:
-                selector = replace(selector, fit=fit)  # the amount the search fills in
-            query = c.importance(selector, statement.source, part, index, rule.selector.span)
-            if query is not None:
-                resolved.append(replace(item, query=query))
-        else:
-            layers = c.selector(rule.selector, index)
-            if layers is not None:
-                resolved.append(replace(item, layers=layers))
-    # The group's source must be valid even if no rule ranks by it.
-    if not any(isinstance(rule.selector, ImportanceRank) for rule in statement.rules):
-        c.score_source(statement.source, part, index)
-    return resolved
 
-
-def _fit_rules(c, statement: QuantizeGroupStmt, index: ModelIndex) -> bool:
-    """A searched group is `most|least important -> W` then `rest -> W'`, under `as many as fit`."""
-    fit = statement.fit
-    if not fit.marked:
-        c.error(
-            "budgets in a grouped quantize need `as many as fit` before the block",
-            fit.budgets[0].span if fit.budgets else statement.span,
-            f"write `quantize {statement.part} {unparse_source(statement.source)} as many as fit {{ ... }}`",
-        )
-        return False
-    rules = statement.rules
-    shape = (
-        len(rules) == 2
-        and isinstance(rules[0].selector, ImportanceRank)
-        and rules[0].selector.count is None
-        and rules[0].selector.percent is None
-        and isinstance(rules[1].selector, RestLayers)
-    )
-    if not shape:
-        c.error(
-            "a searched grouped quantize has two rules: `most|least important -> <width>` and `rest -> <width>`",
-            statement.span,
-            "the search finds how many layers the first rule takes; e.g. `most important -> int8` and `rest -> int4`",
-        )
-        return False
-    lighter = rules[0].bits < rules[1].bits
-    what = "the number of layers at the first rule's width"
-    check_fit(c, fit, index, more_is_lighter=lighter, what=what)
-    return True
+    return check_rules(c, statement, SCORE_PART[statement.part], index, f"quantize {statement.part}", item_of)
 
 
 def _block(c, item: QuantizeStmt | QuantizeRule) -> int:
