@@ -212,3 +212,14 @@ def test_exporting_tables_leaves_the_models_rotary_state_alone():
     short = module.inv_freq.clone()
     graph.rotary.tables(None, 256)  # reads the long factors too
     assert torch.equal(module.inv_freq, short)
+
+
+def test_partial_rotary_is_refused_only_where_onnxruntime_cannot_rotate_it():
+    from surgery.models.index import ModelIndex
+
+    config = builtin.tiny_config("tiny-phi4-mini")
+    assert not ModelIndex.from_config("tiny-phi4-mini", config).unsupported_reasons()
+    config.partial_rotary_factor = 0.25  # 8 of 32 dimensions: GroupQueryAttention's tables need 16
+    config.rope_parameters["partial_rotary_factor"] = 0.25
+    problems = ModelIndex.from_config("tiny-phi4-mini", config).unsupported_reasons()
+    assert any("rotates 8 of 32 dimensions" in problem for problem in problems)

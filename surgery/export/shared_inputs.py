@@ -14,6 +14,7 @@ class SharedInputs:
         self.e = emitter
         self.seqlens_k = self.total_len = self.bias = self.position_ids = ""
         self._tables: dict[str | None, tuple[str, str]] = {}
+        self._dims: dict[str | None, int] = {}
 
     def rotary(self, kind: str | None) -> tuple[str, str]:
         """cos/sin cache names of one RoPE kind, written on first use."""
@@ -21,11 +22,18 @@ class SharedInputs:
             self._tables[kind] = self._write(kind)
         return self._tables[kind]
 
+    def rotary_dim(self, kind: str | None) -> int:
+        """How many dimensions of each head RoPE of this kind rotates (less than the head with
+        partial rotary embeddings: Phi-4-mini rotates 96 of 128)."""
+        self.rotary(kind)
+        return self._dims[kind]
+
     def _write(self, kind: str | None) -> tuple[str, str]:
         e = self.e
         w = e.w
         suffix = f"_{kind}" if kind else ""
         tables = e.graph.rotary.tables(kind, e.context_length)
+        self._dims[kind] = 2 * tables.cos.shape[1]
         cos = w.weight(f"cos_cache{suffix}", tables.cos.astype(e.dtype), parameter=False)
         sin = w.weight(f"sin_cache{suffix}", tables.sin.astype(e.dtype), parameter=False)
         if tables.switch_at is None:

@@ -139,6 +139,30 @@ TINY_MODELS: dict[str, TinyModel] = {
         seed=9,
         random_norms=True,
     ),
+    # Phi-4-mini: Phi-3 whose RoPE rotates only part of each head (0.75 of 128 there; half of
+    # 32 here, the least onnxruntime's GroupQueryAttention takes: a multiple of 16 dimensions).
+    "tiny-phi4-mini": TinyModel(
+        "phi3",
+        {
+            "hidden_size": 64,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "max_position_embeddings": 256,
+            "original_max_position_embeddings": 32,
+            "partial_rotary_factor": 0.5,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "original_max_position_embeddings": 32,
+                "partial_rotary_factor": 0.5,
+                "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                "long_factor": [1.0 + 0.5 * i for i in range(8)],
+            },
+        },
+        seed=12,
+        random_norms=True,
+    ),
     # Granite: Llama with multipliers that are far from 1, so a missing one shows.
     "tiny-granite": TinyModel(
         "granite",

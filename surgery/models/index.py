@@ -158,9 +158,11 @@ class ModelIndex:
             reasons.append(
                 f"activation '{self.hidden_act}' is not supported for {self.architecture} (expected {wanted})"
             )
-        if self.partial_rotary != 1.0:
+        rotated = int(self.head_dim * self.partial_rotary)
+        if rotated % 16:  # GroupQueryAttention's cos/sin tables: a multiple of 8 wide (half the rotated dims)
             reasons.append(
-                f"partial rotary embeddings (partial_rotary_factor {self.partial_rotary:g}) are not supported yet"
+                f"RoPE rotates {rotated} of {self.head_dim} dimensions per head (partial_rotary_factor "
+                f"{self.partial_rotary:g}); onnxruntime's GroupQueryAttention needs a multiple of 16"
             )
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             reasons.append(

@@ -148,10 +148,13 @@ class Attention(torch.nn.Module):
             q, k, v = qkv, "", ""  # packed: GroupQueryAttention splits it itself
         cos, sin = shared.rotary(self.rope)
         if explicit:
+            rotated = shared.rotary_dim(self.rope)
+            # Partial rotary embeddings: RotaryEmbedding must be told (GroupQueryAttention reads the tables).
+            partial = {"rotary_embedding_dim": rotated} if rotated < self.head_dim else {}
             q = w.op("RotaryEmbedding", [q, shared.position_ids, cos, sin], f"/{name}/q_rotary", MS,
-                     interleaved=0, num_heads=self.num_heads)  # fmt: skip
+                     interleaved=0, num_heads=self.num_heads, **partial)  # fmt: skip
             k = w.op("RotaryEmbedding", [k, shared.position_ids, cos, sin], f"/{name}/k_rotary", MS,
-                     interleaved=0, num_heads=self.num_kv_heads)  # fmt: skip
+                     interleaved=0, num_heads=self.num_kv_heads, **partial)  # fmt: skip
         past_k = past_v = ""
         present = [f"/{name}/present_key", f"/{name}/present_value"]
         if e.options.kv_cache:
