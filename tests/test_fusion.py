@@ -36,7 +36,11 @@ def _fused(arch: str, fuse: Fuse, tmp_path):
     return graph, export_decoder(graph, str(tmp_path))
 
 
-@pytest.mark.parametrize("arch", TINY)
+# `check` refuses fusion into a soft-capped head (Gemma 2): its readouts do not mix linearly.
+FUSABLE = tuple(name for name in TINY if getattr(builtin.tiny_config(name), "final_logit_softcapping", None) is None)
+
+
+@pytest.mark.parametrize("arch", FUSABLE)
 @pytest.mark.parametrize(
     "fuse",
     [Fuse(layers=(3,), weight=0.4), Fuse(layers=(1, 2, 3, 4), weight=0.6, dynamic=True)],

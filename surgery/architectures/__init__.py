@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 
 from surgery.architectures.description import Architecture
+from surgery.architectures.gemma2 import GEMMA2
 from surgery.architectures.gemma3 import GEMMA3
 from surgery.architectures.granite import GRANITE
 from surgery.architectures.llama import LLAMA
@@ -23,7 +24,7 @@ from surgery.architectures.qwen3_moe import QWEN3_MOE
 
 REGISTRY: dict[str, Architecture] = {
     a.model_type: a
-    for a in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, GEMMA3, PHI3, GRANITE, OLMO2)
+    for a in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, GEMMA2, GEMMA3, PHI3, GRANITE, OLMO2)
 }
 
 

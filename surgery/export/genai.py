@@ -34,6 +34,7 @@ GENAI_MODEL_TYPES = {
     "mistral": "mistral",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "gemma2": "gemma2",
     "gemma3_text": "gemma3_text",
     "phi3": "phi3",
     "granite": "granite",

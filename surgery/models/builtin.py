@@ -121,6 +121,23 @@ TINY_MODELS: dict[str, TinyModel] = {
         seed=8,
         random_norms=True,
     ),
+    # Gemma 2: soft-capped attention scores and logits (caps small enough to bite), a sliding
+    # window of 8 on every other layer.
+    "tiny-gemma2": TinyModel(
+        "gemma2",
+        {
+            "tie_word_embeddings": True,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"] * 3,
+            "query_pre_attn_scalar": 24,
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 5.0,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        seed=13,
+        random_norms=True,
+    ),
     # Phi-3: fused qkv_proj and gate_up_proj; longrope with a 32-position original context, so
     # verification's prompts run on the long factors and short prompts on the short ones.
     "tiny-phi3": TinyModel(
