@@ -21,10 +21,12 @@ from surgery.architectures.qwen2 import QWEN2
 from surgery.architectures.qwen2_moe import QWEN2_MOE
 from surgery.architectures.qwen3 import QWEN3
 from surgery.architectures.qwen3_moe import QWEN3_MOE
+from surgery.architectures.smollm3 import SMOLLM3
 
 REGISTRY: dict[str, Architecture] = {
     a.model_type: a
-    for a in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, GEMMA2, GEMMA3, PHI3, GRANITE, OLMO2)
+    for a in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, GEMMA2, GEMMA3, PHI3, GRANITE, OLMO2,
+              SMOLLM3)
 }
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from surgery.architectures.description import Architecture, DescriptionError
-from surgery.nodes.attention import Attention
+from surgery.nodes.attention import NO_ROPE, Attention
 from surgery.nodes.embedding import Embedding
 from surgery.nodes.head import Head
 from surgery.nodes.linear import linear_view
@@ -82,7 +82,6 @@ def _attention(arch: Architecture, config: Any, module: torch.nn.Module, index: 
         k_norm = _norm(arch, config, _part(module, spec.k_norm, path, arch))
     softcap = getattr(config, spec.softcap_field, None) if spec.softcap_field else None
     clip = getattr(config, spec.clip_field, None) if spec.clip_field else None
-    layer_types = getattr(config, "layer_types", None)
     return Attention(
         q, k, v, _part(module, spec.o, path, arch),
         num_heads=heads,
@@ -95,8 +94,15 @@ def _attention(arch: Architecture, config: Any, module: torch.nn.Module, index: 
         softcap=float(softcap) if softcap is not None else None,
         clip=float(clip) if clip is not None else None,
         sliding_window=int(config.sliding_window) if sliding else None,
-        rope=layer_types[index] if spec.rope_per_layer_type else None,
+        rope=_rope_kind(spec, config, index),
     )  # fmt: skip
+
+
+def _rope_kind(spec, config: Any, index: int) -> str | None:
+    """Which rotary table a layer reads: its layer type's (Gemma 3), none (a NoPE layer), or the model's."""
+    if spec.rope_layers_field is not None and not getattr(config, spec.rope_layers_field)[index]:
+        return NO_ROPE
+    return config.layer_types[index] if spec.rope_per_layer_type else None
 
 
 def _mlp(arch: Architecture, module: torch.nn.Module, path: str) -> torch.nn.Module:

@@ -97,6 +97,9 @@ class Attention:
     clip_field: str | None = None  # clamp Q, K and V to +-value (OLMoE)
     sliding: Sliding = "layer_types"  # which layers use the sliding window
     rope_per_layer_type: bool = False  # one RoPE table per `layer_types` entry (Gemma 3)
+    # A config list saying per layer whether it uses RoPE at all (1) or none (0): SmolLM3's
+    # `no_rope_layers`, every fourth layer without positions (NoPE).
+    rope_layers_field: str | None = None
 
 
 @dataclass(frozen=True)

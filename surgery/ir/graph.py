@@ -31,7 +31,7 @@ from surgery.ir.inputs import KVCache, ResidualObserver, attention_bias, on_devi
 from surgery.ir.layer import DecoderLayer, walk_layer
 from surgery.models.index import ModelIndex
 from surgery.models.lazy import LazyWeights, unique_parameters
-from surgery.nodes.attention import Attention
+from surgery.nodes.attention import NO_ROPE, Attention
 from surgery.nodes.fusion import FusionChoice, HeadFusion, fused_logits
 from surgery.nodes.norm import RMSNorm
 from surgery.progress import advance
@@ -346,8 +346,9 @@ class ReferenceSequence:
 
     def attention(self, node: Attention, x: torch.Tensor, name: str) -> torch.Tensor:
         """The attention on `x` with this batch's rotary table, mask and next cache slot."""
-        if node.rope not in self.tables:
-            self.tables[node.rope] = self.rotary.cos_sin(self.hidden, self.position_ids, node.rope)
+        if node.rope not in self.tables:  # a NoPE layer reads none
+            self.tables[node.rope] = (None if node.rope == NO_ROPE
+                                      else self.rotary.cos_sin(self.hidden, self.position_ids, node.rope))  # fmt: skip
         window = node.sliding_window
         if window not in self.masks:
             self.masks[window] = attention_bias(

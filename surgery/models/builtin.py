@@ -180,6 +180,15 @@ TINY_MODELS: dict[str, TinyModel] = {
         seed=12,
         random_norms=True,
     ),
+    # SmolLM3: every fourth layer without RoPE (NoPE), here layers 1 and 3 of 6 as well, so
+    # dropping around them keeps both kinds.
+    "tiny-smollm3": TinyModel(
+        "smollm3",
+        {"no_rope_layers": [1, 0, 1, 0, 1, 1], "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+         "use_sliding_window": False},
+        seed=14,
+        random_norms=True,
+    ),
     # Granite: Llama with multipliers that are far from 1, so a missing one shows.
     "tiny-granite": TinyModel(
         "granite",

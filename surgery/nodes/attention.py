@@ -21,6 +21,8 @@ from surgery.nodes.context import MS, EmitContext
 from surgery.nodes.linear import emit_linear
 from surgery.nodes.norm import RMSNorm
 
+NO_ROPE = "no-rope"  # the rotary kind of a layer without positions (SmolLM3's NoPE layers)
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """(-x2, x1) for the two halves of the last axis."""
@@ -93,11 +95,14 @@ class Attention(torch.nn.Module):
         v = v.view(batch, seq, -1, self.head_dim).transpose(1, 2)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = cos_sin
-        # Some families' tables stay fp32 (OLMo 2 rotates in fp32): back to the element type.
-        q, k = apply_rotary(q, cos, sin).to(x.dtype), apply_rotary(k, cos, sin).to(x.dtype)
+        rotated = 0
+        if self.rope != NO_ROPE:
+            cos, sin = cos_sin
+            # Some families' tables stay fp32 (OLMo 2 rotates in fp32): back to the element type.
+            q, k = apply_rotary(q, cos, sin).to(x.dtype), apply_rotary(k, cos, sin).to(x.dtype)
+            rotated = cos.shape[-1]
         if self.observe is not None:
-            self.observe(k, v, cos.shape[-1])
+            self.observe(k, v, rotated)
         if self.kv_quant is not None:  # what attention reads back from a quantized cache
             quant = self.kv_quant
             if self.kv_read_back is not None:
@@ -146,8 +151,9 @@ class Attention(torch.nn.Module):
                 q, k, v = (w.op("Clip", [t, *bounds], f"/{name}/clip_{n}") for t, n in ((q, "q"), (k, "k"), (v, "v")))
         else:
             q, k, v = qkv, "", ""  # packed: GroupQueryAttention splits it itself
-        cos, sin = shared.rotary(self.rope)
-        if explicit:
+        positions = self.rope != NO_ROPE
+        cos, sin = shared.rotary(self.rope) if positions else ("", "")
+        if explicit and positions:
             rotated = shared.rotary_dim(self.rope)
             # Partial rotary embeddings: RotaryEmbedding must be told (GroupQueryAttention reads the tables).
             partial = {"rotary_embedding_dim": rotated} if rotated < self.head_dim else {}
@@ -160,7 +166,7 @@ class Attention(torch.nn.Module):
         if e.options.kv_cache:
             past_k, past_v = f"past_key_values.{slot}.key", f"past_key_values.{slot}.value"
             present = [f"present.{slot}.key", f"present.{slot}.value"]
-        rotary = ["", ""] if explicit else [cos, sin]
+        rotary = ["", ""] if explicit or not positions else [cos, sin]
         inputs = [q, k, v, past_k, past_v, shared.seqlens_k, shared.total_len, *rotary, "", shared.bias]
         extra = {"softcap": float(self.softcap)} if self.softcap is not None else {}
         if self.kv_quant is not None:
@@ -179,7 +185,7 @@ class Attention(torch.nn.Module):
             scale=self.scaling,
             # transformers lets query q see key k when q - k < window; this attribute counts alike.
             local_window_size=self.sliding_window if self.sliding_window else -1,
-            do_rotary=0 if explicit else 1,
+            do_rotary=0 if explicit or not positions else 1,
             rotary_interleaved=0,
             **extra,
         )[0]
