@@ -14,6 +14,7 @@ from surgery.architectures.granite import GRANITE
 from surgery.architectures.llama import LLAMA
 from surgery.architectures.mistral import MISTRAL
 from surgery.architectures.mixtral import MIXTRAL
+from surgery.architectures.olmo import OLMO
 from surgery.architectures.olmo2 import OLMO2
 from surgery.architectures.olmoe import OLMOE
 from surgery.architectures.phi3 import PHI3
@@ -25,8 +26,8 @@ from surgery.architectures.smollm3 import SMOLLM3
 
 REGISTRY: dict[str, Architecture] = {
     a.model_type: a
-    for a in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, GEMMA2, GEMMA3, PHI3, GRANITE, OLMO2,
-              SMOLLM3)
+    for a in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, GEMMA2, GEMMA3, PHI3, GRANITE,
+              OLMO, OLMO2, SMOLLM3)
 }
 
 

@@ -19,7 +19,7 @@ from surgery.nodes.head import Head
 from surgery.nodes.linear import linear_view
 from surgery.nodes.mlp import GatedMLP
 from surgery.nodes.moe import MixtureOfExperts, is_moe
-from surgery.nodes.norm import RMSNorm
+from surgery.nodes.norm import LayerNorm, RMSNorm
 from surgery.nodes.rotary import Rotary
 
 
@@ -55,10 +55,12 @@ def _part(parent: Any, name: str, path: str, arch: Architecture) -> Any:
     return module
 
 
-def _norm(arch: Architecture, config: Any, module: torch.nn.Module) -> RMSNorm:
-    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None)
+def _norm(arch: Architecture, config: Any, module: torch.nn.Module) -> RMSNorm | LayerNorm:
+    eps = arch.norms.eps or getattr(module, "variance_epsilon", None) or getattr(module, "eps", None)
     if eps is None:
         eps = getattr(config, arch.norms.eps_field, 1e-6)
+    if arch.norms.kind == "layer":
+        return LayerNorm(getattr(module, "weight", None), float(eps), int(config.hidden_size))
     return RMSNorm(module.weight, float(eps), arch.norms.offset)
 
 

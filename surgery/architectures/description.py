@@ -41,6 +41,8 @@ class Norms:
     placement: NormPlacement = "pre"
     offset: float = 0.0
     eps_field: str = "rms_norm_eps"
+    kind: Literal["rms", "layer"] = "rms"  # RMSNorm, or LayerNorm (mean subtracted; OLMo)
+    eps: float | None = None  # an epsilon the family fixes in code rather than its config (OLMo: 1e-5)
 
 
 @dataclass(frozen=True)

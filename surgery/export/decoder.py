@@ -183,7 +183,7 @@ class _Emitter:
                 self.pending = None
             return self.residual
         if scale is None:
-            gamma = self.w.weight(f"{name}.weight", norm.gain(self))
+            gamma = self.w.weight(f"{name}.weight", norm.gain(self), parameter=norm.has_weight)
         else:
             gamma = self.w.weight(f"{name}.weight_x{scale:g}", norm.gain(self, scale), parameter=not derived)
         if self.pending is None:

@@ -180,6 +180,10 @@ TINY_MODELS: dict[str, TinyModel] = {
         seed=12,
         random_norms=True,
     ),
+    # OLMo: non-parametric LayerNorms and Q/K/V clamped (small enough to bite).
+    "tiny-olmo": TinyModel(
+        "olmo", {"clip_qkv": 0.5, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}, seed=15
+    ),
     # SmolLM3: every fourth layer without RoPE (NoPE), here layers 1 and 3 of 6 as well, so
     # dropping around them keeps both kinds.
     "tiny-smollm3": TinyModel(

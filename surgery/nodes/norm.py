@@ -1,4 +1,6 @@
-"""RMSNorm: `x / rms(x) * (offset + w)`, statistics in fp32."""
+"""The norms a layer may hold, statistics in fp32: RMSNorm `x / rms(x) * (offset + w)`, and
+LayerNorm `(x - mean) / std * w` (OLMo's non-parametric one has no `w`). Each runs in PyTorch and
+emits itself alone or fused with the residual add before it."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from surgery.nodes.context import MS, EmitContext
 
 class RMSNorm(torch.nn.Module):
     """RMSNorm over the last axis. `offset` is 1 for Gemma's `1 + w` gains, else 0."""
+
+    has_weight = True  # its gain is a parameter of the model
 
     def __init__(self, weight: torch.nn.Parameter, eps: float, offset: float = 0.0):
         super().__init__()
@@ -40,6 +44,54 @@ class RMSNorm(torch.nn.Module):
         out, _, _, total = e.w.node(
             "SkipSimplifiedLayerNormalization",
             [update, residual, gamma],
+            name,
+            [f"{name}/output_0", "", "", f"{name}/output_3"],
+            MS,
+            epsilon=self.eps,
+        )
+        return out, total
+
+
+class LayerNorm(torch.nn.Module):
+    """LayerNorm over the last axis without a bias: `(x - mean(x)) / std(x) * w`, or `* 1` where
+    the family has no gain (OLMo's non-parametric LayerNorm)."""
+
+    def __init__(self, weight: torch.nn.Parameter | None, eps: float, size: int):
+        super().__init__()
+        self.weight = weight  # the Hugging Face parameter itself, or None
+        self.eps = float(eps)
+        self.size = int(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize in fp32, scale by the gain if any, return in x's type."""
+        weight = self.weight.float() if self.weight is not None else None
+        return torch.nn.functional.layer_norm(x.float(), (self.size,), weight, None, self.eps).to(x.dtype)
+
+    @property
+    def has_weight(self) -> bool:
+        """Whether the gain is a parameter of the model (else it is 1, written only for the kernel)."""
+        return self.weight is not None
+
+    def gain(self, e: EmitContext, scale: float = 1.0) -> np.ndarray:
+        """The gain `w * scale` (ones without a weight)."""
+        gain = e.array(self.weight.detach().float()) if self.weight is not None else np.ones(self.size, e.dtype)
+        return gain * np.asarray(scale, dtype=gain.dtype) if scale != 1.0 else gain
+
+    def _beta(self, e: EmitContext, name: str) -> str:
+        return e.w.weight(f"{name}.bias", np.zeros(self.size, e.dtype), parameter=False)
+
+    def emit(self, e: EmitContext, x: str, name: str, gamma: str | None = None) -> str:
+        """LayerNormalization of `x` (fp32 statistics)."""
+        gamma = gamma or e.w.weight(f"{name}.weight", self.gain(e), parameter=self.has_weight)
+        return e.w.op("LayerNormalization", [x, gamma, self._beta(e, name)], name, axis=-1, epsilon=self.eps,
+                      stash_type=1)  # fmt: skip
+
+    def emit_skip(self, e: EmitContext, update: str, residual: str, name: str, gamma: str | None = None):
+        """`residual + update` and its LayerNorm in one fused node: (normalized, new residual)."""
+        gamma = gamma or e.w.weight(f"{name}.weight", self.gain(e), parameter=self.has_weight)
+        out, _, _, total = e.w.node(
+            "SkipLayerNormalization",
+            [update, residual, gamma, self._beta(e, name)],
             name,
             [f"{name}/output_0", "", "", f"{name}/output_3"],
             MS,
