@@ -37,13 +37,16 @@ def lookup(model_type: str) -> Architecture | None:
 
 
 def closest(model_type: str) -> str | None:
-    """The registered model type nearest to `model_type` (for "did you mean"), if any is close."""
+    """The registered model type nearest to `model_type` (for "did you mean"), if any is close:
+    one it is a prefix of first ("gemma3" is Gemma 3's multimodal config: "gemma3_text", not
+    "gemma2"), else the closest spelling."""
     names = list(REGISTRY)
+    extended = [name for name in names if name.startswith(model_type)]
+    if extended:
+        return sorted(extended, key=len)[0]
     matches = difflib.get_close_matches(model_type, names, n=1, cutoff=0.6)
-    if not matches:
-        # "gemma3" vs "gemma3_text": a prefix is a near miss too.
-        prefixed = [name for name in names if name.startswith(model_type) or model_type.startswith(name)]
-        matches = sorted(prefixed, key=len)[:1]
+    if not matches:  # a longer spelling of a registered name is a near miss too
+        matches = sorted((name for name in names if model_type.startswith(name)), key=len)[:1]
     return matches[0] if matches else None
 
 
