@@ -11,6 +11,7 @@ They exist for structural tests across architectures and need no download.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import shutil
@@ -232,7 +233,9 @@ def tiny_config(name: str) -> Any:
     from transformers import AutoConfig
 
     spec = TINY_MODELS[name]
-    fields = {**_TINY_COMMON, **spec.overrides}
+    # A copy: a config's nested dicts (rope_parameters) are its own, so a change to one config
+    # never reaches the next one built.
+    fields = copy.deepcopy({**_TINY_COMMON, **spec.overrides})
     fields.update(vocab_size=byte_tokenizer_vocab_size(), bos_token_id=256, eos_token_id=257, pad_token_id=258)
     if spec.architecture in ("qwen2", "qwen3"):
         fields.setdefault("use_sliding_window", False)
