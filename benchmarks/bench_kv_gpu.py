@@ -32,12 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_gpu import genai_timing, run  # noqa: E402
+from bench_quantize_time import QWEN_1_5B, random_qwen  # noqa: E402
 
-QWEN_1_5B = {
-    "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
-    "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0, "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645,
-}  # fmt: skip
 DROPPED = "3, 7, 11, 15, 19, 23, 27"
 CALIBRATE = 'calibrate on "wikitext-2-valid" samples 8 length 256\n'
 RECIPES = {
@@ -49,18 +45,13 @@ RECIPES = {
 }
 
 
-def random_qwen(folder: Path) -> None:
-    """A seeded random model of Qwen2.5-1.5B's shape in fp16 safetensors, with the tiny models'
-    byte-level tokenizer (prompts are token ids; verification's text needs some tokenizer)."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+def random_model(folder: Path) -> None:
+    """bench_quantize_time's seeded random model of Qwen2.5-1.5B's shape in fp16, with the tiny
+    models' byte-level tokenizer (prompts are token ids; verification's text needs some tokenizer)."""
     sys.path.insert(0, str(REPO))
     from surgery.models.builtin import byte_tokenizer
 
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**QWEN_1_5B, torch_dtype="float16")).to(torch.float16)
-    model.save_pretrained(folder)
+    random_qwen(folder, folder, QWEN_1_5B["num_hidden_layers"])  # no tokenizer files to copy
     byte_tokenizer().save_pretrained(folder)
 
 
@@ -69,7 +60,7 @@ def build(work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     source = work / "qwen-1.5b-shape"
     if not (source / "config.json").exists():
-        random_qwen(source)
+        random_model(source)
     built = {}
     for label, body in RECIPES.items():
         slug = label.replace(" ", "-")

@@ -25,8 +25,7 @@ if TYPE_CHECKING:  # the record itself imports neither torch nor onnx (check and
 _ONNX_INT8, _ONNX_UINT8 = 3, 2  # onnx.TensorProto.INT8, UINT8
 _TINY = 1.1754943508222875e-38  # float32's smallest normal: a channel that was always 0
 
-WIDTHS = {"int8": 8, "int4": 4}
-GRANULARITIES = ("per-channel", "per-tensor")
+WIDTHS = {"int8": 8, "int4": 4}  # the widths written, as recipes name them
 DEFAULT_GRANULARITY = "per-channel"
 
 

@@ -179,6 +179,11 @@ class LatencyBudget:
         return f"{value:.2f} ms"
 
 
+def size_in_bytes(limit: float, unit: str) -> float:
+    """A size written as `<limit> MB|GB` in bytes (1 MB = 10^6 bytes, 1 GB = 10^9)."""
+    return limit * (1e9 if unit == "GB" else 1e6)
+
+
 @dataclass(frozen=True)
 class SizeBudget:
     """`size at most X MB|GB` (the model's files) or `bits at most X` (average bits per weight)."""
@@ -191,7 +196,7 @@ class SizeBudget:
     @property
     def limit_bytes(self) -> float:
         """The size limit in bytes (1 MB = 10^6 bytes)."""
-        return self.limit * (1e9 if self.unit == "GB" else 1e6)
+        return size_in_bytes(self.limit, self.unit)
 
     def describe(self) -> str:
         """Canonical text."""
@@ -273,7 +278,7 @@ class KVCacheBudget:
     @property
     def shown_limit(self) -> float:
         """The limit in MB."""
-        return self.limit * (1e3 if self.unit == "GB" else 1.0)
+        return size_in_bytes(self.limit, self.unit) / 1e6
 
     @property
     def column(self) -> str:

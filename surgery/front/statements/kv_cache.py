@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery.diagnostics import Diagnostic
-from surgery.formats.kv_cache import DEFAULT_GRANULARITY, KVCacheFormat
+from surgery.formats.kv_cache import DEFAULT_GRANULARITY, WIDTHS, KVCacheFormat
 from surgery.front.budgets import Fit
 from surgery.front.grouped import check_rules
 from surgery.front.plan_step import PlanStep, Run
@@ -76,7 +76,7 @@ class KVRule:
     @property
     def bits(self) -> int:
         """Bits per cached value."""
-        return _BITS[self.width]
+        return WIDTHS.get(self.width, 8)  # fp8 (refused at check) stores a byte too
 
 
 @dataclass(frozen=True)
@@ -123,9 +123,6 @@ BUILDERS = {
 }
 
 
-_BITS = {"int8": 8, "int4": 4, "fp8": 8}  # bits per cached value of each width the grammar takes
-
-
 def _width(item: QuantizeKVStmt | KVRule) -> str:
     return item.width + ("" if item.granularity == DEFAULT_GRANULARITY else f" {item.granularity}")
 
@@ -170,7 +167,7 @@ def _format(c: Checker, item: QuantizeKVStmt | KVRule, target: str) -> KVCacheFo
                 "onnxruntime 1.32 runs a float8 cache only on CUDA (its CPU GroupQueryAttention has no kernel for "
                 "it); the int8 and int4 caches surgery writes run on both" + ("" if target == "cuda" else ": use int8"))
         return None
-    return KVCacheFormat(int(item.width[3:]), item.granularity == "per-channel")
+    return KVCacheFormat(WIDTHS[item.width], item.granularity == "per-channel")
 
 
 def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedKV]:
