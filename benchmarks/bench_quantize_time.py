@@ -13,9 +13,11 @@ phases read from the report's timings:
 - `rtn`: every linear, the head and the embedding at int4, rounded to nearest;
 - `gptq`: the same with `gptq` on the linears and the head;
 - `<bits> bpw [gptq] [act-order]`: `quantize model to <bits> bits per weight [gptq] [act-order]`
-  (`--rows 4.9`, `4.9g`, `4.9ga`).
+  (`--rows 4.9`, `4.9g`, `4.9ga`);
+- `builder:<algo>`: onnxruntime-genai's builder, `-p int4 -e cpu --extra_options algo_config=<algo>`
+  (`--rows builder:k_quant_mixed`), the peer issue 26 bounds our time by, in the same run.
 
-    python benchmarks/bench_quantize_time.py [--device cuda] [--rows rtn gptq 4.9 4.9g 4.9ga]
+    python benchmarks/bench_quantize_time.py [--device cuda] [--rows rtn gptq 4.9 4.9g 4.9ga builder:k_quant_mixed]
         [--calibration "samples 32 length 256"] [--dtype float16|float32] [--work DIR] [--json FILE]
 """
 
@@ -76,6 +78,20 @@ def _default_tokenizer() -> Path | None:
     return found[0] if found else None
 
 
+def _builder_row(model: Path, work: Path, algo: str) -> dict:
+    """onnxruntime-genai's builder on `model` with `algo_config=algo`, timed in a fresh process."""
+    out = work / f"builder-{algo}"
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"building with onnxruntime-genai's builder, algo_config={algo} ...", flush=True)
+    measured = measure([sys.executable, str(REPO / "benchmarks" / "genai_builder_compat.py"), "-i", str(model),
+                        "-o", str(out), "-p", "int4", "-e", "cpu", "-c", str(work / "builder-cache"),
+                        "--extra_options", f"algo_config={algo}"])  # fmt: skip
+    row = {**measured, "mb": round(size_mb(out), 1), "timings": {}, "recipe": f"builder algo_config={algo}"}
+    print(f"  {row['seconds']} s, peak {row['peak_gb']} GB", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where calibration and rounding run")
@@ -100,6 +116,9 @@ def main() -> None:
     head = f'model "{model}"\ncalibrate on "wikitext-2-valid" {args.calibration}\n'
     rows = {}
     for row in args.rows:
+        if row.startswith("builder:"):
+            rows[row] = _builder_row(model, work, row.split(":", 1)[1])
+            continue
         if row in ("rtn", "gptq"):
             recipe = f'model "{model}"\n' + RTN if row == "rtn" else head + GPTQ
         else:

@@ -17,7 +17,9 @@ from surgery.models.index import ModelIndex
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = tuple(name for name, m in builtin.TINY_MODELS.items() if m.architecture not in builtin.MOE_ARCHITECTURES)
-TINY_MOE = tuple(name for name, m in builtin.TINY_MODELS.items() if m.architecture in builtin.MOE_ARCHITECTURES)
+# MoE models whose experts take every expert statement (gpt-oss's clamped, biased ones do not).
+TINY_MOE = tuple(name for name, m in builtin.TINY_MODELS.items()
+                 if m.architecture in builtin.MOE_ARCHITECTURES and m.architecture != "gpt_oss")  # fmt: skip
 
 
 @dataclass

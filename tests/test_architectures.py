@@ -24,7 +24,8 @@ from surgery.models.index import ModelIndex
 from surgery.passes import DropAttention, DropBlock, DropMlp, run_pass
 
 ALL_TINY = tuple(builtin.TINY_MODELS)
-NEW_FAMILIES = ("tiny-gemma3", "tiny-phi3", "tiny-granite", "tiny-olmo2")
+NEW_FAMILIES = ("tiny-gemma3", "tiny-phi3", "tiny-granite", "tiny-olmo2", "tiny-gemma", "tiny-glm", "tiny-glm4",
+                "tiny-ernie4_5", "tiny-nemotron", "tiny-hunyuan", "tiny-gpt-oss")  # fmt: skip
 
 
 # The registry.
@@ -34,7 +35,7 @@ def test_every_builtin_family_is_registered_and_declared_briefly():
     declared = {path.stem for path in (REPO / "surgery" / "architectures").glob("*.py")} - {
         "__init__", "description", "build", "conformance", "hf_reference"
     }  # fmt: skip
-    assert len(declared) == len(architectures.REGISTRY) == 15
+    assert len(declared) == len(architectures.REGISTRY) == 22
     for name in declared:
         lines = (REPO / "surgery" / "architectures" / f"{name}.py").read_text().splitlines()
         assert len(lines) <= 20, f"{name}.py has {len(lines)} lines; a family is a short declaration"
@@ -172,8 +173,11 @@ def test_each_new_family_applies_a_recipe_of_every_kind(name, in_tmp):
     assert "verification (before quantization): max |logit diff|" in result.out
     split = write(in_tmp / "s.surg", f'model "{name}"\nsplit mlp layers 1 into 4 experts top 4\n')
     result = run_cli("apply", split, "-o", "split")
-    if name == "tiny-gemma3":  # GeGLU: refused at check, with the reason
+    model_type = builtin.tiny_config(name).model_type
+    if model_type in ("gemma", "gemma3_text", "nemotron"):  # GeGLU, squared ReLU: refused at check, with the reason
         assert result.code == 1 and "split experts are SwiGLU" in result.err
+    elif model_type == "gpt_oss":
+        assert result.code == 1 and "already mixtures of experts" in result.err
     else:
         assert result.code == 0, result.err
 

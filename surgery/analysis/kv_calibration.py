@@ -45,15 +45,24 @@ class _LayerStatistics:
         self.k_sample: list[torch.Tensor] = []  # (tokens, kv_heads, head_dim) each
         self.v_sample: list[torch.Tensor] = []
 
-    def __call__(self, k: torch.Tensor, v: torch.Tensor, rotary: int) -> None:
-        """Observe one batch's (batch, kv_heads, seq, head_dim) keys and values."""
+    def __call__(self, k: torch.Tensor, v: torch.Tensor, rotary: int, interleaved: bool = False) -> None:
+        """Observe one batch's (batch, kv_heads, seq, head_dim) keys and values. With interleaved
+        RoPE a pair is two adjacent channels: they are moved into halves for the pair arithmetic
+        and back."""
         k = k.detach().float().permute(0, 2, 1, 3).reshape(-1, k.shape[1], k.shape[3])
         v = v.detach().float().permute(0, 2, 1, 3).reshape(-1, v.shape[1], v.shape[3])
+        order = _halves_order(rotary, k.shape[-1]) if interleaved and rotary else None
+        back = torch.argsort(order) if order is not None else None
+        if order is not None:
+            k = k[..., order]
         envelope = _envelope(k, rotary)
+        sample = _rotated(k[:: self.stride], rotary)
+        if back is not None:
+            envelope, sample = envelope[..., back], sample[..., back]
         k_max, v_max = envelope.amax(0), v.abs().amax(0)
         self.k_max = k_max if self.k_max is None else torch.maximum(self.k_max, k_max)
         self.v_max = v_max if self.v_max is None else torch.maximum(self.v_max, v_max)
-        self.k_sample.append(_rotated(k[:: self.stride], rotary).cpu())
+        self.k_sample.append(sample.cpu())
         self.v_sample.append(v[:: self.stride].cpu())
 
     def quantization(self, fmt: KVCacheFormat) -> KVQuantization:
@@ -63,6 +72,11 @@ class _LayerStatistics:
         kv_heads, head_dim = self.k_max.shape
         shape = fmt.scale_shape(kv_heads, head_dim)
         return KVQuantization(fmt, fmt.scale_of(k_threshold).reshape(shape), fmt.scale_of(v_threshold).reshape(shape))
+
+
+def _halves_order(rotary: int, head_dim: int) -> torch.Tensor:
+    """Channel order that puts interleaved pairs (2i, 2i + 1) at (i, i + rotary / 2)."""
+    return torch.cat([torch.arange(0, rotary, 2), torch.arange(1, rotary, 2), torch.arange(rotary, head_dim)])
 
 
 def _envelope(k: torch.Tensor, rotary: int) -> torch.Tensor:

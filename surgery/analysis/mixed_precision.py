@@ -58,7 +58,8 @@ def tensor_shapes(index, layers: dict[str, tuple[int, ...]]) -> list[TensorShape
             shapes.append(TensorShape(layer_linear(layer, "qkv_proj"), (heads + 2 * kv) * head_dim, hidden))
             shapes.append(TensorShape(layer_linear(layer, "o_proj"), hidden, heads * head_dim))
         if layer in layers["mlp"]:
-            shapes.append(TensorShape(layer_linear(layer, "gate_proj"), index.intermediate_size, hidden))
+            if index.mlp_gated:
+                shapes.append(TensorShape(layer_linear(layer, "gate_proj"), index.intermediate_size, hidden))
             shapes.append(TensorShape(layer_linear(layer, "up_proj"), index.intermediate_size, hidden))
             shapes.append(TensorShape(layer_linear(layer, "down_proj"), hidden, index.intermediate_size))
     shapes.append(TensorShape(HEAD, index.vocab_size, hidden))

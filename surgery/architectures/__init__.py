@@ -8,12 +8,19 @@ from __future__ import annotations
 import difflib
 
 from surgery.architectures.description import Architecture
+from surgery.architectures.ernie4_5 import ERNIE4_5
+from surgery.architectures.gemma import GEMMA
 from surgery.architectures.gemma2 import GEMMA2
 from surgery.architectures.gemma3 import GEMMA3
+from surgery.architectures.glm import GLM
+from surgery.architectures.glm4 import GLM4
+from surgery.architectures.gpt_oss import GPT_OSS
 from surgery.architectures.granite import GRANITE
+from surgery.architectures.hunyuan_v1_dense import HUNYUAN_V1_DENSE
 from surgery.architectures.llama import LLAMA
 from surgery.architectures.mistral import MISTRAL
 from surgery.architectures.mixtral import MIXTRAL
+from surgery.architectures.nemotron import NEMOTRON
 from surgery.architectures.olmo import OLMO
 from surgery.architectures.olmo2 import OLMO2
 from surgery.architectures.olmoe import OLMOE
@@ -27,7 +34,7 @@ from surgery.architectures.smollm3 import SMOLLM3
 REGISTRY: dict[str, Architecture] = {
     a.model_type: a
     for a in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, GEMMA2, GEMMA3, PHI3, GRANITE,
-              OLMO, OLMO2, SMOLLM3)
+              OLMO, OLMO2, SMOLLM3, GEMMA, GLM, GLM4, ERNIE4_5, NEMOTRON, HUNYUAN_V1_DENSE, GPT_OSS)
 }
 
 

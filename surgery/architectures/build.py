@@ -17,8 +17,9 @@ from surgery.nodes.attention import NO_ROPE, Attention
 from surgery.nodes.embedding import Embedding
 from surgery.nodes.head import Head
 from surgery.nodes.linear import linear_view
-from surgery.nodes.mlp import GatedMLP
+from surgery.nodes.mlp import DenseMLP, GatedMLP
 from surgery.nodes.moe import MixtureOfExperts, is_moe
+from surgery.nodes.moe_clamped import ClampedSwiGLUMoE
 from surgery.nodes.norm import LayerNorm, RMSNorm
 from surgery.nodes.rotary import Rotary
 
@@ -60,7 +61,8 @@ def _norm(arch: Architecture, config: Any, module: torch.nn.Module) -> RMSNorm |
     if eps is None:
         eps = getattr(config, arch.norms.eps_field, 1e-6)
     if arch.norms.kind == "layer":
-        return LayerNorm(getattr(module, "weight", None), float(eps), int(config.hidden_size))
+        return LayerNorm(getattr(module, "weight", None), float(eps), int(config.hidden_size), arch.norms.offset,
+                         getattr(module, "bias", None))  # fmt: skip
     return RMSNorm(module.weight, float(eps), arch.norms.offset)
 
 
@@ -97,6 +99,9 @@ def _attention(arch: Architecture, config: Any, module: torch.nn.Module, index: 
         clip=float(clip) if clip is not None else None,
         sliding_window=int(config.sliding_window) if sliding else None,
         rope=_rope_kind(spec, config, index),
+        rope_interleaved=spec.rope_interleaved,
+        qk_norm_after_rope=spec.qk_norm_after_rope,
+        sinks=_part(module, spec.sinks, path, arch) if spec.sinks else None,
     )  # fmt: skip
 
 
@@ -108,9 +113,13 @@ def _rope_kind(spec, config: Any, index: int) -> str | None:
 
 
 def _mlp(arch: Architecture, module: torch.nn.Module, path: str) -> torch.nn.Module:
+    if arch.mlp.router == "topk_softmax_clamped":
+        return ClampedSwiGLUMoE(module)  # gpt-oss: biased router and experts, clamped SwiGLU
     if is_moe(module):
         return MixtureOfExperts(module)  # transformers' block runs itself; the node emits it
     spec = arch.mlp
+    if not spec.gated:
+        return DenseMLP(_part(module, spec.up, path, arch), _part(module, spec.down, path, arch), spec.activation)
     if spec.gate_up is not None:
         fused = _part(module, spec.gate_up, path, arch).weight
         gate_w, up_w = fused.chunk(2, dim=0)  # gate rows first, as transformers splits it
@@ -171,5 +180,6 @@ def build(arch: Architecture, model: Any) -> BuiltModel:
         tied=_same_tensor(head_module.weight, embed.weight),
     )
     embedding = Embedding(embed.weight, arch.embedding_scale.value(config))
-    rotary = Rotary(_part(body, "rotary_emb", names.body, arch), arch.attention.rope_per_layer_type, config)
+    rotary = Rotary(_part(body, "rotary_emb", names.body, arch), arch.attention.rope_per_layer_type, config,
+                    once=arch.attention.rope_tables_once)  # fmt: skip
     return BuiltModel(embedding, layers, head, rotary)

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 NormPlacement = Literal["pre", "post", "sandwich"]
-Activation = Literal["silu", "gelu_tanh"]
+Activation = Literal["silu", "gelu_tanh", "relu2"]
 QKNorm = Literal["none", "head", "projection"]
 Sliding = Literal["layer_types", "all", "none"]
-MoeRouter = Literal["none", "softmax_topk"]
+MoeRouter = Literal["none", "softmax_topk", "topk_softmax_clamped"]
 
 
 class DescriptionError(ValueError):
@@ -102,12 +102,17 @@ class Attention:
     # A config list saying per layer whether it uses RoPE at all (1) or none (0): SmolLM3's
     # `no_rope_layers`, every fourth layer without positions (NoPE).
     rope_layers_field: str | None = None
+    rope_interleaved: bool = False  # RoPE turns adjacent pairs of dimensions (GLM, ERNIE 4.5)
+    qk_norm_after_rope: bool = False  # the per-head Q/K norms normalize the rotated heads (HunYuan)
+    sinks: str | None = None  # the parameter of per-head attention-sink logits (gpt-oss: "sinks")
+    rope_tables_once: bool = False  # the rotary module returns each frequency once, not twice (gpt-oss)
 
 
 @dataclass(frozen=True)
 class Mlp:
-    """The MLP: a gated dense MLP (gate, up, down; or `gate_up` fused with gate rows first), or a
-    mixture of experts handled by the MoE node (`router`)."""
+    """The MLP: a gated dense MLP (gate, up, down; or `gate_up` fused with gate rows first), a
+    plain one without a gate (`gated=False`: up, activation, down; Nemotron's squared ReLU), or
+    a mixture of experts handled by the MoE node (`router`)."""
 
     activation: Activation = "silu"
     gate: str = "gate_proj"
@@ -115,6 +120,7 @@ class Mlp:
     down: str = "down_proj"
     gate_up: str | None = None
     router: MoeRouter = "none"
+    gated: bool = True
 
 
 @dataclass(frozen=True)

@@ -187,8 +187,8 @@ class _Emitter:
         else:
             gamma = self.w.weight(f"{name}.weight_x{scale:g}", norm.gain(self, scale), parameter=not derived)
         if self.pending is None:
-            return norm.emit(self, self.residual, name, gamma)
-        out, self.residual = norm.emit_skip(self, self.pending, self.residual, name, gamma)
+            return norm.emit(self, self.residual, name, gamma, scale=scale or 1.0)
+        out, self.residual = norm.emit_skip(self, self.pending, self.residual, name, gamma, scale=scale or 1.0)
         self.pending = None
         return out
 

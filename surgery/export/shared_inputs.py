@@ -22,6 +22,24 @@ class SharedInputs:
             self._tables[kind] = self._write(kind)
         return self._tables[kind]
 
+    def positions(self) -> str:
+        """Each new token's position: the `position_ids` input where the export has one, else
+        counted from the attention mask (the non-padding tokens before it), once.
+
+        GroupQueryAttention rotates by the index in the padded sequence, which is exact only where
+        attention depends on position differences alone; a family that normalizes Q and K after
+        RoPE (HunYuan) needs the true positions of left-padded rows.
+        """
+        if not self.position_ids:
+            w, c, e = self.e.w, self.e.w.constant, self.e
+            name = "/model/positions"
+            counted = w.op("CumSum", [e.attention_mask, c(1)], f"{name}/CumSum")
+            ids = w.op("Max", [w.op("Sub", [counted, c(1)], f"{name}/Sub"), c(0)], f"{name}/Max")
+            seq = w.op("Gather", [w.op("Shape", [e.input_ids], f"{name}/ids_shape"), c([1])], f"{name}/seq")
+            start = w.op("Neg", [seq], f"{name}/start")
+            self.position_ids = w.op("Slice", [ids, start, c([np.iinfo(np.int64).max]), c([1])], f"{name}/Slice")
+        return self.position_ids
+
     def rotary_dim(self, kind: str | None) -> int:
         """How many dimensions of each head RoPE of this kind rotates (less than the head with
         partial rotary embeddings: Phi-4-mini rotates 96 of 128)."""

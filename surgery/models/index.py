@@ -14,9 +14,9 @@ from surgery.formats.names import ATTENTION_LINEARS, MLP_LINEARS, layer_linear
 
 # RoPE variants whose cos/sin tables do not depend on the sequence length, so they can be
 # precomputed into the graph ("longrope" has two tables, picked by the total length).
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "ntk_alpha")
 # What each description activation accepts as the config's activation name.
-ACTIVATION_NAMES = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh",)}
+ACTIVATION_NAMES = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh",), "relu2": ("relu2",)}
 MAX_LAYERS = 4096  # far beyond any released decoder; a larger count is a damaged config
 
 
@@ -43,7 +43,9 @@ class ModelIndex:
     experts_per_token: int = 0
     expert_intermediate_size: int = 0  # neurons of one expert (MoE models)
     partial_rotary: float = 1.0  # fraction of each head RoPE rotates
-    mlp_activation: str = "silu"  # the description's MLP activation: silu (SwiGLU) or gelu_tanh (GeGLU)
+    mlp_activation: str = "silu"  # the description's MLP activation: silu (SwiGLU), gelu_tanh (GeGLU), relu2
+    mlp_gated: bool = True  # whether the dense MLP has a gate projection (Nemotron's has none)
+    moe_router: str = "none"  # the description's router: softmax_topk, topk_softmax_clamped (gpt-oss)
     final_logit_softcap: float | None = None  # tanh soft-capping of the logits, where the family has it
 
     @property
@@ -66,12 +68,16 @@ class ModelIndex:
             sliding = tuple(architecture.sliding_layers(config))
             activation = getattr(config, architecture.activation_field, None)
             mlp_activation = architecture.mlp.activation
+            mlp_gated = architecture.mlp.gated
+            moe_router = architecture.mlp.router
             if architecture.final_softcap_field:
                 softcap = getattr(config, architecture.final_softcap_field, None)
         else:
             sliding = tuple(False for _ in range(layers))
             activation = getattr(config, "hidden_act", None)
             mlp_activation = "silu"
+            mlp_gated = True
+            moe_router = "none"
         if not any(sliding):
             window = None
         return cls(
@@ -88,6 +94,8 @@ class ModelIndex:
             hidden_act=str(activation or "silu"),
             partial_rotary=float(_rope_field(config, "partial_rotary_factor") or 1.0),
             mlp_activation=mlp_activation,
+            mlp_gated=mlp_gated,
+            moe_router=moe_router,
             final_logit_softcap=float(softcap) if softcap is not None else None,
             rope_type=rope_type,
             sliding_window=int(window) if window is not None else None,
@@ -142,7 +150,7 @@ class ModelIndex:
         Q, K and V are exported as one packed `qkv_proj`, so attention has two linears.
         """
         attention = [layer_linear(layer, kind) for kind in ATTENTION_LINEARS]
-        mlp = [layer_linear(layer, kind) for kind in MLP_LINEARS]
+        mlp = [layer_linear(layer, kind) for kind in MLP_LINEARS if self.mlp_gated or kind != "gate_proj"]
         return {"attention": attention, "mlp": mlp, "layers": attention + mlp}[part]
 
     def unsupported_reasons(self) -> list[str]:
@@ -190,4 +198,7 @@ def _rope_type(config: Any) -> str:
     per_kind = [value for value in rope.values() if isinstance(value, dict)]
     kinds = per_kind or [rope]
     types = [str(kind.get("rope_type", kind.get("type", "default"))) for kind in kinds]
+    # HunYuan's checkpoints say "dynamic" with a fixed NTK `alpha`: static frequencies, as its
+    # rotary module reads them ("ntk_alpha"), not the dynamic scaling that grows with the length.
+    types = ["ntk_alpha" if t == "dynamic" and kind.get("alpha") else t for t, kind in zip(types, kinds, strict=True)]
     return next((t for t in types if t != "default"), "default")

@@ -19,8 +19,9 @@ class TinyModel:
     architecture: str
     overrides: dict[str, Any]
     seed: int = 0
-    # Give norm gains seeded random values instead of their constant initialization, so that
-    # parity tests see whether a gain is applied as `w` or `1 + w` (Gemma stores zeros).
+    # Give norm gains and biases seeded random values instead of their constant initialization, so
+    # that parity tests see whether a gain is applied as `w` or `1 + w` (Gemma stores zeros) and
+    # whether a bias is applied at all (zeros at initialization).
     random_norms: bool = False
 
 
@@ -172,6 +173,65 @@ TINY_MODELS: dict[str, TinyModel] = {
         seed=14,
         random_norms=True,
     ),
+    # Gemma (1): 1 + w gains, GeGLU, the embedding scaled by sqrt(hidden), a tied head.
+    "tiny-gemma": TinyModel(
+        "gemma",
+        {"tie_word_embeddings": True, "hidden_act": "gelu_pytorch_tanh",
+         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+        seed=16,
+        random_norms=True,
+    ),
+    # GLM-4 (glm): biased Q/K/V, fused gate_up_proj, interleaved RoPE on half of each 32-wide head.
+    "tiny-glm": TinyModel(
+        "glm",
+        {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "attention_bias": True,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+        seed=17,
+        random_norms=True,
+    ),
+    # GLM-4-0414 (glm4): GLM's attention with each sub-block's output normalized too.
+    "tiny-glm4": TinyModel(
+        "glm4",
+        {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "attention_bias": True,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+        seed=18,
+        random_norms=True,
+    ),
+    # ERNIE 4.5: interleaved RoPE on whole heads, biases on every projection, a tied head.
+    "tiny-ernie4_5": TinyModel(
+        "ernie4_5",
+        {"use_bias": True, "tie_word_embeddings": True,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+        seed=19,
+        random_norms=True,
+    ),
+    # Nemotron: LayerNorms with biases and 1 + w gains, a squared-ReLU MLP without a gate, RoPE on
+    # half of each 32-wide head.
+    "tiny-nemotron": TinyModel(
+        "nemotron",
+        {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "hidden_act": "relu2",
+         "norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                               "partial_rotary_factor": 0.5}},
+        seed=20,
+        random_norms=True,
+    ),
+    # HunYuan dense: per-head Q/K norms after RoPE, and RoPE stretched by a fixed NTK alpha.
+    "tiny-hunyuan": TinyModel(
+        "hunyuan_v1_dense",
+        {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0, "factor": 1.0}},
+        seed=21,
+        random_norms=True,
+    ),
+    # gpt-oss: attention sinks, biases everywhere, sliding (8) and full layers alternating, and 4
+    # experts (2 per token) with a clamped SwiGLU whose limit bites.
+    "tiny-gpt-oss": TinyModel(
+        "gpt_oss",
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 48, "sliding_window": 8,
+         "layer_types": ["sliding_attention", "full_attention"] * 3, "attention_bias": True, "swiglu_limit": 0.5,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+        seed=22,
+        random_norms=True,
+    ),
     # Granite: Llama with multipliers that are far from 1, so a missing one shows.
     "tiny-granite": TinyModel(
         "granite",
@@ -190,7 +250,7 @@ TINY_MODELS: dict[str, TinyModel] = {
         "olmo2", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}, seed=11, random_norms=True
     ),
 }
-MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
 
 
 def byte_tokenizer_vocab_size() -> int:
@@ -225,7 +285,11 @@ def tiny_model(name: str) -> Any:
         if TINY_MODELS[name].random_norms:
             with torch.no_grad():
                 for parameter_name, parameter in model.named_parameters():
-                    if parameter.dim() == 1 and "norm" in parameter_name:
+                    if parameter_name.endswith("bias"):  # initialized to zeros: unseen
+                        parameter.copy_(0.1 * torch.randn_like(parameter))
+                    elif parameter_name.endswith(".sinks"):  # large enough to take a visible share
+                        parameter.copy_(torch.randn_like(parameter))
+                    elif parameter.dim() == 1 and "norm" in parameter_name:
                         parameter.copy_(0.5 * torch.rand_like(parameter) + 0.75)
     finally:
         torch.random.set_rng_state(generator_state)

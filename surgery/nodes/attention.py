@@ -30,14 +30,28 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on (batch, heads, seq, head_dim) with (batch, seq, rotary_dim) tables."""
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(-x1, x0) for each adjacent pair (x0, x1) of the last axis: interleaved RoPE's rotation."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """RoPE on (batch, heads, seq, head_dim) with (batch, seq, rotary_dim) tables.
+
+    The tables hold each frequency twice, in two halves. Interleaved RoPE (GLM, ERNIE 4.5) turns
+    adjacent pairs (2i, 2i + 1) by frequency i instead of dimensions i and i + rotary_dim / 2.
+    """
     cos, sin = cos[:, None], sin[:, None]
+    rotate = rotate_half
+    if interleaved:
+        half = cos.shape[-1] // 2
+        cos, sin = cos[..., :half].repeat_interleave(2, -1), sin[..., :half].repeat_interleave(2, -1)
+        rotate = rotate_pairs
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return x * cos + rotate(x) * sin
     head, tail = x[..., :rot], x[..., rot:]
-    return torch.cat([head * cos + rotate_half(head) * sin, tail], dim=-1)
+    return torch.cat([head * cos + rotate(head) * sin, tail], dim=-1)
 
 
 class Attention(torch.nn.Module):
@@ -60,6 +74,9 @@ class Attention(torch.nn.Module):
         clip: float | None = None,
         sliding_window: int | None = None,
         rope: str | None = None,
+        rope_interleaved: bool = False,
+        qk_norm_after_rope: bool = False,
+        sinks: torch.nn.Parameter | None = None,
     ):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
@@ -71,11 +88,16 @@ class Attention(torch.nn.Module):
         self.clip = clip
         self.sliding_window = sliding_window
         self.rope = rope  # which rotary table this layer reads
+        self.rope_interleaved = rope_interleaved  # RoPE turns adjacent pairs (GLM), not halves
+        self.qk_norm_after_rope = qk_norm_after_rope  # per-head Q/K norms on the rotated heads (HunYuan)
+        # Attention sinks (gpt-oss): one learned logit per head that joins every softmax and takes
+        # its share of the probability without a value, so a head can attend to nothing.
+        self.sinks = sinks
         self.kv_quant: KVQuantization | None = None  # a quantized KV cache: its format and scales
         # Verification only: onnxruntime's cache codes, read instead of PyTorch's own rounding
         # (surgery.backend.verify_cache.CacheReadBack).
         self.kv_read_back = None
-        # Called with (keys after RoPE, values, rotary dims) before they are cached: the KV cache
+        # Called with (keys after RoPE, values, rotary dims, interleaved) before they are cached: the KV cache
         # calibration's statistics (surgery/analysis/kv_calibration.py).
         self.observe = None
 
@@ -93,16 +115,19 @@ class Attention(torch.nn.Module):
         q = q.view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        if self.qk_norm == "head":
+        if self.qk_norm == "head" and not self.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         rotated = 0
         if self.rope != NO_ROPE:
             cos, sin = cos_sin
             # Some families' tables stay fp32 (OLMo 2 rotates in fp32): back to the element type.
-            q, k = apply_rotary(q, cos, sin).to(x.dtype), apply_rotary(k, cos, sin).to(x.dtype)
+            turn = self.rope_interleaved
+            q, k = apply_rotary(q, cos, sin, turn).to(x.dtype), apply_rotary(k, cos, sin, turn).to(x.dtype)
             rotated = cos.shape[-1]
+        if self.qk_norm == "head" and self.qk_norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.observe is not None:
-            self.observe(k, v, rotated)
+            self.observe(k, v, rotated, self.rope_interleaved)
         if self.kv_quant is not None:  # what attention reads back from a quantized cache
             quant = self.kv_quant
             if self.kv_read_back is not None:
@@ -120,7 +145,11 @@ class Attention(torch.nn.Module):
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
         scores = scores + mask
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        if self.sinks is not None:
+            sink = self.sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(batch, -1, seq, 1)
+            probs = torch.softmax(torch.cat([scores, sink], -1), dim=-1, dtype=torch.float32)[..., :-1].to(q.dtype)
+        else:
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(probs, v).transpose(1, 2).reshape(batch, seq, -1)
         return self.o_proj(out)
 
@@ -140,10 +169,14 @@ class Attention(torch.nn.Module):
         if self.q_proj.bias is not None:
             bias = np.concatenate([e.array(self.q_proj.bias), e.array(self.k_proj.bias), e.array(self.v_proj.bias)])
             qkv = w.op("Add", [qkv, w.weight(f"{name}.qkv_proj.bias", bias)], f"/{name}/qkv_proj/Add")
-        explicit = e.options.position_ids
+        positions = self.rope != NO_ROPE
+        # RoPE by RotaryEmbedding nodes before attention: asked for, or needed because the Q/K
+        # norms come after it (GroupQueryAttention rotates inside, after anything emitted here).
+        explicit = e.options.position_ids or (self.qk_norm_after_rope and positions)
+        norm_first = self.qk_norm != "none" and not self.qk_norm_after_rope
         if self.qk_norm != "none" or explicit or self.clip is not None:
             q, k, v = w.node("Split", [qkv, w.constant([q_size, kv_size, kv_size])], f"/{name}/qkv_split", 3, axis=-1)
-            if self.qk_norm != "none":
+            if norm_first:
                 q = self._qk_norm(e, self.q_norm, q, f"{name}.q_norm")
                 k = self._qk_norm(e, self.k_norm, k, f"{name}.k_norm")
             if self.clip is not None:
@@ -151,16 +184,19 @@ class Attention(torch.nn.Module):
                 q, k, v = (w.op("Clip", [t, *bounds], f"/{name}/clip_{n}") for t, n in ((q, "q"), (k, "k"), (v, "v")))
         else:
             q, k, v = qkv, "", ""  # packed: GroupQueryAttention splits it itself
-        positions = self.rope != NO_ROPE
         cos, sin = shared.rotary(self.rope) if positions else ("", "")
         if explicit and positions:
             rotated = shared.rotary_dim(self.rope)
             # Partial rotary embeddings: RotaryEmbedding must be told (GroupQueryAttention reads the tables).
             partial = {"rotary_embedding_dim": rotated} if rotated < self.head_dim else {}
-            q = w.op("RotaryEmbedding", [q, shared.position_ids, cos, sin], f"/{name}/q_rotary", MS,
-                     interleaved=0, num_heads=self.num_heads, **partial)  # fmt: skip
-            k = w.op("RotaryEmbedding", [k, shared.position_ids, cos, sin], f"/{name}/k_rotary", MS,
-                     interleaved=0, num_heads=self.num_kv_heads, **partial)  # fmt: skip
+            ids = shared.positions()
+            q = w.op("RotaryEmbedding", [q, ids, cos, sin], f"/{name}/q_rotary", MS,
+                     interleaved=int(self.rope_interleaved), num_heads=self.num_heads, **partial)  # fmt: skip
+            k = w.op("RotaryEmbedding", [k, ids, cos, sin], f"/{name}/k_rotary", MS,
+                     interleaved=int(self.rope_interleaved), num_heads=self.num_kv_heads, **partial)  # fmt: skip
+        if self.qk_norm != "none" and not norm_first:
+            q = self._qk_norm(e, self.q_norm, q, f"{name}.q_norm")
+            k = self._qk_norm(e, self.k_norm, k, f"{name}.k_norm")
         past_k = past_v = ""
         present = [f"/{name}/present_key", f"/{name}/present_value"]
         if e.options.kv_cache:
@@ -169,8 +205,12 @@ class Attention(torch.nn.Module):
         rotary = ["", ""] if explicit or not positions else [cos, sin]
         inputs = [q, k, v, past_k, past_v, shared.seqlens_k, shared.total_len, *rotary, "", shared.bias]
         extra = {"softcap": float(self.softcap)} if self.softcap is not None else {}
+        if self.sinks is not None:
+            inputs.append(e.w.weight(f"{name}.sinks", e.array(self.sinks.detach().float())))  # head_sink
         if self.kv_quant is not None:
-            inputs += ["", *self._kv_scales(e, name)]  # head_sink, k_scale, v_scale
+            if self.sinks is None:
+                inputs.append("")  # head_sink
+            inputs += self._kv_scales(e, name)  # k_scale, v_scale
             quant_type = self.kv_quant.format.quant_type
             extra |= {"k_quant_type": quant_type, "v_quant_type": quant_type,
                       "kv_cache_bit_width": self.kv_quant.format.bits}  # fmt: skip
@@ -186,7 +226,7 @@ class Attention(torch.nn.Module):
             # transformers lets query q see key k when q - k < window; this attribute counts alike.
             local_window_size=self.sliding_window if self.sliding_window else -1,
             do_rotary=0 if explicit or not positions else 1,
-            rotary_interleaved=0,
+            rotary_interleaved=int(self.rope_interleaved),
             **extra,
         )[0]
         return emit_linear(e, self.o_proj, out, f"{name}.o_proj")

@@ -1,4 +1,5 @@
-"""The gated dense MLP: `down(act(gate(x)) * up(x))` with SiLU (SwiGLU) or tanh-GELU (GeGLU)."""
+"""The dense MLPs: gated, `down(act(gate(x)) * up(x))` with SiLU (SwiGLU) or tanh-GELU (GeGLU);
+and plain, `down(act(up(x)))` with squared ReLU (Nemotron)."""
 
 from __future__ import annotations
 
@@ -36,4 +37,27 @@ class GatedMLP(torch.nn.Module):
         else:
             act = e.w.op("Mul", [gate, e.w.op("Sigmoid", [gate], f"/{name}/act/Sigmoid")], f"/{name}/act/Mul")
         hidden = e.w.op("Mul", [act, up], f"/{name}/Mul")
+        return emit_linear(e, self.down_proj, hidden, f"{name}.down_proj")
+
+
+class DenseMLP(torch.nn.Module):
+    """A dense MLP without a gate over references to the model's up and down projections:
+    `down(relu(up(x))^2)` (Nemotron's squared ReLU)."""
+
+    def __init__(self, up_proj: torch.nn.Linear, down_proj: torch.nn.Linear, activation: str = "relu2"):
+        super().__init__()
+        if activation != "relu2":
+            raise ValueError(f"a plain MLP's activation is relu2, not {activation}")
+        self.up_proj, self.down_proj = up_proj, down_proj
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP's output for the (normalized) residual x."""
+        return self.down_proj(torch.relu(self.up_proj(x)).square())
+
+    def emit(self, e: EmitContext, x: str, name: str) -> str:
+        """The up MatMul, Relu, a Mul by itself (the square) and the down MatMul."""
+        up = emit_linear(e, self.up_proj, x, f"{name}.up_proj")
+        positive = e.w.op("Relu", [up], f"/{name}/act/Relu")
+        hidden = e.w.op("Mul", [positive, positive], f"/{name}/act/Square")
         return emit_linear(e, self.down_proj, hidden, f"{name}.down_proj")

@@ -29,16 +29,21 @@ class RotaryTables:
 class Rotary:
     """The model's rotary embedding module, asked per RoPE kind (`None` = the model's only one)."""
 
-    def __init__(self, module: torch.nn.Module, per_layer_type: bool, config):
+    def __init__(self, module: torch.nn.Module, per_layer_type: bool, config, once: bool = False):
         self.module = module
         self.per_layer_type = per_layer_type
         self.config = config
+        self.once = once  # the module returns each frequency once (gpt-oss), not in two halves
+
+    def _call(self, module: torch.nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor, kind: str | None):
+        cos, sin = module(hidden, position_ids, kind) if self.per_layer_type else module(hidden, position_ids)
+        if self.once:
+            cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+        return cos, sin
 
     def cos_sin(self, hidden: torch.Tensor, position_ids: torch.Tensor, kind: str | None):
         """(cos, sin) of shape (batch, seq, rotary_dim) for these positions, as the model computes them."""
-        if self.per_layer_type:
-            return self.module(hidden, position_ids, kind)
-        return self.module(hidden, position_ids)
+        return self._call(self.module, hidden, position_ids, kind)
 
     def rope_type(self, kind: str | None) -> str:
         """The RoPE type of one kind ('default', 'longrope', ...)."""
@@ -58,7 +63,7 @@ class Rotary:
             probe = torch.zeros(1, 1, dtype=torch.float32)
             with torch.no_grad():
                 ids = torch.arange(count)[None]
-                cos, sin = module(probe, ids, kind) if self.per_layer_type else module(probe, ids)
+                cos, sin = self._call(module, probe, ids, kind)
             half = cos.shape[-1] // 2
             return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
 

@@ -68,6 +68,12 @@ def expert_layer_problems(
     to that the layer does not have, a rank its experts cannot have. With `undecided` (splits
     chosen by importance are not resolved yet), layers without experts are not reported.
     """
+    if index.is_moe and index.moe_router != "softmax_topk":
+        # gpt-oss: biased experts and a clamped SwiGLU the pruning and merging arithmetic does not model.
+        return [Diagnostic("error", f"{index.architecture}'s experts (biased, with a clamped SwiGLU) cannot be "
+                           f"{'pruned' if hasattr(r, 'keep') else 'merged'} yet", r.statement.span,
+                           "drop or quantize its attention, or drop whole layers' MLPs instead")
+                for r in [*prunes, *merges]]  # fmt: skip
     if index.is_moe:
         layout = {layer: (index.num_experts, index.expert_intermediate_size) for layer in range(index.num_layers)}
     else:

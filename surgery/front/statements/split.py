@@ -78,7 +78,7 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedSplit]:
             continue
         if index.mlp_activation != "silu":
             c.error(
-                f"cannot split {index.architecture}'s MLPs: split experts are SwiGLU, this MLP's gate is "
+                f"cannot split {index.architecture}'s MLPs: split experts are SwiGLU, this MLP's activation is "
                 f"{index.hidden_act}",
                 statement.span,
                 "splitting works on SwiGLU MLPs (Llama, Mistral, Qwen, Phi-3, Granite, OLMo 2)",

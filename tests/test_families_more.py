@@ -1,0 +1,117 @@
+"""The families added for issue 29 beyond the parity every tiny model gets (test_architectures,
+test_genai, test_layerwise): what each one's new component does, and what `check` refuses.
+
+pattern: the Hugging Face model of each family; replacement: our description's nodes and their
+ONNX; comparison: logits, and the recipe diagnostics where a statement cannot apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli, tiny_graph, write
+from surgery.analysis.mixed_precision import tensor_shapes
+from surgery.backend.verify import verify
+from surgery.export.decoder import export_decoder
+from surgery.export.options import ExportOptions
+from surgery.front.planner import VERIFY_DECODE_STEPS
+from surgery.models import builtin
+from surgery.nodes.attention import apply_rotary
+
+
+@pytest.mark.parametrize("operator", ["contrib", "plain"])
+def test_gpt_oss_experts_match_in_both_moe_forms(operator, tmp_path):
+    """The clamped SwiGLU with biases as onnxruntime's MoE operator and as plain ops, against PyTorch."""
+    graph = tiny_graph("tiny-gpt-oss")
+    result = export_decoder(graph, str(tmp_path), ExportOptions(moe_operator=operator))
+    assert result.op_counts.get("MoE", 0) == (6 if operator == "contrib" else 0)
+    check = verify(graph, builtin.byte_tokenizer(), str(tmp_path), VERIFY_DECODE_STEPS, 1e-4, threads=1)
+    assert check.passed and check.max_abs_logit_diff < 1e-4, check.reason
+
+
+def test_gpt_oss_sinks_and_clamp_change_the_model():
+    """Without its sinks or with an unclamped SwiGLU the tiny model's logits move: the parity tests
+    that pass with them can fail."""
+    graph = tiny_graph("tiny-gpt-oss")
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    mask, positions = torch.ones_like(ids), torch.arange(12)[None]
+    reference = graph.forward(ids, mask, positions)
+    attention = graph.layer(0).attention
+    sinks, attention.sinks = attention.sinks, None
+    assert (graph.forward(ids, mask, positions) - reference).abs().max() > 1e-3
+    attention.sinks = sinks
+    experts = graph.layer(0).mlp.experts
+    limit, experts.limit = experts.limit, 1e9
+    assert (graph.forward(ids, mask, positions) - reference).abs().max() > 1e-3
+    experts.limit = limit
+
+
+@pytest.mark.parametrize("statement", ["prune experts layers 0..1 to 2", "merge experts layers 0..1 to 2"])
+def test_gpt_oss_experts_are_refused_at_the_statement(statement, in_tmp):
+    recipe = write(in_tmp / "r.surg", f'model "tiny-gpt-oss"\n{statement}\n')
+    result = run_cli("check", recipe)
+    assert result.code == 1
+    assert "r.surg:2:1: error: gpt_oss's experts (biased, with a clamped SwiGLU) cannot be" in result.err
+
+
+def test_interleaved_rope_turns_adjacent_pairs():
+    """GLM's RoPE: dimensions (2i, 2i + 1) turn together by frequency i, and a pair keeps its norm."""
+    x = torch.randn(1, 1, 3, 8, dtype=torch.float64)
+    angles = torch.rand(1, 3, 4, dtype=torch.float64)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    turned = apply_rotary(x, cos, sin, interleaved=True)
+    pairs, turned_pairs = x.reshape(1, 1, 3, 4, 2), turned.reshape(1, 1, 3, 4, 2)
+    assert torch.allclose(pairs.norm(dim=-1), turned_pairs.norm(dim=-1))
+    a, b = pairs[..., 0], pairs[..., 1]
+    assert torch.allclose(turned_pairs[..., 0], a * angles.cos()[:, None] - b * angles.sin()[:, None])
+    assert not torch.allclose(turned, apply_rotary(x, cos, sin))  # halves would be another model
+
+
+def test_hunyuan_rotates_by_true_positions_under_left_padding(tmp_path):
+    """Q/K norms after RoPE make the padded index and the true position differ: the export counts
+    positions from the mask, so a left-padded row equals the same row alone."""
+    from surgery.backend.runtime import OnnxCausalLM
+
+    graph = tiny_graph("tiny-hunyuan")
+    export_decoder(graph, str(tmp_path))
+    model = OnnxCausalLM(str(tmp_path))
+    ids = np.array([[258, 258, 72, 105, 33], [84, 104, 101, 32, 99]], dtype=np.int64)
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=np.int64)
+    padded = model.step(ids, mask, None).logits[0, 2:]
+    alone = model.step(ids[:1, 2:], mask[:1, 2:], None).logits[0]
+    assert np.abs(padded - alone).max() < 1e-4
+
+
+def test_nemotron_has_no_gate_projection_to_size_or_quantize():
+    graph = tiny_graph("tiny-nemotron")
+    assert not graph.index.mlp_gated and "model.layers.0.mlp.gate_proj" not in graph.index.linear_names(0, "mlp")
+    shapes = tensor_shapes(graph.index, {"attention": (0,), "mlp": (0,)})
+    mlp = [shape.name for shape in shapes if ".mlp." in shape.name]
+    assert mlp == ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]
+
+
+def test_nemotron_layernorm_bias_survives_layer_fusion(in_tmp):
+    """Static fusion scales the final norm's gain by its weight: the bias must scale with it."""
+    recipe = write(in_tmp / "r.surg", 'model "tiny-nemotron"\nfuse layer 3 into head weight 0.3\n')
+    result = run_cli("apply", recipe, "-o", "out")
+    assert result.code == 0, result.err
+    assert "verification: max |logit diff|" in result.out
+
+
+def test_a_description_change_is_what_makes_each_family(tmp_path):
+    """Each new flag is load-bearing: switched off, the family's description no longer reproduces it."""
+    from surgery import architectures
+    from surgery.architectures.conformance import first_difference
+    from surgery.ir.graph import DecoderGraph
+    from surgery.models.index import ModelIndex
+
+    for name, field in (("tiny-glm", "rope_interleaved"), ("tiny-hunyuan", "qk_norm_after_rope")):
+        model = builtin.tiny_model(name)
+        index = ModelIndex.from_config(name, model.config)
+        arch = architectures.lookup(index.architecture)
+        wrong = dataclasses.replace(arch, attention=dataclasses.replace(arch.attention, **{field: False}))
+        assert first_difference(model, DecoderGraph(model, index, wrong)) is not None, name
