@@ -85,6 +85,8 @@ def drop_query_heads(attention, heads: tuple[int, ...]) -> None:
     q, o = attention.q_proj, attention.o_proj
     attention.q_proj = _linear(q.weight[rows], q.bias[rows] if q.bias is not None else None)
     attention.o_proj = _linear(o.weight[:, rows], o.bias)
+    if getattr(attention, "sinks", None) is not None:  # gpt-oss: each head's sink logit goes with it
+        attention.sinks = torch.nn.Parameter(attention.sinks[kept].contiguous(), requires_grad=False)
     attention.num_heads = len(kept)
     attention.dropped_heads = tuple(sorted(heads))
 

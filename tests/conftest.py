@@ -16,10 +16,16 @@ from surgery.models import builtin
 from surgery.models.index import ModelIndex
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = tuple(name for name, m in builtin.TINY_MODELS.items() if m.architecture not in builtin.MOE_ARCHITECTURES)
-# MoE models whose experts take every expert statement (gpt-oss's clamped, biased ones do not).
-TINY_MOE = tuple(name for name, m in builtin.TINY_MODELS.items()
-                 if m.architecture in builtin.MOE_ARCHITECTURES and m.architecture != "gpt_oss")  # fmt: skip
+
+def _tiny_index(name: str) -> ModelIndex:
+    return ModelIndex.from_config(name, builtin.tiny_config(name))
+
+
+# Dense tiny models (DeepSeek's with dense layers only among them), and the MoE ones whose experts
+# take every expert statement (gpt-oss's and DeepSeek's do not: check refuses those).
+TINY = tuple(name for name in builtin.TINY_MODELS if not _tiny_index(name).is_moe)
+TINY_MOE = tuple(name for name in builtin.TINY_MODELS
+                 if _tiny_index(name).is_moe and _tiny_index(name).moe_router == "softmax_topk")  # fmt: skip
 
 
 @dataclass

@@ -115,3 +115,43 @@ def test_a_description_change_is_what_makes_each_family(tmp_path):
         arch = architectures.lookup(index.architecture)
         wrong = dataclasses.replace(arch, attention=dataclasses.replace(arch.attention, **{field: False}))
         assert first_difference(model, DecoderGraph(model, index, wrong)) is not None, name
+
+
+@pytest.mark.parametrize("operator", ["contrib", "plain"])
+def test_deepseek_experts_match_in_both_moe_forms(operator, tmp_path):
+    """Scaled, unrenormalized routing weights and an always-on shared expert, after one dense layer."""
+    graph = tiny_graph("tiny-deepseek-v2-moe")
+    result = export_decoder(graph, str(tmp_path), ExportOptions(moe_operator=operator))
+    assert result.op_counts.get("MoE", 0) == (5 if operator == "contrib" else 0)
+    check = verify(graph, builtin.byte_tokenizer(), str(tmp_path), VERIFY_DECODE_STEPS, 1e-4, threads=1)
+    assert check.passed and check.max_abs_logit_diff < 1e-4, check.reason
+
+
+def test_latent_attention_caches_the_latent(tmp_path):
+    """One KV head of rope + rank per layer: 2 x 48 numbers per token where a plain-attention export
+    of the same model would cache 4 heads x (16 + 16) keys and 4 x 16 values."""
+    from surgery.backend.runtime import OnnxCausalLM
+    from surgery.formats.kv_cache import cache_bytes_per_token
+
+    graph = tiny_graph("tiny-deepseek-v2")
+    export_decoder(graph, str(tmp_path))
+    shapes = {i.name: i.shape for i in OnnxCausalLM(str(tmp_path)).session.get_inputs()}
+    assert shapes["past_key_values.0.key"][1:] == [1, "past_sequence_length", 48]
+    assert shapes["past_key_values.0.value"][1:] == [1, "past_sequence_length", 48]
+    layers = {i: (a.num_kv_heads, a.head_dim, None) for i in graph.kv_layers() if (a := graph.layer(i).attention)}
+    ours = cache_bytes_per_token(layers, 4)
+    assert ours == 6 * 2 * 48 * 4
+    plain = 6 * (4 * (16 + 16) + 4 * 16) * 4
+    assert plain / ours == 2.0
+
+
+def test_deepseek_experts_and_latent_heads_are_refused_at_the_statement(in_tmp):
+    recipe = write(in_tmp / "r.surg", 'model "tiny-deepseek-v2-moe"\nprune experts layers 1..2 to 2\n'
+                                      "drop heads 0 of layers 1\nquantize attention to int8\n")  # fmt: skip
+    result = run_cli("check", recipe)
+    assert result.code == 1
+    assert "r.surg:2:1: error: deepseek_v2's experts (scaled routing weights and always-on shared experts)" in (
+        result.err
+    )
+    assert "r.surg:3:1: error: cannot drop query heads of multi-head latent attention yet" in result.err
+    assert "r.surg:4:1: error: quantizing multi-head latent attention is not supported yet" in result.err

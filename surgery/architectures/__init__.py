@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 
+from surgery.architectures.deepseek_v2 import DEEPSEEK_V2
 from surgery.architectures.description import Architecture
 from surgery.architectures.ernie4_5 import ERNIE4_5
 from surgery.architectures.gemma import GEMMA
@@ -34,7 +35,8 @@ from surgery.architectures.smollm3 import SMOLLM3
 REGISTRY: dict[str, Architecture] = {
     a.model_type: a
     for a in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, GEMMA2, GEMMA3, PHI3, GRANITE,
-              OLMO, OLMO2, SMOLLM3, GEMMA, GLM, GLM4, ERNIE4_5, NEMOTRON, HUNYUAN_V1_DENSE, GPT_OSS)
+              OLMO, OLMO2, SMOLLM3, GEMMA, GLM, GLM4, ERNIE4_5, NEMOTRON, HUNYUAN_V1_DENSE, GPT_OSS,
+              DEEPSEEK_V2)
 }
 
 

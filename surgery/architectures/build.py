@@ -16,6 +16,7 @@ from surgery.architectures.description import Architecture, DescriptionError
 from surgery.nodes.attention import NO_ROPE, Attention
 from surgery.nodes.embedding import Embedding
 from surgery.nodes.head import Head
+from surgery.nodes.latent_attention import LatentAttention
 from surgery.nodes.linear import linear_view
 from surgery.nodes.mlp import DenseMLP, GatedMLP
 from surgery.nodes.moe import MixtureOfExperts, is_moe
@@ -66,12 +67,36 @@ def _norm(arch: Architecture, config: Any, module: torch.nn.Module) -> RMSNorm |
     return RMSNorm(module.weight, float(eps), arch.norms.offset)
 
 
+def _latent_attention(arch: Architecture, config: Any, module: torch.nn.Module, path: str) -> LatentAttention:
+    """Multi-head latent attention from DeepSeek's module names; the query scale is the module's own
+    (DeepSeek folds YaRN's attention factor into it)."""
+    low_rank_query = getattr(config, "q_lora_rank", None) is not None
+    return LatentAttention(
+        None if low_rank_query else _part(module, "q_proj", path, arch),
+        _part(module, "q_a_proj", path, arch) if low_rank_query else None,
+        _norm(arch, config, _part(module, "q_a_layernorm", path, arch)) if low_rank_query else None,
+        _part(module, "q_b_proj", path, arch) if low_rank_query else None,
+        _part(module, "kv_a_proj_with_mqa", path, arch),
+        _norm(arch, config, _part(module, "kv_a_layernorm", path, arch)),
+        _part(module, "kv_b_proj", path, arch),
+        _part(module, arch.attention.o, path, arch),
+        num_heads=int(config.num_attention_heads),
+        nope=int(config.qk_nope_head_dim),
+        rope_dim=int(config.qk_rope_head_dim),
+        value_dim=int(config.v_head_dim),
+        rank=int(config.kv_lora_rank),
+        scaling=float(module.scaling),
+    )
+
+
 def _attention(arch: Architecture, config: Any, module: torch.nn.Module, index: int, sliding: bool) -> Attention:
     spec = arch.attention
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     path = f"{arch.names.body}.{arch.names.layers}.{index}.{arch.names.attention}"
+    if spec.latent:
+        return _latent_attention(arch, config, module, path)
     if spec.qkv is not None:
         fused = _part(module, spec.qkv, path, arch)
         q_size, kv_size = heads * head_dim, kv_heads * head_dim

@@ -22,7 +22,7 @@ NormPlacement = Literal["pre", "post", "sandwich"]
 Activation = Literal["silu", "gelu_tanh", "relu2"]
 QKNorm = Literal["none", "head", "projection"]
 Sliding = Literal["layer_types", "all", "none"]
-MoeRouter = Literal["none", "softmax_topk", "topk_softmax_clamped"]
+MoeRouter = Literal["none", "softmax_topk", "softmax_topk_scaled", "topk_softmax_clamped"]
 
 
 class DescriptionError(ValueError):
@@ -106,6 +106,9 @@ class Attention:
     qk_norm_after_rope: bool = False  # the per-head Q/K norms normalize the rotated heads (HunYuan)
     sinks: str | None = None  # the parameter of per-head attention-sink logits (gpt-oss: "sinks")
     rope_tables_once: bool = False  # the rotary module returns each frequency once, not twice (gpt-oss)
+    # Multi-head latent attention (DeepSeek-V2/V3): q_proj or q_a_proj/q_a_layernorm/q_b_proj,
+    # kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj; the cache holds the latent (surgery/nodes/latent_attention.py).
+    latent: bool = False
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ class ModelIndex:
     mlp_activation: str = "silu"  # the description's MLP activation: silu (SwiGLU), gelu_tanh (GeGLU), relu2
     mlp_gated: bool = True  # whether the dense MLP has a gate projection (Nemotron's has none)
     moe_router: str = "none"  # the description's router: softmax_topk, topk_softmax_clamped (gpt-oss)
+    latent_attention: bool = False  # multi-head latent attention (DeepSeek): one latent KV head of head_dim
     final_logit_softcap: float | None = None  # tanh soft-capping of the logits, where the family has it
 
     @property
@@ -80,19 +81,26 @@ class ModelIndex:
             moe_router = "none"
         if not any(sliding):
             window = None
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or num_heads)
+        partial_rotary = float(_rope_field(config, "partial_rotary_factor") or 1.0)
+        latent = architecture is not None and architecture.attention.latent
+        if latent:  # the cache's one head: the latent and the shared rotary key (nodes/latent_attention.py)
+            head_dim = int(config.kv_lora_rank) + int(config.qk_rope_head_dim)
+            kv_heads, partial_rotary = 1, int(config.qk_rope_head_dim) / head_dim
         return cls(
             name=name,
             architecture=str(config.model_type),
             num_layers=layers,
             hidden_size=hidden,
             num_heads=num_heads,
-            num_kv_heads=int(getattr(config, "num_key_value_heads", None) or num_heads),
+            num_kv_heads=kv_heads,
             head_dim=int(head_dim),
             intermediate_size=int(config.intermediate_size),
             vocab_size=int(config.vocab_size),
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             hidden_act=str(activation or "silu"),
-            partial_rotary=float(_rope_field(config, "partial_rotary_factor") or 1.0),
+            partial_rotary=partial_rotary,
+            latent_attention=latent,
             mlp_activation=mlp_activation,
             mlp_gated=mlp_gated,
             moe_router=moe_router,
@@ -101,7 +109,8 @@ class ModelIndex:
             sliding_window=int(window) if window is not None else None,
             layer_sliding=sliding,
             max_positions=int(getattr(config, "max_position_embeddings", 2048) or 2048),
-            num_experts=int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0),
+            num_experts=0 if int(getattr(config, "first_k_dense_replace", 0) or 0) >= layers
+            else int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0),
             experts_per_token=int(getattr(config, "num_experts_per_tok", 0) or 0),
             expert_intermediate_size=int(
                 getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", 0) or 0
@@ -166,7 +175,7 @@ class ModelIndex:
             reasons.append(
                 f"activation '{self.hidden_act}' is not supported for {self.architecture} (expected {wanted})"
             )
-        rotated = int(self.head_dim * self.partial_rotary)
+        rotated = round(self.head_dim * self.partial_rotary)
         if rotated % 16:  # GroupQueryAttention's cos/sin tables: a multiple of 8 wide (half the rotated dims)
             reasons.append(
                 f"RoPE rotates {rotated} of {self.head_dim} dimensions per head (partial_rotary_factor "

@@ -232,6 +232,29 @@ TINY_MODELS: dict[str, TinyModel] = {
         seed=22,
         random_norms=True,
     ),
+    # DeepSeek-V2-Lite's attention: multi-head latent attention (latent 32 + rotary key 16: a cache
+    # head of 48), a full-rank query, dense MLPs only.
+    "tiny-deepseek-v2": TinyModel(
+        "deepseek_v2",
+        {"kv_lora_rank": 32, "q_lora_rank": None, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 16,
+         "head_dim": 16, "num_key_value_heads": 4, "first_k_dense_replace": 6, "n_routed_experts": 4,
+         "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+        seed=23,
+        random_norms=True,
+    ),
+    # DeepSeek-V2-Lite's whole layout: a low-rank query here too, one dense layer, then 4 experts (2
+    # per token, weights scaled by 2.5, not renormalized) beside a shared expert.
+    "tiny-deepseek-v2-moe": TinyModel(
+        "deepseek_v2",
+        {"kv_lora_rank": 32, "q_lora_rank": 24, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 16,
+         "head_dim": 16, "num_key_value_heads": 4, "first_k_dense_replace": 1, "n_routed_experts": 4,
+         "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1, "routed_scaling_factor": 2.5,
+         "norm_topk_prob": False, "topk_method": "greedy",
+         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+        seed=24,
+        random_norms=True,
+    ),
     # Granite: Llama with multipliers that are far from 1, so a missing one shows.
     "tiny-granite": TinyModel(
         "granite",
@@ -250,7 +273,7 @@ TINY_MODELS: dict[str, TinyModel] = {
         "olmo2", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}, seed=11, random_norms=True
     ),
 }
-MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2")
 
 
 def byte_tokenizer_vocab_size() -> int:

@@ -107,16 +107,7 @@ class Attention(torch.nn.Module):
         `cache` is a `(KVCache, slot)` pair or None; `mask` is the additive (batch, 1, q, k) bias.
         """
         batch, seq, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.qk_norm == "projection":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.clip is not None:
-            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
-        q = q.view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = k.view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        v = v.view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        if self.qk_norm == "head" and not self.qk_norm_after_rope:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.heads(x)
         rotated = 0
         if self.rope != NO_ROPE:
             cos, sin = cos_sin
@@ -150,8 +141,28 @@ class Attention(torch.nn.Module):
             probs = torch.softmax(torch.cat([scores, sink], -1), dim=-1, dtype=torch.float32)[..., :-1].to(q.dtype)
         else:
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(batch, seq, -1)
-        return self.o_proj(out)
+        return self.output(torch.matmul(probs, v))
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q, K and V of x as (batch, heads, seq, head_dim), before RoPE: the projections, any Q/K
+        norms that come before RoPE, and clipping."""
+        batch, seq, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q = q.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head" and not self.qk_norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def output(self, attended: torch.Tensor) -> torch.Tensor:
+        """The sub-block's output from the attended values (batch, heads, seq, head_dim)."""
+        batch, _, seq, _ = attended.shape
+        return self.o_proj(attended.transpose(1, 2).reshape(batch, seq, -1))
 
     # ONNX
 
@@ -162,28 +173,20 @@ class Attention(torch.nn.Module):
         padding bias, the rotary tables by kind and (with `position_ids`) the positions.
         """
         w = e.w
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        packed = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (q + 2 kv, hidden)
-        qkv = e.linear(f"{name}.qkv_proj", x, packed, f"{name}.qkv_proj.weight", f"/{name}/qkv_proj/MatMul")
-        del packed
-        if self.q_proj.bias is not None:
-            bias = np.concatenate([e.array(self.q_proj.bias), e.array(self.k_proj.bias), e.array(self.v_proj.bias)])
-            qkv = w.op("Add", [qkv, w.weight(f"{name}.qkv_proj.bias", bias)], f"/{name}/qkv_proj/Add")
         positions = self.rope != NO_ROPE
         # RoPE by RotaryEmbedding nodes before attention: asked for, or needed because the Q/K
         # norms come after it (GroupQueryAttention rotates inside, after anything emitted here).
         explicit = e.options.position_ids or (self.qk_norm_after_rope and positions)
         norm_first = self.qk_norm != "none" and not self.qk_norm_after_rope
-        if self.qk_norm != "none" or explicit or self.clip is not None:
-            q, k, v = w.node("Split", [qkv, w.constant([q_size, kv_size, kv_size])], f"/{name}/qkv_split", 3, axis=-1)
+        split = self.qk_norm != "none" or explicit or self.clip is not None
+        q, k, v = self.emit_heads(e, x, name, split)
+        if split:
             if norm_first:
                 q = self._qk_norm(e, self.q_norm, q, f"{name}.q_norm")
                 k = self._qk_norm(e, self.k_norm, k, f"{name}.k_norm")
             if self.clip is not None:
                 bounds = [e.scalar(-self.clip), e.scalar(self.clip)]
                 q, k, v = (w.op("Clip", [t, *bounds], f"/{name}/clip_{n}") for t, n in ((q, "q"), (k, "k"), (v, "v")))
-        else:
-            q, k, v = qkv, "", ""  # packed: GroupQueryAttention splits it itself
         cos, sin = shared.rotary(self.rope) if positions else ("", "")
         if explicit and positions:
             rotated = shared.rotary_dim(self.rope)
@@ -229,7 +232,27 @@ class Attention(torch.nn.Module):
             rotary_interleaved=int(self.rope_interleaved),
             **extra,
         )[0]
-        return emit_linear(e, self.o_proj, out, f"{name}.o_proj")
+        return self.emit_output(e, out, name)
+
+    def emit_heads(self, e: EmitContext, x: str, name: str, split: bool) -> tuple[str, str, str]:
+        """One packed QKV MatMul (and bias); split into Q, K and V where something comes between it
+        and GroupQueryAttention, else (packed, "", ""), which GroupQueryAttention splits itself."""
+        w = e.w
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        packed = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (q + 2 kv, hidden)
+        qkv = e.linear(f"{name}.qkv_proj", x, packed, f"{name}.qkv_proj.weight", f"/{name}/qkv_proj/MatMul")
+        del packed
+        if self.q_proj.bias is not None:
+            bias = np.concatenate([e.array(self.q_proj.bias), e.array(self.k_proj.bias), e.array(self.v_proj.bias)])
+            qkv = w.op("Add", [qkv, w.weight(f"{name}.qkv_proj.bias", bias)], f"/{name}/qkv_proj/Add")
+        if not split:
+            return qkv, "", ""
+        q, k, v = w.node("Split", [qkv, w.constant([q_size, kv_size, kv_size])], f"/{name}/qkv_split", 3, axis=-1)
+        return q, k, v
+
+    def emit_output(self, e: EmitContext, attended: str, name: str) -> str:
+        """The sub-block's output from GroupQueryAttention's (batch, seq, heads * head_dim)."""
+        return emit_linear(e, self.o_proj, attended, f"{name}.o_proj")
 
     def _kv_scales(self, e: EmitContext, name: str) -> list[str]:
         """The quantized cache's float32 scales, as initializers."""

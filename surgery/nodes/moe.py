@@ -74,12 +74,23 @@ def emit_moe(e: EmitContext, moe: torch.nn.Module, x: str, name: str) -> str:
     """
     w = e.w
     top_k = int(moe.gate.top_k)
-    normalize = bool(getattr(moe.gate, "norm_topk_prob", True))  # Mixtral's router always renormalizes
+    # Qwen's routers say whether they renormalize, DeepSeek's block config does; Mixtral's always does.
+    normalize = getattr(moe.gate, "norm_topk_prob", None)
+    if normalize is None:
+        normalize = getattr(getattr(moe, "config", None), "norm_topk_prob", True)
+    normalize = bool(normalize)
     logits = w.op("MatMul", [x, w.weight(f"{name}.gate.weight", e.array(moe.gate.weight).T)], f"/{name}/router/MatMul")
     if e.options.moe_operator == "contrib" and softmax_routed(moe):
         mixed = contrib_moe(e, moe, x, logits, top_k, normalize, name)
     else:
         mixed = plain_moe(e, moe, x, logits, top_k, normalize, name)
+    scale = float(getattr(moe.gate, "routed_scaling_factor", 1.0))
+    if scale != 1.0:  # DeepSeek scales every routing weight: the mixture, by linearity
+        mixed = w.op("Mul", [mixed, e.scalar(scale)], f"/{name}/routed_scale")
+    always = getattr(moe, "shared_experts", None)
+    if always is not None:  # DeepSeek: shared experts on every token, ungated
+        shared_out = GatedMLP(always.gate_proj, always.up_proj, always.down_proj).emit(e, x, f"{name}.shared_experts")
+        mixed = w.op("Add", [mixed, shared_out], f"/{name}/shared_experts/Add")
     shared = getattr(moe, "shared_expert", None)
     if shared is not None:  # Qwen2-MoE: sigmoid(gate(x)) * shared_expert(x), added
         shared_out = GatedMLP(shared.gate_proj, shared.up_proj, shared.down_proj).emit(e, x, f"{name}.shared_expert")

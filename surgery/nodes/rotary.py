@@ -36,7 +36,11 @@ class Rotary:
         self.once = once  # the module returns each frequency once (gpt-oss), not in two halves
 
     def _call(self, module: torch.nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor, kind: str | None):
-        cos, sin = module(hidden, position_ids, kind) if self.per_layer_type else module(hidden, position_ids)
+        tables = module(hidden, position_ids, kind) if self.per_layer_type else module(hidden, position_ids)
+        if isinstance(tables, torch.Tensor) and tables.is_complex():  # DeepSeek: e^(i theta), each frequency once
+            cos, sin = tables.real, tables.imag
+            return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+        cos, sin = tables
         if self.once:
             cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
         return cos, sin

@@ -35,6 +35,12 @@ def expert_total(c: Checker, statement, verb: str, index: ModelIndex, splits) ->
     return available
 
 
+UNMODELLED_EXPERTS = {
+    "topk_softmax_clamped": "biased, with a clamped SwiGLU",  # gpt-oss
+    "softmax_topk_scaled": "scaled routing weights and always-on shared experts",  # DeepSeek
+}
+
+
 def check_expert_layers(c: Checker, index: ModelIndex, splits: list, prunes: list, merges: list) -> None:
     """Per layer, what the prunes and merges find there (see `expert_layer_problems`).
 
@@ -69,10 +75,11 @@ def expert_layer_problems(
     chosen by importance are not resolved yet), layers without experts are not reported.
     """
     if index.is_moe and index.moe_router != "softmax_topk":
-        # gpt-oss: biased experts and a clamped SwiGLU the pruning and merging arithmetic does not model.
-        return [Diagnostic("error", f"{index.architecture}'s experts (biased, with a clamped SwiGLU) cannot be "
+        # Experts the pruning and merging arithmetic does not model (it rebuilds plain softmax top-k MoEs).
+        why = UNMODELLED_EXPERTS[index.moe_router]
+        return [Diagnostic("error", f"{index.architecture}'s experts ({why}) cannot be "
                            f"{'pruned' if hasattr(r, 'keep') else 'merged'} yet", r.statement.span,
-                           "drop or quantize its attention, or drop whole layers' MLPs instead")
+                           "drop its attention, or drop whole layers' MLPs instead")
                 for r in [*prunes, *merges]]  # fmt: skip
     if index.is_moe:
         layout = {layer: (index.num_experts, index.expert_intermediate_size) for layer in range(index.num_layers)}

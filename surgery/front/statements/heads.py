@@ -76,6 +76,10 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedDropHeads]:
         if isinstance(statement.selector, ImportanceSelector):
             c.error("drop heads takes explicit layers", statement.selector.span, "e.g. `of layers 3..5`")
             continue
+        if index.latent_attention:
+            c.error("cannot drop query heads of multi-head latent attention yet", statement.span,
+                    "its heads share one latent; drop whole attention layers instead")  # fmt: skip
+            continue
         heads = _heads(c, statement.heads, index.num_heads)
         layers = c.selector(statement.selector, index)
         if heads is None or layers is None:

@@ -17,6 +17,7 @@ from surgery.front.plan_step import PlanStep, Run
 from surgery.front.selection import ImportanceQuery
 from surgery.front.selectors import AllLayers, ImportanceSelector
 from surgery.front.statements.base import SCORE_PART
+from surgery.front.statements.quantize.refusals import unquantizable
 from surgery.front.statements.quantize.rounding import check_preset, rounding_holds
 from surgery.front.statements.quantize.syntax import (
     BUILDERS,
@@ -116,12 +117,9 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedQuantize]:
                                      half_scales=statement.half_scales)  # fmt: skip
                 )
                 continue
-            if index.is_moe and statement.part in ("layers", "mlp"):
-                c.error(
-                    "quantizing mixture-of-experts MLPs is not supported yet",
-                    statement.span,
-                    "quantize attention or head on this model",
-                )
+            refusal = unquantizable(index, statement.part)
+            if refusal is not None:
+                c.error(refusal[0], statement.span, refusal[1])
                 continue
             selector = statement.selector or AllLayers(span=statement.span)
             item = ResolvedQuantize(statement.part, statement.bits, block, statement.symmetric, statement.span,
@@ -142,12 +140,9 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedQuantize]:
 
 
 def _group(c, statement: QuantizeGroupStmt, group: int, index: ModelIndex) -> list[ResolvedQuantize]:
-    if index.is_moe and statement.part in ("layers", "mlp"):
-        c.error(
-            "quantizing mixture-of-experts MLPs is not supported yet",
-            statement.span,
-            "quantize attention or head on this model",
-        )
+    refusal = unquantizable(index, statement.part)
+    if refusal is not None:
+        c.error(refusal[0], statement.span, refusal[1])
         return []
 
     def item_of(rule: QuantizeRule) -> ResolvedQuantize | None:

@@ -4,6 +4,7 @@ selection and planning (__init__.py beside this file)."""
 
 from __future__ import annotations
 
+from surgery.front.statements.quantize.refusals import unquantizable
 from surgery.front.statements.quantize.syntax import QuantizeModelStmt
 
 
@@ -46,10 +47,10 @@ def check_preset(c, statement: QuantizeModelStmt, index, others: list) -> bool:
             others[0].span,
             "remove the other quantize statements, or quantize part by part without `quantize model`",
         )
-    if index.is_moe:
+    refusal = unquantizable(index, "model")
+    if refusal is not None:
         fine = False
-        c.error("quantizing mixture-of-experts MLPs is not supported yet", statement.span,
-                "quantize attention or head on this model")  # fmt: skip
+        c.error(refusal[0], statement.span, refusal[1])
     if statement.block is not None or statement.symmetric:
         fine = False
         c.error(
