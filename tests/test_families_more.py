@@ -50,12 +50,19 @@ def test_gpt_oss_sinks_and_clamp_change_the_model():
     experts.limit = limit
 
 
-@pytest.mark.parametrize("statement", ["prune experts layers 0..1 to 2", "merge experts layers 0..1 to 2"])
-def test_gpt_oss_experts_are_refused_at_the_statement(statement, in_tmp):
-    recipe = write(in_tmp / "r.surg", f'model "tiny-gpt-oss"\n{statement}\n')
+@pytest.mark.parametrize(
+    ("model", "statement", "why"),
+    [
+        ("tiny-gpt-oss", "prune experts layers 0..1 to 2", "gpt_oss's experts (biased, with a clamped SwiGLU) cannot be pruned"),
+        ("tiny-gpt-oss", "merge experts layers 0..1 to 2", "gpt_oss's experts (biased, with a clamped SwiGLU) cannot be merged"),
+        ("tiny-phimoe", "prune experts layers 0..1 to 2", "phimoe's experts (routed by SparseMixer, not a softmax top-k)"),
+    ],
+)  # fmt: skip
+def test_unmodelled_experts_are_refused_at_the_statement(model, statement, why, in_tmp):
+    recipe = write(in_tmp / "r.surg", f'model "{model}"\n{statement}\n')
     result = run_cli("check", recipe)
     assert result.code == 1
-    assert "r.surg:2:1: error: gpt_oss's experts (biased, with a clamped SwiGLU) cannot be" in result.err
+    assert f"r.surg:2:1: error: {why}" in result.err
 
 
 def test_interleaved_rope_turns_adjacent_pairs():
@@ -155,3 +162,21 @@ def test_deepseek_experts_and_latent_heads_are_refused_at_the_statement(in_tmp):
     )
     assert "r.surg:3:1: error: cannot drop query heads of multi-head latent attention yet" in result.err
     assert "r.surg:4:1: error: quantizing multi-head latent attention is not supported yet" in result.err
+
+
+def test_sparsemixer_routes_unlike_a_softmax_top_two():
+    """Phi-MoE's routing weights are not a renormalized softmax top-2: the parity tests against
+    Hugging Face would fail if the router were emitted as one."""
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    from surgery.ir.graph import DecoderGraph
+    from surgery.models.index import ModelIndex
+
+    model = builtin.tiny_model("tiny-phimoe")
+    scores = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    weights, chosen = sparsemixer(scores, jitter_eps=0.3, training=False)
+    top = torch.softmax(scores, -1).topk(2, -1)
+    renormalized = top.values / top.values.sum(-1, keepdim=True)
+    assert torch.equal(chosen, top.indices) and not torch.allclose(weights, renormalized)
+    graph = DecoderGraph(model, ModelIndex.from_config("tiny-phimoe", model.config))
+    assert graph.layer(0).mlp.gate is model.model.layers[0].mlp.router

@@ -26,6 +26,7 @@ from surgery.architectures.olmo import OLMO
 from surgery.architectures.olmo2 import OLMO2
 from surgery.architectures.olmoe import OLMOE
 from surgery.architectures.phi3 import PHI3
+from surgery.architectures.phimoe import PHIMOE
 from surgery.architectures.qwen2 import QWEN2
 from surgery.architectures.qwen2_moe import QWEN2_MOE
 from surgery.architectures.qwen3 import QWEN3
@@ -36,7 +37,7 @@ REGISTRY: dict[str, Architecture] = {
     a.model_type: a
     for a in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, GEMMA2, GEMMA3, PHI3, GRANITE,
               OLMO, OLMO2, SMOLLM3, GEMMA, GLM, GLM4, ERNIE4_5, NEMOTRON, HUNYUAN_V1_DENSE, GPT_OSS,
-              DEEPSEEK_V2)
+              DEEPSEEK_V2, PHIMOE)
 }
 
 

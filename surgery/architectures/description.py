@@ -22,7 +22,7 @@ NormPlacement = Literal["pre", "post", "sandwich"]
 Activation = Literal["silu", "gelu_tanh", "relu2"]
 QKNorm = Literal["none", "head", "projection"]
 Sliding = Literal["layer_types", "all", "none"]
-MoeRouter = Literal["none", "softmax_topk", "softmax_topk_scaled", "topk_softmax_clamped"]
+MoeRouter = Literal["none", "softmax_topk", "softmax_topk_scaled", "topk_softmax_clamped", "sparsemixer"]
 
 
 class DescriptionError(ValueError):

@@ -255,6 +255,16 @@ TINY_MODELS: dict[str, TinyModel] = {
         seed=24,
         random_norms=True,
     ),
+    # Phi-MoE: LayerNorms with biases, biased attention and head, 4 experts routed two per token by
+    # SparseMixer (a jitter wide enough that its "near the best" softmax holds several experts).
+    "tiny-phimoe": TinyModel(
+        "phimoe",
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 48, "router_jitter_noise": 0.3,
+         "attention_bias": True, "lm_head_bias": True, "rms_norm_eps": 1e-5, "sliding_window": None,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+        seed=25,
+        random_norms=True,
+    ),
     # Granite: Llama with multipliers that are far from 1, so a missing one shows.
     "tiny-granite": TinyModel(
         "granite",
@@ -273,7 +283,7 @@ TINY_MODELS: dict[str, TinyModel] = {
         "olmo2", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}, seed=11, random_norms=True
     ),
 }
-MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "phimoe")
 
 
 def byte_tokenizer_vocab_size() -> int:

@@ -19,10 +19,11 @@ class Head(torch.nn.Module):
     """`post(W FinalNorm(h))`; `weight` is the Hugging Face head (or the tied embedding) itself."""
 
     def __init__(self, final_norm: RMSNorm, weight: torch.nn.Parameter, divisor: float = 1.0,
-                 softcap: float | None = None, tied: bool = False):  # fmt: skip
+                 softcap: float | None = None, tied: bool = False, bias: torch.nn.Parameter | None = None):  # fmt: skip
         super().__init__()
         self.final_norm = final_norm
         self.weight = weight
+        self.bias = bias  # Phi-MoE's head has one; added before the rest of the post-processing
         self.divisor = float(divisor)
         self.softcap = softcap
         self.tied = tied
@@ -41,7 +42,9 @@ class Head(torch.nn.Module):
         return self.project(self.final_norm(hidden))
 
     def post(self, logits: torch.Tensor) -> torch.Tensor:
-        """The family's logit post-processing."""
+        """The family's logit post-processing (the bias first, where the head has one)."""
+        if self.bias is not None:
+            logits = logits + self.bias.to(logits.dtype)
         if self.divisor != 1.0:
             logits = logits / self.divisor
         if self.softcap is not None:
@@ -51,12 +54,14 @@ class Head(torch.nn.Module):
     def emit_post(self, e: EmitContext, logits: str, name: str, output: str | None = None) -> str:
         """The post-processing in ONNX; the last node writes `output` when given."""
         steps = []
+        if self.bias is not None:
+            steps.append(("Add", e.w.weight("lm_head.bias", e.array(self.bias))))
         if self.divisor != 1.0:
             steps.append(("Div", self.divisor))
         if self.softcap is not None:
             steps += [("Div", self.softcap), ("Tanh", None), ("Mul", self.softcap)]
         for i, (op, value) in enumerate(steps):
-            inputs = [logits] if value is None else [logits, e.scalar(value)]
+            inputs = [logits] if value is None else [logits, value if isinstance(value, str) else e.scalar(value)]
             outputs = [output] if output and i == len(steps) - 1 else [f"{name}/{op}_{i}"]
             logits = e.w.node(op, inputs, f"{name}/{op}_{i}", outputs)[0]
         return logits
@@ -64,7 +69,7 @@ class Head(torch.nn.Module):
     @property
     def has_post(self) -> bool:
         """Whether the family post-processes its logits at all."""
-        return self.divisor != 1.0 or self.softcap is not None
+        return self.bias is not None or self.divisor != 1.0 or self.softcap is not None
 
     def emit(
         self,

@@ -143,6 +143,13 @@ def plain_moe(e: EmitContext, moe: torch.nn.Module, x: str, logits: str, top_k: 
         dense = w.op("ScatterElements", [zeros, index, top], f"/{name}/router/weights", axis=-1, reduction="add")
     else:
         dense = w.op("ScatterElements", [zeros, index, top], f"/{name}/router/weights", axis=-1)
+    return mix_experts(e, experts, x, dense, name)
+
+
+def mix_experts(e: EmitContext, experts: torch.nn.Module, x: str, dense: str, name: str) -> str:
+    """Every SwiGLU expert on every token as batched MatMuls, summed with the dense (batch, seq,
+    experts) routing weights (zero for experts a token did not choose)."""
+    w, c = e.w, e.w.constant
     # (batch, seq, hidden) -> (batch, 1, seq, hidden) against (experts, hidden, 2I).
     xs = w.op("Unsqueeze", [x, c([1])], f"/{name}/experts/x")
     hidden = batched_experts_matmul(e, experts, "gate_up", xs, name)  # (batch, experts, seq, 2I)

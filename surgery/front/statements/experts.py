@@ -38,6 +38,7 @@ def expert_total(c: Checker, statement, verb: str, index: ModelIndex, splits) ->
 UNMODELLED_EXPERTS = {
     "topk_softmax_clamped": "biased, with a clamped SwiGLU",  # gpt-oss
     "softmax_topk_scaled": "scaled routing weights and always-on shared experts",  # DeepSeek
+    "sparsemixer": "routed by SparseMixer, not a softmax top-k",  # Phi-MoE
 }
 
 
