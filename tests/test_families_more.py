@@ -180,3 +180,59 @@ def test_sparsemixer_routes_unlike_a_softmax_top_two():
     assert torch.equal(chosen, top.indices) and not torch.allclose(weights, renormalized)
     graph = DecoderGraph(model, ModelIndex.from_config("tiny-phimoe", model.config))
     assert graph.layer(0).mlp.gate is model.model.layers[0].mlp.router
+
+
+def _mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks, scales) of (experts, in, out) weights in gpt-oss's MXFP4 checkpoint layout: per
+    output row, blocks of 32 inputs share a power-of-two scale; codes are the nearest e2m1 value."""
+    from surgery.models.conversion import FP4_VALUES
+
+    rows = weight.transpose(1, 2).reshape(weight.shape[0], weight.shape[2], -1, 32)  # (e, out, groups, 32)
+    exponent = torch.ceil(torch.log2(rows.abs().amax(-1).clamp_min(1e-30) / 6.0)).clamp(-127, 127)
+    scaled = rows / torch.exp2(exponent)[..., None]
+    table = torch.tensor(FP4_VALUES[:8])
+    codes = (scaled.abs()[..., None] - table).abs().argmin(-1) + 8 * (scaled < 0)
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+    return packed, (exponent + 127).to(torch.uint8)
+
+
+def test_gpt_oss_mxfp4_checkpoint_loads_a_layer_at_a_time(tmp_path):
+    """Experts stored as MXFP4 blocks and scales: the lazy load dequantizes one layer's when it
+    loads, to the values transformers' own (whole-model) dequantization gives."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from surgery.models.loading import load_model
+    from surgery.models.specs import resolve_spec
+
+    folder = tmp_path / "gpt-oss-mxfp4"
+    model = builtin.tiny_model("tiny-gpt-oss")
+    model.save_pretrained(folder)
+    builtin.byte_tokenizer().save_pretrained(folder)
+    tensors = {}
+    for name, param in model.state_dict().items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = _mxfp4(param)
+        else:
+            tensors[name] = param.contiguous()
+    (folder / "model.safetensors").unlink()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (folder / "config.json").write_text(json.dumps(config))
+
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()  # dequantized whole
+    lazy_model, _, weights = load_model(resolve_spec(str(folder)), lambda *_: None, lazy=True)
+    assert weights is not None  # a layer at a time, not the whole model
+    name = "model.layers.2.mlp.experts.gate_up_proj"
+    assert dict(lazy_model.named_parameters())[name].device.type == "meta"
+    loaded = weights.load(name)
+    assert torch.equal(loaded, dict(reference.named_parameters())[name].float())
+    original = dict(model.named_parameters())[name]
+    assert 0 < (loaded - original).abs().max() < 0.25 * original.abs().max()  # really quantized, and close
+    recipe = write(tmp_path / "r.surg", f'model "{folder}"\ndrop attention layers 1\n')
+    result = run_cli("apply", recipe, "-o", str(tmp_path / "out"))
+    assert result.code == 0, result.err
+    assert "verification (teacher-forced, layer by layer): max |logit diff|" in result.out  # streamed

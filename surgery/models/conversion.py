@@ -12,6 +12,11 @@ Supported: renamings by plain substring, and converters made of `MergeModulelist
 per-expert tensors) and `Concatenate` (join the sources' stacks along a dimension). Anything
 else (a regex renaming, a split, a transpose) makes `sources` return None and the model is
 loaded eagerly, as before.
+
+gpt-oss ships its experts in MXFP4 (`gate_up_proj_blocks`: 4-bit codes two to a byte, 32 to a
+block; `gate_up_proj_scales`: one power-of-two exponent per block). Such a parameter is made by
+dequantizing its two tensors when its layer loads (`dequantize_mxfp4`), as transformers does
+for the whole model at once where no MXFP4 kernel runs.
 """
 
 from __future__ import annotations
@@ -34,9 +39,13 @@ class Source:
     groups: tuple[tuple[str, ...], ...]
     stacked: bool = False
     dim: int = 0
+    mxfp4: bool = False  # groups: ((blocks,), (scales,)) of an MXFP4 tensor, dequantized
 
     def shape(self, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
         """The parameter's shape, from the sources' shapes; None if they do not fit together."""
+        if self.mxfp4:  # blocks (experts, out, blocks, 16 bytes) -> (experts, in, out)
+            experts, out, blocks, width = shapes[self.groups[0][0]]
+            return (experts, blocks * width * 2, out) if shapes[self.groups[1][0]] == (experts, out, blocks) else None
         parts = []
         for group in self.groups:
             first = shapes[group[0]]
@@ -99,6 +108,9 @@ def sources(model_type: str, parameters: list[str], stored: set[str]) -> dict[st
         if stored_name in stored:
             found[name] = Source(((stored_name,),))
             continue
+        if f"{stored_name}_blocks" in stored and f"{stored_name}_scales" in stored:  # gpt-oss's MXFP4 experts
+            found[name] = Source(((f"{stored_name}_blocks",), (f"{stored_name}_scales",)), mxfp4=True)
+            continue
         made = None
         for patterns, target, stacked, dim in converters:
             if not stored_name.endswith(target):
@@ -122,3 +134,18 @@ def sources(model_type: str, parameters: list[str], stored: set[str]) -> dict[st
             return None
         found[name] = made
     return found
+
+
+# The 16 values of an MXFP4 (e2m1) code, by code.
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks, scales, dtype):
+    """(experts, in, out) weights from MXFP4 `blocks` (experts, out, groups, 16 bytes: the low
+    nibble first) and `scales` (experts, out, groups: the exponent + 127), in `dtype`."""
+    import torch
+
+    table = torch.tensor(FP4_VALUES, dtype=dtype)
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).reshape(*blocks.shape[:-1], -1).long()
+    values = torch.ldexp(table[codes], (scales.to(torch.int32) - 127)[..., None].to(dtype))
+    return values.reshape(*blocks.shape[:2], -1).transpose(1, 2).contiguous()

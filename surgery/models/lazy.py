@@ -230,6 +230,11 @@ class LazyWeights:
         source = self.sources.get(name)
         if source is None:
             return self._finite(name, self._home(name).tensor(name, dtype))
+        if source.mxfp4:
+            from surgery.models.conversion import dequantize_mxfp4
+
+            blocks, scales = (self.checkpoint.tensor(group[0]) for group in source.groups)
+            return dequantize_mxfp4(blocks, scales, dtype)
         parts = []
         for group in source.groups:
             tensors = [self._finite(tensor, self.checkpoint.tensor(tensor, dtype)) for tensor in group]

@@ -223,10 +223,11 @@ TINY_MODELS: dict[str, TinyModel] = {
         random_norms=True,
     ),
     # gpt-oss: attention sinks, biases everywhere, sliding (8) and full layers alternating, and 4
-    # experts (2 per token) with a clamped SwiGLU whose limit bites.
+    # experts (2 per token) with a clamped SwiGLU whose limit bites; widths that MXFP4's blocks of
+    # 32 divide, for its checkpoint format.
     "tiny-gpt-oss": TinyModel(
         "gpt_oss",
-        {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 48, "sliding_window": 8,
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 64, "sliding_window": 8,
          "layer_types": ["sliding_attention", "full_attention"] * 3, "attention_bias": True, "swiglu_limit": 0.5,
          "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
         seed=22,
