@@ -236,3 +236,18 @@ def test_gpt_oss_mxfp4_checkpoint_loads_a_layer_at_a_time(tmp_path):
     result = run_cli("apply", recipe, "-o", str(tmp_path / "out"))
     assert result.code == 0, result.err
     assert "verification (teacher-forced, layer by layer): max |logit diff|" in result.out  # streamed
+
+
+def test_dropping_gpt_oss_heads_takes_their_sinks(in_tmp):
+    """A dropped query head's sink logit goes with it: the export still matches PyTorch."""
+    recipe = write(in_tmp / "r.surg", 'model "tiny-gpt-oss"\ndrop heads 0, 2 of layers 1..2\n')
+    result = run_cli("apply", recipe, "-o", "out")
+    assert result.code == 0, result.err
+    assert "max |logit diff|" in result.out and "greedy tokens agree 16/16" in result.out
+    graph = tiny_graph("tiny-gpt-oss")
+    from passes.drop_heads import drop_query_heads
+
+    attention = graph.layer(1).attention
+    sinks = attention.sinks.detach().clone()
+    drop_query_heads(attention, (0, 2))
+    assert torch.equal(attention.sinks, sinks[[1, 3]])

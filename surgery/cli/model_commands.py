@@ -66,6 +66,7 @@ def run_models(args) -> int:
         print(f"  {m['name']:<{width}}  {m['architecture']}, {m['layers']} layers; {m['what']}; {m['weights']}")
     print("families (a folder, .gguf or hub id whose config.json has one of these model_types):")
     print("  " + ", ".join(families))
+    print("  (what each supports, what check refuses on it and how it is verified: docs/architectures.md)")
     return EXIT_OK
 
 
