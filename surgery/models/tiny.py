@@ -40,6 +40,15 @@ _TINY_COMMON: dict[str, Any] = {
     "initializer_range": 0.08,
 }
 
+# GLM's attention: two 32-wide heads (RoPE on half of each, interleaved), biased Q/K/V.
+_GLM_ATTENTION: dict[str, Any] = {
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
+    "attention_bias": True,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+}
+
 TINY_MODELS: dict[str, TinyModel] = {
     "tiny-llama": TinyModel("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     "tiny-mistral": TinyModel(
@@ -182,21 +191,9 @@ TINY_MODELS: dict[str, TinyModel] = {
         random_norms=True,
     ),
     # GLM-4 (glm): biased Q/K/V, fused gate_up_proj, interleaved RoPE on half of each 32-wide head.
-    "tiny-glm": TinyModel(
-        "glm",
-        {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "attention_bias": True,
-         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
-        seed=17,
-        random_norms=True,
-    ),
+    "tiny-glm": TinyModel("glm", _GLM_ATTENTION, seed=17, random_norms=True),
     # GLM-4-0414 (glm4): GLM's attention with each sub-block's output normalized too.
-    "tiny-glm4": TinyModel(
-        "glm4",
-        {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "attention_bias": True,
-         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
-        seed=18,
-        random_norms=True,
-    ),
+    "tiny-glm4": TinyModel("glm4", _GLM_ATTENTION, seed=18, random_norms=True),
     # ERNIE 4.5: interleaved RoPE on whole heads, biases on every projection, a tied head.
     "tiny-ernie4_5": TinyModel(
         "ernie4_5",
