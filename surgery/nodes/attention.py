@@ -6,6 +6,14 @@ eager attention computes them. ONNX: one packed QKV MatMul feeding onnxruntime's
 GroupQueryAttention, which applies RoPE, appends the KV cache and attends with grouped heads
 (see surgery/export/decoder.py for the padding and position conventions).
 
+Family variants are settings of the node: RoPE on halves or on interleaved pairs (GLM, ERNIE,
+DeepSeek; `rotary_interleaved`), over the whole head or its first dimensions, or none (NoPE
+layers); per-head Q/K norms before RoPE or after it (HunYuan: RoPE is then applied by
+RotaryEmbedding nodes at positions counted from the mask, before the norms); attention sinks
+(gpt-oss: GroupQueryAttention's `head_sink`). `heads`/`output` and `emit_heads`/`emit_output`
+are the projections on either side of attention, which multi-head latent attention replaces
+(surgery/nodes/latent_attention.py).
+
 A layer whose cache is quantized (`kv_quant`, set by `quantize kv-cache`) reads its keys and
 values back rounded to its format's grid in PyTorch as GroupQueryAttention does in onnxruntime
 (surgery/formats/kv_cache.py), and emits an int8 or packed int4 cache with its scales.
