@@ -18,6 +18,7 @@ import torch
 
 from surgery.analysis.head_rules import head_problems
 from surgery.ir.graph import DecoderGraph
+from surgery.nodes.latent_attention import LatentAttention
 from surgery.passes.base import GraphPass, PassResult
 
 
@@ -47,7 +48,8 @@ class DropHeads(GraphPass):
             attention = layer.attention
             if getattr(attention, "dropped_heads", ()):
                 problems.append(f"layer {index}: heads were dropped already")
-            rule = head_problems(self.heads, attention.num_heads, attention.num_kv_heads, attention.qk_norm)
+            rule = head_problems(self.heads, attention.num_heads, attention.num_kv_heads, attention.qk_norm,
+                                 latent=isinstance(attention, LatentAttention))  # fmt: skip
             problems += [f"layer {index}: {problem}" for problem in rule]
         return problems
 

@@ -157,7 +157,9 @@ def test_deepseek_experts_and_latent_heads_are_refused_at_the_statement(in_tmp):
     assert "r.surg:2:1: error: deepseek_v2's experts (scaled routing weights and always-on shared experts)" in (
         result.err
     )
-    assert "r.surg:3:1: error: cannot drop query heads of multi-head latent attention yet" in result.err
+    assert "r.surg:3:12: error: cannot drop query heads 0: multi-head latent attention's heads share one latent" in (
+        result.err
+    )
     assert "r.surg:4:1: error: quantizing multi-head latent attention is not supported yet" in result.err
 
 
@@ -242,7 +244,7 @@ def test_dropping_gpt_oss_heads_takes_their_sinks(in_tmp):
     assert result.code == 0, result.err
     assert "max |logit diff|" in result.out and "greedy tokens agree 16/16" in result.out
     graph = tiny_graph("tiny-gpt-oss")
-    from passes.drop_heads import drop_query_heads
+    from surgery.passes.drop_heads import drop_query_heads
 
     attention = graph.layer(1).attention
     sinks = attention.sinks.detach().clone()

@@ -6,11 +6,15 @@ others, and at least one."""
 from __future__ import annotations
 
 
-def head_problems(heads: tuple[int, ...], num_heads: int, num_kv_heads: int, qk_norm: str = "none") -> list[str]:
+def head_problems(heads: tuple[int, ...], num_heads: int, num_kv_heads: int, qk_norm: str = "none",
+                  latent: bool = False) -> list[str]:  # fmt: skip
     """Why these query heads cannot be dropped from an attention of this shape (empty: they can).
 
     A Q norm over the whole projection (`qk_norm` "projection", OLMo 2) normalizes every head by
-    all of them: a head cannot leave without changing the others."""
+    all of them: a head cannot leave without changing the others. Multi-head latent attention
+    (`latent`, DeepSeek) expands every head from one shared latent; dropping one is not modelled."""
+    if latent:
+        return ["multi-head latent attention's heads share one latent (dropping them is not supported yet)"]
     if qk_norm == "projection":
         return ["its Q norm spans every head together, so no head can be dropped alone"]
     outside = [h for h in heads if not 0 <= h < num_heads]

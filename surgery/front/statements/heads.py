@@ -76,16 +76,12 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedDropHeads]:
         if isinstance(statement.selector, ImportanceSelector):
             c.error("drop heads takes explicit layers", statement.selector.span, "e.g. `of layers 3..5`")
             continue
-        if index.latent_attention:
-            c.error("cannot drop query heads of multi-head latent attention yet", statement.span,
-                    "its heads share one latent; drop whole attention layers instead")  # fmt: skip
-            continue
         heads = _heads(c, statement.heads, index.num_heads)
         layers = c.selector(statement.selector, index)
         if heads is None or layers is None:
             continue
         shape = f"the model has {index.num_heads} query heads sharing {index.num_kv_heads} key/value heads"
-        for problem in head_problems(heads, index.num_heads, index.num_kv_heads, qk_norm):
+        for problem in head_problems(heads, index.num_heads, index.num_kv_heads, qk_norm, index.latent_attention):
             c.error(f"cannot drop query heads {format_layers(heads)}: {problem}", statement.heads.span, shape)
         again = sorted(layer for layer in layers if layer in taken)
         if again:
