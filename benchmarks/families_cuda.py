@@ -53,14 +53,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--json", default=str(REPO / "bench-results" / "families-cuda.json"))
+    parser.add_argument("--only", nargs="+", default=None, help="these models only (default: all, and the V2-Lite shape)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="families-cuda-"))
     lite = work / "deepseek-v2-lite-shape"
-    if not (lite / "config.json").exists():
+    models = args.only or (*MODELS, str(lite))
+    if str(lite) in models and not (lite / "config.json").exists():
         deepseek_v2_lite_shape(lite)
     rows = {}
-    print(f"{'model':28} {'exit':>4} {'passed':>6} {'max |diff|':>10} {'tolerance':>9}  error")
-    for model in (*MODELS, str(lite)):
+    print(f"{'model':28} {'exit':>4} {'passed':>6} {'max |diff|':>10} {'tolerance':>9} {'KL fp32':>8} {'top-1':>6}  error")
+    for model in models:
         name = Path(model).name
         recipe = work / f"{name}.surg"
         recipe.write_text(f'model "{model}"\nexport onnx for cuda\n')
@@ -71,12 +73,15 @@ def main() -> None:
         verification = report.get("verification", {})
         rows[name] = {"exit": done.returncode, "passed": verification.get("passed"),
                       "max_abs_logit_diff": verification.get("max_abs_logit_diff"),
-                      "tolerance": verification.get("tolerance"), "provider": verification.get("provider"),
+                      "tolerance": verification.get("tolerance"), "fp32_kl": verification.get("fp32_kl"),
+                      "fp32_top1": verification.get("fp32_top1"),
                       "error": done.stderr.strip().splitlines()[-1] if done.returncode else ""}  # fmt: skip
         r = rows[name]
         diff = f"{r['max_abs_logit_diff']:.2e}" if r["max_abs_logit_diff"] is not None else "-"
-        print(f"{name:28} {r['exit']:4d} {str(r['passed']):>6} {diff:>10} {str(r['tolerance']):>9}  {r['error'][:80]}",
-              flush=True)  # fmt: skip
+        kl = f"{r['fp32_kl']:.1e}" if r["fp32_kl"] is not None else "-"
+        top1 = f"{r['fp32_top1']:.3f}" if r["fp32_top1"] is not None else "-"
+        print(f"{name:28} {r['exit']:4d} {str(r['passed']):>6} {diff:>10} {str(r['tolerance']):>9} {kl:>8} {top1:>6}  "
+              f"{r['error'][:80]}", flush=True)  # fmt: skip
     write_result(args.json, {"what": __doc__.splitlines()[0], "rows": rows})
 
 

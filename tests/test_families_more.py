@@ -250,3 +250,18 @@ def test_dropping_gpt_oss_heads_takes_their_sinks(in_tmp):
     sinks = attention.sinks.detach().clone()
     drop_query_heads(attention, (0, 2))
     assert torch.equal(attention.sinks, sinks[[1, 3]])
+
+
+def test_a_latent_head_wider_than_cuda_takes_is_refused_for_cuda(in_tmp):
+    """DeepSeek-V2-Lite's cache head is 64 + 512 = 576 wide; onnxruntime's CUDA GroupQueryAttention
+    takes 512 at most (measured on an H100), so `for cuda` is refused at check, from the config."""
+    from transformers import DeepseekV2Config
+
+    DeepseekV2Config(hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=512,
+                     q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                     head_dim=64).save_pretrained(in_tmp / "lite")  # fmt: skip
+    recipe = write(in_tmp / "r.surg", 'model "lite"\nexport onnx for cuda\n')
+    result = run_cli("check", recipe)
+    assert result.code == 1
+    assert "r.surg:2:1: error: this model's attention heads are 576 wide (latent attention" in result.err
+    assert run_cli("check", write(in_tmp / "c.surg", 'model "lite"\nexport onnx\n')).code == 0

@@ -93,6 +93,11 @@ def unparse(statement: ExportStmt) -> str:
     return text
 
 
+# onnxruntime-gpu 1.31.1's GroupQueryAttention refuses wider heads ("Head size (576) exceeds
+# maximum supported MAX_HEAD_SIZE (512)", measured on an H100 with DeepSeek-V2-Lite's latent head).
+CUDA_MAX_HEAD_SIZE = 512
+
+
 def check(c: Checker, index: ModelIndex | None, done: dict) -> tuple[ExportOptions, ExportStmt | None]:
     """The export options (defaults where the recipe has no export statement)."""
     statements = c.single(ExportStmt, "export")
@@ -112,6 +117,14 @@ def check(c: Checker, index: ModelIndex | None, done: dict) -> tuple[ExportOptio
             f"{precision} is not a {statement.target.upper()} precision",
             statement.precision_span or statement.span,
             f"{precision_record(precision).why_not}: use fp32 (or fp16) for cpu, or add `for cuda`",
+        )
+    if statement.target == "cuda" and index is not None and index.head_dim > CUDA_MAX_HEAD_SIZE:
+        c.error(
+            f"this model's attention heads are {index.head_dim} wide"
+            + (" (latent attention caches its rotary key and latent as one head)" if index.latent_attention else "")
+            + f"; onnxruntime's CUDA GroupQueryAttention takes at most {CUDA_MAX_HEAD_SIZE}",
+            statement.span,
+            "export for the CPU (drop `for cuda`)",
         )
     if not statement.cuda_graphs and statement.target != "cuda":
         c.error(
