@@ -53,15 +53,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--json", default=str(REPO / "bench-results" / "families-cuda.json"))
-    parser.add_argument("--only", nargs="+", default=None, help="these models only (default: all, and the V2-Lite shape)")
+    parser.add_argument("--only", nargs="+", default=None, help="these models only (default: all and V2-Lite's shape)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="families-cuda-"))
+    work.mkdir(parents=True, exist_ok=True)
     lite = work / "deepseek-v2-lite-shape"
     models = args.only or (*MODELS, str(lite))
     if str(lite) in models and not (lite / "config.json").exists():
         deepseek_v2_lite_shape(lite)
     rows = {}
-    print(f"{'model':28} {'exit':>4} {'passed':>6} {'max |diff|':>10} {'tolerance':>9} {'KL fp32':>8} {'top-1':>6}  error")
+    header = f"{'model':28} {'exit':>4} {'passed':>6} {'max |diff|':>10} {'tolerance':>9} {'KL fp32':>8} {'top-1':>6}"
+    print(header + "  error")
     for model in models:
         name = Path(model).name
         recipe = work / f"{name}.surg"
