@@ -265,3 +265,16 @@ def test_a_latent_head_wider_than_cuda_takes_is_refused_for_cuda(in_tmp):
     assert result.code == 1
     assert "r.surg:2:1: error: this model's attention heads are 576 wide (latent attention" in result.err
     assert run_cli("check", write(in_tmp / "c.surg", 'model "lite"\nexport onnx\n')).code == 0
+
+
+def test_a_known_unsupported_family_gets_its_reason_not_a_near_name(in_tmp):
+    from transformers import Lfm2Config
+
+    Lfm2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+               layer_types=["conv", "full_attention"]).save_pretrained(in_tmp / "lfm2")  # fmt: skip
+    result = run_cli("check", write(in_tmp / "r.surg", 'model "lfm2"\n'))
+    assert result.code == 1
+    assert "architecture 'lfm2' is not supported (its short-convolution blocks carry a convolution state" in (
+        result.err
+    )
+    assert "did you mean" not in result.err

@@ -41,9 +41,25 @@ REGISTRY: dict[str, Architecture] = {
 }
 
 
+# Families known not to be supported, and why (no "did you mean" for these: they are not misspelt).
+NOT_SUPPORTED = {
+    "lfm2": "its short-convolution blocks carry a convolution state beside the KV cache, which the "
+    "export does not write yet",
+    "lfm2_moe": "its short-convolution blocks carry a convolution state beside the KV cache, which the "
+    "export does not write yet",
+    "internlm2": "it loads only as remote code, which surgery never runs",
+    "internlm3": "it loads only as remote code, which surgery never runs",
+}
+
+
 def lookup(model_type: str) -> Architecture | None:
     """The description of `model_type`, or None when no family declares it."""
     return REGISTRY.get(model_type)
+
+
+def not_supported_because(model_type: str) -> str | None:
+    """Why a known family is not supported, or None for one surgery has no word on."""
+    return NOT_SUPPORTED.get(model_type)
 
 
 def closest(model_type: str) -> str | None:
@@ -63,5 +79,7 @@ def closest(model_type: str) -> str | None:
 def unknown_architecture(model_type: str) -> str:
     """The message for a model type no description covers, with the nearest registered one."""
     message = f"architecture '{model_type}' is not supported; supported: " + ", ".join(sorted(REGISTRY))
+    if model_type in NOT_SUPPORTED:
+        return f"architecture '{model_type}' is not supported: {NOT_SUPPORTED[model_type]}"
     near = closest(model_type)
     return message + (f" (did you mean '{near}'?)" if near else "")

@@ -88,9 +88,11 @@ def _index_from_config(c: Checker, spec: ModelSpec, text: str, span: Span | None
         c.error(str(problem), span, problem.hint)
         return None
     if architectures.lookup(config.model_type) is None:
-        near = architectures.closest(config.model_type)
+        because = architectures.not_supported_because(config.model_type)
+        near = None if because else architectures.closest(config.model_type)
         c.error(
-            f"cannot compile '{text}': architecture '{config.model_type}' is not supported",
+            f"cannot compile '{text}': architecture '{config.model_type}' is not supported"
+            + (f" ({because})" if because else ""),
             span,
             (f"did you mean '{near}'? " if near else "")
             + "supported architectures: "
