@@ -23,9 +23,9 @@ def _tiny_index(name: str) -> ModelIndex:
 
 # Dense tiny models (DeepSeek's with dense layers only among them), and the MoE ones whose experts
 # take every expert statement (gpt-oss's and DeepSeek's do not: check refuses those).
-TINY = tuple(name for name in builtin.TINY_MODELS if not _tiny_index(name).is_moe)
-TINY_MOE = tuple(name for name in builtin.TINY_MODELS
-                 if _tiny_index(name).is_moe and _tiny_index(name).moe_router == "softmax_topk")  # fmt: skip
+_INDICES = {name: _tiny_index(name) for name in builtin.TINY_MODELS}
+TINY = tuple(name for name, index in _INDICES.items() if not index.is_moe)
+TINY_MOE = tuple(name for name, index in _INDICES.items() if index.is_moe and index.moe_router == "softmax_topk")
 
 
 @dataclass

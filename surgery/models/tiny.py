@@ -40,6 +40,23 @@ _TINY_COMMON: dict[str, Any] = {
     "initializer_range": 0.08,
 }
 
+def _longrope(**rope: Any) -> dict[str, Any]:
+    """Phi-3's longrope over a 32-position original context (256 in all): short factors below 32
+    positions, long ones past it; `rope` adds fields to the RoPE parameters."""
+    return {
+        "max_position_embeddings": 256,
+        "original_max_position_embeddings": 32,
+        "rope_parameters": {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "original_max_position_embeddings": 32,
+            "short_factor": [1.0 + 0.1 * i for i in range(8)],
+            "long_factor": [1.0 + 0.5 * i for i in range(8)],
+            **rope,
+        },
+    }
+
+
 # GLM's attention: two 32-wide heads (RoPE on half of each, interleaved), biased Q/K/V.
 _GLM_ATTENTION: dict[str, Any] = {
     "num_attention_heads": 2,
@@ -131,17 +148,7 @@ TINY_MODELS: dict[str, TinyModel] = {
     # verification's prompts run on the long factors and short prompts on the short ones.
     "tiny-phi3": TinyModel(
         "phi3",
-        {
-            "max_position_embeddings": 256,
-            "original_max_position_embeddings": 32,
-            "rope_parameters": {
-                "rope_type": "longrope",
-                "rope_theta": 10000.0,
-                "original_max_position_embeddings": 32,
-                "short_factor": [1.0 + 0.1 * i for i in range(8)],
-                "long_factor": [1.0 + 0.5 * i for i in range(8)],
-            },
-        },
+        _longrope(),
         seed=9,
         random_norms=True,
     ),
@@ -149,23 +156,8 @@ TINY_MODELS: dict[str, TinyModel] = {
     # 32 here, the least onnxruntime's GroupQueryAttention takes: a multiple of 16 dimensions).
     "tiny-phi4-mini": TinyModel(
         "phi3",
-        {
-            "hidden_size": 64,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "head_dim": 32,
-            "max_position_embeddings": 256,
-            "original_max_position_embeddings": 32,
-            "partial_rotary_factor": 0.5,
-            "rope_parameters": {
-                "rope_type": "longrope",
-                "rope_theta": 10000.0,
-                "original_max_position_embeddings": 32,
-                "partial_rotary_factor": 0.5,
-                "short_factor": [1.0 + 0.1 * i for i in range(8)],
-                "long_factor": [1.0 + 0.5 * i for i in range(8)],
-            },
-        },
+        {"hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+         "partial_rotary_factor": 0.5, **_longrope(partial_rotary_factor=0.5)},
         seed=12,
         random_norms=True,
     ),

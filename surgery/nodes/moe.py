@@ -157,6 +157,13 @@ def mix_experts(e: EmitContext, experts: torch.nn.Module, x: str, dense: str, na
     gate, up = w.node("Split", [hidden, c([inter, inter])], f"/{name}/experts/split", 2, axis=-1)
     act = w.op("Mul", [gate, w.op("Sigmoid", [gate], f"/{name}/experts/Sigmoid")], f"/{name}/experts/silu")
     out = batched_experts_matmul(e, experts, "down", w.op("Mul", [act, up], f"/{name}/experts/Mul"), name)
+    return weighted_sum(e, out, dense, name)
+
+
+def weighted_sum(e: EmitContext, out: str, dense: str, name: str) -> str:
+    """Every expert's output (batch, experts, seq, hidden) summed with the dense (batch, seq,
+    experts) routing weights."""
+    w, c = e.w, e.w.constant
     # weights (batch, seq, experts) -> (batch, experts, seq, 1)
     weights = w.op("Unsqueeze", [w.op("Transpose", [dense], f"/{name}/router/T", perm=[0, 2, 1]), c([3])],
                    f"/{name}/router/weights4")  # fmt: skip

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from surgery.nodes.context import EmitContext
+from surgery.nodes.moe import weighted_sum
 
 
 class ClampedSwiGLUMoE(torch.nn.Module):
@@ -95,7 +96,4 @@ class ClampedSwiGLUMoE(torch.nn.Module):
         act = w.op("Mul", [w.op("Add", [up, c(1.0, e.dtype)], f"/{name}/experts/up_plus_one"), glu],
                    f"/{name}/experts/Mul")  # fmt: skip
         out = stacked(experts.down_proj, experts.down_proj_bias, "down_proj", act)  # (batch, experts, seq, hidden)
-        weights = w.op("Unsqueeze", [w.op("Transpose", [dense], f"/{name}/router/T", perm=[0, 2, 1]), c([3])],
-                       f"/{name}/router/weights4")  # fmt: skip
-        return w.op("ReduceSum", [w.op("Mul", [out, weights], f"/{name}/experts/weighted"), c([1])],
-                    f"/{name}/experts/sum", keepdims=0)  # fmt: skip
+        return weighted_sum(e, out, dense, name)
