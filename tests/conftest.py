@@ -28,6 +28,19 @@ TINY = tuple(name for name, index in _INDICES.items() if not index.is_moe)
 TINY_MOE = tuple(name for name, index in _INDICES.items() if index.is_moe and index.moe_router == "softmax_topk")
 
 
+def attention_layers(name: str, layers: tuple[int, ...]) -> tuple[int, ...]:
+    """`layers` for a statement about attention on tiny model `name`: a convolution layer (LFM2's:
+    it has no attention) is replaced by the nearest attention layer not already chosen."""
+    available = [i for i in _INDICES[name].attention_layers if i not in layers]
+    chosen = []
+    for layer in layers:
+        if layer in _INDICES[name].conv_layers:
+            layer = min(available, key=lambda i: (abs(i - layer), i))
+            available.remove(layer)
+        chosen.append(layer)
+    return tuple(sorted(chosen))
+
+
 @dataclass
 class CliResult:
     code: int

@@ -45,7 +45,8 @@ def _heads_silenced(graph, layers: tuple[int, ...], heads: tuple[int, ...]) -> t
         return (x,)
 
     for index in layers:
-        handles.append(model.model.layers[index].self_attn.o_proj.register_forward_pre_hook(silence))
+        output = graph.architecture.attention.o  # the output projection's name (LFM2: out_proj)
+        handles.append(getattr(model.model.layers[index].self_attn, output).register_forward_pre_hook(silence))
     try:
         with torch.no_grad():
             return model(input_ids=PROMPT_IDS, attention_mask=MASK, position_ids=position_ids_from_mask(MASK)).logits

@@ -268,13 +268,13 @@ def test_a_latent_head_wider_than_cuda_takes_is_refused_for_cuda(in_tmp):
 
 
 def test_a_known_unsupported_family_gets_its_reason_not_a_near_name(in_tmp):
-    from transformers import Lfm2Config
+    from transformers import Lfm2MoeConfig
 
-    Lfm2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-               layer_types=["conv", "full_attention"]).save_pretrained(in_tmp / "lfm2")  # fmt: skip
-    result = run_cli("check", write(in_tmp / "r.surg", 'model "lfm2"\n'))
+    Lfm2MoeConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  layer_types=["conv", "full_attention"]).save_pretrained(in_tmp / "lfm2-moe")  # fmt: skip
+    result = run_cli("check", write(in_tmp / "r.surg", 'model "lfm2-moe"\n'))
     assert result.code == 1
-    assert "architecture 'lfm2' is not supported (its short-convolution blocks carry a convolution state" in (
+    assert "architecture 'lfm2_moe' is not supported (its experts' router (sigmoid scores with a selection" in (
         result.err
     )
     assert "did you mean" not in result.err

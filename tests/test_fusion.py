@@ -15,7 +15,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import TINY, run_cli, tiny_graph, write
+from conftest import TINY, attention_layers, run_cli, tiny_graph, write
 from surgery.backend.runtime import OnnxCausalLM
 from surgery.backend.verify import verify
 from surgery.calibration import CalibrationSpec, calibration_tokens
@@ -31,7 +31,7 @@ IDS = np.array([[72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33]])
 
 def _fused(arch: str, fuse: Fuse, tmp_path):
     graph = tiny_graph(arch)
-    run_pass(DropAttention(layers=(2,)), graph)
+    run_pass(DropAttention(layers=attention_layers(arch, (2,))), graph)
     run_pass(fuse, graph)
     return graph, export_decoder(graph, str(tmp_path))
 

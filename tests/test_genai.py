@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime_genai as og
 import pytest
 
-from conftest import tiny_graph
+from conftest import attention_layers, tiny_graph
 from surgery.backend.runtime import OnnxCausalLM
 from surgery.export.decoder import export_decoder
 from surgery.export.genai import GENAI_MODEL_TYPES, genai_config, write_genai_config
@@ -61,9 +61,11 @@ def export_with_config(graph, folder, options: ExportOptions | None = None):
 def test_genai_generates_our_tokens(name, edit, tmp_path):
     graph = tiny_graph(name)
     if EDITS[edit] is not None:
-        run_pass(EDITS[edit](layers=(1, 2)), graph)
+        layers = attention_layers(name, (1, 2)) if edit == "drop attention" else (1, 2)
+        run_pass(EDITS[edit](layers=layers), graph)
     content = export_with_config(graph, tmp_path)
-    assert content["model"]["decoder"]["num_hidden_layers"] == len(graph.kv_layers())
+    # genai's layers are the cache's slots: KV slots, then convolution states (LFM2).
+    assert content["model"]["decoder"]["num_hidden_layers"] == len(graph.kv_layers()) + len(graph.conv_layers())
     assert genai_greedy(str(tmp_path), [PROMPTS[0]], 8) == [our_greedy(str(tmp_path), PROMPTS[0], 8)]
 
 

@@ -39,8 +39,8 @@ def _hooked_logits(graph, part: str, layers: tuple[int, ...]) -> torch.Tensor:
         layer = model.model.layers[index]
         if part == "attention":
             handles.append(layer.self_attn.register_forward_hook(_zero_output))
-        elif part == "mlp":
-            handles.append(layer.mlp.register_forward_hook(_zero_output))
+        elif part == "mlp":  # the family's MLP module (LFM2: feed_forward)
+            handles.append(getattr(layer, graph.architecture.names.mlp).register_forward_hook(_zero_output))
         else:
             handles.append(layer.register_forward_hook(_identity_layer, with_kwargs=True))
     try:

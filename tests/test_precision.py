@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import run_cli, write
+from conftest import attention_layers, run_cli, write
 from surgery.models import builtin
 
 
@@ -29,7 +29,8 @@ def apply(folder: Path, model: str, body: str, *flags: str) -> tuple[int, str, P
 
 @pytest.mark.parametrize("name", tuple(builtin.TINY_MODELS))
 def test_fp16_exports_verify_against_pytorch_in_fp16(name, tmp_path):
-    code, err, out = apply(tmp_path, name, "drop attention layers 2\nexport onnx precision fp16\n")
+    layer = attention_layers(name, (2,))[0]
+    code, err, out = apply(tmp_path, name, f"drop attention layers {layer}\nexport onnx precision fp16\n")
     assert code == 0, err
     verification = json.loads((out / "surgery.json").read_text())["verification"]
     assert verification["passed"] and verification["precision"] == "fp16"

@@ -50,10 +50,16 @@ class TensorShape:
 
 def tensor_shapes(index, layers: dict[str, tuple[int, ...]]) -> list[TensorShape]:
     """Every tensor the preset quantizes, from the model index: the linears of the layers that keep
-    their attention (`layers["attention"]`) and MLP (`layers["mlp"]`), the head, the embedding."""
+    their attention (`layers["attention"]`) and MLP (`layers["mlp"]`), the projections of the
+    convolution layers kept (`layers["blocks"]`: every layer by default), the head, the embedding."""
     hidden, heads, kv, head_dim = index.hidden_size, index.num_heads, index.num_kv_heads, index.head_dim
     shapes: list[TensorShape] = []
-    for layer in sorted(set(layers["attention"]) | set(layers["mlp"])):
+    blocks = set(layers.get("blocks", range(index.num_layers)))
+    convs = blocks & set(index.conv_layers)
+    for layer in sorted(set(layers["attention"]) | set(layers["mlp"]) | convs):
+        if layer in convs:
+            shapes.append(TensorShape(layer_linear(layer, "in_proj"), 3 * hidden, hidden))
+            shapes.append(TensorShape(layer_linear(layer, "out_proj"), hidden, hidden))
         if layer in layers["attention"]:
             shapes.append(TensorShape(layer_linear(layer, "qkv_proj"), (heads + 2 * kv) * head_dim, hidden))
             shapes.append(TensorShape(layer_linear(layer, "o_proj"), hidden, heads * head_dim))

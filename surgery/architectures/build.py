@@ -24,13 +24,14 @@ from surgery.nodes.moe_clamped import ClampedSwiGLUMoE
 from surgery.nodes.moe_sparse_mixer import SparseMixerMoE
 from surgery.nodes.norm import LayerNorm, RMSNorm
 from surgery.nodes.rotary import Rotary
+from surgery.nodes.short_conv import ShortConv
 
 
 @dataclass
 class BuiltLayer:
     """The nodes of one layer, before any pass."""
 
-    attention: Attention
+    attention: Attention | ShortConv  # a short convolution in the attention's place (LFM2's conv layers)
     mlp: torch.nn.Module
     attention_norm: RMSNorm | None
     attention_post_norm: RMSNorm | None
@@ -131,6 +132,20 @@ def _attention(arch: Architecture, config: Any, module: torch.nn.Module, index: 
     )  # fmt: skip
 
 
+def _short_conv(arch: Architecture, hf_layer: torch.nn.Module, layer_path: str) -> ShortConv:
+    module = _part(hf_layer, arch.convolution.module, layer_path, arch)
+    path = f"{layer_path}.{arch.convolution.module}"
+    return ShortConv(*(_part(module, name, path, arch) for name in ("in_proj", "conv", "out_proj")))
+
+
+def _operator(arch: Architecture, config: Any, hf_layer: torch.nn.Module, layer_path: str, index: int,
+              sliding: bool, conv: bool) -> Attention | ShortConv:  # fmt: skip
+    """The layer's token mixer: its attention, or its short convolution (LFM2's conv layers)."""
+    if conv:
+        return _short_conv(arch, hf_layer, layer_path)
+    return _attention(arch, config, _part(hf_layer, arch.names.attention, layer_path, arch), index, sliding)
+
+
 def _rope_kind(spec, config: Any, index: int) -> str | None:
     """Which rotary table a layer reads: its layer type's (Gemma 3), none (a NoPE layer), or the model's."""
     if spec.rope_layers_field is not None and not getattr(config, spec.rope_layers_field)[index]:
@@ -173,6 +188,7 @@ def build(arch: Architecture, model: Any) -> BuiltModel:
     names = arch.names
     body = _part(model, names.body, "model", arch)
     windows = arch.sliding_layers(config)
+    convs = arch.conv_layers(config)
     placement = arch.norms.placement
     residual_scale = arch.residual_scale.value(config)
     layers = []
@@ -188,7 +204,7 @@ def build(arch: Architecture, model: Any) -> BuiltModel:
 
         layers.append(
             BuiltLayer(
-                attention=_attention(arch, config, _part(hf_layer, names.attention, layer_path, arch), i, windows[i]),
+                attention=_operator(arch, config, hf_layer, layer_path, i, windows[i], convs[i]),
                 mlp=_mlp(arch, _part(hf_layer, names.mlp, layer_path, arch), f"{layer_path}.{names.mlp}"),
                 attention_norm=norm("attention_pre_norm"),
                 attention_post_norm=norm("attention_post_norm"),

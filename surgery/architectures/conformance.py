@@ -80,8 +80,9 @@ def _hf_trace(model: Any, graph: DecoderGraph, ids: torch.Tensor) -> dict[tuple,
         seen[("embedding",)] = (args[0] if args else kwargs["hidden_states"]).clone()
 
     handles.append(layers[0].register_forward_pre_hook(embedding, with_kwargs=True))
+    mixers = graph.architecture.mixer_names(model.config)
     for i, layer in enumerate(layers):
-        handles.append(getattr(layer, names.attention).register_forward_hook(keep((i, "attention"))))
+        handles.append(getattr(layer, mixers[i]).register_forward_hook(keep((i, "attention"))))
         handles.append(getattr(layer, names.mlp).register_forward_hook(keep((i, "mlp"))))
         handles.append(layer.register_forward_hook(keep((i, "output"))))
     try:

@@ -127,6 +127,19 @@ class Mlp:
 
 
 @dataclass(frozen=True)
+class Convolution:
+    """Short-convolution blocks in place of attention in some layers (LFM2): `in_proj` to three
+    channels' worth (B, C, x), a causal depthwise convolution of `B * x` over time, `C` times its
+    output, `out_proj`. The layers that have one are those whose `layer_types` entry is
+    `layer_type`; their module is `module`, and the convolution's window is the kernel width of
+    its `conv` (config `kernel_field`)."""
+
+    module: str = "conv"
+    layer_type: str = "conv"
+    kernel_field: str = "conv_L_cache"
+
+
+@dataclass(frozen=True)
 class Names:
     """Hugging Face module names: the model body, its layers, and each layer's parts."""
 
@@ -154,6 +167,7 @@ class Architecture:
     attention: Attention = Attention()
     mlp: Mlp = Mlp()
     names: Names = Names()
+    convolution: Convolution | None = None  # short-convolution blocks in some layers (LFM2)
     embedding_scale: Scale = Scale()
     residual_scale: Scale = Scale()  # multiplies each sub-block's output before the residual add
     logits_divisor: Scale = Scale()  # logits are divided by it (Granite's logits_scaling)
@@ -176,6 +190,19 @@ class Architecture:
         if layer_types is None or not getattr(config, "use_sliding_window", True):
             return [False] * layers
         return [t == "sliding_attention" for t in layer_types]
+
+    def conv_layers(self, config: object) -> list[bool]:
+        """Which layers of a model with this config have a short-convolution block instead of attention."""
+        layers = int(config.num_hidden_layers)
+        if self.convolution is None:
+            return [False] * layers
+        types = list(getattr(config, "layer_types", None) or [])
+        return [i < len(types) and types[i] == self.convolution.layer_type for i in range(layers)]
+
+    def mixer_names(self, config: object) -> list[str]:
+        """Each layer's token-mixer module name: its attention's, or its convolution's."""
+        conv = self.convolution.module if self.convolution is not None else ""
+        return [conv if is_conv else self.names.attention for is_conv in self.conv_layers(config)]
 
     @property
     def is_moe(self) -> bool:

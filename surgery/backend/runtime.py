@@ -110,7 +110,12 @@ class OnnxCausalLM:
             key=lambda n: (int(n.split(".")[1]), n.endswith("value")),
         )
         self.kv_slots = len(self.past_names) // 2
-        self.uses_cache = self.kv_slots > 0
+        # Short-convolution states (LFM2), `past.<slot>.conv`: fixed (batch, hidden, kernel - 1).
+        self.conv_names = sorted((n for n in inputs if n.startswith("past.") and n.endswith(".conv")),
+                                 key=lambda n: int(n.split(".")[1]))  # fmt: skip
+        self.conv_shapes = [(inputs[name].shape[1], inputs[name].shape[2]) for name in self.conv_names]
+        self.conv_types = [inputs[name].type for name in self.conv_names]
+        self.uses_cache = self.kv_slots > 0 or bool(self.conv_names)
         if self.uses_cache:
             # Per cache input: layers may differ in key/value heads and head size.
             folder = os.path.dirname(model_path)
@@ -122,11 +127,15 @@ class OnnxCausalLM:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def empty_cache(self, batch: int) -> list:
-        """Zero-length past keys/values for a first (prefill) step."""
+        """Zero-length past keys/values for a first (prefill) step, then zero convolution states."""
         if not self.uses_cache:
             return []
-        return [_empty_past(kind, batch, heads, size) for (heads, size), kind in zip(self.kv_dims, self.kv_types,
-                                                                                     strict=True)]  # fmt: skip
+        kv = []
+        if self.kv_slots:
+            kv = [_empty_past(kind, batch, heads, size)
+                  for (heads, size), kind in zip(self.kv_dims, self.kv_types, strict=True)]  # fmt: skip
+        return kv + [_zero_state(kind, batch, channels, width)
+                     for (channels, width), kind in zip(self.conv_shapes, self.conv_types, strict=True)]  # fmt: skip
 
     def step(
         self,
@@ -149,14 +158,14 @@ class OnnxCausalLM:
             feed["position_ids"] = position_ids.astype(np.int64)
         if self.uses_cache:
             past = past if past is not None else self.empty_cache(input_ids.shape[0])
-            feed.update(zip(self.past_names, past, strict=True))
+            feed.update(zip(self.past_names + self.conv_names, past, strict=True))
         values = {
             name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value)
             for name, value in feed.items()
         }
         outputs = self.session.run_with_ort_values(self.output_names, values)
         named = dict(zip(self.output_names, outputs, strict=True))
-        present = [named[n.replace("past_key_values.", "present.")] for n in self.past_names]
+        present = [named[_present_name(n)] for n in self.past_names + self.conv_names]
         fused = named.get("fused_layer")
         # fp16 and bf16 logits are widened here, so every caller (argmax, log-softmax) computes in fp32.
         return StepOutput(
@@ -200,6 +209,21 @@ def _empty_past(kind: str, batch: int, heads: int, size: int):
         return ort.OrtValue.ortvalue_from_shape_and_type([batch, heads, 0, size], _BFLOAT16)
     dtype = _CACHE_CODES[kind] if kind in _CACHE_CODES else from_ort_type(kind).numpy_dtype()
     return np.zeros((batch, heads, 0, size), dtype)
+
+
+def _present_name(past: str) -> str:
+    """The output that carries input `past` forward (`past_key_values.0.key` -> `present.0.key`,
+    `past.2.conv` -> `present.2.conv`)."""
+    prefix = "past_key_values." if past.startswith("past_key_values.") else "past."
+    return "present." + past[len(prefix) :]
+
+
+def _zero_state(kind: str, batch: int, channels: int, width: int):
+    """A convolution state before the first token: zeros (the causal padding)."""
+    if kind == "tensor(bfloat16)":  # numpy has no bfloat16: zero words, which are bfloat16 zeros
+        zeros = np.zeros((batch, channels, width), np.uint16)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(zeros, _BFLOAT16)
+    return np.zeros((batch, channels, width), from_ort_type(kind).numpy_dtype())
 
 
 def _has_quantized_matmul(model_path: str) -> bool:

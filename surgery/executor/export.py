@@ -82,7 +82,9 @@ def _calibrate(run: Run, quantization: dict[str, QuantizedTarget]) -> dict[str, 
     measured = calibrated_blocks(graph, plain, tokens, run.progress, device, sensitivity=FORMATS,
                                  head_rounding=linears.get(HEAD))  # fmt: skip
     index, plan = run.checked.index, run.plan
-    shapes = tensor_shapes(index, {"attention": plan.kv_layers_after, "mlp": plan.mlp_layers_after})
+    shapes = tensor_shapes(
+        index, {"attention": plan.kv_layers_after, "mlp": plan.mlp_layers_after, "blocks": plan.layers_after}
+    )
     element_bytes = precision_record(plan.export.precision).itemsize
     chosen = choose(shapes, measured.errors, budget, index.tied_embeddings, element_bytes)
     final = {name: replace(t, format=chosen[name]) for name, t in quantization.items()}

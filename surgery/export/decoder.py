@@ -46,6 +46,7 @@ from surgery.formats.weights import WeightFormat
 from surgery.ir.graph import DecoderGraph
 from surgery.ir.layer import DecoderLayer, walk_layer
 from surgery.nodes.norm import RMSNorm
+from surgery.nodes.short_conv import ShortConv
 
 # The element type every component writes (weights, activations, KV cache and logits) is the
 # export's one `Precision` record (surgery.formats.precision), read by every component.
@@ -201,7 +202,14 @@ class _Emitter:
         return update
 
     def attention(self, node, x: str, name: str) -> str:
-        """The attention's nodes, on the next KV slot."""
+        """The attention's nodes, on the next KV slot (or a short convolution's, on its next state)."""
+        if isinstance(node, ShortConv):
+            slot = self.state_slots.pop(0)
+            conv_name = name.rsplit(".", 1)[0] + ".conv"
+            past, present = f"past.{slot}.conv", f"present.{slot}.conv"
+            if not self.options.kv_cache:  # no state in or out: every call starts from zeros
+                past, present = "", f"/{conv_name}/present_state"
+            return node.emit(self, x, conv_name, self.shared.new_token_mask(), past, present)
         self.slot += 1
         return node.emit(self, x, name, self.shared, self.slot - 1)
 
@@ -236,6 +244,15 @@ class _Emitter:
         if self.options.position_ids:
             self.shared.position_ids = w.add_input("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
         self.kv_layers = self.graph.kv_layers()
+        # A short-convolution layer's state (LFM2) is numbered after the KV slots: state slot
+        # len(kv_layers) + k belongs to the k-th convolution layer (genai's `layer_types` says so).
+        convs = [self.graph.layer(i).attention for i in self.graph.conv_layers()]
+        self.state_slots = [len(self.kv_layers) + k for k in range(len(convs))]
+        for slot, node in zip(self.state_slots, convs, strict=True):
+            if not self.options.kv_cache:
+                break
+            w.add_input(f"past.{slot}.conv", self.onnx_type, ["batch_size", node.channels, node.state_width])
+            w.add_output(f"present.{slot}.conv", self.onnx_type, ["batch_size", node.channels, node.state_width])
         if not self.options.kv_cache:
             return
         nodes = [self.graph.layer(i).attention for i in self.kv_layers]

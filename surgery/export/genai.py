@@ -39,6 +39,7 @@ GENAI_MODEL_TYPES = {
     "phi3": "phi3",
     "granite": "granite",
     "olmo2": "olmo",
+    "lfm2": "lfm2",  # genai's LFM2 model carries the convolution states (`layer_types`)
 }
 GENERIC_MODEL_TYPE = "llama"
 
@@ -141,30 +142,51 @@ def genai_config(
         value = getattr(generation, field, None) if generation is not None else None
         if value is not None:
             search[field] = type(search[field])(value)
+    decoder = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": list(provider_options or [])},
+        "filename": "model.onnx",
+        "head_size": layout.head_dim,
+        "hidden_size": graph.index.hidden_size,
+        "inputs": inputs,
+        "outputs": {
+            "logits": "logits",
+            "present_key_names": "present.%d.key",
+            "present_value_names": "present.%d.value",
+        },
+        "num_attention_heads": layout.num_heads,
+        "num_hidden_layers": layout.slots,
+        "num_key_value_heads": layout.num_kv_heads,
+    }
+    _add_conv_states(graph, decoder, layout.slots)
     return {
         "model": {
             **token_ids(config, generation, tokenizer),
             "context_length": int(context_length),
-            "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": list(provider_options or [])},
-                "filename": "model.onnx",
-                "head_size": layout.head_dim,
-                "hidden_size": graph.index.hidden_size,
-                "inputs": inputs,
-                "outputs": {
-                    "logits": "logits",
-                    "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value",
-                },
-                "num_attention_heads": layout.num_heads,
-                "num_hidden_layers": layout.slots,
-                "num_key_value_heads": layout.num_kv_heads,
-            },
+            "decoder": decoder,
             "type": GENAI_MODEL_TYPES.get(graph.index.architecture, GENERIC_MODEL_TYPE),
             "vocab_size": graph.index.vocab_size,
         },
         "search": search,
     }
+
+
+def _add_conv_states(graph, decoder: dict, kv_slots: int) -> None:
+    """Short-convolution states (LFM2) as genai's LFM2 model reads them: `layer_types` names each
+    state slot's kind (the KV slots first, then the convolution states, as the export numbers
+    them), `past.%d.conv`/`present.%d.conv` their inputs and outputs, `conv_cache_size` the
+    positions each carries. The slots are genai's "layers": a layer without attention or a
+    convolution (dropped) has no state and no entry."""
+    convs = [graph.layer(index).attention for index in graph.conv_layers()]
+    if not convs:
+        return
+    widths = {node.state_width for node in convs}
+    if len(widths) > 1:
+        raise ValueError("the convolution layers differ in kernel width: genai's conv state needs one")
+    decoder["inputs"]["past_conv_names"] = "past.%d.conv"
+    decoder["outputs"]["present_conv_names"] = "present.%d.conv"
+    decoder["num_hidden_layers"] = kv_slots + len(convs)
+    decoder["layer_types"] = ["full_attention"] * kv_slots + ["conv"] * len(convs)
+    decoder["conv_cache_size"] = widths.pop()
 
 
 def _cache_format(node) -> str:

@@ -12,7 +12,7 @@ class SharedInputs:
 
     def __init__(self, emitter):
         self.e = emitter
-        self.seqlens_k = self.total_len = self.bias = self.position_ids = ""
+        self.seqlens_k = self.total_len = self.bias = self.position_ids = self.new_mask = ""
         self._tables: dict[str | None, tuple[str, str]] = {}
         self._dims: dict[str | None, int] = {}
 
@@ -39,6 +39,19 @@ class SharedInputs:
             start = w.op("Neg", [seq], f"{name}/start")
             self.position_ids = w.op("Slice", [ids, start, c([np.iinfo(np.int64).max]), c([1])], f"{name}/Slice")
         return self.position_ids
+
+    def new_token_mask(self) -> str:
+        """The attention mask of the new tokens, as (batch, seq, 1) in the element type, once: a
+        short convolution zeroes its padding positions' inputs with it, as transformers does."""
+        if not self.new_mask:
+            w, c, e = self.e.w, self.e.w.constant, self.e
+            name = "/model/new_token_mask"
+            seq = w.op("Gather", [w.op("Shape", [e.input_ids], f"{name}/ids_shape"), c([1])], f"{name}/seq")
+            start = w.op("Neg", [seq], f"{name}/start")
+            mask = w.op("Slice", [e.attention_mask, start, c([np.iinfo(np.int64).max]), c([1])], f"{name}/Slice")
+            mask = w.op("Cast", [mask], f"{name}/Cast", to=e.onnx_type)
+            self.new_mask = w.op("Unsqueeze", [mask, c([-1])], f"{name}/Unsqueeze")
+        return self.new_mask
 
     def rotary_dim(self, kind: str | None) -> int:
         """How many dimensions of each head RoPE of this kind rotates (less than the head with

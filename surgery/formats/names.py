@@ -5,13 +5,15 @@ from __future__ import annotations
 EMBEDDING = "model.embed_tokens"  # the plan target of `quantize embedding`
 HEAD = "lm_head"  # the head's linear (a plan target, and its exported MatMul's name)
 ATTENTION_LINEARS = ("qkv_proj", "o_proj")  # Q, K and V are exported as one packed qkv_proj
+CONV_LINEARS = ("in_proj", "out_proj")  # a short-convolution layer's projections (LFM2), in the attention's place
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
-LINEAR_ORDER = (*ATTENTION_LINEARS, *MLP_LINEARS, HEAD)
+LINEAR_ORDER = (*ATTENTION_LINEARS, *CONV_LINEARS, *MLP_LINEARS, HEAD)
 
 
 def layer_linear(layer: int, kind: str) -> str:
-    """The exported name of one linear of a layer (`kind` one of ATTENTION_LINEARS or MLP_LINEARS)."""
-    owner = "self_attn" if kind in ATTENTION_LINEARS else "mlp"
+    """The exported name of one linear of a layer (`kind` one of ATTENTION_LINEARS, CONV_LINEARS or
+    MLP_LINEARS)."""
+    owner = "self_attn" if kind in ATTENTION_LINEARS else "conv" if kind in CONV_LINEARS else "mlp"
     return f"model.layers.{layer}.{owner}.{kind}"
 
 

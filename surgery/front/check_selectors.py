@@ -85,6 +85,18 @@ class SelectorChecks:
             self.warning(f"layer(s) {format_layers(duplicates)} selected more than once", selector.span)
         return tuple(sorted(set(chosen))) if ok else None
 
+    def attention_selector(self, selector: Selector, index: ModelIndex, what: str) -> tuple[int, ...] | None:
+        """`selector` resolved, for a statement (`what`) about attention: a layer whose token mixer
+        is a short convolution (LFM2) has no attention, heads or KV cache, so selecting one is an error."""
+        layers = self.selector(selector, index)
+        convs = sorted(set(layers or ()) & set(index.conv_layers))
+        if not convs:
+            return layers
+        self.error(f"layer(s) {format_layers(convs)} mix tokens with a short convolution, not attention: "
+                   f"{what} does not apply there", selector.span,
+                   f"the layers with attention are {format_layers(index.attention_layers)}")  # fmt: skip
+        return None
+
     def layer_number(self, item: LayerIndex, n: int, hint: str) -> int | None:
         """One layer number in range (negative counts from the end); None, with an error, if not."""
         if -n <= item.value < n:

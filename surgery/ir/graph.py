@@ -34,6 +34,7 @@ from surgery.models.lazy import LazyWeights, unique_parameters
 from surgery.nodes.attention import NO_ROPE, Attention
 from surgery.nodes.fusion import FusionChoice, HeadFusion, fused_logits
 from surgery.nodes.norm import RMSNorm
+from surgery.nodes.short_conv import ShortConv
 from surgery.progress import advance
 
 
@@ -196,6 +197,11 @@ class DecoderGraph:
         """Original numbers of the layers that keep attention, in order: KV slot k -> layer."""
         return [layer.index for layer in self.layers if layer.has_attention]
 
+    def conv_layers(self) -> list[int]:
+        """Original numbers of the layers with a short convolution (LFM2), in order: convolution
+        state k -> layer."""
+        return [layer.index for layer in self.layers if layer.has_conv]
+
     def parameter_count(self) -> int:
         """Parameters still reachable from the graph (a tied head counts once)."""
         return sum(p.numel() for p in unique_parameters(self.all_modules()))
@@ -217,9 +223,10 @@ class DecoderGraph:
     # The reference forward.
 
     def new_cache(self) -> KVCache:
-        """An empty KV cache with one slot per kept attention layer."""
+        """An empty KV cache with one slot per kept attention layer (and one convolution state per
+        short-convolution layer)."""
         slots = len(self.kv_layers())
-        return KVCache(keys=[None] * slots, values=[None] * slots)
+        return KVCache(keys=[None] * slots, values=[None] * slots, convs=[None] * len(self.conv_layers()))
 
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logit lens: the head (final norm included) applied to any residual."""
@@ -324,6 +331,7 @@ class ReferenceSequence:
         self.tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
         self.masks: dict[int | None, torch.Tensor] = {}
         self.slot = 0
+        self.conv_slot = 0
         self.rotary = None
         self.hidden: torch.Tensor | None = None
         self.after: torch.Tensor | None = None  # the residual after the current layer's attention
@@ -344,8 +352,13 @@ class ReferenceSequence:
         """The residual, normalized when the family has a pre-norm here."""
         return norm(self.hidden) if norm is not None else self.hidden
 
-    def attention(self, node: Attention, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The attention on `x` with this batch's rotary table, mask and next cache slot."""
+    def attention(self, node: Attention | ShortConv, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The attention on `x` with this batch's rotary table, mask and next cache slot (or the
+        short convolution on its next convolution state)."""
+        if isinstance(node, ShortConv):
+            state = (self.cache, self.conv_slot) if self.cache is not None else None
+            self.conv_slot += 1
+            return node(x, self.attention_mask[:, self.attention_mask.shape[1] - x.shape[1] :], state)
         if node.rope not in self.tables:  # a NoPE layer reads none
             self.tables[node.rope] = (None if node.rope == NO_ROPE
                                       else self.rotary.cos_sin(self.hidden, self.position_ids, node.rope))  # fmt: skip

@@ -17,10 +17,12 @@ ResidualObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Non
 
 @dataclass
 class KVCache:
-    """Keys and values per kept attention layer, (batch, kv_heads, length, head_dim) each."""
+    """Keys and values per kept attention layer, (batch, kv_heads, length, head_dim) each, and the
+    state of each short-convolution layer (LFM2), (batch, hidden, kernel - 1)."""
 
     keys: list[torch.Tensor | None] = field(default_factory=list)
     values: list[torch.Tensor | None] = field(default_factory=list)
+    convs: list[torch.Tensor | None] = field(default_factory=list)
 
     def length(self) -> int:
         """Number of cached positions (0 before the first step)."""

@@ -21,16 +21,20 @@ import torch
 from surgery.architectures.description import Names
 from surgery.nodes.attention import Attention
 from surgery.nodes.norm import RMSNorm
+from surgery.nodes.short_conv import ShortConv
 
 _UNNAMED = Names()  # a backend that names nothing (PyTorch) walks with the default names
 
 
 @dataclass
 class DecoderLayer:
-    """One decoder layer; a sub-block set to None was dropped (its residual passes through)."""
+    """One decoder layer; a sub-block set to None was dropped (its residual passes through).
+
+    The first sub-block is the layer's token mixer: its attention, or in a convolution layer
+    (LFM2) a short convolution in the same place, with the same norms around it."""
 
     index: int
-    attention: Attention | None
+    attention: Attention | ShortConv | None
     mlp: torch.nn.Module | None  # a GatedMLP node, or an MoE module (surgery.nodes.moe)
     attention_norm: RMSNorm | None = None  # before the attention (Llama's input_layernorm)
     attention_post_norm: RMSNorm | None = None  # after it, before the residual add (Gemma 3, OLMo 2)
@@ -40,8 +44,13 @@ class DecoderLayer:
 
     @property
     def has_attention(self) -> bool:
-        """Whether the attention sub-block is still there."""
-        return self.attention is not None
+        """Whether the layer has an attention sub-block (kept, and not a convolution)."""
+        return isinstance(self.attention, Attention)
+
+    @property
+    def has_conv(self) -> bool:
+        """Whether the layer has a short-convolution block in the attention's place."""
+        return isinstance(self.attention, ShortConv)
 
     @property
     def has_mlp(self) -> bool:
@@ -51,7 +60,7 @@ class DecoderLayer:
     @property
     def sliding_window(self) -> int | None:
         """The attention's sliding window (None: full attention, or no attention)."""
-        return self.attention.sliding_window if self.attention is not None else None
+        return self.attention.sliding_window if self.has_attention else None
 
     def drop_attention(self) -> None:
         """Remove the attention sub-block and its norms: the residual passes through."""
@@ -79,7 +88,8 @@ class ResidualStream(Protocol):
         ...
 
     def attention(self, node: Any, x: Any, name: str) -> Any:
-        """The attention node run on `x`, using the next KV cache slot."""
+        """The token mixer run on `x`: an attention node on the next KV cache slot, or a short
+        convolution on the next convolution state."""
         ...
 
     def mlp(self, node: Any, x: Any, name: str) -> Any:

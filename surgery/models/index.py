@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from surgery.architectures import lookup, unknown_architecture
-from surgery.formats.names import ATTENTION_LINEARS, MLP_LINEARS, layer_linear
+from surgery.formats.names import ATTENTION_LINEARS, CONV_LINEARS, MLP_LINEARS, layer_linear
 
 # RoPE variants whose cos/sin tables do not depend on the sequence length, so they can be
 # precomputed into the graph ("longrope" has two tables, picked by the total length).
@@ -48,6 +48,13 @@ class ModelIndex:
     moe_router: str = "none"  # the description's router: softmax_topk, topk_softmax_clamped (gpt-oss)
     latent_attention: bool = False  # multi-head latent attention (DeepSeek): one latent KV head of head_dim
     final_logit_softcap: float | None = None  # tanh soft-capping of the logits, where the family has it
+    conv_layers: tuple[int, ...] = ()  # layers with a short convolution in the attention's place (LFM2)
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """The layers that have attention (every layer but a convolution layer)."""
+        convs = set(self.conv_layers)
+        return tuple(i for i in range(self.num_layers) if i not in convs)
 
     @property
     def is_moe(self) -> bool:
@@ -71,6 +78,7 @@ class ModelIndex:
             mlp_activation = architecture.mlp.activation
             mlp_gated = architecture.mlp.gated
             moe_router = architecture.mlp.router
+            convs = tuple(i for i, conv in enumerate(architecture.conv_layers(config)) if conv)
             if architecture.final_softcap_field:
                 softcap = getattr(config, architecture.final_softcap_field, None)
         else:
@@ -79,6 +87,7 @@ class ModelIndex:
             mlp_activation = "silu"
             mlp_gated = True
             moe_router = "none"
+            convs = ()
         if not any(sliding):
             window = None
         kv_heads = int(getattr(config, "num_key_value_heads", None) or num_heads)
@@ -95,7 +104,7 @@ class ModelIndex:
             num_heads=num_heads,
             num_kv_heads=kv_heads,
             head_dim=int(head_dim),
-            intermediate_size=int(config.intermediate_size),
+            intermediate_size=_intermediate_size(config),
             vocab_size=int(config.vocab_size),
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             hidden_act=str(activation or "silu"),
@@ -105,6 +114,7 @@ class ModelIndex:
             mlp_gated=mlp_gated,
             moe_router=moe_router,
             final_logit_softcap=float(softcap) if softcap is not None else None,
+            conv_layers=convs,
             rope_type=rope_type,
             sliding_window=int(window) if window is not None else None,
             layer_sliding=sliding,
@@ -158,7 +168,8 @@ class ModelIndex:
 
         Q, K and V are exported as one packed `qkv_proj`, so attention has two linears.
         """
-        attention = [layer_linear(layer, kind) for kind in ATTENTION_LINEARS]
+        kinds = CONV_LINEARS if layer in self.conv_layers else ATTENTION_LINEARS
+        attention = [layer_linear(layer, kind) for kind in kinds]
         mlp = [layer_linear(layer, kind) for kind in MLP_LINEARS if self.mlp_gated or kind != "gate_proj"]
         return {"attention": attention, "mlp": mlp, "layers": attention + mlp}[part]
 
@@ -190,6 +201,20 @@ class ModelIndex:
                 f"head_dim {self.head_dim} is not a multiple of 16, which onnxruntime's GroupQueryAttention requires"
             )
         return reasons
+
+
+def _intermediate_size(config: Any) -> int:
+    """The dense MLP's width. LFM2's configs give a nominal width its MLP derives the real one from
+    (`block_auto_adjust_ff_dim`: two thirds of it, times a multiplier, rounded up to a multiple)."""
+    size = int(config.intermediate_size)
+    if not getattr(config, "block_auto_adjust_ff_dim", False):
+        return size
+    size = int(2 * size / 3)
+    multiplier = getattr(config, "block_ffn_dim_multiplier", None)
+    if multiplier is not None:
+        multiple = int(config.block_multiple_of)
+        size = multiple * ((int(multiplier * size) + multiple - 1) // multiple)
+    return size
 
 
 def _rope_field(config: Any, name: str) -> Any:

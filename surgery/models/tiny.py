@@ -268,6 +268,24 @@ TINY_MODELS: dict[str, TinyModel] = {
         seed=10,
         random_norms=True,
     ),
+    # LFM2: gated short convolutions (window 3, biased projections) in layers 0, 2 and 5, attention
+    # with per-head Q/K norms in the others (the tests drop attention in 1 and 4), a tied head, and the MLP width LFM2 derives from its config (240 ->
+    # 2/3 of it, rounded up to a multiple of 32: 160).
+    "tiny-lfm2": TinyModel(
+        "lfm2",
+        {
+            "layer_types": ["conv", "full_attention", "conv", "full_attention", "full_attention", "conv"],
+            "conv_L_cache": 3,
+            "conv_bias": True,
+            "intermediate_size": 240,
+            "block_multiple_of": 32,
+            "norm_eps": 1e-5,
+            "tie_word_embeddings": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        seed=26,
+        random_norms=True,
+    ),
     # OLMo 2: norms after the sub-blocks, Q/K norms over the whole projections.
     "tiny-olmo2": TinyModel(
         "olmo2", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}, seed=11, random_norms=True

@@ -57,6 +57,9 @@ class Checker(Protocol):
     def selector(self, selector, index) -> tuple[int, ...] | None:
         """A layer selector resolved to original layer numbers (None, with errors, when it cannot be)."""
 
+    def attention_selector(self, selector, index, what: str) -> tuple[int, ...] | None:
+        """A layer selector for a statement about attention: an error where it selects a convolution layer."""
+
     def importance(self, rank, source, part: str, index, span):
         """An importance selector checked into a query the plan resolves (None with errors)."""
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from surgery.formats.speculation import DEFAULT_NGRAM_TOKENS, MAX_DRAFT_TOKENS, MIN_NGRAM
 from surgery.front.plan_step import PlanStep, Run
 from surgery.front.selectors import span_field
+from surgery.layers import format_layers
 from surgery.source import Span
 
 if TYPE_CHECKING:
@@ -192,6 +193,12 @@ def check(c: Checker, index: ModelIndex, done: dict) -> ResolvedDraft | None:
         c.error(f"onnxruntime-genai drafts 1 to {MAX_DRAFT_TOKENS} tokens at a time", statement.tokens_span,
                 "drop `tokens` to have K chosen by measurement")  # fmt: skip
         ok = False
+    if index.conv_layers:
+        c.error("speculative decoding rewinds the cache past rejected drafts, and a short convolution's state "
+                "cannot be rewound", statement.span,
+                f"layers {format_layers(index.conv_layers)} of this model are short convolutions (onnxruntime-genai "
+                "does not rewind them either)")  # fmt: skip
+        return None
     export = done["export"][0]
     if not export.kv_cache:
         c.error("speculative decoding needs the KV cache: the target verifies drafted tokens against it",

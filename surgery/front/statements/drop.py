@@ -90,17 +90,21 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedDrop]:
             if query is not None:
                 resolved.append(ResolvedDrop(statement.part, (), statement, query))
             continue
-        layers = c.selector(selector, index)
+        if statement.part == "attention":
+            layers = c.attention_selector(selector, index, "drop attention")
+        else:
+            layers = c.selector(selector, index)
         if layers is not None:
             resolved.append(ResolvedDrop(statement.part, layers, statement))
     _overlaps(c, [drop for drop in resolved if drop.query is None])
     attention_gone: set[int] = set()
+    attention = set(index.attention_layers)
     for drop in resolved:
         if drop.part in ("attention", "block"):
-            attention_gone |= set(drop.layers)
-            if len(attention_gone) == index.num_layers:
+            attention_gone |= set(drop.layers) & attention
+            if attention_gone == attention:
                 c.error(
-                    f"this drops the attention of every layer ({index.num_layers} of {index.num_layers})",
+                    f"this drops the attention of every layer ({len(attention)} of {len(attention)})",
                     drop.statement.span,
                     "a decoder needs at least one attention layer; keep at least one",
                 )

@@ -77,7 +77,7 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedDropHeads]:
             c.error("drop heads takes explicit layers", statement.selector.span, "e.g. `of layers 3..5`")
             continue
         heads = _heads(c, statement.heads, index.num_heads)
-        layers = c.selector(statement.selector, index)
+        layers = c.attention_selector(statement.selector, index, "drop heads")
         if heads is None or layers is None:
             continue
         shape = f"the model has {index.num_heads} query heads sharing {index.num_kv_heads} key/value heads"

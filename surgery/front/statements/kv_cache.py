@@ -201,7 +201,7 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedKV]:
                 if query is not None:
                     resolved.append(ResolvedKV(fmt, statement.span, query=query))
             else:
-                layers = c.selector(statement.selector, index)
+                layers = c.attention_selector(statement.selector, index, "quantize kv-cache")
                 if layers is not None:
                     resolved.append(ResolvedKV(fmt, statement.span, layers=layers))
             continue

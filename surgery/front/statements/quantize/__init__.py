@@ -171,7 +171,10 @@ def plan(state: PlanState) -> list[PlanStep]:
     """One step per quantize statement or rule, targets = the exported linears it converts."""
     checked = state.checked
     index = checked.index
-    blocks, attention, mlp, warnings = state.blocks, state.attention, state.mlp, state.warnings
+    blocks, mlp, warnings = state.blocks, state.mlp, state.warnings
+    # A layer's token mixer: its attention, or its short convolution (LFM2), whose projections
+    # quantize as the attention's would.
+    attention = state.attention | (blocks & set(index.conv_layers))
     steps: list[PlanStep] = []
     owner: dict[str, ResolvedQuantize] = {}  # linear -> the statement that last set its width
     taken: dict[int, set[int]] = {}  # group -> layers its earlier rules matched
