@@ -21,7 +21,6 @@ from conftest import run_cli, tiny_graph, write
 from surgery.backend.runtime import OnnxCausalLM
 from surgery.export.decoder import export_decoder
 from surgery.export.genai import genai_config
-from surgery.export.options import ExportOptions
 from surgery.ir.inputs import position_ids_from_mask
 from surgery.models.index import ModelIndex
 from surgery.passes import DropAttention, DropBlock, run_pass
@@ -67,7 +66,8 @@ def test_decoding_through_the_state_equals_the_whole_sequence(tmp_path):
     graph = tiny_graph("tiny-lfm2")
     export_decoder(graph, str(tmp_path))
     model = OnnxCausalLM(str(tmp_path), threads=1)
-    ids = torch.tensor([[258, 258, 258, 72, 101, 108, 108, 111, 33, 40], [87, 104, 97, 116, 32, 105, 115, 32, 105, 116]])
+    ids = torch.tensor([[258, 258, 258, 72, 101, 108, 108, 111, 33, 40],
+                        [87, 104, 97, 116, 32, 105, 115, 32, 105, 116]])  # fmt: skip
     mask = (ids != 258).long()
     expected = graph.forward(ids, mask, position_ids_from_mask(mask))
     out = model.step(ids[:, :6].numpy(), mask[:, :6].numpy(), position_ids_from_mask(mask[:, :6]).numpy())

@@ -31,6 +31,10 @@ def structure(graph: DecoderGraph) -> dict[str, Any]:
         # per layer with a cache: (key/value heads, head size, its quantized format or None)
         "kv_layout": {str(index): _kv_layout(graph.layer(index).attention) for index in graph.kv_layers()},
     }
+    if graph.conv_layers():  # per short-convolution layer (LFM2): its state's (channels, positions)
+        found["conv_state"] = {str(index): [graph.layer(index).attention.channels,
+                                            graph.layer(index).attention.state_width]
+                               for index in graph.conv_layers()}  # fmt: skip
     if any(experts.values()):
         found["experts_per_layer"] = {layer: count for layer, count in experts.items() if count}
         found["expert_parameters"] = sum(
@@ -127,6 +131,8 @@ def _cache_figures(plan: Plan, before: dict, after: dict, export: ExportResult) 
         "before": cache_budget(original, itemsize, export.context_length),
         "after": cache_budget(after["kv_layout"], itemsize, export.context_length),
         "formats": {layer: stored for layer, (_, _, stored) in after["kv_layout"].items() if stored is not None},
+        # Short convolutions (LFM2) carry a fixed state per sequence beside the cache, whatever the length.
+        "conv_state_bytes": sum(c * w for c, w in after.get("conv_state", {}).values()) * itemsize,
     }
 
 

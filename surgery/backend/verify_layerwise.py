@@ -137,11 +137,11 @@ def _both(first: Variant | None, second: Variant) -> Variant:
 
 
 def linear_owner(graph: DecoderGraph, linear: str) -> tuple[torch.nn.Module, str]:
-    """(attention or MLP node, projection) behind a layer's exported linear name
-    (`model.layers.<i>.<self_attn|mlp>.<projection>`; `qkv_proj` is q, k and v packed)."""
+    """(attention, short convolution or MLP node, projection) behind a layer's exported linear name
+    (`model.layers.<i>.<self_attn|conv|mlp>.<projection>`; `qkv_proj` is q, k and v packed)."""
     _, _, number, block, leaf = linear.split(".")
     layer = graph.layer(int(number))
-    return (layer.attention if block == "self_attn" else layer.mlp), leaf
+    return (layer.mlp if block == "mlp" else layer.attention), leaf
 
 
 def linear_weights(graph: DecoderGraph, linear: str) -> list[torch.nn.Parameter]:

@@ -256,8 +256,10 @@ def _cache_line(cache: dict) -> str | None:
         return None
     quantized = len(cache["formats"])
     formats = f", {quantized} layer(s) quantized" if quantized else ""
+    state = cache.get("conv_state_bytes", 0)
+    state = f", plus {state:,} bytes of convolution state per sequence" if state else ""
     return (f"  KV cache: {before['bytes_per_token']:,} -> {after['bytes_per_token']:,} bytes per token "
-            f"({cache['element']}{formats}); context in 4 GB: {before['longest_context_in']['4 GB']:,} -> "
+            f"({cache['element']}{formats}{state}); context in 4 GB: {before['longest_context_in']['4 GB']:,} -> "
             f"{after['longest_context_in']['4 GB']:,} tokens")  # fmt: skip
 
 

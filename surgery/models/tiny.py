@@ -269,8 +269,8 @@ TINY_MODELS: dict[str, TinyModel] = {
         random_norms=True,
     ),
     # LFM2: gated short convolutions (window 3, biased projections) in layers 0, 2 and 5, attention
-    # with per-head Q/K norms in the others (the tests drop attention in 1 and 4), a tied head, and the MLP width LFM2 derives from its config (240 ->
-    # 2/3 of it, rounded up to a multiple of 32: 160).
+    # with per-head Q/K norms in the others (the tests drop attention in 1 and 4), a tied head, and
+    # the MLP width LFM2 derives from its config (240 -> 2/3 of it, rounded up to a multiple of 32: 160).
     "tiny-lfm2": TinyModel(
         "lfm2",
         {
