@@ -23,7 +23,7 @@ from common import write_result  # noqa: E402
 
 MODELS = ("tiny-gemma", "tiny-glm", "tiny-glm4", "tiny-ernie4_5", "tiny-nemotron", "tiny-hunyuan", "tiny-gpt-oss",
           "tiny-deepseek-v2", "tiny-deepseek-v2-moe", "tiny-phimoe", "tiny-gemma2", "tiny-phi4-mini", "tiny-smollm3",
-          "tiny-olmo", "tiny-lfm2")  # fmt: skip
+          "tiny-olmo", "tiny-lfm2", "tiny-lfm2-moe")  # fmt: skip
 
 
 def deepseek_v2_lite_shape(folder: Path) -> None:

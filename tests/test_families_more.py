@@ -268,13 +268,17 @@ def test_a_latent_head_wider_than_cuda_takes_is_refused_for_cuda(in_tmp):
 
 
 def test_a_known_unsupported_family_gets_its_reason_not_a_near_name(in_tmp):
-    from transformers import Lfm2MoeConfig
+    """InternLM 2's config names remote code, which transformers will not read without running it:
+    the refusal says why, not "cannot read the config" or a near name."""
+    import json
 
-    Lfm2MoeConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                  layer_types=["conv", "full_attention"]).save_pretrained(in_tmp / "lfm2-moe")  # fmt: skip
-    result = run_cli("check", write(in_tmp / "r.surg", 'model "lfm2-moe"\n'))
+    (in_tmp / "internlm2").mkdir()
+    config = {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "num_hidden_layers": 2,
+              "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config"}}  # fmt: skip
+    (in_tmp / "internlm2" / "config.json").write_text(json.dumps(config))
+    result = run_cli("check", write(in_tmp / "r.surg", 'model "internlm2"\n'))
     assert result.code == 1
-    assert "architecture 'lfm2_moe' is not supported (its experts' router (sigmoid scores with a selection" in (
+    assert "architecture 'internlm2' is not supported (it loads only as remote code, which surgery never runs)" in (
         result.err
     )
     assert "did you mean" not in result.err

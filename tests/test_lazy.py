@@ -33,7 +33,7 @@ ALL_TINY = tuple(builtin.TINY_MODELS)
 # transformers 5 fuses per-expert checkpoint tensors into one on loading (and Mixtral renames
 # block_sparse_moe to mlp): these are built a layer at a time from transformers' own table.
 CONVERTED_ON_LOADING = ("tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe", "tiny-deepseek-v2-moe",
-                        "tiny-phimoe")  # fmt: skip
+                        "tiny-phimoe", "tiny-lfm2-moe")  # fmt: skip
 # Of those, the ones whose experts take prune and merge (check refuses DeepSeek's and Phi-MoE's).
 REWRITABLE = tuple(name for name in CONVERTED_ON_LOADING if name in TINY_MOE)
 

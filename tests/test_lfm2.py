@@ -134,3 +134,31 @@ def test_int4_quantizes_the_convolution_projections(in_tmp):
     model = onnx.load(str(in_tmp / "out" / "model.onnx"), load_external_data=False)
     quantized = {node.input[1] for node in model.graph.node if node.op_type == "MatMulNBits"}  # packed weights
     assert {f"model.layers.{i}.conv.{p}.weight_Q4" for i in CONVS for p in ("in_proj", "out_proj")} <= quantized
+
+
+def test_lfm2_moe_selects_experts_with_its_bias_and_mixes_them_without(tmp_path):
+    """LFM2-MoE's router: the selection bias decides which experts run (without it the logits move),
+    and the exported router (sigmoid, biased top-k, renormalized, scaled) matches the block's."""
+    graph = tiny_graph("tiny-lfm2-moe")
+    assert graph.index.num_experts == 4 and graph.index.conv_layers == CONVS
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    reference = graph.forward(ids, mask, position_ids_from_mask(mask))
+    block = graph.layer(1).mlp.block
+    bias = block.expert_bias.clone()
+    block.expert_bias.zero_()
+    assert (graph.forward(ids, mask, position_ids_from_mask(mask)) - reference).abs().max() > 1e-3
+    block.expert_bias.copy_(bias)
+    from surgery.backend.verify import verify
+    from surgery.front.planner import VERIFY_DECODE_STEPS
+    from surgery.models import builtin
+
+    export_decoder(graph, str(tmp_path))
+    check = verify(graph, builtin.byte_tokenizer(), str(tmp_path), VERIFY_DECODE_STEPS, 1e-4, threads=1)
+    assert check.passed and check.max_abs_logit_diff < 1e-4, check.reason
+
+
+def test_lfm2_moe_experts_are_not_pruned(in_tmp):
+    result = run_cli("check", write(in_tmp / "r.surg", 'model "tiny-lfm2-moe"\nprune experts layers 1..2 to 2\n'))
+    assert result.code == 1
+    assert "lfm2_moe's experts (routed by sigmoid scores chosen with a bias, not a softmax top-k)" in result.err

@@ -19,6 +19,7 @@ from surgery.architectures.gpt_oss import GPT_OSS
 from surgery.architectures.granite import GRANITE
 from surgery.architectures.hunyuan_v1_dense import HUNYUAN_V1_DENSE
 from surgery.architectures.lfm2 import LFM2
+from surgery.architectures.lfm2_moe import LFM2_MOE
 from surgery.architectures.llama import LLAMA
 from surgery.architectures.mistral import MISTRAL
 from surgery.architectures.mixtral import MIXTRAL
@@ -38,14 +39,12 @@ REGISTRY: dict[str, Architecture] = {
     a.model_type: a
     for a in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, GEMMA2, GEMMA3, PHI3, GRANITE,
               OLMO, OLMO2, SMOLLM3, GEMMA, GLM, GLM4, ERNIE4_5, NEMOTRON, HUNYUAN_V1_DENSE, GPT_OSS,
-              DEEPSEEK_V2, PHIMOE, LFM2)
+              DEEPSEEK_V2, PHIMOE, LFM2, LFM2_MOE)
 }
 
 
 # Families known not to be supported, and why (no "did you mean" for these: they are not misspelt).
 NOT_SUPPORTED = {
-    "lfm2_moe": "its experts' router (sigmoid scores with a selection bias) is not described yet; the dense "
-    "LFM2 ('lfm2') is supported",
     "internlm2": "it loads only as remote code, which surgery never runs",
     "internlm3": "it loads only as remote code, which surgery never runs",
 }

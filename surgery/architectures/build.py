@@ -21,6 +21,7 @@ from surgery.nodes.linear import linear_view
 from surgery.nodes.mlp import DenseMLP, GatedMLP
 from surgery.nodes.moe import MixtureOfExperts, is_moe
 from surgery.nodes.moe_clamped import ClampedSwiGLUMoE
+from surgery.nodes.moe_sigmoid import SigmoidRoutedMoE
 from surgery.nodes.moe_sparse_mixer import SparseMixerMoE
 from surgery.nodes.norm import LayerNorm, RMSNorm
 from surgery.nodes.rotary import Rotary
@@ -156,6 +157,8 @@ def _rope_kind(spec, config: Any, index: int) -> str | None:
 def _mlp(arch: Architecture, module: torch.nn.Module, path: str) -> torch.nn.Module:
     if arch.mlp.router == "sparsemixer":
         return SparseMixerMoE(module)  # Phi-MoE: two experts picked one after the other
+    if arch.mlp.router == "sigmoid_biased" and is_moe(module):
+        return SigmoidRoutedMoE(module)  # LFM2-MoE: sigmoid scores, experts chosen with a bias
     if arch.mlp.router == "topk_softmax_clamped":
         return ClampedSwiGLUMoE(module)  # gpt-oss: biased router and experts, clamped SwiGLU
     if is_moe(module):
@@ -225,6 +228,6 @@ def build(arch: Architecture, model: Any) -> BuiltModel:
         bias=getattr(head_module, "bias", None),
     )
     embedding = Embedding(embed.weight, arch.embedding_scale.value(config))
-    rotary = Rotary(_part(body, "rotary_emb", names.body, arch), arch.attention.rope_per_layer_type, config,
+    rotary = Rotary(_part(body, names.rotary, names.body, arch), arch.attention.rope_per_layer_type, config,
                     once=arch.attention.rope_tables_once)  # fmt: skip
     return BuiltModel(embedding, layers, head, rotary)

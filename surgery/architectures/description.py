@@ -22,7 +22,8 @@ NormPlacement = Literal["pre", "post", "sandwich"]
 Activation = Literal["silu", "gelu_tanh", "relu2"]
 QKNorm = Literal["none", "head", "projection"]
 Sliding = Literal["layer_types", "all", "none"]
-MoeRouter = Literal["none", "softmax_topk", "softmax_topk_scaled", "topk_softmax_clamped", "sparsemixer"]
+MoeRouter = Literal["none", "softmax_topk", "softmax_topk_scaled", "topk_softmax_clamped", "sparsemixer",
+                   "sigmoid_biased"]
 
 
 class DescriptionError(ValueError):
@@ -155,6 +156,7 @@ class Names:
     attention_post_norm: str = "post_attention_layernorm"
     mlp_pre_norm: str = "post_attention_layernorm"
     mlp_post_norm: str = "post_feedforward_layernorm"
+    rotary: str = "rotary_emb"  # the body's rotary embedding module
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,7 @@ class ModelIndex:
             sliding_window=int(window) if window is not None else None,
             layer_sliding=sliding,
             max_positions=int(getattr(config, "max_position_embeddings", 2048) or 2048),
-            num_experts=0 if int(getattr(config, "first_k_dense_replace", 0) or 0) >= layers
+            num_experts=0 if _dense_layers(config) >= layers
             else int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0),
             experts_per_token=int(getattr(config, "num_experts_per_tok", 0) or 0),
             expert_intermediate_size=int(
@@ -201,6 +201,12 @@ class ModelIndex:
                 f"head_dim {self.head_dim} is not a multiple of 16, which onnxruntime's GroupQueryAttention requires"
             )
         return reasons
+
+
+def _dense_layers(config: Any) -> int:
+    """How many leading layers of a mixture-of-experts model keep a dense MLP (DeepSeek's
+    `first_k_dense_replace`, LFM2-MoE's `num_dense_layers`)."""
+    return int(getattr(config, "first_k_dense_replace", 0) or getattr(config, "num_dense_layers", 0) or 0)
 
 
 def _intermediate_size(config: Any) -> int:

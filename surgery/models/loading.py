@@ -40,6 +40,9 @@ def load_config(spec: ModelSpec) -> Any:
             return AutoConfig.from_pretrained(spec.location, trust_remote_code=False, local_files_only=hub_offline())
         return AutoConfig.from_pretrained(spec.location, trust_remote_code=False)
     except Exception as error:  # transformers raises many kinds for missing or unreachable models
+        refusal = _known_unsupported(spec)
+        if refusal is not None:
+            raise ModelSpecError(*refusal) from error
         hint = (
             "the hub is unreachable and the model is not in the local Hugging Face cache; "
             "download it and give its folder"
@@ -47,6 +50,24 @@ def load_config(spec: ModelSpec) -> Any:
             else None
         )
         raise ModelSpecError(f"cannot read the config of '{spec.text}': {first_line(error)}", hint) from error
+
+
+def _known_unsupported(spec: ModelSpec) -> tuple[str, str] | None:
+    """(message, hint) for a local folder whose config transformers cannot read because it names a
+    family surgery knows it does not support (InternLM's remote-code configs), else None."""
+    import json
+
+    from surgery import architectures
+
+    try:
+        model_type = json.loads((Path(spec.location) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    because = architectures.not_supported_because(str(model_type))
+    if because is None:
+        return None
+    return (f"cannot compile '{spec.text}': architecture '{model_type}' is not supported ({because})",
+            "supported architectures: " + ", ".join(sorted(architectures.REGISTRY)))  # fmt: skip
 
 
 def load_model(
@@ -219,7 +240,14 @@ def _lazy_model(folder: str, files: dict[str, list[str]], config: Any) -> tuple[
         if shape != tuple(param.shape):
             return None
     model.config._name_or_path = folder
-    return model.eval(), LazyWeights(model, checkpoint, made)
+    weights = LazyWeights(model, checkpoint, made)
+    # Buffers the checkpoint holds (LFM2-MoE's expert selection bias) are small: read them now,
+    # where the model's init would otherwise leave its own values.
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name in stored and buffer.device.type != "meta":
+                buffer.copy_(weights.load(name, buffer.dtype))
+    return model.eval(), weights
 
 
 def tokenizer_without_weights(spec: ModelSpec) -> Any | None:

@@ -286,12 +286,23 @@ TINY_MODELS: dict[str, TinyModel] = {
         seed=26,
         random_norms=True,
     ),
+    # LFM2-MoE: tiny-lfm2's layers with a dense MLP in layer 0 and 4 experts (2 per token) after
+    # it, routed by sigmoid scores chosen with a random selection bias, scaled by 2.
+    "tiny-lfm2-moe": TinyModel(
+        "lfm2_moe",
+        {"layer_types": ["conv", "full_attention", "conv", "full_attention", "full_attention", "conv"],
+         "conv_L_cache": 3, "num_dense_layers": 1, "num_experts": 4, "num_experts_per_tok": 2,
+         "moe_intermediate_size": 32, "routed_scaling_factor": 2.0, "norm_eps": 1e-5, "tie_word_embeddings": True,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+        seed=27,
+        random_norms=True,
+    ),
     # OLMo 2: norms after the sub-blocks, Q/K norms over the whole projections.
     "tiny-olmo2": TinyModel(
         "olmo2", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}, seed=11, random_norms=True
     ),
 }
-MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "phimoe")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "phimoe", "lfm2_moe")
 
 
 def byte_tokenizer_vocab_size() -> int:
@@ -332,6 +343,9 @@ def tiny_model(name: str) -> Any:
                         parameter.copy_(torch.randn_like(parameter))
                     elif parameter.dim() == 1 and "norm" in parameter_name:
                         parameter.copy_(0.5 * torch.rand_like(parameter) + 0.75)
+                for buffer_name, buffer in model.named_buffers():
+                    if buffer_name.endswith("expert_bias"):  # a selection bias (LFM2-MoE): zeros would pick nothing
+                        buffer.copy_(0.3 * torch.randn_like(buffer))
     finally:
         torch.random.set_rng_state(generator_state)
     return model.eval()

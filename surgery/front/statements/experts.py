@@ -39,6 +39,7 @@ UNMODELLED_EXPERTS = {
     "topk_softmax_clamped": "biased, with a clamped SwiGLU",  # gpt-oss
     "softmax_topk_scaled": "scaled routing weights and always-on shared experts",  # DeepSeek
     "sparsemixer": "routed by SparseMixer, not a softmax top-k",  # Phi-MoE
+    "sigmoid_biased": "routed by sigmoid scores chosen with a bias, not a softmax top-k",  # LFM2-MoE
 }
 
 
