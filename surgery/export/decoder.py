@@ -209,7 +209,10 @@ class _Emitter:
             past, present = f"past.{slot}.conv", f"present.{slot}.conv"
             if not self.options.kv_cache:  # no state in or out: every call starts from zeros
                 past, present = "", f"/{conv_name}/present_state"
-            return node.emit(self, x, conv_name, self.shared.new_token_mask(), past, present)
+            # The CUDA form's mask spans genai's whole static buffer (padding on the right), so its
+            # last columns are not the new tokens'; right padding never reaches a causal convolution.
+            new_mask = None if self.options.target == "cuda" else self.shared.new_token_mask()
+            return node.emit(self, x, conv_name, new_mask, past, present)
         self.slot += 1
         return node.emit(self, x, name, self.shared, self.slot - 1)
 

@@ -56,12 +56,14 @@ class ShortConv(torch.nn.Module):
         out = torch.nn.functional.conv1d(window, weight, bias, groups=self.channels)
         return self.out_proj(c * out.transpose(1, 2))
 
-    def emit(self, e: EmitContext, x: str, name: str, new_mask: str, past: str, present: str) -> str:
+    def emit(self, e: EmitContext, x: str, name: str, new_mask: str | None, past: str, present: str) -> str:
         """The block's nodes on `x` (batch, seq, hidden); `new_mask` is the mask of the new
-        positions as (batch, seq, 1) in the element type; `past`/`present` are the state's graph
-        input and output."""
+        positions as (batch, seq, 1) in the element type, or None where padding can only follow
+        the real tokens (the CUDA form), which a causal convolution never reads; `past`/`present`
+        are the state's graph input and output."""
         w = e.w
-        x = w.op("Mul", [x, new_mask], f"/{name}/mask_padding")
+        if new_mask is not None:
+            x = w.op("Mul", [x, new_mask], f"/{name}/mask_padding")
         bcx = emit_linear(e, self.in_proj, x, f"{name}.in_proj")
         b, c, v = w.node("Split", [bcx, w.constant([self.channels] * 3)], f"/{name}/Split", 3, axis=-1)
         inputs = w.op("Transpose", [w.op("Mul", [b, v], f"/{name}/gate_in")], f"/{name}/to_channels", perm=[0, 2, 1])
