@@ -21,6 +21,7 @@ from conftest import run_cli, tiny_graph, write
 from surgery.backend.runtime import OnnxCausalLM
 from surgery.export.decoder import export_decoder
 from surgery.export.genai import genai_config
+from surgery.export.options import ExportOptions
 from surgery.ir.inputs import position_ids_from_mask
 from surgery.models.index import ModelIndex
 from surgery.passes import DropAttention, DropBlock, run_pass
@@ -162,3 +163,17 @@ def test_lfm2_moe_experts_are_not_pruned(in_tmp):
     result = run_cli("check", write(in_tmp / "r.surg", 'model "tiny-lfm2-moe"\nprune experts layers 1..2 to 2\n'))
     assert result.code == 1
     assert "lfm2_moe's experts (routed by sigmoid scores chosen with a bias, not a softmax top-k)" in result.err
+
+
+def test_genai_replays_no_cuda_graph_over_a_convolution_state(tmp_path):
+    """genai's CUDA graphs do not carry the convolution state between decode steps (measured on an
+    H100: tokens part from Hugging Face's at the third); a CUDA export of LFM2 leaves them off."""
+    from surgery.executor.export import cuda_provider_options
+
+    graph = tiny_graph("tiny-lfm2")
+    options = ExportOptions(target="cuda", cuda_graphs=True)
+    result = export_decoder(graph, str(tmp_path), options)
+    assert cuda_provider_options(options, result.op_counts) == {}
+    (tmp_path / "llama").mkdir()
+    llama = export_decoder(tiny_graph("tiny-llama"), str(tmp_path / "llama"), options)
+    assert cuda_provider_options(options, llama.op_counts) == {"enable_cuda_graph": "1"}

@@ -102,14 +102,20 @@ def _calibrate(run: Run, quantization: dict[str, QuantizedTarget]) -> dict[str, 
 
 # onnxruntime's CUDA graphs replay one captured graph: no control flow, every node on the GPU.
 _CONTROL_FLOW = ("If", "Loop", "Scan")
+# genai 0.18's CUDA-graph replays do not carry a short convolution's state (LFM2) from one decode
+# step to the next: measured on an H100, tokens part from Hugging Face's at the third; without
+# graphs they are Hugging Face's exactly.
+_NO_CUDA_GRAPH = ("CausalConvWithState",)
 
 
 def cuda_provider_options(options, op_counts: dict[str, int]) -> dict[str, str]:
-    """genai's CUDA provider options for an output: CUDA graphs unless the recipe turned them off
-    or the graph has control flow, which onnxruntime cannot capture. genai's other constraints
-    (KV buffers shared between past and present at the context length, which the CUDA export
-    writes; batch size fixed for a generator) hold for every CUDA output."""
-    if options.cuda_graphs and not any(op_counts.get(op) for op in _CONTROL_FLOW):
+    """genai's CUDA provider options for an output: CUDA graphs unless the recipe turned them off,
+    the graph has control flow, which onnxruntime cannot capture, or convolution states, which
+    genai's replays do not carry. genai's other constraints (KV buffers shared between past and
+    present at the context length, which the CUDA export writes; batch size fixed for a
+    generator) hold for every CUDA output."""
+    blocked = (*_CONTROL_FLOW, *_NO_CUDA_GRAPH)
+    if options.cuda_graphs and not any(op_counts.get(op) for op in blocked):
         return {"enable_cuda_graph": "1"}
     return {}
 
