@@ -6,7 +6,7 @@ the Hugging Face forward (its own cache for the unmodified model; a full recompu
 ones) over the verification protocol (2 left-padded prompts, prefill + 8 decode steps). Also
 the line count of each family's declaration.
 
-    python benchmarks/parity_families.py [--json bench-results/parity-families.json]
+    python benchmarks/parity_families.py [--only tiny-llama ...] [--json bench-results/parity-families.json]
 """
 
 from __future__ import annotations
@@ -55,10 +55,13 @@ def max_diff(name: str, edit: str, kv_cache: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=str(REPO / "bench-results" / "parity-families.json"))
+    parser.add_argument("--only", nargs="+", default=None, help="these tiny models only (default: every one)")
     args = parser.parse_args()
     rows = {}
     print(f"{'model':16} {'family':12} {'lines':>5}  " + "  ".join(f"{e + ' kv/full':>20}" for e in EDITS))
     for name, tiny in builtin.TINY_MODELS.items():
+        if args.only and name not in args.only:
+            continue
         arch = architectures.lookup(tiny.architecture)
         declaration = next(
             p for p in (REPO / "surgery" / "architectures").glob("*.py")
