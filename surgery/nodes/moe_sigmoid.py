@@ -11,33 +11,13 @@ with those weights, exact for this routing (onnxruntime's MoE operator knows onl
 
 from __future__ import annotations
 
-import torch
-
 from surgery.nodes.context import EmitContext
-from surgery.nodes.moe import mix_experts
+from surgery.nodes.moe import MixtureOfExperts, mix_experts
 
 
-class SigmoidRoutedMoE(torch.nn.Module):
+class SigmoidRoutedMoE(MixtureOfExperts):
     """The node for an LFM2-MoE block (`gate`, `experts`, `expert_bias`): it runs the block's own
-    forward and emits its routing and experts. The parameters stay the block's own."""
-
-    def __init__(self, block: torch.nn.Module):
-        super().__init__()
-        self.block = block
-
-    @property
-    def experts(self) -> torch.nn.Module:
-        """The stacked experts (`gate_up_proj`, `down_proj`)."""
-        return self.block.experts
-
-    @property
-    def gate(self) -> torch.nn.Module:
-        """The router (`weight`, `top_k`, `norm_topk_prob`, `routed_scaling_factor`)."""
-        return self.block.gate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The block's output for the (normalized) residual x."""
-        return self.block(x)
+    forward (`MixtureOfExperts`) and emits its routing and experts."""
 
     def emit(self, e: EmitContext, x: str, name: str) -> str:
         """Router (sigmoid, biased top-k, renormalized and scaled weights of the chosen experts),
