@@ -29,6 +29,7 @@ from surgery.nodes.attention import apply_rotary
     [
         ("tiny-gpt-oss", 6),  # the clamped SwiGLU with biases (onnxruntime's MoE operator takes its constants)
         ("tiny-deepseek-v2-moe", 5),  # scaled, unrenormalized weights and a shared expert, after one dense layer
+        ("tiny-lfm2-moe", 5),  # sigmoid scores chosen with a bias: the operator fed their logs, its output rescaled
     ],
 )
 def test_unusual_experts_match_in_both_moe_forms(name, moe_layers, operator, tmp_path):
