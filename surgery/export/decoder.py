@@ -24,7 +24,9 @@ split Q and K before attention, which costs 3-5% of a decode step.
 (onnxruntime's GroupQueryAttention refuses batch > 1 with both a past and several new tokens;
 prefill and one-token decode, the generation loop's two steps, work at any batch size.)
 A dropped attention emits nothing and has no KV input or output; KV slots are numbered
-compactly over the kept attention layers. Correctness is not assumed: `surgery.backend.verify`
+compactly over the kept attention layers. A short convolution in the attention's place (LFM2)
+carries a fixed state instead, `past.<slot>.conv` -> `present.<slot>.conv`, numbered after the KV
+slots. Correctness is not assumed: `surgery.backend.verify`
 compares this graph against `DecoderGraph.forward` in PyTorch after every apply.
 """
 
@@ -251,11 +253,10 @@ class _Emitter:
         # len(kv_layers) + k belongs to the k-th convolution layer (genai's `layer_types` says so).
         convs = [self.graph.layer(i).attention for i in self.graph.conv_layers()]
         self.state_slots = [len(self.kv_layers) + k for k in range(len(convs))]
-        for slot, node in zip(self.state_slots, convs, strict=True):
-            if not self.options.kv_cache:
-                break
-            w.add_input(f"past.{slot}.conv", self.onnx_type, ["batch_size", node.channels, node.state_width])
-            w.add_output(f"present.{slot}.conv", self.onnx_type, ["batch_size", node.channels, node.state_width])
+        for slot, node in zip(self.state_slots, convs, strict=True) if self.options.kv_cache else ():
+            shape = ["batch_size", node.channels, node.state_width]
+            w.add_input(f"past.{slot}.conv", self.onnx_type, shape)
+            w.add_output(f"present.{slot}.conv", self.onnx_type, shape)
         if not self.options.kv_cache:
             return
         nodes = [self.graph.layer(i).attention for i in self.kv_layers]

@@ -11,7 +11,8 @@ a whole layer, or replaces an MLP node. Layers keep their *original* numbers thr
 it the reference the exported ONNX model is verified against; `surgery.architectures.conformance`
 checks it against the Hugging Face model's own forward when a model is loaded. Its mask and KV
 cache are our own so that layers without attention simply have no cache slot: cache slot k
-belongs to the k-th kept attention layer.
+belongs to the k-th kept attention layer (and convolution state k, LFM2's, to the k-th kept
+short-convolution layer).
 """
 
 from __future__ import annotations
