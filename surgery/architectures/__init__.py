@@ -74,6 +74,16 @@ def closest(model_type: str) -> str | None:
     return matches[0] if matches else None
 
 
+def refusal(text: str, model_type: str) -> tuple[str, str]:
+    """(message, hint) refusing model `text` of an unsupported `model_type`: the reason where the
+    family is known not to be supported, else the nearest registered name; the supported list."""
+    because = NOT_SUPPORTED.get(model_type)
+    near = None if because else closest(model_type)
+    message = f"cannot compile '{text}': architecture '{model_type}' is not supported"
+    hint = (f"did you mean '{near}'? " if near else "") + "supported architectures: " + ", ".join(sorted(REGISTRY))
+    return message + (f" ({because})" if because else ""), hint
+
+
 def unknown_architecture(model_type: str) -> str:
     """The message for a model type no description covers, with the nearest registered one."""
     message = f"architecture '{model_type}' is not supported; supported: " + ", ".join(sorted(REGISTRY))

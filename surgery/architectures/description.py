@@ -133,11 +133,10 @@ class Convolution:
     channels' worth (B, C, x), a causal depthwise convolution of `B * x` over time, `C` times its
     output, `out_proj`. The layers that have one are those whose `layer_types` entry is
     `layer_type`; their module is `module`, and the convolution's window is the kernel width of
-    its `conv` (config `kernel_field`)."""
+    its `conv`."""
 
     module: str = "conv"
     layer_type: str = "conv"
-    kernel_field: str = "conv_L_cache"
 
 
 @dataclass(frozen=True)

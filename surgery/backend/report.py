@@ -32,9 +32,8 @@ def structure(graph: DecoderGraph) -> dict[str, Any]:
         "kv_layout": {str(index): _kv_layout(graph.layer(index).attention) for index in graph.kv_layers()},
     }
     if graph.conv_layers():  # per short-convolution layer (LFM2): its state's (channels, positions)
-        found["conv_state"] = {str(index): [graph.layer(index).attention.channels,
-                                            graph.layer(index).attention.state_width]
-                               for index in graph.conv_layers()}  # fmt: skip
+        convs = {index: graph.layer(index).attention for index in graph.conv_layers()}
+        found["conv_state"] = {str(index): [node.channels, node.state_width] for index, node in convs.items()}
     if any(experts.values()):
         found["experts_per_layer"] = {layer: count for layer, count in experts.items() if count}
         found["expert_parameters"] = sum(

@@ -115,8 +115,9 @@ class OnnxCausalLM:
                                  key=lambda n: int(n.split(".")[1]))  # fmt: skip
         self.conv_shapes = [(inputs[name].shape[1], inputs[name].shape[2]) for name in self.conv_names]
         self.conv_types = [inputs[name].type for name in self.conv_names]
-        self.uses_cache = self.kv_slots > 0 or bool(self.conv_names)
-        if self.uses_cache:
+        self.state_names = self.past_names + self.conv_names  # what `step` feeds and hands back, in order
+        self.uses_cache = bool(self.state_names)
+        if self.kv_slots:
             # Per cache input: layers may differ in key/value heads and head size.
             folder = os.path.dirname(model_path)
             self.kv_dims = [_kv_dims(inputs[name].shape, folder) for name in self.past_names]
@@ -158,14 +159,14 @@ class OnnxCausalLM:
             feed["position_ids"] = position_ids.astype(np.int64)
         if self.uses_cache:
             past = past if past is not None else self.empty_cache(input_ids.shape[0])
-            feed.update(zip(self.past_names + self.conv_names, past, strict=True))
+            feed.update(zip(self.state_names, past, strict=True))
         values = {
             name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value)
             for name, value in feed.items()
         }
         outputs = self.session.run_with_ort_values(self.output_names, values)
         named = dict(zip(self.output_names, outputs, strict=True))
-        present = [named[_present_name(n)] for n in self.past_names + self.conv_names]
+        present = [named[_present_name(n)] for n in self.state_names]
         fused = named.get("fused_layer")
         # fp16 and bf16 logits are widened here, so every caller (argmax, log-softmax) computes in fp32.
         return StepOutput(

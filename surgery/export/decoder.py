@@ -206,7 +206,7 @@ class _Emitter:
     def attention(self, node, x: str, name: str) -> str:
         """The attention's nodes, on the next KV slot (or a short convolution's, on its next state)."""
         if isinstance(node, ShortConv):
-            slot = self.state_slots.pop(0)
+            slot, self.state_slot = self.state_slot, self.state_slot + 1
             conv_name = name.rsplit(".", 1)[0] + ".conv"
             past, present = f"past.{slot}.conv", f"present.{slot}.conv"
             if not self.options.kv_cache:  # no state in or out: every call starts from zeros
@@ -251,9 +251,9 @@ class _Emitter:
         self.kv_layers = self.graph.kv_layers()
         # A short-convolution layer's state (LFM2) is numbered after the KV slots: state slot
         # len(kv_layers) + k belongs to the k-th convolution layer (genai's `layer_types` says so).
+        self.state_slot = len(self.kv_layers)  # the next convolution state's slot
         convs = [self.graph.layer(i).attention for i in self.graph.conv_layers()]
-        self.state_slots = [len(self.kv_layers) + k for k in range(len(convs))]
-        for slot, node in zip(self.state_slots, convs, strict=True) if self.options.kv_cache else ():
+        for slot, node in enumerate(convs if self.options.kv_cache else (), start=self.state_slot):
             shape = ["batch_size", node.channels, node.state_width]
             w.add_input(f"past.{slot}.conv", self.onnx_type, shape)
             w.add_output(f"present.{slot}.conv", self.onnx_type, shape)

@@ -63,11 +63,9 @@ def _known_unsupported(spec: ModelSpec) -> tuple[str, str] | None:
         model_type = json.loads((Path(spec.location) / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         return None
-    because = architectures.not_supported_because(str(model_type))
-    if because is None:
+    if architectures.not_supported_because(str(model_type)) is None:
         return None
-    return (f"cannot compile '{spec.text}': architecture '{model_type}' is not supported ({because})",
-            "supported architectures: " + ", ".join(sorted(architectures.REGISTRY)))  # fmt: skip
+    return architectures.refusal(spec.text, str(model_type))
 
 
 def load_model(

@@ -88,16 +88,8 @@ def _index_from_config(c: Checker, spec: ModelSpec, text: str, span: Span | None
         c.error(str(problem), span, problem.hint)
         return None
     if architectures.lookup(config.model_type) is None:
-        because = architectures.not_supported_because(config.model_type)
-        near = None if because else architectures.closest(config.model_type)
-        c.error(
-            f"cannot compile '{text}': architecture '{config.model_type}' is not supported"
-            + (f" ({because})" if because else ""),
-            span,
-            (f"did you mean '{near}'? " if near else "")
-            + "supported architectures: "
-            + ", ".join(sorted(architectures.REGISTRY)),
-        )
+        message, hint = architectures.refusal(text, config.model_type)
+        c.error(message, span, hint)
         return None
     try:
         return ModelIndex.from_config(text, config)
