@@ -20,6 +20,13 @@ depends on what the linear asked for:
   rounded copy of every layer (`surgery.analysis.sensitivity_probe`); the head's KL per format
   is measured directly. `surgery.analysis.mixed_precision` chooses from these.
 
+On a CPU with bf16 units (`calibration_dtype`) the forwards compute in bf16, a layer's copy
+cast for its pass (`surgery.ir.inputs.in_dtype`), and the float32 matmuls (the sums, GPTQ's
+updates, the head's logits) in oneDNN's split-bf16 form (`fast_float32_matmuls`): what GPTQ
+reads stays float32, and the walk takes a third of its float32 time (a 1.5B model's 4.9-bit
+preset with 16,384 calibration tokens: docs/benchmarks.md). A GPTQ layer's first pass ends
+once the last linear's input is summed (`AllInputsSeen`): its output is not used.
+
 What is held: one layer, the batches' hidden states, one Hessian (or diagonal) per distinct
 linear input, and the quantized blocks, which are the output's size. The result maps each
 linear's exported name to its MatMulNBits blocks; the exporter writes them instead of rounding
@@ -32,10 +39,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 import torch
 
+from surgery.analysis.input_sums import AllInputsSeen, InputSums, input_module
 from surgery.analysis.quantization import BlockQuantized
 from surgery.analysis.rounding import (
     padded_blocks,
@@ -46,104 +55,15 @@ from surgery.analysis.rounding import (
     squared_error,
 )
 from surgery.analysis.sensitivity_probe import REFERENCE, mean_kl, probe_rows, to_kl
-from surgery.backend.verify_layerwise import fill_dequantized, linear_owner, linear_weights
+from surgery.backend.verify_layerwise import fill_dequantized, linear_weights
 from surgery.formats.names import HEAD, linear_layer
 from surgery.formats.weights import QuantizedTarget, WeightFormat
 from surgery.ir.graph import DecoderGraph, ReferenceSequence
-from surgery.ir.inputs import calibration_batches, on_device
+from surgery.ir.inputs import calibration_batches, in_dtype, on_device
 from surgery.progress import advance, counted
 
 BATCH_ROWS = 8  # calibration samples per forward batch
 Progress = Callable[[str], None]
-
-
-def input_module(graph: DecoderGraph, linear: str) -> torch.nn.Module:
-    """The module whose input is a layer's exported linear's input: q_proj for the packed QKV,
-    the projection itself otherwise."""
-    sub, leaf = linear_owner(graph, linear)
-    return sub.q_proj if leaf == "qkv_proj" else getattr(sub, leaf)
-
-
-class _InputSums:
-    """Sums of the inputs of some modules while installed (forward pre-hooks): `X^T X` for the
-    linears in `full`, its diagonal (the sum of squares per column) for the others, and the count
-    of input rows.
-
-    Linears that read the same tensor (gate and up read the normalized residual) share one
-    sum, so it is computed once per batch.
-    """
-
-    def __init__(self, modules: dict[str, torch.nn.Module], full: set[str]):
-        self.modules = modules
-        self.full = full
-        self._sums: dict[str, torch.Tensor] = {}
-        self._relative: dict[str, torch.Tensor] = {}  # diagonal sums, each row over its token's residual energy
-        self.token_weights: torch.Tensor | None = None  # this batch's 1 / |h_t|^2 per token, when known
-        self.rows: dict[str, int] = {}
-        self._shared: dict[str, str] = {}  # linear -> the linear whose sum it reads
-        # This batch's inputs, by id, with the linear that summed each; holding them keeps a
-        # freed input's memory (and id) from being reused by a later one within the batch.
-        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
-
-    def next_batch(self) -> None:
-        """Forget this batch's inputs."""
-        self._seen.clear()
-
-    def sum(self, linear: str) -> torch.Tensor:
-        """The summed `X^T X` (or its diagonal) of `linear`'s inputs."""
-        return self._sums[self._shared.get(linear, linear)]
-
-    def energy(self, linear: str) -> torch.Tensor:
-        """The mean squared activation of each input column (the Hessian's diagonal per row)."""
-        total = self.sum(linear)
-        diagonal = torch.diagonal(total) if total.dim() == 2 else total
-        return diagonal / max(1, self.rows[self._shared.get(linear, linear)])
-
-    def add(self, linear: str, x: torch.Tensor) -> None:
-        """Add the rows of one input of `linear` to its sum."""
-        x = x.reshape(-1, x.shape[-1]).float()
-        total = self._sums.get(linear)
-        self.rows[linear] = self.rows.get(linear, 0) + x.shape[0]
-        if linear in self.full:
-            self._sums[linear] = x.T @ x if total is None else total.addmm_(x.T, x)
-        else:
-            squares = x * x
-            self._sums[linear] = squares.sum(0) if total is None else total.add_(squares.sum(0))
-            weights = self.token_weights
-            if weights is not None and weights.numel() == x.shape[0]:
-                relative = (squares * weights[:, None]).sum(0)
-                previous = self._relative.get(linear)
-                self._relative[linear] = relative if previous is None else previous.add_(relative)
-
-    def relative_energy(self, linear: str) -> torch.Tensor:
-        """Per input column, the mean over tokens of its squared activation divided by the energy
-        of the token's residual stream entering the layer: the weights under which the error a
-        rounded weight adds to the output is relative to what it perturbs, token by token (a few
-        tokens carry residuals hundreds of times larger than the rest, the "massive
-        activations" of most LLMs, and would otherwise dominate a mean over tokens)."""
-        name = self._shared.get(linear, linear)
-        return self._relative[name] / max(1, self.rows[name])
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        handles = []
-        for linear, module in self.modules.items():
-
-            def hook(_module, args, linear=linear):
-                x = args[0]
-                seen = self._seen.get(id(x))
-                if seen is not None and seen[1] != linear and (seen[1] in self.full) == (linear in self.full):
-                    self._shared[linear] = seen[1]  # the very tensor another linear summed the same way
-                    return
-                self._seen[id(x)] = (x, linear)
-                self.add(linear, x)
-
-            handles.append(module.register_forward_pre_hook(hook))
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
 
 Rounded = tuple[BlockQuantized, WeightFormat] | torch.Tensor  # blocks, or the (N, K) weight they stand for
@@ -216,15 +136,22 @@ def _round(weight: torch.Tensor, target: QuantizedTarget, sums: torch.Tensor | N
 def _relative_errors(weight: torch.Tensor, energy: torch.Tensor, formats) -> dict:
     """What each format adds to the linear's output: sum_j energy_j * sum_i (W - Q(W))_ij^2
     (onnxruntime's range grid), `energy` relative to what the output perturbs
-    (`_InputSums.relative_energy`)."""
-    errors = {}
-    for stored in formats:
-        blocks = padded_blocks(weight, stored.block)
-        grid = range_grid(blocks, stored.bits, stored.symmetric, stored.half_scales)
-        squared = squared_error(blocks, *grid, stored.bits)
-        squared = squared.reshape(weight.shape[0], -1)[:, : weight.shape[1]].sum(0)
-        errors[stored] = float((squared * energy.to(squared.device)).sum())
-    return errors
+    (`InputSums.relative_energy`). A chunk of rows at a time, every format on it while it is
+    in the caches (on the CPU; on a GPU at once)."""
+    n, k = weight.shape
+    rows = max(1, ERROR_CHUNK_VALUES // k) if weight.device.type == "cpu" else n
+    columns = {stored: torch.zeros(k, device=weight.device) for stored in formats}
+    for start in range(0, n, rows):
+        part = weight[start : start + rows]
+        for stored in formats:
+            blocks = padded_blocks(part, stored.block)
+            grid = range_grid(blocks, stored.bits, stored.symmetric, stored.half_scales)
+            squared = squared_error(blocks, *grid, stored.bits)
+            columns[stored] += squared.reshape(len(part), -1)[:, :k].sum(0)
+    return {stored: float((total * energy.to(total.device)).sum()) for stored, total in columns.items()}
+
+
+ERROR_CHUNK_VALUES = 1 << 19  # weights whose errors are measured at once on the CPU (2 MB of float32)
 
 
 @dataclass
@@ -259,9 +186,16 @@ def calibrated_blocks(
     if sensitivity:  # the KL probe (surgery.analysis.sensitivity_probe): its samples, float and rounded
         rows = probe_rows(tokens)
         probe = ReferenceSequence(*(t.to(device) if device else t for t in calibration_batches(rows, len(rows))[0]))
+    dtype = calibration_dtype(device)
+    with fast_float32_matmuls(dtype):
+        return _walk(graph, wanted, runs, probe, progress, device, sensitivity, head_rounding, dtype)
+
+
+def _walk(graph, wanted, runs, probe, progress, device, sensitivity, head_rounding, dtype) -> Calibration:
+    """`calibrated_blocks`' walk over the embedding, every layer and the head."""
     with graph.materialized(graph.embedding, device=device):
-        hidden = [graph.embedding(run.input_ids) for run in runs]
-        probed = [graph.embedding(probe.input_ids)] * 2 if probe is not None else []
+        hidden = [_cast(graph.embedding(run.input_ids), dtype) for run in runs]
+        probed = [_cast(graph.embedding(probe.input_ids), dtype)] * 2 if probe is not None else []
     result = Calibration()
     by_layer: dict[int, list[str]] = {}
     for linear in wanted:
@@ -274,16 +208,19 @@ def calibrated_blocks(
         for layer in graph.each_layer_materialized():
             with on_device(layer.modules(), device):
                 linears = {k: wanted[k] for k in by_layer.get(layer.index, [])}
-                _layer(graph, layer, runs, hidden, linears, result, sensitivity, device)
+                _layer(graph, layer, runs, hidden, linears, result, sensitivity, device, dtype)
                 if probe is not None:
-                    probed[0], _ = probe.through(layer, probed[0], graph.rotary, None)
                     reference = {k: _reference_rounded(_weight(graph, k, device)) for k in linears}
-                    with _rounded(graph, reference):
-                        probed[1], _ = probe.through(layer, probed[1], graph.rotary, None)
+                    with in_dtype(layer.modules(), dtype):
+                        probed[0], _ = probe.through(layer, probed[0], graph.rotary, None)
+                        with _rounded(graph, reference):
+                            probed[1], _ = probe.through(layer, probed[1], graph.rotary, None)
+    hidden = [_cast(state, torch.float32 if dtype else None) for state in hidden]  # the head computes as stored
+    probed = [_cast(state, torch.float32 if dtype else None) for state in probed]
     if HEAD in wanted:
         with graph.materialized(graph.head.final_norm, graph.head, device=device):
             gptq = wanted[HEAD].gptq or bool(sensitivity and head_rounding and head_rounding.gptq)
-            sums = _InputSums({}, {HEAD} if gptq else set())
+            sums = InputSums({}, {HEAD} if gptq else set())
             for state in hidden:  # the head's input only: the logits are never computed
                 sums.add(HEAD, graph.head.final_norm(state))
             weight = _weight(graph, HEAD, device)
@@ -316,23 +253,67 @@ def calibrated_blocks(
     return result
 
 
-def _layer(graph, layer, runs, hidden, linears: dict[str, QuantizedTarget], result: Calibration, sensitivity, device):
+def calibration_dtype(device: str | None) -> torch.dtype | None:
+    """The element type the calibration's forwards compute in: bf16 on a CPU with native bf16
+    matmuls (oneDNN on AVX512-BF16 or AMX: 4x fp32's rate, 821 against 196 GFLOPS on this
+    project's two-core machine); otherwise None, the weights' own type (on a GPU the model's).
+    The sums, grids and rounding stay float32 and read the weights as stored: bf16 carries the
+    activations from layer to layer, as a bf16 model's own forward would."""
+    if device is not None and torch.device(device).type != "cpu":
+        return None
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
+@contextlib.contextmanager
+def fast_float32_matmuls(dtype: torch.dtype | None) -> Iterator[None]:
+    """Within the block, with bf16 calibration (`calibration_dtype`), float32 matmuls run on oneDNN's
+    bf16 units in split form (torch's "medium" precision): twice fp32's rate, and within 1.3e-6
+    of it relative to the largest value (a 2,048 x 1,536 by 1,536 x 8,960 product; fp32's own
+    rounding is 3.4e-7): the Hessians' sums, GPTQ's error updates and the head's logits.
+    LAPACK's factorizations are not affected."""
+    if dtype is None:
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _cast(state: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return state if dtype is None else state.to(dtype)
+
+
+def _layer(graph, layer, runs, hidden, linears: dict[str, QuantizedTarget], result: Calibration, sensitivity, device,
+           dtype: torch.dtype | None):  # fmt: skip
     """One layer: its linears' input sums from the hidden states; rounded; the hidden states through
-    it (again, with the rounded weights, when GPTQ rounded any: what the next layer will see)."""
+    it (again, with the rounded weights, when GPTQ rounded any: what the next layer will see).
+    The forwards compute in `dtype` (None: the weights' own); the rounding reads the weights as
+    they are."""
+    computing = partial(in_dtype, layer.modules(), dtype)
     if not linears:
-        for i, run in enumerate(runs):
-            hidden[i], _ = run.through(layer, hidden[i], graph.rotary, None)
+        with computing():
+            for i, run in enumerate(runs):
+                hidden[i], _ = run.through(layer, hidden[i], graph.rotary, None)
         return
     full = {linear for linear, t in linears.items() if t.gptq}
-    sums = _InputSums({linear: input_module(graph, linear) for linear in linears}, full)
-    with sums.installed():
+    sums = InputSums({linear: input_module(graph, linear) for linear in linears}, full)
+    # With GPTQ this pass only sums the inputs (the rounded layer's pass feeds the next layer),
+    # so each batch stops once the last linear's input is summed: a down projection's matmul.
+    sums.stop_when_all_seen = bool(full)
+    with sums.installed(), computing():
         for i, run in enumerate(runs):
             if sensitivity:
                 energy = hidden[i].float().pow(2).sum(-1).reshape(-1)
                 sums.token_weights = 1 / energy.clamp_min(torch.finfo(torch.float32).tiny)
-            out, _ = run.through(layer, hidden[i], graph.rotary, None)
-            if not full:
-                hidden[i] = out  # the float model's activations feed the next layer
+            try:
+                out, _ = run.through(layer, hidden[i], graph.rotary, None)
+                if not full:
+                    hidden[i] = out  # the float model's activations feed the next layer
+            except AllInputsSeen:
+                pass
             sums.next_batch()
     rounded: dict[str, tuple[BlockQuantized, WeightFormat]] = {}
     for linear, target in linears.items():
@@ -345,7 +326,7 @@ def _layer(graph, layer, runs, hidden, linears: dict[str, QuantizedTarget], resu
             result.blocks[linear] = _round(weight, target, statistic)
             rounded[linear] = (result.blocks[linear], target.format)
     if full:
-        with _rounded(graph, {linear: rounded[linear] for linear in full}):
+        with computing(), _rounded(graph, {linear: rounded[linear] for linear in full}):
             for i, run in enumerate(runs):
                 hidden[i], _ = run.through(layer, hidden[i], graph.rotary, None)
 

@@ -41,6 +41,28 @@ class KVCache:
 
 
 @contextlib.contextmanager
+def in_dtype(modules: list[torch.nn.Module], dtype: torch.dtype | None) -> Iterator[None]:
+    """Within the block, the floating parameters of `modules` are `dtype` copies; after, each
+    parameter holds its original tensor again (kept, not copied back: nothing written to the
+    copies survives). None changes nothing. Buffers (rotary frequencies) keep their type, as the
+    nodes compute their tables in fp32 and cast the result to the activations'."""
+    if dtype is None:
+        yield
+        return
+    originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+    for module in modules:
+        for param in module.parameters():
+            if param.is_floating_point() and param.dtype != dtype and id(param) not in originals:
+                originals[id(param)] = (param, param.data)
+                param.data = param.data.to(dtype)
+    try:
+        yield
+    finally:
+        for param, data in originals.values():
+            param.data = data
+
+
+@contextlib.contextmanager
 def on_device(modules: list[torch.nn.Module], device: str | None) -> Iterator[None]:
     """Within the block, the parameters and buffers of `modules` are on `device`; those it moved
     go back to the CPU after.
