@@ -128,6 +128,8 @@ def test_the_report_and_plan_say_gptq(outputs, tmp_path):
 
     report = json.loads((outputs["gptq"] / "surgery.json").read_text())
     assert "calibrated rounding" in report["timings_s"]
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert report["calibration_walk"]["forwards"] == ("bf16" if bf16 else "as the weights are stored")
     recipe = tmp_path / "r.surg"
     recipe.write_text('model "tiny-llama"\nquantize layers 0..1 to int4 symmetric gptq\n')
     result = run_cli("plan", str(recipe))

@@ -264,6 +264,16 @@ def calibration_dtype(device: str | None) -> torch.dtype | None:
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
 
+def walk_precision(device: str | None) -> dict[str, str]:
+    """What the report says the calibration walk computed in (`calibration_dtype`)."""
+    bf16 = calibration_dtype(device) is not None
+    return {
+        "device": device or "cpu",
+        "forwards": "bf16" if bf16 else "as the weights are stored",
+        "float32_matmuls": "split bf16 (torch's medium precision)" if bf16 else "float32",
+    }
+
+
 @contextlib.contextmanager
 def fast_float32_matmuls(dtype: torch.dtype | None) -> Iterator[None]:
     """Within the block, with bf16 calibration (`calibration_dtype`), float32 matmuls run on oneDNN's

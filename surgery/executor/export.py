@@ -65,9 +65,10 @@ def _calibrate(run: Run, quantization: dict[str, QuantizedTarget]) -> dict[str, 
     linears = {linear: t for linear, t in quantization.items() if linear != EMBEDDING and t.uses_data}
     if not linears:
         return quantization
-    from surgery.analysis.calibrated_quantization import calibrated_blocks, rounded_with_energy
+    from surgery.analysis.calibrated_quantization import calibrated_blocks, rounded_with_energy, walk_precision
 
     graph, device, tokens = run.graph, run.settings.device, run.calibration_tokens()
+    run.sections["calibration_walk"] = walk_precision(device)
     budget = next((t.bits_per_weight for t in linears.values() if t.bits_per_weight is not None), None)
     describe = run.checked.calibration.describe()
     if budget is None:
