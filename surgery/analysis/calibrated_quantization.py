@@ -215,14 +215,15 @@ def _walk(graph, wanted, runs, probe, progress, device, sensitivity, head_roundi
                         probed[0], _ = probe.through(layer, probed[0], graph.rotary, None)
                         with _rounded(graph, reference):
                             probed[1], _ = probe.through(layer, probed[1], graph.rotary, None)
-    hidden = [_cast(state, torch.float32 if dtype else None) for state in hidden]  # the head computes as stored
-    probed = [_cast(state, torch.float32 if dtype else None) for state in probed]
+    head_dtype = torch.float32 if dtype else None  # the head computes in its weights' type
+    probed = [_cast(state, head_dtype) for state in probed]
     if HEAD in wanted:
         with graph.materialized(graph.head.final_norm, graph.head, device=device):
             gptq = wanted[HEAD].gptq or bool(sensitivity and head_rounding and head_rounding.gptq)
             sums = InputSums({}, {HEAD} if gptq else set())
             for state in hidden:  # the head's input only: the logits are never computed
-                sums.add(HEAD, graph.head.final_norm(state))
+                sums.add(HEAD, graph.head.final_norm(_cast(state, head_dtype)))
+            hidden.clear()  # 100 MB for 16,384 tokens of a 1,536-wide model, not held while the head is rounded
             weight = _weight(graph, HEAD, device)
             if sensitivity:
                 result.energies[HEAD] = sums.energy(HEAD)
@@ -238,6 +239,7 @@ def _walk(graph, wanted, runs, probe, progress, device, sensitivity, head_roundi
                             plain = replace(how, format=stored, weighted=False, act_order=False)
                             blocks = _round(weight, plain, sums.sum(HEAD))
                             head_rounded = _dequantized(blocks, stored, weight.shape[1], 0, len(weight), weight.device)
+                            del blocks  # packed, a sixth of the floats: not held while the KL is measured
                         else:  # a quick search: measuring, not writing
                             head_rounded = rounded_searched(weight, sums.energy(HEAD), stored.bits, stored.block,
                                                             stored.symmetric, half=stored.half_scales)  # fmt: skip
