@@ -84,6 +84,17 @@ def test_a_gptq_pass_stops_once_every_input_is_summed():
     torch.testing.assert_close(sums.sum("second"), middle.T @ middle, rtol=1e-5, atol=1e-5)
 
 
+def test_a_pass_that_calls_a_linear_twice_is_never_stopped_early():
+    first, second = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    sums = InputSums({"first": first, "second": second}, {"first", "second"})
+    with sums.installed():
+        second(first(torch.randn(5, 8)))
+        assert sums.each_called_once()
+        sums.next_batch()
+        second(second(first(torch.randn(5, 8))))  # the second linear's second input would be lost
+        assert not sums.each_called_once()
+
+
 def test_in_dtype_computes_in_bf16_and_gives_the_weights_back():
     linear = torch.nn.Linear(4, 4)
     original = linear.weight.detach().clone()

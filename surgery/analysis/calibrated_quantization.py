@@ -312,9 +312,6 @@ def _layer(graph, layer, runs, hidden, linears: dict[str, QuantizedTarget], resu
         return
     full = {linear for linear, t in linears.items() if t.gptq}
     sums = InputSums({linear: input_module(graph, linear) for linear in linears}, full)
-    # With GPTQ this pass only sums the inputs (the rounded layer's pass feeds the next layer),
-    # so each batch stops once the last linear's input is summed: a down projection's matmul.
-    sums.stop_when_all_seen = bool(full)
     with sums.installed(), computing():
         for i, run in enumerate(runs):
             if sensitivity:
@@ -326,6 +323,10 @@ def _layer(graph, layer, runs, hidden, linears: dict[str, QuantizedTarget], resu
                     hidden[i] = out  # the float model's activations feed the next layer
             except AllInputsSeen:
                 pass
+            # With GPTQ this pass only sums the inputs (the rounded layer's pass feeds the next
+            # layer), so once a whole batch has shown each linear called once, the later batches
+            # stop at the last linear's input: a down projection's matmul is not computed.
+            sums.stop_when_all_seen = bool(full) and (sums.stop_when_all_seen or sums.each_called_once())
             sums.next_batch()
     rounded: dict[str, tuple[BlockQuantized, WeightFormat]] = {}
     for linear, target in linears.items():

@@ -186,9 +186,9 @@ def _gptq_rows(w, factor, energy, order, bits: int, block: int, symmetric: bool,
     inverse_scales = _inverse(scales) if order is not None else None
     span = _span_columns(block)
     span_errors = torch.empty(n, span, device=device)
-    for start in range(0, padded, span):  # padded is a whole number of blocks, and a span of them
+    for start in range(0, padded, span):  # spans of whole blocks (the last may be shorter)
         end = min(start + span, padded)
-        for first in range(start, end, lazy):  # and a block a whole number of batches (_batch_columns)
+        for first in range(start, end, lazy):  # a block is a whole number of batches (_batch_columns)
             last = first + lazy
             if order is None:  # the batch lies in one block
                 if first % block == 0:  # the block's columns, where the batches before have pushed their errors
@@ -224,9 +224,9 @@ def _batch_columns(block: int) -> int:
 
 def _static_grids(blocks: torch.Tensor, importance: torch.Tensor, bits: int, symmetric: bool, searched: bool,
                   half: bool):  # fmt: skip
-    """`_grid` of every block of `blocks` (N, blocks, block), a chunk of rows at a time: on the
-    CPU the search's two dozen passes over a chunk stay in the caches (a 1,536 x 8,960 down
-    projection's grids: 0.74 s against 1.5 s for the whole weight at once, two cores)."""
+    """`_grid` of every block of `blocks` (N, blocks, block), a chunk of rows at a time on the
+    CPU, so that the search's two dozen passes over a chunk read it from the caches and its
+    temporaries stay small; on a GPU at once."""
     rows = max(1, _ELEMENTWISE_VALUES // (blocks.shape[1] * blocks.shape[2])) if blocks.device.type == "cpu" else None
     if rows is None or rows >= len(blocks):
         return _grid(blocks, importance, bits, symmetric, searched, half)

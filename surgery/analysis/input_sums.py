@@ -40,7 +40,7 @@ class InputSums:
         self.rows: dict[str, int] = {}
         self._shared: dict[str, str] = {}  # linear -> the linear whose sum it reads
         self._mirrored: set[str] = set()  # full sums whose lower strips have been filled since the last add
-        self._called: set[str] = set()  # this batch's hooked linears so far
+        self._called: dict[str, int] = {}  # this batch's hooked linears so far, with their calls
         self.stop_when_all_seen = False  # end the batch's forward once every linear's input is summed
         # This batch's inputs, by id, with the linear that summed each; holding them keeps a
         # freed input's memory (and id) from being reused by a later one within the batch.
@@ -50,6 +50,11 @@ class InputSums:
         """Forget this batch's inputs."""
         self._seen.clear()
         self._called.clear()
+
+    def each_called_once(self) -> bool:
+        """Whether this batch's forward called every module exactly once: then ending a forward
+        once each has been called (`stop_when_all_seen`) loses no input."""
+        return len(self._called) == len(self.modules) and all(count == 1 for count in self._called.values())
 
     def sum(self, linear: str) -> torch.Tensor:
         """The summed `X^T X` (or its diagonal) of `linear`'s inputs."""
@@ -106,7 +111,7 @@ class InputSums:
                 else:
                     self._seen[id(x)] = (x, linear)
                     self.add(linear, x)
-                self._called.add(linear)
+                self._called[linear] = self._called.get(linear, 0) + 1
                 if self.stop_when_all_seen and len(self._called) == len(self.modules):
                     raise AllInputsSeen  # the rest of the layer computes nothing that is summed
 
@@ -120,7 +125,8 @@ class InputSums:
 
 class AllInputsSeen(Exception):
     """Raised by `InputSums`' hooks to end a forward whose output is not needed once every
-    linear's input has been summed (GPTQ's first pass over a layer)."""
+    linear's input has been summed (GPTQ's first pass over a layer): only after a whole forward
+    called each module once (`InputSums.each_called_once`), as one called twice would lose an input."""
 
 
 # X^T X is summed in column strips on and above the diagonal (`upper_gram`), the lower strips
