@@ -23,8 +23,8 @@ depends on what the linear asked for:
 On a CPU with bf16 units (`calibration_dtype`) the forwards compute in bf16, a layer's copy
 cast for its pass (`surgery.ir.inputs.in_dtype`), and the float32 matmuls (the sums, GPTQ's
 updates, the head's logits) in oneDNN's split-bf16 form (`fast_float32_matmuls`): what GPTQ
-reads stays float32, and the walk takes a third of its float32 time (a 1.5B model's 4.9-bit
-preset with 16,384 calibration tokens: docs/benchmarks.md). A GPTQ layer's first pass ends
+reads stays float32 (with the shortcuts below, a 1.5B model's 4.9-bit preset on 16,384
+calibration tokens took 721 s against 1,730 s: docs/benchmarks.md). A GPTQ layer's first pass ends
 once the last linear's input is summed (`AllInputsSeen`): its output is not used.
 
 What is held: one layer, the batches' hidden states, one Hessian (or diagonal) per distinct
