@@ -47,6 +47,7 @@ import torch
 from surgery.analysis.input_sums import AllInputsSeen, InputSums, input_module
 from surgery.analysis.quantization import BlockQuantized
 from surgery.analysis.rounding import (
+    CHUNK_VALUES,
     padded_blocks,
     quantize_searched,
     range_grid,
@@ -139,7 +140,7 @@ def _relative_errors(weight: torch.Tensor, energy: torch.Tensor, formats) -> dic
     (`InputSums.relative_energy`). A chunk of rows at a time, every format on it while it is
     in the caches (on the CPU; on a GPU at once)."""
     n, k = weight.shape
-    rows = max(1, ERROR_CHUNK_VALUES // k) if weight.device.type == "cpu" else n
+    rows = max(1, CHUNK_VALUES // k) if weight.device.type == "cpu" else n
     columns = {stored: torch.zeros(k, device=weight.device) for stored in formats}
     for start in range(0, n, rows):
         part = weight[start : start + rows]
@@ -149,9 +150,6 @@ def _relative_errors(weight: torch.Tensor, energy: torch.Tensor, formats) -> dic
             squared = squared_error(blocks, *grid, stored.bits)
             columns[stored] += squared.reshape(len(part), -1)[:, :k].sum(0)
     return {stored: float((total * energy.to(total.device)).sum()) for stored, total in columns.items()}
-
-
-ERROR_CHUNK_VALUES = 1 << 19  # weights whose errors are measured at once on the CPU (2 MB of float32)
 
 
 @dataclass

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from surgery.analysis.quantization import BlockQuantized
-from surgery.analysis.rounding import range_grid, searched_grid, to_blocks
+from surgery.analysis.rounding import CHUNK_VALUES, range_grid, searched_grid, to_blocks
 
 DAMPING = 0.01  # fraction of the Hessian's mean diagonal added to it (GPTQ's `percdamp`)
 # Columns rounded before their error is pushed to the rest in one matmul (at most: a smaller
@@ -38,7 +38,6 @@ DAMPING = 0.01  # fraction of the Hessian's mean diagonal added to it (GPTQ's `p
 # the GPU a batch is one replayed CUDA graph.
 _LAZY_COLUMNS = 32
 _SPAN_COLUMNS = 512  # columns whose errors go onto the later columns together (_span_columns)
-_ELEMENTWISE_VALUES = 1 << 19  # weights a CPU grid search takes at once (2 MB of float32)
 
 
 def _inverse_hessian_factor(hessian: torch.Tensor, damping: float, order: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,7 +226,7 @@ def _static_grids(blocks: torch.Tensor, importance: torch.Tensor, bits: int, sym
     """`_grid` of every block of `blocks` (N, blocks, block), a chunk of rows at a time on the
     CPU, so that the search's two dozen passes over a chunk read it from the caches and its
     temporaries stay small; on a GPU at once."""
-    rows = max(1, _ELEMENTWISE_VALUES // (blocks.shape[1] * blocks.shape[2])) if blocks.device.type == "cpu" else None
+    rows = max(1, CHUNK_VALUES // (blocks.shape[1] * blocks.shape[2])) if blocks.device.type == "cpu" else None
     if rows is None or rows >= len(blocks):
         return _grid(blocks, importance, bits, symmetric, searched, half)
     grids = [_grid(blocks[start : start + rows], importance, bits, symmetric, searched, half)

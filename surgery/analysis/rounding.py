@@ -33,7 +33,10 @@ SEARCH_FACTORS = tuple(round(0.6 + 0.025 * i, 3) for i in range(25))  # 0.6 .. 1
 # A quick search for measuring what a format costs (the sensitivity of a 150k-row head in six
 # formats), not for writing: most of the gain at a fifth of the evaluations.
 COARSE_FACTORS = (0.7, 0.8, 0.9, 1.0, 1.1)
-_CHUNK_VALUES = 1 << 21  # weights searched at once: small temporaries the allocator reuses
+# Weights an elementwise pass takes at once on the CPU (2 MB of float32): the search's and the
+# error measures' passes read a chunk from the caches, and their temporaries are small ones the
+# allocator reuses.
+CHUNK_VALUES = 1 << 19
 
 
 def _middle(bits: int) -> int:
@@ -173,7 +176,7 @@ def _searched_chunks(weight, importance, bits: int, block: int, symmetric: bool,
         weights[:k] = importance.to(weight.device).float()
         weights[k:] = 0
     weights = weights.reshape(padded // block, block)
-    rows = max(1, _CHUNK_VALUES // (padded * 4))
+    rows = max(1, CHUNK_VALUES // padded)
     for start in range(0, n, rows):
         part = padded_blocks(weight[start : start + rows].detach(), block)
         if factors:
