@@ -6,12 +6,18 @@ Rows (each built in a fresh process, timed, its peak memory taken):
   -e cpu` (through genai_builder_compat.py, which lets it read Gemma 3's config), once per
   `--builder-algos` value as its `algo_config` (`default`: round to nearest;
   `k_quant_mixed`: llama.cpp's mixed strategy, int8 for the head and the most sensitive linears);
+  a value may add the builder's other options after `+` (`k_quant_mixed+is_symmetric=false`,
+  `default+block_size=16`);
 - `ours rtn`: every linear, the head and the embedding at int4 (block 32, zero points), rounded
   to nearest (onnxruntime's own packer);
 - `ours gptq`: the same with `gptq` on the linears and the head (the recipe before issue 26);
 - `ours <bits> bpw`: `quantize model to <bits> bits per weight` for each `--budgets` value
   (weighted grids, per-tensor formats by measured sensitivity); a value ending in `g` (`6.55g`)
-  adds `gptq`, in `ga` `gptq act-order`.
+  adds `gptq`, in `ga` `gptq act-order`;
+- `--gguf-rows NAME=FILE`: a quantized GGUF of the same model (llama.cpp's Q4_K_M from
+  benchmarks/llamacpp_quantize.py), scored here as our fp32 export of its dequantized weights, so
+  its quality is measured by the same protocol; its size and bits are the GGUF file's, its
+  decode time is not measured (that would be llama.cpp's runtime, not onnxruntime's).
 
 Columns: file MB; bits per weight of the quantized tensors and of the whole model
 (surgery.analysis.quantization.bits_summary, read from each model.onnx); perplexity on the first
@@ -45,6 +51,28 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from common import GPTQ, RTN, GenaiModel, measure, paired_latency, preset, size_mb, write_result  # noqa: E402
 
 MODELS = {"smollm2": "smollm2-135m", "gemma3": "gemma3-270m"}
+
+
+def builder_options(algo: str) -> list[str]:
+    """The builder's `--extra_options` for a `--builder-algos` value: `k_quant+block_size=64` ->
+    algo_config=k_quant block_size=64."""
+    base, *more = algo.split("+")
+    return [f"algo_config={base}", *more]
+
+
+def _gguf_bits(path: Path) -> dict:
+    """Bits per weight of a GGUF file: of its quantized tensors (their blocks' bytes over their
+    weights) and of the whole file (its bytes over every tensor's values)."""
+    from gguf import GGUFReader
+    from gguf.constants import GGMLQuantizationType as Q
+
+    reader = GGUFReader(str(path))
+    floats = {Q.F32, Q.F16, Q.BF16}
+    quantized = [t for t in reader.tensors if t.tensor_type not in floats]
+    values = sum(int(t.n_elements) for t in reader.tensors)
+    q_values = sum(int(t.n_elements) for t in quantized)
+    return {"quantized_bits": round(8 * sum(int(t.n_bytes) for t in quantized) / q_values, 3) if q_values else None,
+            "model_bits": round(8 * path.stat().st_size / values, 3)}  # fmt: skip
 
 
 def _model(args) -> tuple[str, Path]:
@@ -91,6 +119,8 @@ def main() -> None:
                         help="bits per weight of `quantize model`; g adds gptq, ga gptq act-order")  # fmt: skip
     parser.add_argument("--calibration", default="samples 64 length 256", help="the calibrate statement's options")
     parser.add_argument("--builder-algos", nargs="+", default=["default", "k_quant_mixed"], metavar="ALGO")
+    parser.add_argument("--gguf-rows", nargs="+", default=[], metavar="NAME=FILE",
+                        help="quantized GGUFs of the same model, scored as exports of their weights")  # fmt: skip
     parser.add_argument("--only", nargs="+", default=None, metavar="TEXT", help="only rows whose name has one of these")
     parser.add_argument("--keep", type=Path, default=None,
                         help="write the outputs here and keep them; a row already built there is reused")  # fmt: skip
@@ -108,6 +138,9 @@ def main() -> None:
         name, statement = preset(budget)
         recipes[f"ours {name}"] = head + statement
     builders = {("builder int4" if a == "default" else f"builder int4 {a}"): a for a in args.builder_algos}
+    ggufs = {name: Path(file).resolve() for name, file in (row.split("=", 1) for row in args.gguf_rows)}
+    for name, file in ggufs.items():
+        recipes[name] = f'model "{file}"\nexport onnx\n'
     names = [n for n in [*recipes, *builders] if n == "fp32" or not args.only or any(o in n for o in args.only)]
     folders: dict[str, Path] = {}
     builds: dict[str, dict] = {}
@@ -127,7 +160,7 @@ def main() -> None:
             command = [sys.executable, str(REPO / "benchmarks" / "genai_builder_compat.py"), "-i", str(hf_folder),
                        "-o", str(out),
                        "-p", "int4", "-e", "cpu", "-c", str(work / "builder-cache"),
-                       "--extra_options", f"algo_config={builders[name]}"]  # fmt: skip
+                       "--extra_options", *builder_options(builders[name])]  # fmt: skip
         print(f"building {name} ...", flush=True)
         builds[name] = measure(command)
         folders[name] = out
@@ -170,8 +203,8 @@ def main() -> None:
         result = compare(logits, cached_reference, tokens)
         reference.clear()  # every window is cached now: the fp32 session goes
         rows[name] = {
-            "mb": round(size_mb(folder), 1),
-            **_bits(folder),
+            "mb": round((ggufs[name].stat().st_size if name in ggufs else size_mb(folder) * 1e6) / 1e6, 1),
+            **(_gguf_bits(ggufs[name]) if name in ggufs else _bits(folder)),
             "perplexity": round(result.candidate.perplexity, 3),
             "mean_kl": round(result.mean_kl, 5),
             "top1": round(result.top1_agreement, 4),
@@ -182,7 +215,7 @@ def main() -> None:
     text = (REPO / "benchmarks" / "prompt.txt").read_text()
     prompt = np.array(tokenizer(text)["input_ids"][:256], dtype=np.int64)
     loaders = {name: partial(GenaiModel if name in genai else OnnxCausalLM, str(folder), threads=args.threads)
-               for name, folder in folders.items()}  # fmt: skip
+               for name, folder in folders.items() if name not in ggufs}  # fmt: skip
     baseline = "builder int4" if "builder int4" in loaders else "fp32"
     latency, rounds = paired_latency(loaders, prompt, args.steps, args.rounds, baseline)
 
@@ -193,9 +226,10 @@ def main() -> None:
           f"{'ms/tok':>7} {'build s':>8} {'peak GB':>8}")  # fmt: skip
     for name, row in rows.items():
         q = f"{row['quantized_bits']:.3f}" if row["quantized_bits"] else "-"
+        ms = f"{latency[name]['median_ms']:.2f}" if name in latency else "-"  # a GGUF row: not onnxruntime's
         print(f"{name:26} {row['mb']:7.1f} {q:>7} {row['model_bits']:7.3f} {row['perplexity']:8.3f} "
               f"{row['perplexity'] / fp32 - 1:+8.2%} {row['mean_kl']:8.4f} {row['top1']:6.3f} "
-              f"{latency[name]['median_ms']:7.2f} {row['build_seconds']:8.1f} {row['build_peak_gb']:8.2f}")  # fmt: skip
+              f"{ms:>7} {row['build_seconds']:8.1f} {row['build_peak_gb']:8.2f}")  # fmt: skip
     write_result(
         args.json or str(REPO / "bench-results" / f"int4-quality-{args.model}.json"),
         {
@@ -206,6 +240,7 @@ def main() -> None:
                          "calibration": args.calibration},  # fmt: skip
             "recipes": {name: recipes[name] for name in folders if name in recipes},
             "builder_algos": {name: builders[name] for name in folders if name in builders},
+            "gguf_rows": {name: str(ggufs[name]) for name in folders if name in ggufs},
             "models": rows,
             "decode_ms_per_token": latency,
             "decode_rounds": rounds,
