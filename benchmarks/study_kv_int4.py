@@ -11,13 +11,14 @@ stored in. Two rotations are exact in float:
   kernel and a MatMul per head, a graph change.
 
 Rows: fp cache; int8 keys and values; int4 keys and values; int4 keys only; int4 values only;
-int4 keys rotated; int4 values rotated. Perplexity in PyTorch on `--windows` windows of
+int8 keys with int4 values (which onnxruntime cannot store: one bit width for both); int4 keys
+rotated; int4 values rotated. Perplexity in PyTorch on `--windows` windows of
 `--window` tokens of WikiText-2 test (one forward a window from an empty cache), calibration 32 x
 256 tokens of WikiText-2 valid (the recipes' default protocol). This script replaces
 `Attention.forward` for the study (the rotation of keys and a width per side are not package
 features); the quantization is the package's (`kv_quantizations`, `KVCacheFormat.fake_quantize`).
 
-    python benchmarks/study_kv_int4.py [--window 2048] [--windows 2] [--json FILE]
+    python benchmarks/study_kv_int4.py [--window 2048] [--windows 2] [--only TEXT ...] [--json FILE]
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ ROWS = {
     "int4 keys and values": (False, False, 4, 4),
     "int4 keys only": (False, False, 4, None),
     "int4 values only": (False, False, None, 4),
+    "int8 keys, int4 values": (False, False, 8, 4),
     "int4 keys, rotated after RoPE": (False, True, 4, None),
     "int4 values, rotated (weights)": (True, False, None, 4),
 }
@@ -117,6 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--window", type=int, default=2048)
     parser.add_argument("--windows", type=int, default=2)
+    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT", help="only rows whose name has one")
     parser.add_argument("--json", default=str(REPO / "bench-results" / "kv-int4-study-smollm2.json"))
     args = parser.parse_args()
 
@@ -138,7 +141,9 @@ def main() -> None:
     mode: dict = {}
     Attention.forward = study_forward(mode)  # this process only: the study's attention
     rows = {}
-    for name, (rotate_v, rotate_k, key_bits, value_bits) in ROWS.items():
+    chosen = {name: row for name, row in ROWS.items()
+              if name == "fp cache" or not args.only or any(text in name for text in args.only)}  # fmt: skip
+    for name, (rotate_v, rotate_k, key_bits, value_bits) in chosen.items():
         started = time.perf_counter()
         mode.update(rotate_keys=rotate_k, key_bits=None, value_bits=None)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
