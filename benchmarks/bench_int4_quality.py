@@ -17,6 +17,7 @@ Rows (each built in a fresh process, timed, its peak memory taken):
 - `--gguf-rows NAME=FILE`: a quantized GGUF of the same model (llama.cpp's Q4_K_M from
   benchmarks/llamacpp_quantize.py), scored here as our fp32 export of its dequantized weights, so
   its quality is measured by the same protocol; its size and bits are the GGUF file's, its
+  build columns are our conversion and export's (llamacpp_quantize.py times llama-quantize), its
   decode time is not measured (that would be llama.cpp's runtime, not onnxruntime's).
 
 Columns: file MB; bits per weight of the quantized tensors and of the whole model
@@ -203,7 +204,7 @@ def main() -> None:
         result = compare(logits, cached_reference, tokens)
         reference.clear()  # every window is cached now: the fp32 session goes
         rows[name] = {
-            "mb": round((ggufs[name].stat().st_size if name in ggufs else size_mb(folder) * 1e6) / 1e6, 1),
+            "mb": round(ggufs[name].stat().st_size / 1e6 if name in ggufs else size_mb(folder), 1),
             **(_gguf_bits(ggufs[name]) if name in ggufs else _bits(folder)),
             "perplexity": round(result.candidate.perplexity, 3),
             "mean_kl": round(result.mean_kl, 5),
