@@ -79,12 +79,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, metavar="TEXT", help="only variants whose name has one")
     parser.add_argument("--budget", type=float, nargs=3, default=None, metavar=("MB", "TOKENS", "DROPPED"),
                         help="the budgeted combination: cache MB at TOKENS, DROPPED attention layers")  # fmt: skip
+    parser.add_argument("--measure", nargs="+", choices=("perplexity", "retrieval", "decode"),
+                        default=["perplexity", "retrieval", "decode"],
+                        help="what to measure (decode alone on a quiet machine: its ms are timings)")  # fmt: skip
     parser.add_argument("--keep", type=Path, default=None, help="build into this folder; reuse what is there")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     started = time.perf_counter()
 
-    from surgery.backend.evaluate import compare, eval_tokens, onnx_logits
+    from surgery.backend.evaluate import compare, eval_tokens, perplexity, session_logits
     from surgery.backend.latency import decode_once, latency_prompt
     from surgery.backend.retrieval import found_by_output, retrieval_prompts, summary
     from surgery.backend.runtime import OnnxCausalLM
@@ -120,7 +123,10 @@ def main() -> None:
     tokenizer = open_model_folder(str(folders["fp cache"])).tokenizer
     tokens = eval_tokens(tokenizer, resolve_text("wikitext-2-test"), args.tokens, args.window)
     prompts = retrieval_prompts(tokenizer, tuple(args.retrieval), args.depths)
-    reference = onnx_logits(str(folders["fp cache"]), args.threads, stream=True)
+    # One session per output at a time (Qwen's fp32 weights are 7 GB a copy): the reference's,
+    # and the row's, dropped before the next row opens its own.
+    reference_model = OnnxCausalLM(str(folders["fp cache"]), threads=args.threads)
+    reference = session_logits(reference_model, stream=True)
     rows = {}
     for name, folder in folders.items():
         report = json.loads((folder / "surgery.json").read_text())
@@ -131,41 +137,38 @@ def main() -> None:
                "mb": round(size_mb(folder), 1), "kv_layers": len(cache["slots"]),
                **{f"build_{k}": v for k, v in builds[name].items()}}  # fmt: skip
         row["vs_fp16"] = round(fp16 / row["bytes_per_token"], 2)
-        print(f"{name}: perplexity ...", flush=True)
-        candidate = onnx_logits(str(folder), args.threads, stream=True)
-        result = compare(candidate, reference, tokens)
-        row.update(perplexity=round(result.candidate.perplexity, 3), mean_kl=round(result.mean_kl, 5),
-                   top1=round(result.top1_agreement, 4))  # fmt: skip
-        model = OnnxCausalLM(str(folder), threads=args.threads)
-        print(f"{name}: retrieval ...", flush=True)
-        found = summary(prompts, found_by_output(model, prompts))
-        row["retrieval"] = {length: entry["accuracy"] for length, entry in found["lengths"].items()}
-        row["retrieval_tries"] = found["lengths"]
-        row["decode_ms"] = {}
-        for length in args.lengths:
-            print(f"{name}: decode after {length} tokens ...", flush=True)
-            prompt = latency_prompt(length, str(folder))
-            row["decode_ms"][str(length)] = round(statistics.median(decode_once(model, prompt, args.steps)
-                                                                    for _ in range(2)), 2)  # fmt: skip
+        model = reference_model if name == "fp cache" else OnnxCausalLM(str(folder), threads=args.threads)
+        if "perplexity" in args.measure:
+            print(f"{name}: perplexity ...", flush=True)
+            if model is reference_model:  # the reference itself: scored once, KL 0 and top-1 1 by definition
+                row.update(perplexity=round(perplexity(reference, tokens).perplexity, 3), mean_kl=0.0, top1=1.0)
+            else:
+                result = compare(session_logits(model, stream=True), reference, tokens)
+                row.update(perplexity=round(result.candidate.perplexity, 3), mean_kl=round(result.mean_kl, 5),
+                           top1=round(result.top1_agreement, 4))  # fmt: skip
+        if "retrieval" in args.measure:
+            print(f"{name}: retrieval ...", flush=True)
+            found = summary(prompts, found_by_output(model, prompts))
+            row["retrieval"] = {length: entry["accuracy"] for length, entry in found["lengths"].items()}
+            row["retrieval_tries"] = found["lengths"]
+        if "decode" in args.measure:
+            row["decode_ms"] = {}
+            for length in args.lengths:
+                print(f"{name}: decode after {length} tokens ...", flush=True)
+                prompt = latency_prompt(length, str(folder))
+                row["decode_ms"][str(length)] = round(statistics.median(decode_once(model, prompt, args.steps)
+                                                                        for _ in range(2)), 2)  # fmt: skip
         rows[name] = row
+        del model
         print(f"  {row}", flush=True)
 
-    fp = rows["fp cache"]["perplexity"]
     print(f"\n{spec}, {os.cpu_count()} cores; WikiText-2 test, {tokens.scored()} tokens in windows of {args.window}; "
           f"retrieval at {args.retrieval} ({args.depths} depths)\n")  # fmt: skip
-    lengths = " ".join(f"{'ms@' + str(n):>9}" for n in args.lengths)
-    retrieved = " ".join(f"{'keys@' + str(n):>10}" for n in args.retrieval)
-    print(f"{'variant':34} {'KV B/tok':>9} {'vs fp16':>8} {'ppl':>8} {'vs fp':>7} {'KL':>8} {'top-1':>6} "
-          f"{retrieved} {lengths}")  # fmt: skip
-    for name, row in rows.items():
-        keys = " ".join(f"{row['retrieval'][str(n)]:>10.0%}" for n in args.retrieval)
-        ms = " ".join(f"{row['decode_ms'][str(n)]:>9.2f}" for n in args.lengths)
-        quality = f"{row['perplexity']:>8.3f} {row['perplexity'] / fp - 1:>+7.2%} {row['mean_kl']:>8.4f}"
-        print(f"{name:34} {row['bytes_per_token']:>9,} {row['vs_fp16']:>7.2f}x {quality} {row['top1']:>6.3f} "
-              f"{keys} {ms}")  # fmt: skip
+    _table(rows, args)
     write_result(args.json or str(REPO / "bench-results" / f"kv-cache-{args.model}.json"), {
         "model": spec,
         "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
+        "measured": args.measure,
         "protocol": {"tokens": tokens.scored(), "window": args.window, "retrieval": args.retrieval,
                      "depths": args.depths, "decode_lengths": args.lengths, "decode_steps": args.steps,
                      "threads": args.threads},  # fmt: skip
@@ -173,6 +176,31 @@ def main() -> None:
         "variants": rows,
         "seconds": round(time.perf_counter() - started, 1),
     })  # fmt: skip
+
+
+def _table(rows: dict[str, dict], args) -> None:
+    """The rows as a table; what was not measured shows as "-"."""
+    fp = rows["fp cache"].get("perplexity")
+
+    def cell(value, form: str, width: int) -> str:
+        if value is None:
+            return f"{'-':>{width}}"
+        sign = "+" if form.startswith("+") else ""
+        return f"{value:>{sign}{width}{form.lstrip('+')}}"
+
+    lengths = " ".join(f"{'ms@' + str(n):>9}" for n in args.lengths)
+    retrieved = " ".join(f"{'keys@' + str(n):>10}" for n in args.retrieval)
+    print(f"{'variant':34} {'KV B/tok':>9} {'vs fp16':>8} {'ppl':>8} {'vs fp':>7} {'KL':>8} {'top-1':>6} "
+          f"{retrieved} {lengths}")  # fmt: skip
+    for name, row in rows.items():
+        found, ms = row.get("retrieval", {}), row.get("decode_ms", {})
+        keys = " ".join(cell(found.get(str(n)), ".0%", 10) for n in args.retrieval)
+        times = " ".join(cell(ms.get(str(n)), ".2f", 9) for n in args.lengths)
+        ppl = row.get("perplexity")
+        change = ppl / fp - 1 if ppl is not None and fp else None
+        quality = f"{cell(ppl, '.3f', 8)} {cell(change, '+.2%', 7)} {cell(row.get('mean_kl'), '.4f', 8)}"
+        print(f"{name:34} {row['bytes_per_token']:>9,} {row['vs_fp16']:>7.2f}x {quality} "
+              f"{cell(row.get('top1'), '.3f', 6)} {keys} {times}")  # fmt: skip
 
 
 if __name__ == "__main__":

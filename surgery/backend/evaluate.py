@@ -256,7 +256,12 @@ def onnx_logits(folder: str, threads: int | None = None, provider: str = "cpu", 
     the output's KV cache and its logits come as an iterator of pieces."""
     from surgery.backend.runtime import OnnxCausalLM, execution_providers
 
-    model = OnnxCausalLM(folder, threads=threads, providers=execution_providers(provider))
+    return session_logits(OnnxCausalLM(folder, threads=threads, providers=execution_providers(provider)), stream)
+
+
+def session_logits(model, stream: bool = False) -> LogitsFn:
+    """Logits of an open OnnxCausalLM, as `onnx_logits` gives them: a caller that also decodes or
+    retrieves with the model holds one session (one copy of the weights), not two."""
 
     def run(ids: np.ndarray):
         if stream and model.uses_cache and ids.shape[1] > long_context.PIECE:
