@@ -107,6 +107,11 @@ class QualityBudget:
         """Whether a value read by `read` keeps the budget."""
         return value >= self.limit if self.measure == "top1" else value <= self.limit
 
+    def goodness(self, value: float) -> float:
+        """A value read by `read` as a number that grows with quality (top-1 grows with it;
+        perplexity increase and KL shrink), for choosing the best of several candidates."""
+        return value if self.measure == "top1" else -value
+
     @property
     def shown_limit(self) -> float:
         """The limit in the unit `read` gives."""

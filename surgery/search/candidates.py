@@ -39,8 +39,12 @@ class SearchTarget:
 
     @property
     def kind(self) -> str:
-        """ "drop" or "quantize" (of weights or of the KV cache: both search the first rule's count)."""
-        return "drop" if isinstance(self.statement, DropStmt) else "quantize"
+        """ "drop", "quantize" (of weights or of the KV cache: both search the first rule's count),
+        or "trade" (a KV cache group with `or drop attention`: the count is attention layers
+        dropped, the first rule's count follows from the kv-cache budget; surgery/search/trade.py)."""
+        if isinstance(self.statement, DropStmt):
+            return "drop"
+        return "trade" if getattr(self.statement, "trade", None) is not None else "quantize"
 
     @property
     def more_is_lighter(self) -> bool:
@@ -60,6 +64,8 @@ class SearchTarget:
         if isinstance(self.statement, DropStmt):
             return {"attention": "attention layers", "mlp": "MLPs", "block": "layers"}[self.statement.part] + " dropped"
         first, _ = self.statement.rules
+        if self.kind == "trade":
+            return "attention layers dropped"
         if isinstance(self.statement, QuantizeKVGroupStmt):
             return f"layers with an {first.width} KV cache"
         return f"layers at int{first.bits}"
@@ -104,16 +110,25 @@ def concrete(target: SearchTarget, count: int, layers: tuple[int, ...] | None = 
     return replace(statement, rules=rules, fit=None)
 
 
-def candidate_recipe(recipe: Recipe, target: SearchTarget, settled: dict[int, Statement | None],
-                     statement: Statement | None) -> Recipe:  # fmt: skip
+# What a searched statement becomes at a count: one statement, none (it does nothing at 0), or
+# several (a trade: the attention drop and the KV cache group at their counts).
+Settled = Statement | tuple[Statement, ...] | None
+
+
+def _spliced(statement: Settled) -> list[Statement]:
+    if statement is None:
+        return []
+    return list(statement) if isinstance(statement, tuple) else [statement]
+
+
+def candidate_recipe(recipe: Recipe, target: SearchTarget, settled: dict[int, Settled], statement: Settled) -> Recipe:
     """The recipe a candidate builds: the settings, the target's prefix (searched statements as
     `settled`), and the target at its count (`statement`)."""
     order = _plan_order(target.statement)
     kept: list[Statement] = []
     for position, other in enumerate(recipe.statements):
         if position == target.position:
-            if statement is not None:
-                kept.append(statement)
+            kept += _spliced(statement)
             continue
         if isinstance(other, ModelStmt | CalibrateStmt | ExportStmt):
             kept.append(other)
@@ -122,19 +137,16 @@ def candidate_recipe(recipe: Recipe, target: SearchTarget, settled: dict[int, St
             continue
         before = (_plan_order(other), position) < (order, target.position)
         if before:
-            resolved = settled.get(position, other)
-            if resolved is not None:
-                kept.append(resolved)
+            kept += _spliced(settled.get(position, other))
     return Recipe(tuple(kept), recipe.source)
 
 
-def settled_recipe(recipe: Recipe, settled: dict[int, Statement | None]) -> Recipe:
+def settled_recipe(recipe: Recipe, settled: dict[int, Settled]) -> Recipe:
     """The whole recipe with every searched statement replaced by its answer."""
     statements = []
     for position, statement in enumerate(recipe.statements):
         if position in settled:
-            if settled[position] is not None:
-                statements.append(settled[position])
+            statements += _spliced(settled[position])
         else:
             statements.append(statement)
     return Recipe(tuple(statements), recipe.source)

@@ -79,7 +79,7 @@ class Searcher:
             self._graph = self._graph_loader()
         return self._graph
 
-    def _references(self, fit) -> None:
+    def references(self, fit) -> None:
         """The unmodified model's perplexity (PyTorch, layer-major) on each quality budget's tokens."""
         from surgery.backend.evaluate import eval_tokens, graph_perplexity
         from surgery.data import resolve_text
@@ -101,7 +101,8 @@ class Searcher:
                 self.reference[key] = graph_perplexity(graph, tokens).perplexity
             self._store(cache, {"perplexity": self.reference[key]})
 
-    def _job(self, fit, candidate: Recipe) -> Job:
+    def job(self, fit, candidate: Recipe) -> Job:
+        """What measuring `candidate` under `fit`'s budgets takes (the references must be in)."""
         max_positions = self.checked.index.max_positions
         quality = tuple(b.request(b.measure != "perplexity", max_positions) for b in fit.quality)
         # One request per text and size: a KL budget's comparison also gives its perplexity.
@@ -227,21 +228,41 @@ class Searcher:
 
     # The search of one statement.
 
-    def search(self, recipe, target: SearchTarget, settled: dict) -> SearchResult:
-        """The largest count of `target` that keeps every budget (settled statements before it)."""
+    def plan_of(self, recipe, target: SearchTarget, settled: dict, statement):
+        """(the candidate's recipe, its plan) with `statement` (one, several or None) at the
+        target's place: the syntax tree is checked and planned as it is (its statements keep the
+        user's spans)."""
         from surgery.front.check import check
         from surgery.front.planner import build_plan
 
+        candidate = candidate_recipe(recipe, target, settled, statement)
+        checked = check(candidate, self.model)
+        return candidate, build_plan(checked, verify=False, computed=self.computed)
+
+    def measured_candidates(self, target: SearchTarget, counts: list[int], jobs: dict[int, Job],
+                            layers: dict[int, tuple[int, ...]]) -> dict[int, Candidate]:  # fmt: skip
+        """`counts` measured (from the cache or built), each read by every budget of the target."""
+        fit, found = target.fit, {}
+        max_positions = self.checked.index.max_positions
+        for count, (values, cached) in self._measure(target, counts, jobs).items():
+            values["values"] = {b.describe(): b.read(values, max_positions) for b in fit.budgets}
+            verdicts = {b.describe(): b.holds(budget_value(b, values)) for b in fit.budgets}
+            found[count] = Candidate(count, layers[count], values, cached, verdicts)
+        return found
+
+    def search(self, recipe, target: SearchTarget, settled: dict) -> SearchResult:
+        """The largest count of `target` that keeps every budget (settled statements before it);
+        a trade (`or drop attention`) is searched by surgery/search/trade.py."""
+        if target.kind == "trade":
+            from surgery.search.trade import trade_search
+
+            return trade_search(self, recipe, target, settled)
         start = time.perf_counter()
         fit = target.fit
-        self._references(fit)
+        self.references(fit)
 
         def plan_of(statement):
-            """(the candidate's recipe, its plan) with `statement` at the target's place: the syntax
-            tree is checked and planned as it is (its statements keep the user's spans)."""
-            candidate = candidate_recipe(recipe, target, settled, statement)
-            checked = check(candidate, self.model)
-            return candidate, build_plan(checked, verify=False, computed=self.computed)
+            return self.plan_of(recipe, target, settled, statement)
 
         _, base_plan = plan_of(None)
         present = _present(target, base_plan)
@@ -258,7 +279,7 @@ class Searcher:
             statement = concrete(target, count, explicit)
             candidate, plan = plan_of(statement)
             layers[count] = _chosen_layers(target, plan, statement)
-            jobs[count] = self._job(fit, candidate)
+            jobs[count] = self.job(fit, candidate)
 
         measured: dict[int, Candidate] = {}
 
@@ -266,11 +287,7 @@ class Searcher:
             counts = [c for c in dict.fromkeys(counts) if c not in measured]
             for count in counts:
                 prepare(count)
-            for count, (values, cached) in self._measure(target, counts, jobs).items():
-                max_positions = self.checked.index.max_positions
-                values["values"] = {b.describe(): b.read(values, max_positions) for b in fit.budgets}
-                verdicts = {b.describe(): b.holds(budget_value(b, values)) for b in fit.budgets}
-                measured[count] = Candidate(count, layers[count], values, cached, verdicts)
+            measured.update(self.measured_candidates(target, counts, jobs, layers))
 
         harder = [b for b in fit.budgets if not improves_with_count(b, target.more_is_lighter)]
 
@@ -285,7 +302,7 @@ class Searcher:
         seconds = time.perf_counter() - start
 
         if answer is None:
-            raise RecipeError([_unmet(target, list(measured.values()), maximum)])
+            raise RecipeError([unmet(target, list(measured.values()), maximum)])
         statement = concrete(target, answer.count, order.first(answer.count) if order is not None else None)
         settled[target.position] = statement
         from surgery.front.syntax import unparse_statement
@@ -331,7 +348,7 @@ def _chosen_layers(target: SearchTarget, plan, statement) -> tuple[int, ...]:
     return tuple(steps[0].layers) if len(steps) == 2 else ()
 
 
-def _unmet(target: SearchTarget, candidates: list[Candidate], maximum: int) -> Diagnostic:
+def unmet(target: SearchTarget, candidates: list[Candidate], maximum: int) -> Diagnostic:
     """No count meets every budget: the error names the candidate that came closest."""
 
     def shortfall(candidate: Candidate) -> tuple[int, float]:

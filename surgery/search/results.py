@@ -9,6 +9,8 @@ from typing import Any
 from surgery.front.budgets import Budget
 from surgery.search.candidates import SearchTarget
 
+FIRST_RULE_LAYERS = "kv_first_rule_layers"  # a trade candidate's: layers at the first rule's cache width
+
 
 @dataclass
 class Candidate:
@@ -82,7 +84,9 @@ def budget_value(budget: Budget, measured: dict[str, Any]) -> float:
 def render_table(result: SearchResult) -> str:
     """The candidates as a text table, the answer marked."""
     budgets = result.target.fit.budgets
-    header = ["count", "layers"] + [b.column for b in budgets] + ["fits", ""]
+    trade = result.target.kind == "trade"  # the count is drops; a column says how many caches are wide
+    wide = [f"{result.target.statement.rules[0].width} caches"] if trade else []
+    header = ["count", "layers", *wide] + [b.column for b in budgets] + ["fits", ""]
     rows = []
     for c in sorted(result.candidates, key=lambda c: c.count):
         values = [b.render(budget_value(b, c.measured)) for b in budgets]
@@ -90,9 +94,9 @@ def render_table(result: SearchResult) -> str:
         if len(shown_layers) > 40:
             shown_layers = shown_layers[:37] + "..."
         mark = "<- answer" if result.answer is not None and c.count == result.answer.count else ""
-        rows.append(
-            [str(c.count), shown_layers, *values, "yes" if c.fits else "no", mark + (" (cached)" if c.cached else "")]
-        )
+        split = [str(c.measured[FIRST_RULE_LAYERS])] if trade else []
+        rows.append([str(c.count), shown_layers, *split, *values, "yes" if c.fits else "no",
+                     mark + (" (cached)" if c.cached else "")])  # fmt: skip
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in [header, *rows]]
     fit = result.target.fit

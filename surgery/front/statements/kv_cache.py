@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery.diagnostics import Diagnostic
 from surgery.formats.kv_cache import DEFAULT_GRANULARITY, WIDTHS, KVCacheFormat
-from surgery.front.budgets import Fit
+from surgery.front.budgets import Fit, KVCacheBudget
 from surgery.front.grouped import check_rules
 from surgery.front.plan_step import PlanStep, Run
 from surgery.front.selection import ImportanceQuery
@@ -41,10 +41,13 @@ SYNTAX = """
 // quantize kv-cache [<selector>] to int8|int4 [per-channel|per-tensor]
 quantize_kv_stmt: "quantize" "kv-cache" selector? "to" KV_WIDTH kv_option*
 // quantize kv-cache by <source> [as many as fit] { <rule> -> int8|int4 [per-tensor] ... [budgets] }:
-// the first rule that matches wins; with `as many as fit`, how many layers the first rule takes is searched
+// the first rule that matches wins; with `as many as fit`, how many layers the first rule takes is searched;
+// with `or drop attention least important` too, how many attention layers are dropped instead (a joint search)
 quantize_kv_group_stmt: "quantize" "kv-cache" importance_source fit_marker? "{" kv_group_item* "}"
 ?kv_group_item: kv_rule
+              | kv_trade
               | budget
+kv_trade: "or" "drop" "attention" RANK "important"
 kv_rule: rule_selector "->" KV_WIDTH kv_option*
 KV_WIDTH: "int8" | "int4" | "fp8"
 ?kv_option: "per-channel" -> per_channel_option
@@ -80,13 +83,26 @@ class KVRule:
 
 
 @dataclass(frozen=True)
+class AttentionTrade:
+    """`or drop attention least important` in a searched `quantize kv-cache` block: the search
+    may also drop the least important attention layers (by the group's source), trading each
+    dropped layer's cache for wider caches in the layers that keep one
+    (surgery/search/trade.py)."""
+
+    rank: str = "least"
+    span: Span = span_field()
+    rank_span: Span = span_field()
+
+
+@dataclass(frozen=True)
 class QuantizeKVGroupStmt:
-    """`quantize kv-cache by <source> [as many as fit] { rules [budgets] }`."""
+    """`quantize kv-cache by <source> [as many as fit] { rules [or drop attention ...] [budgets] }`."""
 
     source: ImportanceSource
     rules: tuple[KVRule, ...]
     fit: Fit | None = None  # `as many as fit`: the first rule's amount is searched for
     span: Span = span_field()
+    trade: AttentionTrade | None = None  # the search also chooses how many attention layers to drop
 
     part = "attention"  # the layers it ranks and searches over: those that keep attention (a cache)
 
@@ -107,9 +123,16 @@ def _group(ast, meta, children) -> QuantizeKVGroupStmt:
     source, *items = children
     marker = items.pop(0) if items and isinstance(items[0], Span) else None
     rules = tuple(item for item in items if isinstance(item, KVRule))
-    budgets = [item for item in items if not isinstance(item, KVRule)]
+    trades = [item for item in items if isinstance(item, AttentionTrade)]
+    budgets = [item for item in items if not isinstance(item, KVRule | AttentionTrade)]
     fit = ast.fit(budgets, marker, ast.span(meta)) if marker is not None or budgets else None
-    return QuantizeKVGroupStmt(source, rules, fit, span=ast.span(meta))
+    # A second `or drop attention` line says nothing new; the first is kept (the check names it).
+    return QuantizeKVGroupStmt(source, rules, fit, span=ast.span(meta), trade=trades[0] if trades else None)
+
+
+def _trade(ast, meta, children) -> AttentionTrade:
+    (rank,) = children
+    return AttentionTrade(str(rank), span=ast.span(meta), rank_span=ast.tok(rank))
 
 
 NODES = (QuantizeKVStmt, QuantizeKVGroupStmt)
@@ -118,6 +141,7 @@ BUILDERS = {
     "quantize_kv_stmt": _stmt,
     "quantize_kv_group_stmt": _group,
     "kv_rule": _rule,
+    "kv_trade": _trade,
     "per_channel_option": lambda ast, meta, children: {"granularity": "per-channel"},
     "per_tensor_option": lambda ast, meta, children: {"granularity": "per-tensor"},
 }
@@ -139,6 +163,8 @@ def unparse(statement: QuantizeKVStmt | QuantizeKVGroupStmt) -> str:
             else:
                 target = unparse_selector(rule.selector)
             lines.append(f"    {target} -> {_width(rule)}\n")
+        if statement.trade is not None:
+            lines.append(f"    or drop attention {statement.trade.rank} important\n")
         marker = ""
         if statement.fit is not None:
             lines += [f"    {line}\n" for line in statement.fit.describe_items()]
@@ -214,7 +240,36 @@ def _check_group(c: Checker, statement: QuantizeKVGroupStmt, group: int, index: 
         fmt = _format(c, rule, target)
         return ResolvedKV(fmt, rule.span, group=group) if fmt is not None else None
 
+    if statement.trade is not None:
+        _check_trade(c, statement)
     return check_rules(c, statement, "attention", index, "quantize kv-cache", item_of)
+
+
+def _check_trade(c: Checker, statement: QuantizeKVGroupStmt) -> None:
+    """`or drop attention least important` needs a searched block with a kv-cache budget (which
+    sets the widths at each number of drops) and a quality budget (which chooses among them)."""
+    trade, fit = statement.trade, statement.fit
+    if trade.rank != "least":
+        c.error("only the least important attention layers can be dropped for cache", trade.rank_span,
+                "write `or drop attention least important`")  # fmt: skip
+    if fit is None or not fit.marked:
+        c.error("`or drop attention` is a choice the search makes: the block needs `as many as fit`", trade.span,
+                f"write `quantize kv-cache {unparse_source(statement.source)} as many as fit {{ ... }}`")  # fmt: skip
+        return
+    if not any(isinstance(b, KVCacheBudget) for b in fit.budgets):
+        c.error("`or drop attention` needs a kv-cache budget", trade.span,
+                "the budget sets how many layers keep the wider cache at each number of drops; e.g. "
+                "`kv-cache at most 1 GB at 32768 tokens`")  # fmt: skip
+    if not fit.quality:
+        c.error("`or drop attention` needs a quality budget", trade.span,
+                "the search keeps the measured combination with the best quality; e.g. "
+                '`perplexity on "wikitext-2-test" max-increase 5% window 4096`')  # fmt: skip
+    if fit.rescore:
+        c.error("`rescore` does not apply with `or drop attention`", trade.span,
+                "the dropped layers are the least important by the group's scores on the original model")  # fmt: skip
+    if fit.search != "bisect":
+        c.error("`search` does not apply with `or drop attention`", trade.span,
+                "the search measures every number of drops where the budget leaves a choice")  # fmt: skip
 
 
 def plan(state: PlanState) -> list[PlanStep]:
