@@ -52,6 +52,10 @@ def test_the_syntax_round_trips():
     recipe = parse_source(Source("t.surg", TRADE.format(mb=0.05, limit=5)))
     assert "    or drop attention least important\n" in unparse(recipe)
     assert parse_source(Source("again.surg", unparse(recipe))) == recipe
+    text = TRADE.format(mb=0.05, limit=5).replace("important\n", "important up to 3\n")
+    bounded = parse_source(Source("t.surg", text))
+    assert "or drop attention least important up to 3\n" in unparse(bounded)
+    assert parse_source(Source("again.surg", unparse(bounded))) == bounded
 
 
 def test_each_number_of_drops_buys_the_widest_caches_the_budget_holds():
@@ -67,6 +71,11 @@ def test_each_number_of_drops_buys_the_widest_caches_the_budget_holds():
     # A budget every layer fits at int8: nothing to trade, no drop.
     assert frontier(_statement(TRADE.format(mb=1, limit=5)), 6, 2, 16, 2048) == [TradePoint(0, 6, 6, 384)]
     assert frontier(_statement(TRADE.format(mb=0.001, limit=5)), 6, 2, 16, 2048) == []
+    # `up to 2`: no more drops than that, even where more would widen caches.
+    bounded = _statement(TRADE.format(mb=0.05, limit=5).replace("least important\n", "least important up to 2\n"))
+    assert bounded.trade.most == 2 and [p.dropped for p in frontier(bounded, 6, 2, 16, 2048)] == [0, 1, 2]
+    tight = _statement(TRADE.format(mb=0.03, limit=5).replace("least important\n", "least important up to 2\n"))
+    assert [p.dropped for p in frontier(tight, 2, 2, 16, 2048)] == [0, 1]  # and one layer keeps attention
 
 
 class QualityByCombination:
@@ -134,6 +143,7 @@ def test_a_budget_no_combination_keeps_is_an_error_at_the_block(tmp_path, cache,
     (('    perplexity on "wikitext-2-test" max-increase 5% tokens 256 window 64\n', "    size at most 1 GB\n"),
      "`or drop attention` needs a quality budget"),
     (("or drop attention least", "or drop attention most"), "only the least important attention layers"),
+    (("least important\n    kv", "least important up to 0\n    kv"), "`up to` needs at least one drop"),
     (("\n}\n", "\n    rescore\n}\n"), "`rescore` does not apply with `or drop attention`"),
     ((" as many as fit {", " {"), "budgets in a grouped quantize need `as many as fit`"),
 ])  # fmt: skip

@@ -47,7 +47,8 @@ def _format(rule: KVRule) -> KVCacheFormat:
 
 def frontier(statement: QuantizeKVGroupStmt, present: int, kv_heads: int, head_dim: int,
              max_positions: int) -> list[TradePoint]:  # fmt: skip
-    """The points worth measuring (module docstring): for d = 0 .. present - 1 drops, the split
+    """The points worth measuring (module docstring): for d = 0 .. present - 1 drops (or up to
+    the `up to` of `or drop attention`), the split
     with the most layers at the wider width whose cache keeps every kv-cache budget; none for a
     d where even the narrower width everywhere does not fit; up to the first d where every kept
     layer has the wider width."""
@@ -59,7 +60,8 @@ def frontier(statement: QuantizeKVGroupStmt, present: int, kv_heads: int, head_d
         return all(b.holds(b.read({"kv_bytes_per_token": total}, max_positions)) for b in budgets)
 
     points = []
-    for dropped in range(present):  # a decoder keeps at least one attention layer
+    most = statement.trade.most if statement.trade.most is not None else present - 1
+    for dropped in range(min(most, present - 1) + 1):  # a decoder keeps at least one attention layer
         kept = present - dropped
         # Layers at the first rule's width, best first: most of them when it is the wider one.
         order = range(kept, -1, -1) if first >= rest else range(kept + 1)
@@ -121,8 +123,9 @@ def trade_search(searcher, recipe, target: SearchTarget, settled: dict) -> Searc
         budget = next(b for b in fit.budgets if isinstance(b, KVCacheBudget))
         raise RecipeError([Diagnostic(
             "error", f"no number of dropped attention layers fits `{budget.describe()}`", budget.span,
-            f"with all but one of the {present} attention layers dropped and its cache at the narrower width it "
-            "would still be over; raise the budget or shorten the context")])  # fmt: skip
+            f"with the most drops allowed ({min(statement.trade.most or present, present - 1)} of {present} "
+            "attention layers) and every cache at the narrower width it would still be over; raise the budget, "
+            "shorten the context or allow more drops")])  # fmt: skip
     jobs, layers = {}, {}
     for dropped, point in points.items():
         candidate, plan = searcher.plan_of(recipe, target, settled, trade_statements(statement, point))

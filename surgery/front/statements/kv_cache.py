@@ -47,7 +47,7 @@ quantize_kv_group_stmt: "quantize" "kv-cache" importance_source fit_marker? "{" 
 ?kv_group_item: kv_rule
               | kv_trade
               | budget
-kv_trade: "or" "drop" "attention" RANK "important"
+kv_trade: "or" "drop" "attention" RANK "important" ("up" "to" INT)?
 kv_rule: rule_selector "->" KV_WIDTH kv_option*
 KV_WIDTH: "int8" | "int4" | "fp8"
 ?kv_option: "per-channel" -> per_channel_option
@@ -90,6 +90,7 @@ class AttentionTrade:
     (surgery/search/trade.py)."""
 
     rank: str = "least"
+    most: int | None = None  # `up to N`: at most N drops (fewer combinations to build)
     span: Span = span_field()
     rank_span: Span = span_field()
 
@@ -131,8 +132,8 @@ def _group(ast, meta, children) -> QuantizeKVGroupStmt:
 
 
 def _trade(ast, meta, children) -> AttentionTrade:
-    (rank,) = children
-    return AttentionTrade(str(rank), span=ast.span(meta), rank_span=ast.tok(rank))
+    rank, *most = children
+    return AttentionTrade(str(rank), int(most[0]) if most else None, span=ast.span(meta), rank_span=ast.tok(rank))
 
 
 NODES = (QuantizeKVStmt, QuantizeKVGroupStmt)
@@ -164,7 +165,8 @@ def unparse(statement: QuantizeKVStmt | QuantizeKVGroupStmt) -> str:
                 target = unparse_selector(rule.selector)
             lines.append(f"    {target} -> {_width(rule)}\n")
         if statement.trade is not None:
-            lines.append(f"    or drop attention {statement.trade.rank} important\n")
+            most = f" up to {statement.trade.most}" if statement.trade.most is not None else ""
+            lines.append(f"    or drop attention {statement.trade.rank} important{most}\n")
         marker = ""
         if statement.fit is not None:
             lines += [f"    {line}\n" for line in statement.fit.describe_items()]
@@ -264,6 +266,8 @@ def _check_trade(c: Checker, statement: QuantizeKVGroupStmt) -> None:
         c.error("`or drop attention` needs a quality budget", trade.span,
                 "the search keeps the measured combination with the best quality; e.g. "
                 '`perplexity on "wikitext-2-test" max-increase 5% window 4096`')  # fmt: skip
+    if trade.most is not None and trade.most < 1:
+        c.error("`up to` needs at least one drop", trade.span, "leave out `or drop attention` to drop none")
     if fit.rescore:
         c.error("`rescore` does not apply with `or drop attention`", trade.span,
                 "the dropped layers are the least important by the group's scores on the original model")  # fmt: skip
