@@ -46,7 +46,7 @@ def variants(drop: int, budget: tuple[float, int, float, int | None] | None = No
             CALIBRATE + "quantize kv-cache by similarity as many as fit {\n    most important -> int8\n"
             f"    rest -> int4\n    or drop attention least important{bound}\n"
             f"    kv-cache at most {mb:g} MB at {tokens} tokens\n"
-            f'    perplexity on "wikitext-2-valid" max-increase {increase:g}% tokens 8192 window 4096\n}}\n'
+            f'    perplexity on "wikitext-2-valid" max-increase {increase:g}% tokens 4096 window 4096\n}}\n'
         )
     return {
         "fp cache": "",
@@ -79,7 +79,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="*", default=[2048, 8192])
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT", help="only variants whose name has one")
+    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                        help="only variants whose name has one (or is one)")  # fmt: skip
     parser.add_argument("--budget", type=float, nargs="+", default=None, metavar="MB TOKENS [INCREASE [DROPS]]",
                         help="the budgeted combination: cache MB at TOKENS, searched jointly (attention dropped, "
                         "int8/int4 widths) for the best WikiText-2 valid perplexity within INCREASE %% (default 100), "
@@ -113,8 +114,11 @@ def main() -> None:
             parser.error("--budget takes MB TOKENS [INCREASE [DROPS]]")
         increase = args.budget[2] if len(args.budget) > 2 else 100.0
         budget = (args.budget[0], int(args.budget[1]), increase, int(args.budget[3]) if len(args.budget) > 3 else None)
-    chosen = {name: body for name, body in variants(drop, budget).items()
-              if name == "fp cache" or not args.only or any(o in name for o in args.only)}  # fmt: skip
+    every = variants(drop, budget)
+    exact = [o for o in args.only or () if o in every]  # a whole name picks that variant alone
+    chosen = {name: body for name, body in every.items()
+              if name == "fp cache" or not args.only or name in exact
+              or any(o in name for o in args.only if o not in exact)}  # fmt: skip
     folders, builds = {}, {}
     for name, body in chosen.items():
         slug = "".join(c if c.isalnum() else "-" for c in name)
@@ -135,8 +139,10 @@ def main() -> None:
     prompts = retrieval_prompts(tokenizer, tuple(args.retrieval), args.depths)
     # One session per output at a time (Qwen's fp32 weights are 7 GB a copy): the reference's,
     # and the row's, dropped before the next row opens its own.
-    reference_model = OnnxCausalLM(str(folders["fp cache"]), threads=args.threads)
-    reference = session_logits(reference_model, stream=True)
+    reference_model = reference = None  # only perplexity compares against it
+    if "perplexity" in args.measure:
+        reference_model = OnnxCausalLM(str(folders["fp cache"]), threads=args.threads)
+        reference = session_logits(reference_model, stream=True)
     rows = {}
     for name, folder in folders.items():
         report = json.loads((folder / "surgery.json").read_text())
@@ -147,7 +153,10 @@ def main() -> None:
                "mb": round(size_mb(folder), 1), "kv_layers": len(cache["slots"]),
                **{f"build_{k}": v for k, v in builds[name].items()}}  # fmt: skip
         row["vs_fp16"] = round(fp16 / row["bytes_per_token"], 2)
-        model = reference_model if name == "fp cache" else OnnxCausalLM(str(folder), threads=args.threads)
+        if name == "fp cache" and reference_model is not None:
+            model = reference_model
+        else:
+            model = OnnxCausalLM(str(folder), threads=args.threads)
         if "perplexity" in args.measure:
             print(f"{name}: perplexity ...", flush=True)
             if model is reference_model:  # the reference itself: scored once, KL 0 and top-1 1 by definition

@@ -12,13 +12,14 @@ stored in. Two rotations are exact in float:
 
 Rows: fp cache; int8 keys and values; int4 keys and values; int4 keys only; int4 values only;
 int8 keys with int4 values (which onnxruntime cannot store: one bit width for both); int4 keys
-rotated; int4 values rotated. Perplexity in PyTorch on `--windows` windows of
+rotated; int4 values rotated. `--int8-key-layers` keeps the keys of some layers at int8 in
+the int4-keys rows. Perplexity in PyTorch on `--windows` windows of
 `--window` tokens of WikiText-2 test (one forward a window from an empty cache), calibration 32 x
 256 tokens of WikiText-2 valid (the recipes' default protocol). This script replaces
 `Attention.forward` for the study (the rotation of keys and a width per side are not package
 features); the quantization is the package's (`kv_quantizations`, `KVCacheFormat.fake_quantize`).
 
-    python benchmarks/study_kv_int4.py [--window 2048] [--windows 2] [--only TEXT ...] [--json FILE]
+    python benchmarks/study_kv_int4.py [--window 2048] [--windows 2] [--only TEXT ...] [--folder DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def study_forward(mode: dict):
         if self.kv_quant is not None:
             scales = self.kv_quant
             if mode["key_bits"]:
-                k = KVCacheFormat(mode["key_bits"]).fake_quantize(k, scales.k_scale[mode["key_bits"]])
+                bits = 8 if self.study_layer in mode["int8_key_layers"] else mode["key_bits"]
+                k = KVCacheFormat(bits).fake_quantize(k, scales.k_scale[bits])
             if mode["value_bits"]:
                 v = KVCacheFormat(mode["value_bits"]).fake_quantize(v, scales.v_scale[mode["value_bits"]])
         groups = self.num_heads // self.num_kv_heads
@@ -120,6 +122,9 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=2048)
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--only", nargs="+", default=None, metavar="TEXT", help="only rows whose name has one")
+    parser.add_argument("--int8-key-layers", type=int, nargs="*", default=[], metavar="LAYER",
+                        help="keys stay int8 in these layers (the int4-keys rows)")  # fmt: skip
+    parser.add_argument("--folder", default=None, help="a Hugging Face folder to study (default: SmolLM2-135M)")
     parser.add_argument("--json", default=str(REPO / "bench-results" / "kv-int4-study-smollm2.json"))
     args = parser.parse_args()
 
@@ -134,7 +139,7 @@ def main() -> None:
     from surgery.models.index import ModelIndex
     from surgery.nodes.attention import Attention
 
-    folder = smollm2_folder()
+    folder = args.folder or smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     calibration = calibration_tokens(tokenizer, CalibrationSpec(samples=32, length=256))
     test = torch.from_numpy(tokenize_text(tokenizer, resolve_text("wikitext-2-test").read())).long()
@@ -145,16 +150,18 @@ def main() -> None:
               if name == "fp cache" or not args.only or any(text in name for text in args.only)}  # fmt: skip
     for name, (rotate_v, rotate_k, key_bits, value_bits) in chosen.items():
         started = time.perf_counter()
-        mode.update(rotate_keys=rotate_k, key_bits=None, value_bits=None)
+        mode.update(rotate_keys=rotate_k, key_bits=None, value_bits=None, int8_key_layers=set(args.int8_key_layers))
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        graph = DecoderGraph(model, ModelIndex.from_config("smollm2-135m", model.config))
+        graph = DecoderGraph(model, ModelIndex.from_config(Path(folder).name, model.config))
         if rotate_v:
             rotate_values(graph)
         if key_bits or value_bits:
             every = [layer.index for layer in graph.layers]
+            widths = {key_bits, value_bits} - {None} | ({8} if key_bits and args.int8_key_layers else set())
             scales = {bits: kv_quantizations(graph, dict.fromkeys(every, KVCacheFormat(bits)), calibration)
-                      for bits in {key_bits, value_bits} - {None}}  # fmt: skip
+                      for bits in widths}  # fmt: skip
             for layer in graph.layers:  # the scales of each width, looked up by the forward above
+                layer.attention.study_layer = layer.index
                 layer.attention.kv_quant = KVQuantization(
                     KVCacheFormat(4), {b: s[layer.index].k_scale for b, s in scales.items()},
                     {b: s[layer.index].v_scale for b, s in scales.items()})  # fmt: skip
@@ -163,13 +170,14 @@ def main() -> None:
                       "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
         print(f"{name:34} {rows[name]['perplexity']:9.4f}", flush=True)
     fp = rows["fp cache"]["perplexity"]
-    print(f"\nSmolLM2-135M, {args.windows} windows of {args.window} tokens of WikiText-2 test, PyTorch\n")
+    print(f"\n{Path(folder).name}, {args.windows} windows of {args.window} tokens of WikiText-2 test, PyTorch\n")
     print(f"{'cache':34} {'perplexity':>10} {'vs fp':>8}")
     for name, row in rows.items():
         row["vs_fp"] = round(row["perplexity"] / fp - 1, 4)
         print(f"{name:34} {row['perplexity']:10.4f} {row['vs_fp']:>+8.2%}")
-    write_result(args.json, {"model": "smollm2-135m", "window": args.window, "windows": args.windows,
-                             "calibration": "wikitext-2-valid 32 x 256", "rows": rows})  # fmt: skip
+    write_result(args.json, {"model": Path(folder).name, "window": args.window, "windows": args.windows,
+                             "calibration": "wikitext-2-valid 32 x 256", "int8_key_layers": args.int8_key_layers,
+                             "rows": rows})  # fmt: skip
 
 
 if __name__ == "__main__":
