@@ -1,0 +1,166 @@
+"""CPU: decode ms per token after long prompts (2k, 8k, 32k) with a float, int8 or int4 KV cache,
+attention dropped in 7 of 28 layers, and both, on a random-weight model of Qwen2.5-1.5B's shape,
+through onnxruntime's CPU provider (our runtime: the `decode at most` protocol's steps).
+
+A decode step's cost does not depend on the values in the cache, so instead of prefilling a
+prompt (a 32k prompt takes minutes on a CPU) each measurement starts from a random cache of L
+tokens in the export's own layout and codes (float, int8, or packed int4), then times greedy
+one-token steps through it. The model is random too (timing does not depend on weights).
+
+    python benchmarks/bench_kv_decode_cpu.py build   --work /tmp/kvcpu
+    python benchmarks/bench_kv_decode_cpu.py measure --work /tmp/kvcpu --lengths 2048 8192 32768 --json OUT
+
+`build` writes the model and each export with `surgery apply --no-verify` (timing only; the
+same recipes are verified on real models in bench_kv_cache.py). `measure` prints a table and
+writes JSON: the median step over `--steps` steps after 4 warm-up steps, `--rounds` rounds in
+rotating order; `--only` measures some exports (one command per export fits a time limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO))
+
+from bench_gpu import run  # noqa: E402
+from bench_quantize_time import QWEN_1_5B, random_qwen  # noqa: E402
+
+CALIBRATE = 'calibrate on "wikitext-2-valid" samples 8 length 256\n'
+WARMUP_STEPS = 4
+
+
+def recipes(layers: int) -> dict[str, str]:
+    """Export name -> the statements after the model line; every fourth layer from layer 3 drops
+    its attention (7 of Qwen's 28)."""
+    dropped = ", ".join(map(str, range(3, layers, 4)))
+    count = len(range(3, layers, 4))
+    return {
+        "fp32 cache": "",
+        "int8 cache": CALIBRATE + "quantize kv-cache to int8\n",
+        "int4 cache": CALIBRATE + "quantize kv-cache to int4\n",
+        f"attention dropped in {count}": f"drop attention layers {dropped}\n",
+        f"attention dropped in {count} + int8": CALIBRATE + f"drop attention layers {dropped}\n"
+        "quantize kv-cache to int8\n",
+    }
+
+
+def build(work: Path, layers: int) -> None:
+    """The random model and every export (listed in work/built.json)."""
+    from surgery.models.builtin import byte_tokenizer
+
+    work.mkdir(parents=True, exist_ok=True)
+    source = work / "qwen-1.5b-shape"
+    if not (source / "config.json").exists():
+        random_qwen(source, source, layers)
+        byte_tokenizer().save_pretrained(source)
+    built = {}
+    for label, body in recipes(layers).items():
+        slug = label.replace(" ", "-")
+        recipe = work / f"{slug}.surg"
+        recipe.write_text(f'model "{source}"\n{body}')
+        out = work / slug
+        seconds = run([sys.executable, "-m", "surgery", "apply", str(recipe), "-o", str(out), "--force",
+                       "--no-verify"], work / "build.log")  # fmt: skip
+        report = json.loads((out / "surgery.json").read_text())
+        built[label] = {"folder": str(out), "build_seconds": seconds,
+                        "kv_bytes_per_token": report["kv_cache"]["after"]["bytes_per_token"],
+                        "kv_layers": len(report["kv_cache"]["slots"])}  # fmt: skip
+        print(label, built[label], flush=True)
+    (work / "built.json").write_text(json.dumps(built, indent=2))
+
+
+def random_cache(model, length: int, rng: np.random.Generator) -> list:
+    """A cache of `length` tokens in the model's own layout: float values, or int8 / packed int4
+    codes (uint8 bytes) for a quantized layer."""
+    past = []
+    for (heads, size), kind in zip(model.kv_dims, model.kv_types, strict=True):
+        shape = (1, heads, length, size)
+        if kind == "tensor(int8)":
+            past.append(rng.integers(-127, 128, shape, dtype=np.int8))
+        elif kind == "tensor(uint8)":
+            past.append(rng.integers(0, 256, shape, dtype=np.uint8))
+        else:
+            past.append(rng.standard_normal(shape, dtype=np.float32) * 0.5)
+    return past
+
+
+def decode_ms(model, length: int, steps: int, rng: np.random.Generator) -> float:
+    """Median ms of `steps` greedy steps after a random cache of `length` tokens."""
+    past = random_cache(model, length, rng)
+    token, times = 1000, []
+    for i in range(WARMUP_STEPS + steps):
+        position = length + i
+        started = time.perf_counter()
+        out = model.step(np.array([[token]]), np.ones((1, position + 1), np.int64), np.array([[position]]), past)
+        token, past = int(out.logits[0, -1].argmax()), out.present
+        if i >= WARMUP_STEPS:
+            times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def measure(work: Path, lengths: list[int], rounds: int, steps: int, threads: int, only: list[str] | None,
+            out_json: str) -> None:  # fmt: skip
+    """Decode ms per token of every export (or `only` those) at each cache length."""
+    import onnxruntime as ort
+
+    from surgery.backend.runtime import OnnxCausalLM
+
+    built = json.loads((work / "built.json").read_text())
+    labels = [label for label in built if not only or label in only]
+    models = {label: OnnxCausalLM(built[label]["folder"], threads=threads) for label in labels}
+    rng = np.random.default_rng(0)
+    table: dict = {label: {"kv_bytes_per_token": built[label]["kv_bytes_per_token"], "decode_ms": {}}
+                   for label in labels}  # fmt: skip
+    for length in lengths:
+        times: dict[str, list[float]] = {label: [] for label in labels}
+        for index in range(rounds):
+            for label in labels[index % len(labels) :] + labels[: index % len(labels)]:
+                times[label].append(decode_ms(models[label], length, steps, rng))
+        for label in labels:
+            table[label]["decode_ms"][str(length)] = round(statistics.median(times[label]), 2)
+            table[label].setdefault("rounds", {})[str(length)] = [round(t, 2) for t in times[label]]
+            print(length, label, table[label]["decode_ms"][str(length)], flush=True)
+    result = {"model": "random Qwen2.5-1.5B shape, fp32 export", "machine": {
+        "cores": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
+        "onnxruntime": ort.__version__, "threads": threads},
+        "protocol": {"rounds": rounds, "decode_steps": steps, "warmup_steps": WARMUP_STEPS,
+                     "cache": "random, in the export's layout"}, "exports": table}  # fmt: skip
+    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_json).write_text(json.dumps(result, indent=2))
+    print(f"\n{'export':32} {'KV B/tok':>9} " + " ".join(f"{'ms@' + str(n):>9}" for n in lengths))
+    for label, row in table.items():
+        cells = " ".join(f"{row['decode_ms'][str(n)]:>9.2f}" for n in lengths)
+        print(f"{label:32} {row['kv_bytes_per_token']:>9,} {cells}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("phase", choices=("build", "measure"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/surgery-kv-cpu"))
+    parser.add_argument("--layers", type=int, default=QWEN_1_5B["num_hidden_layers"], help="fewer for a quick try")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: its own)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="EXPORT")
+    parser.add_argument("--json", default=str(REPO / "bench-results" / "kv-decode-cpu.json"))
+    args = parser.parse_args()
+    if args.phase == "build":
+        build(args.work, args.layers)
+    else:
+        measure(args.work, args.lengths, args.rounds, args.steps, args.threads, args.only, args.json)
+
+
+if __name__ == "__main__":
+    main()
