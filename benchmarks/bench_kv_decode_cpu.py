@@ -9,6 +9,7 @@ one-token steps through it. The model is random too (timing does not depend on w
 
     python benchmarks/bench_kv_decode_cpu.py build   --work /tmp/kvcpu
     python benchmarks/bench_kv_decode_cpu.py measure --work /tmp/kvcpu --lengths 2048 8192 32768 --json OUT
+    python benchmarks/bench_kv_decode_cpu.py measure --folders "fp cache=DIR" "int8 cache=DIR" ... --json OUT
 
 `build` writes the model and each export with `surgery apply --no-verify` (timing only; the
 same recipes are verified on real models in bench_kv_cache.py). `measure` prints a table and
@@ -110,28 +111,32 @@ def decode_ms(model, length: int, steps: int, rng: np.random.Generator) -> float
 
 
 def measure(work: Path, lengths: list[int], rounds: int, steps: int, threads: int, only: list[str] | None,
-            out_json: str) -> None:  # fmt: skip
-    """Decode ms per token of every export (or `only` those) at each cache length."""
+            out_json: str, folders: dict | None = None, model_name: str = "random Qwen2.5-1.5B shape, fp32 export"
+            ) -> None:  # fmt: skip
+    """Decode ms per token of every export (or `only` those) at each cache length; `folders`
+    (name -> {"folder", "kv_bytes_per_token"}) measures those outputs instead of the built ones."""
     import onnxruntime as ort
 
     from surgery.backend.runtime import OnnxCausalLM
 
-    built = json.loads((work / "built.json").read_text())
+    built = json.loads((work / "built.json").read_text()) if folders is None else folders
     labels = [label for label in built if not only or label in only]
-    models = {label: OnnxCausalLM(built[label]["folder"], threads=threads) for label in labels}
     rng = np.random.default_rng(0)
     table: dict = {label: {"kv_bytes_per_token": built[label]["kv_bytes_per_token"], "decode_ms": {}}
                    for label in labels}  # fmt: skip
-    for length in lengths:
-        times: dict[str, list[float]] = {label: [] for label in labels}
-        for index in range(rounds):
-            for label in labels[index % len(labels) :] + labels[: index % len(labels)]:
-                times[label].append(decode_ms(models[label], length, steps, rng))
-        for label in labels:
-            table[label]["decode_ms"][str(length)] = round(statistics.median(times[label]), 2)
-            table[label].setdefault("rounds", {})[str(length)] = [round(t, 2) for t in times[label]]
-            print(length, label, table[label]["decode_ms"][str(length)], flush=True)
-    result = {"model": "random Qwen2.5-1.5B shape, fp32 export", "machine": {
+    times: dict[str, dict[int, list[float]]] = {label: {n: [] for n in lengths} for label in labels}
+    for index in range(rounds):
+        # One session open at a time (a 1.5B fp32 export is 7 GB), the order rotating each round.
+        for label in labels[index % len(labels) :] + labels[: index % len(labels)]:
+            model = OnnxCausalLM(built[label]["folder"], threads=threads)
+            for length in lengths:
+                times[label][length].append(decode_ms(model, length, steps, rng))
+                print(f"round {index + 1}: {label} after {length}: {times[label][length][-1]:.2f} ms", flush=True)
+            del model
+    for label in labels:
+        table[label]["decode_ms"] = {str(n): round(statistics.median(times[label][n]), 2) for n in lengths}
+        table[label]["rounds"] = {str(n): [round(t, 2) for t in times[label][n]] for n in lengths}
+    result = {"model": model_name, "machine": {
         "cores": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
         "onnxruntime": ort.__version__, "threads": threads},
         "protocol": {"rounds": rounds, "decode_steps": steps, "warmup_steps": WARMUP_STEPS,
@@ -154,12 +159,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: its own)")
     parser.add_argument("--only", nargs="+", default=None, metavar="EXPORT")
+    parser.add_argument("--folders", nargs="+", default=None, metavar="NAME=DIR",
+                        help="measure these outputs (bench_kv_cache.py's --keep folders) instead of the built ones")
     parser.add_argument("--json", default=str(REPO / "bench-results" / "kv-decode-cpu.json"))
     args = parser.parse_args()
     if args.phase == "build":
         build(args.work, args.layers)
-    else:
-        measure(args.work, args.lengths, args.rounds, args.steps, args.threads, args.only, args.json)
+        return
+    folders, name = None, "random Qwen2.5-1.5B shape, fp32 export"
+    if args.folders:
+        folders = {}
+        for item in args.folders:
+            label, folder = item.split("=", 1)
+            report = json.loads((Path(folder) / "surgery.json").read_text())
+            folders[label] = {"folder": folder, "kv_bytes_per_token": report["kv_cache"]["after"]["bytes_per_token"]}
+        name = report["recipe"]["text"].splitlines()[0]  # the model line
+    measure(args.work, args.lengths, args.rounds, args.steps, args.threads, args.only, args.json, folders, name)
 
 
 if __name__ == "__main__":
