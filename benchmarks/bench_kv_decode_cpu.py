@@ -5,7 +5,8 @@ through onnxruntime's CPU provider (our runtime: the `decode at most` protocol's
 A decode step's cost does not depend on the values in the cache, so instead of prefilling a
 prompt (a 32k prompt takes minutes on a CPU) each measurement starts from a random cache of L
 tokens in the export's own layout and codes (float, int8, or packed int4), then times greedy
-one-token steps through it. The model is random too (timing does not depend on weights). The
+one-token steps through it (surgery/backend/latency.py `decode_after_cache`, what `measure
+decode` reports). The model is random too (timing does not depend on weights). The
 longest default is 32,000 tokens, not 32,768: the timed steps must stay inside a 32k context.
 
     python benchmarks/bench_kv_decode_cpu.py build   --work /tmp/kvcpu
@@ -26,7 +27,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,6 @@ from bench_gpu import run  # noqa: E402
 from bench_quantize_time import QWEN_1_5B, random_qwen  # noqa: E402
 
 CALIBRATE = 'calibrate on "wikitext-2-valid" samples 8 length 256\n'
-WARMUP_STEPS = 4
 
 
 def recipes(layers: int) -> dict[str, str]:
@@ -82,35 +81,6 @@ def build(work: Path, layers: int) -> None:
     (work / "built.json").write_text(json.dumps(built, indent=2))
 
 
-def random_cache(model, length: int, rng: np.random.Generator) -> list:
-    """A cache of `length` tokens in the model's own layout: float values, or int8 / packed int4
-    codes (uint8 bytes) for a quantized layer."""
-    past = []
-    for (heads, size), kind in zip(model.kv_dims, model.kv_types, strict=True):
-        shape = (1, heads, length, size)
-        if kind == "tensor(int8)":
-            past.append(rng.integers(-127, 128, shape, dtype=np.int8))
-        elif kind == "tensor(uint8)":
-            past.append(rng.integers(0, 256, shape, dtype=np.uint8))
-        else:
-            past.append(rng.standard_normal(shape, dtype=np.float32) * 0.5)
-    return past
-
-
-def decode_ms(model, length: int, steps: int, rng: np.random.Generator) -> float:
-    """Median ms of `steps` greedy steps after a random cache of `length` tokens."""
-    past = random_cache(model, length, rng)
-    token, times = 1000, []
-    for i in range(WARMUP_STEPS + steps):
-        position = length + i
-        started = time.perf_counter()
-        out = model.step(np.array([[token]]), np.ones((1, position + 1), np.int64), np.array([[position]]), past)
-        token, past = int(out.logits[0, -1].argmax()), out.present
-        if i >= WARMUP_STEPS:
-            times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
-
-
 def measure(work: Path, lengths: list[int], rounds: int, steps: int, threads: int, only: list[str] | None,
             out_json: str, folders: dict | None = None, model_name: str = "random Qwen2.5-1.5B shape, fp32 export"
             ) -> None:  # fmt: skip
@@ -118,6 +88,7 @@ def measure(work: Path, lengths: list[int], rounds: int, steps: int, threads: in
     (name -> {"folder", "kv_bytes_per_token"}) measures those outputs instead of the built ones."""
     import onnxruntime as ort
 
+    from surgery.backend.latency import decode_after_cache
     from surgery.backend.runtime import OnnxCausalLM
 
     built = json.loads((work / "built.json").read_text()) if folders is None else folders
@@ -131,7 +102,7 @@ def measure(work: Path, lengths: list[int], rounds: int, steps: int, threads: in
         for label in labels[index % len(labels) :] + labels[: index % len(labels)]:
             model = OnnxCausalLM(built[label]["folder"], threads=threads)
             for length in lengths:
-                times[label][length].append(decode_ms(model, length, steps, rng))
+                times[label][length].append(decode_after_cache(model, length, steps, rng))
                 print(f"round {index + 1}: {label} after {length}: {times[label][length][-1]:.2f} ms", flush=True)
             del model
     for label in labels:
@@ -140,7 +111,7 @@ def measure(work: Path, lengths: list[int], rounds: int, steps: int, threads: in
     result = {"model": model_name, "machine": {
         "cores": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
         "onnxruntime": ort.__version__, "threads": threads},
-        "protocol": {"rounds": rounds, "decode_steps": steps, "warmup_steps": WARMUP_STEPS,
+        "protocol": {"rounds": rounds, "decode_steps": steps, "warmup_steps": 4,
                      "cache": "random, in the export's layout"}, "exports": table}  # fmt: skip
     Path(out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(out_json).write_text(json.dumps(result, indent=2))

@@ -71,3 +71,50 @@ def latency_prompt(length: int, folder: str) -> np.ndarray:
     if len(ids) < length:
         raise ValueError(f"the latency prompt needs {length} tokens; the text gives {len(ids)}")
     return np.asarray(ids[:length], dtype=np.int64)
+
+
+def random_cache(model, length: int, rng: np.random.Generator) -> list:
+    """A KV cache of `length` tokens in the model's own layout (an OnnxCausalLM's past inputs):
+    float values, or int8 / packed int4 codes (uint8 bytes) where a layer is quantized; then the
+    model's other states (LFM2's short convolutions) at zero."""
+    past = []
+    for (heads, size), kind in zip(model.kv_dims, model.kv_types, strict=True):
+        shape = (1, heads, length, size)
+        if kind == "tensor(int8)":
+            past.append(rng.integers(-127, 128, shape, dtype=np.int8))
+        elif kind == "tensor(uint8)":
+            past.append(rng.integers(0, 256, shape, dtype=np.uint8))
+        elif kind == "tensor(float)":
+            past.append(rng.standard_normal(shape, dtype=np.float32) * 0.5)
+        else:  # fp16 / bf16 caches: zeros of the element type cost a step the same
+            past.append(_zeros_like_past(model, len(past), length))
+    return past + model.empty_cache(1)[len(model.past_names) :]  # short-convolution states (LFM2): zeros
+
+
+def _zeros_like_past(model, index: int, length: int):
+    """Zeros of past input `index`'s element type (fp16 through numpy, bf16 as onnxruntime words)."""
+    import onnxruntime as ort
+
+    heads, size = model.kv_dims[index]
+    kind = model.kv_types[index]
+    if kind == "tensor(float16)":
+        return np.zeros((1, heads, length, size), np.float16)
+    words = np.zeros((1, heads, length, size), np.uint16)  # bfloat16 zeros
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(words, 16)
+
+
+def decode_after_cache(model, length: int, steps: int = 16, rng: np.random.Generator | None = None) -> float:
+    """Median ms of `steps` greedy one-token steps (after `WARMUP_STEPS` untimed) through a
+    random cache of `length` tokens: a decode step's cost does not depend on the cache's values,
+    so a long context is timed without prefilling it (a 32k prompt takes minutes on a CPU)."""
+    rng = rng or np.random.default_rng(0)
+    past = random_cache(model, length, rng)
+    token, times = 1, []
+    for i in range(WARMUP_STEPS + steps):
+        position = length + i
+        start = time.perf_counter()
+        out = model.step(np.array([[token]]), np.ones((1, position + 1), np.int64), np.array([[position]]), past)
+        token, past = int(out.logits[0, -1].argmax()), out.present
+        if i >= WARMUP_STEPS:
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)

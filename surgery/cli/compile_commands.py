@@ -197,6 +197,10 @@ def run_apply(args) -> int:
         if not retrieval["passed"]:
             print("error: the retrieval check failed", file=sys.stderr)
             code = EXIT_VERIFY_FAILED
+    decode = report.get("decode")
+    if decode:
+        times = ", ".join(f"{ms:.2f} ms after {int(length):,}" for length, ms in decode["ms_per_token"].items())
+        print(f"  decode per token: {times} tokens of cache (onnxruntime {decode['provider']})")
     draft = report.get("draft")
     if draft:
         print(_draft_line(draft))

@@ -11,6 +11,7 @@ from types import ModuleType
 
 from surgery.front.statements import (
     calibrate,
+    decode,
     draft,
     drop,
     export,
@@ -32,7 +33,7 @@ from surgery.front.statements import (
 # that removes attention; the draft last (its block is checked as a recipe of its own, with
 # the export resolved).
 STATEMENTS: tuple[ModuleType, ...] = (calibrate, drop, heads, split, prune, merge, fuse, quantize, export, kv_cache,
-                                      verify, retrieval, draft)  # fmt: skip
+                                      verify, retrieval, decode, draft)  # fmt: skip
 
 
 def name(module: ModuleType) -> str:
