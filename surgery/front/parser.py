@@ -133,6 +133,12 @@ class _ToAst:
             fields.update(option)
         return fields
 
+    @classmethod
+    def numbers_and_options(cls, children) -> tuple[tuple[int, ...], dict[str, object]]:
+        """A statement's list of whole numbers (`at 4096, 16384 tokens`) and its options."""
+        numbers = tuple(int(child) for child in children if not isinstance(child, dict))
+        return numbers, cls.options([child for child in children if isinstance(child, dict)])
+
     @staticmethod
     def fit(items: list, marker: Span | None, statement: Span) -> Fit:
         """A budget block from its items; its span runs from `as many as fit` (or the statement's

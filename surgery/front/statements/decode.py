@@ -45,8 +45,7 @@ class MeasureDecodeStmt:
 
 
 def _build(ast, meta, children) -> MeasureDecodeStmt:
-    lengths = tuple(int(child) for child in children if not isinstance(child, dict))
-    options = ast.options([child for child in children if isinstance(child, dict)])
+    lengths, options = ast.numbers_and_options(children)
     return MeasureDecodeStmt(lengths, span=ast.span(meta), **options)
 
 

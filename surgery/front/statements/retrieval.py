@@ -42,8 +42,7 @@ class VerifyRetrievalStmt:
 
 
 def _build(ast, meta, children) -> VerifyRetrievalStmt:
-    lengths = tuple(int(child) for child in children if not isinstance(child, dict))
-    options = ast.options([child for child in children if isinstance(child, dict)])
+    lengths, options = ast.numbers_and_options(children)
     return VerifyRetrievalStmt(lengths, span=ast.span(meta), **options)
 
 
