@@ -39,7 +39,7 @@ from surgery.search.candidates import (
 )
 from surgery.search.measure import Job
 from surgery.search.rescore import RescoreOrder
-from surgery.search.results import Candidate, SearchResult, budget_value
+from surgery.search.results import Candidate, SearchResult, budget_value, unmet
 from surgery.search.strategy import candidates_expected, largest_fitting
 
 
@@ -346,33 +346,6 @@ def _chosen_layers(target: SearchTarget, plan, statement) -> tuple[int, ...]:
     if target.kind == "drop":
         return tuple(sorted(layer for step in steps for layer in step.layers))
     return tuple(steps[0].layers) if len(steps) == 2 else ()
-
-
-def unmet(target: SearchTarget, candidates: list[Candidate], maximum: int) -> Diagnostic:
-    """No count meets every budget: the error names the candidate that came closest."""
-
-    def shortfall(candidate: Candidate) -> tuple[int, float]:
-        missed = [b for b in target.fit.budgets if not candidate.verdicts[b.describe()]]
-        excess = 0.0
-        for budget in missed:
-            value = budget_value(budget, candidate.measured)
-            limit = budget.shown_limit
-            excess += abs(value - limit) / max(abs(limit), 1e-9)
-        return len(missed), excess
-
-    best = min(candidates, key=shortfall)
-    missed = [
-        f"{b.describe()} (measured {b.render(budget_value(b, best.measured))})"
-        for b in target.fit.budgets
-        if not best.verdicts[b.describe()]
-    ]
-    return Diagnostic(
-        "error",
-        f"no count meets every budget: the closest, {best.count} {target.counting()}, misses " + "; ".join(missed),
-        target.fit.span,
-        f"{len(candidates)} of {maximum + 1} counts measured (search.json with `apply` lists them); "
-        "loosen a budget or change what the statement does",
-    )
 
 
 def run_searches(recipe_path: str, checked, model: str | None, computed, settings: SearchSettings, progress,

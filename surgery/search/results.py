@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from surgery.diagnostics import Diagnostic
 from surgery.front.budgets import Budget
 from surgery.search.candidates import SearchTarget
 
@@ -119,3 +120,30 @@ def search_json(results: list[SearchResult], settled_text: str) -> dict[str, Any
         "notes": "counts are the original model's layers; perplexity increase is against the unmodified model in "
         "PyTorch (fp32) on the same tokens; latency by surgery/backend/latency.py's protocol on this machine",
     }
+
+
+def unmet(target: SearchTarget, candidates: list[Candidate], maximum: int) -> Diagnostic:
+    """No count meets every budget: the error names the candidate that came closest."""
+
+    def shortfall(candidate: Candidate) -> tuple[int, float]:
+        missed = [b for b in target.fit.budgets if not candidate.verdicts[b.describe()]]
+        excess = 0.0
+        for budget in missed:
+            value = budget_value(budget, candidate.measured)
+            limit = budget.shown_limit
+            excess += abs(value - limit) / max(abs(limit), 1e-9)
+        return len(missed), excess
+
+    best = min(candidates, key=shortfall)
+    missed = [
+        f"{b.describe()} (measured {b.render(budget_value(b, best.measured))})"
+        for b in target.fit.budgets
+        if not best.verdicts[b.describe()]
+    ]
+    return Diagnostic(
+        "error",
+        f"no count meets every budget: the closest, {best.count} {target.counting()}, misses " + "; ".join(missed),
+        target.fit.span,
+        f"{len(candidates)} of {maximum + 1} counts measured (search.json with `apply` lists them); "
+        "loosen a budget or change what the statement does",
+    )

@@ -28,7 +28,7 @@ from surgery.front.statements.kv_cache import KVRule, QuantizeKVGroupStmt
 from surgery.front.syntax import Statement, unparse_statement
 from surgery.progress import counted
 from surgery.search.candidates import SearchTarget
-from surgery.search.results import FIRST_RULE_LAYERS, Candidate, SearchResult, budget_value
+from surgery.search.results import FIRST_RULE_LAYERS, Candidate, SearchResult, budget_value, unmet
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,6 @@ def trade_search(searcher, recipe, target: SearchTarget, settled: dict) -> Searc
         candidate.measured[FIRST_RULE_LAYERS] = points[candidate.count].first
     answer = _best(target, candidates)
     if answer is None:
-        from surgery.search.engine import unmet
-
         raise RecipeError([unmet(target, candidates, max(points))])
     chosen = trade_statements(statement, points[answer.count])
     settled[target.position] = chosen
