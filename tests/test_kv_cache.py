@@ -205,11 +205,11 @@ def test_verification_reads_onnxruntimes_codes_and_judges_their_rounding():
     v = torch.zeros_like(k)
     check = CodeCheck()
     theirs = torch.tensor([[[[3, 7, -3, 10]]]], dtype=torch.int16)  # the tie rounded up: allowed
-    keys, _ = CacheReadBack(theirs, torch.zeros_like(theirs), check).take(INT8, scale, scale, k, v)
+    keys, _ = CacheReadBack(theirs, torch.zeros_like(theirs), check).take(KVQuantization(INT8, scale, scale), k, v)
     assert torch.allclose(keys, theirs.float() * 0.1)  # attention reads onnxruntime's codes
     assert (check.compared, check.differ, check.not_at_tie) == (8, 1, 0)
     wrong = torch.tensor([[[[2, 8, -3, 10]]]], dtype=torch.int16)  # 7 read as 8: not a tie
-    CacheReadBack(wrong, torch.zeros_like(wrong), check).take(INT8, scale, scale, k, v)
+    CacheReadBack(wrong, torch.zeros_like(wrong), check).take(KVQuantization(INT8, scale, scale), k, v)
     assert check.not_at_tie == 1
     packed = np.array([[[[0x1F, 0x80]]]], np.uint8)  # low nibble first, offset 8
     assert unpack_codes(packed, INT4).tolist() == [[[[7, -7, -8, 0]]]]

@@ -15,6 +15,11 @@ largest magnitude.
 int8 keeps the whole range (clipping gains nothing at 255 levels). int4 has 15: each channel's
 (or the tensor's) threshold is the fraction of the range with the least squared error over the
 sample, searched on a grid (`CLIP_FRACTIONS`).
+
+A `pre-rope` cache observes its keys before RoPE (the layer calls `observe` there when its
+`before_rope` is set): each channel keeps its minimum and maximum, and its int4 range is shrunk
+toward its middle by the fraction with the least squared error (the same grid). Its values are
+calibrated as above; only the keys take an offset.
 """
 
 from __future__ import annotations
@@ -38,8 +43,10 @@ ANGLES = 8  # angles per sampled key pair (the positions its values will be seen
 class _LayerStatistics:
     """One layer's observed keys and values: per-channel maxima and a sample of tokens."""
 
-    def __init__(self, stride: int):
+    def __init__(self, stride: int, before_rope: bool = False):
         self.stride = stride
+        self.before_rope = before_rope  # keys observed before RoPE: their range, not an envelope
+        self.k_min: torch.Tensor | None = None  # (kv_heads, head_dim), before RoPE only
         self.k_max: torch.Tensor | None = None  # (kv_heads, head_dim): envelope on rotated channels
         self.v_max: torch.Tensor | None = None
         self.k_sample: list[torch.Tensor] = []  # (tokens, kv_heads, head_dim) each
@@ -51,6 +58,15 @@ class _LayerStatistics:
         and back."""
         k = k.detach().float().permute(0, 2, 1, 3).reshape(-1, k.shape[1], k.shape[3])
         v = v.detach().float().permute(0, 2, 1, 3).reshape(-1, v.shape[1], v.shape[3])
+        if self.before_rope:  # unrotated: each channel's own range, signed
+            k_min, k_max, v_max = k.amin(0), k.amax(0), v.abs().amax(0)
+            first = self.k_min is None
+            self.k_min = k_min if first else torch.minimum(self.k_min, k_min)
+            self.k_max = k_max if first else torch.maximum(self.k_max, k_max)
+            self.v_max = v_max if first else torch.maximum(self.v_max, v_max)
+            self.k_sample.append(k[:: self.stride].cpu())
+            self.v_sample.append(v[:: self.stride].cpu())
+            return
         order = _halves_order(rotary, k.shape[-1]) if interleaved and rotary else None
         back = torch.argsort(order) if order is not None else None
         if order is not None:
@@ -66,12 +82,17 @@ class _LayerStatistics:
         self.v_sample.append(v[:: self.stride].cpu())
 
     def quantization(self, fmt: KVCacheFormat) -> KVQuantization:
-        """The layer's scales in `fmt`."""
-        k_threshold = _threshold(self.k_max.cpu(), torch.cat(self.k_sample), fmt)
+        """The layer's scales in `fmt` (and bases, for a `pre-rope` cache)."""
         v_threshold = _threshold(self.v_max.cpu(), torch.cat(self.v_sample), fmt)
         kv_heads, head_dim = self.k_max.shape
         shape = fmt.scale_shape(kv_heads, head_dim)
-        return KVQuantization(fmt, fmt.scale_of(k_threshold).reshape(shape), fmt.scale_of(v_threshold).reshape(shape))
+        v_scale = fmt.scale_of(v_threshold).reshape(shape)
+        if fmt.before_rope:
+            low, high = _range(self.k_min.cpu(), self.k_max.cpu(), torch.cat(self.k_sample), fmt)
+            return KVQuantization(fmt, fmt.scale_of_range(low, high).reshape(shape), v_scale, low.reshape(shape),
+                                  (v_scale * fmt.lowest).reshape(shape))  # fmt: skip
+        k_threshold = _threshold(self.k_max.cpu(), torch.cat(self.k_sample), fmt)
+        return KVQuantization(fmt, fmt.scale_of(k_threshold).reshape(shape), v_scale)
 
 
 def _halves_order(rotary: int, head_dim: int) -> torch.Tensor:
@@ -125,6 +146,26 @@ def _threshold(maximum: torch.Tensor, sample: torch.Tensor, fmt: KVCacheFormat) 
     return best
 
 
+def _range(low: torch.Tensor, high: torch.Tensor, sample: torch.Tensor, fmt: KVCacheFormat):
+    """Each channel's (low, high) on the unsigned grid: the observed range for int8; for int4 the
+    range shrunk toward its middle by the fraction with the least squared error over `sample`."""
+    if fmt.bits == 8:
+        return low, high
+    sample = sample.reshape(sample.shape[0], -1)
+    low, high = low.reshape(-1), high.reshape(-1)
+    middle, half = (low + high) / 2, (high - low) / 2
+    best = (low.clone(), high.clone())
+    best_error = torch.full_like(low, float("inf"))
+    for fraction in CLIP_FRACTIONS.tolist():
+        lo, hi = middle - half * fraction, middle + half * fraction
+        scale = fmt.scale_of_range(lo, hi)
+        error = (fmt.fake_quantize(sample, scale, lo) - sample).square().mean(0)
+        better = error < best_error
+        best = (torch.where(better, lo, best[0]), torch.where(better, hi, best[1]))
+        best_error = torch.where(better, error, best_error)
+    return best[0].reshape(-1), best[1].reshape(-1)
+
+
 @torch.no_grad()
 def kv_quantizations(
     graph: DecoderGraph,
@@ -151,7 +192,8 @@ def kv_quantizations(
                 break  # the layers after the last quantized cache change nothing it sees
             attention = layer.attention if layer.index in formats else None
             if attention is not None:
-                attention.observe = statistics[layer.index] = _LayerStatistics(stride)
+                before = formats[layer.index].before_rope
+                attention.observe = statistics[layer.index] = _LayerStatistics(stride, before)
             try:
                 with on_device(layer.modules(), device):
                     for i, run in enumerate(runs):

@@ -23,19 +23,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from surgery.formats.kv_cache import KVCacheFormat
+from surgery.formats.kv_cache import KVCacheFormat, KVQuantization
 
 TIE = 0.02  # how far from n + 1/2 (in codes) a rounding counts as a tie
 
 
 def unpack_codes(stored: np.ndarray, fmt: KVCacheFormat) -> torch.Tensor:
-    """Signed codes of a cache tensor as onnxruntime stores it (int8, or uint8 two a byte, low
-    nibble first, offset by 8)."""
+    """The codes of a cache tensor as onnxruntime stores it: int8; uint8 two a byte, low nibble
+    first, offset by 8 (GroupQueryAttention's int4); or for `pre-rope`, unsigned, int4 packing
+    channel i with i + head_dim / 2."""
     codes = torch.from_numpy(np.ascontiguousarray(stored))
     if fmt.bits == 8:
         return codes.to(torch.int16)
-    low, high = (codes & 0x0F).to(torch.int16) - 8, (codes >> 4).to(torch.int16) - 8
-    return torch.stack([low, high], dim=-1).reshape(*codes.shape[:-1], -1)
+    low, high = (codes & 0x0F).to(torch.int16), (codes >> 4).to(torch.int16)
+    if fmt.before_rope:
+        return torch.cat([low, high], dim=-1)
+    return torch.stack([low - 8, high - 8], dim=-1).reshape(*codes.shape[:-1], -1)
 
 
 @dataclass
@@ -61,17 +64,19 @@ class CacheReadBack:
     values: torch.Tensor
     check: CodeCheck = field(default_factory=CodeCheck)
 
-    def take(self, fmt: KVCacheFormat, k_scale, v_scale, k: torch.Tensor, v: torch.Tensor):
-        """(keys, values) attention reads: onnxruntime's codes times the scales, after checking
-        them against PyTorch's own rounding of `k` and `v`."""
+    def take(self, quant: KVQuantization, k: torch.Tensor, v: torch.Tensor):
+        """(keys, values) attention reads: onnxruntime's codes dequantized with `quant`'s scales
+        (and bases), after checking them against PyTorch's own rounding of `k` and `v`."""
+        fmt = quant.format
         out = []
-        for mine, theirs, scale in ((k, self.keys, k_scale), (v, self.values, v_scale)):
+        for mine, theirs, scale, base in ((k, self.keys, quant.k_scale, quant.k_base),
+                                          (v, self.values, quant.v_scale, quant.v_base)):  # fmt: skip
             theirs = theirs[..., : mine.shape[-1]].to(mine.device)
             if theirs.shape != mine.shape:
                 raise ValueError(f"onnxruntime's cache holds {tuple(theirs.shape)}, PyTorch computed "
                                  f"{tuple(mine.shape)}")  # fmt: skip
-            exact = mine.float() / scale.to(mine.device)
-            own = exact.round().clamp(fmt.lowest, fmt.highest)
+            exact = fmt.exact_codes(mine, scale, base)
+            own = exact.round().clamp(*fmt.code_range(base is not None))
             differs = own != theirs
             self.check.compared += own.numel()
             if bool(differs.any()):
@@ -80,7 +85,7 @@ class CacheReadBack:
                 self.check.differ += int(differs.sum())
                 self.check.not_at_tie += int(((offset > TIE) | (step > 1)).sum())
                 self.check.worst_offset = max(self.check.worst_offset, float(offset.max()))
-            out.append((theirs.float() * scale.to(mine.device)).to(mine.dtype))
+            out.append(fmt.dequantize(theirs, scale, base).to(mine.dtype))
         return out[0], out[1]
 
 

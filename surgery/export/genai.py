@@ -112,6 +112,13 @@ def genai_config(
     layout = kv_layout(graph)
     if layout is None:
         raise ValueError("the KV slots differ in head counts or sizes: genai's default KV cache needs one shape")
+    own = [index for index in graph.kv_layers()
+           if getattr(graph.layer(index).attention.kv_quant, "format", None) is not None
+           and not graph.layer(index).attention.kv_quant.format.native]  # fmt: skip
+    if own:
+        raise ValueError("a pre-rope KV cache is stored and read by operators of surgery's own, not by "
+                         "GroupQueryAttention, whose layouts genai allocates; `surgery run` and onnxruntime "
+                         "run it")  # fmt: skip
     formats = {_cache_format(graph.layer(index).attention) for index in graph.kv_layers()}
     if len(formats) > 1:
         raise ValueError("the layers' KV caches differ in width (" + ", ".join(sorted(formats)) + "): genai's "

@@ -4,7 +4,7 @@ bias, positions, and the rotary cos/sin tables by RoPE kind (written once, on fi
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper
+from onnx import TensorProto, helper
 
 
 class SharedInputs:
@@ -13,6 +13,9 @@ class SharedInputs:
     def __init__(self, emitter):
         self.e = emitter
         self.seqlens_k = self.total_len = self.bias = self.position_ids = self.new_mask = ""
+        self._slots: dict[bool, str] = {}
+        self._scalars: tuple[str, str, str] | None = None
+        self._causal: dict[tuple[int | None, int], str] = {}
         self._tables: dict[str | None, tuple[str, str]] = {}
         self._dims: dict[str | None, int] = {}
 
@@ -39,6 +42,62 @@ class SharedInputs:
             start = w.op("Neg", [seq], f"{name}/start")
             self.position_ids = w.op("Slice", [ids, start, c([np.iinfo(np.int64).max]), c([1])], f"{name}/Slice")
         return self.position_ids
+
+    def _lengths(self) -> tuple[str, str, str]:
+        """(batch, total, seq) as int64 scalars, from the inputs' shapes, once."""
+        if not self._scalars:
+            w, c, e = self.e.w, self.e.w.constant, self.e
+            name = "/model/slots"
+            mask_shape = w.op("Shape", [e.attention_mask], f"{name}/mask_shape")
+            batch = w.op("Gather", [mask_shape, c(0)], f"{name}/batch")
+            total = w.op("Gather", [mask_shape, c(1)], f"{name}/total")
+            seq = w.op("Gather", [w.op("Shape", [e.input_ids], f"{name}/ids_shape"), c(1)], f"{name}/seq")
+            self._scalars = (batch, total, seq)
+        return self._scalars
+
+    def slot_positions(self, past: bool) -> str:
+        """Slot indices as (batch, length) positions, once each: the new tokens' (`past`: past
+        length .. total - 1) or every cached token's (0 .. total - 1). A `pre-rope` cache rotates
+        its keys and queries by them (surgery/nodes/pre_rope_cache.py)."""
+        if past not in self._slots:
+            w, c = self.e.w, self.e.w.constant
+            name = f"/model/slots/{'new' if past else 'cached'}"
+            batch, total, seq = self._lengths()
+            start = w.op("Sub", [total, seq], f"{name}/past") if past else c(0)
+            slots = w.op("Unsqueeze", [w.op("Range", [start, total, c(1)], f"{name}/Range"), c([0])], f"{name}/row")
+            length = seq if past else total
+            shape = w.op("Concat", [w.op("Unsqueeze", [t, c([0])], f"{name}/{label}")
+                                    for t, label in ((batch, "batch"), (length, "length"))],
+                         f"{name}/shape", axis=0)  # fmt: skip
+            self._slots[past] = w.op("Expand", [slots, shape], f"{name}/Expand")
+        return self._slots[past]
+
+    def causal_bias(self, window: int | None, groups: int) -> str:
+        """The additive float32 mask of a `pre-rope` cache's attention, once per (window, groups):
+        new token i (slot past + i) sees cached slot j where j <= past + i, the mask keeps j, and
+        (sliding window) past + i - j < window; shape (batch, 1, groups * seq, total), the seq
+        rows repeated for each query head of a group."""
+        key = (window, groups)
+        if key not in self._causal:
+            w, c, e = self.e.w, self.e.w.constant, self.e
+            name = f"/model/causal_bias/w{window or 0}_g{groups}"
+            _, total, seq = self._lengths()
+            cached = w.op("Range", [c(0), total, c(1)], f"{name}/cached")
+            new = w.op("Unsqueeze", [w.op("Range", [w.op("Sub", [total, seq], f"{name}/past"), total, c(1)],
+                                          f"{name}/new"), c([1])], f"{name}/new_column")  # fmt: skip
+            allowed = w.op("LessOrEqual", [cached, new], f"{name}/causal")  # (seq, total)
+            if window:
+                near = w.op("Less", [w.op("Sub", [new, cached], f"{name}/distance"), c(int(window))], f"{name}/near")
+                allowed = w.op("And", [allowed, near], f"{name}/window")
+            kept = w.op("Cast", [e.attention_mask], f"{name}/kept", to=TensorProto.BOOL)
+            kept = w.op("Unsqueeze", [kept, c([1, 2])], f"{name}/kept_4d")  # (batch, 1, 1, total)
+            allowed = w.op("And", [allowed, kept], f"{name}/allowed")  # (batch, 1, seq, total)
+            mask_value = np.float32(self.e.element.mask_value)
+            bias = w.op("Where", [allowed, c(0.0, np.float32), c(mask_value, np.float32)], f"{name}/bias")
+            if groups > 1:
+                bias = w.op("Tile", [bias, c([1, 1, groups, 1])], f"{name}/Tile")
+            self._causal[key] = bias
+        return self._causal[key]
 
     def new_token_mask(self) -> str:
         """The attention mask of the new tokens, as (batch, seq, 1) in the element type, once: a

@@ -12,6 +12,15 @@ as is for int8 and offset by 8 for int4; attention reads q * scale, for the new 
 prompt too (measured on the CPU kernel: its output equals attention over the dequantized keys
 and values to 1e-7). The PyTorch side (`fake_quantize`) rounds the same way, so verification
 compares like with like.
+
+`pre-rope` is a layout of our own, emitted as plain ONNX operators around the attention
+(surgery/nodes/pre_rope_cache.py) instead of GroupQueryAttention's: keys are stored *before*
+RoPE, each channel with a float offset (`base`) and scale: q = clamp(round_half_even((x - base)
+/ scale), 0, 2^b - 1), read back as q * scale + base, then rotated at their positions. Before
+RoPE a channel's keys keep their place (no rotation spreads them over the pair's circle) and a
+constant offset, such as Qwen2's large key biases, costs no range (KVQuant's observation).
+Values are stored the same way with base = -2^(b-1) * scale, which is the symmetric grid. Codes
+are unsigned; int4 packs channel i with channel i + head_dim / 2 (low nibble first).
 """
 
 from __future__ import annotations
@@ -27,15 +36,30 @@ _TINY = 1.1754943508222875e-38  # float32's smallest normal: a channel that was 
 
 WIDTHS = {"int8": 8, "int4": 4}  # the widths written, as recipes name them
 DEFAULT_GRANULARITY = "per-channel"
+PRE_ROPE = "pre-rope"
+GRANULARITIES = ("per-channel", "per-tensor", PRE_ROPE)
 
 
 @dataclass(frozen=True)
 class KVCacheFormat:
-    """How one layer's keys and values are stored: `bits` (8 or 4) and one scale per channel or
-    one per tensor."""
+    """How one layer's keys and values are stored: `bits` (8 or 4), one scale per channel or one
+    per tensor, and where the keys are taken: after RoPE (onnxruntime's GroupQueryAttention
+    stores them) or before it with a per-channel offset (`before_rope`, our own layout)."""
 
     bits: int
     per_channel: bool = True
+    before_rope: bool = False
+
+    @classmethod
+    def of(cls, bits: int, granularity: str) -> KVCacheFormat:
+        """The format a recipe names: `bits` and one of `GRANULARITIES`."""
+        return cls(bits, granularity != "per-tensor", granularity == PRE_ROPE)
+
+    @property
+    def native(self) -> bool:
+        """Whether onnxruntime's GroupQueryAttention stores the cache itself (and so onnxruntime-genai
+        can run it); `pre-rope` caches are read and written by operators of our own."""
+        return not self.before_rope
 
     @property
     def name(self) -> str:
@@ -45,6 +69,8 @@ class KVCacheFormat:
     @property
     def granularity(self) -> str:
         """`per-channel` or `per-tensor`."""
+        if self.before_rope:
+            return PRE_ROPE
         return "per-channel" if self.per_channel else "per-tensor"
 
     def describe(self) -> str:
@@ -54,7 +80,7 @@ class KVCacheFormat:
     @property
     def onnx_type(self) -> int:
         """The past/present tensors' element type."""
-        return _ONNX_INT8 if self.bits == 8 else _ONNX_UINT8
+        return _ONNX_INT8 if self.bits == 8 and not self.before_rope else _ONNX_UINT8
 
     @property
     def quant_type(self) -> str:
@@ -63,13 +89,22 @@ class KVCacheFormat:
 
     @property
     def lowest(self) -> int:
-        """The smallest stored code."""
+        """The smallest code of the symmetric grid."""
         return -(1 << (self.bits - 1))
 
     @property
     def highest(self) -> int:
-        """The largest stored code (a threshold maps to it)."""
+        """The largest code of the symmetric grid (a threshold maps to it)."""
         return (1 << (self.bits - 1)) - 1
+
+    @property
+    def levels(self) -> int:
+        """The largest unsigned code of a `pre-rope` cache (2^bits - 1)."""
+        return (1 << self.bits) - 1
+
+    def code_range(self, based: bool) -> tuple[int, int]:
+        """(lowest, highest) code: unsigned where the grid has a base, else symmetric."""
+        return (0, self.levels) if based else (self.lowest, self.highest)
 
     def stored_head_dim(self, head_dim: int) -> int:
         """The last dimension of the past/present tensors: int4 packs two values a byte."""
@@ -87,10 +122,27 @@ class KVCacheFormat:
         """The scale that maps `threshold` (a magnitude, per channel or one) to the largest code."""
         return (threshold.float() / self.highest).clamp_min(_TINY)
 
-    def fake_quantize(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def scale_of_range(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """The scale that spreads [low, high] over the unsigned grid (a `pre-rope` key channel)."""
+        return ((high.float() - low.float()) / self.levels).clamp_min(_TINY)
+
+    def exact_codes(self, x: torch.Tensor, scale: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """(x - base) / scale in float32, before rounding: what the stored code rounds."""
+        x = x.float()
+        return (x if base is None else x - base.to(x.device)) / scale.to(x.device)
+
+    def codes(self, x: torch.Tensor, scale: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored codes of `x` (as float32): rounded half to even and clamped to the grid."""
+        return self.exact_codes(x, scale, base).round_().clamp_(*self.code_range(base is not None))
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """What attention reads for `codes` (float32)."""
+        out = codes.float() * scale.to(codes.device)
+        return out if base is None else out + base.to(codes.device)
+
+    def fake_quantize(self, x: torch.Tensor, scale: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         """`x` (batch, kv_heads, seq, head_dim) as attention reads it back from the cache."""
-        codes = (x.float() / scale).round_().clamp_(self.lowest, self.highest)
-        return (codes * scale).to(x.dtype)
+        return self.dequantize(self.codes(x, scale, base), scale, base).to(x.dtype)
 
     def to_json(self) -> dict:
         """Plain data for the plan and the report."""
@@ -99,7 +151,7 @@ class KVCacheFormat:
     @classmethod
     def from_json(cls, data: dict) -> KVCacheFormat:
         """The record `to_json` wrote."""
-        return cls(int(data["bits"]), data.get("granularity", DEFAULT_GRANULARITY) == "per-channel")
+        return cls.of(int(data["bits"]), data.get("granularity", DEFAULT_GRANULARITY))
 
 
 def element_bytes_per_token(kv_heads: int, head_dim: int, itemsize: int) -> int:
@@ -135,8 +187,15 @@ def cache_budget(layers: dict, itemsize: int, context_length: int) -> dict:
 @dataclass(frozen=True)
 class KVQuantization:
     """One attention layer's quantized cache: its format and calibrated scales (float32, in
-    `format.scale_shape`)."""
+    `format.scale_shape`), and for a `pre-rope` cache the bases (offsets) of the same shape."""
 
     format: KVCacheFormat
     k_scale: torch.Tensor
     v_scale: torch.Tensor
+    k_base: torch.Tensor | None = None
+    v_base: torch.Tensor | None = None
+
+    def read_back(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) as attention reads them back from the cache (PyTorch's own rounding)."""
+        fmt = self.format
+        return fmt.fake_quantize(k, self.k_scale, self.k_base), fmt.fake_quantize(v, self.v_scale, self.v_base)

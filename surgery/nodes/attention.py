@@ -16,7 +16,8 @@ are the projections on either side of attention, which multi-head latent attenti
 
 A layer whose cache is quantized (`kv_quant`, set by `quantize kv-cache`) reads its keys and
 values back rounded to its format's grid in PyTorch as GroupQueryAttention does in onnxruntime
-(surgery/formats/kv_cache.py), and emits an int8 or packed int4 cache with its scales.
+(surgery/formats/kv_cache.py), and emits an int8 or packed int4 cache with its scales; a
+`pre-rope` cache is quantized before RoPE and emitted by surgery/nodes/pre_rope_cache.py.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from surgery.formats.kv_cache import KVQuantization
 from surgery.nodes.context import MS, EmitContext
 from surgery.nodes.linear import emit_linear
 from surgery.nodes.norm import RMSNorm
+from surgery.nodes.pre_rope_cache import emit_pre_rope_attention
 
 NO_ROPE = "no-rope"  # the rotary kind of a layer without positions (SmolLM3's NoPE layers)
 
@@ -116,6 +118,12 @@ class Attention(torch.nn.Module):
         """
         batch, seq, _ = x.shape
         q, k, v = self.heads(x)
+        # A `pre-rope` cache stores (and calibration observes) the keys before they are rotated.
+        before_rope = self.kv_quant is not None and self.kv_quant.format.before_rope
+        if self.observe is not None and self.observe.before_rope:
+            self.observe(k, v, 0, False)
+        if before_rope:
+            k, v = self._read_cache(k, v)
         rotated = 0
         if self.rope != NO_ROPE:
             cos, sin = cos_sin
@@ -125,15 +133,10 @@ class Attention(torch.nn.Module):
             rotated = cos.shape[-1]
         if self.qk_norm == "head" and self.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.observe is not None:
+        if self.observe is not None and not self.observe.before_rope:
             self.observe(k, v, rotated, self.rope_interleaved)
-        if self.kv_quant is not None:  # what attention reads back from a quantized cache
-            quant = self.kv_quant
-            if self.kv_read_back is not None:
-                k, v = self.kv_read_back.take(quant.format, quant.k_scale, quant.v_scale, k, v)
-            else:
-                k = quant.format.fake_quantize(k, quant.k_scale.to(k.device))
-                v = quant.format.fake_quantize(v, quant.v_scale.to(v.device))
+        if self.kv_quant is not None and not before_rope:
+            k, v = self._read_cache(k, v)
         if cache is not None:
             store, slot = cache
             k, v = store.append(slot, k, v)
@@ -150,6 +153,13 @@ class Attention(torch.nn.Module):
         else:
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return self.output(torch.matmul(probs, v))
+
+    def _read_cache(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What attention reads back from its quantized cache: PyTorch's rounding, or in
+        verification onnxruntime's codes (checked against it)."""
+        if self.kv_read_back is not None:
+            return self.kv_read_back.take(self.kv_quant, k, v)
+        return self.kv_quant.read_back(k, v)
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Q, K and V of x as (batch, heads, seq, head_dim), before RoPE: the projections, any Q/K
@@ -186,7 +196,8 @@ class Attention(torch.nn.Module):
         # norms come after it (GroupQueryAttention rotates inside, after anything emitted here).
         explicit = e.options.position_ids or (self.qk_norm_after_rope and positions)
         norm_first = self.qk_norm != "none" and not self.qk_norm_after_rope
-        split = self.qk_norm != "none" or explicit or self.clip is not None
+        own_cache = self.kv_quant is not None and not self.kv_quant.format.native  # a `pre-rope` cache
+        split = self.qk_norm != "none" or explicit or self.clip is not None or own_cache
         q, k, v = self.emit_heads(e, x, name, split)
         if split:
             if norm_first:
@@ -195,6 +206,8 @@ class Attention(torch.nn.Module):
             if self.clip is not None:
                 bounds = [e.scalar(-self.clip), e.scalar(self.clip)]
                 q, k, v = (w.op("Clip", [t, *bounds], f"/{name}/clip_{n}") for t, n in ((q, "q"), (k, "k"), (v, "v")))
+        if own_cache:  # its own graph rotates keys read back from the cache (no Q/K norms after RoPE)
+            return self.emit_output(e, emit_pre_rope_attention(self, e, (q, k, v), name, shared, slot, positions), name)
         cos, sin = shared.rotary(self.rope) if positions else ("", "")
         if explicit and positions:
             rotated = shared.rotary_dim(self.rope)

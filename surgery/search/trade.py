@@ -42,7 +42,7 @@ class TradePoint:
 
 
 def _format(rule: KVRule) -> KVCacheFormat:
-    return KVCacheFormat(rule.bits, rule.granularity == "per-channel")
+    return KVCacheFormat.of(rule.bits, rule.granularity)
 
 
 def frontier(statement: QuantizeKVGroupStmt, present: int, kv_heads: int, head_dim: int,

@@ -1,4 +1,4 @@
-"""`quantize kv-cache [<selector>] to int8|int4 [per-channel|per-tensor]` and the grouped form
+"""`quantize kv-cache [<selector>] to int8|int4 [per-channel|per-tensor|pre-rope]` and the grouped form
 `quantize kv-cache by <source> { <rule> -> int8|int4 ... }`: the selected layers' KV caches
 stored quantized, with scales calibrated on the recipe's calibration text.
 
@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from surgery.architectures import lookup
 from surgery.diagnostics import Diagnostic
-from surgery.formats.kv_cache import DEFAULT_GRANULARITY, WIDTHS, KVCacheFormat
+from surgery.formats.kv_cache import DEFAULT_GRANULARITY, PRE_ROPE, WIDTHS, KVCacheFormat
 from surgery.front.budgets import Fit, KVCacheBudget
 from surgery.front.grouped import check_rules
 from surgery.front.plan_step import PlanStep, Run
@@ -38,9 +39,9 @@ if TYPE_CHECKING:
     from surgery.models.index import ModelIndex
 
 SYNTAX = """
-// quantize kv-cache [<selector>] to int8|int4 [per-channel|per-tensor]
+// quantize kv-cache [<selector>] to int8|int4 [per-channel|per-tensor|pre-rope]
 quantize_kv_stmt: "quantize" "kv-cache" selector? "to" KV_WIDTH kv_option*
-// quantize kv-cache by <source> [as many as fit] { <rule> -> int8|int4 [per-tensor] ... [budgets] }:
+// quantize kv-cache by <source> [as many as fit] { <rule> -> int8|int4 [per-tensor|pre-rope] ... [budgets] }:
 // the first rule that matches wins; with `as many as fit`, how many layers the first rule takes is searched;
 // with `or drop attention least important` too, how many attention layers are dropped instead (a joint search)
 quantize_kv_group_stmt: "quantize" "kv-cache" importance_source fit_marker? "{" kv_group_item* "}"
@@ -52,6 +53,7 @@ kv_rule: rule_selector "->" KV_WIDTH kv_option*
 KV_WIDTH: "int8" | "int4" | "fp8"
 ?kv_option: "per-channel" -> per_channel_option
           | "per-tensor"  -> per_tensor_option
+          | "pre-rope"    -> pre_rope_option
 """
 
 
@@ -145,6 +147,7 @@ BUILDERS = {
     "kv_trade": _trade,
     "per_channel_option": lambda ast, meta, children: {"granularity": "per-channel"},
     "per_tensor_option": lambda ast, meta, children: {"granularity": "per-tensor"},
+    "pre_rope_option": lambda ast, meta, children: {"granularity": PRE_ROPE},
 }
 
 
@@ -189,13 +192,38 @@ class ResolvedKV:
     group: int | None = None
 
 
-def _format(c: Checker, item: QuantizeKVStmt | KVRule, target: str) -> KVCacheFormat | None:
+def _format(c: Checker, item: QuantizeKVStmt | KVRule, target: str, index: ModelIndex) -> KVCacheFormat | None:
     if item.width == "fp8":
         c.error("fp8 KV caches are not supported", item.width_span,
                 "onnxruntime 1.32 runs a float8 cache only on CUDA (its CPU GroupQueryAttention has no kernel for "
                 "it); the int8 and int4 caches surgery writes run on both" + ("" if target == "cuda" else ": use int8"))
         return None
-    return KVCacheFormat(WIDTHS[item.width], item.granularity == "per-channel")
+    fmt = KVCacheFormat.of(WIDTHS[item.width], item.granularity)
+    if fmt.before_rope:
+        problem = pre_rope_problem(index)
+        if problem:
+            c.error(f"a pre-rope KV cache does not fit {index.name}: {problem}", item.span,
+                    "use `per-channel` (GroupQueryAttention's own cache)")  # fmt: skip
+            return None
+    return fmt
+
+
+def pre_rope_problem(index: ModelIndex) -> str:
+    """Why a `pre-rope` cache's own attention graph (surgery/nodes/pre_rope_cache.py) cannot
+    stand in for this family's attention, or "" where it can."""
+    family = lookup(index.architecture)
+    if family is None:
+        return ""  # an unknown family is refused by the model check itself
+    attention = family.attention
+    if index.latent_attention or attention.latent:
+        return "its latent attention caches one compressed latent, not keys and values"
+    if attention.sinks:
+        return "its attention sinks are GroupQueryAttention's `head_sink`, which the pre-rope graph does not emit"
+    if attention.qk_norm_after_rope:
+        return "its Q/K norms come after RoPE, so the cached keys would have to be normalized at every read"
+    if index.head_dim % 2:
+        return f"its head size {index.head_dim} is odd (int4 packs channel i with i + head_dim / 2)"
+    return ""
 
 
 def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedKV]:
@@ -218,7 +246,7 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedKV]:
                     "it decoded 1.3 to 3x slower than an fp16 cache); drop `for cuda`, or the quantize")  # fmt: skip
             continue
         if isinstance(statement, QuantizeKVStmt):
-            fmt = _format(c, statement, export.target)
+            fmt = _format(c, statement, export.target, index)
             if fmt is None:
                 continue
             if statement.selector is None:
@@ -239,7 +267,7 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedKV]:
 
 def _check_group(c: Checker, statement: QuantizeKVGroupStmt, group: int, index: ModelIndex, target: str):
     def item_of(rule: KVRule) -> ResolvedKV | None:
-        fmt = _format(c, rule, target)
+        fmt = _format(c, rule, target, index)
         return ResolvedKV(fmt, rule.span, group=group) if fmt is not None else None
 
     if statement.trade is not None:
