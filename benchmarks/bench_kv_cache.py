@@ -1,6 +1,6 @@
 """The KV cache as a budget: bytes per token, long-window perplexity, pass-key retrieval and
-decode latency at long prompts, for a float cache, int8 and int4 caches, attention dropped in the
-least important layers, and a budgeted combination.
+decode latency at long prompts, for a float cache, int8 and int4 caches (GroupQueryAttention's, and
+int4 `pre-rope`), attention dropped in the least important layers, and a budgeted combination.
 
 Every variant is built by `surgery apply` from a one-line change to the same recipe and
 measured here in onnxruntime on the same tokens: perplexity on non-overlapping windows of
@@ -9,7 +9,7 @@ cache), KL and top-1 against the float-cache output, pass keys found at `--retri
 (5 depths each), decode ms per token after prompts of `--lengths` tokens. Prints a table, writes
 JSON (default bench-results/kv-cache-<model>.json).
 
-    python benchmarks/bench_kv_cache.py smollm2 --lengths 2048 8000 --budget 47.2 8192
+    python benchmarks/bench_kv_cache.py smollm2 --lengths 2048 8000 --budget 47.2 8192 [--layout pre-rope]
     python benchmarks/bench_kv_cache.py qwen --gguf FILE --retrieval 4096 16384 --lengths 2048 8192 32768
 """
 
@@ -33,18 +33,20 @@ from common import measure, size_mb, write_result  # noqa: E402
 CALIBRATE = 'calibrate on "wikitext-2-valid" samples 32 length 256\n'
 
 
-def variants(drop: int, budget: tuple[float, int, float, int | None] | None = None) -> dict[str, str]:
+def variants(drop: int, budget: tuple[float, int, float, int | None] | None = None, layout: str = "") -> dict[str, str]:
     """Name -> the statements after the model line (the float cache has none). `budget` (MB, at
     tokens, perplexity increase %, most drops or None): the budgeted combination, the joint search
-    of dropped attention layers against int8/int4 cache widths, each combination scored on
-    WikiText-2 valid (the table scores on test)."""
+    of dropped attention layers against int8/int4 cache widths (in `layout`: "" for
+    GroupQueryAttention's, "pre-rope"), each combination scored on WikiText-2 valid (the table
+    scores on test)."""
     found = {}
     if budget is not None:
         mb, tokens, increase, most = budget
         bound = f" up to {most}" if most else ""
-        found[f"budgeted: {mb:g} MB at {tokens}"] = (
-            CALIBRATE + "quantize kv-cache by similarity as many as fit {\n    most important -> int8\n"
-            f"    rest -> int4\n    or drop attention least important{bound}\n"
+        option = f" {layout}" if layout else ""
+        found[f"budgeted{option}: {mb:g} MB at {tokens}"] = (
+            CALIBRATE + f"quantize kv-cache by similarity as many as fit {{\n    most important -> int8{option}\n"
+            f"    rest -> int4{option}\n    or drop attention least important{bound}\n"
             f"    kv-cache at most {mb:g} MB at {tokens} tokens\n"
             f'    perplexity on "wikitext-2-valid" max-increase {increase:g}% tokens 4096 window 4096\n}}\n'
         )
@@ -52,6 +54,7 @@ def variants(drop: int, budget: tuple[float, int, float, int | None] | None = No
         "fp cache": "",
         "int8 cache": CALIBRATE + "quantize kv-cache to int8\n",
         "int4 cache": CALIBRATE + "quantize kv-cache to int4\n",
+        "int4 pre-rope cache": CALIBRATE + "quantize kv-cache to int4 pre-rope\n",
         f"attention dropped in {drop}": CALIBRATE + f"drop attention least important {drop} by similarity\n",
         f"attention dropped in {drop} + int4": CALIBRATE + f"drop attention least important {drop} by similarity\n"
         "quantize kv-cache to int4\n",
@@ -85,6 +88,8 @@ def main() -> None:
                         help="the budgeted combination: cache MB at TOKENS, searched jointly (attention dropped, "
                         "int8/int4 widths) for the best WikiText-2 valid perplexity within INCREASE %% (default 100), "
                         "with at most DROPS drops")  # fmt: skip
+    parser.add_argument("--layout", choices=("", "pre-rope"), default="",
+                        help="the budgeted combination's cache layout (default: GroupQueryAttention's)")  # fmt: skip
     parser.add_argument("--measure", nargs="+", choices=("perplexity", "retrieval", "decode"),
                         default=["perplexity", "retrieval", "decode"],
                         help="what to measure (decode alone on a quiet machine: its ms are timings)")  # fmt: skip
@@ -114,7 +119,7 @@ def main() -> None:
             parser.error("--budget takes MB TOKENS [INCREASE [DROPS]]")
         increase = args.budget[2] if len(args.budget) > 2 else 100.0
         budget = (args.budget[0], int(args.budget[1]), increase, int(args.budget[3]) if len(args.budget) > 3 else None)
-    every = variants(drop, budget)
+    every = variants(drop, budget, args.layout)
     exact = [o for o in args.only or () if o in every]  # a whole name picks that variant alone
     chosen = {name: body for name, body in every.items()
               if name == "fp cache" or not args.only or name in exact

@@ -12,10 +12,12 @@ stored in. Two rotations are exact in float:
 
 Rows: fp cache; int8 keys and values; int4 keys and values; int4 keys only; int4 values only;
 int8 keys with int4 values (which onnxruntime cannot store: one bit width for both); int4 keys
-rotated; int4 values rotated. `--int8-key-layers` keeps the keys of some layers at int8 in
-the int4-keys rows. Perplexity in PyTorch on `--windows` windows of
-`--window` tokens of WikiText-2 test (one forward a window from an empty cache), calibration 32 x
-256 tokens of WikiText-2 valid (the recipes' default protocol). This script replaces
+rotated; int4 values rotated; and the package's `quantize kv-cache to int4 pre-rope` (keys
+quantized before RoPE with a per-channel offset, run by the package's own attention).
+`--int8-key-layers` keeps the keys of some layers at int8 in the int4-keys rows. Perplexity in
+PyTorch on `--windows` windows of `--window` tokens of WikiText-2 test (one forward a window
+from an empty cache), calibration 32 x 256 tokens of WikiText-2 valid (the recipes' default
+protocol). This script replaces
 `Attention.forward` for the study (the rotation of keys and a width per side are not package
 features); the quantization is the package's (`kv_quantizations`, `KVCacheFormat.fake_quantize`).
 
@@ -47,6 +49,8 @@ ROWS = {
     "int8 keys, int4 values": (False, False, 8, 4),
     "int4 keys, rotated after RoPE": (False, True, 4, None),
     "int4 values, rotated (weights)": (True, False, None, 4),
+    # The package's `pre-rope` layout (keys before RoPE with a per-channel offset), its own forward.
+    "int4 pre-rope keys and values": (False, False, "pre-rope", "pre-rope"),
 }
 
 
@@ -77,9 +81,13 @@ def study_forward(mode: dict):
     """An `Attention.forward` for plain RoPE attention (SmolLM2's) whose keys and values are read
     back at `mode`'s widths, the keys (and queries) optionally rotated after RoPE."""
     from surgery.formats.kv_cache import KVCacheFormat
-    from surgery.nodes.attention import apply_rotary
+    from surgery.nodes.attention import Attention, apply_rotary
+
+    package = Attention.forward
 
     def forward(self, x, cos_sin, mask, cache=None):
+        if mode["package"]:
+            return package(self, x, cos_sin, mask, cache)
         q, k, v = self.heads(x)
         cos, sin = cos_sin
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -150,11 +158,17 @@ def main() -> None:
               if name == "fp cache" or not args.only or any(text in name for text in args.only)}  # fmt: skip
     for name, (rotate_v, rotate_k, key_bits, value_bits) in chosen.items():
         started = time.perf_counter()
-        mode.update(rotate_keys=rotate_k, key_bits=None, value_bits=None, int8_key_layers=set(args.int8_key_layers))
+        mode.update(rotate_keys=rotate_k, key_bits=None, value_bits=None, int8_key_layers=set(args.int8_key_layers),
+                    package=key_bits == "pre-rope")  # fmt: skip
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         graph = DecoderGraph(model, ModelIndex.from_config(Path(folder).name, model.config))
         if rotate_v:
             rotate_values(graph)
+        if mode["package"]:
+            every = dict.fromkeys((layer.index for layer in graph.layers), KVCacheFormat.of(4, "pre-rope"))
+            for index, quant in kv_quantizations(graph, every, calibration).items():
+                graph.layer(index).attention.kv_quant = quant
+            key_bits = value_bits = None
         if key_bits or value_bits:
             every = [layer.index for layer in graph.layers]
             widths = {key_bits, value_bits} - {None} | ({8} if key_bits and args.int8_key_layers else set())
