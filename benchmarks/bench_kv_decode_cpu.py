@@ -1,6 +1,7 @@
-"""CPU: decode ms per token after long prompts (2k, 8k, 32k) with a float, int8 or int4 KV cache,
-attention dropped in 7 of 28 layers, and both, on a random-weight model of Qwen2.5-1.5B's shape,
-through onnxruntime's CPU provider (our runtime: the `decode at most` protocol's steps).
+"""CPU: decode ms per token after long prompts (2k, 8k, 32k) with a float, int8 or int4 KV cache
+(GroupQueryAttention's, and int4 `pre-rope`), attention dropped in 7 of 28 layers, and both, on
+a random-weight model of Qwen2.5-1.5B's shape, through onnxruntime's CPU provider (our runtime:
+the `decode at most` protocol's steps).
 
 A decode step's cost does not depend on the values in the cache, so instead of prefilling a
 prompt (a 32k prompt takes minutes on a CPU) each measurement starts from a random cache of L
@@ -50,6 +51,7 @@ def recipes(layers: int) -> dict[str, str]:
         "fp32 cache": "",
         "int8 cache": CALIBRATE + "quantize kv-cache to int8\n",
         "int4 cache": CALIBRATE + "quantize kv-cache to int4\n",
+        "int4 pre-rope cache": CALIBRATE + "quantize kv-cache to int4 pre-rope\n",
         f"attention dropped in {count}": f"drop attention layers {dropped}\n",
         f"attention dropped in {count} + int8": CALIBRATE + f"drop attention layers {dropped}\n"
         "quantize kv-cache to int8\n",

@@ -61,13 +61,12 @@ def emit_pre_rope_attention(
         return w.op("Cast", [x], f"/{name}/{label}_codes", to=UINT8)
 
     def read(present: str, scale: str, base: str, label: str) -> str:
-        x = w.op("Cast", [present], f"/{name}/{label}_read", to=FLOAT)
-        if fmt.bits == 4:
-            high = w.op("Floor", [w.op("Mul", [x, c(1 / 16, np.float32)], f"/{name}/{label}_div16")],
-                        f"/{name}/{label}_high_read")  # fmt: skip
-            low = w.op("Sub", [x, w.op("Mul", [high, c(16.0, np.float32)], f"/{name}/{label}_high16")],
-                       f"/{name}/{label}_low_read")  # fmt: skip
+        x = present
+        if fmt.bits == 4:  # unpacked on the bytes (a quarter of the float traffic), then one Cast
+            low = w.op("BitwiseAnd", [x, c(15, np.uint8)], f"/{name}/{label}_low_read")
+            high = w.op("BitShift", [x, c(4, np.uint8)], f"/{name}/{label}_high_read", direction="RIGHT")
             x = w.op("Concat", [low, high], f"/{name}/{label}_unpack", axis=-1)
+        x = w.op("Cast", [x], f"/{name}/{label}_read", to=FLOAT)
         x = w.op("Add", [w.op("Mul", [x, scale], f"/{name}/{label}_times_scale"), base], f"/{name}/{label}_dequant")
         return w.op("Cast", [x], f"/{name}/{label}_element", to=e.onnx_type) if wide else x
 
