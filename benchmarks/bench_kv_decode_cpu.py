@@ -58,8 +58,8 @@ def recipes(layers: int) -> dict[str, str]:
     }
 
 
-def build(work: Path, layers: int) -> None:
-    """The random model and every export (listed in work/built.json)."""
+def build(work: Path, layers: int, only: list[str] | None = None) -> None:
+    """The random model and every export (or `only` those; listed in work/built.json)."""
     from surgery.models.builtin import byte_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
@@ -69,6 +69,8 @@ def build(work: Path, layers: int) -> None:
         byte_tokenizer().save_pretrained(source)
     built = {}
     for label, body in recipes(layers).items():
+        if only and label not in only:
+            continue
         slug = label.replace(" ", "-")
         recipe = work / f"{slug}.surg"
         recipe.write_text(f'model "{source}"\n{body}')
@@ -138,7 +140,7 @@ def main() -> None:
     parser.add_argument("--json", default=str(REPO / "bench-results" / "kv-decode-cpu.json"))
     args = parser.parse_args()
     if args.phase == "build":
-        build(args.work, args.layers)
+        build(args.work, args.layers, args.only)
         return
     folders, name = None, "random Qwen2.5-1.5B shape, fp32 export"
     if args.folders:
