@@ -135,3 +135,19 @@ def test_apply_verifies_a_pre_rope_cache_and_says_genai_cannot_run_it(tmp_path):
     assert not [n for n in graph.node if n.op_type == "GroupQueryAttention"]
     ran = run_cli("run", str(tmp_path / "out"), "--prompt", "The cat", "--max-new-tokens", "4")
     assert ran.code == 0, ran.err
+
+
+def test_an_fp16_export_keeps_the_cache_arithmetic_in_float32(tmp_path):
+    recipe = tmp_path / "kv.surg"
+    recipe.write_text('model "tiny-gemma2"\ncalibrate on "wikitext-2-valid" samples 8 length 64\n'
+                      "quantize kv-cache to int4 pre-rope\nexport onnx precision fp16\n")  # fmt: skip
+    result = run_cli("apply", str(recipe), "-o", str(tmp_path / "out"))
+    assert result.code == 0, result.err
+    report = json.loads(Path(tmp_path, "out", "surgery.json").read_text())
+    assert report["verification"]["passed"] and report["kv_cache"]["after"]["bytes_per_token"] * 4 == (
+        report["kv_cache"]["before"]["bytes_per_token"])
+    graph = onnx.load(Path(tmp_path, "out", "model.onnx"), load_external_data=False).graph
+    softmax = [n for n in graph.node if n.op_type == "Softmax"]
+    widened = [n for n in graph.node if n.op_type == "Cast" and n.name.endswith("/scores_float")
+               and n.attribute[0].i == onnx.TensorProto.FLOAT]  # fmt: skip
+    assert len(softmax) == len(widened) == 6  # every layer's scores are float32 before the mask and softmax

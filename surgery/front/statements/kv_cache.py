@@ -192,7 +192,8 @@ class ResolvedKV:
     group: int | None = None
 
 
-def _format(c: Checker, item: QuantizeKVStmt | KVRule, target: str, index: ModelIndex) -> KVCacheFormat | None:
+def _format(c: Checker, item: QuantizeKVStmt | KVRule, export, index: ModelIndex) -> KVCacheFormat | None:
+    target = export.target
     if item.width == "fp8":
         c.error("fp8 KV caches are not supported", item.width_span,
                 "onnxruntime 1.32 runs a float8 cache only on CUDA (its CPU GroupQueryAttention has no kernel for "
@@ -204,6 +205,11 @@ def _format(c: Checker, item: QuantizeKVStmt | KVRule, target: str, index: Model
         if problem:
             c.error(f"a pre-rope KV cache does not fit {index.name}: {problem}", item.span,
                     "use `per-channel` (GroupQueryAttention's own cache)")  # fmt: skip
+            return None
+        if export.position_ids:
+            c.error("a pre-rope KV cache rotates its keys by their place in the cache, not by `position_ids`",
+                    item.span, "the cache does not keep the positions its keys were written at: drop "
+                    "`with position-ids` from the export, or use `per-channel`")  # fmt: skip
             return None
     return fmt
 
@@ -246,7 +252,7 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedKV]:
                     "it decoded 1.3 to 3x slower than an fp16 cache); drop `for cuda`, or the quantize")  # fmt: skip
             continue
         if isinstance(statement, QuantizeKVStmt):
-            fmt = _format(c, statement, export.target, index)
+            fmt = _format(c, statement, export, index)
             if fmt is None:
                 continue
             if statement.selector is None:
@@ -261,13 +267,13 @@ def check(c: Checker, index: ModelIndex, done: dict) -> list[ResolvedKV]:
                 if layers is not None:
                     resolved.append(ResolvedKV(fmt, statement.span, layers=layers))
             continue
-        resolved += _check_group(c, statement, group, index, export.target)
+        resolved += _check_group(c, statement, group, index, export)
     return resolved
 
 
-def _check_group(c: Checker, statement: QuantizeKVGroupStmt, group: int, index: ModelIndex, target: str):
+def _check_group(c: Checker, statement: QuantizeKVGroupStmt, group: int, index: ModelIndex, export):
     def item_of(rule: KVRule) -> ResolvedKV | None:
-        fmt = _format(c, rule, target, index)
+        fmt = _format(c, rule, export, index)
         return ResolvedKV(fmt, rule.span, group=group) if fmt is not None else None
 
     if statement.trade is not None:
