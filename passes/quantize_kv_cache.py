@@ -1,9 +1,10 @@
 """`quantize kv-cache ...`: store the selected layers' KV caches in int8 or int4.
 
 Graph effect: each selected layer's attention gets its cache format and the calibrated scales
-of its keys and values (`Attention.kv_quant`); no weight changes. In PyTorch the layer then
-reads its keys and values back from the format's grid; in ONNX its GroupQueryAttention takes
-an int8 (or packed int4) past and present with `k_scale` / `v_scale`. Why: at long context the
+of its keys and values (`Attention.kv_quant`; a `pre-rope` cache also its bases); no weight
+changes. In PyTorch the layer then reads its keys and values back from the format's grid; in
+ONNX its GroupQueryAttention takes an int8 (or packed int4) past and present with `k_scale` /
+`v_scale`, or a `pre-rope` layer emits its own attention (surgery/nodes/pre_rope_cache.py). Why: at long context the
 cache, not the weights, decides what fits in memory and how fast a token decodes (each decode
 step reads all of it); int8 halves an fp16 cache and int4 quarters it.
 """
@@ -48,6 +49,11 @@ class QuantizeKVCache(GraphPass):
             for kind, scale in (("key", quant.k_scale), ("value", quant.v_scale)):
                 if tuple(scale.shape) != shape:
                     problems.append(f"layer {index}: {kind} scales of shape {tuple(scale.shape)}, not {shape}")
+            for kind, base in (("key", quant.k_base), ("value", quant.v_base)):
+                if quant.format.before_rope and (base is None or tuple(base.shape) != shape):
+                    problems.append(f"layer {index}: a pre-rope cache needs {kind} bases of shape {shape}")
+                elif not quant.format.before_rope and base is not None:
+                    problems.append(f"layer {index}: only a pre-rope cache has {kind} bases")
         return problems
 
     def apply(self, graph: DecoderGraph) -> PassResult:

@@ -151,3 +151,13 @@ def test_an_fp16_export_keeps_the_cache_arithmetic_in_float32(tmp_path):
     widened = [n for n in graph.node if n.op_type == "Cast" and n.name.endswith("/scores_float")
                and n.attribute[0].i == onnx.TensorProto.FLOAT]  # fmt: skip
     assert len(softmax) == len(widened) == 6  # every layer's scores are float32 before the mask and softmax
+
+
+def test_the_pass_refuses_a_pre_rope_cache_without_bases():
+    from surgery.formats.kv_cache import KVQuantization
+
+    graph = tiny_graph("tiny-llama")
+    attention = graph.layer(0).attention
+    shape = PRE4.scale_shape(attention.num_kv_heads, attention.head_dim)
+    with pytest.raises(Exception, match="needs key bases"):
+        run_pass(QuantizeKVCache((0,), {0: KVQuantization(PRE4, torch.ones(shape), torch.ones(shape))}), graph)

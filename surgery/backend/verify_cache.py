@@ -12,6 +12,9 @@ for quantized weights:
   (within `TIE` of n + 1/2 in units of the scale); any other difference fails verification;
 - the arithmetic: PyTorch attends over onnxruntime's codes (dequantized) instead of its own,
   and the logits are compared at the usual tolerance.
+
+A `pre-rope` cache is checked the same way: its codes are unsigned, (x - base) / scale of the
+keys before RoPE, written by the export's own operators rather than GroupQueryAttention.
 """
 
 from __future__ import annotations
