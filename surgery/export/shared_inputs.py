@@ -13,7 +13,7 @@ class SharedInputs:
     def __init__(self, emitter):
         self.e = emitter
         self.seqlens_k = self.total_len = self.bias = self.position_ids = self.new_mask = ""
-        self._slots: dict[bool, str] = {}
+        self._past = ""
         self._scalars: tuple[str, str, str] | None = None
         self._causal: dict[tuple[int | None, int], str] = {}
         self._tables: dict[str | None, tuple[str, str]] = {}
@@ -55,22 +55,15 @@ class SharedInputs:
             self._scalars = (batch, total, seq)
         return self._scalars
 
-    def slot_positions(self, past: bool) -> str:
-        """Slot indices as (batch, length) positions, once each: the new tokens' (`past`: past
-        length .. total - 1) or every cached token's (0 .. total - 1). A `pre-rope` cache rotates
-        its keys and queries by them (surgery/nodes/pre_rope_cache.py)."""
-        if past not in self._slots:
+    def past_length(self) -> str:
+        """The past length (total - new tokens) as a one-element int64 tensor, once: where a
+        `pre-rope` cache's new queries start (surgery/nodes/pre_rope_cache.py)."""
+        if not self._past:
             w, c = self.e.w, self.e.w.constant
-            name = f"/model/slots/{'new' if past else 'cached'}"
-            batch, total, seq = self._lengths()
-            start = w.op("Sub", [total, seq], f"{name}/past") if past else c(0)
-            slots = w.op("Unsqueeze", [w.op("Range", [start, total, c(1)], f"{name}/Range"), c([0])], f"{name}/row")
-            length = seq if past else total
-            shape = w.op("Concat", [w.op("Unsqueeze", [t, c([0])], f"{name}/{label}")
-                                    for t, label in ((batch, "batch"), (length, "length"))],
-                         f"{name}/shape", axis=0)  # fmt: skip
-            self._slots[past] = w.op("Expand", [slots, shape], f"{name}/Expand")
-        return self._slots[past]
+            _, total, seq = self._lengths()
+            past = w.op("Sub", [total, seq], "/model/slots/past")
+            self._past = w.op("Unsqueeze", [past, c([0])], "/model/slots/past_1d")
+        return self._past
 
     def causal_bias(self, window: int | None, groups: int) -> str:
         """The additive float32 mask of a `pre-rope` cache's attention, once per (window, groups):

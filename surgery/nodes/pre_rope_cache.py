@@ -8,12 +8,13 @@ offset, which no fused kernel reads. So a layer with one is emitted as its own s
   codes, (x - base) / scale, and int4 codes are packed two a byte (channel i with i + d/2);
 - present = Concat(past, new codes) along the sequence, as the decoder's other caches grow;
 - the whole present is read back (codes * scale + base), and the keys are rotated by RoPE at
-  their slots 0..T-1 (`RotaryEmbedding`, com.microsoft);
+  their slots 0..T-1 (`RotaryEmbedding`, com.microsoft, on the (batch, heads, T, d) layout);
 - the queries are rotated at slots past..T-1: the index in the padded sequence, the same
   convention GroupQueryAttention uses (RoPE attention depends only on position differences,
   so a left-padded row gets the logits of its true positions);
 - grouped-head attention: scaled Q K^T (`FusedMatMul`), soft-capping, a causal, padding and
-  sliding-window mask, an fp32 softmax, and the weighted values.
+  sliding-window mask, an fp32 softmax, and the weighted values (the value codes are weighted
+  first and scaled after: each row of probabilities sums to 1).
 
 Every decode step therefore reads the whole cache back and rotates its keys again: decode is
 slower than GroupQueryAttention's fused kernel at long contexts (docs/benchmarks.md measures by
@@ -60,38 +61,38 @@ def emit_pre_rope_attention(
             x = w.op("Add", [low, high], f"/{name}/{label}_pack")
         return w.op("Cast", [x], f"/{name}/{label}_codes", to=UINT8)
 
-    def read(present: str, scale: str, base: str, label: str) -> str:
+    def read(present: str, label: str) -> str:
+        """The codes of the whole present as float32."""
         x = present
         if fmt.bits == 4:  # unpacked on the bytes (a quarter of the float traffic), then one Cast
             low = w.op("BitwiseAnd", [x, c(15, np.uint8)], f"/{name}/{label}_low_read")
             high = w.op("BitShift", [x, c(4, np.uint8)], f"/{name}/{label}_high_read", direction="RIGHT")
             x = w.op("Concat", [low, high], f"/{name}/{label}_unpack", axis=-1)
-        x = w.op("Cast", [x], f"/{name}/{label}_read", to=FLOAT)
-        x = w.op("Add", [w.op("Mul", [x, scale], f"/{name}/{label}_times_scale"), base], f"/{name}/{label}_dequant")
-        return w.op("Cast", [x], f"/{name}/{label}_element", to=e.onnx_type) if wide else x
+        return w.op("Cast", [x], f"/{name}/{label}_read", to=FLOAT)
+
+    def dequantize(x: str, scale: str, base: str, label: str) -> str:
+        return w.op("Add", [w.op("Mul", [x, scale], f"/{name}/{label}_times_scale"), base], f"/{name}/{label}_dequant")
 
     k_scale, v_scale = initializer("k_scale", quant.k_scale), initializer("v_scale", quant.v_scale)
     k_base, v_base = initializer("k_base", quant.k_base), initializer("v_base", quant.v_base)
-    cached = []
+    codes = []
     for kind, x, scale, base in (("key", k, k_scale, k_base), ("value", v, v_scale, v_base)):
-        codes = new_codes(x, scale, base, kind)
-        present = w.node("Concat", [f"past_key_values.{slot}.{kind}", codes], f"/{name}/{kind}_append",
-                         [f"present.{slot}.{kind}"], axis=2)[0]  # fmt: skip
-        cached.append(read(present, scale, base, kind))
-    keys, values = cached  # (batch, kv_heads, total, head_dim), keys unrotated
+        present = w.node("Concat", [f"past_key_values.{slot}.{kind}", new_codes(x, scale, base, kind)],
+                         f"/{name}/{kind}_append", [f"present.{slot}.{kind}"], axis=2)[0]  # fmt: skip
+        codes.append(read(present, kind))  # (batch, kv_heads, total, head_dim)
+    keys = dequantize(codes[0], k_scale, k_base, "key")  # unrotated
+    if wide:
+        keys = w.op("Cast", [keys], f"/{name}/key_element", to=e.onnx_type)
 
     if positions:
         cos, sin = shared.rotary(node.rope)
         rotated = shared.rotary_dim(node.rope)
         partial = {"rotary_embedding_dim": rotated} if rotated < head_dim else {}
         turn = {"interleaved": int(node.rope_interleaved), **partial}
-        keys = w.op("Transpose", [keys], f"/{name}/keys_bsnh", perm=[0, 2, 1, 3])
-        keys = w.op("Reshape", [keys, c([0, 0, kv_heads * head_dim])], f"/{name}/keys_bsh")
-        keys = w.op("RotaryEmbedding", [keys, shared.slot_positions(past=False), cos, sin], f"/{name}/k_rotary", MS,
-                    num_heads=kv_heads, **turn)  # fmt: skip
-        keys = w.op("Reshape", [keys, c([0, 0, kv_heads, head_dim])], f"/{name}/keys_rotated_heads")
-        keys = w.op("Transpose", [keys], f"/{name}/keys_rotated", perm=[0, 2, 1, 3])
-        q = w.op("RotaryEmbedding", [q, shared.slot_positions(past=True), cos, sin], f"/{name}/q_rotary", MS,
+        # RotaryEmbedding takes (batch, heads, seq, d) as it is, and a one-element position is
+        # the first slot's: the cached keys from slot 0, the new queries from the past length.
+        keys = w.op("RotaryEmbedding", [keys, c([0]), cos, sin], f"/{name}/k_rotary", MS, num_heads=kv_heads, **turn)
+        q = w.op("RotaryEmbedding", [q, shared.past_length(), cos, sin], f"/{name}/q_rotary", MS,
                  num_heads=heads, **turn)  # fmt: skip
 
     # Grouped heads: query head h reads key/value head h // groups, as (batch, kv_heads, groups * seq, d).
@@ -107,9 +108,12 @@ def emit_pre_rope_attention(
                       f"/{name}/softcap")  # fmt: skip
     scores = w.op("Add", [scores, shared.causal_bias(node.sliding_window, groups)], f"/{name}/masked")
     probs = w.op("Softmax", [scores], f"/{name}/probs", axis=-1)
+    # Each row of probs sums to 1, so probs (codes * s + b) = (probs codes) * s + b: the values
+    # are scaled after the weighted sum, on (batch, kv_heads, groups * seq, d), not the whole cache.
+    out = w.op("MatMul", [probs, codes[1]], f"/{name}/attended_codes")
+    out = dequantize(out, v_scale, v_base, "attended")  # (batch, kv_heads, groups * seq, d)
     if wide:
-        probs = w.op("Cast", [probs], f"/{name}/probs_element", to=e.onnx_type)
-    out = w.op("MatMul", [probs, values], f"/{name}/attended")  # (batch, kv_heads, groups * seq, d)
+        out = w.op("Cast", [out], f"/{name}/attended_element", to=e.onnx_type)
     out = w.op("Reshape", [out, c([0, 0, groups, -1, head_dim])], f"/{name}/out_groups")
     out = w.op("Transpose", [out], f"/{name}/out_bsnh", perm=[0, 3, 1, 2, 4])
     return w.op("Reshape", [out, c([0, 0, heads * head_dim])], f"/{name}/output")
