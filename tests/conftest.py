@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,36 @@ def run_cli(*argv: str) -> CliResult:
         except SystemExit as exit_:  # argparse usage errors and --version
             code = int(exit_.code or 0)
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def applied(folder: Path, recipe: str) -> tuple[CliResult, dict]:
+    """`surgery apply` of `recipe` (its text) into folder/out: the CLI's result and, where it
+    wrote one, the output's surgery.json (else {})."""
+    path = folder / "recipe.surg"
+    path.write_text(recipe)
+    result = run_cli("apply", str(path), "-o", str(folder / "out"))
+    report = folder / "out" / "surgery.json"
+    return result, (json.loads(report.read_text()) if report.exists() else {})
+
+
+def prefill_and_decode_match(graph: DecoderGraph, folder: Path, tolerance: float = 1e-4):
+    """Run 8 prompt tokens and one decode step through the export in `folder` and assert each
+    step's logits are PyTorch's (`graph.forward` over the 9 tokens) within `tolerance`. Returns
+    (ids, mask, positions, PyTorch's logits, the decode step's output)."""
+    import numpy as np
+    import torch
+
+    from surgery.backend.runtime import OnnxCausalLM
+
+    model = OnnxCausalLM(str(folder))
+    ids = torch.randint(0, graph.index.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+    mask, positions = torch.ones_like(ids), torch.arange(9)[None]
+    reference = graph.forward(ids, mask, positions).numpy()
+    prefill = model.step(ids[:, :8].numpy(), mask[:, :8].numpy(), positions[:, :8].numpy())
+    decode = model.step(ids[:, 8:].numpy(), mask.numpy(), positions[:, 8:].numpy(), prefill.present)
+    assert np.abs(prefill.logits - reference[:, :8]).max() < tolerance
+    assert np.abs(decode.logits[:, -1] - reference[:, -1]).max() < tolerance
+    return ids, mask, positions, reference, decode
 
 
 def tiny_graph(name: str) -> DecoderGraph:

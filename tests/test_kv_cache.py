@@ -15,7 +15,7 @@ import torch
 from onnx import TensorProto
 from onnx import helper as oh
 
-from conftest import TINY, run_cli, tiny_graph
+from conftest import TINY, applied, prefill_and_decode_match, run_cli, tiny_graph
 from surgery.analysis.kv_calibration import _envelope, _rotated, kv_quantizations
 from surgery.backend.runtime import OnnxCausalLM
 from surgery.export.decoder import export_decoder
@@ -109,13 +109,7 @@ def test_every_family_matches_pytorch_with_a_quantized_cache(name, tmp_path):
     model = OnnxCausalLM(str(tmp_path))
     types = {i.name: i.type for i in model.session.get_inputs() if i.name.startswith("past_key_values.")}
     assert types["past_key_values.0.key"] == "tensor(uint8)" and types["past_key_values.1.key"] == "tensor(int8)"
-    ids = torch.randint(0, graph.index.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
-    mask, positions = torch.ones_like(ids), torch.arange(9)[None]
-    reference = graph.forward(ids, mask, positions).numpy()
-    prefill = model.step(ids[:, :8].numpy(), mask[:, :8].numpy(), positions[:, :8].numpy())
-    decode = model.step(ids[:, 8:].numpy(), mask.numpy(), positions[:, 8:].numpy(), prefill.present)
-    assert np.abs(prefill.logits - reference[:, :8]).max() < 1e-4
-    assert np.abs(decode.logits[:, -1] - reference[:, -1]).max() < 1e-4
+    ids, mask, positions, reference, _ = prefill_and_decode_match(graph, tmp_path)
     for layer in layers:  # the quantized cache changes the model: the test can fail
         graph.layer(layer).attention.kv_quant = None
     assert np.abs(graph.forward(ids, mask, positions).numpy() - reference).max() > 1e-4
@@ -164,13 +158,10 @@ def test_apply_writes_a_quantized_cache_genai_runs(tmp_path):
 
 
 def test_mixed_widths_run_in_onnxruntime_but_genai_is_not_configured(tmp_path):
-    recipe = tmp_path / "kv.surg"
-    recipe.write_text('model "tiny-qwen2"\ncalibrate on "wikitext-2-valid" samples 8 length 64\n'
-                      "quantize kv-cache by similarity {\n  most important 50% -> int8\n"
-                      "  rest -> int4\n}\n")  # fmt: skip
-    result = run_cli("apply", str(recipe), "-o", str(tmp_path / "out"))
+    result, report = applied(tmp_path, 'model "tiny-qwen2"\ncalibrate on "wikitext-2-valid" samples 8 length 64\n'
+                             "quantize kv-cache by similarity {\n  most important 50% -> int8\n"
+                             "  rest -> int4\n}\n")  # fmt: skip
     assert result.code == 0, result.err
-    report = json.loads(Path(tmp_path, "out", "surgery.json").read_text())
     assert not report["onnxruntime_genai"]["written"] and "differ in width" in report["onnxruntime_genai"]["reason"]
     assert sorted(f["bits"] for f in report["kv_cache"]["formats"].values()) == [4] * 3 + [8] * 3
     ran = run_cli("run", str(tmp_path / "out"), "--prompt", "The cat", "--max-new-tokens", "4")

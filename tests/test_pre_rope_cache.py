@@ -4,7 +4,6 @@ prefill, decode and left padding, and its codes are the format's."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import TINY, run_cli, tiny_graph
+from conftest import TINY, applied, prefill_and_decode_match, run_cli, tiny_graph
 from surgery.analysis.kv_calibration import kv_quantizations
 from surgery.backend.runtime import OnnxCausalLM
 from surgery.backend.verify_cache import unpack_codes
@@ -68,13 +67,7 @@ def test_every_family_it_fits_matches_pytorch(name, tmp_path):
     types = {i.name: (i.type, i.shape[-1]) for i in model.session.get_inputs() if i.name.startswith("past_key")}
     head_dim = graph.layer(graph.kv_layers()[0]).attention.head_dim
     assert types["past_key_values.0.key"] == ("tensor(uint8)", head_dim // 2)
-    ids = torch.randint(0, graph.index.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
-    mask, positions = torch.ones_like(ids), torch.arange(9)[None]
-    reference = graph.forward(ids, mask, positions).numpy()
-    prefill = model.step(ids[:, :8].numpy(), mask[:, :8].numpy(), positions[:, :8].numpy())
-    decode = model.step(ids[:, 8:].numpy(), mask.numpy(), positions[:, 8:].numpy(), prefill.present)
-    assert np.abs(prefill.logits - reference[:, :8]).max() < 1e-4
-    assert np.abs(decode.logits[:, -1] - reference[:, -1]).max() < 1e-4
+    ids, mask, positions, reference, decode = prefill_and_decode_match(graph, tmp_path)
     # The stored codes are PyTorch's rounding of the unrotated keys (layer 0 is int4 pre-rope).
     first = graph.kv_layers()[0]
     attention = graph.layer(first).attention
@@ -119,13 +112,10 @@ def test_check_refuses_a_family_it_does_not_fit(tmp_path):
 
 
 def test_apply_verifies_a_pre_rope_cache_and_says_genai_cannot_run_it(tmp_path):
-    recipe = tmp_path / "kv.surg"
-    recipe.write_text('model "tiny-qwen2"\ncalibrate on "wikitext-2-valid" samples 8 length 64\n'
-                      "quantize kv-cache by similarity {\n  most important 2 -> int8 pre-rope\n"
-                      "  rest -> int4 pre-rope\n}\n")  # fmt: skip
-    result = run_cli("apply", str(recipe), "-o", str(tmp_path / "out"))
+    result, report = applied(tmp_path, 'model "tiny-qwen2"\ncalibrate on "wikitext-2-valid" samples 8 length 64\n'
+                             "quantize kv-cache by similarity {\n  most important 2 -> int8 pre-rope\n"
+                             "  rest -> int4 pre-rope\n}\n")  # fmt: skip
     assert result.code == 0, result.err
-    report = json.loads(Path(tmp_path, "out", "surgery.json").read_text())
     assert report["verification"]["passed"], report["verification"]
     codes = report["verification"]["kv_cache_codes"]
     assert codes["compared"] > 0 and codes["not_at_a_tie"] == 0
@@ -138,12 +128,9 @@ def test_apply_verifies_a_pre_rope_cache_and_says_genai_cannot_run_it(tmp_path):
 
 
 def test_an_fp16_export_keeps_the_cache_arithmetic_in_float32(tmp_path):
-    recipe = tmp_path / "kv.surg"
-    recipe.write_text('model "tiny-gemma2"\ncalibrate on "wikitext-2-valid" samples 8 length 64\n'
-                      "quantize kv-cache to int4 pre-rope\nexport onnx precision fp16\n")  # fmt: skip
-    result = run_cli("apply", str(recipe), "-o", str(tmp_path / "out"))
+    result, report = applied(tmp_path, 'model "tiny-gemma2"\ncalibrate on "wikitext-2-valid" samples 8 length 64\n'
+                             "quantize kv-cache to int4 pre-rope\nexport onnx precision fp16\n")  # fmt: skip
     assert result.code == 0, result.err
-    report = json.loads(Path(tmp_path, "out", "surgery.json").read_text())
     assert report["verification"]["passed"] and report["kv_cache"]["after"]["bytes_per_token"] * 4 == (
         report["kv_cache"]["before"]["bytes_per_token"])
     graph = onnx.load(Path(tmp_path, "out", "model.onnx"), load_external_data=False).graph
