@@ -148,3 +148,18 @@ def test_the_pass_refuses_a_pre_rope_cache_without_bases():
     shape = PRE4.scale_shape(attention.num_kv_heads, attention.head_dim)
     with pytest.raises(Exception, match="needs key bases"):
         run_pass(QuantizeKVCache((0,), {0: KVQuantization(PRE4, torch.ones(shape), torch.ones(shape))}), graph)
+
+
+def test_a_long_prompt_enters_the_cache_in_pieces_with_the_same_tokens(tmp_path, monkeypatch):
+    from surgery.backend import runtime
+
+    graph, _ = _export("tiny-llama", tmp_path, mixed=True)
+    model = OnnxCausalLM(str(tmp_path))
+    prompt = torch.randint(0, graph.index.vocab_size, (23,), generator=torch.Generator().manual_seed(4)).tolist()
+    whole = model.generate(prompt, 6, set())
+    calls = []
+    step = model.step
+    monkeypatch.setattr(model, "step", lambda *a: calls.append(a[0].shape[1]) or step(*a))
+    monkeypatch.setattr(runtime, "PREFILL_PIECE", 5)
+    assert model.generate(prompt, 6, set()) == whole
+    assert calls[:5] == [5, 5, 5, 5, 3] and len(calls) == 10  # 4 pieces, the rest with the first token
