@@ -7,8 +7,9 @@ offset, which no fused kernel reads. So a layer with one is emitted as its own s
 - the new keys and values, as (batch, kv_heads, seq, head_dim) in float32, are rounded to
   codes, (x - base) / scale, and int4 codes are packed two a byte (channel i with i + d/2);
 - present = Concat(past, new codes) along the sequence, as the decoder's other caches grow;
-- the whole present is read back (codes * scale + base), and the keys are rotated by RoPE at
-  their slots 0..T-1 (`RotaryEmbedding`, com.microsoft, on the (batch, heads, T, d) layout);
+- the whole present is read back as codes (int4 unpacked on the bytes); the keys are
+  dequantized (codes * scale + base) and rotated by RoPE at their slots 0..T-1
+  (`RotaryEmbedding`, com.microsoft, on the (batch, heads, T, d) layout);
 - the queries are rotated at slots past..T-1: the index in the padded sequence, the same
   convention GroupQueryAttention uses (RoPE attention depends only on position differences,
   so a left-padded row gets the logits of its true positions);
