@@ -27,6 +27,8 @@ FITS = tuple(name for name in TINY if not pre_rope_problem(tiny_graph(name).inde
 def test_the_format_is_a_record_of_its_own():
     assert PRE4.granularity == "pre-rope" and PRE4.before_rope and not PRE4.native
     assert KVCacheFormat.from_json(PRE4.to_json()) == PRE4
+    with pytest.raises(ValueError, match="unknown KV cache granularity"):
+        KVCacheFormat.of(4, "per-token")
     assert PRE4.bytes_per_token(2, 64) == KVCacheFormat(4).bytes_per_token(2, 64) == 128
     assert PRE4.code_range(True) == (0, 15) and PRE8.code_range(True) == (0, 255)
     # An offset costs no range: keys around 300 +- 1 keep a step of 2/15, not 301/7.

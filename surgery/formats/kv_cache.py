@@ -53,6 +53,8 @@ class KVCacheFormat:
     @classmethod
     def of(cls, bits: int, granularity: str) -> KVCacheFormat:
         """The format a recipe names: `bits` and one of `GRANULARITIES`."""
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"unknown KV cache granularity {granularity!r} (one of {', '.join(GRANULARITIES)})")
         return cls(bits, granularity != "per-tensor", granularity == PRE_ROPE)
 
     @property
@@ -68,7 +70,7 @@ class KVCacheFormat:
 
     @property
     def granularity(self) -> str:
-        """`per-channel` or `per-tensor`."""
+        """`per-channel`, `per-tensor` or `pre-rope`, as recipes write it."""
         if self.before_rope:
             return PRE_ROPE
         return "per-channel" if self.per_channel else "per-tensor"
