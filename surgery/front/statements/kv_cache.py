@@ -70,7 +70,7 @@ class QuantizeKVStmt:
 
 @dataclass(frozen=True)
 class KVRule:
-    """One `<rule> -> <width> [per-tensor]` line of a grouped `quantize kv-cache`."""
+    """One `<rule> -> <width> [per-tensor|pre-rope]` line of a grouped `quantize kv-cache`."""
 
     selector: ImportanceRank | Selector | RestLayers
     width: str
