@@ -44,25 +44,21 @@ class SharedInputs:
         return self.position_ids
 
     def _lengths(self) -> tuple[str, str, str]:
-        """(batch, total, seq) as int64 scalars, from the inputs' shapes, once."""
+        """(total, new tokens, past = total - new) as int64 scalars, from the inputs' shapes, once."""
         if not self._scalars:
             w, c, e = self.e.w, self.e.w.constant, self.e
             name = "/model/slots"
-            mask_shape = w.op("Shape", [e.attention_mask], f"{name}/mask_shape")
-            batch = w.op("Gather", [mask_shape, c(0)], f"{name}/batch")
-            total = w.op("Gather", [mask_shape, c(1)], f"{name}/total")
+            total = w.op("Gather", [w.op("Shape", [e.attention_mask], f"{name}/mask_shape"), c(1)], f"{name}/total")
             seq = w.op("Gather", [w.op("Shape", [e.input_ids], f"{name}/ids_shape"), c(1)], f"{name}/seq")
-            self._scalars = (batch, total, seq)
+            self._scalars = (total, seq, w.op("Sub", [total, seq], f"{name}/past"))
         return self._scalars
 
     def past_length(self) -> str:
         """The past length (total - new tokens) as a one-element int64 tensor, once: where a
         `pre-rope` cache's new queries start (surgery/nodes/pre_rope_cache.py)."""
         if not self._past:
-            w, c = self.e.w, self.e.w.constant
-            _, total, seq = self._lengths()
-            past = w.op("Sub", [total, seq], "/model/slots/past")
-            self._past = w.op("Unsqueeze", [past, c([0])], "/model/slots/past_1d")
+            past = self._lengths()[2]
+            self._past = self.e.w.op("Unsqueeze", [past, self.e.w.constant([0])], "/model/slots/past_1d")
         return self._past
 
     def causal_bias(self, window: int | None, groups: int) -> str:
@@ -74,10 +70,9 @@ class SharedInputs:
         if key not in self._causal:
             w, c, e = self.e.w, self.e.w.constant, self.e
             name = f"/model/causal_bias/w{window or 0}_g{groups}"
-            _, total, seq = self._lengths()
+            total, _, past = self._lengths()
             cached = w.op("Range", [c(0), total, c(1)], f"{name}/cached")
-            new = w.op("Unsqueeze", [w.op("Range", [w.op("Sub", [total, seq], f"{name}/past"), total, c(1)],
-                                          f"{name}/new"), c([1])], f"{name}/new_column")  # fmt: skip
+            new = w.op("Unsqueeze", [w.op("Range", [past, total, c(1)], f"{name}/new"), c([1])], f"{name}/new_column")
             allowed = w.op("LessOrEqual", [cached, new], f"{name}/causal")  # (seq, total)
             if window:
                 near = w.op("Less", [w.op("Sub", [new, cached], f"{name}/distance"), c(int(window))], f"{name}/near")
